@@ -1,0 +1,147 @@
+"""Cases and op specs: what to run (data) and how to run and judge it (one OpSpec per op).
+
+A case is op + params (shapes, dtypes, variants) + seed.  Its id is stable and greppable,
+``ROPE(type=f32,ne=[128,4,9],n_dims=128,mode=neox,...)``; the seed comes from the id and the
+run's ``--seed``, so a case gets the same inputs whatever table it sits in.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import numpy as np
+
+from .protocol import Backend, numpy_dtype
+
+
+def format_value(value: Any) -> str:
+    """Render a param value the way test-backend-ops prints it: 10000 not 10000.0, [a,b]."""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(format_value(v) for v in value) + "]"
+    return str(value)
+
+
+@dataclass(frozen=True)
+class Case:
+    op: str
+    items: tuple[tuple[str, Any], ...]  # ordered (name, value) pairs; order is the id's order
+
+    @staticmethod
+    def make(op: str, **params: Any) -> Case:
+        frozen = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in params.items())
+        return Case(op, frozen)
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.items)
+
+    def __getitem__(self, name: str) -> Any:
+        return self.params[name]
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self.params.get(name, default)
+
+    @property
+    def id(self) -> str:
+        body = ",".join(f"{k}={format_value(v)}" for k, v in self.items)
+        return f"{self.op}({body})"
+
+    @property
+    def dtype(self) -> str:
+        return str(self.get("type", "f32"))
+
+    def seed(self, run_seed: int = 0) -> int:
+        return zlib.crc32(self.id.encode()) ^ (run_seed * 0x9E3779B1 & 0xFFFFFFFF)
+
+    def __str__(self) -> str:
+        return self.id
+
+
+@dataclass
+class Inputs:
+    """Host arrays handed to the backend (already in storage dtypes) plus plain values."""
+
+    arrays: dict[str, np.ndarray]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    shape: tuple[int, ...]
+    dtype: str
+    init_from: str | None = None  # in/out buffer: starts as this input (in-place ops)
+
+
+class OpSpec:
+    """How one op is swept, fed, run and judged.  Subclasses are data plus four small methods."""
+
+    name: str = ""
+    #: params whose every value the --quick subset must cover
+    variant_keys: tuple[str, ...] = ()
+    #: data movement: compared bit-exactly
+    exact: bool = False
+
+    def cases(self) -> list[Case]:
+        raise NotImplementedError
+
+    def make_inputs(self, case: Case, rng: np.random.Generator) -> Inputs:
+        raise NotImplementedError
+
+    def outputs(self, case: Case, inputs: Inputs) -> dict[str, OutputSpec]:
+        raise NotImplementedError
+
+    def call(self, backend: Backend, case: Case, args: dict[str, Any], stream: Any) -> None:
+        """Invoke the backend; ``args`` maps input and output names to device arrays."""
+        raise NotImplementedError
+
+    def reference(self, case: Case, inputs: Inputs, dtype: Any) -> dict[str, np.ndarray]:
+        """The oracle evaluated in compute ``dtype`` (float64, or float32 for the precision
+        rule), one array per output name."""
+        raise NotImplementedError
+
+    def validate(self, case: Case) -> None:
+        """Raise ValueError naming the parameter when a case's params are inconsistent."""
+
+    def cost(self, case: Case) -> float:
+        """Rough work estimate, used to order and balance cases."""
+        return 1.0
+
+
+def uniform(rng: np.random.Generator, shape: Iterable[int], dtype: str, lo=-1.0, hi=1.0):
+    """Seeded uniform values rounded to the storage dtype; never an all-zero array."""
+    values = rng.uniform(lo, hi, size=tuple(shape))
+    return values.astype(numpy_dtype(dtype))
+
+
+def filter_cases(cases: Iterable[Case], pattern: str | None) -> list[Case]:
+    if not pattern:
+        return list(cases)
+    regex = re.compile(pattern)
+    return [c for c in cases if regex.search(c.id)]
+
+
+def quick_subset(cases: list[Case], variant_keys: tuple[str, ...], seed: int = 0) -> list[Case]:
+    """A seeded subset in which every value of every variant key appears at least once.
+
+    Greedy set cover over (key, value) features, visiting cases in a seeded random order and
+    preferring cheap ones, so the subset stays small and fast but misses no variant."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(cases))
+    wanted = {(k, c.get(k)) for c in cases for k in variant_keys if k in c.params}
+    chosen: list[Case] = []
+    for index in order:
+        case = cases[index]
+        features = {(k, case.get(k)) for k in variant_keys if k in case.params}
+        if features & wanted:
+            chosen.append(case)
+            wanted -= features
+        if not wanted:
+            break
+    return chosen

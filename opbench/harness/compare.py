@@ -1,0 +1,131 @@
+"""Judging a backend's output against the float64 oracle.
+
+Rules (DESIGN.md, "Oracles and comparison"):
+- NMSE = sum((a-b)^2) / sum(b^2) under the op's threshold (test-backend-ops style figure);
+- the precision rule: |a - b| <= k * E + floor * max|b| elementwise, where E is the largest
+  error of the same oracle evaluated in the backend's precision (float32 math, output rounded
+  to the storage dtype) -- so f16 is judged against what f16 can achieve;
+- bit-exact for pure data movement;
+- NaN anywhere fails; +-Inf must match in place and sign.
+All thresholds live in TOLERANCES, one row per (op, dtype); never in per-backend branches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    nmse: float
+    k: float = 4.0
+    floor: float = 1e-6
+
+
+_F32 = Tolerance(nmse=1e-7, k=4.0, floor=1e-6)
+_F16 = Tolerance(nmse=1e-6, k=2.0, floor=1e-4)
+_BF16 = Tolerance(nmse=5e-5, k=2.0, floor=1e-3)
+
+#: (op, dtype) -> Tolerance.  ROPE angles in float32 at positions of a few thousand carry
+#: ~1e-4 rad of error in any float32 implementation, hence its looser f32 NMSE.
+TOLERANCES: dict[tuple[str, str], Tolerance] = {
+    ("ROPE", "f32"): Tolerance(nmse=1e-6, k=4.0, floor=1e-5),
+    ("ROPE", "f16"): _F16,
+    ("ROPE", "bf16"): _BF16,
+    ("ATTN", "f32"): Tolerance(nmse=1e-7, k=8.0, floor=1e-5),
+    ("ATTN", "f16"): Tolerance(nmse=5e-6, k=4.0, floor=1e-3),
+    ("ATTN", "bf16"): Tolerance(nmse=1e-4, k=4.0, floor=8e-3),
+    ("KV_ROTATE", "f32"): _F32,
+    ("KV_ROTATE", "f16"): _F16,
+    ("KV_ROTATE", "bf16"): _BF16,
+}
+
+
+def tolerance_for(op: str, dtype: str) -> Tolerance:
+    return TOLERANCES.get((op, dtype), {"f16": _F16, "bf16": _BF16}.get(dtype, _F32))
+
+
+@dataclass
+class Verdict:
+    ok: bool
+    metric: str = ""
+    value: float = 0.0
+    threshold: float = 0.0
+    n_bad: int = 0
+    size: int = 0
+    samples: list[tuple[tuple[int, ...], float, float]] = field(default_factory=list)
+    message: str = ""
+
+    def describe(self, name: str) -> str:
+        if self.ok:
+            return ""
+        head = f"{name}: {self.metric} = {self.value:.3g} > {self.threshold:.3g}" \
+            if self.metric in ("nmse", "max_err") else f"{name}: {self.metric}"
+        head += f"; {self.n_bad}/{self.size} bad"
+        if self.message:
+            head += f" ({self.message})"
+        shown = ", ".join(f"[{','.join(map(str, i))}] expected {e:.6g} got {a:.6g}"
+                          for i, e, a in self.samples)
+        return head + (f"; first: {shown}" if shown else "")
+
+
+def _samples(mask: np.ndarray, expected: np.ndarray, actual: np.ndarray, limit: int = 5):
+    indices = np.argwhere(mask)[:limit]
+    return [(tuple(int(i) for i in idx), float(expected[tuple(idx)]), float(actual[tuple(idx)]))
+            for idx in indices]
+
+
+def _special_values(expected: np.ndarray, actual: np.ndarray) -> Verdict | None:
+    """NaN anywhere fails; infinities must agree in place and sign."""
+    nan = np.isnan(actual) & ~np.isnan(expected)
+    if nan.any():
+        return Verdict(False, "NaN", n_bad=int(nan.sum()), size=actual.size,
+                       samples=_samples(nan, expected, actual), message="NaN in output")
+    inf_mismatch = (np.isinf(expected) | np.isinf(actual)) & (expected != actual)
+    if inf_mismatch.any():
+        return Verdict(False, "Inf mismatch", n_bad=int(inf_mismatch.sum()), size=actual.size,
+                       samples=_samples(inf_mismatch, expected, actual))
+    return None
+
+
+def compare_exact(expected: np.ndarray, actual: np.ndarray) -> Verdict:
+    """Bit-exact comparison for data movement (NaN payloads included)."""
+    if expected.shape != actual.shape or expected.dtype != actual.dtype:
+        return Verdict(False, "shape/dtype", message=f"expected {expected.shape} {expected.dtype}"
+                       f", got {actual.shape} {actual.dtype}")
+    width = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[expected.dtype.itemsize]
+    diff = expected.view(width) != actual.view(width)
+    if not diff.any():
+        return Verdict(True, "bit-exact", size=expected.size)
+    as64 = lambda a: a.astype(np.float64)  # noqa: E731
+    return Verdict(False, "bit-exact", n_bad=int(diff.sum()), size=expected.size,
+                   samples=_samples(diff, as64(expected), as64(actual)))
+
+
+def compare_close(expected: np.ndarray, low_precision: np.ndarray, actual: np.ndarray,
+                  tol: Tolerance) -> Verdict:
+    """NMSE and the precision rule against the float64 oracle ``expected``."""
+    exp = np.asarray(expected, dtype=np.float64)
+    act = np.asarray(actual, dtype=np.float64)
+    if exp.shape != act.shape:
+        return Verdict(False, "shape", message=f"expected {exp.shape}, got {act.shape}")
+    special = _special_values(exp, act)
+    if special:
+        return special
+    finite = np.isfinite(exp)
+    err = np.where(finite, np.abs(act - exp), 0.0)
+    denom = float(np.sum(np.where(finite, exp, 0.0) ** 2))
+    nmse = float(np.sum(err**2)) / denom if denom > 0 else float(np.sum(err**2))
+    low_err = np.where(finite, np.abs(np.asarray(low_precision, np.float64) - exp), 0.0)
+    scale = float(np.max(np.abs(exp[finite]))) if finite.any() else 1.0
+    bound = tol.k * float(np.max(low_err, initial=0.0)) + tol.floor * max(scale, 1e-30)
+    bad = err > bound
+    if nmse > tol.nmse:
+        return Verdict(False, "nmse", nmse, tol.nmse, int(bad.sum()), exp.size,
+                       _samples(bad if bad.any() else err == err.max(), exp, act))
+    if bad.any():
+        return Verdict(False, "max_err", float(err.max()), bound, int(bad.sum()), exp.size,
+                       _samples(bad, exp, act))
+    return Verdict(True, "nmse", nmse, tol.nmse, 0, exp.size)

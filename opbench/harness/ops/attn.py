@@ -1,0 +1,167 @@
+"""ATTN: contiguous and paged attention over the variants real models use."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+
+from ...reference import attention as attn_ref
+from ..cases import Case, Inputs, OpSpec, OutputSpec, uniform
+from ..protocol import AttnParams, PagedKV
+
+HEAD_SIZES = [(64, 64), (80, 80), (96, 96), (128, 128), (256, 256), (192, 128), (576, 512)]
+GQA = [(2, 2), (4, 2), (4, 1), (8, 1), (6, 2)]  # (H, Hkv): ratios 1, 2, 4, 8, 3
+LENGTHS = [(1, 1), (1, 113), (3, 113), (1, 512), (3, 512), (32, 512), (1, 1024), (32, 1024)]
+VARIANTS = {  # name -> flags; the last two combine features the way real models do
+    "plain": {},
+    "causal": {"causal": 1},
+    "window": {"causal": 1, "win": 1},
+    "mask": {"mask": 1},
+    "softcap": {"causal": 1, "sc": 1.0},
+    "alibi": {"causal": 1, "mb": 8.0},
+    "sinks": {"causal": 1, "sinks": 1},
+    "lse": {"lse": 1},
+    "paged": {"causal": 1, "paged": 3},
+    "gemma": {"causal": 1, "win": 1, "sc": 1.0, "lse": 1},
+    "gpt-oss": {"causal": 1, "win": 1, "sinks": 1, "paged": 2},
+    "paged-all": {"causal": 1, "mb": 8.0, "lse": 1, "paged": 4},
+}
+FLAGS = {"causal": 0, "win": 0, "mask": 0, "sc": 0.0, "mb": 0.0, "sinks": 0, "lse": 0,
+         "paged": 0}
+BLOCK_SIZE = 16
+MAX_WORK = 24e6  # n_q * n_kv * H * (Dk + Dv): keeps one case in the tens of milliseconds
+
+
+def _work(n_q, n_kv, heads, dk, dv) -> float:
+    return n_q * n_kv * heads * (dk + dv)
+
+
+def _case(dtype, hs, gqa, n_q, n_kv, flags) -> Case:
+    merged = {**FLAGS, **flags}
+    if merged["causal"] and n_q > n_kv:
+        merged["causal"] = 0
+    return Case.make("ATTN", type=dtype, hs=list(hs), nh=gqa[0], nkvh=gqa[1], nq=n_q,
+                     nkv=n_kv, **merged)
+
+
+def window_size(case: Case) -> int:
+    return max(1, case["nkv"] // 4) if case["win"] else 0
+
+
+def sequence_lengths(case: Case) -> list[tuple[int, int]]:
+    """(kv_len, q_len) per sequence: paged cases hold several sequences of different lengths."""
+    n_seqs = case["paged"] or 1
+    out = []
+    for s in range(n_seqs):
+        kv_len = max(1, case["nkv"] - s * (case["nkv"] // (n_seqs + 1)) - 3 * s)
+        out.append((kv_len, min(case["nq"], kv_len)))
+    return out
+
+
+class AttnSpec(OpSpec):
+    name = "ATTN"
+    variant_keys = ("type", "hs", "nh", "nkvh", "nq", "nkv", "causal", "win", "mask", "sc",
+                    "mb", "sinks", "lse", "paged")
+
+    def cases(self) -> list[Case]:
+        out = []
+        for dtype, hs, gqa, (n_q, n_kv) in itertools.product(
+                ["f32", "f16", "bf16"], HEAD_SIZES, GQA, LENGTHS):
+            if _work(n_q, n_kv, gqa[0], *hs) <= MAX_WORK:
+                out.append(_case(dtype, hs, gqa, n_q, n_kv, {"causal": 1}))
+        for dtype, hs, gqa, (n_q, n_kv), flags in itertools.product(
+                ["f32", "f16", "bf16"], [(64, 64), (128, 128), (80, 80), (192, 128)],
+                [(4, 4), (4, 1), (6, 2)], [(1, 113), (3, 512), (32, 1024), (5, 37)],
+                VARIANTS.values()):
+            if _work(n_q, n_kv, gqa[0], *hs) <= MAX_WORK:
+                out.append(_case(dtype, hs, gqa, n_q, n_kv, flags))
+        return sorted(set(out), key=lambda c: c.id)
+
+    def validate(self, case: Case) -> None:
+        if case["nh"] % case["nkvh"]:
+            raise ValueError(f"nh={case['nh']} must be a multiple of nkvh={case['nkvh']}")
+        if case["paged"] and case["mask"]:
+            raise ValueError("mask=1 cannot be combined with paged (masks are per sequence)")
+
+    def make_inputs(self, case: Case, rng: np.random.Generator) -> Inputs:
+        dk, dv = case["hs"]
+        heads, kv_heads = case["nh"], case["nkvh"]
+        arrays: dict[str, np.ndarray] = {}
+        if case["paged"]:
+            arrays.update(self._paged_inputs(case, rng, dk, dv))
+        else:
+            arrays["q"] = uniform(rng, (case["nq"], heads, dk), case.dtype)
+            arrays["k"] = uniform(rng, (case["nkv"], kv_heads, dk), case.dtype)
+            arrays["v"] = uniform(rng, (case["nkv"], kv_heads, dv), case.dtype)
+        if case["mask"]:
+            arrays["mask"] = self._mask(case, rng)
+        if case["sinks"]:
+            arrays["sinks"] = rng.uniform(-2.0, 2.0, heads).astype(np.float32)
+        return Inputs(arrays)
+
+    def _paged_inputs(self, case, rng, dk, dv) -> dict[str, np.ndarray]:
+        lengths = sequence_lengths(case)
+        blocks_per_seq = [math.ceil(kv / BLOCK_SIZE) for kv, _ in lengths]
+        num_blocks = sum(blocks_per_seq) + 3  # spare blocks hold garbage no one may read
+        order = rng.permutation(num_blocks).astype(np.int32)
+        table = np.full((len(lengths), max(blocks_per_seq)), -1, dtype=np.int32)
+        start = 0
+        for s, n_blocks in enumerate(blocks_per_seq):
+            table[s, :n_blocks] = order[start:start + n_blocks]
+            start += n_blocks
+        q_lens = [q for _, q in lengths]
+        kv_heads = case["nkvh"]
+        return {
+            "q": uniform(rng, (sum(q_lens), case["nh"], dk), case.dtype),
+            "k": uniform(rng, (num_blocks, BLOCK_SIZE, kv_heads, dk), case.dtype),
+            "v": uniform(rng, (num_blocks, BLOCK_SIZE, kv_heads, dv), case.dtype),
+            "block_table": table,
+            "seq_lens": np.array([kv for kv, _ in lengths], dtype=np.int32),
+            "q_start": np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32),
+        }
+
+    def _mask(self, case, rng) -> np.ndarray:
+        n_q, n_kv = case["nq"], case["nkv"]
+        mask = rng.uniform(-2.0, 0.0, (n_q, n_kv))
+        mask[rng.random((n_q, n_kv)) < 0.1] = -np.inf
+        # keep the diagonal key visible so no row is entirely masked by accident
+        for i in range(n_q):
+            mask[i, min(n_kv - 1, max(0, n_kv - n_q + i))] = 0.0
+        return mask.astype(np.float32)
+
+    def outputs(self, case: Case, inputs: Inputs) -> dict[str, OutputSpec]:
+        n_q_total, heads = inputs.arrays["q"].shape[:2]
+        outs = {"out": OutputSpec((n_q_total, heads, case["hs"][1]), case.dtype)}
+        if case["lse"]:
+            outs["lse"] = OutputSpec((n_q_total, heads), "f32")
+        return outs
+
+    def params(self, case: Case) -> AttnParams:
+        return AttnParams(scale=1.0 / math.sqrt(case["hs"][0]), causal=bool(case["causal"]),
+                          window=window_size(case), softcap=float(case["sc"]),
+                          max_bias=float(case["mb"]))
+
+    def call(self, backend, case, args, stream) -> None:
+        paged = None
+        if case["paged"]:
+            paged = PagedKV(args["block_table"], args["seq_lens"], args["q_start"])
+        backend.attention(args["q"], args["k"], args["v"], args["out"], self.params(case),
+                          mask=args.get("mask"), sinks=args.get("sinks"), lse=args.get("lse"),
+                          paged=paged, stream=stream)
+
+    def reference(self, case: Case, inputs: Inputs, dtype) -> dict[str, np.ndarray]:
+        a, p = inputs.arrays, self.params(case)
+        options = dict(scale=p.scale, causal=p.causal, window=p.window, softcap=p.softcap,
+                       max_bias=p.max_bias, sinks=a.get("sinks"), return_lse=True, dtype=dtype)
+        if case["paged"]:
+            q_lens = np.diff(a["q_start"])
+            out, lse = attn_ref.paged_attention(a["q"], a["k"], a["v"], a["block_table"],
+                                                a["seq_lens"], q_lens, **options)
+        else:
+            out, lse = attn_ref.attention(a["q"], a["k"], a["v"], mask=a.get("mask"), **options)
+        return {"out": out, "lse": lse} if case["lse"] else {"out": out}
+
+    def cost(self, case: Case) -> float:
+        return _work(case["nq"], case["nkv"], case["nh"], *case["hs"])

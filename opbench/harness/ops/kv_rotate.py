@@ -1,0 +1,53 @@
+"""KV_ROTATE: in-place re-rotation of cached keys after eviction, from a float32 trig LUT."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+from ...reference import kv_cache as kv_ref
+from ..cases import Case, Inputs, OpSpec, OutputSpec, uniform
+
+LUT_ROWS = 64  # deltas up to 63 blocks
+BASE = 10000.0
+
+
+class KvRotateSpec(OpSpec):
+    name = "KV_ROTATE"
+    variant_keys = ("type", "layout", "delta", "bs", "hs", "nkvh", "nrot")
+
+    def cases(self) -> list[Case]:
+        grid = itertools.product(["f32", "f16", "bf16"], ["rotate_half", "interleaved"],
+                                 ["block", "token"], [8, 16, 32], [64, 80, 128],
+                                 [1, 4], [1, 5])
+        return [Case.make("KV_ROTATE", type=dtype, layout=layout, delta=delta, bs=bs, hs=hs,
+                          nkvh=nkvh, nrot=nrot, nblk=nrot + 3)
+                for dtype, layout, delta, bs, hs, nkvh, nrot in grid]
+
+    def make_inputs(self, case: Case, rng: np.random.Generator) -> Inputs:
+        n_blocks, bs = case["nblk"], case["bs"]
+        cache = uniform(rng, (n_blocks, bs, case["nkvh"], case["hs"]), case.dtype)
+        blocks = rng.choice(n_blocks, size=case["nrot"], replace=False).astype(np.int32)
+        width = 1 if case["delta"] == "block" else bs
+        deltas = rng.integers(1, LUT_ROWS, size=(case["nrot"], width)).astype(np.int32)
+        lut = kv_ref.rotation_lut(LUT_ROWS, case["hs"], bs, BASE)
+        return Inputs({"key_cache": cache, "block_indices": blocks, "deltas": deltas,
+                       "lut": lut})
+
+    def outputs(self, case: Case, inputs: Inputs) -> dict[str, OutputSpec]:
+        cache = inputs.arrays["key_cache"]
+        return {"key_cache": OutputSpec(cache.shape, case.dtype, init_from="key_cache")}
+
+    def call(self, backend, case, args, stream) -> None:
+        backend.kv_rotate(args["key_cache"], args["block_indices"], args["deltas"], args["lut"],
+                          case["layout"], stream=stream)
+
+    def reference(self, case: Case, inputs: Inputs, dtype) -> dict[str, np.ndarray]:
+        a = inputs.arrays
+        out = kv_ref.rotate_keys(a["key_cache"], a["block_indices"], a["deltas"], a["lut"],
+                                 layout=case["layout"], dtype=dtype)
+        return {"key_cache": out}
+
+    def cost(self, case: Case) -> float:
+        return float(case["nblk"] * case["bs"] * case["nkvh"] * case["hs"])

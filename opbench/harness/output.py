@@ -1,0 +1,154 @@
+"""What ``opbench test`` prints: console lines (colour and a progress bar on a terminal only),
+or CSV / JSON / JUnit XML on stdout."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import sys
+from collections import Counter
+from xml.sax.saxutils import escape, quoteattr
+
+from rich.console import Console
+from rich.markup import escape as markup_escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+PASSED = ("OK", "XPASS")
+FAILED = ("FAIL", "ERROR", "CRASH", "TIMEOUT")
+STYLE = {"OK": "green", "FAIL": "bold red", "ERROR": "bold red", "CRASH": "bold red",
+         "TIMEOUT": "bold red", "XFAIL": "yellow", "XPASS": "yellow", "UNSUPPORTED": "dim"}
+
+
+def summarize(counts: Counter) -> tuple[int, int, bool]:
+    """(passed, judged, failed?) where judged excludes unsupported and known failures."""
+    passed = sum(counts[s] for s in PASSED)
+    judged = passed + sum(counts[s] for s in FAILED)
+    return passed, judged, any(counts[s] for s in FAILED)
+
+
+class ConsoleReporter:
+    def __init__(self, verbose: bool = False, quiet: bool = False) -> None:
+        self.out = Console(highlight=False, soft_wrap=True)
+        self.err = Console(stderr=True, highlight=False)
+        self.verbose, self.quiet = verbose, quiet
+        self._progress: Progress | None = None
+
+    @contextlib.contextmanager
+    def progress(self, backend: str, total: int):
+        if not self.err.is_terminal or total < 50:
+            yield lambda: None
+            return
+        columns = [TextColumn(f"[bold]{markup_escape(backend)}"), BarColumn(),
+                   MofNCompleteColumn(), TimeRemainingColumn()]
+        with Progress(*columns, console=self.out, transient=True) as bar:
+            task = bar.add_task("cases", total=total)
+            yield lambda: bar.advance(task)
+
+    def _line(self, text: str, style: str = "") -> None:
+        self.out.print(markup_escape(text), style=style or None)
+
+    def case(self, record: dict) -> None:
+        status = record["status"]
+        if status == "UNSUPPORTED":
+            if self.verbose:
+                self._line(f"  {record['case_id']}: not supported [{record['reason']}]", "dim")
+            return
+        if status == "OK" and self.quiet:
+            return
+        label = {"XFAIL": "XFAIL (known failure)", "XPASS": "XPASS (stale known failure)"}
+        self.out.print(f"  {markup_escape(record['case_id'])}: "
+                       f"[{STYLE[status]}]{label.get(status, status)}[/]")
+        if status != "OK":
+            for error in record["errors"] or [record["reason"]]:
+                self._line(f"    {error}", "red" if status in FAILED else "yellow")
+
+    def skipped_backend(self, name: str, why: str) -> None:
+        self._line(f"Backend {name}: SKIPPED ({why})", "yellow")
+
+    def backend_summary(self, name: str, counts: Counter) -> bool:
+        passed, judged, failed = summarize(counts)
+        extras = [f"{counts[s]} {s.lower()}" for s in ("XFAIL", "UNSUPPORTED") if counts[s]]
+        self._line(f"  {passed}/{judged} tests passed" + (f" ({', '.join(extras)})"
+                                                          if extras else ""))
+        self.out.print(f"  Backend {markup_escape(name)}: "
+                       + ("[bold red]FAIL[/]" if failed else "[bold green]OK[/]"))
+        return failed
+
+    def finish(self) -> None:
+        pass
+
+
+class CollectingReporter(ConsoleReporter):
+    """Machine formats: quiet console on stderr, the whole table on stdout at the end."""
+
+    def __init__(self, fmt: str) -> None:
+        super().__init__(quiet=True)
+        self.out = Console(stderr=True, highlight=False)
+        self.fmt = fmt
+        self.records: list[dict] = []
+
+    def case(self, record: dict) -> None:
+        self.records.append(record)
+
+    def finish(self) -> None:
+        {"csv": write_csv, "json": write_json, "junit": write_junit}[self.fmt](self.records)
+
+
+def make_reporter(fmt: str, verbose: bool = False, quiet: bool = False):
+    return ConsoleReporter(verbose, quiet) if fmt == "console" else CollectingReporter(fmt)
+
+
+CSV_FIELDS = ["backend", "device", "op", "case_id", "dtype", "status", "reason"]
+
+
+def write_csv(records: list[dict], stream=None) -> None:
+    writer = csv.DictWriter(stream or sys.stdout, fieldnames=CSV_FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    for record in records:
+        writer.writerow(record)
+
+
+def write_json(records: list[dict], stream=None) -> None:
+    json.dump([{k: r.get(k) for k in CSV_FIELDS + ["metrics", "errors"]} for r in records],
+              stream or sys.stdout, indent=1, default=str)
+    (stream or sys.stdout).write("\n")
+
+
+def write_junit(records: list[dict], stream=None) -> None:
+    stream = stream or sys.stdout
+    failures = sum(r["status"] in FAILED for r in records)
+    skipped = sum(r["status"] in ("UNSUPPORTED", "XFAIL") for r in records)
+    stream.write('<?xml version="1.0" encoding="utf-8"?>\n')
+    stream.write(f'<testsuite name="opbench" tests="{len(records)}" failures="{failures}"'
+                 f' skipped="{skipped}">\n')
+    for r in records:
+        stream.write(f"  <testcase classname={quoteattr(r['backend'] + '.' + r['op'])}"
+                     f" name={quoteattr(r['case_id'])}>")
+        if r["status"] in FAILED:
+            body = escape("\n".join(r["errors"] or [str(r["reason"])]))
+            stream.write(f"<failure message={quoteattr(str(r['reason']))}>{body}</failure>")
+        elif r["status"] in ("UNSUPPORTED", "XFAIL"):
+            stream.write(f"<skipped message={quoteattr(str(r['reason']))}/>")
+        stream.write("</testcase>\n")
+    stream.write("</testsuite>\n")
+
+
+def print_support(rows: list[dict]) -> None:
+    console = Console(highlight=False, soft_wrap=True)
+    backends = list(dict.fromkeys(r["backend"] for r in rows))
+    ops = list(dict.fromkeys(r["op"] for r in rows))
+    by_key = {(r["op"], r["backend"]): r for r in rows}
+    width = max(12, *(len(b) + 2 for b in backends))
+    console.print(markup_escape(f"{'op':12s}" + "".join(f"{b:>{width}s}" for b in backends)))
+    for op in ops:
+        cells = []
+        for b in backends:
+            r = by_key[(op, b)]
+            cells.append(f"{r['supported']}/{r['total']}".rjust(width))
+        console.print(markup_escape(f"{op:12s}" + "".join(cells)))
+    console.print()
+    for r in rows:
+        for reason, count in r["reasons"].most_common(6):
+            console.print(markup_escape(f"{r['backend']} {r['op']}: {count} unsupported:"
+                                        f" {reason}"))

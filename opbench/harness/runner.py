@@ -1,0 +1,183 @@
+"""Running one case on one backend and judging it; the records this produces.
+
+The body here is the one generic test: every op, every case table, every backend goes through
+``run_case``.  Outputs are poisoned with NaN and surrounded by guard regions before the backend
+sees them; inputs are rounded to their storage dtype before the oracle sees them.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import traceback
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+
+from ..reference import copies as copy_ref
+from .cases import Case, Inputs, OpSpec, OutputSpec
+from .compare import Verdict, compare_close, compare_exact, tolerance_for
+from .ops import SPECS
+from .protocol import Backend, numpy_dtype
+
+GUARD_SENTINEL = -1234.0
+PROBLEM_STATUSES = ("FAIL", "ERROR", "CRASH", "TIMEOUT")
+
+
+def new_run_id() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+
+
+def guard_length(shape: tuple[int, ...]) -> int:
+    """One full leading-dim row (so a write one row past the end lands in the guard)."""
+    size = int(np.prod(shape))
+    row = size // shape[0] if shape and shape[0] else size
+    return int(min(max(row, 16), 1 << 16))
+
+
+@dataclass
+class DeviceBuffer:
+    """A flat host buffer [guard | output | guard] mirrored on the device."""
+
+    name: str
+    spec: OutputSpec
+    guard: int
+    host_before: np.ndarray
+    device_flat: Any
+    device_view: Any
+
+    def split(self, host_after: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        n = host_after.size - 2 * self.guard
+        return (host_after[: self.guard], host_after[self.guard: self.guard + n],
+                host_after[self.guard + n:])
+
+
+def allocate_output(backend: Backend, device: Any, name: str, spec: OutputSpec,
+                    inputs: Inputs) -> DeviceBuffer:
+    dtype = numpy_dtype(spec.dtype)
+    size = int(np.prod(spec.shape))
+    guard = guard_length(spec.shape)
+    host = np.full(size + 2 * guard, GUARD_SENTINEL, dtype=dtype)
+    if spec.init_from:
+        host[guard: guard + size] = inputs.arrays[spec.init_from].reshape(-1)
+    else:
+        host[guard: guard + size] = np.nan  # poison: a kernel that skips an element is caught
+    flat = backend.to_device(host, device)
+    return DeviceBuffer(name, spec, guard, host, flat, backend.view(flat, guard, spec.shape))
+
+
+def _bits(a: np.ndarray) -> np.ndarray:
+    return a.view({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[a.dtype.itemsize])
+
+
+def check_guards(buffer: DeviceBuffer, host_after: np.ndarray) -> str | None:
+    before_lo, _, before_hi = buffer.split(buffer.host_before)
+    after_lo, _, after_hi = buffer.split(host_after)
+    lo = int(np.sum(_bits(before_lo) != _bits(after_lo)))
+    hi = int(np.sum(_bits(before_hi) != _bits(after_hi)))
+    if lo or hi:
+        return (f"{buffer.name}: out-of-bounds write: {lo} guard elements before and {hi} after"
+                f" the output changed")
+    return None
+
+
+def references(spec: OpSpec, case: Case, inputs: Inputs) -> tuple[dict, dict]:
+    """(float64 oracle, same oracle in float32 rounded to each output's storage dtype)."""
+    outputs = spec.outputs(case, inputs)
+    expected = spec.reference(case, inputs, np.float64)
+    if spec.exact:
+        return expected, expected
+    low = spec.reference(case, inputs, np.float32)
+    low = {k: copy_ref.round_to(v, outputs[k].dtype) for k, v in low.items()}
+    return expected, low
+
+
+def judge(spec: OpSpec, case: Case, name: str, expected, low, actual) -> Verdict:
+    if spec.exact:
+        return compare_exact(np.asarray(expected), actual)
+    return compare_close(expected, low, actual, tolerance_for(spec.name, case.dtype))
+
+
+class KnownFailures:
+    def __init__(self, entries: list[tuple[str, str]]) -> None:
+        self.entries = [(re.compile(pattern), reason) for pattern, reason in entries]
+
+    def match(self, case_id: str) -> str | None:
+        for regex, reason in self.entries:
+            if regex.search(case_id):
+                return reason
+        return None
+
+
+def base_record(backend: Backend, case: Case, device_name: str, run_id: str) -> dict:
+    return {"schema": 1, "kind": "test", "run_id": run_id,
+            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "backend": backend.name, "device": device_name, "op": case.op, "case_id": case.id,
+            "params": {k: list(v) if isinstance(v, tuple) else v for k, v in case.items},
+            "dtype": case.dtype, "status": "OK", "reason": None, "metrics": {}, "errors": [],
+            "perf": None, "scenario": None}
+
+
+def execute(backend: Backend, spec: OpSpec, case: Case, inputs: Inputs, device: Any):
+    """Upload, run, synchronize, download.  Returns (buffers, host copies)."""
+    args = {name: backend.to_device(arr, device) for name, arr in inputs.arrays.items()}
+    buffers = {name: allocate_output(backend, device, name, out_spec, inputs)
+               for name, out_spec in spec.outputs(case, inputs).items()}
+    args.update({name: buf.device_view for name, buf in buffers.items()})
+    spec.call(backend, case, args, backend.stream(device))
+    backend.synchronize(device)
+    return buffers, {name: backend.to_host(buf.device_flat) for name, buf in buffers.items()}
+
+
+def run_case(backend: Backend, case: Case, *, run_seed: int = 0, device: Any = None,
+             device_name: str = "cpu:0", run_id: str = "", known: KnownFailures | None = None
+             ) -> dict:
+    """Run one case on one backend and return its result record."""
+    spec = SPECS[case.op]
+    record = base_record(backend, case, device_name, run_id)
+    supported = backend.supports(case)
+    if supported is not True:
+        record.update(status="UNSUPPORTED", reason=str(supported))
+        return record
+    started = time.perf_counter()
+    try:
+        inputs = spec.make_inputs(case, np.random.default_rng(case.seed(run_seed)))
+        expected, low = references(spec, case, inputs)
+        buffers, hosts = execute(backend, spec, case, inputs, device)
+    except Exception as exc:  # a backend bug must not stop the run
+        record.update(status="ERROR", reason=f"{type(exc).__name__}: {exc}",
+                      errors=traceback.format_exc(limit=4).splitlines()[-6:])
+        return record
+    _judge_outputs(spec, case, buffers, hosts, expected, low, record)
+    record["metrics"]["seconds"] = round(time.perf_counter() - started, 6)
+    _apply_known(record, known)
+    return record
+
+
+def _judge_outputs(spec, case, buffers, hosts, expected, low, record) -> None:
+    errors = []
+    for name, buf in buffers.items():
+        guard_problem = check_guards(buf, hosts[name])
+        if guard_problem:
+            errors.append(guard_problem)
+        actual = buf.split(hosts[name])[1].reshape(buf.spec.shape)
+        verdict = judge(spec, case, name, expected[name], low[name], actual)
+        record["metrics"][name] = {"metric": verdict.metric, "value": verdict.value,
+                                   "threshold": verdict.threshold, "n_bad": verdict.n_bad}
+        if not verdict.ok:
+            errors.append(verdict.describe(name))
+    if errors:
+        record.update(status="FAIL", reason=errors[0], errors=errors)
+
+
+def _apply_known(record: dict, known: KnownFailures | None) -> None:
+    reason = known.match(record["case_id"]) if known else None
+    if reason is None:
+        return
+    if record["status"] == "FAIL":
+        record.update(status="XFAIL", reason=f"known failure: {reason}; {record['reason']}")
+    elif record["status"] == "OK":
+        record.update(status="XPASS", reason=f"passes but is listed as known failure: {reason}")
