@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from opbench.harness.cases import quick_subset
 from opbench.harness.ops import SPECS
 from opbench.harness.runner import KnownFailures, run_case
 
 
 def _cases(full: bool):
     for spec in SPECS.values():
-        cases = spec.cases()
-        yield from (cases if full else quick_subset(cases, spec.variant_keys))
+        yield from (spec.cases() if full else spec.quick_cases())
 
 
 def pytest_generate_tests(metafunc):

@@ -113,6 +113,10 @@ class OpSpec:
         """Rough work estimate, used to order and balance cases."""
         return 1.0
 
+    def quick_cases(self, seed: int = 0) -> list[Case]:
+        """The --quick subset: every variant value at least once, plus a few cheap extras."""
+        return quick_subset(self.cases(), self.variant_keys, seed=seed, cost=self.cost)
+
 
 def uniform(rng: np.random.Generator, shape: Iterable[int], dtype: str, lo=-1.0, hi=1.0):
     """Seeded uniform values rounded to the storage dtype; never an all-zero array."""
@@ -127,11 +131,13 @@ def filter_cases(cases: Iterable[Case], pattern: str | None) -> list[Case]:
     return [c for c in cases if regex.search(c.id)]
 
 
-def quick_subset(cases: list[Case], variant_keys: tuple[str, ...], seed: int = 0) -> list[Case]:
+def quick_subset(cases: list[Case], variant_keys: tuple[str, ...], seed: int = 0,
+                 extra: int = 24, cost=None) -> list[Case]:
     """A seeded subset in which every value of every variant key appears at least once.
 
-    Greedy set cover over (key, value) features, visiting cases in a seeded random order and
-    preferring cheap ones, so the subset stays small and fast but misses no variant."""
+    Greedy set cover over (key, value) features, visiting cases in a seeded random order, then
+    ``extra`` more cases drawn at random from the cheaper half (``cost``), so combinations get
+    some coverage too while the subset stays fast."""
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(cases))
     wanted = {(k, c.get(k)) for c in cases for k in variant_keys if k in c.params}
@@ -142,6 +148,9 @@ def quick_subset(cases: list[Case], variant_keys: tuple[str, ...], seed: int = 0
         if features & wanted:
             chosen.append(case)
             wanted -= features
-        if not wanted:
-            break
-    return chosen
+    rest = [c for c in cases if c not in set(chosen)]
+    if cost is not None and rest:
+        rest.sort(key=cost)
+        rest = rest[: max(1, len(rest) // 2)]
+    picks = rng.permutation(len(rest))[:extra]
+    return chosen + [rest[i] for i in sorted(picks)]

@@ -7,7 +7,7 @@ from collections import Counter
 from typing import Iterator
 
 from . import output
-from .cases import Case, filter_cases, quick_subset
+from .cases import Case, filter_cases
 from .errors import UsageError
 from .ops import SPECS
 from .pool import make_backend, run_in_workers, run_inline
@@ -73,7 +73,7 @@ def select_cases(args, quick: bool = False) -> list[Case]:
         spec = SPECS[op]
         cases = spec.cases()
         if quick:
-            cases = quick_subset(cases, spec.variant_keys, seed=args.seed)
+            cases = spec.quick_cases(seed=args.seed)
         selected += filter_cases(cases, args.pattern)
     return selected
 
@@ -205,7 +205,7 @@ def cmd_list(args) -> int:
         return 0
     for op, spec in SPECS.items():
         cases = spec.cases()
-        quick = quick_subset(cases, spec.variant_keys)
+        quick = spec.quick_cases()
         print(f"{op:10s} {len(cases):6d} cases ({len(quick)} in --quick)  "
               f"variants: {', '.join(spec.variant_keys)}")
     print(f"{'total':10s} {sum(len(s.cases()) for s in SPECS.values()):6d} cases")

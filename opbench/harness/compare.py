@@ -115,10 +115,11 @@ def compare_close(expected: np.ndarray, low_precision: np.ndarray, actual: np.nd
     if special:
         return special
     finite = np.isfinite(exp)
-    err = np.where(finite, np.abs(act - exp), 0.0)
+    with np.errstate(invalid="ignore"):  # inf - inf where both agree: masked out below
+        err = np.where(finite, np.abs(act - exp), 0.0)
+        low_err = np.where(finite, np.abs(np.asarray(low_precision, np.float64) - exp), 0.0)
     denom = float(np.sum(np.where(finite, exp, 0.0) ** 2))
     nmse = float(np.sum(err**2)) / denom if denom > 0 else float(np.sum(err**2))
-    low_err = np.where(finite, np.abs(np.asarray(low_precision, np.float64) - exp), 0.0)
     scale = float(np.max(np.abs(exp[finite]))) if finite.any() else 1.0
     bound = tol.k * float(np.max(low_err, initial=0.0)) + tol.floor * max(scale, 1e-30)
     bad = err > bound

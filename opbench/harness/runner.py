@@ -138,6 +138,11 @@ def run_case(backend: Backend, case: Case, *, run_seed: int = 0, device: Any = N
     """Run one case on one backend and return its result record."""
     spec = SPECS[case.op]
     record = base_record(backend, case, device_name, run_id)
+    try:
+        spec.validate(case)
+    except ValueError as exc:
+        record.update(status="ERROR", reason=f"bad case: {exc}")
+        return record
     supported = backend.supports(case)
     if supported is not True:
         record.update(status="UNSUPPORTED", reason=str(supported))

@@ -1,0 +1,274 @@
+"""Backend-agnostic contract checks for COPY_ASYNC (ggml's ``ggml_backend_tensor_copy_async``).
+
+The contract: (1) the copy happens after all work queued on the source before the call;
+(2) work queued on the destination after the call sees the data; (3) the host is not blocked;
+(4) several copies may be in flight before one synchronize (which must wait for all of them).
+
+Races are made deterministic, not likely: each check first *holds* a stream (a queued item
+that blocks until the host releases it -- slow work of known, unbounded length), queues the
+work under test behind it, then releases.  A missing wait therefore always reads the poison
+(NaN) the arrays were made with, never depends on luck.  Besides protocol.py's methods the
+checks need one fault-injection hook on the backend: ``hold(stream) -> gate`` with
+``gate.release()`` (the cpu backend has it; a CUDA backend can spin on a host-mapped flag).
+``check_random_trials`` adds seeded, ungated trials for backends run with delays on.
+
+Only protocol ops move data: the payload is written on the source by a queued ``cpy`` and read
+on the destination by another queued ``cpy``, so any backend implementing CPY can be checked.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from .protocol import numpy_dtype
+
+HOLD_TIMEOUT_S = 5.0  # safety valve: a host-blocking implementation must not hang the check
+SYNC_PROBE_S = 0.3  # how long a synchronize is watched for returning while work is held
+SIZES = (1, 7, 4099, 1 << 16, 1 << 20)  # elements: 1 element .. 4 MiB of f32
+
+
+class ContractViolation(AssertionError):
+    """The backend broke the COPY_ASYNC contract; the message says which clause and how."""
+
+
+class _Hold:
+    """A held stream that releases itself after HOLD_TIMEOUT_S, remembering that it had to."""
+
+    def __init__(self, backend: Any, stream: Any) -> None:
+        self.gate = backend.hold(stream)
+        self.expired = threading.Event()
+        self._timer = threading.Timer(HOLD_TIMEOUT_S, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _expire(self) -> None:
+        self.expired.set()
+        self.gate.release()
+
+    def release(self) -> None:
+        self._timer.cancel()
+        self.gate.release()
+
+
+def _payload(rng: np.random.Generator, n: int, dtype: str) -> np.ndarray:
+    """Seeded values in [-1, -0.01] U [0.01, 1], never zero, exactly representable in dtype."""
+    magnitude = rng.uniform(0.01, 1.0, n)
+    return (magnitude * rng.choice([-1.0, 1.0], n)).astype(numpy_dtype(dtype))
+
+
+def _poisoned(backend: Any, n: int, dtype: str, device: Any) -> Any:
+    return backend.to_device(np.full(n, np.nan, numpy_dtype(dtype)), device)
+
+
+def _write_on_device(backend: Any, host: np.ndarray, device: Any) -> Any:
+    """An array of ``device`` whose contents come from queued device work (a CPY), not from
+    the host: a copy that does not wait for the source's queue reads its poison."""
+    staged = backend.to_device(host, device)
+    target = _poisoned(backend, host.size, _name(host), device)
+    backend.cpy(staged, target, (0,))
+    return target
+
+
+def _read_on_device(backend: Any, arr: Any, n: int, dtype: str, device: Any) -> Any:
+    """Queue a CPY of ``arr`` on ``device`` (work queued on the destination after the call)."""
+    out = _poisoned(backend, n, dtype, device)
+    backend.cpy(arr, out, (0,))
+    return out
+
+
+def _name(host: np.ndarray) -> str:
+    return {np.dtype(numpy_dtype(n)): n for n in ("f32", "f16", "bf16")}[host.dtype]
+
+
+def _expect_same(what: str, got: np.ndarray, want: np.ndarray) -> None:
+    got = np.asarray(got).reshape(want.shape)
+    bad = np.flatnonzero(~_bitwise_equal(got, want))  # COPY_ASYNC is bit-exact
+    if bad.size:
+        i = int(bad[0])
+        stale = "NaN (read before the data landed)" if np.isnan(float(got[i])) else got[i]
+        raise ContractViolation(
+            f"{what}: {bad.size}/{want.size} elements differ; first at [{i}]: got {stale}, "
+            f"expected {want[i]}"
+        )
+
+
+def _bitwise_equal(got: np.ndarray, want: np.ndarray) -> np.ndarray:
+    uint = np.dtype(f"u{want.dtype.itemsize}")
+    return got.view(uint) == want.view(uint)
+
+
+def _two_devices(backend: Any) -> tuple[Any, Any]:
+    devices = backend.devices(2)
+    return devices[0], devices[1]
+
+
+# -- the checks --------------------------------------------------------------------------------
+def check_copy_waits_for_source(backend: Any, seed: int = 0, n: int = 4099, dtype="f32") -> None:
+    """Clause 1: a copy queued behind (held) work on the source copies that work's result."""
+    src_dev, dst_dev = _two_devices(backend)
+    want = _payload(np.random.default_rng(seed), n, dtype)
+    hold = _Hold(backend, backend.stream(src_dev))
+    x = _write_on_device(backend, want, src_dev)
+    y = backend.copy_async(x, dst_dev)
+    hold.release()
+    backend.synchronize()
+    _expect_same("copy_async did not wait for work queued on the source",
+                 backend.to_host(y), want)
+
+
+def check_destination_waits_for_copy(backend: Any, seed: int = 0, n: int = 4099,
+                                     dtype="f32") -> None:
+    """Clause 2: work queued on the destination right after the call reads the copied data."""
+    src_dev, dst_dev = _two_devices(backend)
+    want = _payload(np.random.default_rng(seed), n, dtype)
+    hold = _Hold(backend, backend.stream(src_dev))
+    x = _write_on_device(backend, want, src_dev)
+    y = backend.copy_async(x, dst_dev)
+    z = _read_on_device(backend, y, n, dtype, dst_dev)
+    hold.release()
+    backend.synchronize()
+    _expect_same("work queued on the destination after copy_async ran before the copy landed",
+                 backend.to_host(z), want)
+
+
+def check_host_not_blocked(backend: Any, seed: int = 0, n: int = 4099, dtype="f32") -> None:
+    """Clause 3: copy_async returns while the source is still busy."""
+    src_dev, dst_dev = _two_devices(backend)
+    want = _payload(np.random.default_rng(seed), n, dtype)
+    hold = _Hold(backend, backend.stream(src_dev))
+    x = _write_on_device(backend, want, src_dev)
+    y = backend.copy_async(x, dst_dev)
+    blocked = hold.expired.is_set()
+    hold.release()
+    backend.synchronize()
+    if blocked:
+        raise ContractViolation("copy_async blocked the host until the source's work was done")
+    _expect_same("copy_async result", backend.to_host(y), want)
+
+
+def check_synchronize_waits(backend: Any, seed: int = 0, n: int = 4099, dtype="f32") -> None:
+    """Clause 4's other half: synchronize() and synchronize(dst) wait for copies in flight,
+    and synchronize() waits for every device."""
+    src_dev, dst_dev = _two_devices(backend)
+    want = _payload(np.random.default_rng(seed), n, dtype)
+    for target in (None, dst_dev):
+        hold = _Hold(backend, backend.stream(src_dev))
+        y = backend.copy_async(_write_on_device(backend, want, src_dev), dst_dev)
+        _expect_blocks(backend, lambda t=target: backend.synchronize(t), hold,
+                       f"synchronize({'' if target is None else 'dst'}) with a copy in flight")
+        _expect_same("data after synchronize", backend.to_host(y), want)
+    for device in backend.devices(2):
+        hold = _Hold(backend, backend.stream(device))
+        _expect_blocks(backend, backend.synchronize, hold, f"synchronize() with {device} busy")
+
+
+def _expect_blocks(backend: Any, call: Callable[[], None], hold: _Hold, what: str) -> None:
+    """``call`` (run on a helper thread) must not return while ``hold`` is held."""
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            call()
+        except BaseException as error:  # noqa: BLE001 - re-raised on the checking thread
+            errors.append(error)
+        done.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    returned_early = done.wait(SYNC_PROBE_S)
+    hold.release()
+    done.wait()
+    backend.synchronize()
+    if errors:
+        raise errors[0]
+    if returned_early:
+        raise ContractViolation(f"{what} returned while work was still queued")
+
+
+def check_many_copies_one_synchronize(backend: Any, seed: int = 0, sizes=SIZES) -> None:
+    """Clause 4: copies of every size from both devices, all in flight, then one synchronize."""
+    devices = backend.devices(2)
+    rng = np.random.default_rng(seed)
+    holds = [_Hold(backend, backend.stream(d)) for d in devices]
+    pending = []
+    for i, n in enumerate(sizes):
+        dtype = ("f32", "f16", "bf16")[i % 3]
+        src, dst = devices[i % 2], devices[(i + 1) % 2]
+        want = _payload(rng, n, dtype)
+        y = backend.copy_async(_write_on_device(backend, want, src), dst)
+        pending.append((f"copy {i} ({n} x {dtype}, {src} -> {dst})", y, want))
+    for hold in holds:
+        hold.release()
+    backend.synchronize()
+    if any(hold.expired.is_set() for hold in holds):
+        raise ContractViolation("copy_async blocked the host: copies were not all in flight")
+    for what, y, want in pending:
+        _expect_same(what, backend.to_host(y), want)
+
+
+def check_chain(backend: Any, seed: int = 0, n_devices: int = 4, n: int = 4099) -> None:
+    """A chain d0 -> d1 -> ... -> dN-1, every hop queued before the first one can run."""
+    devices = backend.devices(n_devices)
+    want = _payload(np.random.default_rng(seed), n, "f32")
+    hold = _Hold(backend, backend.stream(devices[0]))
+    hops = [_write_on_device(backend, want, devices[0])]
+    for device in devices[1:]:
+        hops.append(backend.copy_async(hops[-1], device))
+    last = _read_on_device(backend, hops[-1], n, "f32", devices[-1])
+    hold.release()
+    backend.synchronize()
+    for i, arr in enumerate(hops[1:] + [last], start=1):
+        _expect_same(f"chain hop {i} of {n_devices - 1}", backend.to_host(arr), want)
+
+
+def check_random_trials(backend: Any, seed: int = 0, trials: int = 4, n_devices: int = 3) -> None:
+    """Seeded, ungated trials (meant for a backend with delays on): random pairs, sizes and
+    dtypes, copies of copies, destination reads, then one synchronize per trial."""
+    devices = backend.devices(n_devices)
+    rng = np.random.default_rng(seed)
+    for trial in range(trials):
+        pending = []
+        arrays = []  # (array, device, expected host values)
+        for _ in range(int(rng.integers(2, 7))):
+            n, dtype = int(rng.choice(SIZES[:4])), str(rng.choice(["f32", "f16", "bf16"]))
+            if arrays and rng.random() < 0.4:  # copy a copy that may still be in flight
+                x, src, want = arrays[int(rng.integers(len(arrays)))]
+            else:
+                src, want = devices[int(rng.integers(n_devices))], _payload(rng, n, dtype)
+                x = _write_on_device(backend, want, src)
+            dst = devices[(devices.index(src) + int(rng.integers(1, n_devices))) % n_devices]
+            y = backend.copy_async(x, dst)
+            arrays.append((y, dst, want))
+            z = _read_on_device(backend, y, want.size, _name(want), dst)
+            pending += [(f"trial {trial}: copy {src} -> {dst}", y, want),
+                        (f"trial {trial}: read on {dst}", z, want)]
+        backend.synchronize()
+        for what, arr, want in pending:
+            _expect_same(what, backend.to_host(arr), want)
+
+
+COPY_ASYNC_CHECKS: dict[str, Callable[..., None]] = {
+    "copy_waits_for_source": check_copy_waits_for_source,
+    "destination_waits_for_copy": check_destination_waits_for_copy,
+    "host_not_blocked": check_host_not_blocked,
+    "synchronize_waits": check_synchronize_waits,
+    "many_copies_one_synchronize": check_many_copies_one_synchronize,
+    "chain": check_chain,
+    "random_trials": check_random_trials,
+}
+
+
+def run_copy_async_contract(backend: Any, seed: int = 0) -> dict[str, str | None]:
+    """Every check -> None (passed) or the violation's message.  Other errors propagate."""
+    results: dict[str, str | None] = {}
+    for name, check in COPY_ASYNC_CHECKS.items():
+        try:
+            check(backend, seed=seed)
+            results[name] = None
+        except ContractViolation as violation:
+            results[name] = str(violation)
+    return results

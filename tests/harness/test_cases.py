@@ -1,0 +1,58 @@
+"""Case tables: size, stable ids, seeded inputs, quick subset coverage, validation."""
+
+import numpy as np
+import pytest
+
+from opbench.harness.cases import Case, filter_cases
+from opbench.harness.ops import SPECS
+
+
+def test_default_suite_has_at_least_5000_cases():
+    assert sum(len(spec.cases()) for spec in SPECS.values()) >= 5000
+
+
+def test_ids_are_unique_and_stable():
+    ids = [c.id for spec in SPECS.values() for c in spec.cases()]
+    assert len(ids) == len(set(ids))
+    case = Case.make("ROPE", type="f32", ne=[128, 4, 9], n_dims=128, mode="neox", fb=10000.0)
+    assert case.id == "ROPE(type=f32,ne=[128,4,9],n_dims=128,mode=neox,fb=10000)"
+
+
+def test_seed_depends_on_id_and_run_seed_only():
+    a = Case.make("CPY", ne=[1, 2, 3])
+    assert a.seed(0) == Case.make("CPY", ne=[1, 2, 3]).seed(0)
+    assert a.seed(0) != a.seed(1)
+    assert a.seed(0) != Case.make("CPY", ne=[1, 2, 4]).seed(0)
+
+
+@pytest.mark.parametrize("op", list(SPECS))
+def test_quick_subset_covers_every_variant_value(op):
+    spec = SPECS[op]
+    cases, quick = spec.cases(), spec.quick_cases()
+    assert len(quick) < len(cases)
+    for key in spec.variant_keys:
+        assert {c.get(key) for c in cases} == {c.get(key) for c in quick}, key
+
+
+@pytest.mark.parametrize("op", list(SPECS))
+def test_inputs_are_seeded_and_never_zero(op):
+    spec = SPECS[op]
+    case = spec.quick_cases()[0]
+    a = spec.make_inputs(case, np.random.default_rng(case.seed()))
+    b = spec.make_inputs(case, np.random.default_rng(case.seed()))
+    for name, arr in a.arrays.items():
+        assert np.array_equal(arr.view(np.uint8), b.arrays[name].view(np.uint8)), name
+        if arr.dtype.kind == "f" or arr.dtype.name == "bfloat16":
+            assert np.any(arr.astype(np.float32) != 0), name
+
+
+def test_filter_by_regex():
+    cases = SPECS["ROPE"].cases()
+    neox = filter_cases(cases, r"mode=neox")
+    assert neox and all("mode=neox" in c.id for c in neox)
+
+
+def test_rope_validation_names_the_parameter():
+    bad = Case.make("ROPE", type="f32", ne=[64, 1, 1], n_dims=65, mode="neox")
+    with pytest.raises(ValueError, match="n_dims=65 must be even and <= head_dim=64"):
+        SPECS["ROPE"].validate(bad)

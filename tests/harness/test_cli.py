@@ -1,0 +1,111 @@
+"""The CLI end to end: verdicts, exit codes, usage errors without tracebacks, records, formats,
+user backends loaded from a file, and crash/hang isolation."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from opbench.harness.cli import main
+
+BROKEN_CPY = textwrap.dedent("""
+    from opbench.backends.cpu import CpuBackend
+
+    class Truncating(CpuBackend):
+        name = "truncating"
+
+        def cpy(self, src, out, perm, step=1, stream=None):
+            super().cpy(src, out, perm, step, stream)
+            self.synchronize()
+            out[...] = 0  # overwrites the converted values: every case must fail
+""")
+
+CRASHING = textwrap.dedent("""
+    import os
+    import time
+    from opbench.backends.cpu import CpuBackend
+
+    class Crashy(CpuBackend):
+        name = "crashy"
+
+        def cpy(self, src, out, perm, step=1, stream=None):
+            if tuple(perm) == (1, 0, 2):
+                os._exit(3)          # a segfault, as far as the harness can tell
+            if tuple(perm) == (2, 1, 0):
+                time.sleep(30)       # a hang
+            super().cpy(src, out, perm, step, stream)
+""")
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_quick_cpy_passes_and_prints_summary(capsys):
+    code, out, _ = run(capsys, "test", "-o", "CPY", "--quick")
+    assert code == 0
+    assert "tests passed" in out and "Backend cpu: OK" in out
+    assert "CPY(type_src=" in out and ": OK" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["test", "-o", "NOPE"], "unknown op NOPE"),
+    (["test", "-b", "nope"], "unknown backend 'nope'"),
+    (["test", "-p", "("], "bad regular expression"),
+    (["test", "-b", "/no/such/file.py:X"], "does not exist"),
+    (["test", "-p", "matches-nothing-at-all"], "no case matches"),
+    (["test", "-j", "0"], "at least 1 worker"),
+    (["test", "--output", "yaml"], "invalid choice"),
+])
+def test_usage_errors_exit_2_with_one_line(capsys, argv, message):
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    assert message in err and "Traceback" not in err + out
+    assert err.count("\n") == 1
+
+
+def test_user_backend_from_file_fails_and_results_are_recorded(tmp_path, capsys):
+    backend_file = tmp_path / "mine.py"
+    backend_file.write_text(BROKEN_CPY)
+    results = tmp_path / "out" / "results.jsonl"
+    code, out, _ = run(capsys, "test", "-b", f"{backend_file}:Truncating", "-o", "CPY",
+                       "-p", "ne=\\[5,3,64\\],perm=\\[0,1,2\\],step=1", "--results",
+                       str(results))
+    assert code == 1 and "Backend truncating: FAIL" in out and "bit-exact" in out
+    records = [json.loads(line) for line in results.read_text().splitlines()]
+    assert len(records) == 9 and {r["status"] for r in records} == {"FAIL"}
+    assert all(r["backend"] == "truncating" and r["schema"] == 1 for r in records)
+
+
+def test_junit_and_csv_outputs_are_machine_readable(capsys):
+    code, out, _ = run(capsys, "test", "-o", "GET_ROWS", "--quick", "--output", "junit")
+    suite = ET.fromstring(out)
+    assert code == 0 and suite.tag == "testsuite" and int(suite.get("tests")) > 0
+    code, out, _ = run(capsys, "test", "-o", "GET_ROWS", "--quick", "--output", "csv")
+    assert out.splitlines()[0].startswith("backend,device,op,case_id")
+
+
+def test_isolate_records_crash_and_timeout_and_goes_on(tmp_path, capsys):
+    backend_file = tmp_path / "crashy.py"
+    backend_file.write_text(CRASHING)
+    results = tmp_path / "r.jsonl"
+    code, out, _ = run(capsys, "test", "-b", f"{backend_file}:Crashy", "-o", "CPY", "-p",
+                       r"type_src=f32,type=f32,ne=\[5,3,64\].*step=1", "--isolate",
+                       "--timeout", "3", "--results", str(results))
+    statuses = {json.loads(x)["case_id"]: json.loads(x)["status"]
+                for x in results.read_text().splitlines()}
+    assert code == 1
+    assert sorted(statuses.values()) == ["CRASH", "OK", "OK", "TIMEOUT"]
+    assert "CRASH" in out and "TIMEOUT" in out
+
+
+def test_list_and_support(capsys):
+    code, out, _ = run(capsys, "list")
+    assert code == 0 and "ROPE" in out and "total" in out
+    code, out, _ = run(capsys, "support", "-b", "cpu", "-o", "ROPE,CPY")
+    assert code == 0 and "3840/3840" in out

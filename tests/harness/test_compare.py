@@ -1,0 +1,77 @@
+"""The comparison rules: NMSE, the precision rule, bit-exactness, NaN and Inf."""
+
+import numpy as np
+import pytest
+
+from opbench.harness.compare import Tolerance, compare_close, compare_exact, tolerance_for
+
+TOL = Tolerance(nmse=1e-7, k=4.0, floor=1e-6)
+
+
+def _data(seed=0, n=1000):
+    return np.random.default_rng(seed).uniform(-1, 1, n)
+
+
+def test_identical_passes():
+    b = _data()
+    assert compare_close(b, b, b.astype(np.float32), TOL).ok
+
+
+def test_nmse_failure_reports_metric_threshold_and_indices():
+    b = _data()
+    a = b.copy()
+    a[10] += 0.5
+    verdict = compare_close(b, b, a, TOL)
+    assert not verdict.ok and verdict.metric == "nmse" and verdict.threshold == 1e-7
+    assert verdict.n_bad == 1 and verdict.samples[0][0] == (10,)
+    text = verdict.describe("out")
+    assert "nmse" in text and "[10]" in text and "1/1000 bad" in text
+
+
+def test_precision_rule_scales_with_low_precision_error():
+    b = _data()
+    low = (b.astype(np.float16)).astype(np.float64)  # what f16 can achieve
+    a_ok = low.copy()  # a backend exactly as good as f16
+    loose = Tolerance(nmse=1.0, k=2.0, floor=0.0)
+    assert compare_close(b, low, a_ok, loose).ok
+    a_bad = low.copy()
+    a_bad[3] += 10 * np.abs(low - b).max()  # one element 10x worse than f16 rounding
+    verdict = compare_close(b, low, a_bad, loose)
+    assert not verdict.ok and verdict.metric == "max_err" and verdict.n_bad == 1
+
+
+def test_nan_fails_with_index():
+    b = _data()
+    a = b.copy()
+    a[7] = np.nan
+    verdict = compare_close(b, b, a, TOL)
+    assert not verdict.ok and verdict.metric == "NaN" and verdict.samples[0][0] == (7,)
+
+
+def test_inf_must_match_in_place_and_sign():
+    b = _data()
+    b[5] = -np.inf
+    assert compare_close(b, b, b.copy(), TOL).ok
+    a = b.copy()
+    a[5] = np.inf
+    assert not compare_close(b, b, a, TOL).ok
+
+
+def test_exact_detects_one_bit():
+    b = _data().astype(np.float16)
+    a = b.copy()
+    a.view(np.uint16)[42] ^= 1
+    verdict = compare_exact(b, a)
+    assert not verdict.ok and verdict.n_bad == 1 and verdict.samples[0][0] == (42,)
+    assert compare_exact(b, b.copy()).ok
+
+
+def test_exact_rejects_dtype_mismatch():
+    b = _data().astype(np.float32)
+    assert not compare_exact(b, b.astype(np.float64)).ok
+
+
+@pytest.mark.parametrize("op", ["ROPE", "ATTN", "KV_ROTATE"])
+def test_every_judged_op_has_a_row_per_dtype(op):
+    rows = {d: tolerance_for(op, d) for d in ("f32", "f16", "bf16")}
+    assert rows["f32"].nmse <= rows["f16"].nmse <= rows["bf16"].nmse
