@@ -1,0 +1,46 @@
+"""Every op-level zoo bug is caught by the default case tables; the real cpu backend is not."""
+
+from __future__ import annotations
+
+import pytest
+from op_bugs import OP_BUGS
+
+from opbench.backends.cpu import CpuBackend
+from opbench.harness.ops import SPECS
+from opbench.harness.runner import run_case
+
+
+def _first_failure(backend, op):
+    """Scan the quick subset first, then the rest of the default table; first failing case."""
+    spec = SPECS[op]
+    quick = spec.quick_cases()
+    rest = [c for c in spec.cases() if c not in set(quick)]
+    for case in quick + rest:
+        record = run_case(backend, case)
+        if record["status"] not in ("OK", "UNSUPPORTED"):
+            return case, record
+    return None, None
+
+
+@pytest.mark.parametrize("bug", list(OP_BUGS), ids=lambda cls: cls.__name__)
+def test_default_suite_catches_bug(bug):
+    backend = bug()
+    backend.devices(1)
+    try:
+        case, record = _first_failure(backend, OP_BUGS[bug])
+    finally:
+        backend.close()
+    assert case is not None, f"{bug.__name__}: no case of {OP_BUGS[bug]} fails; add cases"
+    assert record["status"] == "FAIL", record["reason"]
+
+
+@pytest.mark.parametrize("op", list(SPECS))
+def test_real_cpu_backend_passes_quick_tables(op):
+    backend = CpuBackend()
+    backend.devices(1)
+    try:
+        for case in SPECS[op].quick_cases():
+            record = run_case(backend, case)
+            assert record["status"] == "OK", f"{case.id}: {record['reason']}"
+    finally:
+        backend.close()
