@@ -28,6 +28,7 @@ from .protocol import numpy_dtype
 
 HOLD_TIMEOUT_S = 5.0  # safety valve: a host-blocking implementation must not hang the check
 SYNC_PROBE_S = 0.3  # how long a synchronize is watched for returning while work is held
+SETTLE_S = 0.5  # how long unheld streams get to run what they can before a hold is released
 SIZES = (1, 7, 4099, 1 << 16, 1 << 20)  # elements: 1 element .. 4 MiB of f32
 
 
@@ -52,6 +53,39 @@ class _Hold:
     def release(self) -> None:
         self._timer.cancel()
         self.gate.release()
+
+
+class _Background:
+    """``call`` on a helper thread; ``finish()`` joins it and re-raises what it raised."""
+
+    def __init__(self, call: Callable[[], None]) -> None:
+        self.done = threading.Event()
+        self._errors: list[BaseException] = []
+        self._call = call
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            self._call()
+        except BaseException as error:  # noqa: BLE001 - re-raised by finish()
+            self._errors.append(error)
+        self.done.set()
+
+    def finish(self) -> None:
+        self.done.wait()
+        if self._errors:
+            raise self._errors[0]
+
+
+def _release_after_settling(backend: Any, hold: _Hold, device: Any) -> None:
+    """Let ``device`` run everything that does not depend on the held work, then release.
+
+    A correct backend's ``device`` is blocked (it waits for the held source), so this costs
+    SETTLE_S; a missing wait lets it run at once -- reading poison, every time."""
+    settle = _Background(lambda: backend.synchronize(device))
+    settle.done.wait(SETTLE_S)
+    hold.release()
+    settle.finish()
 
 
 def _payload(rng: np.random.Generator, n: int, dtype: str) -> np.ndarray:
@@ -114,7 +148,7 @@ def check_copy_waits_for_source(backend: Any, seed: int = 0, n: int = 4099, dtyp
     hold = _Hold(backend, backend.stream(src_dev))
     x = _write_on_device(backend, want, src_dev)
     y = backend.copy_async(x, dst_dev)
-    hold.release()
+    _release_after_settling(backend, hold, dst_dev)
     backend.synchronize()
     _expect_same("copy_async did not wait for work queued on the source",
                  backend.to_host(y), want)
@@ -129,7 +163,7 @@ def check_destination_waits_for_copy(backend: Any, seed: int = 0, n: int = 4099,
     x = _write_on_device(backend, want, src_dev)
     y = backend.copy_async(x, dst_dev)
     z = _read_on_device(backend, y, n, dtype, dst_dev)
-    hold.release()
+    _release_after_settling(backend, hold, dst_dev)
     backend.synchronize()
     _expect_same("work queued on the destination after copy_async ran before the copy landed",
                  backend.to_host(z), want)
@@ -168,23 +202,11 @@ def check_synchronize_waits(backend: Any, seed: int = 0, n: int = 4099, dtype="f
 
 def _expect_blocks(backend: Any, call: Callable[[], None], hold: _Hold, what: str) -> None:
     """``call`` (run on a helper thread) must not return while ``hold`` is held."""
-    done = threading.Event()
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            call()
-        except BaseException as error:  # noqa: BLE001 - re-raised on the checking thread
-            errors.append(error)
-        done.set()
-
-    threading.Thread(target=run, daemon=True).start()
-    returned_early = done.wait(SYNC_PROBE_S)
+    probe = _Background(call)
+    returned_early = probe.done.wait(SYNC_PROBE_S)
     hold.release()
-    done.wait()
+    probe.finish()
     backend.synchronize()
-    if errors:
-        raise errors[0]
     if returned_early:
         raise ContractViolation(f"{what} returned while work was still queued")
 

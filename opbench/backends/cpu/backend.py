@@ -1,0 +1,427 @@
+"""``CpuBackend``: the embedded default backend.
+
+Every op validates its arguments on the calling thread (shapes, dtypes, which device owns
+each array), then queues the kernel on the owning device's stream and returns.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from opbench.harness.protocol import (
+    ROTATE_LAYOUTS,
+    AttnParams,
+    Backend,
+    PagedKV,
+    RopeParams,
+    dtype_name,
+    numpy_dtype,
+)
+
+from . import jit, kernels
+from .rope_cache import RopeCache
+from .runtime import (
+    Device,
+    DeviceArray,
+    DeviceMismatchError,
+    Event,
+    Gate,
+    Stream,
+    StreamDelay,
+    device_array,
+    plain,
+)
+from .scenario_ops import ScenarioOpsMixin
+
+FLOAT_DTYPES = tuple(numpy_dtype(n) for n in ("f32", "f16", "bf16"))
+INDEX_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
+
+
+class CpuBackend(ScenarioOpsMixin, Backend):
+    """Options: ``rope_cache=True``; ``jit=True`` (numba loops where NumPy needs several passes,
+    only if numba is installed); ``delay=False`` (seeded random sleeps before every queued
+    item, fault injection), ``delay_seed=0``, ``delay_max_ms=2.0``."""
+
+    name = "cpu"
+    OPTIONS = ("rope_cache", "jit", "delay", "delay_seed", "delay_max_ms")
+
+    def __init__(self, **options: Any) -> None:
+        unknown = sorted(set(options) - set(self.OPTIONS))
+        if unknown:
+            raise ValueError(f"unknown cpu backend option(s) {unknown}; known: {self.OPTIONS}")
+        super().__init__(**options)
+        self.rope_cache = _flag("rope_cache", options.get("rope_cache", True))
+        self.delay = _flag("delay", options.get("delay", False))
+        self.jit = _flag("jit", options.get("jit", True))
+        self.delay_seed = int(options.get("delay_seed", 0))
+        self.delay_max_ms = float(options.get("delay_max_ms", 2.0))
+        if self.delay_max_ms < 0:
+            raise ValueError(f"delay_max_ms={self.delay_max_ms} must be >= 0")
+        self._devices: list[Device] = []
+        self._streams: list[Stream] = []
+        self._caches: list[RopeCache] = []
+        self._gates: list[Gate] = []
+        self._lock = threading.Lock()
+
+    def info(self) -> dict:
+        return {
+            "numpy": np.__version__,
+            "rope_cache": self.rope_cache,
+            "jit": self.jit and jit.installed(),
+            "delay": self.delay,
+            "devices": [d.name for d in self._devices],
+        }
+
+    # -- devices and memory -----------------------------------------------------------------
+    def devices(self, n: int = 1) -> list[Device]:
+        """n logical devices; existing ones (and their arrays) are kept, missing ones started."""
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n={n!r} devices must be an int >= 1")
+        with self._lock:
+            while len(self._devices) < n:
+                self._start_device(len(self._devices))
+        return self._devices[:n]
+
+    def _start_device(self, index: int) -> None:
+        device = Device(index)
+        delay = StreamDelay((self.delay_seed, index), self.delay_max_ms) if self.delay else None
+        self._devices.append(device)
+        self._streams.append(Stream(device, delay))
+        self._caches.append(RopeCache())
+
+    def device(self, device: Any = None) -> Device:
+        """Resolve None (device 0), an index or a Device of this backend."""
+        if device is None:
+            device = 0
+        index = device.index if isinstance(device, Device) else device
+        if not isinstance(index, (int, np.integer)) or index < 0:
+            raise ValueError(f"device={device!r} must be a Device or an index >= 0")
+        if index == 0 and not self._devices:
+            self.devices(1)  # ops before devices(n): the default device
+        if index >= len(self._devices):
+            raise ValueError(
+                f"device={device!r} does not exist; devices(n) made {len(self._devices)}"
+            )
+        return self._devices[int(index)]
+
+    def to_device(self, host: np.ndarray, device: Any = None) -> DeviceArray:
+        if isinstance(host, DeviceArray):  # another device's array: wait for its queued work
+            host = self.to_host(host)
+        return device_array(np.asarray(host), self.device(device))
+
+    def empty(self, shape: Sequence[int], dtype: Any, device: Any = None) -> DeviceArray:
+        """An uninitialized-looking array: floats poisoned with NaN, ints with -1."""
+        dt = np.dtype(dtype)
+        fill = np.nan if dt.kind == "f" or dt in FLOAT_DTYPES else -1
+        return device_array(np.full(tuple(shape), fill, dt), self.device(device))
+
+    def to_host(self, arr: DeviceArray) -> np.ndarray:
+        device = self._owner("arr", arr)
+        self.synchronize(device)
+        return np.array(plain(arr), copy=True)
+
+    def synchronize(self, device: Any = None) -> None:
+        streams = self._streams if device is None else [self.stream(device)]
+        for stream in streams:
+            stream.record().synchronize()
+        for stream in streams:
+            stream.raise_pending()
+
+    def close(self) -> None:
+        for gate in self._gates:
+            gate.release()  # a held stream would never drain
+        for stream in self._streams:
+            stream.close()
+
+    def __enter__(self) -> CpuBackend:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def timer(self):
+        """Device time of one call in nanoseconds, as CUDA events measure it: every stream is
+        held while ``call`` queues its work between two timestamps taken on the workers, then
+        released, so the kernels run back to back and host-side latency (validation, thread
+        wake-ups) is not counted.  Meaningless with ``delay`` on (the sleeps are counted)."""
+
+        def time_call(call) -> float:
+            self.synchronize()
+            streams = list(self._streams)
+            gates = [stream.hold() for stream in streams]
+            stamps: list[int] = []
+            for stream in streams:
+                stream.submit(lambda: stamps.append(time.perf_counter_ns()))
+            call()
+            for stream in streams:
+                stream.submit(lambda: stamps.append(time.perf_counter_ns()))
+            for gate in gates:
+                gate.release()
+            self.synchronize()
+            return float(max(stamps) - min(stamps))
+
+        return time_call
+
+    # -- streams, events, async copies ------------------------------------------------------
+    def stream(self, device: Any = None) -> Stream:
+        return self._streams[self.device(device).index]
+
+    def record_event(self, stream: Stream) -> Event:
+        return self._own_stream(stream).record()
+
+    def wait_event(self, stream: Stream, event: Event) -> None:
+        if not isinstance(event, Event):
+            raise TypeError(f"event must come from record_event, got {type(event).__name__}")
+        self._own_stream(stream).wait(event)
+
+    def hold(self, stream: Stream) -> Gate:
+        """Block ``stream`` at this point until ``gate.release()``: deterministic slow work."""
+        gate = self._own_stream(stream).hold()
+        self._gates = [g for g in self._gates if not g.released] + [gate]  # close() frees these
+        return gate
+
+    def copy_async(self, src: DeviceArray, dst_device: Any, stream: Stream | None = None):
+        """ggml's contract.  The copy runs on the source stream (after the work queued there),
+        then the destination stream waits for it; with ``stream`` = the destination's stream the
+        copy runs there, after waiting for the source, and the source waits for the copy
+        before anyone may overwrite src."""
+        src_device = self._owner("src", src)
+        dst = self.empty(src.shape, src.dtype, dst_device)
+        src_stream, dst_stream = self.stream(src_device), self.stream(dst.device)
+        copy_stream = src_stream if stream is None else self._own_stream(stream)
+        if copy_stream not in (src_stream, dst_stream):
+            raise DeviceMismatchError(
+                f"copy_async: stream of {copy_stream.device} is neither the source's "
+                f"({src_device}) nor the destination's ({dst.device})"
+            )
+        source, target = plain(src), plain(dst)
+        if copy_stream is src_stream:
+            src_stream.submit(lambda: np.copyto(target, source))
+            dst_stream.wait(src_stream.record())
+        else:
+            dst_stream.wait(src_stream.record())
+            dst_stream.submit(lambda: np.copyto(target, source))
+            src_stream.wait(dst_stream.record())
+        return dst
+
+    # -- ops ----------------------------------------------------------------------------------
+    def rope(self, x, pos, out, p: RopeParams, freq_factors=None, stream=None) -> None:
+        _check_rope(x, pos, out, p, freq_factors)
+        device = self._same_device("rope", x=x, pos=pos, out=out, freq_factors=freq_factors)
+        cache = self._caches[device.index] if self.rope_cache else None
+        ff = None if freq_factors is None else plain(freq_factors)
+        args = (plain(x), plain(pos), plain(out))
+        use_jit = self.jit
+        self._submit(device, stream, lambda: kernels.rope(*args, p, ff, cache, use_jit))
+
+    def attention(self, q, k, v, out, p: AttnParams, mask=None, sinks=None, lse=None,
+                  paged=None, stream=None) -> None:
+        _check_attention(q, k, v, out, p, mask, sinks, lse, paged)
+        arrays = dict(q=q, k=k, v=v, out=out, mask=mask, sinks=sinks, lse=lse)
+        if paged is not None:
+            arrays.update(block_table=paged.block_table, seq_lens=paged.seq_lens,
+                          q_start=paged.q_start)
+        device = self._same_device("attention", **arrays)
+        a = {name: None if arr is None else plain(arr) for name, arr in arrays.items()}
+        if paged is None:
+            work = lambda: kernels.attention(  # noqa: E731
+                a["q"], a["k"], a["v"], a["out"], p, a["mask"], a["sinks"], a["lse"])
+        else:
+            work = lambda: kernels.paged_attention(  # noqa: E731
+                a["q"], a["k"], a["v"], a["out"], p, a["block_table"], a["seq_lens"],
+                a["q_start"], a["sinks"], a["lse"])
+        self._submit(device, stream, work)
+
+    def kv_rotate(self, key_cache, block_indices, deltas, lut, layout: str, stream=None) -> None:
+        _check_kv_rotate(key_cache, block_indices, deltas, lut, layout)
+        device = self._same_device("kv_rotate", key_cache=key_cache,
+                                   block_indices=block_indices, deltas=deltas, lut=lut)
+        args = tuple(plain(a) for a in (key_cache, block_indices, deltas, lut))
+        self._submit(device, stream, lambda: kernels.kv_rotate(*args, layout))
+
+    def set_rows(self, dst, src, slots, stream=None) -> None:
+        _check_rows("set_rows", dst, src, slots, "slots", ("dst", "src"))
+        device = self._same_device("set_rows", dst=dst, src=src, slots=slots)
+        args = (plain(dst), plain(src), plain(slots))
+        self._submit(device, stream, lambda: kernels.set_rows(*args))
+
+    def get_rows(self, src, rows, out, stream=None) -> None:
+        _check_rows("get_rows", src, out, rows, "rows", ("src", "out"))
+        device = self._same_device("get_rows", src=src, rows=rows, out=out)
+        args = (plain(src), plain(rows), plain(out))
+        self._submit(device, stream, lambda: kernels.get_rows(*args))
+
+    def cpy(self, src, out, perm: Sequence[int], step: int = 1, stream=None) -> None:
+        perm = _check_cpy(src, out, perm, step)
+        device = self._same_device("cpy", src=src, out=out)
+        args = (plain(src), plain(out))
+        self._submit(device, stream, lambda: kernels.cpy(*args, perm, step))
+
+    # -- plumbing -------------------------------------------------------------------------------
+    def _submit(self, device: Device, stream: Stream | None, work) -> None:
+        target = self.stream(device) if stream is None else self._own_stream(stream)
+        if target.device != device:
+            raise DeviceMismatchError(
+                f"stream of {target.device} cannot run an op on arrays of {device}"
+            )
+        target.submit(work)
+
+    def _own_stream(self, stream: Any) -> Stream:
+        if not isinstance(stream, Stream) or stream not in self._streams:
+            raise TypeError(f"stream={stream!r} is not a stream of this cpu backend")
+        return stream
+
+    def _owner(self, name: str, arr: Any) -> Device:
+        device = getattr(arr, "device", None)
+        if not isinstance(arr, DeviceArray) or device not in self._devices:
+            raise TypeError(
+                f"{name} must be an array made by this backend's to_device, got "
+                f"{type(arr).__name__}"
+            )
+        return device
+
+    def _same_device(self, op: str, **arrays: Any) -> Device:
+        """The device owning every given array; DeviceMismatchError naming both otherwise."""
+        first_name, first = None, None
+        for name, arr in arrays.items():
+            if arr is None:
+                continue
+            device = self._owner(f"{op}: {name}", arr)
+            if first is None:
+                first_name, first = name, device
+            elif device != first:
+                raise DeviceMismatchError(
+                    f"{op}: {name} lives on {device} but {first_name} lives on {first}; "
+                    f"copy it with copy_async first"
+                )
+        return first
+
+
+def _flag(name: str, value: Any) -> bool:
+    """A boolean option; strings from a command line ("on", "off", "0", ...) are accepted."""
+    if isinstance(value, str):
+        words = {"1": True, "true": True, "on": True, "yes": True,
+                 "0": False, "false": False, "off": False, "no": False}
+        if value.lower() not in words:
+            raise ValueError(f"{name}={value!r} must be on/off (or true/false, 1/0)")
+        return words[value.lower()]
+    return bool(value)
+
+
+# -- host-side validation (shapes and dtypes; index values are checked by the kernels) ----------
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _check_float(name: str, arr: Any) -> None:
+    _need(getattr(arr, "dtype", None) in FLOAT_DTYPES,
+          f"{name} dtype {getattr(arr, 'dtype', type(arr).__name__)} must be f32, f16 or bf16")
+
+
+def _check_index(name: str, arr: Any, shape: tuple | None = None) -> None:
+    _need(getattr(arr, "dtype", None) in INDEX_DTYPES,
+          f"{name} dtype {getattr(arr, 'dtype', type(arr).__name__)} must be int32")
+    if shape is not None:
+        _need(arr.shape == shape, f"{name} shape {arr.shape} must be {shape}")
+
+
+def _check_f32(name: str, arr: Any, shape: tuple) -> None:
+    _need(getattr(arr, "dtype", None) == np.float32, f"{name} must be float32")
+    _need(arr.shape == shape, f"{name} shape {arr.shape} must be {shape}")
+
+
+def _check_rope(x, pos, out, p: RopeParams, freq_factors) -> None:
+    _check_float("x", x)
+    _need(x.ndim == 3, f"x shape {x.shape} must be [n_tokens, n_heads, head_dim]")
+    _need(out.shape == x.shape and out.dtype == x.dtype,
+          f"out {out.shape} {dtype_name(out.dtype)} must match x {x.shape} {dtype_name(x.dtype)}")
+    _need(p.n_dims <= x.shape[2], f"n_dims={p.n_dims} must be even and <= head_dim={x.shape[2]}")
+    want = (4, x.shape[0]) if p.mode == "mrope" else (x.shape[0],)
+    _check_index("pos", pos, want)
+    if freq_factors is not None:
+        _check_f32("freq_factors", freq_factors, (p.n_dims // 2,))
+    _need(p.ext_factor == 0.0 or p.n_ctx_orig > 0,
+          f"n_ctx_orig={p.n_ctx_orig} must be > 0 when ext_factor={p.ext_factor} != 0")
+    _need(p.freq_scale > 0.0, f"freq_scale={p.freq_scale} must be > 0")
+    _need(p.freq_base > 0.0, f"freq_base={p.freq_base} must be > 0")
+    if p.mode == "mrope":
+        _need(all(s >= 0 for s in p.sections) and sum(p.sections) > 0,
+              f"sections={p.sections} must be 4 ints >= 0 with sum > 0")
+
+
+def _check_attention(q, k, v, out, p: AttnParams, mask, sinks, lse, paged) -> None:
+    for name, arr in (("q", q), ("k", k), ("v", v), ("out", out)):
+        _check_float(name, arr)
+    kv_rank = 3 if paged is None else 4
+    _need(q.ndim == 3 and k.ndim == kv_rank and v.ndim == kv_rank,
+          f"q {q.shape}, k {k.shape}, v {v.shape}: q must be 3-d and k, v {kv_rank}-d")
+    n_q, n_heads, d_k = q.shape
+    n_kv_heads, d_v = k.shape[-2], v.shape[-1]
+    _need(k.shape[:-1] == v.shape[:-1], f"k {k.shape} and v {v.shape} must agree but for D")
+    _need(k.shape[-1] == d_k, f"k head size {k.shape[-1]} must equal q's {d_k}")
+    _need(n_heads % n_kv_heads == 0, f"H={n_heads} must be a multiple of Hkv={n_kv_heads}")
+    _need(out.shape == (n_q, n_heads, d_v), f"out shape {out.shape} must be {(n_q, n_heads, d_v)}")
+    _need(p.window >= 0 and p.softcap >= 0 and p.max_bias >= 0,
+          f"window={p.window}, softcap={p.softcap}, max_bias={p.max_bias} must be >= 0")
+    if sinks is not None:
+        _check_f32("sinks", sinks, (n_heads,))
+    if lse is not None:
+        _check_f32("lse", lse, (n_q, n_heads))
+    if paged is None:
+        if mask is not None:
+            _check_f32("mask", mask, (n_q, k.shape[0]))
+        return
+    _need(mask is None, "mask is not supported with paged KV")
+    _need(isinstance(paged, PagedKV), f"paged must be a PagedKV, got {type(paged).__name__}")
+    _check_index("paged.block_table", paged.block_table)
+    _need(paged.block_table.ndim == 2, "paged.block_table must be [n_seqs, max_blocks]")
+    n_seqs = paged.block_table.shape[0]
+    _check_index("paged.seq_lens", paged.seq_lens, (n_seqs,))
+    _check_index("paged.q_start", paged.q_start, (n_seqs + 1,))
+
+
+def _check_kv_rotate(key_cache, block_indices, deltas, lut, layout: str) -> None:
+    _check_float("key_cache", key_cache)
+    _need(key_cache.ndim == 4, f"key_cache shape {key_cache.shape} must be [blocks, B, Hkv, D]")
+    _need(layout in ROTATE_LAYOUTS, f"layout={layout!r} must be one of {ROTATE_LAYOUTS}")
+    block_size, d = key_cache.shape[1], key_cache.shape[3]
+    _need(d % 2 == 0, f"head_dim={d} must be even")
+    _check_index("block_indices", block_indices)
+    _need(block_indices.ndim == 1, "block_indices must be [R]")
+    n_rot = block_indices.shape[0]
+    _check_index("deltas", deltas)
+    _need(deltas.shape in ((n_rot, 1), (n_rot, block_size)),
+          f"deltas shape {deltas.shape} must be [R={n_rot}, 1] or [R, block_size={block_size}]")
+    _need(lut.dtype == np.float32 and lut.ndim == 2 and lut.shape[1] == d,
+          f"lut {lut.shape} {lut.dtype} must be float32 [rows, D={d}]")
+
+
+def _check_rows(op: str, table, rows, index, index_name: str, names: tuple[str, str]) -> None:
+    """``table`` is indexed by ``index``; ``rows`` holds one row per index entry."""
+    _check_float(names[0], table)
+    _check_float(names[1], rows)
+    _check_index(index_name, index)
+    _need(index.shape == rows.shape[:1],
+          f"{op}: {index_name} shape {index.shape} must be [{names[1]} rows={len(rows)}]")
+    _need(table.shape[1:] == rows.shape[1:],
+          f"{op}: row shapes {names[0]} {table.shape[1:]} and {names[1]} {rows.shape[1:]} "
+          f"must match")
+
+
+def _check_cpy(src, out, perm: Sequence[int], step: int) -> tuple[int, ...]:
+    _check_float("src", src)
+    _check_float("out", out)
+    perm = tuple(int(i) for i in perm)
+    _need(sorted(perm) == list(range(src.ndim)),
+          f"perm={perm} must be a permutation of range({src.ndim})")
+    _need(isinstance(step, (int, np.integer)) and step >= 1, f"step={step!r} must be an int >= 1")
+    permuted = [src.shape[i] for i in perm]
+    want = tuple([-(-permuted[0] // step)] + permuted[1:]) if permuted else ()
+    _need(out.shape == want, f"out shape {out.shape} must be {want}")
+    return perm

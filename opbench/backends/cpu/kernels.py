@@ -1,0 +1,363 @@
+"""The cpu backend's kernels: vectorized NumPy, float32 math, one rounding to the output dtype.
+
+Kernels run on the device's worker thread and take plain ndarrays; shapes and dtypes were
+validated on the host before the work was queued.  Data-dependent checks (indices in range)
+happen here and surface at the next synchronize.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from opbench.harness.protocol import AttnParams, RopeParams
+
+from . import jit
+from .rope_cache import RopeCache, direct_cos_sin
+
+F32 = np.float32
+ATTN_TILE = 256  # keys per online-softmax tile: scores stay in L2 for typical head counts
+ATTN_Q_BLOCK = 128  # causal/window: queries per block, so each block skips its hidden tiles
+
+
+def as_f32(a: np.ndarray) -> np.ndarray:
+    return a.astype(F32, copy=False)
+
+
+# -- ROPE ------------------------------------------------------------------------------------
+ROPE_CHUNK_BYTES = 1 << 20  # tokens per pass sized so a chunk's temporaries stay in L2
+
+
+def rope(x, pos, out, p: RopeParams, freq_factors, cache: RopeCache | None,
+         use_jit: bool = False) -> None:
+    cos, sin = _rope_cos_sin(pos, p, freq_factors, cache)  # [n_tokens, n_pairs] float32
+    n_tokens, n_heads, head_dim = x.shape
+    if np.may_share_memory(x, out):
+        x = x.copy()  # the rotation reads both halves after writing the first
+    rotated_x, rotated_out = x[..., : p.n_dims], out[..., : p.n_dims]
+    if use_jit and p.mode != "normal" and x.dtype == out.dtype == F32 and jit.available():
+        jit.rotate_halves_f32(rotated_x, cos, sin, rotated_out)
+    else:
+        rotate = _rotate_adjacent if p.mode == "normal" else _rotate_halves
+        step = max(1, ROPE_CHUNK_BYTES // (n_heads * head_dim * 4))
+        for start in range(0, n_tokens, step):
+            rows = slice(start, start + step)
+            rotate(rotated_x[rows], cos[rows], sin[rows], rotated_out[rows])
+    if p.n_dims < head_dim:
+        out[..., p.n_dims :] = x[..., p.n_dims :]
+
+
+def _rope_cos_sin(pos, p: RopeParams, freq_factors, cache: RopeCache | None):
+    positions = pos.astype(np.int64)
+    if p.mode != "mrope":
+        return _cos_sin_for(positions, p, freq_factors, cache)
+    # mrope: each pair index reads the position row of its section (ggml sector rule)
+    n_pairs = p.n_dims // 2
+    sector = np.arange(n_pairs) % sum(p.sections)
+    row_of_pair = np.searchsorted(np.cumsum(p.sections[:3]), sector, side="right")
+    cos = np.empty((positions.shape[1], n_pairs), F32)
+    sin = np.empty_like(cos)
+    for row in np.unique(row_of_pair):
+        cols = row_of_pair == row
+        c, s = _cos_sin_for(positions[row], p, freq_factors, cache)
+        cos[:, cols], sin[:, cols] = c[:, cols], s[:, cols]
+    return cos, sin
+
+
+def _cos_sin_for(positions, p, freq_factors, cache):
+    if cache is None:
+        return direct_cos_sin(p, freq_factors, positions)
+    return cache.lookup(cache.table(p, freq_factors), positions)
+
+
+def _rotate_adjacent(x, cos, sin, out) -> None:
+    """normal mode, pairs (2i, 2i+1): one complex multiply by cos + i*sin is the rotation."""
+    xf = as_f32(x)
+    if xf.strides[-1] != 4:
+        xf = np.ascontiguousarray(xf)
+    direct = out.dtype == F32 and out.strides[-1] == 4
+    target = out if direct else np.empty(x.shape, F32)
+    w = np.empty(cos.shape, np.complex64)
+    w.real, w.imag = cos, sin
+    np.multiply(xf.view(np.complex64), w[:, None, :], out=target.view(np.complex64))
+    if not direct:
+        out[...] = target  # the single rounding to the storage dtype
+
+
+def _rotate_halves(x, cos, sin, out) -> None:
+    """neox/mrope, pairs (i, i + n_dims/2): out = x*(c|c) + (x_hi|x_lo)*(-s|s).  Full-width
+    passes keep NumPy's inner loops long (twice the speed of working on the strided halves)."""
+    half = x.shape[-1] // 2
+    xf = as_f32(x)
+    direct = out.dtype == F32
+    target = out if direct else np.empty(x.shape, F32)
+    np.multiply(xf, np.concatenate([cos, cos], axis=1)[:, None, :], out=target)
+    swapped = np.empty(x.shape, F32)
+    np.multiply(xf[..., half:], -sin[:, None, :], out=swapped[..., :half])
+    np.multiply(xf[..., :half], sin[:, None, :], out=swapped[..., half:])
+    target += swapped
+    if not direct:
+        out[...] = target  # the single rounding to the storage dtype
+
+
+def rotate_pairs(a, b, cos, sin, out_a, out_b) -> None:
+    """(a, b) -> (a*c - b*s, b*c + a*s) in float32 with one scratch buffer.
+    out_a / out_b must not alias a / b."""
+    np.multiply(a, cos, out=out_a)
+    scratch = np.multiply(b, sin)
+    np.subtract(out_a, scratch, out=out_a)
+    np.multiply(b, cos, out=out_b)
+    np.multiply(a, sin, out=scratch)
+    np.add(out_b, scratch, out=out_b)
+
+
+# -- ATTN ------------------------------------------------------------------------------------
+def alibi_slopes(n_heads: int, max_bias: float) -> np.ndarray:
+    """ggml ``ggml_soft_max_ext`` slopes: geometric in the head index, two interleaved series
+    when the head count is not a power of two."""
+    if max_bias <= 0.0:
+        return np.ones(n_heads, F32)
+    n_log2 = 2 ** int(math.floor(math.log2(n_heads)))
+    m0 = 2.0 ** (-max_bias / n_log2)
+    m1 = 2.0 ** (-(max_bias / 2.0) / n_log2)
+    h = np.arange(n_heads)
+    return np.where(h < n_log2, m0 ** (h + 1), m1 ** (2 * (h - n_log2) + 1)).astype(F32)
+
+
+def attention(q, k, v, out, p: AttnParams, mask=None, sinks=None, lse=None) -> None:
+    n_q, n_kv = q.shape[0], k.shape[0]
+    q_pos = np.arange(n_kv - n_q, n_kv)
+    o, l_se = attend(q, k, v, p, q_pos, mask, sinks)
+    out[...] = o
+    if lse is not None:
+        lse[...] = l_se
+
+
+def paged_attention(q, k_cache, v_cache, out, p: AttnParams, block_table, seq_lens, q_start,
+                    sinks=None, lse=None) -> None:
+    _check_paged_tables(q.shape[0], k_cache.shape, block_table, seq_lens, q_start)
+    block_size = k_cache.shape[1]
+    for s in range(len(seq_lens)):
+        rows = slice(int(q_start[s]), int(q_start[s + 1]))
+        n_q, n_kv = rows.stop - rows.start, int(seq_lens[s])
+        if n_q == 0:
+            continue
+        blocks = block_table[s, : -(-n_kv // block_size)]
+        k = _gather_blocks(k_cache, blocks, n_kv)
+        v = _gather_blocks(v_cache, blocks, n_kv)
+        o, l_se = attend(q[rows], k, v, p, np.arange(n_kv - n_q, n_kv), None, sinks)
+        out[rows] = o
+        if lse is not None:
+            lse[rows] = l_se
+
+
+def _gather_blocks(cache, blocks, n_kv):
+    """The sequence's keys (or values) [n_kv, Hkv, D] in float32, gathered per block."""
+    gathered = as_f32(cache[blocks])
+    return gathered.reshape((-1,) + cache.shape[2:])[:n_kv]
+
+
+def _check_paged_tables(total_q, cache_shape, block_table, seq_lens, q_start) -> None:
+    num_blocks, block_size = cache_shape[:2]
+    if q_start[0] != 0 or q_start[-1] != total_q or np.any(np.diff(q_start) < 0):
+        raise ValueError(
+            f"q_start={q_start.tolist()} must rise from 0 to n_q={total_q} (n_seqs + 1 entries)"
+        )
+    if np.any(seq_lens < 0) or np.any(seq_lens > block_table.shape[1] * block_size):
+        raise ValueError(
+            f"seq_lens={seq_lens.tolist()} must lie in [0, max_blocks*block_size="
+            f"{block_table.shape[1] * block_size}]"
+        )
+    if np.any(np.diff(q_start) > seq_lens):
+        raise ValueError(f"query counts {np.diff(q_start).tolist()} must not exceed "
+                         f"seq_lens={seq_lens.tolist()}")
+    for s, n_kv in enumerate(seq_lens):
+        used = block_table[s, : -(-int(n_kv) // block_size)]
+        if np.any((used < 0) | (used >= num_blocks)):
+            raise ValueError(
+                f"block_table[{s}] holds {used.tolist()}: used entries must lie in "
+                f"[0, num_blocks={num_blocks})"
+            )
+
+
+def attend(q, k, v, p: AttnParams, q_pos, mask, sinks):
+    """Attention of one sequence -> (out [n_q, H, Dv], lse [n_q, H]).  With causal or window
+    masking, queries go in blocks: an early block of a prefill skips the keys after it."""
+    if not (p.causal or p.window > 0) or len(q) <= ATTN_Q_BLOCK:
+        return _attend_block(q, k, v, p, q_pos, mask, sinks)
+    parts = [
+        _attend_block(q[rows], k, v, p, q_pos[rows], None if mask is None else mask[rows], sinks)
+        for rows in (slice(i, i + ATTN_Q_BLOCK) for i in range(0, len(q), ATTN_Q_BLOCK))
+    ]
+    return np.concatenate([o for o, _ in parts]), np.concatenate([lse for _, lse in parts])
+
+
+def _attend_block(q, k, v, p: AttnParams, q_pos, mask, sinks):
+    """Blocked online-softmax attention of a block of queries.
+
+    Query heads are grouped per kv head (GQA) so each tile is one batched matmul
+    [Hkv, G*n_q, Dk] x [Hkv, Dk, tile]; rows are ordered (head-in-group, query)."""
+    n_q, n_heads, _ = q.shape
+    n_kv, n_kv_heads, d_v = v.shape
+    group = n_heads // n_kv_heads
+    qg = as_f32(q).reshape(n_q, n_kv_heads, group, -1).transpose(1, 2, 0, 3)
+    qg = qg.reshape(n_kv_heads, group * n_q, -1)
+    state = _SoftmaxState(n_kv_heads, group, n_q, d_v, sinks)
+    slopes = alibi_slopes(n_heads, p.max_bias).reshape(n_kv_heads, group, 1, 1)
+    lo, hi = _visible_key_range(p, q_pos, n_kv)
+    for start in range(lo, hi, ATTN_TILE):
+        keys = np.arange(start, min(hi, start + ATTN_TILE))
+        scores = _tile_scores(qg, k, keys, p, q_pos, mask, slopes, group)
+        state.update(scores, as_f32(v[keys[0] : keys[-1] + 1]))
+    return state.finish()
+
+
+def _visible_key_range(p: AttnParams, q_pos, n_kv) -> tuple[int, int]:
+    """Keys outside [lo, hi) are invisible to every query: skip their tiles."""
+    if len(q_pos) == 0:
+        return 0, 0
+    hi = min(n_kv, int(q_pos.max()) + 1) if p.causal else n_kv
+    lo = max(0, int(q_pos.min()) - p.window + 1) if p.window > 0 else 0
+    return lo, max(lo, hi)
+
+
+def _tile_scores(qg, k, keys, p: AttnParams, q_pos, mask, slopes, group):
+    n_kv_heads = qg.shape[0]
+    kt = as_f32(k[keys[0] : keys[-1] + 1]).transpose(1, 2, 0)  # [Hkv, Dk, tile]
+    scores = np.matmul(qg, kt)
+    scores *= F32(p.scale)
+    if p.softcap > 0.0:
+        scores *= F32(1.0 / p.softcap)
+        np.tanh(scores, out=scores)
+        scores *= F32(p.softcap)
+    s4 = scores.reshape(n_kv_heads, group, len(q_pos), len(keys))
+    rel = keys[None, :] - q_pos[:, None]  # k_pos - q_pos [n_q, tile]
+    bias = _static_bias(rel, p, None if mask is None else mask[:, keys[0] : keys[-1] + 1])
+    if bias is not None:
+        s4 += bias
+    if p.max_bias > 0.0:
+        s4 += slopes * rel.astype(F32)
+    return scores
+
+
+def _static_bias(rel, p: AttnParams, mask_tile):
+    """mask + (-inf where causal/window hides the key), shared by every head; None if empty."""
+    hidden = np.zeros(rel.shape, bool)
+    if p.causal:
+        hidden |= rel > 0
+    if p.window > 0:
+        hidden |= -rel >= p.window
+    if mask_tile is None and not hidden.any():
+        return None
+    bias = np.zeros(rel.shape, F32) if mask_tile is None else as_f32(mask_tile).copy()
+    bias[hidden] = -np.inf
+    return bias
+
+
+class _SoftmaxState:
+    """Running max m, denominator l and unnormalized output acc per (kv head, row).
+
+    A sink is one extra logit with no value: starting from m = sink, l = 1 puts it in the
+    denominator exactly once."""
+
+    def __init__(self, n_kv_heads, group, n_q, d_v, sinks) -> None:
+        self.shape = (n_kv_heads, group, n_q)
+        rows = (n_kv_heads, group * n_q)
+        self.acc = np.zeros(rows + (d_v,), F32)
+        if sinks is None:
+            self.m = np.full(rows, -np.inf, F32)
+            self.l = np.zeros(rows, F32)
+        else:
+            sink = as_f32(sinks).reshape(n_kv_heads, group, 1)
+            self.m = np.repeat(sink, n_q, axis=2).reshape(rows).copy()
+            self.l = np.ones(rows, F32)
+
+    def update(self, scores, v_tile) -> None:
+        m_new = np.maximum(self.m, scores.max(axis=-1))
+        m_safe = np.where(np.isneginf(m_new), F32(0), m_new)  # all-hidden rows: exp(-inf) = 0
+        alpha = np.exp(self.m - m_safe)
+        scores -= m_safe[..., None]
+        np.exp(scores, out=scores)
+        self.l = self.l * alpha + scores.sum(axis=-1)
+        self.acc *= alpha[..., None]
+        self.acc += np.matmul(scores, v_tile.transpose(1, 0, 2))
+        self.m = m_new
+
+    def finish(self):
+        seen = self.l > 0
+        with np.errstate(divide="ignore"):
+            out = self.acc / np.where(seen, self.l, F32(1))[..., None]
+            lse = np.where(seen, self.m + np.log(np.where(seen, self.l, F32(1))), -np.inf)
+        n_kv_heads, group, n_q = self.shape
+        out = out.reshape(n_kv_heads, group, n_q, -1).transpose(2, 0, 1, 3)
+        lse = lse.reshape(n_kv_heads, group, n_q).transpose(2, 0, 1)
+        return out.reshape(n_q, n_kv_heads * group, -1), lse.reshape(n_q, -1).astype(F32)
+
+
+# -- KV_ROTATE -------------------------------------------------------------------------------
+def kv_rotate(key_cache, block_indices, deltas, lut, layout: str) -> None:
+    """Re-rotate whole blocks in place: gather them in float32, rotate by LUT rows, store."""
+    num_blocks, block_size, _, d = key_cache.shape
+    _check_rotate_indices(block_indices, deltas, num_blocks, len(lut))
+    rows = np.broadcast_to(deltas, (len(block_indices), block_size))
+    cos = lut[rows, None, : d // 2]  # [R, B, 1, D/2]
+    sin = lut[rows, None, d // 2 :]
+    keys = as_f32(key_cache[block_indices])
+    rotated = np.empty(keys.shape, F32)
+    if layout == "rotate_half":
+        a, b, out_a, out_b = keys[..., : d // 2], keys[..., d // 2 :], rotated[..., : d // 2], \
+            rotated[..., d // 2 :]
+    else:
+        a, b, out_a, out_b = keys[..., 0::2], keys[..., 1::2], rotated[..., 0::2], \
+            rotated[..., 1::2]
+    rotate_pairs(a, b, cos, sin, out_a, out_b)
+    key_cache[block_indices] = rotated
+
+
+def _check_rotate_indices(block_indices, deltas, num_blocks, lut_rows) -> None:
+    if np.any((block_indices < 0) | (block_indices >= num_blocks)):
+        raise ValueError(
+            f"block_indices={block_indices.tolist()} must lie in [0, num_blocks={num_blocks})"
+        )
+    if len(np.unique(block_indices)) != len(block_indices):
+        raise ValueError(f"block_indices={block_indices.tolist()} must not repeat a block")
+    if np.any((deltas < 0) | (deltas >= lut_rows)):
+        raise ValueError(f"deltas must lie in [0, lut rows={lut_rows}); got min "
+                         f"{deltas.min()} max {deltas.max()}")
+
+
+# -- SET_ROWS / GET_ROWS / CPY -----------------------------------------------------------------
+def set_rows(dst, src, slots) -> None:
+    if np.any((slots < -1) | (slots >= len(dst))):
+        raise ValueError(f"slots must lie in [-1, {len(dst)}); got {slots.tolist()[:16]}")
+    keep = slots >= 0
+    if len(np.unique(slots[keep])) != int(keep.sum()):
+        # two rows racing for one slot have no defined result in a parallel kernel
+        raise ValueError(f"slots must be distinct apart from -1; got {slots.tolist()[:16]}")
+    dst[slots[keep]] = convert(src[keep], dst.dtype)
+
+
+def get_rows(src, rows, out) -> None:
+    if np.any((rows < 0) | (rows >= len(src))):
+        raise ValueError(f"rows must lie in [0, {len(src)}); got {rows.tolist()[:16]}")
+    out[...] = convert(src[rows], out.dtype)
+
+
+def cpy(src, out, perm, step: int) -> None:
+    view = src.transpose(perm)[::step]
+    if view.dtype == out.dtype or view.dtype == F32:
+        with np.errstate(over="ignore"):  # overflow to +-inf is the correctly rounded result
+            np.copyto(out, view, casting="unsafe")  # f32 -> f16/bf16 rounds to nearest even
+    else:
+        out[...] = convert(view, out.dtype)
+
+
+def convert(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Round once to dtype: f16 <-> bf16 goes through f32, which holds both exactly."""
+    if values.dtype == dtype:
+        return values
+    if values.dtype != F32 and dtype != F32:
+        values = values.astype(F32)
+    with np.errstate(over="ignore"):  # overflow to +-inf is the correctly rounded result
+        return values.astype(dtype)

@@ -1,0 +1,112 @@
+"""COPY_ASYNC contract checks (opbench.harness.contracts): the real cpu backend passes them,
+with and without delays, and each deliberately broken variant fails its clause every time.
+
+Determinism: every clause check holds a stream (a gate the host releases) before queuing the
+work under test, so a missing wait always reads NaN poison -- delays only add noise on top.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from opbench.backends.cpu import CpuBackend
+from opbench.backends.cpu.runtime import plain
+from opbench.harness import contracts
+from opbench.harness.contracts import COPY_ASYNC_CHECKS, ContractViolation
+
+
+class CopyIgnoresSourceQueue(CpuBackend):
+    """Bug: the copy runs on the destination stream without waiting for the source's work."""
+
+    def copy_async(self, src, dst_device, stream=None):
+        dst = self.empty(src.shape, src.dtype, dst_device)
+        source, target = plain(src), plain(dst)
+        self.stream(dst.device).submit(lambda: np.copyto(target, source))
+        return dst
+
+
+class DestinationDoesNotWait(CpuBackend):
+    """Bug: the copy is ordered on the source stream, but the destination never waits for it."""
+
+    def copy_async(self, src, dst_device, stream=None):
+        dst = self.empty(src.shape, src.dtype, dst_device)
+        source, target = plain(src), plain(dst)
+        self.stream(src.device).submit(lambda: np.copyto(target, source))
+        return dst
+
+
+class SynchronizeReturnsEarly(CpuBackend):
+    """Bug: synchronize reports errors but does not wait for queued work."""
+
+    def synchronize(self, device=None):
+        streams = self._streams if device is None else [self.stream(device)]
+        for stream in streams:
+            stream.raise_pending()
+
+
+class SynchronizeWaitsForDeviceZeroOnly(CpuBackend):
+    """Bug: synchronize() (all devices) only drains the first device."""
+
+    def synchronize(self, device=None):
+        super().synchronize(0 if device is None else device)
+
+
+class CopyBlocksTheHost(CpuBackend):
+    """Bug: copy_async synchronizes the source first (correct data, but serializes copies)."""
+
+    def copy_async(self, src, dst_device, stream=None):
+        self.stream(src.device).synchronize()
+        return super().copy_async(src, dst_device, stream)
+
+
+BROKEN = [
+    (CopyIgnoresSourceQueue, "copy_waits_for_source"),
+    (DestinationDoesNotWait, "destination_waits_for_copy"),
+    (SynchronizeReturnsEarly, "synchronize_waits"),
+    (SynchronizeWaitsForDeviceZeroOnly, "synchronize_waits"),
+    (CopyBlocksTheHost, "host_not_blocked"),
+]
+
+
+@pytest.fixture(autouse=True)
+def short_hold_timeout(monkeypatch):
+    # only a host-blocking copy ever reaches it; keep that case quick
+    monkeypatch.setattr(contracts, "HOLD_TIMEOUT_S", 1.0)
+
+
+@pytest.mark.parametrize("delay,seeds", [(False, [0]), (True, [0, 1])])
+def test_cpu_backend_passes_the_contract(delay, seeds):
+    for seed in seeds:
+        with CpuBackend(delay=delay, delay_seed=seed, delay_max_ms=1.0) as backend:
+            assert contracts.run_copy_async_contract(backend, seed=seed) == dict.fromkeys(
+                COPY_ASYNC_CHECKS
+            )
+
+
+@pytest.mark.parametrize("broken,clause", BROKEN, ids=[b.__name__ for b, _ in BROKEN])
+def test_broken_variant_fails_its_clause_every_time(broken, clause):
+    for seed in range(2):  # different delay patterns, same verdict
+        with broken(delay=True, delay_seed=seed, delay_max_ms=1.0) as backend:
+            with pytest.raises(ContractViolation):
+                COPY_ASYNC_CHECKS[clause](backend, seed=seed)
+
+
+@pytest.mark.parametrize("broken,clause", BROKEN[:3], ids=[b.__name__ for b, _ in BROKEN[:3]])
+def test_broken_variant_fails_without_delays_too(broken, clause):
+    with broken() as backend:
+        with pytest.raises(ContractViolation):
+            COPY_ASYNC_CHECKS[clause](backend)
+
+
+def test_violation_message_names_the_clause_and_the_stale_value():
+    with CopyIgnoresSourceQueue() as backend:
+        with pytest.raises(ContractViolation, match=r"did not wait.*NaN \(read before"):
+            contracts.check_copy_waits_for_source(backend)
+
+
+def test_run_reports_each_check_by_name():
+    with DestinationDoesNotWait() as backend:
+        results = contracts.run_copy_async_contract(backend)
+    assert set(results) == set(COPY_ASYNC_CHECKS)
+    assert "destination" in results["destination_waits_for_copy"]

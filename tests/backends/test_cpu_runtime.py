@@ -1,0 +1,221 @@
+"""The cpu backend's device model: ownership, real asynchrony, events, errors, shutdown.
+
+Ordering is proven with gates (a queued item that blocks its stream until released) and
+events, never with timings: while a stream is held, nothing queued behind it can have run.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from opbench.backends.cpu import CpuBackend, DeviceMismatchError
+from opbench.backends.cpu.runtime import StreamDelay, plain
+from opbench.harness.protocol import RopeParams
+
+WAIT_S = 10.0  # generous bound for "this must happen"; never reached when the code works
+
+
+@pytest.fixture()
+def backend():
+    with CpuBackend() as be:
+        be.devices(2)
+        yield be
+
+
+def rope_args(be, device, n_tokens=4):
+    x = be.to_device(np.ones((n_tokens, 2, 8), np.float32), device)
+    pos = be.to_device(np.arange(n_tokens, dtype=np.int32), device)
+    return x, pos, be.empty((n_tokens, 2, 8), np.float32, device)
+
+
+# -- ownership -------------------------------------------------------------------------------
+def test_arrays_and_views_know_their_device(backend):
+    d0, d1 = backend.devices(2)
+    arr = backend.to_device(np.arange(12, dtype=np.float32), d1)
+    assert arr.device == d1
+    assert backend.view(arr, 2, (2, 5)).device == d1
+    assert arr.reshape(3, 4)[1:].device == d1
+    assert backend.to_device(np.zeros(3)).device == d0  # default device 0
+    np.testing.assert_array_equal(backend.to_host(backend.view(arr, 2, (2, 2))), [[2, 3], [4, 5]])
+
+
+def test_array_of_another_device_is_refused(backend):
+    d0, d1 = backend.devices(2)
+    x, pos, out = rope_args(backend, d0)
+    foreign_pos = backend.to_device(np.arange(4, dtype=np.int32), d1)
+    with pytest.raises(DeviceMismatchError, match=r"pos lives on cpu:1 but x lives on cpu:0"):
+        backend.rope(x, foreign_pos, out, RopeParams(n_dims=8))
+    with pytest.raises(ValueError):  # DeviceMismatchError is a ValueError
+        backend.cpy(x, backend.empty(x.shape, np.float32, d1), (0, 1, 2))
+
+
+def test_stream_of_another_device_is_refused(backend):
+    d0, d1 = backend.devices(2)
+    x, pos, out = rope_args(backend, d0)
+    with pytest.raises(DeviceMismatchError, match="stream of cpu:1"):
+        backend.rope(x, pos, out, RopeParams(n_dims=8), stream=backend.stream(d1))
+
+
+def test_plain_numpy_array_is_refused(backend):
+    x, pos, out = rope_args(backend, 0)
+    with pytest.raises(TypeError, match="rope: pos must be an array made by"):
+        backend.rope(x, np.arange(4, dtype=np.int32), out, RopeParams(n_dims=8))
+
+
+def test_unknown_device_and_option_are_refused(backend):
+    with pytest.raises(ValueError, match="device=5 does not exist"):
+        backend.to_device(np.zeros(2), 5)
+    with pytest.raises(ValueError, match="unknown cpu backend option"):
+        CpuBackend(rope_cahce=True)
+    with pytest.raises(ValueError, match="rope_cache='maybe'"):
+        CpuBackend(rope_cache="maybe")
+    assert CpuBackend(rope_cache="off").rope_cache is False
+
+
+def test_devices_keeps_existing_arrays(backend):
+    arr = backend.to_device(np.arange(3.0, dtype=np.float32), 1)
+    devices = backend.devices(3)
+    assert arr.device is devices[1]
+    np.testing.assert_array_equal(backend.to_host(arr), [0, 1, 2])
+
+
+# -- asynchrony and ordering --------------------------------------------------------------------
+def test_op_returns_before_its_work_runs(backend):
+    x, pos, out = rope_args(backend, 0)
+    gate = backend.hold(backend.stream(0))
+    backend.rope(x, pos, out, RopeParams(n_dims=8))  # returns although the stream is held
+    assert np.isnan(plain(out)).all(), "the op ran on the calling thread"
+    gate.release()
+    backend.synchronize()
+    assert not np.isnan(plain(out)).any()
+
+
+def test_to_host_waits_for_queued_work(backend):
+    src = backend.to_device(np.arange(6, dtype=np.float32))
+    out = backend.empty((6,), np.float32)
+    gate = backend.hold(backend.stream(0))
+    backend.cpy(src, out, (0,))
+    threading.Timer(0.05, gate.release).start()
+    np.testing.assert_array_equal(backend.to_host(out), np.arange(6))
+
+
+def order_of(backend, wait: bool) -> list[str]:
+    """Stream 0 is held; stream 1 queues an item, after waiting for stream 0's event or not."""
+    s0, s1 = backend.stream(0), backend.stream(1)
+    order: list[str] = []
+    gate = backend.hold(s0)
+    s0.submit(lambda: order.append("s0"))
+    event = backend.record_event(s0)
+    if wait:
+        backend.wait_event(s1, event)
+    s1.submit(lambda: order.append("s1"))
+    s1_done = backend.record_event(s1)
+    ran_while_held = s1_done.synchronize(timeout=0.2)
+    gate.release()
+    assert event.synchronize(WAIT_S) and s1_done.synchronize(WAIT_S)
+    assert ran_while_held == (not wait)
+    return order
+
+
+def test_events_order_two_streams(backend):
+    assert order_of(backend, wait=True) == ["s0", "s1"]
+    assert order_of(backend, wait=False) == ["s1", "s0"]  # the control: no wait, no order
+
+
+def test_wait_event_refuses_foreign_objects(backend):
+    with pytest.raises(TypeError, match="event"):
+        backend.wait_event(backend.stream(0), object())
+    with pytest.raises(TypeError, match="stream"):
+        backend.record_event("stream 0")
+
+
+# -- errors ------------------------------------------------------------------------------------
+def test_kernel_error_surfaces_at_next_synchronize(backend):
+    dst = backend.empty((3, 2), np.float32)
+    src = backend.to_device(np.ones((2, 2), np.float32))
+    backend.set_rows(dst, src, backend.to_device(np.array([0, 7], np.int32)))  # slot 7 > 2
+    with pytest.raises(ValueError, match="slots must lie in"):
+        backend.synchronize()
+    backend.synchronize()  # reported once
+    backend.set_rows(dst, src, backend.to_device(np.array([2, -1], np.int32)))
+    np.testing.assert_array_equal(backend.to_host(dst)[2], [1, 1])  # the stream goes on
+
+
+def test_error_on_one_device_surfaces_at_its_synchronize(backend):
+    dst = backend.empty((3, 2), np.float32, 1)
+    src = backend.to_device(np.ones((2, 2), np.float32), 1)
+    backend.set_rows(dst, src, backend.to_device(np.array([5, 0], np.int32), 1))
+    backend.synchronize(0)  # device 0 is fine
+    with pytest.raises(ValueError, match="slots"):
+        backend.synchronize(1)
+
+
+# -- copy_async specifics of this backend ------------------------------------------------------
+def test_copy_async_destination_is_poisoned_until_the_copy_lands(backend):
+    src = backend.to_device(np.arange(5, dtype=np.float32), 0)
+    gate = backend.hold(backend.stream(0))
+    dst = backend.copy_async(src, 1)
+    assert dst.device == backend.devices(2)[1]
+    assert np.isnan(plain(dst)).all()
+    gate.release()
+    np.testing.assert_array_equal(backend.to_host(dst), np.arange(5))
+
+
+def test_copy_on_destination_stream_protects_the_source(backend):
+    """With stream = the destination's, the source must wait for the copy before a later
+    write to src on the source stream (write-after-read hazard)."""
+    src = backend.to_device(np.arange(5, dtype=np.float32), 0)
+    gate = backend.hold(backend.stream(1))
+    dst = backend.copy_async(src, 1, stream=backend.stream(1))
+    backend.cpy(backend.to_device(np.full(5, -1, np.float32), 0), src, (0,))
+    gate.release()
+    np.testing.assert_array_equal(backend.to_host(dst), np.arange(5))
+    np.testing.assert_array_equal(backend.to_host(src), np.full(5, -1))
+
+
+def test_copy_async_stream_must_belong_to_source_or_destination(backend):
+    backend.devices(3)
+    src = backend.to_device(np.zeros(2, np.float32), 0)
+    with pytest.raises(DeviceMismatchError, match="neither"):
+        backend.copy_async(src, 1, stream=backend.stream(2))
+
+
+# -- delays and shutdown -------------------------------------------------------------------------
+def test_delays_are_seeded():
+    a, b, c = StreamDelay((3, 0), 2.0), StreamDelay((3, 0), 2.0), StreamDelay((3, 1), 2.0)
+    draws = [d.rng.uniform(0, 2.0, 5) for d in (a, b, c)]
+    np.testing.assert_array_equal(draws[0], draws[1])
+    assert not np.array_equal(draws[0], draws[2])
+    with pytest.raises(ValueError, match="delay_max_ms"):
+        CpuBackend(delay=True, delay_max_ms=-1)
+
+
+def test_delayed_backend_still_computes_correctly():
+    with CpuBackend(delay=True, delay_seed=1, delay_max_ms=1.0) as be:
+        src = be.to_device(np.arange(8, dtype=np.float32))
+        out = be.empty((8,), np.float16)
+        be.cpy(src, out, (0,))
+        np.testing.assert_array_equal(be.to_host(out), np.arange(8))
+
+
+def test_close_joins_threads_even_with_a_held_stream():
+    be = CpuBackend()
+    be.devices(3)
+    be.hold(be.stream(1))  # never released by the caller
+    threads = [s._thread for s in be._streams]
+    assert all(t.is_alive() and t.daemon for t in threads)
+    be.close()
+    assert not any(t.is_alive() for t in threads)
+    with pytest.raises(RuntimeError, match="closed"):
+        be.cpy(be.to_device(np.zeros(2, np.float32)), be.empty((2,), np.float32), (0,))
+
+
+def test_timer_runs_the_call_and_returns_device_nanoseconds(backend):
+    src = backend.to_device(np.arange(1000, dtype=np.float32))
+    out = backend.empty((1000,), np.float16)
+    elapsed = backend.timer()(lambda: backend.cpy(src, out, (0,)))
+    assert isinstance(elapsed, float) and elapsed > 0
+    np.testing.assert_array_equal(backend.to_host(out), np.arange(1000, dtype=np.float16))
