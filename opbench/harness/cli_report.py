@@ -1,0 +1,185 @@
+"""CLI subcommands ``report``, ``gate`` and ``calibrate`` (registered by opbench.harness.cli).
+
+Each handler returns the exit code; bad input raises UsageError (one line, exit 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from opbench.harness.errors import UsageError
+
+
+def register(subparsers) -> None:
+    _register_report(subparsers)
+    _register_gate(subparsers)
+    _register_calibrate(subparsers)
+
+
+# -- report ----------------------------------------------------------------------------------------
+def _register_report(subparsers) -> None:
+    p = subparsers.add_parser(
+        "report", help="turn result files into report.md and report.html with plots",
+        description="Turn JSON Lines result files into report.md, a self-contained report.html "
+        "and plots/*.png in --out.",
+    )
+    p.add_argument("results", nargs="+", metavar="RESULTS", help="JSON Lines result file(s)")
+    p.add_argument("--out", default="opbench-report", metavar="DIR",
+                   help="output directory (default: %(default)s)")
+    p.set_defaults(func=run_report)
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from opbench.harness.store import ResultFileError
+    from opbench.reports.render import build_report
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a directory")
+    try:
+        files = build_report(args.results, out)
+    except ResultFileError as e:
+        raise UsageError(str(e)) from None
+    print(f"wrote {files.markdown} and {files.html} ({len(files.images)} plots)")
+    return 0
+
+
+# -- gate ------------------------------------------------------------------------------------------
+def _register_gate(subparsers) -> None:
+    p = subparsers.add_parser(
+        "gate", help="compare two result files; exit 1 on a regression",
+        description="Compare NEW results with BASE.  Exit 1 when a case that passed now fails, "
+        "a supported case is now unsupported, or a timed case is slower beyond --threshold "
+        "with confidence (bootstrap interval of the ratio of --quantile); 0 otherwise.",
+    )
+    p.add_argument("base", metavar="BASE", help="baseline result file")
+    p.add_argument("new", metavar="NEW", help="new result file")
+    p.add_argument("--threshold", default="5%",
+                   help="slowdown tolerated, e.g. 5%% or 0.05 (default: %(default)s)")
+    p.add_argument("--confidence", type=float, default=0.95,
+                   help="bootstrap interval level (default: %(default)s)")
+    p.add_argument("--quantile", type=float, default=None,
+                   help=f"compare this quantile of the samples (default: {_default_quantile()}"
+                   "; 0.5 is the median, lower ones resist a loaded machine's slow samples)")
+    p.add_argument("--base-backend", metavar="NAME",
+                   help="compare this backend's records of BASE ... (with --new-backend)")
+    p.add_argument("--new-backend", metavar="NAME",
+                   help="... with this backend's records of NEW; BASE and NEW may be one "
+                   "file, e.g. the output of `opbench perf --ab A B`")
+    p.add_argument("--summary", metavar="FILE",
+                   help="write the markdown summary here (default: append to "
+                   "$GITHUB_STEP_SUMMARY when set, else print it)")
+    p.add_argument("--junit", metavar="FILE", help="write JUnit XML here")
+    p.set_defaults(func=run_gate)
+
+
+def _default_quantile() -> float:
+    from opbench.harness.stats import DEFAULT_QUANTILE
+
+    return DEFAULT_QUANTILE
+
+
+def _threshold(text: str) -> float:
+    from opbench.harness.gate import parse_threshold
+
+    try:
+        return parse_threshold(text)
+    except ValueError as e:
+        raise UsageError(f"--threshold: {e}") from None
+
+
+def _read(path: str) -> list[dict]:
+    from opbench.harness.store import ResultFileError, read_records
+
+    try:
+        return read_records(path)
+    except ResultFileError as e:
+        raise UsageError(str(e)) from None
+
+
+def _write_text(path: str, text: str, option: str, mode: str = "w") -> None:
+    try:
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target, mode, encoding="utf-8") as f:
+            f.write(text)
+    except OSError as e:
+        raise UsageError(f"{option} {path}: cannot write ({e.strerror or e})") from None
+
+
+def _paired(base: list[dict], new: list[dict], args: argparse.Namespace):
+    from opbench.harness.gate import pair_backends
+
+    if not (args.base_backend and args.new_backend):
+        raise UsageError("--base-backend and --new-backend go together")
+    try:
+        return pair_backends(base, new, args.base_backend, args.new_backend)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def run_gate(args: argparse.Namespace) -> int:
+    from opbench.harness.gate import gate
+    from opbench.reports.gate_summary import gate_junit, gate_markdown, headline
+
+    threshold = _threshold(args.threshold)
+    if not 0 < args.confidence < 1:
+        raise UsageError(f"--confidence {args.confidence} must be between 0 and 1")
+    quantile = _default_quantile() if args.quantile is None else args.quantile
+    if not 0 < quantile < 1:
+        raise UsageError(f"--quantile {quantile} must be between 0 and 1")
+    base, new = _read(args.base), _read(args.new)
+    if args.base_backend or args.new_backend:
+        base, new = _paired(base, new, args)
+    result = gate(base, new, threshold, confidence=args.confidence, quantile=quantile)
+    summary = gate_markdown(result, args.base, args.new)
+    step_summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    if args.summary:
+        _write_text(args.summary, summary, "--summary")
+    elif step_summary:
+        _write_text(step_summary, summary, "GITHUB_STEP_SUMMARY", mode="a")
+    else:
+        print(summary)
+    if args.junit:
+        _write_text(args.junit, gate_junit(result), "--junit")
+    print(headline(result))
+    return result.exit_code
+
+
+# -- calibrate -------------------------------------------------------------------------------------
+def _register_calibrate(subparsers) -> None:
+    p = subparsers.add_parser(
+        "calibrate", help="measure this machine's copy bandwidth and matmul rate (cached)",
+        description="Measure this machine's ceilings (large-copy GB/s, float32 GEMM GFLOP/s) "
+        "once and cache them ($OPBENCH_CACHE_DIR or ~/.cache/opbench/ceilings.json).",
+    )
+    p.add_argument("--force", action="store_true", help="measure again even if cached")
+    p.add_argument("--copy-mib", type=int, default=256, help="copy size (default: %(default)s)")
+    p.add_argument("--matmul-n", type=int, default=1024, help="GEMM size (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the ceilings as JSON")
+    p.set_defaults(func=run_calibrate)
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    from opbench.harness import calibrate
+
+    if args.copy_mib < 1:
+        raise UsageError(f"--copy-mib {args.copy_mib} must be >= 1")
+    if args.matmul_n < 64:
+        raise UsageError(f"--matmul-n {args.matmul_n} must be >= 64")
+    try:
+        ceilings = calibrate.calibrate(
+            force=args.force, copy_bytes=args.copy_mib * 2**20, matmul_n=args.matmul_n
+        )
+    except (calibrate.CeilingsError, OSError) as e:
+        raise UsageError(str(e)) from None
+    if args.json:
+        print(json.dumps(ceilings, indent=2, sort_keys=True))
+    else:
+        print(f"copy bandwidth: {ceilings['copy_gbps']:.2f} GB/s (read + write)")
+        print(f"matmul rate:    {ceilings['matmul_gflops']:.2f} GFLOP/s (float32 GEMM)")
+        print(f"cached in {calibrate.cache_path()}")
+    return 0

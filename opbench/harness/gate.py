@@ -1,0 +1,204 @@
+"""The regression gate: compare a BASE run's records with a NEW run's.
+
+Fatal: a case that passed and now fails; a case that was supported and now is not; a perf
+regression (``stats.compare_samples``: the whole confidence interval of the NEW/BASE ratio of a
+sample quantile past the threshold).  Everything else is listed -- fixed cases, improvements,
+unchanged, not significant, cases missing from NEW and cases new in NEW -- so a reviewer sees the
+whole picture.
+
+Records are matched on (kind, backend, device, case_id).  When a file holds several records of one
+case (runs appended to the same file), the last one wins.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numpy as np
+
+from opbench.harness import stats
+
+PASSING = frozenset({"OK", "XPASS"})
+FAILING = frozenset({"FAIL", "ERROR", "CRASH", "TIMEOUT"})
+UNSUPPORTED = "UNSUPPORTED"
+
+
+class CaseKey(NamedTuple):
+    kind: str
+    backend: str
+    device: str
+    case_id: str
+
+    def label(self) -> str:
+        where = f"{self.backend}/{self.device}" if self.device else self.backend
+        return f"[{self.kind}] {where} {self.case_id}"
+
+
+@dataclass(frozen=True)
+class StatusChange:
+    key: CaseKey
+    base_status: str
+    new_status: str
+    reason: str | None
+
+
+@dataclass(frozen=True)
+class PerfChange:
+    key: CaseKey
+    comparison: stats.Comparison
+    base_ns: float  # the compared statistic (comparison.quantile of the samples)
+    new_ns: float
+
+
+@dataclass
+class GateResult:
+    threshold: float
+    confidence: float
+    quantile: float = stats.DEFAULT_QUANTILE
+    newly_failing: list[StatusChange] = field(default_factory=list)
+    newly_unsupported: list[StatusChange] = field(default_factory=list)
+    fixed: list[StatusChange] = field(default_factory=list)
+    other_status_changes: list[StatusChange] = field(default_factory=list)
+    regressions: list[PerfChange] = field(default_factory=list)
+    improvements: list[PerfChange] = field(default_factory=list)
+    unchanged: list[PerfChange] = field(default_factory=list)
+    not_significant: list[PerfChange] = field(default_factory=list)
+    missing: list[CaseKey] = field(default_factory=list)
+    new_cases: list[CaseKey] = field(default_factory=list)
+    compared: int = 0
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.newly_failing or self.newly_unsupported or self.regressions)
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed else 0
+
+
+def case_key(record: dict) -> CaseKey:
+    return CaseKey(
+        record["kind"], record["backend"], record.get("device") or "", record["case_id"]
+    )
+
+
+def latest_by_case(records: Iterable[dict]) -> dict[CaseKey, dict]:
+    by_case: dict[CaseKey, dict] = {}
+    for record in records:
+        by_case[case_key(record)] = record  # later records supersede earlier ones
+    return by_case
+
+
+def perf_samples(record: dict) -> list | None:
+    perf = record.get("perf") or {}
+    samples = perf.get("samples_ns")
+    return samples if samples else None
+
+
+def _status_change(key: CaseKey, base: dict, new: dict) -> tuple[str, StatusChange] | None:
+    before, after = base["status"], new["status"]
+    if before == after:
+        return None
+    change = StatusChange(key, before, after, new.get("reason"))
+    if before in PASSING and after in FAILING:
+        return "newly_failing", change
+    if before != UNSUPPORTED and after == UNSUPPORTED:
+        return "newly_unsupported", change
+    if before in FAILING and after in PASSING:
+        return "fixed", change
+    return "other_status_changes", change
+
+
+def _perf_change(key: CaseKey, base: dict, new: dict, options: dict) -> PerfChange | None:
+    base_samples, new_samples = perf_samples(base), perf_samples(new)
+    if base_samples is None or new_samples is None:
+        return None
+    if base["status"] in FAILING or new["status"] in FAILING:
+        return None  # a failed run's timing means nothing
+    comparison = stats.compare_samples(base_samples, new_samples, **options)
+    quantile = comparison.quantile
+    return PerfChange(
+        key,
+        comparison,
+        float(np.quantile(base_samples, quantile)),
+        float(np.quantile(new_samples, quantile)),
+    )
+
+
+_PERF_LISTS = {
+    stats.REGRESSION: "regressions",
+    stats.IMPROVEMENT: "improvements",
+    stats.UNCHANGED: "unchanged",
+    stats.NOT_SIGNIFICANT: "not_significant",
+}
+
+
+def gate(
+    base_records: Iterable[dict],
+    new_records: Iterable[dict],
+    threshold: float = stats.DEFAULT_THRESHOLD,
+    *,
+    confidence: float = stats.DEFAULT_CONFIDENCE,
+    alpha: float = stats.DEFAULT_ALPHA,
+    quantile: float = stats.DEFAULT_QUANTILE,
+    seed: int = 0,
+) -> GateResult:
+    """Classify every case of BASE and NEW; ``result.exit_code`` is what the CLI returns."""
+    if threshold < 0:
+        raise ValueError(f"threshold={threshold} must be >= 0")
+    base, new = latest_by_case(base_records), latest_by_case(new_records)
+    result = GateResult(threshold=threshold, confidence=confidence, quantile=quantile)
+    options = dict(
+        threshold=threshold, confidence=confidence, alpha=alpha, quantile=quantile, seed=seed
+    )
+    result.missing = sorted(set(base) - set(new))
+    result.new_cases = sorted(set(new) - set(base))
+    for key in sorted(set(base) & set(new)):
+        result.compared += 1
+        change = _status_change(key, base[key], new[key])
+        if change is not None:
+            getattr(result, change[0]).append(change[1])
+        perf = _perf_change(key, base[key], new[key], options)
+        if perf is not None:
+            getattr(result, _PERF_LISTS[perf.comparison.verdict]).append(perf)
+    result.regressions.sort(key=lambda c: -c.comparison.ratio)
+    result.improvements.sort(key=lambda c: c.comparison.ratio)
+    return result
+
+
+def pair_backends(
+    base_records: Iterable[dict], new_records: Iterable[dict], base_backend: str, new_backend: str
+) -> tuple[list[dict], list[dict]]:
+    """Compare backend ``base_backend`` of BASE with ``new_backend`` of NEW (e.g. both halves of
+    one interleaved ``perf --ab`` file): keep only those records and give both sides one label
+    so their cases match."""
+    label = f"{base_backend} vs {new_backend}"
+    picked = []
+    for records, name, side in ((base_records, base_backend, "BASE"),
+                                (new_records, new_backend, "NEW")):
+        chosen = [{**r, "backend": label} for r in records if r["backend"] == name]
+        if not chosen:
+            raise ValueError(f"{side} has no records of backend {name!r}")
+        picked.append(chosen)
+    return picked[0], picked[1]
+
+
+def parse_threshold(text: str) -> float:
+    """'5%' or '0.05' -> 0.05.  A bare number >= 1 is ambiguous ('5' -> 5% or 500%?): rejected."""
+    raw = str(text).strip()
+    try:
+        if raw.endswith("%"):
+            value = float(raw[:-1]) / 100
+        else:
+            value = float(raw)
+            if value >= 1:
+                raise ValueError
+    except ValueError:
+        raise ValueError(
+            f"threshold {text!r} must be a percentage like 5% or a fraction like 0.05"
+        ) from None
+    if not 0 <= value < 10:
+        raise ValueError(f"threshold {text!r} must be between 0% and 1000%")
+    return value

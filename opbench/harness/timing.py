@@ -1,0 +1,238 @@
+"""Timing: warm-up, then timed repetitions until a budget, every sample kept (nanoseconds).
+
+The perf runner builds one ``Subject`` per thing it times (a zero-argument callable that enqueues
+the op, the backend's ``synchronize``, optionally the backend's own timer and L2 flush) and calls
+``measure`` -- or ``measure_interleaved`` to compare two subjects round by round, which is how an
+A/B comparison stays fair on a noisy machine: drift (frequency scaling, a neighbour's job) hits
+both sides alike instead of whichever ran second.  ``perf_block`` turns samples into the ``perf``
+field of a result record.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+#: a timer runs one call (already including its synchronization) and returns nanoseconds
+Timer = Callable[[Callable[[], None]], float]
+
+DEFAULT_WARMUP = 3
+DEFAULT_BUDGET_MS = 500.0
+DEFAULT_MIN_SAMPLES = 50  # the gate's CI needs ~50 to see 15% through 2-core noise
+DEFAULT_MAX_SAMPLES = 10_000  # bounds record size and the gate's bootstrap time
+
+
+@dataclass
+class Subject:
+    """What to time: ``fn`` enqueues the work; ``sync`` waits for it.
+
+    ``timer`` (e.g. CUDA events) replaces the default perf_counter_ns clock; ``flush`` (e.g. an
+    L2 flush) runs untimed before every sample so each sample starts cold."""
+
+    fn: Callable[[], None]
+    sync: Callable[[], None]
+    timer: Timer | None = None
+    flush: Callable[[], None] | None = None
+
+    def time_once(self) -> float:
+        if self.flush is not None:
+            self.flush()
+            self.sync()
+        if self.timer is not None:
+            return float(self.timer(self.fn))
+        return wall_clock_ns(self.fn, self.sync)
+
+    def warm_up(self, calls: int) -> None:
+        for _ in range(calls):
+            self.fn()
+        self.sync()
+
+
+def backend_subject(backend, fn: Callable[[], None], device=None, *, cold: bool = False) -> Subject:
+    """A Subject for ``fn`` on ``backend``: its synchronize, its timer() if it has one, and
+    with ``cold=True`` its ``flush_l2()`` (when it defines one) before every sample."""
+    timer = backend.timer() if hasattr(backend, "timer") else None
+    flush = getattr(backend, "flush_l2", None) if cold else None
+    return Subject(fn, lambda: backend.synchronize(device), timer, flush)
+
+
+def wall_clock_ns(fn: Callable[[], None], sync: Callable[[], None]) -> int:
+    """The CPU timer: perf_counter_ns around the call *and* its synchronization."""
+    start = time.perf_counter_ns()
+    fn()
+    sync()
+    return time.perf_counter_ns() - start
+
+
+@dataclass
+class Samples:
+    ns: np.ndarray  # int64, in the order they were taken
+    warmup: int
+    budget_ms: float
+
+    def __len__(self) -> int:
+        return len(self.ns)
+
+    def summary(self) -> dict:
+        return summarize(self.ns)
+
+
+def _check_limits(budget_ms: float, min_samples: int, max_samples: int) -> None:
+    if budget_ms < 0:
+        raise ValueError(f"budget_ms={budget_ms} must be >= 0")
+    if min_samples < 1:
+        raise ValueError(f"min_samples={min_samples} must be >= 1")
+    if max_samples < min_samples:
+        raise ValueError(f"max_samples={max_samples} must be >= min_samples={min_samples}")
+
+
+def measure(
+    fn: Callable[[], None],
+    *,
+    sync: Callable[[], None],
+    warmup: int = DEFAULT_WARMUP,
+    budget_ms: float = DEFAULT_BUDGET_MS,
+    min_samples: int = DEFAULT_MIN_SAMPLES,
+    max_samples: int = DEFAULT_MAX_SAMPLES,
+    flush: Callable[[], None] | None = None,
+    timer: Timer | None = None,
+) -> Samples:
+    """Warm up, then time ``fn`` until ``budget_ms`` is spent and at least ``min_samples``
+    were taken (never more than ``max_samples``)."""
+    _check_limits(budget_ms, min_samples, max_samples)
+    subject = Subject(fn, sync, timer, flush)
+    subject.warm_up(warmup)
+    samples: list[float] = []
+    deadline = time.perf_counter_ns() + int(budget_ms * 1e6)
+    while len(samples) < max_samples:
+        samples.append(subject.time_once())
+        if len(samples) >= min_samples and time.perf_counter_ns() >= deadline:
+            break
+    return Samples(np.asarray(samples, dtype=np.int64), warmup, budget_ms)
+
+
+def measure_interleaved(
+    subjects: Mapping[str, Subject],
+    *,
+    warmup: int = DEFAULT_WARMUP,
+    budget_ms: float = DEFAULT_BUDGET_MS,
+    min_samples: int = DEFAULT_MIN_SAMPLES,
+    max_samples: int = DEFAULT_MAX_SAMPLES,
+    per_round: int = 5,
+    seed: int = 0,
+) -> dict[str, Samples]:
+    """Time several subjects in alternating rounds of ``per_round`` samples each, in a seeded
+    random order per round; ``budget_ms`` is per subject, like ``measure``'s."""
+    _check_limits(budget_ms, min_samples, max_samples)
+    if per_round < 1:
+        raise ValueError(f"per_round={per_round} must be >= 1")
+    names = list(subjects)
+    for name in names:
+        subjects[name].warm_up(warmup)
+    taken: dict[str, list[float]] = {name: [] for name in names}
+    rng = np.random.default_rng(seed)
+    deadline = time.perf_counter_ns() + int(budget_ms * 1e6 * len(names))
+    while True:
+        for index in rng.permutation(len(names)):
+            name = names[index]
+            room = max_samples - len(taken[name])
+            taken[name].extend(subjects[name].time_once() for _ in range(min(per_round, room)))
+        fewest = min(len(v) for v in taken.values())
+        if fewest >= max_samples:
+            break
+        if fewest >= min_samples and time.perf_counter_ns() >= deadline:
+            break
+    return {
+        name: Samples(np.asarray(v, dtype=np.int64), warmup, budget_ms) for name, v in taken.items()
+    }
+
+
+# -- statistics of one sample set ------------------------------------------------------------------
+def summarize(samples: Samples | np.ndarray | list) -> dict:
+    """median, IQR (q3 - q1), quartiles, min, max, mean and count, in nanoseconds."""
+    ns = np.asarray(samples.ns if isinstance(samples, Samples) else samples, dtype=np.float64)
+    if ns.size == 0:
+        raise ValueError("cannot summarize zero samples")
+    q1, median, q3 = np.percentile(ns, [25, 50, 75])
+    return {
+        "n": int(ns.size),
+        "median_ns": float(median),
+        "iqr_ns": float(q3 - q1),
+        "q1_ns": float(q1),
+        "q3_ns": float(q3),
+        "min_ns": float(ns.min()),
+        "max_ns": float(ns.max()),
+        "mean_ns": float(ns.mean()),
+    }
+
+
+# -- throughput ----------------------------------------------------------------------------------
+def throughput(
+    median_ns: float,
+    *,
+    nbytes: int | None = None,
+    flops: int | None = None,
+    ceilings: Mapping[str, float] | None = None,
+) -> dict:
+    """GB/s and GFLOP/s at ``median_ns`` per call, and the fraction of the ceiling that bounds it.
+
+    The bound is the roofline's: whichever of bytes/bandwidth and flops/peak is the longer
+    minimum time.  ``ceilings`` holds ``copy_gbps`` and ``matmul_gflops`` (see calibrate)."""
+    if median_ns <= 0:
+        raise ValueError(f"median_ns={median_ns} must be > 0")
+    seconds = median_ns * 1e-9
+    gbps = nbytes / seconds / 1e9 if nbytes else None
+    gflops = flops / seconds / 1e9 if flops else None
+    bound = _bound(nbytes, flops, ceilings)
+    ceiling = None
+    fraction = None
+    if ceilings and bound is not None:
+        ceiling = ceilings.get("copy_gbps" if bound == "memory" else "matmul_gflops")
+        achieved = gbps if bound == "memory" else gflops
+        if ceiling and achieved is not None:
+            fraction = achieved / ceiling
+    return {
+        "gbps": gbps,
+        "gflops": gflops,
+        "bound": bound,
+        "ceiling": ceiling,
+        "fraction_of_ceiling": fraction,
+    }
+
+
+def _bound(nbytes: int | None, flops: int | None, ceilings: Mapping[str, float] | None):
+    if not nbytes and not flops:
+        return None
+    if not flops:
+        return "memory"
+    if not nbytes:
+        return "compute"
+    if not ceilings or not ceilings.get("copy_gbps") or not ceilings.get("matmul_gflops"):
+        # without a machine balance point, call it memory-bound below ~8 flops/byte (typical)
+        return "compute" if flops / nbytes > 8 else "memory"
+    memory_time = nbytes / ceilings["copy_gbps"]
+    compute_time = flops / ceilings["matmul_gflops"]
+    return "memory" if memory_time >= compute_time else "compute"
+
+
+def perf_block(
+    samples: Samples,
+    *,
+    nbytes: int | None = None,
+    flops: int | None = None,
+    ceilings: Mapping[str, float] | None = None,
+) -> dict:
+    """The ``perf`` field of a result record: every sample, its summary and its throughput."""
+    stats = summarize(samples)
+    return {
+        "samples_ns": [int(x) for x in samples.ns],
+        **stats,
+        "warmup": samples.warmup,
+        "budget_ms": samples.budget_ms,
+        "bytes": nbytes,
+        "flops": flops,
+        **throughput(stats["median_ns"], nbytes=nbytes, flops=flops, ceilings=ceilings),
+    }

@@ -1,0 +1,129 @@
+"""GateResult -> a markdown summary (pull-request comment, $GITHUB_STEP_SUMMARY) and JUnit XML."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+
+from opbench.harness.gate import CaseKey, GateResult, PerfChange, StatusChange
+from opbench.reports.markup import md_escape
+
+MAX_ROWS = 100  # per list: a summary a reviewer can read, not a dump
+
+
+def headline(result: GateResult) -> str:
+    counts = (
+        f"{len(result.newly_failing)} newly failing, "
+        f"{len(result.newly_unsupported)} newly unsupported, "
+        f"{len(result.regressions)} perf regressions"
+    )
+    verdict = "FAILED" if result.failed else "passed"
+    mark = "❌" if result.failed else "✅"
+    return f"{mark} opbench gate {verdict}: {counts} ({result.compared} cases compared)"
+
+
+def _status_rows(changes: list[StatusChange]) -> list[list[str]]:
+    return [[c.key.label(), c.base_status, c.new_status, c.reason or ""] for c in changes]
+
+
+def _perf_rows(changes: list[PerfChange]) -> list[list[str]]:
+    rows = []
+    for c in changes:
+        cmp = c.comparison
+        rows.append([
+            c.key.label(),
+            f"{c.base_ns / 1e3:.2f}",
+            f"{c.new_ns / 1e3:.2f}",
+            f"{cmp.ratio:.3f}",
+            f"[{cmp.ci_low:.3f}, {cmp.ci_high:.3f}]",
+            f"{cmp.p_slower if cmp.ratio >= 1 else cmp.p_faster:.2g}",  # the one-sided p that fits
+        ])
+    return rows
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(md_escape(v) for v in row) + " |" for row in rows[:MAX_ROWS]]
+    if len(rows) > MAX_ROWS:
+        lines.append(f"\n… and {len(rows) - MAX_ROWS} more")
+    return lines + [""]
+
+
+STATUS_HEADER = ["case", "base", "new", "reason"]
+
+
+def perf_header(quantile: float) -> list[str]:
+    name = "median" if quantile == 0.5 else f"p{quantile * 100:g}"
+    return ["case", f"base {name} (µs)", f"new {name} (µs)", "ratio new/base", "CI",
+            "Mann-Whitney p (one-sided)"]
+
+
+def _key_rows(keys: list[CaseKey]) -> list[list[str]]:
+    return [[k.label()] for k in keys]
+
+
+def statistic_name(quantile: float) -> str:
+    return "medians" if quantile == 0.5 else f"{quantile * 100:g}th percentiles"
+
+
+def gate_markdown(result: GateResult, base_name: str = "BASE", new_name: str = "NEW") -> str:
+    ci = f"{result.confidence:.0%}"
+    statistic = statistic_name(result.quantile)
+    perf_cols = perf_header(result.quantile)
+    lines = [
+        f"## {headline(result)}",
+        "",
+        f"Base: `{md_escape(base_name)}` · new: `{md_escape(new_name)}` · threshold "
+        f"{result.threshold:.1%} · ratio of {statistic} with a bootstrap {ci} interval; "
+        "a regression needs the whole interval past the threshold.",
+        "",
+    ]
+    sections = [
+        ("Newly failing", STATUS_HEADER, _status_rows(result.newly_failing)),
+        ("Newly unsupported", STATUS_HEADER, _status_rows(result.newly_unsupported)),
+        ("Perf regressions", perf_cols, _perf_rows(result.regressions)),
+        ("Fixed", STATUS_HEADER, _status_rows(result.fixed)),
+        ("Other status changes", STATUS_HEADER, _status_rows(result.other_status_changes)),
+        ("Improvements", perf_cols, _perf_rows(result.improvements)),
+        ("Not significant", perf_cols, _perf_rows(result.not_significant)),
+        ("Unchanged", perf_cols, _perf_rows(result.unchanged)),
+        ("Missing from new", ["case"], _key_rows(result.missing)),
+        ("New cases", ["case"], _key_rows(result.new_cases)),
+    ]
+    for title, header, rows in sections:
+        if not rows:
+            continue
+        lines += [f"### {title} ({len(rows)})", ""] + _table(header, rows)
+    return "\n".join(lines) + "\n"
+
+
+def gate_junit(result: GateResult) -> str:
+    """One testcase per compared case; fatal findings are <failure>s, missing ones <skipped>."""
+    suite = ET.Element("testsuite", name="opbench.gate")
+    failures = 0
+    fatal = {c.key: f"newly failing: {c.base_status} -> {c.new_status} {c.reason or ''}"
+             for c in result.newly_failing}
+    fatal.update({c.key: f"newly unsupported: {c.reason or ''}" for c in result.newly_unsupported})
+    fatal.update({c.key: _perf_message(c) for c in result.regressions})
+    passed = {c.key for group in (result.fixed, result.other_status_changes)
+              for c in group} | {c.key for group in (result.improvements, result.unchanged,
+                                                      result.not_significant) for c in group}
+    for key in sorted(set(fatal) | passed):
+        case = ET.SubElement(suite, "testcase", classname=f"{key.kind}.{key.backend}",
+                             name=key.case_id)
+        if key in fatal:
+            failures += 1
+            ET.SubElement(case, "failure", message=fatal[key].strip()).text = fatal[key]
+    for key in result.missing:
+        case = ET.SubElement(suite, "testcase", classname=f"{key.kind}.{key.backend}",
+                             name=key.case_id)
+        ET.SubElement(case, "skipped", message="missing from the new results")
+    suite.set("tests", str(len(suite)))
+    suite.set("failures", str(failures))
+    suite.set("skipped", str(len(result.missing)))
+    return ET.tostring(suite, encoding="unicode", xml_declaration=True) + "\n"
+
+
+def _perf_message(change: PerfChange) -> str:
+    cmp = change.comparison
+    return (f"perf regression: {cmp.ratio:.3f}x slower, {cmp.n_new}/{cmp.n_base} samples, "
+            f"CI [{cmp.ci_low:.3f}, {cmp.ci_high:.3f}], Mann-Whitney p={cmp.p_slower:.2g}")

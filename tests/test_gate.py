@@ -1,0 +1,204 @@
+"""The regression gate: classification of BASE vs NEW, its markdown/JUnit output, and the CLI."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pytest
+
+from opbench.harness import store
+from opbench.harness.cli import main
+from opbench.harness.gate import CaseKey, gate, parse_threshold
+from opbench.reports.gate_summary import gate_junit, gate_markdown
+
+
+def _samples(rng, median_ns: float, n: int = 80) -> list[int]:
+    noisy = median_ns * rng.lognormal(0, 0.05, n)
+    noisy[rng.random(n) < 0.03] *= 3  # a few preempted samples
+    return [int(x) for x in noisy]
+
+
+def _rec(case_id: str, status: str = "OK", kind: str = "test", samples=None, **kw) -> dict:
+    perf = None
+    if samples is not None:
+        perf = {"samples_ns": samples, "median_ns": float(np.median(samples)), "n": len(samples)}
+    return store.make_record(kind=kind, backend="cpu", op=case_id.split("(")[0], case_id=case_id,
+                             status=status, run_id="r", device="cpu:0", perf=perf, env={}, **kw)
+
+
+def base_and_new(seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """One case of every category the gate knows."""
+    rng = np.random.default_rng(seed)
+    base = [
+        _rec("ROPE(a)"), _rec("ROPE(breaks)"), _rec("ATTN(dropped)"), _rec("CPY(fixed)", "FAIL"),
+        _rec("CPY(gone)"), _rec("CPY(xfail)", "XFAIL"),
+        _rec("CPY(slow)", kind="perf", samples=_samples(rng, 1e5)),
+        _rec("CPY(fast)", kind="perf", samples=_samples(rng, 1e5)),
+        _rec("CPY(same)", kind="perf", samples=_samples(rng, 1e5)),
+        _rec("CPY(few)", kind="perf", samples=_samples(rng, 1e5, n=3)),
+    ]
+    new = [
+        _rec("ROPE(a)"), _rec("ROPE(breaks)", "FAIL", reason="nmse 0.3 > 1e-7"),
+        _rec("ATTN(dropped)", "UNSUPPORTED", reason="no paged KV"), _rec("CPY(fixed)"),
+        _rec("CPY(xfail)", "FAIL"), _rec("CPY(brand_new)"),
+        _rec("CPY(slow)", kind="perf", samples=_samples(rng, 1.15e5)),
+        _rec("CPY(fast)", kind="perf", samples=_samples(rng, 0.8e5)),
+        _rec("CPY(same)", kind="perf", samples=_samples(rng, 1e5)),
+        _rec("CPY(few)", kind="perf", samples=_samples(rng, 1e5, n=3)),
+    ]
+    return base, new
+
+
+def ids(changes) -> list[str]:
+    return [c.key.case_id if hasattr(c, "key") else c.case_id for c in changes]
+
+
+def test_every_category_is_classified():
+    result = gate(*base_and_new())
+    assert ids(result.newly_failing) == ["ROPE(breaks)"]
+    assert ids(result.newly_unsupported) == ["ATTN(dropped)"]
+    assert ids(result.regressions) == ["CPY(slow)"]
+    assert ids(result.improvements) == ["CPY(fast)"]
+    assert ids(result.unchanged) == ["CPY(same)"]
+    assert ids(result.not_significant) == ["CPY(few)"]
+    assert ids(result.fixed) == ["CPY(fixed)"]
+    assert ids(result.other_status_changes) == ["CPY(xfail)"]  # known failure -> FAIL: not new
+    assert ids(result.missing) == ["CPY(gone)"] and ids(result.new_cases) == ["CPY(brand_new)"]
+    assert result.compared == 9 and result.failed and result.exit_code == 1
+
+
+def test_identical_runs_pass():
+    base, _ = base_and_new()
+    result = gate(base, base)
+    assert not result.failed and result.exit_code == 0
+    assert not result.regressions and not result.improvements
+
+
+@pytest.mark.parametrize("slowdown, regressed", [(1.0, False), (1.03, False), (1.15, True)])
+def test_perf_regression_needs_the_threshold_cleared(slowdown, regressed):
+    rng = np.random.default_rng(5)
+    base = [_rec("CPY(x)", kind="perf", samples=_samples(rng, 1e5, n=200))]
+    new = [_rec("CPY(x)", kind="perf", samples=_samples(rng, 1e5 * slowdown, n=200))]
+    assert gate(base, new, threshold=0.05).failed is regressed
+
+
+def test_a_failed_run_has_no_perf_verdict():
+    rng = np.random.default_rng(0)
+    base = [_rec("CPY(x)", kind="perf", samples=_samples(rng, 1e5))]
+    new = [_rec("CPY(x)", "ERROR", kind="perf", samples=_samples(rng, 9e5))]
+    result = gate(base, new)
+    assert ids(result.newly_failing) == ["CPY(x)"] and not result.regressions
+
+
+def test_the_last_record_of_a_case_wins():
+    base = [_rec("ROPE(a)", "FAIL"), _rec("ROPE(a)", "OK")]
+    new = [_rec("ROPE(a)", "OK"), _rec("ROPE(a)", "FAIL")]
+    assert ids(gate(base, new).newly_failing) == ["ROPE(a)"]
+
+
+def test_cases_are_matched_per_backend_device_and_kind():
+    one = _rec("ROPE(a)")
+    other_device = {**one, "device": "cpu:1"}
+    result = gate([one], [other_device])
+    assert result.missing == [CaseKey("test", "cpu", "cpu:0", "ROPE(a)")]
+    assert result.new_cases == [CaseKey("test", "cpu", "cpu:1", "ROPE(a)")]
+
+
+@pytest.mark.parametrize("text, value", [("5%", 0.05), ("0.05", 0.05), ("12.5%", 0.125),
+                                         ("0", 0.0)])
+def test_parse_threshold(text, value):
+    assert parse_threshold(text) == pytest.approx(value)
+
+
+@pytest.mark.parametrize("text", ["5", "abc", "-5%", "%", "nan%"])
+def test_parse_threshold_rejects(text):
+    with pytest.raises(ValueError, match="threshold"):
+        parse_threshold(text)
+
+
+def test_markdown_summary_lists_each_category_and_escapes():
+    base, new = base_and_new()
+    base.append(_rec("ROPE(<script>x</script>)"))
+    new.append(_rec("ROPE(<script>x</script>)", "FAIL", reason="a|b"))
+    text = gate_markdown(gate(base, new), "base.jsonl", "new.jsonl")
+    assert text.startswith("## ❌ opbench gate FAILED: 2 newly failing, 1 newly unsupported, "
+                           "1 perf regressions")
+    for title in ("Newly failing (2)", "Newly unsupported (1)", "Perf regressions (1)",
+                  "Improvements (1)", "Unchanged (1)", "Not significant (1)", "Fixed (1)",
+                  "Missing from new (1)", "New cases (1)"):
+        assert f"### {title}" in text
+    assert "<script>" not in text and "&lt;script&gt;" in text and "a\\|b" in text
+
+
+def test_junit_has_a_failure_per_fatal_finding():
+    suite = ET.fromstring(gate_junit(gate(*base_and_new())))
+    failed = {case.get("name") for case in suite if case.find("failure") is not None}
+    assert failed == {"ROPE(breaks)", "ATTN(dropped)", "CPY(slow)"}
+    assert suite.get("failures") == "3" and suite.get("skipped") == "1"
+    assert int(suite.get("tests")) == len(suite) == 9
+
+
+# -- the CLI ---------------------------------------------------------------------------------
+def _write(path, records) -> str:
+    with store.ResultWriter(path) as writer:
+        for record in records:
+            writer.write(record)
+    return str(path)
+
+
+def test_cli_gate_exit_codes_and_files(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
+    base, new = base_and_new()
+    b, n = _write(tmp_path / "base.jsonl", base), _write(tmp_path / "new.jsonl", new)
+    summary, junit = tmp_path / "out" / "summary.md", tmp_path / "out" / "junit.xml"
+    code = main(["gate", b, n, "--threshold", "5%", "--summary", str(summary),
+                 "--junit", str(junit)])
+    assert code == 1
+    assert "Perf regressions" in summary.read_text()
+    assert ET.parse(junit).getroot().get("failures") == "3"
+    assert "opbench gate FAILED" in capsys.readouterr().out
+    assert main(["gate", b, b, "--summary", str(summary)]) == 0
+
+
+def test_cli_gate_appends_to_github_step_summary(tmp_path, monkeypatch):
+    base, _ = base_and_new()
+    b = _write(tmp_path / "base.jsonl", base)
+    step = tmp_path / "step_summary.md"
+    step.write_text("earlier step\n")
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(step))
+    assert main(["gate", b, b]) == 0
+    text = step.read_text()
+    assert text.startswith("earlier step\n") and "opbench gate passed" in text
+
+
+@pytest.mark.parametrize(
+    "make_args, message",
+    [
+        (lambda b, bad: ["gate", b, bad], "bad.jsonl:2: malformed JSON"),
+        (lambda b, bad: ["gate", b, b, "--threshold", "5"], "--threshold: threshold '5'"),
+        (lambda b, bad: ["gate", b, b + ".missing"], "cannot read results file"),
+    ],
+)
+def test_cli_gate_bad_input_is_one_line_exit_2(tmp_path, capsys, make_args, message):
+    b = _write(tmp_path / "base.jsonl", [_rec("ROPE(a)")])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(open(b).read() + "{oops\n")
+    assert main(make_args(b, str(bad))) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("opbench: error: ") and message in err
+    assert "Traceback" not in err and err.count("\n") == 1
+
+
+def test_cli_gate_pairs_two_backends_of_one_ab_file(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
+    rng = np.random.default_rng(2)
+    fast = _rec("ROPE(x)", kind="perf", samples=_samples(rng, 1e5))
+    slow = {**_rec("ROPE(x)", kind="perf", samples=_samples(rng, 1.2e5)), "backend": "slowcpu"}
+    ab = _write(tmp_path / "ab.jsonl", [fast, slow])
+    assert main(["gate", ab, ab, "--base-backend", "cpu", "--new-backend", "slowcpu"]) == 1
+    assert "[perf] cpu vs slowcpu/cpu:0 ROPE(x)" in capsys.readouterr().out
+    assert main(["gate", ab, ab, "--base-backend", "slowcpu", "--new-backend", "cpu"]) == 0
+    assert main(["gate", ab, ab, "--base-backend", "cpu", "--new-backend", "gpu"]) == 2
+    assert "NEW has no records of backend 'gpu'" in capsys.readouterr().err
+    assert main(["gate", ab, ab, "--base-backend", "cpu"]) == 2

@@ -1,0 +1,236 @@
+"""The report: synthetic seeded records of every kind -> report.md, report.html and plots."""
+
+from __future__ import annotations
+
+import base64
+import re
+
+import numpy as np
+import pytest
+
+from opbench.harness import store, timing
+from opbench.reports import plots, tables
+from opbench.reports.console import format_perf_line
+from opbench.reports.render import build_report, write_report
+
+EVIL_CASE = "ROPE(type=f32,name=<script>alert(1)</script>)"
+CEILINGS = {"copy_gbps": 20.0, "matmul_gflops": 200.0}
+ENV = {"python": "3.11", "cpu_model": "Test CPU"}
+
+
+def _record(rng, **fields) -> dict:
+    base = dict(run_id="r1", device="cpu:0", env=ENV, dtype="f32")
+    return store.make_record(**{**base, **fields})
+
+
+def _test_records(rng) -> list[dict]:
+    nmse_scale = {"f32": 1e-12, "f16": 1e-6, "bf16": 1e-4}
+    records = []
+    for backend in ("cpu", "torch"):
+        for op in ("ROPE", "ATTN"):
+            for dtype, scale in nmse_scale.items():
+                for i in range(3):
+                    nmse = scale * rng.lognormal(0, 1)
+                    failing = (backend, op, dtype, i) == ("torch", "ATTN", "bf16", 0)
+                    status = "FAIL" if failing else "OK"
+                    records.append(_record(
+                        rng, kind="test", backend=backend, op=op, dtype=dtype, status=status,
+                        case_id=f"{op}(type={dtype},i={i})", params={"i": i},
+                        metrics={"nmse": nmse, "max_abs_err": np.sqrt(nmse), "threshold": 1e-3,
+                                 "n_bad": int(status == "FAIL")},
+                        reason="nmse over threshold" if status == "FAIL" else None,
+                    ))
+    records.append(_record(rng, kind="test", backend="cpu", op="ROPE", status="FAIL",
+                           case_id=EVIL_CASE, metrics={"nmse": 0.5, "threshold": 1e-3},
+                           reason="<b>bad</b>"))
+    records.append(_record(rng, kind="test", backend="torch", op="KV_ROTATE", status="UNSUPPORTED",
+                           case_id="KV_ROTATE(type=f32)", reason="not implemented"))
+    return records
+
+
+def _perf(rng, median_ns: float, nbytes: int, flops: int | None = None) -> dict:
+    ns = (median_ns * rng.lognormal(0, 0.05, 40)).astype(np.int64)
+    samples = timing.Samples(ns, warmup=3, budget_ms=10)
+    return timing.perf_block(samples, nbytes=nbytes, flops=flops, ceilings=CEILINGS)
+
+
+def _perf_records(rng) -> list[dict]:
+    records = []
+    for backend, gbps in (("cpu", 8.0), ("torch", 12.0)):
+        for mib in (1, 4, 16, 64):
+            nbytes = mib * 2**20
+            records.append(_record(
+                rng, kind="perf", backend=backend, op="CPY", status="OK",
+                case_id=f"CPY(type=f32,mib={mib})", params={"mib": mib},
+                perf=_perf(rng, nbytes / gbps * (1 + 4 / mib), nbytes),
+            ))
+    return records
+
+
+def _scenario_records(rng) -> list[dict]:
+    records = []
+    for split, devices in (("none", 1), ("layer", 2), ("layer", 4), ("head", 2), ("head", 4)):
+        for rope_cache in (True, False):
+            for graph_reuse in (True, False):
+                ms = 10.0 / devices ** 0.7 * (1.0 if rope_cache else 1.3) * (
+                    1.0 if graph_reuse else 1.15)
+                records.append(_record(
+                    rng, kind="scenario", backend="cpu", op="SCENARIO", status="OK",
+                    case_id=f"SCENARIO(split={split},devices={devices},rc={rope_cache},"
+                    f"gr={graph_reuse})",
+                    params={"rope_cache": rope_cache, "graph_reuse": graph_reuse},
+                    scenario={"split": split, "n_devices": devices, "steps": [1, 2, 3]},
+                    perf=_perf(rng, ms * 1e6, 0),
+                ))
+    return records
+
+
+def synthetic_records(seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    return _test_records(rng) + _perf_records(rng) + _scenario_records(rng)
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("report")
+    results = directory / "results.jsonl"
+    with store.ResultWriter(results) as writer:
+        for record in synthetic_records():
+            writer.write(record)
+    return build_report([results], directory / "out")
+
+
+def test_report_files_exist_with_all_plots(report):
+    assert report.markdown.exists() and report.html.exists()
+    names = sorted(p.name for p in report.images)
+    assert names == sorted(f"{stem}.png" for stem, *_ in plots.PLOTS)
+    for image in report.images:
+        assert image.read_bytes().startswith(b"\x89PNG")
+
+
+def test_html_is_self_contained_with_embedded_images(report):
+    page = report.html.read_text()
+    embedded = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert len(embedded) == len(plots.PLOTS)
+    assert base64.b64decode(embedded[0]).startswith(b"\x89PNG")
+    assert "src=\"plots/" not in page and "<link" not in page
+
+
+def test_html_and_markdown_escape_case_ids(report):
+    for text in (report.html.read_text(), report.markdown.read_text()):
+        assert "<script>" not in text and "<b>bad</b>" not in text
+        assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text
+
+
+def test_markdown_holds_the_expected_tables(report):
+    text = report.markdown.read_text()
+    for heading in ("Pass/fail matrix", "Worst errors per op", "Performance", "Scenarios"):
+        assert f"## {heading}" in text
+    # torch ATTN bf16 had one failure of three
+    matrix = text.split("## Pass/fail matrix")[1].split("##")[0]
+    assert "2/3 (1 failed)" in matrix and "unsupported" in matrix
+    assert "![Plot: Error vs dtype](plots/error_vs_dtype.png)" in text
+
+
+def test_pass_fail_matrix_cells():
+    df = store.records_frame(synthetic_records())
+    matrix = tables.pass_fail_matrix(df).set_index("op")
+    assert matrix.loc["ATTN", "torch bf16"] == "2/3 (1 failed)"
+    assert matrix.loc["ATTN", "cpu f32"] == "3/3"
+    assert matrix.loc["KV_ROTATE", "torch f32"] == "unsupported"
+
+
+def test_worst_errors_put_the_largest_nmse_first():
+    df = store.records_frame(synthetic_records())
+    worst = tables.worst_errors(df, per_op=2)
+    rope = worst[worst["op"] == "ROPE"]
+    assert rope.iloc[0]["case"] == EVIL_CASE and len(rope) == 2
+    ratio = worst["error/threshold"]
+    assert (ratio.groupby(worst["op"]).apply(lambda s: s.is_monotonic_decreasing)).all()
+
+
+def test_worst_errors_read_per_output_metrics_as_the_runner_writes_them():
+    """{output: {metric, value, threshold, n_bad}}: the worst output relative to its threshold
+    judges the record; a NaN error is the worst of all; exact matches are not listed."""
+    def attn(case, out, lse):
+        return store.make_record(kind="test", backend="cpu", op="ATTN", case_id=case,
+                                 status="OK", run_id="r", env={}, dtype="f32",
+                                 metrics={"out": out, "lse": lse, "seconds": 0.1})
+    records = [
+        attn("A(small)", {"metric": "nmse", "value": 1e-9, "threshold": 1e-7, "n_bad": 0},
+             {"metric": "nmse", "value": 5e-5, "threshold": 1e-4, "n_bad": 0}),
+        attn("A(nan)", {"metric": "nmse", "value": float("nan"), "threshold": 1e-7, "n_bad": 4},
+             {"metric": "nmse", "value": 0.0, "threshold": 1e-4, "n_bad": 0}),
+        attn("A(exact)", {"metric": "bit-exact", "value": 0.0, "threshold": 0.0, "n_bad": 0},
+             {"metric": "bit-exact", "value": 0.0, "threshold": 0.0, "n_bad": 0}),
+    ]
+    worst = tables.worst_errors(store.records_frame(records))
+    assert list(worst["case"]) == ["A(nan)", "A(small)"]
+    assert list(worst["output"]) == ["out", "lse"]  # lse is 0.5 of its threshold, out 0.01
+    assert worst["error/threshold"].iloc[1] == pytest.approx(0.5)
+
+
+def test_speedups_match_the_synthetic_factors():
+    df = store.records_frame(synthetic_records())
+    rope = tables.speedups(df, "rope_cache")
+    reuse = tables.speedups(df, "graph_reuse")
+    # 5 split/device configurations x 2 settings of the other toggle
+    assert len(rope) == 10 and len(reuse) == 10
+    assert rope["speedup"].between(1.2, 1.4).all()  # 1.3x with 5% sample noise
+    assert reuse["speedup"].between(1.07, 1.25).all()
+
+
+def test_device_scaling_table():
+    df = store.records_frame(synthetic_records())
+    scaling = tables.device_scaling(df)
+    layer = scaling[scaling["split"] == "layer"].sort_values("devices")
+    assert list(layer["devices"]) == [2, 4]
+    assert layer["median_ms"].is_monotonic_decreasing
+
+
+def test_missing_data_is_said_not_plotted(tmp_path):
+    only_tests = [r for r in synthetic_records() if r["kind"] == "test"]
+    files = write_report(store.records_frame(only_tests), tmp_path)
+    text = files.markdown.read_text()
+    assert [p.name for p in files.images] == ["error_vs_dtype.png"]
+    assert "Not plotted: needs timed scenario records" in text
+    assert "No data: no timed perf records." in text
+
+
+def test_empty_results_give_a_report_not_a_crash(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    files = build_report([empty], tmp_path / "out")
+    assert "No records" in files.markdown.read_text()
+
+
+def test_perf_line_in_test_backend_ops_format():
+    perf = {"n": 2304, "median_ns": 445_610, "bytes": 32770 * 1024, "gbps": 70.27,
+            "bound": "memory", "fraction_of_ceiling": 0.41}
+    line = format_perf_line("CPY(type=f32)", perf)
+    assert line == ("CPY(type=f32): 2304 runs - 445.61 us/run - 32770 kB/run - 70.27 GB/s "
+                    "(41% of copy bandwidth)")
+
+
+def test_cli_report(tmp_path, capsys):
+    from opbench.harness.cli import main
+
+    results = tmp_path / "results.jsonl"
+    with store.ResultWriter(results) as writer:
+        for record in synthetic_records(seed=1):
+            writer.write(record)
+    assert main(["report", str(results), "--out", str(tmp_path / "rep")]) == 0
+    assert "(5 plots)" in capsys.readouterr().out
+    assert (tmp_path / "rep" / "report.html").exists()
+
+
+def test_cli_report_bad_input_exit_2(tmp_path, capsys):
+    from opbench.harness.cli import main
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"schema": 9}\n')
+    assert main(["report", str(bad), "--out", str(tmp_path / "rep")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"opbench: error: {bad}:1: missing required field")
+    assert main(["report", str(bad), "--out", str(bad)]) == 2
+    assert "is not a directory" in capsys.readouterr().err

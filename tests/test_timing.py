@@ -1,0 +1,195 @@
+"""Timing (against a fake clock: no wall-clock assertions), throughput, and calibrate."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from opbench.harness import calibrate, timing
+from opbench.harness.cli import main
+
+
+class FakeClock:
+    """Stands in for perf_counter_ns; the code under test advances it by 'doing work'."""
+
+    def __init__(self) -> None:
+        self.now = 1_000_000
+        self.log: list[str] = []
+
+    def __call__(self) -> int:
+        return self.now
+
+    def work(self, name: str, ns: int):
+        def run() -> None:
+            self.log.append(name)
+            self.now += ns
+        return run
+
+
+@pytest.fixture
+def clock(monkeypatch) -> FakeClock:
+    fake = FakeClock()
+    monkeypatch.setattr(timing.time, "perf_counter_ns", fake)
+    return fake
+
+
+def test_default_timer_includes_the_synchronization(clock):
+    # an async backend returns at once and does the work in sync(): that time must count
+    samples = timing.measure(clock.work("fn", 100), sync=clock.work("sync", 900), warmup=2,
+                             budget_ms=0, min_samples=5)
+    assert list(samples.ns) == [1000] * 5
+    # warm-up: 2 calls then one sync; then call+sync per sample
+    assert clock.log[:3] == ["fn", "fn", "sync"]
+    assert clock.log[3:] == ["fn", "sync"] * 5
+
+
+def test_repeats_until_the_budget_is_spent(clock):
+    samples = timing.measure(clock.work("fn", 1_000_000), sync=lambda: None, warmup=0,
+                             budget_ms=10, min_samples=3)
+    assert len(samples) == 10 and samples.budget_ms == 10
+
+
+def test_min_and_max_samples_bound_the_count(clock):
+    slow = timing.measure(clock.work("fn", 50_000_000), sync=lambda: None, warmup=0,
+                          budget_ms=10, min_samples=4)
+    assert len(slow) == 4  # budget spent after one sample, min_samples still honoured
+    fast = timing.measure(clock.work("fn", 1), sync=lambda: None, warmup=0,
+                          budget_ms=1000, min_samples=2, max_samples=7)
+    assert len(fast) == 7
+
+
+def test_flush_runs_untimed_before_every_sample_and_backend_timer_is_used(clock):
+    flush = clock.work("flush", 10_000_000)  # expensive, but outside the timed region
+    samples = timing.measure(clock.work("fn", 5), sync=lambda: None, warmup=0, budget_ms=0,
+                             min_samples=3, flush=flush, timer=lambda fn: (fn(), 42.0)[1])
+    assert list(samples.ns) == [42, 42, 42]
+    assert clock.log == ["flush", "fn"] * 3
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"budget_ms": -1}, "budget_ms=-1"),
+    ({"min_samples": 0}, "min_samples=0"),
+    ({"min_samples": 5, "max_samples": 2}, "max_samples=2 must be >= min_samples=5"),
+])
+def test_bad_limits_are_named(kw, message):
+    with pytest.raises(ValueError, match=message):
+        timing.measure(lambda: None, sync=lambda: None, **kw)
+
+
+def test_interleaved_rounds_alternate_subjects(clock):
+    subjects = {
+        "A": timing.Subject(clock.work("A", 1000), lambda: None),
+        "B": timing.Subject(clock.work("B", 2000), lambda: None),
+    }
+    result = timing.measure_interleaved(subjects, warmup=1, budget_ms=0, min_samples=20,
+                                        per_round=2, seed=0)
+    assert list(result["A"].ns) == [1000] * 20 and list(result["B"].ns) == [2000] * 20
+    timed = clock.log[2:]  # after one warm-up call each
+    runs = [timed[i:i + 2] for i in range(0, len(timed), 2)]
+    assert all(run[0] == run[1] for run in runs)  # blocks of per_round
+    rounds = [sorted(a[0] + b[0]) for a, b in zip(runs[::2], runs[1::2])]
+    assert rounds == [["A", "B"]] * 10  # every round times both, in a shuffled order
+    assert {run[0] for run in runs[::2]} == {"A", "B"}  # the order is not fixed
+
+
+def test_summarize():
+    stats = timing.summarize(np.array([10, 20, 30, 40, 1000]))
+    assert stats["median_ns"] == 30 and stats["n"] == 5
+    assert stats["q1_ns"] == 20 and stats["q3_ns"] == 40 and stats["iqr_ns"] == 20
+    assert stats["min_ns"] == 10 and stats["max_ns"] == 1000
+    with pytest.raises(ValueError, match="zero samples"):
+        timing.summarize([])
+
+
+def test_throughput_and_roofline_bound():
+    ceilings = {"copy_gbps": 20.0, "matmul_gflops": 400.0}
+    # 1 MB in 100 us = 10 GB/s; 1 MFLOP is nothing: memory-bound at 50% of copy bandwidth
+    memory = timing.throughput(100_000, nbytes=10**6, flops=10**6, ceilings=ceilings)
+    assert memory["gbps"] == pytest.approx(10.0) and memory["gflops"] == pytest.approx(10.0)
+    assert memory["bound"] == "memory" and memory["fraction_of_ceiling"] == pytest.approx(0.5)
+    # 1 GFLOP over 1 MB in 10 ms: 100 GFLOP/s, compute-bound at 25% of the GEMM rate
+    compute = timing.throughput(10**7, nbytes=10**6, flops=10**9, ceilings=ceilings)
+    assert compute["bound"] == "compute" and compute["fraction_of_ceiling"] == pytest.approx(0.25)
+    bare = timing.throughput(1000, nbytes=1000)
+    assert bare["gbps"] == pytest.approx(1.0) and bare["fraction_of_ceiling"] is None
+    with pytest.raises(ValueError, match="median_ns=0"):
+        timing.throughput(0, nbytes=1)
+
+
+def test_perf_block_keeps_every_sample():
+    samples = timing.Samples(np.array([100, 300, 200], dtype=np.int64), warmup=2, budget_ms=5)
+    block = timing.perf_block(samples, nbytes=200, ceilings={"copy_gbps": 2.0})
+    assert block["samples_ns"] == [100, 300, 200] and block["median_ns"] == 200
+    assert block["gbps"] == pytest.approx(1.0)
+    assert block["fraction_of_ceiling"] == pytest.approx(0.5)
+    json.dumps(block)  # storable as is
+
+
+# -- calibrate -----------------------------------------------------------------------------------
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPBENCH_CACHE_DIR", str(tmp_path / "cache"))
+    calls = []
+
+    def fake_measure(copy_bytes=calibrate.COPY_BYTES, matmul_n=calibrate.MATMUL_N):
+        calls.append((copy_bytes, matmul_n))
+        return {"copy_gbps": 10.0 + len(calls), "matmul_gflops": 100.0}
+
+    monkeypatch.setattr(calibrate, "measure_ceilings", fake_measure)
+    return calls
+
+
+def test_ceilings_are_measured_once_and_cached_per_cpu(cache, tmp_path):
+    assert calibrate.load_ceilings(measure_if_missing=False) is None
+    first = calibrate.load_ceilings()
+    assert first["copy_gbps"] == 11.0 and calibrate.load_ceilings() == first and len(cache) == 1
+    stored = json.loads((tmp_path / "cache" / "ceilings.json").read_text())
+    assert list(stored) == [calibrate.store.cpu_model()]
+    assert calibrate.calibrate(force=True)["copy_gbps"] == 12.0 and len(cache) == 2
+
+
+def test_cli_calibrate(cache, tmp_path, capsys):
+    assert main(["calibrate", "--copy-mib", "8", "--matmul-n", "128"]) == 0
+    assert cache == [(8 * 2**20, 128)]
+    assert "copy bandwidth: 11.00 GB/s" in capsys.readouterr().out
+    assert main(["calibrate", "--json"]) == 0 and len(cache) == 1  # cached
+    assert json.loads(capsys.readouterr().out)["matmul_gflops"] == 100.0
+
+
+def test_corrupt_cache_is_a_usage_error_until_forced(cache, tmp_path, capsys):
+    path = tmp_path / "cache" / "ceilings.json"
+    path.parent.mkdir()
+    path.write_text("{broken")
+    assert main(["calibrate"]) == 2
+    assert "run `opbench calibrate --force`" in capsys.readouterr().err
+    assert main(["calibrate", "--force"]) == 0
+    assert calibrate.load_ceilings(measure_if_missing=False)["copy_gbps"] == 11.0
+
+
+def test_real_measurements_are_positive_rates():
+    # tiny sizes: checks the arithmetic runs end to end, not the machine's speed
+    assert np.isfinite(calibrate.measure_copy_bandwidth(2**20, budget_ms=5)) > 0
+    assert calibrate.measure_matmul_rate(64, budget_ms=5) > 0
+
+
+def test_backend_subject_uses_the_backends_sync_timer_and_flush():
+    calls = []
+
+    class Fake:
+        def synchronize(self, device=None):
+            calls.append(("sync", device))
+
+        def timer(self):
+            return lambda fn: (fn(), 7.0)[1]
+
+        def flush_l2(self):
+            calls.append(("flush", None))
+
+    subject = timing.backend_subject(Fake(), lambda: calls.append(("fn", None)), "dev1",
+                                     cold=True)
+    assert subject.time_once() == 7.0
+    assert calls == [("flush", None), ("sync", "dev1"), ("fn", None)]
+    warm = timing.backend_subject(Fake(), lambda: None)
+    assert warm.flush is None
