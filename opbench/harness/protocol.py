@@ -242,3 +242,52 @@ class Backend:
 
     def cpy(self, src, out, perm: Sequence[int], step: int = 1, stream=None) -> None:
         raise NotImplementedError
+
+    # -- scenario primitives (optional; what opbench.harness.scenario's model needs) ---------
+    # Like the ops above they run on a stream (the arrays' device's stream by default), are
+    # enqueued and may return before the work is done.  f32 arrays unless said otherwise.
+    def matmul(self, a, b, out, stream=None) -> None:
+        """out [m, n] = a [m, k] @ b [k, n], accumulated in float32 or better."""
+        raise NotImplementedError
+
+    def rms_norm(self, x, weight, out, eps: float, stream=None) -> None:
+        """out = x / sqrt(mean(x*x, last axis) + eps) * weight; x, out [n, d], weight [d]."""
+        raise NotImplementedError
+
+    def add(self, a, b, out, stream=None) -> None:
+        """out = a + b (same shapes); out may be a."""
+        raise NotImplementedError
+
+    def attn_merge(self, out, lse, part_out, part_lse, stream=None) -> None:
+        """In place, (out, lse) <- online-softmax merge of (out, lse) and (part_out, part_lse):
+        two attentions over disjoint key sets, ``reference.attention.merge_partials`` without
+        sinks.  out, part_out [n_q, H, Dv]; lse, part_lse [n_q, H]; an lse of -inf contributes
+        nothing (its out is ignored)."""
+        raise NotImplementedError
+
+    def write(self, dst, host: np.ndarray, stream=None) -> None:
+        """Copy host data into the existing array ``dst`` (same shape; converted to dst's dtype),
+        ordered on the stream.  The host array is snapshotted at the call, so the caller may
+        reuse it at once.  This is how a replayed graph gets new positions, slots and lengths."""
+        raise NotImplementedError
+
+    def rope_for_layer(self, x, pos, out, p: RopeParams, layer: int, freq_factors=None,
+                       stream=None) -> None:
+        """``rope`` called by model layer ``layer`` (global index).  Backends whose sin/cos cache
+        is organised per layer use it; the default ignores the layer."""
+        self.rope(x, pos, out, p, freq_factors=freq_factors, stream=stream)
+
+    def capture_begin(self, streams) -> None:
+        """Start recording (not running) the work queued on ``streams`` (one stream or a list;
+        events recorded and waited between them are part of the recording)."""
+        raise NotImplementedError
+
+    def capture_end(self, streams) -> Any:
+        """Stop recording; return a graph: the recorded work, bound to the very arrays it was
+        queued with (so replays read whatever those arrays hold by then)."""
+        raise NotImplementedError
+
+    def replay(self, graph: Any, stream=None) -> None:
+        """Enqueue the recorded work again on the streams it was recorded on, with the same
+        cross-stream ordering.  The previous replay of the graph must have completed."""
+        raise NotImplementedError

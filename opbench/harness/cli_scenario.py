@@ -1,0 +1,126 @@
+"""Verb ``scenario``: multi-device, stateful decode scenarios judged at every step."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+from . import output
+from .errors import UsageError
+from .registry import backend_class
+from .scenario.config import ScenarioSpec
+from .scenario.matrix import matrix, run_specs
+from .scenario.splits import SPLITS
+from .store import ResultWriter, environment, new_run_id
+
+EPILOG = """examples:
+  opbench scenario --split layer --devices 3 --evict on
+  opbench scenario --split zigzag --devices 4 --graph-reuse on --delay on --steps 6
+  opbench scenario --matrix -j 2 --results runs/scenarios.jsonl
+  opbench scenario --matrix -p 'split=zigzag.*evict=on'
+exit codes: 0 every step matched the float64 oracle, 1 a divergence (the first diverging step,
+layer, device and metric are printed), 2 a usage error"""
+
+
+def _on_off(value: str) -> bool:
+    return value == "on"
+
+
+def register(subparsers, common) -> None:
+    import argparse
+
+    parser = subparsers.add_parser(
+        "scenario", parents=[common], epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="decode loop through a small transformer over devices, caches and graphs, judged"
+             " at every step against a float64 model")
+    parser.add_argument("--split", choices=SPLITS, default="none",
+                        help="how the model is split over --devices (default: none)")
+    parser.add_argument("--layers", type=int, default=6, help="transformer layers (default 6)")
+    parser.add_argument("--steps", type=int, default=4, help="decode steps after the prefill"
+                        " (default 4)")
+    parser.add_argument("--model", choices=["gemma3", "gemma3-1b"], default="gemma3",
+                        help="per-layer RoPE pattern (default gemma3: global layers scaled x8)")
+    for toggle, default, what in (("rope-cache", "on", "the backend's sin/cos cache"),
+                                  ("graph-reuse", "off", "build the decode step once, replay it"),
+                                  ("evict", "off", "KV eviction + key re-rotation"),
+                                  ("delay", "off", "random stream delays (fault injection)")):
+        parser.add_argument(f"--{toggle}", choices=["on", "off"], default=default,
+                            help=f"{what} (default {default})")
+    parser.add_argument("--matrix", action="store_true",
+                        help="every split x devices 1..4 x every toggle (ignores the axis flags;"
+                             " -p REGEX picks scenarios by id)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print only problems")
+    parser.set_defaults(func=cmd_scenario)
+
+
+def selected_specs(args) -> list[ScenarioSpec]:
+    if args.layers < 1 or args.steps < 1:
+        raise UsageError(f"--layers {args.layers} and --steps {args.steps} must be >= 1")
+    if args.matrix:
+        return _filtered(matrix(seed=args.seed, layers=args.layers, steps=args.steps),
+                         args.pattern)
+    try:
+        return [ScenarioSpec(split=args.split, devices=args.devices, layers=args.layers,
+                             steps=args.steps, seed=args.seed, model=args.model,
+                             rope_cache=_on_off(args.rope_cache),
+                             graph_reuse=_on_off(args.graph_reuse), evict=_on_off(args.evict),
+                             delay=_on_off(args.delay))]
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _filtered(specs: list[ScenarioSpec], pattern: str | None) -> list[ScenarioSpec]:
+    if not pattern:
+        return specs
+    try:
+        regex = re.compile(pattern)
+    except re.error as exc:
+        raise UsageError(f"bad regular expression -p {pattern!r}: {exc}") from None
+    chosen = [spec for spec in specs if regex.search(spec.id)]
+    if not chosen:
+        raise UsageError(f"no scenario of the matrix matches -p {pattern!r}")
+    return chosen
+
+
+def cmd_scenario(args) -> int:
+    if args.jobs < 1:
+        raise UsageError(f"-j {args.jobs}: needs at least 1 worker")
+    specs = selected_specs(args)
+    names = [b.strip() for b in args.backend.split(",") if b.strip()]
+    for name in names:
+        backend_class(name)  # unknown names: a usage error before anything runs
+    writer = ResultWriter(args.results) if args.results else None
+    report = output.make_reporter(args.output, quiet=args.quiet)
+    run_id, failed = new_run_id(), False
+    try:
+        if writer:
+            writer.open()
+        for name in names:
+            failed |= _run_backend(name, specs, args.jobs, run_id, writer, report)
+    except OSError as exc:
+        raise UsageError(f"cannot write results to {args.results!r}: {exc.strerror}") from None
+    finally:
+        if writer:
+            writer.close()
+        report.finish()
+    return 1 if failed else 0
+
+
+def _run_backend(name, specs, jobs, run_id, writer, report) -> bool:
+    cls = backend_class(name)
+    ok, why = cls.available()
+    if not ok:
+        report.skipped_backend(cls.name, why)
+        return False
+    env = environment({"name": cls.name})
+    counts: Counter = Counter()
+    with report.progress(cls.name, len(specs)) as advance:
+        for record in run_specs(name, specs, run_id, jobs):
+            record["env"] = env
+            if writer:
+                writer.write(record)
+            counts[record["status"]] += 1
+            report.case(record)
+            advance()
+    return report.backend_summary(cls.name, counts)

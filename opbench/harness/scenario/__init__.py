@@ -1,0 +1,3 @@
+"""Multi-device, stateful scenarios: a decode loop through a small transformer, judged at every
+step, layer and output against the same model in float64 (DESIGN.md, "Devices, splits, caches,
+scenarios")."""

@@ -1,0 +1,134 @@
+"""Scenario configuration: the model, the run's axes, and the one tolerance table.
+
+The model is a small attention-only transformer with Gemma-3-style per-layer RoPE: every
+``global_every``-th layer is global (freq_base 1e6, linear scaling), the rest local (1e4).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from ..protocol import AttnParams, RopeParams
+from .splits import check_split, head_split, layer_split
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    d_model: int = 64
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    head_dim: int = 16
+    n_layers: int = 6
+    prompt_lens: tuple[int, ...] = (13, 6, 17)  # sequences of different lengths
+    steps: int = 5  # decode steps after the prefill
+    block_size: int = 4
+    local_base: float = 1e4
+    global_base: float = 1e6
+    global_scale: float = 8.0  # HF linear rope_scaling factor of global layers; 1 = none
+    global_every: int = 6  # layers l with (l + 1) % global_every == 0 are global
+    eps: float = 1e-6
+    seed: int = 0
+    # eviction sizes in tokens (OpenVINO GenAI): evict once a sequence holds max + block_size
+    start_size: int = 4
+    recent_size: int = 4
+    max_cache_size: int = 12
+
+    def __post_init__(self) -> None:
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} must be a multiple of "
+                             f"n_kv_heads={self.n_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even")
+        if min(self.prompt_lens, default=0) < 1:
+            raise ValueError(f"prompt_lens={self.prompt_lens} must be non-empty and >= 1")
+
+    @property
+    def n_seqs(self) -> int:
+        return len(self.prompt_lens)
+
+    @property
+    def capacity(self) -> int:
+        """The most tokens any sequence ever appends."""
+        return max(self.prompt_lens) + self.steps
+
+    def is_global(self, layer: int) -> bool:
+        return (layer + 1) % self.global_every == 0
+
+    def rope_params(self, layer: int) -> RopeParams:
+        # neox pairing (i, i + D/2) matches KV_ROTATE's rotate_half layout
+        if self.is_global(layer):
+            return RopeParams(n_dims=self.head_dim, mode="neox", freq_base=self.global_base,
+                              freq_scale=1.0 / self.global_scale)
+        return RopeParams(n_dims=self.head_dim, mode="neox", freq_base=self.local_base)
+
+    def attn_params(self, causal: bool = True) -> AttnParams:
+        return AttnParams(scale=self.head_dim ** -0.5, causal=causal)
+
+
+#: Named models.  gemma3 = Gemma 3 4B+ (global layers scaled x8); gemma3-1b = Gemma 3 1B (no
+#: scaling: local and global layers differ only in freq_base, the case a cache key without
+#: freq_base gets wrong).
+PRESETS = {
+    "gemma3": {},
+    "gemma3-1b": {"global_scale": 1.0},
+}
+
+
+def model_config(preset: str = "gemma3", **overrides) -> ModelConfig:
+    if preset not in PRESETS:
+        raise ValueError(f"model={preset!r} must be one of {sorted(PRESETS)}")
+    return ModelConfig(**{**PRESETS[preset], **overrides})
+
+
+@dataclass(frozen=True)
+class ScenarioSpec:
+    """One run: the model plus every axis of the matrix."""
+
+    split: str = "none"
+    devices: int = 1
+    rope_cache: bool = True
+    graph_reuse: bool = False
+    evict: bool = False
+    delay: bool = False
+    model: str = "gemma3"
+    layers: int = 6
+    steps: int = 4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_split(self.split, self.devices)
+        cfg = self.config()
+        if self.split == "layer":
+            layer_split(cfg.n_layers, self.devices)
+        if self.split == "head":
+            head_split(cfg.n_heads, cfg.n_kv_heads, self.devices)
+
+    def config(self) -> ModelConfig:
+        return model_config(self.model, n_layers=self.layers, steps=self.steps, seed=self.seed)
+
+    @property
+    def id(self) -> str:
+        onoff = {True: "on", False: "off"}
+        return (f"SCENARIO(split={self.split},devices={self.devices},"
+                f"rope_cache={onoff[self.rope_cache]},graph_reuse={onoff[self.graph_reuse]},"
+                f"evict={onoff[self.evict]},delay={onoff[self.delay]},model={self.model},"
+                f"layers={self.layers},steps={self.steps})")
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class ScenarioTolerance:
+    """float32 through several layers, judged against float64.  Measured on the cpu backend:
+    NMSE ~1e-13 and max relative error ~1e-6 at 6 layers; every zoo bug lands at NMSE >= 1e-5.
+    """
+
+    nmse: float = 1e-9
+    max_rel: float = 1e-4  # max |a - b| / max |b| per (step, layer)
+
+
+TOLERANCE = ScenarioTolerance()
+#: cpu backend fault injection for scenarios: short sleeps (many small ops per step)
+DELAY_MAX_MS = 0.3

@@ -1,0 +1,109 @@
+"""The scenario matrix and running scenarios into result records (in this process or -j N)."""
+
+from __future__ import annotations
+
+import itertools
+import multiprocessing as mp
+import time
+import traceback
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+
+from ..protocol import Backend
+from ..registry import backend_class
+from ..store import make_record
+from .config import ScenarioSpec
+from .judge import backend_options, run_scenario
+from .splits import SPLITS
+
+TOGGLES = ("rope_cache", "graph_reuse", "evict", "delay")
+SCENARIO_OPS = ("matmul", "rms_norm", "add", "write")
+MAX_DEVICES = 4
+
+
+def split_devices() -> list[tuple[str, int]]:
+    """Every split at devices 1..4 (``none`` runs on one device only)."""
+    return [(split, n) for split in SPLITS
+            for n in ([1] if split == "none" else range(1, MAX_DEVICES + 1))]
+
+
+def matrix(seed: int = 0, layers: int = 6, steps: int = 4) -> list[ScenarioSpec]:
+    """Every split x devices 1..4 x every toggle; plus, per split, device count and delay, the
+    gemma3-1b model (local and global layers differ only in freq_base) with the RoPE cache on."""
+    common = dict(layers=layers, steps=steps, seed=seed)
+    specs = []
+    for split, devices in split_devices():
+        for values in itertools.product((False, True), repeat=len(TOGGLES)):
+            specs.append(ScenarioSpec(split=split, devices=devices, **common,
+                                      **dict(zip(TOGGLES, values))))
+    for split, devices in split_devices():
+        for delay in (False, True):
+            specs.append(ScenarioSpec(split=split, devices=devices, model="gemma3-1b",
+                                      delay=delay, **common))
+    return specs
+
+
+def unsupported(backend: Backend, spec: ScenarioSpec) -> str | None:
+    """Why ``backend`` cannot run ``spec``, or None."""
+    needed = list(SCENARIO_OPS) + ["attention", "rope", "set_rows"]
+    if spec.evict:
+        needed.append("kv_rotate")
+    if spec.split in ("ring", "zigzag", "stripe"):
+        needed += ["attn_merge", "get_rows"]
+    if spec.devices > 1:
+        needed.append("copy_async")
+    if spec.graph_reuse:
+        needed += ["capture_begin", "capture_end", "replay"]
+    missing = [m for m in needed if getattr(type(backend), m) is getattr(Backend, m)]
+    return f"{backend.name} does not implement {', '.join(missing)}" if missing else None
+
+
+def scenario_record(backend_ref: str, spec: ScenarioSpec, run_id: str, engine_cls=None) -> dict:
+    """Run one scenario on a fresh backend instance and describe it as a result record."""
+    cls = backend_class(backend_ref)
+    fields = dict(kind="scenario", backend=cls.name, op="SCENARIO", case_id=spec.id,
+                  run_id=run_id, params=spec.as_dict(), dtype="f32")
+    try:
+        backend = cls(**backend_options(spec))
+    except (TypeError, ValueError) as exc:
+        return make_record(status="UNSUPPORTED", reason=f"backend options: {exc}", **fields)
+    try:
+        return _run_record(backend, spec, fields, engine_cls)
+    finally:
+        backend.close()
+
+
+def _run_record(backend, spec: ScenarioSpec, fields: dict, engine_cls) -> dict:
+    why = unsupported(backend, spec)
+    if why:
+        return make_record(status="UNSUPPORTED", reason=why, **fields)
+    start = time.perf_counter()
+    try:
+        result = run_scenario(backend, spec, engine_cls)
+    except Exception as exc:  # a crashing backend is a result, not a crash of the run
+        summary = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        return make_record(status="ERROR", reason=summary, errors=[summary],
+                           scenario={**spec.as_dict(), "divergence": None}, **fields)
+    div = result.divergence
+    scenario = {**spec.as_dict(), "steps_run": result.steps,
+                "seconds": round(time.perf_counter() - start, 3),
+                "divergence": None if div is None else div.__dict__}
+    return make_record(status="OK" if result.ok else "FAIL", metrics=result.worst,
+                       device=f"{spec.devices} device(s)",
+                       errors=[div.describe()] if div else [], scenario=scenario, **fields)
+
+
+def _worker(args) -> dict:
+    return scenario_record(*args)
+
+
+def run_specs(backend_ref: str, specs: list[ScenarioSpec], run_id: str,
+              jobs: int = 1) -> Iterator[dict]:
+    """Records in spec order; with jobs > 1 in forked worker processes."""
+    work = [(backend_ref, spec, run_id) for spec in specs]
+    if jobs <= 1:
+        yield from map(_worker, work)
+        return
+    context = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    with ProcessPoolExecutor(jobs, mp_context=context) as pool:
+        yield from pool.map(_worker, work, chunksize=4)

@@ -1,0 +1,87 @@
+"""``opbench scenario``: exit codes, console lines, records."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from opbench.harness.cli import main
+
+ZOO = Path(__file__).resolve().parents[1] / "bugzoo" / "scenario_bugs.py"
+
+
+def test_single_scenario_passes_and_writes_a_scenario_record(tmp_path, capsys):
+    results = tmp_path / "r.jsonl"
+    code = main(["scenario", "--split", "layer", "--devices", "2", "--evict", "on",
+                 "--graph-reuse", "on", "--steps", "2", "--results", str(results)])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "SCENARIO(split=layer,devices=2,rope_cache=on,graph_reuse=on,evict=on" in out
+    assert "1/1 tests passed" in out and "Backend cpu: OK" in out
+    (record,) = [json.loads(line) for line in results.read_text().splitlines()]
+    assert record["kind"] == "scenario" and record["status"] == "OK"
+    assert record["scenario"]["split"] == "layer" and record["scenario"]["divergence"] is None
+    assert record["scenario"]["steps_run"] == 3
+    assert 0 < record["metrics"]["nmse"] < 1e-9
+
+
+def test_divergence_exits_1_naming_step_layer_device_and_metric(tmp_path, capsys):
+    results = tmp_path / "r.jsonl"
+    code = main(["scenario", "-b", f"{ZOO}:RopeCacheLayerZero", "--split", "layer",
+                 "--devices", "2", "--steps", "1", "--results", str(results)])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "FAIL" in out
+    assert "first divergence at step 0, layer 3, device 1: nmse=" in out
+    record = json.loads(results.read_text())
+    assert record["status"] == "FAIL"
+    assert record["scenario"]["divergence"]["layer"] == "3"
+    assert record["scenario"]["divergence"]["device"] == 1
+
+
+def test_usage_errors_exit_2(capsys):
+    assert main(["scenario", "--split", "none", "--devices", "2"]) == 2
+    assert "split='none' runs on 1 device" in capsys.readouterr().err
+    assert main(["scenario", "--split", "head", "--devices", "5"]) == 2
+    assert "devices=5 must be <= n_heads=4" in capsys.readouterr().err
+    assert main(["scenario", "--split", "diagonal"]) == 2
+    assert main(["scenario", "--steps", "0"]) == 2
+
+
+def test_json_output_lists_the_records(capsys):
+    assert main(["scenario", "--split", "ring", "--devices", "2", "--steps", "1",
+                 "--output", "json"]) == 0
+    (record,) = json.loads(capsys.readouterr().out)
+    assert record["status"] == "OK" and record["op"] == "SCENARIO"
+
+
+def test_backend_without_scenario_ops_is_unsupported_not_failed(tmp_path, capsys):
+    module = tmp_path / "bare.py"
+    module.write_text("from opbench.harness.protocol import Backend\n"
+                      "class Bare(Backend):\n    name = 'bare'\n")
+    assert main(["scenario", "-b", f"{module}:Bare", "--steps", "1", "--output", "json"]) == 0
+    (record,) = json.loads(capsys.readouterr().out)
+    assert record["status"] == "UNSUPPORTED"
+    assert "bare does not implement matmul" in record["reason"]
+
+
+def test_matrix_pattern_picks_scenarios_by_id(capsys):
+    code = main(["scenario", "--matrix", "-p", r"split=ring,devices=2,.*evict=on,delay=on",
+                 "--steps", "1", "--output", "json"])
+    records = json.loads(capsys.readouterr().out)
+    assert code == 0 and len(records) == 4  # rope_cache x graph_reuse
+    assert all("evict=on,delay=on" in r["case_id"] for r in records)
+    assert main(["scenario", "--matrix", "-p", "split=diagonal"]) == 2
+
+
+def test_a_backend_that_raises_is_an_error_record_and_exit_1(tmp_path, capsys):
+    module = tmp_path / "broken.py"
+    module.write_text("from opbench.backends.cpu import CpuBackend\n"
+                      "class Broken(CpuBackend):\n"
+                      "    def attn_merge(self, *args, **kwargs):\n"
+                      "        raise RuntimeError('merge kernel missing')\n")
+    code = main(["scenario", "-b", f"{module}:Broken", "--split", "ring", "--devices", "2",
+                 "--steps", "1", "--output", "junit"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "<testsuite" in out and "merge kernel missing" in out
