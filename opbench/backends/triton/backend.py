@@ -1,0 +1,393 @@
+"""``TritonBackend``: Triton kernels judged by the float64 oracles, on a GPU or on the CPU.
+
+Two modes, chosen once per process (Triton decides when a kernel is decorated):
+
+* ``interpreter`` (no GPU, or ``TRITON_INTERPRET=1``): Triton's interpreter runs the very same
+  kernels on CPU tensors.  The backend *is* a cpu backend (logical devices, arrays that know
+  their device, one worker-thread stream per device, events, async copies, fault injection);
+  only the op bodies differ: each op enqueues a Triton launch on the device's stream, on torch
+  tensors that alias the harness's NumPy buffers (zero copy), so kernels write straight into
+  the guarded output buffers.
+* ``cuda``: native Triton on torch CUDA tensors, torch.cuda streams and events, a CUDA-event
+  timer with an L2 flush (``runtime_cuda``).
+
+Each op's launch is one method (``launch_rope``, ``launch_attention``, ...) taking torch
+tensors: override one in a subclass to test your own kernel (docs/backends-triton.md).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import threading
+from typing import Any
+
+import numpy as np
+
+from opbench.backends.cpu import CpuBackend
+from opbench.backends.cpu import backend as cpu_checks
+from opbench.backends.cpu.runtime import plain
+
+from . import index_checks
+
+INSTALL_HINT = "pip install 'opbench[triton]'"
+MODES = ("auto", "interpreter", "cuda")
+TILE_OPTIONS = ("block_m", "block_n", "split_len")
+
+# The interpreter swaps triton.language's functions for the duration of a launch, process-wide:
+# two streams interpreting kernels at once would restore each other's patches mid-kernel.
+_INTERPRETER_LOCK = threading.Lock()
+
+
+def missing_modules() -> list[str]:
+    return [name for name in ("triton", "torch") if not _importable(name)]
+
+
+def _importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a blocked or half-installed module
+        return False
+
+
+def resolve_mode(requested: str = "auto") -> str:
+    """"interpreter" or "cuda" for this process; TRITON_INTERPRET=1 forces the interpreter."""
+    if requested not in MODES:
+        raise ValueError(f"mode={requested!r} must be one of {MODES}")
+    forced = os.environ.get("TRITON_INTERPRET") == "1"
+    if requested == "cuda" and forced:
+        raise ValueError("mode='cuda' but TRITON_INTERPRET=1 is set in the environment")
+    if requested == "interpreter" or forced:
+        return "interpreter"
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if requested == "cuda":
+        raise RuntimeError("mode='cuda' needs a CUDA device; torch sees none")
+    return "interpreter"
+
+
+def load_kernels(mode: str):
+    """Import the kernel modules for ``mode`` (the interpreter flag must precede decoration)."""
+    if mode == "interpreter":
+        os.environ["TRITON_INTERPRET"] = "1"
+    from . import kernels_attention, kernels_copy, kernels_kv, kernels_rope
+
+    interpreted = type(kernels_rope.rope_kernel).__name__ == "InterpretedFunction"
+    if interpreted != (mode == "interpreter"):
+        have = "interpreter" if interpreted else "cuda"
+        raise RuntimeError(f"Triton kernels were already loaded in {have} mode in this process;"
+                           f" mode={mode!r} needs a fresh process")
+    return kernels_rope, kernels_attention, kernels_kv, kernels_copy
+
+
+def as_torch(arr):
+    """Zero-copy torch view of a backend (NumPy) array; bf16 through its int16 bit pattern."""
+    import torch
+
+    if arr is None:
+        return None
+    a = plain(arr)
+    if a.dtype.name == "bfloat16":
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
+class TritonBackend(CpuBackend):
+    """Options: everything the cpu backend takes (devices, streams, ``delay`` fault injection;
+    ``rope_cache`` is accepted and has no effect: the kernels compute angles in-kernel), plus
+    ``mode`` ("auto" | "interpreter" | "cuda"), tile sizes ``block_m``, ``block_n``,
+    ``split_len`` (keys per decode split), and ``decode_split`` (False: always flash)."""
+
+    name = "triton"
+    OPTIONS = CpuBackend.OPTIONS + ("mode", "decode_split") + TILE_OPTIONS
+
+    @classmethod
+    def available(cls) -> tuple[bool, str]:
+        missing = missing_modules()
+        if missing:
+            return False, f"{' and '.join(missing)} not installed: {INSTALL_HINT}"
+        return True, ""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        ok, reason = self.available()
+        if not ok:
+            raise RuntimeError(reason)
+        self.mode = resolve_mode(options.get("mode", "auto"))
+        self.tiles = {name: int(options[name]) for name in TILE_OPTIONS if name in options}
+        self.decode_split = bool(options.get("decode_split", True))
+        (self.k_rope, self.k_attention, self.k_kv, self.k_copy) = load_kernels(self.mode)
+        self._cuda = None
+        if self.mode == "cuda":
+            from .runtime_cuda import CudaRuntime
+
+            self._cuda = CudaRuntime()
+
+    @property
+    def is_interpreter(self) -> bool:
+        """True when kernels run in Triton's interpreter: correct, but no GPU timing."""
+        return self.mode == "interpreter"
+
+    def info(self) -> dict:
+        import torch
+        import triton
+
+        facts = {"mode": self.mode, "is_interpreter": self.is_interpreter,
+                 "triton": triton.__version__, "torch": torch.__version__,
+                 "numpy": np.__version__, "tiles": dict(self.tiles)}
+        if self._cuda is not None:
+            facts.update(self._cuda.info())
+        else:
+            facts["devices"] = [d.name for d in self._devices]
+        return facts
+
+    # -- kernel launches: one method per kernel, torch tensors in; override to test yours -------
+    def launch_rope(self, x, pos, out, p, freq_factors) -> None:
+        self.k_rope.launch_rope(x, pos, out, p, freq_factors)
+
+    def launch_attention(self, q, k, v, out, p, mask, sinks, lse, paged) -> None:
+        """Flash attention (any number of queries per sequence)."""
+        tiles = self._attention_tiles(q.shape[-1])
+        self.k_attention.launch_attention(q, k, v, out, p, mask, sinks, lse, paged,
+                                          block_m=tiles["block_m"], block_n=tiles["block_n"])
+
+    def launch_decode(self, q, k, v, out, p, mask, sinks, lse, paged) -> None:
+        """Split-KV decode (exactly one query per sequence) and the merge of its partials."""
+        tiles = self._attention_tiles(q.shape[-1])
+        self.k_attention.launch_decode(q, k, v, out, p, mask, sinks, lse, paged,
+                                       block_n=tiles["block_n"], split_len=tiles["split_len"])
+
+    def _attention_tiles(self, head_dim: int) -> dict:
+        """The mode's default tile sizes, overridden by the backend options."""
+        return {**self.k_attention.default_tiles(self.is_interpreter, head_dim), **self.tiles}
+
+    def launch_attn_merge(self, out, lse, part_out, part_lse) -> None:
+        """Ring attention's in-place merge of two partial attentions."""
+        self.k_attention.launch_attn_merge(out, lse, part_out, part_lse)
+
+    def launch_kv_rotate(self, key_cache, block_indices, deltas, lut, layout) -> None:
+        self.k_kv.launch_kv_rotate(key_cache, block_indices, deltas, lut, layout)
+
+    def launch_set_rows(self, dst, src, slots) -> None:
+        self.k_copy.launch_set_rows(dst, src, slots)
+
+    def launch_get_rows(self, src, rows, out) -> None:
+        self.k_copy.launch_get_rows(src, rows, out)
+
+    def launch_cpy(self, src, out, perm, step) -> None:
+        self.k_copy.launch_cpy(src, out, perm, step)
+
+    # -- ops: validate on the caller's thread, launch on the device's stream ---------------------
+    def rope(self, x, pos, out, p, freq_factors=None, stream=None) -> None:
+        self._check(cpu_checks._check_rope, x, pos, out, p, freq_factors)
+        self._enqueue("rope", dict(x=x, pos=pos, out=out, freq_factors=freq_factors), stream,
+                      lambda t: self.launch_rope(t["x"], t["pos"], t["out"], p,
+                                                 t["freq_factors"]))
+
+    def attention(self, q, k, v, out, p, mask=None, sinks=None, lse=None, paged=None,
+                  stream=None) -> None:
+        self._check(cpu_checks._check_attention, q, k, v, out, p, mask, sinks, lse, paged)
+        arrays = dict(q=q, k=k, v=v, out=out, mask=mask, sinks=sinks, lse=lse)
+        if paged is not None:
+            arrays.update(block_table=paged.block_table, seq_lens=paged.seq_lens,
+                          q_start=paged.q_start)
+        self._enqueue("attention", arrays, stream, lambda t: self._attention(t, p, paged),
+                      _check_paged if paged is not None else None)
+
+    def _attention(self, t: dict, p, paged) -> None:
+        from opbench.harness.protocol import PagedKV
+
+        paged_t = None
+        if paged is not None:
+            paged_t = PagedKV(t["block_table"], t["seq_lens"], t["q_start"])
+        args = (t["q"], t["k"], t["v"], t["out"], p, t["mask"], t["sinks"], t["lse"], paged_t)
+        if self.decode_split and one_query_per_sequence(t["q"], paged_t):
+            self.launch_decode(*args)
+        else:
+            self.launch_attention(*args)
+
+    def attn_merge(self, out, lse, part_out, part_lse, stream=None) -> None:
+        if self._cuda is None:  # the cpu backend's shape checks, then our kernel
+            self._check_merge_shapes(out, lse, part_out, part_lse)
+        arrays = dict(out=out, lse=lse, part_out=part_out, part_lse=part_lse)
+        self._enqueue("attn_merge", arrays, stream, lambda t: self.launch_attn_merge(
+            t["out"], t["lse"], t["part_out"], t["part_lse"]))
+
+    @staticmethod
+    def _check_merge_shapes(out, lse, part_out, part_lse) -> None:
+        if out.ndim != 3 or part_out.shape != out.shape:
+            raise ValueError(f"attn_merge: out {out.shape} and part_out {part_out.shape} must be"
+                             " equal [n, H, D]")
+        if not lse.shape == part_lse.shape == out.shape[:2]:
+            raise ValueError(f"attn_merge: lse {lse.shape}, part_lse {part_lse.shape} must be "
+                             f"{out.shape[:2]}")
+
+    def kv_rotate(self, key_cache, block_indices, deltas, lut, layout, stream=None) -> None:
+        self._check(cpu_checks._check_kv_rotate, key_cache, block_indices, deltas, lut, layout)
+        arrays = dict(key_cache=key_cache, block_indices=block_indices, deltas=deltas, lut=lut)
+        self._enqueue("kv_rotate", arrays, stream, lambda t: self.launch_kv_rotate(
+            t["key_cache"], t["block_indices"], t["deltas"], t["lut"], layout),
+            lambda a: index_checks.check_kv_rotate(a["block_indices"], a["deltas"],
+                                                   len(a["key_cache"]), len(a["lut"])))
+
+    def set_rows(self, dst, src, slots, stream=None) -> None:
+        self._check(check_rows, "set_rows", dst, src, slots, "slots", ("dst", "src"))
+        self._enqueue("set_rows", dict(dst=dst, src=src, slots=slots), stream,
+                      lambda t: self.launch_set_rows(t["dst"], t["src"], t["slots"]),
+                      lambda a: index_checks.check_rows("set_rows", a["slots"], len(a["dst"])))
+
+    def get_rows(self, src, rows, out, stream=None) -> None:
+        self._check(check_rows, "get_rows", src, out, rows, "rows", ("src", "out"))
+        self._enqueue("get_rows", dict(src=src, rows=rows, out=out), stream,
+                      lambda t: self.launch_get_rows(t["src"], t["rows"], t["out"]),
+                      lambda a: index_checks.check_rows("get_rows", a["rows"], len(a["src"])))
+
+    def cpy(self, src, out, perm, step: int = 1, stream=None) -> None:
+        perm = self._check(cpu_checks._check_cpy, src, out, perm, step)
+        perm = tuple(int(i) for i in perm)
+        self._enqueue("cpy", dict(src=src, out=out), stream,
+                      lambda t: self.launch_cpy(t["src"], t["out"], perm, step))
+
+    # -- plumbing -------------------------------------------------------------------------------
+    def _check(self, check, *args):
+        """The cpu backend's shape/dtype checks (NumPy arrays); the CUDA runtime has its own."""
+        if self._cuda is None:
+            return check(*args)
+        return self._cuda.check(check.__name__, *args)
+
+    def _enqueue(self, op: str, arrays: dict, stream, launch, check_indices=None) -> None:
+        """Run ``launch`` (torch tensors in) on the stream; ``check_indices`` (NumPy arrays in)
+        first, in interpreter mode, where a bad index would touch arbitrary memory."""
+        if self._cuda is not None:
+            self._cuda.run(op, arrays, stream, launch)
+            return
+        device = self._same_device(op, **arrays)
+
+        def work() -> None:
+            if check_indices is not None:
+                check_indices({n: None if a is None else plain(a) for n, a in arrays.items()})
+            tensors = {name: as_torch(arr) for name, arr in arrays.items()}
+            with _INTERPRETER_LOCK:
+                launch(tensors)
+
+        self._submit(device, stream, work)
+
+    # -- runtime: the cpu backend's in interpreter mode, torch.cuda's otherwise -------------------
+    def devices(self, n: int = 1):
+        return super().devices(n) if self._cuda is None else self._cuda.devices(n)
+
+    def to_device(self, host, device=None):
+        if self._cuda is None:
+            return super().to_device(host, device)
+        return self._cuda.to_device(host, device)
+
+    def empty(self, shape, dtype, device=None):
+        if self._cuda is None:
+            return super().empty(shape, dtype, device)
+        return self._cuda.empty(shape, dtype, device)
+
+    def to_host(self, arr) -> np.ndarray:
+        return super().to_host(arr) if self._cuda is None else self._cuda.to_host(arr)
+
+    def synchronize(self, device=None) -> None:
+        if self._cuda is None:
+            super().synchronize(device)
+        else:
+            self._cuda.synchronize(device)
+
+    def stream(self, device=None):
+        return super().stream(device) if self._cuda is None else self._cuda.stream(device)
+
+    def record_event(self, stream):
+        if self._cuda is None:
+            return super().record_event(stream)
+        return self._cuda.record_event(stream)
+
+    def wait_event(self, stream, event) -> None:
+        if self._cuda is None:
+            super().wait_event(stream, event)
+        else:
+            self._cuda.wait_event(stream, event)
+
+    def copy_async(self, src, dst_device, stream=None):
+        if self._cuda is None:
+            return super().copy_async(src, dst_device, stream)
+        return self._cuda.copy_async(src, dst_device, stream)
+
+    def timer(self):
+        """CUDA events around one call; None in interpreter mode, where a time would measure
+        Python, not the kernel (perf mode must refuse a backend whose ``is_interpreter``)."""
+        return None if self._cuda is None else self._cuda.time_one
+
+    def flush_l2(self) -> None:
+        """Before a cold sample: evict the GPU's L2.  The interpreter has no cache to flush."""
+        if self._cuda is not None:
+            self._cuda.flush_l2()
+
+    # scenario primitives: NumPy on the cpu backend's streams in interpreter mode (they are not
+    # what this backend tests), torch on CUDA streams otherwise
+    def matmul(self, a, b, out, stream=None) -> None:
+        if self._cuda is None:
+            super().matmul(a, b, out, stream)
+        else:
+            self._cuda.matmul(a, b, out, stream)
+
+    def rms_norm(self, x, weight, out, eps: float, stream=None) -> None:
+        if self._cuda is None:
+            super().rms_norm(x, weight, out, eps, stream)
+        else:
+            self._cuda.rms_norm(x, weight, out, eps, stream)
+
+    def add(self, a, b, out, stream=None) -> None:
+        if self._cuda is None:
+            super().add(a, b, out, stream)
+        else:
+            self._cuda.add(a, b, out, stream)
+
+    def write(self, dst, host, stream=None) -> None:
+        if self._cuda is None:
+            super().write(dst, host, stream)
+        else:
+            self._cuda.write(dst, host, stream)
+
+    def capture_begin(self, streams) -> None:
+        if self._cuda is not None:
+            raise NotImplementedError("graph reuse through CUDA graphs is not implemented yet")
+        super().capture_begin(streams)
+
+    def close(self) -> None:
+        if self._cuda is None:
+            super().close()
+        else:
+            self._cuda.synchronize(None)
+
+
+def check_rows(op: str, table, rows, index, index_name: str, names: tuple[str, str]) -> None:
+    """``table`` is indexed by ``index``; ``rows`` holds one row per index entry."""
+    for name, arr in zip(names, (table, rows)):
+        if getattr(arr, "dtype", None) not in cpu_checks.FLOAT_DTYPES:
+            raise ValueError(f"{op}: {name} dtype {getattr(arr, 'dtype', None)} must be "
+                             "f32, f16 or bf16")
+    if getattr(index, "dtype", None) not in cpu_checks.INDEX_DTYPES or index.ndim != 1:
+        raise ValueError(f"{op}: {index_name} must be a 1-d int32 array")
+    if index.shape != rows.shape[:1] or table.shape[1:] != rows.shape[1:]:
+        raise ValueError(f"{op}: {index_name} {index.shape}, {names[0]} {table.shape} and "
+                         f"{names[1]} {rows.shape} must be [n], [N, *row] and [n, *row]")
+
+
+def _check_paged(a: dict) -> None:
+    index_checks.check_paged(len(a["q"]), a["k"].shape[0], a["k"].shape[1], a["block_table"],
+                             a["seq_lens"], a["q_start"])
+
+
+def one_query_per_sequence(q, paged) -> bool:
+    """The decode shape: one query row per sequence (n_q == 1 for contiguous attention)."""
+    if paged is None:
+        return q.shape[0] == 1
+    n_seqs = paged.block_table.shape[0]
+    if q.shape[0] != n_seqs or n_seqs == 0:
+        return False
+    q_start = paged.q_start
+    return bool(((q_start[1:] - q_start[:-1]) == 1).all().item())

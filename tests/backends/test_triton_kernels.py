@@ -1,0 +1,337 @@
+"""Every Triton kernel, launched directly in interpreter mode, against the float64 oracles.
+
+Tiny seeded shapes with tiles smaller than the data, so every branch runs: partial last tiles
+(n_kv = 37 with 16-key tiles, 15 RoPE rows in tiles of 4), several sequences, GQA ratios 1, 2, 3.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from opbench.backends.triton.testing import (
+    Guarded,
+    assert_close,
+    assert_exact,
+    assert_lse,
+    require_triton,
+    tt,
+    uniform,
+)
+from opbench.harness.protocol import AttnParams, PagedKV, RopeParams, dtype_name
+from opbench.reference import attention as attn_ref
+from opbench.reference import copies as copy_ref
+from opbench.reference import kv_cache as kv_ref
+from opbench.reference import rope as rope_ref
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    rope, attention, kv, copy = require_triton()
+    return {"rope": rope, "attention": attention, "kv": kv, "copy": copy}
+
+
+# -- ROPE -----------------------------------------------------------------------------------------
+ROPE_CASES = [  # (dtype, mode, head_dim, n_dims, yarn, freq_factors, inverse)
+    ("f32", "normal", 16, 16, False, False, False),
+    ("f32", "neox", 20, 8, True, True, True),  # partial rotation, odd pass-through tail
+    ("f16", "normal", 20, 12, True, False, True),
+    ("bf16", "neox", 16, 16, False, True, False),
+    ("f32", "mrope", 16, 16, True, True, False),
+    ("bf16", "mrope", 24, 24, False, False, True),
+]
+
+
+@pytest.mark.parametrize("dtype,mode,head_dim,n_dims,yarn,use_ff,inverse", ROPE_CASES)
+def test_rope_matches_oracle(kernels, dtype, mode, head_dim, n_dims, yarn, use_ff, inverse):
+    rng = np.random.default_rng(7)
+    n_tokens, n_heads = 5, 3
+    x = uniform(rng, (n_tokens, n_heads, head_dim), dtype)
+    sections = (2, 3, 2, 1) if mode == "mrope" else None
+    pos_shape = (4, n_tokens) if mode == "mrope" else (n_tokens,)
+    pos = rng.integers(0, 3000, pos_shape).astype(np.int32)
+    ff = rng.uniform(0.5, 4.0, n_dims // 2).astype(np.float32) if use_ff else None
+    p = RopeParams(n_dims=n_dims, mode=mode, freq_base=1e4, freq_scale=0.25,
+                   ext_factor=1.0 if yarn else 0.0, attn_factor=0.7, n_ctx_orig=4096,
+                   sections=sections, inverse=inverse)
+    out = Guarded(x.shape, dtype)
+    kernels["rope"].launch_rope(tt(x), tt(pos), tt(out.view), p, tt(ff), block_r=4)
+
+    options = dict(n_dims=n_dims, mode=mode, freq_base=1e4, freq_scale=0.25,
+                   ext_factor=p.ext_factor, attn_factor=0.7, n_ctx_orig=4096, freq_factors=ff,
+                   sections=sections, inverse=inverse)
+    expected = rope_ref.rope(x, pos, **options)
+    low = rope_ref.rope(x, pos, dtype=np.float32, **options)
+    assert_close("ROPE", dtype, expected, low, out.view)
+    assert_exact(x[..., n_dims:], out.view[..., n_dims:])  # pass-through dims untouched
+    assert out.guards_intact()
+
+
+# -- ATTN -----------------------------------------------------------------------------------------
+def _contiguous_inputs(rng, dtype, n_q, n_kv, heads, kv_heads, dk, dv):
+    return (uniform(rng, (n_q, heads, dk), dtype), uniform(rng, (n_kv, kv_heads, dk), dtype),
+            uniform(rng, (n_kv, kv_heads, dv), dtype))
+
+
+def _paged_inputs(rng, dtype, kv_lens, q_lens, heads, kv_heads, dk, dv, block_size=4):
+    n_blocks = [math.ceil(n / block_size) for n in kv_lens]
+    num_blocks = sum(n_blocks) + 2  # spare blocks nobody may read
+    order = rng.permutation(num_blocks).astype(np.int32)
+    table = np.full((len(kv_lens), max(n_blocks) + 1), -1, np.int32)  # padded with -1
+    start = 0
+    for s, n in enumerate(n_blocks):
+        table[s, :n] = order[start:start + n]
+        start += n
+    q = uniform(rng, (sum(q_lens), heads, dk), dtype)
+    k = uniform(rng, (num_blocks, block_size, kv_heads, dk), dtype)
+    v = uniform(rng, (num_blocks, block_size, kv_heads, dv), dtype)
+    return q, k, v, table, np.array(kv_lens, np.int32), np.array(q_lens, np.int32)
+
+
+def _run_attention(kernels, decode, q, k, v, p, *, mask=None, sinks=None, paged=None):
+    out = Guarded((q.shape[0], q.shape[1], v.shape[-1]), dtype_name(q.dtype))
+    lse = Guarded((q.shape[0], q.shape[1]), "f32")
+    paged_t = None if paged is None else PagedKV(*(tt(a) for a in paged))
+    args = (tt(q), tt(k), tt(v), tt(out.view), p, tt(mask), tt(sinks), tt(lse.view), paged_t)
+    if decode:
+        kernels["attention"].launch_decode(*args, block_n=16, split_len=16)
+    else:
+        kernels["attention"].launch_attention(*args, block_m=16, block_n=16)
+    assert out.guards_intact() and lse.guards_intact()
+    return out.view, lse.view
+
+
+def _oracle_options(p, sinks):
+    return dict(scale=p.scale, causal=p.causal, window=p.window, softcap=p.softcap,
+                max_bias=p.max_bias, sinks=sinks, return_lse=True)
+
+
+ATTN_CASES = {  # name: (dtype, n_q, n_kv, H, Hkv, dk, dv, params, mask, sinks)
+    "plain-tail": ("f32", 5, 37, 4, 2, 16, 16, {}, False, False),
+    "causal-window": ("f32", 20, 37, 4, 2, 16, 16, {"causal": True, "window": 7}, False, False),
+    "window-only": ("f16", 5, 37, 2, 1, 16, 16, {"window": 9}, False, False),
+    "softcap-alibi-sinks-gqa3": ("f32", 5, 37, 6, 2, 16, 8,
+                                 {"causal": True, "softcap": 1.0, "max_bias": 8.0}, False, True),
+    "mask": ("f32", 5, 37, 4, 1, 16, 16, {}, True, False),
+    "more-queries-than-keys": ("bf16", 7, 5, 3, 3, 16, 16, {}, False, False),
+    "alibi-5-heads": ("bf16", 3, 21, 5, 5, 16, 16, {"causal": True, "max_bias": 8.0}, False,
+                      False),
+}
+
+
+@pytest.mark.parametrize("name", list(ATTN_CASES))
+def test_flash_attention_matches_oracle(kernels, name):
+    dtype, n_q, n_kv, heads, kv_heads, dk, dv, extra, use_mask, use_sinks = ATTN_CASES[name]
+    rng = np.random.default_rng(11)
+    q, k, v = _contiguous_inputs(rng, dtype, n_q, n_kv, heads, kv_heads, dk, dv)
+    mask = None
+    if use_mask:
+        mask = rng.uniform(-2.0, 0.0, (n_q, n_kv))
+        mask[rng.random((n_q, n_kv)) < 0.2] = -np.inf
+        mask[1] = -np.inf  # a row that sees nothing: out 0, lse -inf
+        mask = mask.astype(np.float32)
+    sinks = rng.uniform(-2.0, 2.0, heads).astype(np.float32) if use_sinks else None
+    p = AttnParams(scale=1.0 / math.sqrt(dk), **extra)
+    out, lse = _run_attention(kernels, False, q, k, v, p, mask=mask, sinks=sinks)
+
+    options = _oracle_options(p, sinks)
+    expected, expected_lse = attn_ref.attention(q, k, v, mask=mask, **options)
+    low, _ = attn_ref.attention(q, k, v, mask=mask, dtype=np.float32, **options)
+    assert_close("ATTN", dtype, expected, low, out)
+    assert_lse(expected_lse, lse)
+
+
+PAGED_CASES = {  # name: (dtype, kv_lens, q_lens, H, Hkv, params, sinks)
+    "prefill-3-seqs": ("f32", [13, 9, 4], [5, 9, 1], 4, 2, {"causal": True, "max_bias": 8.0},
+                       False),
+    "prefill-window-sinks": ("f16", [23, 6], [7, 3], 3, 1, {"causal": True, "window": 5}, True),
+}
+
+
+@pytest.mark.parametrize("name", list(PAGED_CASES))
+def test_paged_flash_attention_matches_oracle(kernels, name):
+    dtype, kv_lens, q_lens, heads, kv_heads, extra, use_sinks = PAGED_CASES[name]
+    rng = np.random.default_rng(5)
+    q, k, v, table, seq_lens, q_lens = _paged_inputs(rng, dtype, kv_lens, q_lens, heads,
+                                                     kv_heads, 16, 16)
+    q_start = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    sinks = rng.uniform(-2.0, 2.0, heads).astype(np.float32) if use_sinks else None
+    p = AttnParams(scale=0.25, **extra)
+    out, lse = _run_attention(kernels, False, q, k, v, p, sinks=sinks,
+                              paged=(table, seq_lens, q_start))
+
+    options = _oracle_options(p, sinks)
+    expected, expected_lse = attn_ref.paged_attention(q, k, v, table, seq_lens, q_lens, **options)
+    low, _ = attn_ref.paged_attention(q, k, v, table, seq_lens, q_lens, dtype=np.float32,
+                                      **options)
+    assert_close("ATTN", dtype, expected, low, out)
+    assert_lse(expected_lse, lse)
+
+
+DECODE_CASES = {  # name: (dtype, kv_lens or n_kv, H, Hkv, params, mask, sinks)
+    "contiguous-window-sinks": ("f32", 37, 4, 2, {"causal": True, "window": 7}, False, True),
+    "contiguous-mask-softcap-alibi": ("f32", 37, 4, 2, {"softcap": 1.0, "max_bias": 8.0}, True,
+                                      False),
+    "paged-3-seqs-sinks": ("bf16", [37, 5, 20], 4, 2, {"causal": True}, False, True),
+    "paged-empty-splits": ("f16", [3, 33], 2, 2, {}, False, False),
+}
+
+
+@pytest.mark.parametrize("name", list(DECODE_CASES))
+def test_split_kv_decode_matches_oracle(kernels, name):
+    """Splits of 16 keys: 37 keys make 3 partials (the last one partial), short sequences
+    leave whole splits empty (lse -inf) that the merge must ignore."""
+    dtype, lengths, heads, kv_heads, extra, use_mask, use_sinks = DECODE_CASES[name]
+    rng = np.random.default_rng(3)
+    sinks = rng.uniform(-2.0, 2.0, heads).astype(np.float32) if use_sinks else None
+    p = AttnParams(scale=0.25, **extra)
+    options = _oracle_options(p, sinks)
+    if isinstance(lengths, list):
+        q, k, v, table, seq_lens, q_lens = _paged_inputs(rng, dtype, lengths, [1] * len(lengths),
+                                                         heads, kv_heads, 16, 16)
+        q_start = np.arange(len(lengths) + 1, dtype=np.int32)
+        out, lse = _run_attention(kernels, True, q, k, v, p, sinks=sinks,
+                                  paged=(table, seq_lens, q_start))
+        oracle = lambda dt: attn_ref.paged_attention(  # noqa: E731
+            q, k, v, table, seq_lens, q_lens, dtype=dt, **options)
+    else:
+        q, k, v = _contiguous_inputs(rng, dtype, 1, lengths, heads, kv_heads, 16, 16)
+        mask = None
+        if use_mask:
+            mask = rng.uniform(-2.0, 0.0, (1, lengths)).astype(np.float32)
+            mask[0, 16:32] = -np.inf  # a whole split hidden
+        out, lse = _run_attention(kernels, True, q, k, v, p, mask=mask, sinks=sinks)
+        oracle = lambda dt: attn_ref.attention(q, k, v, mask=mask, dtype=dt,  # noqa: E731
+                                               **options)
+    (expected, expected_lse), (low, _) = oracle(np.float64), oracle(np.float32)
+    assert_close("ATTN", dtype, expected, low, out)
+    assert_lse(expected_lse, lse)
+
+
+def test_decode_merge_is_the_oracles_merge_partials(kernels):
+    """The split partials (out_p, lse_p) merged by the kernel equal merge_partials of the
+    oracle's attention over the same key ranges."""
+    rng = np.random.default_rng(9)
+    q, k, v = _contiguous_inputs(rng, "f32", 1, 40, 2, 2, 16, 16)
+    sinks = np.array([0.5, -1.0], np.float32)
+    p = AttnParams(scale=0.25)
+    out, lse = _run_attention(kernels, True, q, k, v, p, sinks=sinks)
+    parts = [attn_ref.attention(q, k[a:b], v[a:b], scale=0.25, return_lse=True,
+                                q_pos=[39], k_pos=np.arange(a, b)) for a, b in
+             ((0, 16), (16, 32), (32, 40))]
+    merged, merged_lse = attn_ref.merge_partials([o for o, _ in parts], [x for _, x in parts],
+                                                 sinks)
+    np.testing.assert_allclose(out, merged, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(lse, merged_lse, rtol=1e-6, atol=1e-6)
+
+
+# -- KV_ROTATE ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype,layout,per_token", [
+    ("f32", "rotate_half", False), ("f32", "interleaved", True),
+    ("f16", "interleaved", False), ("bf16", "rotate_half", True),
+])
+def test_kv_rotate_matches_oracle(kernels, dtype, layout, per_token):
+    rng = np.random.default_rng(13)
+    num_blocks, block_size, kv_heads, head_dim, lut_rows = 6, 6, 2, 12, 9
+    cache = uniform(rng, (num_blocks, block_size, kv_heads, head_dim), dtype)
+    blocks = np.array([4, 0, 3], np.int32)
+    width = block_size if per_token else 1
+    deltas = rng.integers(0, lut_rows, (len(blocks), width)).astype(np.int32)
+    lut = kv_ref.rotation_lut(lut_rows, head_dim, block_size, 10000.0)
+    target = Guarded(cache.shape, dtype, init=cache)
+    # 4-token tiles over 6-token blocks: the second tile of every block is partial
+    kernels["kv"].launch_kv_rotate(tt(target.view), tt(blocks), tt(deltas), tt(lut), layout,
+                                   block_t=4)
+
+    options = dict(layout=layout)
+    expected = kv_ref.rotate_keys(cache, blocks, deltas, lut, **options)
+    low = kv_ref.rotate_keys(cache, blocks, deltas, lut, dtype=np.float32, **options)
+    assert_close("KV_ROTATE", dtype, expected, low, target.view)
+    untouched = [b for b in range(num_blocks) if b not in blocks]
+    assert_exact(cache[untouched], target.view[untouched])
+    assert target.guards_intact()
+
+
+# -- SET_ROWS / GET_ROWS / CPY --------------------------------------------------------------------
+CONVERSIONS = [("f32", "f32"), ("f32", "bf16"), ("f32", "f16"), ("bf16", "f16"), ("f16", "bf16")]
+
+
+@pytest.mark.parametrize("src_dtype,dst_dtype", CONVERSIONS)
+def test_set_rows_is_bit_exact(kernels, src_dtype, dst_dtype):
+    rng = np.random.default_rng(17)
+    dst = uniform(rng, (9, 3, 5), dst_dtype)
+    src = uniform(rng, (4, 3, 5), src_dtype)
+    slots = np.array([7, -1, 0, 3], np.int32)  # -1 skips its row
+    target = Guarded(dst.shape, dst_dtype, init=dst)
+    kernels["copy"].launch_set_rows(tt(target.view), tt(src), tt(slots), block=8)
+    assert_exact(copy_ref.set_rows(dst, src, slots), target.view)
+    assert target.guards_intact()
+
+
+@pytest.mark.parametrize("src_dtype,dst_dtype", CONVERSIONS)
+def test_get_rows_is_bit_exact(kernels, src_dtype, dst_dtype):
+    rng = np.random.default_rng(19)
+    src = uniform(rng, (7, 2, 9), src_dtype)
+    rows = np.array([6, 0, 6, 2, 5], np.int32)
+    out = Guarded((5, 2, 9), dst_dtype)
+    kernels["copy"].launch_get_rows(tt(src), tt(rows), tt(out.view), block=8)
+    assert_exact(copy_ref.get_rows(src, rows, dst_dtype), out.view)
+    assert out.guards_intact()
+
+
+@pytest.mark.parametrize("src_dtype,dst_dtype", CONVERSIONS)
+@pytest.mark.parametrize("perm,step", [((0, 1, 2), 1), ((2, 0, 1), 2), ((1, 0), 3)])
+def test_cpy_is_bit_exact(kernels, src_dtype, dst_dtype, perm, step):
+    rng = np.random.default_rng(23)
+    src = uniform(rng, (5, 6, 7)[: len(perm)], src_dtype)
+    expected = copy_ref.cpy(src, dst_dtype, perm, step)
+    out = Guarded(expected.shape, dst_dtype)
+    kernels["copy"].launch_cpy(tt(src), tt(out.view), perm, step, block=16)
+    assert_exact(expected, out.view)
+    assert out.guards_intact()
+
+
+def test_bf16_store_rounds_to_nearest_even(kernels):
+    """Ties, carries into the exponent, infinities and NaN: bit-identical to ml_dtypes (the
+    interpreter's own float32 -> bfloat16 cast truncates, a GPU rounds)."""
+    bits = np.array([0x3F808000, 0x3F818000, 0x3F80FFFF, 0x3FFF8000, 0x7F7FFFFF, 0x7F800000,
+                     0xFF800000, 0x00008000, 0x80018000, 0x7FC00001], np.uint32)
+    src = bits.view(np.float32)
+    out = Guarded(src.shape, "bf16")
+    kernels["copy"].launch_cpy(tt(src), tt(out.view), (0,), 1, block=16)
+    expected = copy_ref.round_to(src, "bf16")
+    assert np.array_equal(expected.view(np.uint16), out.view.view(np.uint16))
+
+
+def test_set_rows_writes_through_a_strided_view(kernels):
+    """A cache viewed with a head slice: rows are not contiguous, the rest stays untouched."""
+    rng = np.random.default_rng(29)
+    cache = uniform(rng, (6, 4, 8), "f16")
+    src = uniform(rng, (3, 2, 8), "f32")
+    slots = np.array([5, 1, -1], np.int32)
+    view = cache[:, 1:3, :]  # heads 1..2 of every slot
+    expected = cache.copy()
+    expected[:, 1:3, :] = copy_ref.set_rows(view, src, slots)
+    kernels["copy"].launch_set_rows(tt(view), tt(src), tt(slots), block=8)
+    assert_exact(expected, cache)
+
+
+# -- ring attention's merge -----------------------------------------------------------------------
+def test_attn_merge_matches_merge_partials(kernels):
+    """In place (out, lse) <- merge with a part; rows where one side saw nothing (lse -inf,
+    out NaN) must ignore that side, and a row where neither saw anything stays out 0, lse -inf."""
+    rng = np.random.default_rng(31)
+    n_q, heads, dv = 4, 3, 5
+    out, part = rng.uniform(-1, 1, (2, n_q, heads, dv)).astype(np.float32)
+    lse, part_lse = rng.uniform(-2, 2, (2, n_q, heads)).astype(np.float32)
+    lse[1, 0] = -np.inf
+    out[1, 0] = np.nan
+    part_lse[2, 1] = -np.inf
+    part[2, 1] = np.nan
+    lse[3, 2] = part_lse[3, 2] = -np.inf
+    expected, expected_lse = attn_ref.merge_partials([out, part], [lse, part_lse])
+    kernels["attention"].launch_attn_merge(tt(out), tt(lse), tt(part), tt(part_lse), block_r=8)
+    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-7)
+    assert_lse(expected_lse, lse)
