@@ -1,0 +1,626 @@
+"""``CupyBackend``: CUDA kernels (kernels/*.cu through cupy.RawModule) behind the protocol.
+
+Every op validates shapes and dtypes on the host (``checks``, with the cpu backend's
+messages), resolves the logical device owning its arrays, plans its launch with
+``plan`` (pure Python, tested without a GPU), checks the launch against the device limits and
+queues the kernel on the device's non-blocking stream.  Index values (slots, rows, block
+tables, deltas) are checked by the kernels, which OR bits into a per-device error word that
+``synchronize`` decodes and raises.
+"""
+
+from __future__ import annotations
+
+import random
+from contextlib import contextmanager
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from opbench.harness.protocol import AttnParams, Backend, RopeParams
+
+from . import checks, plan
+from .graphs import GraphMixin
+from .runtime import (
+    FINGERPRINT_MAX_BYTES,
+    CupyDevice,
+    DeviceError,
+    DeviceMismatchError,
+    GpuArray,
+    GpuEvent,
+    GpuStream,
+    status,
+    storage_dtype,
+)
+from .scenario_ops import ScenarioOpsMixin
+
+NULL = np.uint64(0)  # a null pointer kernel argument
+MAX_ROPE_TABLES = 64  # per device, least recently used dropped first
+
+
+def _cupy():
+    import cupy
+
+    return cupy
+
+
+def _i32(v: int) -> np.int32:
+    return np.int32(v)
+
+
+def _i64(v: int) -> np.int64:
+    return np.int64(v)
+
+
+class CupyBackend(GraphMixin, ScenarioOpsMixin, Backend):
+    """Options: ``rope_cache=True``, ``rope_cache_rows=8192`` (positions past it are computed
+    directly); ``delay=False`` (a seeded random spin kernel of up to ``delay_max_ms`` before
+    every op: fault injection), ``delay_seed=0``; ``sync_each_launch=False`` (debug: wait for
+    and check every kernel right after its launch)."""
+
+    name = "cupy"
+    OPTIONS = ("rope_cache", "rope_cache_rows", "delay", "delay_seed", "delay_max_ms",
+               "sync_each_launch")
+
+    def __init__(self, **options: Any) -> None:
+        unknown = sorted(set(options) - set(self.OPTIONS))
+        if unknown:
+            raise ValueError(f"unknown cupy backend option(s) {unknown}; known: {self.OPTIONS}")
+        super().__init__(**options)
+        self.rope_cache = bool(options.get("rope_cache", True))
+        self.rope_cache_rows = plan.rope_cache_rows(int(options.get("rope_cache_rows", 8192)))
+        self.delay = bool(options.get("delay", False))
+        self.delay_max_ms = float(options.get("delay_max_ms", 2.0))
+        self.sync_each_launch = bool(options.get("sync_each_launch", False))
+        self._rng = random.Random(int(options.get("delay_seed", 0)))
+        self._devices: list[CupyDevice] = []
+        self._modules: dict[tuple[int, str], Any] = {}
+        self._flush_buffers: dict[int, Any] = {}
+        self._gates: list = []  # hold() gates, released by close()
+        self._capture = None
+
+    @classmethod
+    def available(cls) -> tuple[bool, str]:
+        return status()
+
+    def info(self) -> dict:
+        facts: dict[str, Any] = {"available": self.available()[1], "rope_cache": self.rope_cache,
+                                 "delay": self.delay}
+        try:
+            cupy = _cupy()
+            facts["cupy"] = cupy.__version__
+            facts["cuda_runtime"] = cupy.cuda.runtime.runtimeGetVersion()
+            facts["devices"] = [d.name for d in self._devices]
+        except Exception as exc:  # info() must work where the backend cannot run
+            facts["error"] = str(exc)
+        return facts
+
+    def known_failures(self) -> list[tuple[str, str]]:
+        from .known_failures import KNOWN_FAILURES
+
+        return list(KNOWN_FAILURES)
+
+    def supports(self, case: Any) -> bool | str:
+        base = super().supports(case)
+        if base is not True:
+            return base
+        if case.op == "ATTN":
+            _, dv = case.get("hs", (0, 0))
+            try:
+                plan.attn_acc_width(dv)
+            except ValueError as exc:
+                return str(exc)
+        return True
+
+    # -- devices and memory -------------------------------------------------------------------
+    def devices(self, n: int = 1) -> list[CupyDevice]:
+        """n logical devices, round-robin over the GPUs; existing ones are kept."""
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n={n!r} devices must be an int >= 1")
+        ok, reason = self.available()
+        if not ok:
+            raise RuntimeError(f"cupy backend unavailable: {reason}")
+        gpus = plan.device_map(n, _cupy().cuda.runtime.getDeviceCount())
+        while len(self._devices) < n:
+            self._devices.append(self._start_device(len(self._devices), gpus[len(self._devices)]))
+        return self._devices[:n]
+
+    def _start_device(self, index: int, gpu: int) -> CupyDevice:
+        cupy = _cupy()
+        props = cupy.cuda.runtime.getDeviceProperties(gpu)
+        device = CupyDevice(index, gpu, props["multiProcessorCount"],
+                            props["sharedMemPerBlockOptin"], props["l2CacheSize"])
+        with cupy.cuda.Device(gpu):
+            device.stream = GpuStream(device, cupy.cuda.Stream(non_blocking=True))
+            with device.stream.cupy_stream:
+                device.error_word = cupy.zeros(1, dtype=np.int32)
+            self._enable_peers(gpu)
+        device.stream.cupy_stream.synchronize()
+        return device
+
+    @staticmethod
+    def _enable_peers(gpu: int) -> None:
+        """Direct peer copies from this GPU wherever the hardware allows (else staged)."""
+        runtime = _cupy().cuda.runtime
+        for other in range(runtime.getDeviceCount()):
+            if other != gpu and runtime.deviceCanAccessPeer(gpu, other):
+                try:
+                    runtime.deviceEnablePeerAccess(other)
+                except runtime.CUDARuntimeError:
+                    pass  # already enabled
+
+    def device(self, device: Any = None) -> CupyDevice:
+        if device is None:
+            device = 0
+        index = device.index if isinstance(device, CupyDevice) else device
+        if not isinstance(index, (int, np.integer)) or index < 0:
+            raise ValueError(f"device={device!r} must be a CupyDevice or an index >= 0")
+        if not self._devices and index == 0:
+            self.devices(1)
+        if index >= len(self._devices):
+            raise ValueError(f"device={device!r} does not exist; devices(n) made "
+                             f"{len(self._devices)}")
+        return self._devices[int(index)]
+
+    def to_device(self, host: np.ndarray, device: Any = None) -> GpuArray:
+        cupy = _cupy()
+        host = np.ascontiguousarray(host)
+        dev = self.device(device)
+        with cupy.cuda.Device(dev.gpu), dev.stream.cupy_stream:
+            data = cupy.empty(host.shape, storage_dtype(host.dtype))
+        self._upload(data, host, dev.stream)
+        digest = plan.fingerprint(host.tobytes()) if host.nbytes <= FINGERPRINT_MAX_BYTES else None
+        return GpuArray(data, host.dtype, dev, digest)
+
+    def _upload(self, data, host: np.ndarray, stream: GpuStream) -> None:
+        """Queue host -> device on ``stream`` from a pinned copy of ``host``: the host is never
+        blocked (not even behind a held stream) and may reuse its array at once.  The pinned
+        buffer lives until the device's next synchronize()."""
+        cupy = _cupy()
+        stored = np.ascontiguousarray(host).view(storage_dtype(host.dtype))
+        pinned = cupy.cuda.alloc_pinned_memory(max(stored.nbytes, 1))
+        staged = np.frombuffer(pinned, stored.dtype, stored.size).reshape(stored.shape)
+        staged[...] = stored
+        stream.device.staging.append(pinned)
+        with cupy.cuda.Device(stream.device.gpu):
+            data.set(staged, stream=stream.cupy_stream)
+
+    def empty(self, shape: Sequence[int], dtype: Any, device: Any = None) -> GpuArray:
+        """An array poisoned like the cpu backend's: floats NaN, ints -1."""
+        dt = np.dtype(dtype)
+        fill = np.nan if dt.kind == "f" or dt.name == "bfloat16" else -1
+        return self.to_device(np.full(tuple(shape), fill, dt), device)
+
+    def to_host(self, arr: GpuArray) -> np.ndarray:
+        device = self._owner("arr", arr)
+        if not arr.data.flags.c_contiguous:  # gather with our cpy kernel, not cupy's
+            dense = self.empty(arr.shape, arr.dtype, device)
+            self.cpy(arr, dense, tuple(range(arr.ndim)), 1)
+            arr = dense
+        self.synchronize(device)
+        host = arr.data.get(stream=device.stream.cupy_stream)
+        return np.ascontiguousarray(host).view(arr.dtype)
+
+    def view(self, arr: GpuArray, offset: int, shape: Sequence[int]) -> GpuArray:
+        n = int(np.prod(shape))
+        flat = arr.data.reshape(-1)
+        return GpuArray(flat[offset: offset + n].reshape(tuple(shape)), arr.dtype, arr.device)
+
+    def synchronize(self, device: Any = None) -> None:
+        devices = self._devices if device is None else [self.device(device)]
+        for dev in devices:
+            dev.stream.cupy_stream.synchronize()
+            dev.staging.clear()  # every queued upload has completed
+        for dev in devices:
+            self._raise_device_errors(dev)
+
+    def _raise_device_errors(self, dev: CupyDevice) -> None:
+        word = int(dev.error_word.get(stream=dev.stream.cupy_stream)[0])
+        if word:
+            self._memset(dev.error_word, 0, dev.stream)
+            dev.stream.cupy_stream.synchronize()
+            raise DeviceError(f"{dev.name}: " + "; ".join(plan.decode_errors(word)))
+
+    def close(self) -> None:
+        for gate in self._gates:
+            gate.release()  # a held stream would never drain
+        self._gates.clear()
+        for dev in self._devices:
+            dev.stream.cupy_stream.synchronize()
+            dev.rope_tables.clear()
+            dev.workspaces.clear()
+            dev.constants.clear()
+        self._devices.clear()
+        self._flush_buffers.clear()
+
+    # -- streams, events, copies, graphs, timing ------------------------------------------------
+    def stream(self, device: Any = None) -> GpuStream:
+        return self.device(device).stream
+
+    def record_event(self, stream: GpuStream) -> GpuEvent:
+        stream = self._own_stream(stream)
+        event = _cupy().cuda.Event(disable_timing=True)
+        event.record(stream.cupy_stream)
+        return GpuEvent(event, stream)
+
+    def wait_event(self, stream: GpuStream, event: GpuEvent) -> None:
+        if not isinstance(event, GpuEvent):
+            raise TypeError(f"event must come from record_event, got {type(event).__name__}")
+        self._own_stream(stream).cupy_stream.wait_event(event.cupy_event)
+
+    def copy_async(self, src: GpuArray, dst_device: Any, stream: GpuStream | None = None):
+        """ggml's contract, by plan.copy_async_steps: runs on the source stream (or on
+        ``stream`` = the destination's), ordered by events on both sides; never blocks."""
+        cupy = _cupy()
+        src_dev, dst_dev = self._owner("src", src), self.device(dst_device)
+        if not src.data.flags.c_contiguous:
+            raise ValueError("copy_async: src must be contiguous")
+        streams = {"src": src_dev.stream, "dst": dst_dev.stream}
+        on = "src" if stream is None or self._own_stream(stream) is src_dev.stream else "dst"
+        if stream is not None and self._own_stream(stream) not in streams.values():
+            raise DeviceMismatchError(f"copy_async: {stream} is neither {src_dev}'s nor "
+                                      f"{dst_dev}'s stream")
+        with cupy.cuda.Device(dst_dev.gpu), dst_dev.stream.cupy_stream:
+            dst = GpuArray(cupy.empty_like(src.data), src.dtype, dst_dev)
+        events = {}
+        for step in plan.copy_async_steps(src_dev.gpu, dst_dev.gpu, on):
+            kind, side, what = step
+            if kind == "record":
+                events[what] = self.record_event(streams[side])
+            elif kind == "wait":
+                self.wait_event(streams[side], events[what])
+            else:
+                self._memcpy(dst, src, streams[side], peer=what == "peer")
+        return dst
+
+    @staticmethod
+    def _memcpy(dst: GpuArray, src: GpuArray, stream: GpuStream, peer: bool) -> None:
+        runtime = _cupy().cuda.runtime
+        nbytes, s = src.data.nbytes, stream.cupy_stream.ptr
+        if nbytes == 0:
+            return
+        with _cupy().cuda.Device(stream.device.gpu):
+            if peer:
+                runtime.memcpyPeerAsync(dst.data.data.ptr, dst.device.gpu, src.data.data.ptr,
+                                        src.device.gpu, nbytes, s)
+            else:
+                runtime.memcpyAsync(dst.data.data.ptr, src.data.data.ptr, nbytes,
+                                    runtime.memcpyDeviceToDevice, s)
+
+    def inject_delay(self, stream: GpuStream, ms: float) -> None:
+        """Fault injection: the stream sleeps ~ms on the GPU (spin kernel with __nanosleep)."""
+        stream = self._own_stream(stream)
+        kernel = self._kernel(stream.device, "runtime.cu", "spin_kernel")
+        self._launch(stream, kernel, "spin_kernel", plan.Launch((1, 1, 1), (1, 1, 1)),
+                     (_i64(int(ms * 1e6)),), delay=False)
+
+    def l2_flush(self, device: Any = None) -> None:
+        """Overwrite a buffer of twice the L2 size on the device's stream (cold caches)."""
+        dev = self.device(device)
+        cupy = _cupy()
+        buf = self._flush_buffers.get(dev.index)
+        if buf is None:
+            with cupy.cuda.Device(dev.gpu), dev.stream.cupy_stream:
+                buf = self._flush_buffers[dev.index] = cupy.empty(
+                    plan.l2_flush_bytes(dev.l2_bytes), np.uint8)
+        self._memset(buf, dev.index + 1, dev.stream)
+
+    @staticmethod
+    def _memset(data, value: int, stream: GpuStream) -> None:
+        """cudaMemsetAsync on the stream (cupy's fill may need its own JIT kernels)."""
+        cupy = _cupy()
+        with cupy.cuda.Device(stream.device.gpu):
+            cupy.cuda.runtime.memsetAsync(data.data.ptr, value, data.nbytes,
+                                          stream.cupy_stream.ptr)
+
+    def timer(self, device: Any = None) -> Callable[[Callable[[], None]], float]:
+        """Times one call with CUDA events on the device's stream; returns nanoseconds."""
+        dev = self.device(device)
+
+        def time_call(fn: Callable[[], None]) -> float:
+            cupy = _cupy()
+            start, end = cupy.cuda.Event(), cupy.cuda.Event()
+            start.record(dev.stream.cupy_stream)
+            fn()
+            end.record(dev.stream.cupy_stream)
+            end.synchronize()
+            self._raise_device_errors(dev)
+            return cupy.cuda.get_elapsed_time(start, end) * 1e6
+
+        return time_call
+
+    # -- ops ------------------------------------------------------------------------------------
+    def rope(self, x, pos, out, p: RopeParams, freq_factors=None, stream=None) -> None:
+        checks.check_rope(x, pos, out, p, freq_factors)
+        self._need_int32(pos=pos)
+        self._need_contiguous(x=x, pos=pos, out=out, freq_factors=freq_factors)
+        dev = self._same_device("rope", x=x, pos=pos, out=out, freq_factors=freq_factors)
+        target = self._target(dev, stream)
+        n_tokens, n_heads, head_dim = x.shape
+        table, rows = self._rope_table(target, p, freq_factors)
+        angles, use = plan.rope_angle_scalars(p), plan.rope_use_scalars(p)
+        ff = NULL if freq_factors is None else freq_factors.data
+        args = (x.data, out.data, pos.data, ff, table, _i32(rows), _i32(n_tokens),
+                _i32(n_heads), _i32(head_dim), _i32(p.n_dims), _i32(use["mode"]),
+                _i32(use["s0"]), _i32(use["s1"]), _i32(use["s2"]), _i32(use["s3"]),
+                *self._angle_args(angles), np.float32(use["sin_sign"]))
+        name = plan.kernel_name("rope_kernel", _dtype(x))
+        self._run(target, "rope.cu", name, plan.rope_launch(n_tokens, n_heads, head_dim,
+                                                            p.n_dims), args)
+        out.fingerprint = None
+
+    @staticmethod
+    def _angle_args(a: dict) -> tuple:
+        return tuple(np.float64(a[k]) for k in ("log2_base", "freq_scale", "ext_factor",
+                                               "corr_low", "corr_high", "mscale"))
+
+    def _rope_table(self, target: GpuStream, p: RopeParams, freq_factors) -> tuple[Any, int]:
+        """(device table, rows) for these parameters, filled on ``target`` on a miss;
+        (NULL, 0) when the cache is off or the key cannot be known without a device read."""
+        if not self.rope_cache:
+            return NULL, 0
+        digest = None
+        if freq_factors is not None:
+            digest = freq_factors.fingerprint
+            if digest is None:
+                return NULL, 0  # contents unknown on the host: never risk a stale table
+        dev, rows = target.device, self.rope_cache_rows
+        key = plan.rope_cache_key(dev.index, p, digest, rows)
+        tables = dev.rope_tables
+        table = tables.get(key)
+        if table is None:
+            if target.cupy_stream.is_capturing():
+                return NULL, 0  # no allocation inside a capture: compute directly
+            table = self._fill_rope_table(target, p, freq_factors, rows)
+            tables[key] = table
+            if len(tables) > MAX_ROPE_TABLES:
+                tables.popitem(last=False)
+        tables.move_to_end(key)
+        return table, rows
+
+    def _fill_rope_table(self, target: GpuStream, p: RopeParams, freq_factors, rows: int):
+        cupy = _cupy()
+        half = p.n_dims // 2
+        with cupy.cuda.Device(target.device.gpu), target.cupy_stream:
+            table = cupy.empty(rows * half * 2, np.float32)  # float2 [rows, half]
+        ff = NULL if freq_factors is None else freq_factors.data
+        args = (table, _i32(rows), ff, _i32(p.n_dims),
+                *self._angle_args(plan.rope_angle_scalars(p)))
+        self._run(target, "rope.cu", "rope_cache_fill", plan.grid_stride(rows * half), args,
+                  delay=False)
+        return table
+
+    def attention(self, q, k, v, out, p: AttnParams, mask=None, sinks=None, lse=None,
+                  paged=None, stream=None) -> None:
+        checks.check_attention(q, k, v, out, p, mask, sinks, lse, paged)
+        arrays = dict(q=q, k=k, v=v, out=out, mask=mask, sinks=sinks, lse=lse)
+        if paged is not None:
+            arrays.update(block_table=paged.block_table, seq_lens=paged.seq_lens,
+                          q_start=paged.q_start)
+            self._need_int32(block_table=paged.block_table, seq_lens=paged.seq_lens,
+                             q_start=paged.q_start)
+        self._need_contiguous(**{n: a for n, a in arrays.items() if n not in ("k", "v")})
+        dev = self._same_device("attention", **arrays)
+        target = self._target(dev, stream)
+        shape = _attn_shape(q, k, v, paged)
+        attn = plan.attn_plan(shape["n_q"], shape["H"], shape["Dk"], shape["Dv"],
+                              shape["max_kv"], shape["n_seqs"], shape["decode"], dev.num_sms,
+                              dev.shared_optin)
+        attn, (part_out, part_lse) = self._attn_workspace(target, attn, shape)
+        log2_m0, log2_m1, n_head_log2 = plan.alibi_scalars(shape["H"], p.max_bias)
+        split = attn.n_splits > 1
+        tables = (NULL,) * 3 if paged is None else (
+            paged.block_table.data, paged.seq_lens.data, paged.q_start.data)
+        sizes = (shape[n] for n in ("n_q", "H", "Hkv", "Dk", "Dv", "n_kv", "max_blocks",
+                                    "block_size", "num_blocks"))
+        args = (q.data, k.data, v.data, out.data, _ptr(mask), _ptr(sinks),
+                NULL if split else _ptr(lse), part_out, part_lse, *tables, dev.error_word,
+                *(_i32(n) for n in sizes), np.float32(p.scale), np.float32(p.softcap),
+                np.float32(log2_m0), np.float32(log2_m1), _i32(n_head_log2),
+                _i32(int(p.causal)), _i32(p.window), _i32(attn.bk), _i32(attn.n_splits),
+                _i32(attn.split_len), _i64(_lead_stride("k", k)), _i64(_lead_stride("v", v)))
+        fwd = f"attn_fwd<{plan.CTYPES[_dtype(q)]}, {attn.acc}>"
+        self._run(target, "attention.cu", fwd, attn.fwd, args)
+        if split:
+            merge_args = (part_out, part_lse, _ptr(sinks), out.data, _ptr(lse),
+                          _i32(shape["n_q"]), _i32(shape["H"]), _i32(shape["Dv"]),
+                          _i32(attn.n_splits))
+            self._run(target, "attention.cu", plan.kernel_name("attn_merge", _dtype(q)),
+                      attn.merge, merge_args, delay=False)
+        out.fingerprint = None
+
+    def _attn_workspace(self, target: GpuStream, attn: plan.AttnPlan, shape: dict):
+        """(plan, (part_out, part_lse)) for the split-KV partials.  Outside a capture: one
+        growing buffer per stream.  Inside one: a buffer of its own, from the capture's
+        private memory pool, which lives as long as the graph."""
+        if attn.n_splits == 1:
+            return attn, (NULL, NULL)
+        rows = attn.n_splits * shape["n_q"] * shape["H"]
+        need = rows * (shape["Dv"] + 1)
+        dev, cupy = target.device, _cupy()
+        buf = dev.workspaces.get(id(target))
+        if target.cupy_stream.is_capturing() or buf is None or buf.size < need:
+            with cupy.cuda.Device(dev.gpu), target.cupy_stream:
+                buf = cupy.empty(need, np.float32)
+            if not target.cupy_stream.is_capturing():
+                dev.workspaces[id(target)] = buf
+        return attn, (buf[: rows * shape["Dv"]], buf[rows * shape["Dv"]: need])
+
+    def kv_rotate(self, key_cache, block_indices, deltas, lut, layout: str, stream=None) -> None:
+        checks.check_kv_rotate(key_cache, block_indices, deltas, lut, layout)
+        self._need_int32(block_indices=block_indices, deltas=deltas)
+        self._need_contiguous(block_indices=block_indices, deltas=deltas, lut=lut)
+        dev = self._same_device("kv_rotate", key_cache=key_cache, block_indices=block_indices,
+                                deltas=deltas, lut=lut)
+        target = self._target(dev, stream)
+        num_blocks, block_size, n_kv_heads, head_dim = key_cache.shape
+        n_rot = block_indices.shape[0]
+        if n_rot == 0:
+            return
+        args = (key_cache.data, block_indices.data, deltas.data, lut.data, dev.error_word,
+                _i32(num_blocks), _i32(block_size), _i32(n_kv_heads), _i32(head_dim),
+                _i32(lut.shape[0]), _i32(int(deltas.shape[1] == block_size and block_size > 1)),
+                _i32(int(layout == "interleaved")), _i64(_lead_stride("key_cache", key_cache)))
+        launch = plan.kv_rotate_launch(n_rot, block_size, n_kv_heads, head_dim)
+        self._run(target, "kv_rotate.cu", plan.kernel_name("kv_rotate_kernel",
+                                                           _dtype(key_cache)), launch, args)
+        key_cache.fingerprint = None
+
+    def set_rows(self, dst, src, slots, stream=None) -> None:
+        checks.check_rows("set_rows", dst, src, slots, "slots", ("dst", "src"))
+        self._rows_op("set_rows", dst, src, slots, stream)
+
+    def get_rows(self, src, rows, out, stream=None) -> None:
+        checks.check_rows("get_rows", src, out, rows, "rows", ("src", "out"))
+        self._rows_op("get_rows", out, src, rows, stream)
+
+    def _rows_op(self, op: str, written, read, index, stream) -> None:
+        self._need_int32(index=index)
+        self._need_contiguous(index=index)
+        dev = self._same_device(op, written=written, read=read, index=index)
+        target = self._target(dev, stream)
+        n_index = index.shape[0]
+        row_len = int(np.prod(read.shape[1:]))
+        if n_index == 0 or row_len == 0:
+            return
+        other_rows = (written if op == "set_rows" else read).shape[0]
+        strides = (_i64(_lead_stride("dst", written)), _i64(_lead_stride("src", read)))
+        args = (written.data, read.data, index.data, dev.error_word, _i32(n_index),
+                _i32(other_rows), _i64(row_len), *strides)
+        if op == "get_rows":  # same parameters, source first
+            args = (read.data, written.data, *args[2:7], strides[1], strides[0])
+        name = plan.kernel_name(f"{op}_kernel", _dtype(read), _dtype(written))
+        self._run(target, "copies.cu", name, plan.rows_launch(n_index, row_len), args)
+        written.fingerprint = None
+
+    def cpy(self, src, out, perm: Sequence[int], step: int = 1, stream=None) -> None:
+        perm = checks.check_cpy(src, out, perm, step)
+        self._need_contiguous(out=out)
+        dev = self._same_device("cpy", src=src, out=out)
+        target = self._target(dev, stream)
+        if out.size == 0:
+            return
+        strides = [s // src.data.itemsize for s in src.data.strides]
+        shape4, strides4 = plan.cpy_geometry(src.shape, strides, perm, step)
+        args = (src.data, out.data, _i64(out.size), *(_i64(n) for n in shape4[1:]),
+                *(_i64(s) for s in strides4))
+        name = plan.kernel_name("cpy_kernel", _dtype(src), _dtype(out))
+        self._run(target, "copies.cu", name, plan.grid_stride(out.size), args)
+        out.fingerprint = None
+
+    # -- plumbing -------------------------------------------------------------------------------
+    def _kernel(self, dev: CupyDevice, file_name: str, name: str):
+        cupy = _cupy()
+        key = (dev.gpu, file_name)
+        module = self._modules.get(key)
+        with cupy.cuda.Device(dev.gpu):
+            if module is None:
+                module = self._modules[key] = cupy.RawModule(
+                    code=plan.load_source(file_name), options=plan.COMPILE_OPTIONS,
+                    name_expressions=plan.module_kernels()[file_name])
+            return module.get_function(name)
+
+    def _run(self, target: GpuStream, file_name: str, name: str, launch: plan.Launch,
+             args: tuple, delay: bool = True) -> None:
+        kernel = self._kernel(target.device, file_name, name)
+        self._launch(target, kernel, name, launch, args, delay)
+
+    def _launch(self, target: GpuStream, kernel, name: str, launch: plan.Launch, args: tuple,
+                delay: bool = True, check: bool = True) -> None:
+        """Every launch goes through here: limits checked first, launch errors re-raised with
+        the kernel's name and geometry, and (sync_each_launch) execution errors too."""
+        cupy = _cupy()
+        dev = target.device
+        plan.check_launch(name, launch, max(plan.DEFAULT_SHARED_LIMIT, dev.shared_optin))
+        if delay and self.delay:
+            self.inject_delay(target, self._rng.uniform(0.0, self.delay_max_ms))
+        with cupy.cuda.Device(dev.gpu), target.cupy_stream:
+            if launch.shared_mem > plan.DEFAULT_SHARED_LIMIT:
+                kernel.max_dynamic_shared_size_bytes = launch.shared_mem
+            try:
+                kernel(launch.grid, launch.block, args, shared_mem=launch.shared_mem)
+            except cupy.cuda.driver.CUDADriverError as exc:
+                raise RuntimeError(f"{dev.name}: launch of {name} {launch} failed: {exc}") \
+                    from exc
+        if check and self.sync_each_launch and not target.cupy_stream.is_capturing():
+            try:
+                target.cupy_stream.synchronize()
+            except cupy.cuda.runtime.CUDARuntimeError as exc:
+                raise RuntimeError(f"{dev.name}: {name} {launch} failed: {exc}") from exc
+            self._raise_device_errors(dev)
+
+    @contextmanager
+    def _on(self, target: GpuStream):
+        """Make the target's GPU and stream current (allocations, copies, cupy calls)."""
+        cupy = _cupy()
+        with cupy.cuda.Device(target.device.gpu), target.cupy_stream:
+            yield
+
+    def _target(self, dev: CupyDevice, stream: GpuStream | None) -> GpuStream:
+        target = dev.stream if stream is None else self._own_stream(stream)
+        if target.device is not dev:
+            raise DeviceMismatchError(f"stream of {target.device} cannot run an op on arrays "
+                                      f"of {dev}")
+        return target
+
+    def _own_stream(self, stream: Any) -> GpuStream:
+        if not isinstance(stream, GpuStream) or stream.device not in self._devices:
+            raise TypeError(f"stream={stream!r} is not a stream of this cupy backend")
+        return stream
+
+    def _owner(self, name: str, arr: Any) -> CupyDevice:
+        if not isinstance(arr, GpuArray) or arr.device not in self._devices:
+            raise TypeError(f"{name} must be an array made by this backend's to_device, got "
+                            f"{type(arr).__name__}")
+        return arr.device
+
+    def _same_device(self, op: str, **arrays: Any) -> CupyDevice:
+        first_name, first = None, None
+        for name, arr in arrays.items():
+            if arr is None:
+                continue
+            device = self._owner(f"{op}: {name}", arr)
+            if first is None:
+                first_name, first = name, device
+            elif device is not first:
+                raise DeviceMismatchError(f"{op}: {name} lives on {device} but {first_name} "
+                                          f"lives on {first}; copy it with copy_async first")
+        return first
+
+    @staticmethod
+    def _need_int32(**arrays: Any) -> None:
+        for name, arr in arrays.items():
+            if arr is not None and np.dtype(arr.dtype) != np.int32:
+                raise ValueError(f"{name} dtype {arr.dtype} must be int32")
+
+    @staticmethod
+    def _need_contiguous(**arrays: Any) -> None:
+        for name, arr in arrays.items():
+            if arr is not None and not arr.data.flags.c_contiguous:
+                raise ValueError(f"{name} must be C-contiguous")
+
+
+def _dtype(arr: GpuArray) -> str:
+    return {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}[np.dtype(arr.dtype).name]
+
+
+def _lead_stride(name: str, arr: GpuArray) -> int:
+    return checks.lead_stride(name, arr.shape, arr.data.strides, arr.data.itemsize)
+
+
+def _ptr(arr: GpuArray | None):
+    return NULL if arr is None else arr.data
+
+
+def _attn_shape(q, k, v, paged) -> dict:
+    """Sizes the plan and the kernel need; for paged KV, max_kv bounds every sequence."""
+    n_q, n_heads, d_k = q.shape
+    shape = {"n_q": n_q, "H": n_heads, "Dk": d_k, "Dv": v.shape[-1], "Hkv": k.shape[-2]}
+    if paged is None:
+        shape.update(n_kv=k.shape[0], max_kv=k.shape[0], n_seqs=1, decode=n_q == 1,
+                     max_blocks=0, block_size=1, num_blocks=0)
+        return shape
+    n_seqs, max_blocks = paged.block_table.shape
+    num_blocks, block_size = k.shape[:2]
+    shape.update(n_kv=0, max_kv=max_blocks * block_size, n_seqs=n_seqs, decode=n_q == n_seqs,
+                 max_blocks=max_blocks, block_size=block_size, num_blocks=num_blocks)
+    return shape

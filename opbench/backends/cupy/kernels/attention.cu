@@ -1,0 +1,234 @@
+// ATTN: flash-style attention.  One block of ATTN_THREADS threads owns ATTN_BQ query rows of
+// one head of one sequence and one split of the key range; key/value tiles of `bk` keys are
+// staged in shared memory and folded into the output with an online softmax, so the score
+// matrix is never materialised.  With n_splits > 1 (decode: few query rows, long context) each
+// split writes a normalised partial (out, lse) and attn_merge combines them, sinks added once.
+//
+// Everything that varies per decode step (query start rows, sequence lengths, block tables) is
+// read from device memory; the grid depends only on shapes, so a captured CUDA graph stays valid.
+#include "common.cuh"
+
+#define ATTN_THREADS 128
+#define ATTN_BQ 16
+#define ATTN_GROUP 8  // threads sharing one query row (ATTN_THREADS / ATTN_BQ)
+
+// Sum / max over the ATTN_GROUP lanes of one query row; the group is aligned inside a warp.
+__device__ __forceinline__ float group_max(float v) {
+    for (int off = ATTN_GROUP / 2; off > 0; off /= 2)
+        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+    return v;
+}
+
+__device__ __forceinline__ float group_sum(float v) {
+    for (int off = ATTN_GROUP / 2; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+    return v;
+}
+
+// Where key t lives: its leading index in k/v (the cache block through the block table, or t
+// itself) and its token within that block; lead -1 when the block table points outside the
+// cache (raised as an error, the key is treated as absent).
+struct KeySlot {
+    long long lead;
+    int sub;
+};
+
+__device__ __forceinline__ KeySlot key_slot(int t, int seq, const int* block_table,
+                                            int max_blocks, int block_size, int num_blocks,
+                                            int* err) {
+    if (block_table == nullptr) return KeySlot{t, 0};
+    int blk = block_table[(long long)seq * max_blocks + t / block_size];
+    if (blk < 0 || blk >= num_blocks) {
+        raise_error(err, OPB_ERR_BLOCK);
+        return KeySlot{-1, 0};
+    }
+    return KeySlot{blk, t % block_size};
+}
+
+// ggml's ALiBi slope m0^(h+1) or m1^(2(h - n_head_log2) + 1), as exp2 of log2(m) multiples
+// (powf's slow path spills registers); alibi_n_head_log2 == 0 means no ALiBi.
+__device__ __forceinline__ float alibi_slope(int h, float log2_m0, float log2_m1,
+                                             int n_head_log2) {
+    if (n_head_log2 == 0) return 0.0f;
+    return h < n_head_log2 ? exp2f(log2_m0 * (float)(h + 1))
+                           : exp2f(log2_m1 * (float)(2 * (h - n_head_log2) + 1));
+}
+
+// Stages keys [kt, kt + bk) of kv head kvh into Ks ([bk][dk_pad]) and Vs ([bk][dv]); keys past
+// k_hi and unresolvable slots read as zeros.  k_stride / v_stride: elements between leading
+// indices (tokens, or cache blocks when paged); inside a block tokens are Hkv*D apart.
+template <typename T>
+__device__ __forceinline__ void load_kv_tile(const T* k, const T* v, float* Ks, float* Vs,
+                                             int kt, int k_hi, int bk, int seq, int kvh,
+                                             int Hkv, int Dk, int Dv, int dk_pad,
+                                             const int* block_table, int max_blocks,
+                                             int block_size, int num_blocks,
+                                             long long k_stride, long long v_stride,
+                                             int* err) {
+    for (int idx = threadIdx.x; idx < bk * Dk; idx += ATTN_THREADS) {
+        int j = idx / Dk, d = idx % Dk, t = kt + j;
+        KeySlot at = t < k_hi ? key_slot(t, seq, block_table, max_blocks, block_size,
+                                         num_blocks, err) : KeySlot{-1, 0};
+        Ks[j * dk_pad + d] =
+            at.lead >= 0 ? to_f32(k[at.lead * k_stride + ((long long)at.sub * Hkv + kvh) * Dk + d])
+                         : 0.0f;
+    }
+    for (int idx = threadIdx.x; idx < bk * Dv; idx += ATTN_THREADS) {
+        int j = idx / Dv, d = idx % Dv, t = kt + j;
+        // Errors were raised by the K loop above; resolve quietly here.
+        KeySlot at = t < k_hi ? key_slot(t, seq, block_table, max_blocks, block_size,
+                                         num_blocks, nullptr) : KeySlot{-1, 0};
+        Vs[j * Dv + d] =
+            at.lead >= 0 ? to_f32(v[at.lead * v_stride + ((long long)at.sub * Hkv + kvh) * Dv + d])
+                         : 0.0f;
+    }
+}
+
+// ACC: output dims each thread accumulates in registers (Dv <= ACC * ATTN_GROUP); one
+// instantiation per head-size class keeps small heads from paying for the 512-wide ones.
+// Launch bounds with a minimum of 4 blocks per SM: without the second argument ptxas capped
+// the small instantiations at 64 registers and spilled (seen with NVRTC 12.9, sm_80).
+template <typename T, int ACC>
+__global__ void __launch_bounds__(ATTN_THREADS, 4)
+attn_fwd(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+         T* __restrict__ out, const float* __restrict__ mask, const float* __restrict__ sinks,
+         float* __restrict__ lse,
+         float* __restrict__ part_out, float* __restrict__ part_lse,
+         const int* __restrict__ block_table, const int* __restrict__ seq_lens,
+         const int* __restrict__ q_start, int* err, int n_q_total, int H, int Hkv, int Dk, int Dv,
+         int n_kv, int max_blocks, int block_size, int num_blocks, float scale, float softcap,
+         float alibi_log2_m0, float alibi_log2_m1, int alibi_n_head_log2, int causal,
+         int window, int bk, int n_splits, int split_len, long long k_stride,
+         long long v_stride) {
+    const int split = blockIdx.x % n_splits, q_tile = blockIdx.x / n_splits;
+    const int h = blockIdx.y, seq = blockIdx.z;
+    const bool paged = block_table != nullptr;
+    const int q_begin = paged ? q_start[seq] : 0;
+    const int q_len = paged ? q_start[seq + 1] - q_begin : n_q_total;
+    int seq_len = paged ? seq_lens[seq] : n_kv;
+    const int q0 = q_tile * ATTN_BQ;
+    if (q0 >= q_len) return;  // uniform over the block, before any barrier
+    if (q_begin < 0 || q_begin + q_len > n_q_total || seq_len < 0 ||
+        (paged && seq_len > max_blocks * block_size)) {
+        raise_error(err, OPB_ERR_SEQ);
+        return;
+    }
+    const int rows = min(ATTN_BQ, q_len - q0);
+    const int kvh = h / (H / Hkv);
+    const int r = threadIdx.x / ATTN_GROUP, g = threadIdx.x % ATTN_GROUP;
+    const bool row_valid = r < rows;
+    const int qpos_first = seq_len - q_len + q0, qpos = qpos_first + r;
+    const long long qrow = q_begin + q0 + r;
+
+    // Keys this block must visit: its split, cut by causality and the window of its rows.
+    int k_lo = split * split_len, k_hi = min(seq_len, k_lo + split_len);
+    if (causal) k_hi = min(k_hi, qpos_first + rows);
+    if (window > 0) k_lo = max(k_lo, qpos_first - window + 1);
+
+    extern __shared__ float smem[];
+    const int dk_pad = Dk + 1;  // odd row stride: lanes reading different keys hit different banks
+    float* Qs = smem;
+    float* Ks = Qs + ATTN_BQ * dk_pad;
+    float* Vs = Ks + bk * dk_pad;
+    float* Ps = Vs + bk * Dv;
+    for (int idx = threadIdx.x; idx < ATTN_BQ * Dk; idx += ATTN_THREADS) {
+        int rr = idx / Dk, d = idx % Dk;
+        Qs[rr * dk_pad + d] =
+            rr < rows ? to_f32(q[((q_begin + q0 + rr) * (long long)H + h) * Dk + d]) : 0.0f;
+    }
+    const float slope = alibi_slope(h, alibi_log2_m0, alibi_log2_m1, alibi_n_head_log2);
+    float m = -OPB_INF, l = 0.0f, acc[ACC];
+#pragma unroll
+    for (int a = 0; a < ACC; ++a) acc[a] = 0.0f;
+
+    for (int kt = k_lo; kt < k_hi; kt += bk) {
+        __syncthreads();  // previous tile fully consumed (and Q staged, on the first pass)
+        load_kv_tile(k, v, Ks, Vs, kt, k_hi, bk, seq, kvh, Hkv, Dk, Dv, dk_pad, block_table,
+                     max_blocks, block_size, num_blocks, k_stride, v_stride, err);
+        __syncthreads();
+        float tile_max = -OPB_INF;
+        for (int j = g; j < bk; j += ATTN_GROUP) {
+            const int t = kt + j;
+            float sc = -OPB_INF;
+            if (row_valid && t < k_hi) {
+                float dot = 0.0f;
+                for (int d = 0; d < Dk; ++d) dot += Qs[r * dk_pad + d] * Ks[j * dk_pad + d];
+                sc = dot * scale;
+                if (softcap > 0.0f) sc = softcap * tanhf(sc / softcap);
+                if (mask != nullptr) sc += mask[(long long)(q0 + r) * n_kv + t];
+                sc += slope * (float)(t - qpos);
+                if ((causal && t > qpos) || (window > 0 && qpos - t >= window)) sc = -OPB_INF;
+            }
+            Ps[r * bk + j] = sc;
+            tile_max = fmaxf(tile_max, sc);
+        }
+        const float m_new = fmaxf(m, group_max(tile_max));
+        const float base = m_new == -OPB_INF ? 0.0f : m_new;  // all masked so far: no NaN
+        const float alpha = expf(m - base);
+        float psum = 0.0f;
+        for (int j = g; j < bk; j += ATTN_GROUP) {
+            float p = expf(Ps[r * bk + j] - base);
+            Ps[r * bk + j] = p;
+            psum += p;
+        }
+        l = l * alpha + group_sum(psum);
+        m = m_new;
+        __syncwarp();  // every lane of the row group reads all of its row's probabilities
+#pragma unroll
+        for (int a = 0; a < ACC; ++a) {
+            const int d = g + ATTN_GROUP * a;
+            if (d < Dv) {
+                float o = acc[a] * alpha;
+                for (int j = 0; j < bk; ++j) o += Ps[r * bk + j] * Vs[j * Dv + d];
+                acc[a] = o;
+            }
+        }
+    }
+    if (!row_valid) return;
+    if (n_splits > 1) {  // normalised partial without sinks; attn_merge adds them once
+        const long long prow = ((long long)split * n_q_total + qrow) * H + h;
+        const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+#pragma unroll
+        for (int a = 0; a < ACC; ++a) {
+            const int d = g + ATTN_GROUP * a;
+            if (d < Dv) part_out[prow * Dv + d] = acc[a] * inv;
+        }
+        if (g == 0) part_lse[prow] = l > 0.0f ? m + logf(l) : -OPB_INF;
+        return;
+    }
+    float m_f = m, l_f = l;
+    if (sinks != nullptr) {  // the sink is one more logit in the denominator, with no value
+        m_f = fmaxf(m, sinks[h]);
+        l_f = l * expf(m - m_f) + expf(sinks[h] - m_f);
+    }
+    const float factor = l_f > 0.0f ? expf(m - m_f) / l_f : 0.0f;
+#pragma unroll
+    for (int a = 0; a < ACC; ++a) {
+        const int d = g + ATTN_GROUP * a;
+        if (d < Dv) out[(qrow * H + h) * Dv + d] = from_f32<T>(acc[a] * factor);
+    }
+    if (lse != nullptr && g == 0) lse[qrow * H + h] = l_f > 0.0f ? m_f + logf(l_f) : -OPB_INF;
+}
+
+// Online-softmax merge of the n_splits partials of one (query row, head); sinks added here.
+template <typename T>
+__global__ void attn_merge(const float* __restrict__ part_out,
+                           const float* __restrict__ part_lse, const float* __restrict__ sinks,
+                           T* __restrict__ out, float* __restrict__ lse, int n_q_total, int H,
+                           int Dv, int n_splits) {
+    const long long row = blockIdx.x;  // q row * H + h
+    const int h = (int)(row % H);
+    const long long stride = (long long)n_q_total * H;
+    float big = sinks != nullptr ? sinks[h] : -OPB_INF;
+    for (int sp = 0; sp < n_splits; ++sp) big = fmaxf(big, part_lse[sp * stride + row]);
+    const float base = big == -OPB_INF ? 0.0f : big;
+    float den = sinks != nullptr ? expf(sinks[h] - base) : 0.0f;
+    for (int sp = 0; sp < n_splits; ++sp) den += expf(part_lse[sp * stride + row] - base);
+    const float inv = den > 0.0f ? 1.0f / den : 0.0f;
+    for (int d = threadIdx.x; d < Dv; d += blockDim.x) {
+        float o = 0.0f;
+        for (int sp = 0; sp < n_splits; ++sp)
+            o += expf(part_lse[sp * stride + row] - base) * part_out[(sp * stride + row) * Dv + d];
+        out[row * Dv + d] = from_f32<T>(o * inv);
+    }
+    if (lse != nullptr && threadIdx.x == 0) lse[row] = den > 0.0f ? base + logf(den) : -OPB_INF;
+}

@@ -1,0 +1,59 @@
+// Shared by every opbench CUDA kernel.  Inlined textually by plan.load_source() so the kernels
+// need no include path and no CUDA toolkit headers: NVRTC from the nvidia-cuda-nvrtc wheel alone
+// compiles them (cuda_fp16.h is not shipped there), in CI without a GPU as on a real device.
+#pragma once
+
+// Storage types.  Half and bfloat16 are raw 16-bit patterns; all math is done in float.
+struct f16_t { unsigned short bits; };
+struct bf16_t { unsigned short bits; };
+
+// Error bits a kernel raises in the per-device error word instead of reading out of bounds.
+// synchronize() on the host decodes them (plan.ERROR_BITS keeps the same numbers).
+#define OPB_ERR_POSITION 1
+#define OPB_ERR_SLOT 2
+#define OPB_ERR_ROW 4
+#define OPB_ERR_DELTA 8
+#define OPB_ERR_BLOCK 16
+#define OPB_ERR_SEQ 32
+
+#define OPB_INF __int_as_float(0x7f800000)
+
+__device__ __forceinline__ void raise_error(int* err, int bit) {
+    if (err != nullptr) atomicOr(err, bit);
+}
+
+__device__ __forceinline__ float to_f32(float x) { return x; }
+
+__device__ __forceinline__ float to_f32(f16_t x) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x.bits));
+    return f;
+}
+
+__device__ __forceinline__ float to_f32(bf16_t x) {
+    // bf16 is the upper half of a float: widening is exact.
+    return __uint_as_float(((unsigned int)x.bits) << 16);
+}
+
+template <typename T> __device__ __forceinline__ T from_f32(float x);
+
+template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
+
+template <> __device__ __forceinline__ f16_t from_f32<f16_t>(float x) {
+    f16_t h;
+    // cvt.rn: round to nearest even, the rule the oracles use (ml_dtypes / NumPy).
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h.bits) : "f"(x));
+    return h;
+}
+
+template <> __device__ __forceinline__ bf16_t from_f32<bf16_t>(float x) {
+    bf16_t b;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(b.bits) : "f"(x));
+    return b;
+}
+
+// Converts between storage types through float: widening to float is exact for all three,
+// so this rounds exactly once (nearest even), as NumPy's astype does.
+template <typename S, typename D> __device__ __forceinline__ D convert(S x) {
+    return from_f32<D>(to_f32(x));
+}

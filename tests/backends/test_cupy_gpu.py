@@ -1,0 +1,252 @@
+"""The cupy backend on a real GPU: every op against the float64 oracles (through the harness's
+own run_case: poisoned outputs, guard regions, tolerance tables), plus the runtime features
+the scenarios rely on.  Skips with ``CupyBackend.available()``'s reason where there is no GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from opbench.backends.cupy import CupyBackend, plan
+from opbench.backends.cupy.runtime import DeviceError
+from opbench.harness.cases import quick_subset
+from opbench.harness.contracts import run_copy_async_contract
+from opbench.harness.ops import SPECS
+from opbench.harness.protocol import AttnParams, PagedKV, RopeParams
+from opbench.harness.runner import run_case
+from opbench.harness.scenario.config import ScenarioSpec
+from opbench.harness.scenario.judge import backend_options, run_scenario
+from opbench.harness.scenario.matrix import matrix, unsupported
+from opbench.reference import attention as attn_ref
+from opbench.reference import rope as rope_ref
+
+AVAILABLE, WHY = CupyBackend.available()
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not AVAILABLE, reason=f"cupy backend unavailable: {WHY}")]
+
+OPS = ["ROPE", "ATTN", "KV_ROTATE", "SET_ROWS", "GET_ROWS", "CPY"]
+
+
+@pytest.fixture(scope="module")
+def backend():
+    b = CupyBackend(sync_each_launch=True)
+    b.devices(2)
+    yield b
+    b.close()
+
+
+def _run_all(backend, cases) -> list[str]:
+    problems = []
+    for case in cases:
+        record = run_case(backend, case, device=backend.device(0), device_name="cupy:0")
+        if record["status"] != "OK":
+            problems.append(f"{case.id}: {record['status']} {record['reason']}")
+    return problems
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_quick_cases_match_the_oracles(backend, op):
+    spec = SPECS[op]
+    cases = quick_subset(spec.cases(), spec.variant_keys, extra=48, cost=spec.cost)
+    problems = _run_all(backend, cases)
+    assert not problems, f"{len(problems)}/{len(cases)} failed:\n" + "\n".join(problems[:10])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("op", OPS)
+def test_every_case_matches_the_oracles(backend, op):
+    problems = _run_all(backend, SPECS[op].cases())
+    assert not problems, f"{len(problems)} failed:\n" + "\n".join(problems[:10])
+
+
+def _rope(backend, x, pos, p, ff=None, device=0):
+    dx = backend.to_device(x, device)
+    out = backend.empty(x.shape, x.dtype, device)
+    dff = None if ff is None else backend.to_device(ff, device)
+    backend.rope(dx, backend.to_device(pos, device), out, p, freq_factors=dff)
+    return backend.to_host(out)
+
+
+def test_rope_cache_is_keyed_on_every_layer_parameter(backend):
+    """Gemma-3 local/global layers on one device: the cache must hand each its own angles,
+    bit-identical to the cache-off path, inside and beyond the cached rows."""
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (9, 4, 128)).astype(np.float32)
+    pos = np.array([0, 5, 63, 64, 65, 1000, 4, 3, 2], np.int32)
+    local = RopeParams(n_dims=128, mode="neox", freq_base=1e4)
+    global_ = dataclasses.replace(local, freq_base=1e6, freq_scale=0.125)
+    ff = rng.uniform(0.5, 4, 64).astype(np.float32)
+    cached = CupyBackend(rope_cache_rows=64)
+    uncached = CupyBackend(rope_cache=False)
+    try:
+        for p, f in [(local, None), (global_, None), (local, ff), (local, None)]:
+            got = _rope(cached, x, pos, p, f)
+            np.testing.assert_array_equal(got, _rope(uncached, x, pos, p, f))
+            want = rope_ref.rope(x, pos, n_dims=128, mode="neox", freq_base=p.freq_base,
+                                 freq_scale=p.freq_scale, freq_factors=f)
+            np.testing.assert_allclose(got, want, atol=2e-5)
+        assert len(cached.device(0).rope_tables) == 3
+    finally:
+        cached.close()
+        uncached.close()
+
+
+def test_graph_replay_reads_new_positions_and_lengths(backend):
+    """Capture one decode step (RoPE + paged attention) on two streams, then replay it after
+    write()-ing the next step's positions and sequence lengths into the same buffers."""
+    rng = np.random.default_rng(1)
+    n_seqs, heads, dim, block = 2, 4, 64, 16
+    q = rng.uniform(-1, 1, (n_seqs, heads, dim)).astype(np.float16)
+    k = rng.uniform(-1, 1, (8, block, heads, dim)).astype(np.float16)
+    v = rng.uniform(-1, 1, (8, block, heads, dim)).astype(np.float16)
+    table = np.array([[3, 1, 7, 0], [2, 6, 5, 4]], np.int32)
+    p = RopeParams(n_dims=dim, mode="neox")
+    args = {n: backend.to_device(a) for n, a in dict(q=q, k=k, v=v, table=table).items()}
+    pos = backend.to_device(np.array([10, 20], np.int32))
+    lens = backend.to_device(np.array([11, 21], np.int32))
+    starts = backend.to_device(np.array([0, 1, 2], np.int32))
+    roped, out = backend.empty(q.shape, q.dtype), backend.empty(q.shape, q.dtype)
+    streams = [backend.stream(0), backend.stream(1)]
+
+    def step():
+        backend.rope(args["q"], pos, roped, p)
+        backend.attention(roped, args["k"], args["v"], out, AttnParams(scale=0.125, causal=True),
+                          paged=PagedKV(args["table"], lens, starts))
+        backend.copy_async(out, 1)  # the second stream takes part through copy_async's events
+
+    step()  # uncaptured first: modules loaded, RoPE table filled
+    backend.synchronize()
+    backend.capture_begin(streams)
+    step()
+    graph = backend.capture_end(streams)
+    for new_pos in ([30, 40], [63, 17]):
+        backend.write(pos, np.array(new_pos))
+        backend.write(lens, np.array(new_pos) + 1)
+        backend.replay(graph)
+        got = backend.to_host(out)
+        rq = rope_ref.rope(q, np.array(new_pos), n_dims=dim, mode="neox").astype(np.float16)
+        want = attn_ref.paged_attention(rq, k, v, table, np.array(new_pos) + 1, np.ones(2, int),
+                                        scale=0.125, causal=True)
+        np.testing.assert_allclose(got.astype(np.float64), want, atol=5e-3)
+
+
+def test_copy_async_contract(backend):
+    results = run_copy_async_contract(CupyBackend())
+    assert all(message is None for message in results.values()), results
+
+
+def test_copy_async_contract_under_delays():
+    delayed = CupyBackend(delay=True, delay_seed=3, delay_max_ms=2.0)
+    try:
+        results = run_copy_async_contract(delayed, seed=3)
+    finally:
+        delayed.close()
+    assert all(message is None for message in results.values()), results
+
+
+SMALL_MATRIX = [dict(split=split, devices=devices, graph_reuse=graph, evict=evict, delay=delay)
+                for split in ("none", "layer", "head", "ring", "zigzag", "stripe")
+                for devices in ([1] if split == "none" else [3])
+                for graph, evict, delay in [(False, False, False), (True, True, True)]]
+
+
+@pytest.mark.parametrize("axes", SMALL_MATRIX, ids=lambda a: ",".join(f"{k}={v}"
+                                                                       for k, v in a.items()))
+@pytest.mark.parametrize("rope_cache", [True, False])
+def test_scenarios_match_the_float64_model(axes, rope_cache):
+    spec = ScenarioSpec(rope_cache=rope_cache, layers=6, steps=4, **axes)
+    if unsupported(CupyBackend, spec) is not None:
+        pytest.fail(unsupported(CupyBackend, spec))
+    b = CupyBackend(**backend_options(spec))
+    try:
+        result = run_scenario(b, spec)
+    finally:
+        b.close()
+    assert result.ok, result.divergence or result.error
+
+
+@pytest.mark.slow
+def test_full_scenario_matrix():
+    failures = []
+    for spec in matrix():
+        b = CupyBackend(**backend_options(spec))
+        try:
+            result = run_scenario(b, spec)
+        finally:
+            b.close()
+        if not result.ok:
+            failures.append(f"{spec.id}: {result.divergence or result.error}")
+    assert not failures, "\n".join(failures[:10])
+
+
+def test_copy_async_waits_for_slow_source_work():
+    """A spin kernel delays the source stream; the copy must still see the finished data and
+    the destination's next op must see the copy, with one synchronize at the end."""
+    backend = CupyBackend()  # no sync_each_launch: the host must run ahead of the GPU
+    try:
+        backend.devices(2)
+        src_host = np.arange(1 << 20, dtype=np.float32)
+        src = backend.to_device(np.zeros_like(src_host), 0)
+        staged = backend.to_device(src_host, 0)
+        backend.inject_delay(backend.stream(0), 50.0)
+        backend.cpy(staged, src, (0,), 1)  # queued behind 50 ms of spinning
+        outs = []
+        for copied in [backend.copy_async(src, 1) for _ in range(3)]:
+            out = backend.empty(copied.shape, np.float16, 1)
+            backend.cpy(copied, out, (0,), 1)
+            outs.append(out)
+        backend.synchronize()
+        for out in outs:
+            np.testing.assert_array_equal(backend.to_host(out), src_host.astype(np.float16))
+    finally:
+        backend.close()
+
+
+def test_split_kv_decode_matches_the_oracle(backend):
+    rng = np.random.default_rng(2)
+    q = rng.uniform(-1, 1, (1, 8, 128)).astype(np.float32)
+    k = rng.uniform(-1, 1, (8192, 2, 128)).astype(np.float32)
+    v = rng.uniform(-1, 1, (8192, 2, 128)).astype(np.float32)
+    sinks = rng.uniform(-2, 2, 8).astype(np.float32)
+    assert plan.attn_plan(1, 8, 128, 128, 8192, decode=True,
+                          num_sms=backend.device(0).num_sms).n_splits > 1
+    d = {n: backend.to_device(a) for n, a in dict(q=q, k=k, v=v, sinks=sinks).items()}
+    out, lse = backend.empty((1, 8, 128), np.float32), backend.empty((1, 8), np.float32)
+    backend.attention(d["q"], d["k"], d["v"], out, AttnParams(scale=128**-0.5, causal=True),
+                      sinks=d["sinks"], lse=lse)
+    want, want_lse = attn_ref.attention(q, k, v, causal=True, sinks=sinks, return_lse=True)
+    np.testing.assert_allclose(backend.to_host(out), want, atol=1e-5)
+    np.testing.assert_allclose(backend.to_host(lse), want_lse, atol=1e-5)
+
+
+def test_bad_slot_raises_on_synchronize():
+    plain = CupyBackend()  # no sync_each_launch: the error surfaces at synchronize()
+    try:
+        dst = plain.to_device(np.zeros((4, 8), np.float32))
+        src = plain.to_device(np.ones((2, 8), np.float32))
+        plain.set_rows(dst, src, plain.to_device(np.array([1, 9], np.int32)))
+        with pytest.raises(DeviceError, match="slot was out of range"):
+            plain.synchronize()
+        plain.synchronize()  # the error word was reset
+    finally:
+        plain.close()
+
+
+def test_timer_and_l2_flush(backend):
+    x = backend.to_device(np.ones(1 << 22, np.float32))
+    out = backend.empty((1 << 22,), np.float16)
+    backend.l2_flush()
+    ns = backend.timer()(lambda: backend.cpy(x, out, (0,), 1))
+    assert 0 < ns < 1e9
+
+
+def test_bf16_round_trips_bit_exactly(backend):
+    import ml_dtypes
+
+    host = np.random.default_rng(3).uniform(-3, 3, 1000).astype(ml_dtypes.bfloat16)
+    back = backend.to_host(backend.to_device(host))
+    assert back.dtype == host.dtype
+    np.testing.assert_array_equal(back.view(np.uint16), host.view(np.uint16))
