@@ -140,7 +140,7 @@ class GgmlBackend(Backend):
         return {"ggml-python": version("ggml-python"), "threads": self.n_threads,
                 "device_names": ["cpu"]}
 
-    def known_failures(self) -> list[tuple[str, str]]:
+    def known_failures(self) -> list[tuple]:
         from .ggml_known_failures import KNOWN_FAILURES
 
         return list(KNOWN_FAILURES)

@@ -219,7 +219,7 @@ class TorchBackend(Backend):
         return {"torch": torch.__version__, "device": "cuda" if self._cuda else "cpu",
                 "device_names": names, "threads": torch.get_num_threads()}
 
-    def known_failures(self) -> list[tuple[str, str]]:
+    def known_failures(self) -> list[tuple]:
         from .torch_known_failures import KNOWN_FAILURES
 
         return list(KNOWN_FAILURES)

@@ -7,6 +7,7 @@ parent records CRASH or TIMEOUT for it, starts a fresh worker and goes on.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import time
 from collections import deque
 from multiprocessing.connection import wait
@@ -103,6 +104,11 @@ def run_in_workers(backend_ref: str, backend_name: str, options: dict, cases: li
                    run_seed: int, run_id: str, jobs: int, timeout: float | None
                    ) -> Iterator[dict]:
     """Yield records as workers finish them; CRASH/TIMEOUT records for lost cases."""
+    # one BLAS/OpenMP thread per worker: N workers already fill the cores, and oversubscribed
+    # BLAS threads on a busy machine made attention up to 70x slower
+    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(name, "1")
+    os.environ.setdefault("OMP_WAIT_POLICY", "passive")
     ctx = mp.get_context("spawn")
     slots = [_Slot(ctx, (backend_ref, options, run_seed, run_id))
              for _ in range(max(1, min(jobs, len(cases))))]

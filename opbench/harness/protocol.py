@@ -164,11 +164,12 @@ class Backend:
         """Facts for result records and ``opbench doctor``: mode, versions, device names."""
         return {}
 
-    def known_failures(self) -> list[tuple[str, str]]:
-        """(case-id regex, reason with evidence) pairs this backend is known to fail.
+    def known_failures(self) -> list[tuple]:
+        """(case-id regex, reason with evidence[, may_pass]) entries this backend fails.
 
         Kept in a file beside the backend, never in the harness.  A failing case matching one
-        is reported XFAIL (shown, not fatal); a passing one XPASS (the entry is stale)."""
+        is reported XFAIL (shown, not fatal); a passing one XPASS (the entry is stale) unless
+        ``may_pass`` is true: a precision limit whose failure depends on the inputs."""
         return []
 
     def implements(self, op: str) -> bool:

@@ -12,8 +12,7 @@ import dataclasses
 
 import numpy as np
 
-from opbench.backends.cpu import CpuBackend
-from opbench.backends.cpu import kernels
+from opbench.backends.cpu import CpuBackend, kernels
 
 _original = {name: getattr(kernels, name) for name in ("attend", "_tile_scores", "set_rows")}
 
