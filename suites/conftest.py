@@ -1,7 +1,9 @@
-"""pytest front end to the case tables: ``pytest suites --backend cpu [--full]``.
+"""pytest front end to the case tables: ``pytest suites [--backend cpu,torch] [--full]``.
 
-One test per case, the case id as test id (so ``-k`` works on ids).  The backend comes from
-``--backend`` or ``OPBENCH_BACKEND`` (default cpu); the quick subset runs unless ``--full``.
+One test per case and backend, the case id in the test id (so ``-k`` works on ids).  Backends
+come from ``--backend`` or ``OPBENCH_BACKEND`` (comma separated; default: every built-in
+backend, each skipping with its reason where it is not installed); the quick subset runs unless
+``--full``.
 """
 
 from __future__ import annotations
@@ -10,23 +12,38 @@ import os
 
 import pytest
 
+DEFAULT_BACKENDS = "cpu,torch,ggml,triton,cupy"
+
 
 def pytest_addoption(parser):
     group = parser.getgroup("opbench")
-    group.addoption("--backend", default=os.environ.get("OPBENCH_BACKEND", "cpu"),
-                    help="backend to test (name, package.module:Class or file.py:Class)")
+    group.addoption("--backend", default=os.environ.get("OPBENCH_BACKEND", DEFAULT_BACKENDS),
+                    help="backends to test, comma separated (names, package.module:Class or"
+                         " file.py:Class); default: " + DEFAULT_BACKENDS)
     group.addoption("--full", action="store_true", help="run the full default case tables")
 
 
+def pytest_generate_tests(metafunc):
+    if "backend_name" in metafunc.fixturenames:
+        names = [b.strip() for b in metafunc.config.getoption("--backend").split(",")]
+        metafunc.parametrize("backend_name", [n for n in names if n], scope="session")
+
+
 @pytest.fixture(scope="session")
-def backend(request):
-    from opbench.harness.pool import make_backend
+def available_backend(backend_name):
+    """The backend reference, or a skip with the reason it is unavailable here."""
     from opbench.harness.registry import backend_class
 
-    ref = request.config.getoption("--backend")
-    ok, why = backend_class(ref).available()
+    ok, why = backend_class(backend_name).available()
     if not ok:
-        pytest.skip(f"backend {ref} unavailable: {why}")
-    instance = make_backend(ref, {})
+        pytest.skip(f"backend {backend_name} unavailable: {why}")
+    return backend_name
+
+
+@pytest.fixture(scope="session")
+def backend(available_backend):
+    from opbench.harness.pool import make_backend
+
+    instance = make_backend(available_backend, {})
     yield instance
     instance.close()

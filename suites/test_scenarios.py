@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import pytest
 
-from opbench.harness.registry import backend_class
 from opbench.harness.scenario.config import ScenarioSpec
 from opbench.harness.scenario.matrix import matrix, scenario_record
 from opbench.harness.store import new_run_id
@@ -39,12 +38,8 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("scenario", specs, ids=[s.id for s in specs])
 
 
-def test_scenario(request, scenario):
-    ref = request.config.getoption("--backend")
-    ok, why = backend_class(ref).available()
-    if not ok:
-        pytest.skip(f"backend {ref} unavailable: {why}")
-    record = scenario_record(ref, scenario, RUN_ID)
+def test_scenario(available_backend, scenario):
+    record = scenario_record(available_backend, scenario, RUN_ID)
     if record["status"] == "UNSUPPORTED":
         pytest.skip(record["reason"])
     assert record["status"] == "OK", "\n".join(record["errors"] or [str(record["reason"])])

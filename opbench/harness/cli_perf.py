@@ -1,0 +1,326 @@
+"""Verb ``perf``: time the perf case tables per backend, or two backends interleaved (``--ab``).
+
+A backend reference for ``--ab`` (and ``-b``) may carry options: ``NAME[:opt=val,...]``, e.g.
+``cpu:rope_cache=off``.  A tail after the last ``:`` counts as options only when it holds ``=``,
+so ``path/file.py:Class`` and ``package.module:Class`` keep working (and take options too:
+``path/file.py:Class:opt=val``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+
+from . import perf as perf_mode
+from .cases import filter_cases
+from .errors import UsageError
+from .registry import backend_class
+from .store import ResultWriter, new_run_id
+
+CSV_FIELDS = ["backend", "device", "op", "case_id", "status", "reason", "n", "median_ns",
+              "iqr_ns", "bytes", "flops", "gbps", "gflops", "bound", "fraction_of_ceiling"]
+
+
+def register(subparsers, common) -> None:
+    p = subparsers.add_parser(
+        "perf", parents=[common], help="time the perf case tables (real model shapes)",
+        description="Warm up, then time each case until --budget-ms (at least --min-samples); "
+        "every sample is kept in --results.  --ab A B interleaves two backends round by round.")
+    p.add_argument("--sizes", choices=perf_mode.SIZES, default="full",
+                   help="full: model shapes; small: tiny shapes for CI and tests")
+    p.add_argument("--budget-ms", type=float, default=perf_mode.timing.DEFAULT_BUDGET_MS,
+                   help="time budget per case and backend (default: %(default)s)")
+    p.add_argument("--min-samples", type=int, default=perf_mode.timing.DEFAULT_MIN_SAMPLES,
+                   help="at least this many samples, whatever the budget (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=perf_mode.timing.DEFAULT_WARMUP,
+                   help="untimed calls first (default: %(default)s)")
+    p.add_argument("--cold", action="store_true",
+                   help="flush the device cache before every sample (backends with flush_l2)")
+    p.add_argument("--ab", nargs=2, metavar=("A", "B"),
+                   help="interleave backend refs A and B (NAME[:opt=val,...]); replaces -b")
+    p.add_argument("--threshold", default="5%",
+                   help="--ab verdict threshold, e.g. 5%% or 0.05 (default: %(default)s)")
+    p.add_argument("--quantile", type=float, default=0.5,
+                   help="--ab compares this quantile of the samples (default: median)")
+    p.add_argument("--pin-cpu", default=None, metavar="N|auto|none",
+                   help="run this process and every thread it starts on one CPU (default: auto"
+                        " with --ab, none otherwise); see docs/perf.md")
+    p.add_argument("--no-calibrate", action="store_true",
+                   help="do not measure the machine's ceilings when none are cached")
+    p.set_defaults(func=cmd_perf)
+
+
+# -- backend references ----------------------------------------------------------------------------
+def _value(text: str):
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    return text  # "on"/"off" stay strings: backends parse their own flags
+
+
+def split_ref(ref: str) -> tuple[str, dict]:
+    """``cpu:rope_cache=off,jit=0`` -> ("cpu", {"rope_cache": "off", "jit": 0})."""
+    head, sep, tail = ref.rpartition(":")
+    if not sep or "=" not in tail:
+        return ref, {}
+    options = {}
+    for item in tail.split(","):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise UsageError(f"backend {ref!r}: option {item!r} is not opt=value")
+        options[key.strip()] = _value(value.strip())
+    return head, options
+
+
+def open_backend(ref: str):
+    """(backend, None) ready for ops, or (None, why it is unavailable)."""
+    name, options = split_ref(ref)
+    cls = backend_class(name)
+    ok, why = cls.available()
+    if not ok:
+        return None, why
+    try:
+        backend = cls(**options)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"backend {ref!r}: {exc}") from None
+    backend.devices(1)
+    return backend, None
+
+
+# -- selection and options -------------------------------------------------------------------------
+def select_perf_cases(args) -> list:
+    from .cli_test import parse_ops
+
+    ops = parse_ops(args.op)
+    if args.pattern:
+        import re
+
+        try:
+            re.compile(args.pattern)
+        except re.error as exc:
+            raise UsageError(f"bad regular expression -p {args.pattern!r}: {exc}") from None
+    cases = [c for c in perf_mode.perf_cases(args.sizes) if c.op in ops]
+    cases = filter_cases(cases, args.pattern)
+    if not cases:
+        raise UsageError("no perf case matches the given -o/-p")
+    return cases
+
+
+def perf_options(args) -> perf_mode.PerfOptions:
+    if args.budget_ms < 0:
+        raise UsageError(f"--budget-ms {args.budget_ms:g} must be >= 0")
+    if args.min_samples < 1:
+        raise UsageError(f"--min-samples {args.min_samples} must be >= 1")
+    if args.warmup < 0:
+        raise UsageError(f"--warmup {args.warmup} must be >= 0")
+    return perf_mode.PerfOptions(budget_ms=args.budget_ms, min_samples=args.min_samples,
+                                 warmup=args.warmup, cold=args.cold, seed=args.seed,
+                                 ceilings=_ceilings(args))
+
+
+def _ceilings(args):
+    from .calibrate import CeilingsError, load_ceilings
+
+    try:
+        return load_ceilings(measure_if_missing=not args.no_calibrate)
+    except CeilingsError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def pin_cpu(choice: str | None, default: str) -> int | None:
+    """Pin this process (and the threads it starts from now on: backend workers) to one CPU.
+
+    Why: on a loaded 2-core machine the scheduler parks each backend's worker thread on a core
+    for seconds at a time, and an A/B comparison's two instances then see different load --
+    measured here as 10-40% level shifts between A and B of one A/A run (docs/perf.md).  On one
+    core both sides share every disturbance, round by round."""
+    choice = (choice or default).strip().lower()
+    if choice == "none" or not hasattr(os, "sched_setaffinity"):
+        return None
+    allowed = sorted(os.sched_getaffinity(0))
+    if choice == "auto":
+        cpu = allowed[-1]
+    else:
+        try:
+            cpu = int(choice)
+        except ValueError:
+            raise UsageError(f"--pin-cpu {choice!r}: give a CPU number, auto or none") from None
+        if cpu not in allowed:
+            raise UsageError(f"--pin-cpu {cpu}: not one of this process's CPUs {allowed}")
+    os.sched_setaffinity(0, {cpu})
+    return cpu
+
+
+def _threshold(text: str) -> float:
+    from .gate import parse_threshold
+
+    try:
+        return parse_threshold(text)
+    except ValueError as exc:
+        raise UsageError(f"--threshold: {exc}") from None
+
+
+def _open_writer(path: str | None) -> ResultWriter | None:
+    if not path:
+        return None
+    writer = ResultWriter(path)
+    try:
+        writer.open()
+    except OSError as exc:
+        raise UsageError(f"cannot write results to {path!r}: {exc.strerror}") from None
+    return writer
+
+
+# -- output ----------------------------------------------------------------------------------------
+class PerfOutput:
+    """Console lines as each record arrives; csv/json of every record at the end."""
+
+    def __init__(self, fmt: str) -> None:
+        if fmt == "junit":
+            raise UsageError("perf has no junit output; use console, csv or json")
+        self.fmt = fmt
+        self.records: list[dict] = []
+
+    def header(self, text: str) -> None:
+        if self.fmt == "console":
+            print(text, flush=True)
+
+    def record(self, record: dict, side: str = "") -> None:
+        self.records.append(record)
+        if self.fmt == "console":
+            print(console_line(record, side), flush=True)
+
+    def finish(self) -> None:
+        if self.fmt == "csv":
+            writer = csv.DictWriter(sys.stdout, fieldnames=CSV_FIELDS, extrasaction="ignore")
+            writer.writeheader()
+            for r in self.records:
+                writer.writerow({**r, **{k: v for k, v in (r.get("perf") or {}).items()
+                                         if k in CSV_FIELDS}})
+        elif self.fmt == "json":
+            rows = [{k: r.get(k) for k in ("backend", "device", "op", "case_id", "status",
+                                           "reason")}
+                    | {"perf": {k: v for k, v in (r.get("perf") or {}).items()
+                                if k != "samples_ns"} or None} for r in self.records]
+            json.dump(rows, sys.stdout, indent=1)
+            print()
+
+
+def console_line(record: dict, side: str = "") -> str:
+    """``  OP(...): N runs - ...``; in an A/B run prefixed by the side (``A``/``B``)."""
+    from ..reports.console import format_perf_line
+
+    lead = f"  {side} " if side else "  "
+    if record["status"] == "OK":
+        return lead + format_perf_line(record["case_id"], record["perf"])
+    return f"{lead}{record['case_id']}: {record['status']} ({record['reason']})"
+
+
+# -- the verb --------------------------------------------------------------------------------------
+def cmd_perf(args) -> int:
+    cases = select_perf_cases(args)
+    refs = list(args.ab) if args.ab else [b.strip() for b in args.backend.split(",") if b.strip()]
+    if not refs:
+        raise UsageError("no backend given to -b")
+    for ref in refs:
+        backend_class(split_ref(ref)[0])  # unknown names are usage errors before any timing
+    threshold = _threshold(args.threshold) if args.ab else None
+    if args.ab and not 0 < args.quantile < 1:
+        raise UsageError(f"--quantile {args.quantile} must be between 0 and 1")
+    options = perf_options(args)
+    affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    pin_cpu(args.pin_cpu, default="auto" if args.ab else "none")
+    show = PerfOutput(args.output)
+    writer = _open_writer(args.results)
+    run_id = new_run_id()
+    try:
+        if args.ab:
+            failed = _run_ab(refs, cases, options, run_id, writer, show, threshold,
+                             args.quantile)
+        else:
+            failed = any([_run_backend(ref, cases, options, run_id, writer, show)
+                          for ref in refs])
+    finally:
+        if writer:
+            writer.close()
+        show.finish()
+        if affinity is not None:  # an in-process caller (tests, scripts) gets its CPUs back
+            os.sched_setaffinity(0, affinity)
+    return 1 if failed else 0
+
+
+def _emit(record: dict, writer, show: PerfOutput, side: str = "") -> bool:
+    if writer:
+        writer.write(record)
+    show.record(record, side)
+    return record["status"] == "ERROR"
+
+
+def _run_backend(ref, cases, options, run_id, writer, show) -> bool:
+    backend, why = open_backend(ref)
+    if backend is None:
+        show.header(f"Backend {ref}: skipped ({why})")
+        return False
+    show.header(f"Backend {ref}:")
+    env = perf_mode.backend_env(backend)
+    failed = False
+    try:
+        for case in cases:
+            record = perf_mode.run_perf_case(backend, case, options, run_id, label=ref, env=env)
+            failed |= _emit(record, writer, show)
+    finally:
+        backend.close()
+    return failed
+
+
+def ab_labels(ref_a: str, ref_b: str) -> tuple[str, str]:
+    """The backend names in the records: the refs, made distinct for an A/A comparison."""
+    return (ref_a, ref_b) if ref_a != ref_b else (f"{ref_a}#A", f"{ref_b}#B")
+
+
+def _run_ab(refs, cases, options, run_id, writer, show, threshold, quantile) -> bool:
+    labels = ab_labels(*refs)
+    sides = {}
+    try:
+        for label, ref in zip(labels, refs):
+            backend, why = open_backend(ref)
+            if backend is None:
+                raise UsageError(f"--ab: backend {ref} is unavailable: {why}")
+            sides[label] = backend
+        return _time_ab(sides, labels, cases, options, run_id, writer, show, threshold,
+                        quantile)
+    finally:
+        for backend in sides.values():
+            backend.close()
+
+
+def _time_ab(sides, labels, cases, options, run_id, writer, show, threshold, quantile) -> bool:
+    envs = {label: perf_mode.backend_env(b) for label, b in sides.items()}
+    show.header(f"A/B interleaved: A = {labels[0]}, B = {labels[1]}")
+    failed = False
+    by_side: dict[str, list] = {label: [] for label in labels}
+    for case in cases:
+        records = perf_mode.run_ab_case(sides, case, options, run_id, envs)
+        for side, (label, record) in zip("AB", records.items()):
+            failed |= _emit(record, writer, show, side)
+            by_side[label].append(record)
+    rows = perf_mode.ratio_rows(by_side[labels[0]], by_side[labels[1]], threshold=threshold,
+                                quantile=quantile, seed=options.seed)
+    if show.fmt == "console":
+        print_ratio_table(rows, labels, threshold, quantile)
+    return failed
+
+
+def print_ratio_table(rows, labels, threshold: float, quantile: float) -> None:
+    what = "median" if quantile == 0.5 else f"q{quantile:g}"
+    print(f"\nB/A ratio of {what} times (>1: B slower), 95% bootstrap CI, threshold "
+          f"{threshold:.0%}; A = {labels[0]}, B = {labels[1]}")
+    print(f"  {'ratio':>7s} {'95% CI':>17s}  {'verdict':15s} {'A us':>10s} {'B us':>10s}  case")
+    for r in rows:
+        ci = f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
+        print(f"  {r['ratio']:7.3f} {ci:>17s}  {r['verdict']:15s} {r['a_ns'] / 1e3:10.2f}"
+              f" {r['b_ns'] / 1e3:10.2f}  {r['case_id']}")

@@ -1,0 +1,227 @@
+"""``opbench perf`` end to end on the small perf table, plus its units (bytes, flops, refs).
+
+Budgets are a few milliseconds and --min-samples small, so the file runs in seconds; nothing here
+asserts a duration (samples are only counted, never compared with a clock)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import textwrap
+
+import numpy as np
+import pytest
+
+from opbench.harness import perf
+from opbench.harness.cases import Case
+from opbench.harness.cli import main
+from opbench.harness.cli_perf import ab_labels, split_ref
+from opbench.harness.errors import UsageError
+from opbench.harness.ops import SPECS
+from opbench.harness.store import cpu_model, read_records
+
+FAST = ["--sizes", "small", "--budget-ms", "2", "--min-samples", "3", "--warmup", "1"]
+LINE = re.compile(r"^  [A-Z_]+\(.*\): \d+ runs - \d+\.\d\d us/run - \d+ kB/run - \d+\.\d\d "
+                  r"(GB/s|GFLOP/s)( \(\d+% of (copy bandwidth|matmul rate)\))?$")
+
+
+@pytest.fixture(autouse=True)
+def no_ceilings(tmp_path, monkeypatch):
+    """An empty ceilings cache: perf must not calibrate (seconds) inside unit tests."""
+    monkeypatch.setenv("OPBENCH_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def perf_main(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(["perf", *FAST, "--no-calibrate", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def backend_file(tmp_path, body: str) -> str:
+    path = tmp_path / "fake_backends.py"
+    path.write_text("from opbench.backends.cpu import CpuBackend\n\n" + textwrap.dedent(body))
+    return str(path)
+
+
+# -- the verb end to end ---------------------------------------------------------------------------
+def test_perf_writes_every_sample_and_prints_test_backend_ops_lines(tmp_path, capsys):
+    results = tmp_path / "r.jsonl"
+    code, out, _ = perf_main(capsys, "-o", "CPY,ROPE", "--results", str(results))
+    assert code == 0
+    records = read_records(results)
+    assert {r["op"] for r in records} == {"CPY", "ROPE"}
+    assert len(records) == len([c for c in perf.small_cases() if c.op in ("CPY", "ROPE")])
+    for r in records:
+        assert r["kind"] == "perf" and r["status"] == "OK"
+        assert len(r["perf"]["samples_ns"]) == r["perf"]["n"] >= 3
+        assert r["perf"]["bytes"] > 0 and r["perf"]["gbps"] > 0
+    assert len({r["run_id"] for r in records}) == 1
+    lines = [line for line in out.splitlines() if line.startswith("  ")]
+    assert len(lines) == len(records)
+    assert all(LINE.match(line) for line in lines), lines
+
+
+def test_perf_line_names_the_ceiling_when_calibrated(tmp_path, capsys):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "ceilings.json").write_text(json.dumps(
+        {cpu_model(): {"copy_gbps": 10.0, "matmul_gflops": 50.0}}))
+    code, out, _ = perf_main(capsys, "-o", "CPY", "-p", "type=f16")
+    assert code == 0
+    assert re.search(r"GB/s \(\d+% of copy bandwidth\)$", out.strip().splitlines()[-1])
+
+
+def test_attention_counts_flops_and_is_compute_bound_at_prefill():
+    case = next(c for c in perf.full_cases() if c.op == "ATTN" and c["nq"] == 512
+                and c["hs"] == (128, 128))
+    inputs_free_flops = perf._attn_work(case)[1]
+    # causal 512x512: 512*513/2 visible pairs per head, 2 flops per multiply-add over Dk+Dv
+    assert inputs_free_flops == 2 * (512 * 513 // 2) * 32 * 256
+
+
+def test_visible_keys_causal_window_and_decode():
+    assert perf._visible_keys(1, 4096, True, 0) == 4096  # decode sees the whole context
+    assert perf._visible_keys(3, 3, True, 0) == 1 + 2 + 3
+    assert perf._visible_keys(3, 3, False, 0) == 9
+    assert perf._visible_keys(4, 4, True, 2) == 1 + 2 + 2 + 2
+
+
+def test_copy_bytes_count_the_read_and_the_write():
+    case = perf._cpy("f32", "f16", (4096, 8, 128))
+    spec = SPECS["CPY"]
+    inputs = spec.make_inputs(case, np.random.default_rng(0))
+    nbytes, flops = perf.work(case, inputs, spec.outputs(case, inputs))
+    assert (nbytes, flops) == (16 * 2**20 + 8 * 2**20, 0)
+
+
+def test_full_table_is_valid_model_shapes_with_unique_ids():
+    cases = perf.full_cases()
+    assert len({c.id for c in cases}) == len(cases)
+    for case in cases:
+        SPECS[case.op].validate(case)
+    rope = [c for c in cases if c.op == "ROPE"]
+    assert {c["mode"] for c in rope} == {"neox", "normal"}
+    assert any(c["ne"] == (128, 32, 512) for c in rope)
+    decode = [c["nkv"] for c in cases if c.op == "ATTN" and c["nq"] == 1]
+    assert {4096, 8192, 32768} <= set(decode)
+    assert any(c.op == "ATTN" and c["sc"] and c["win"] for c in cases)  # Gemma-like
+
+
+def test_json_and_csv_outputs_carry_the_statistics(capsys):
+    code, out, _ = perf_main(capsys, "-o", "CPY", "--output", "json")
+    rows = json.loads(out)
+    assert code == 0 and rows and all(r["perf"]["median_ns"] > 0 for r in rows)
+    assert "samples_ns" not in rows[0]["perf"]  # the samples belong in --results
+    code, out, _ = perf_main(capsys, "-o", "CPY", "--output", "csv")
+    header, first = out.splitlines()[:2]
+    assert code == 0 and "median_ns" in header and "iqr_ns" in header and ",OK," in first
+
+
+# -- refusals and errors ---------------------------------------------------------------------------
+def test_interpreter_backend_is_refused_not_timed(tmp_path, capsys):
+    path = backend_file(tmp_path, """
+        class Interpreted(CpuBackend):
+            name = "interp"
+            is_interpreter = True
+        """)
+    results = tmp_path / "r.jsonl"
+    code, out, _ = perf_main(capsys, "-b", f"{path}:Interpreted", "-o", "ROPE",
+                             "--results", str(results))
+    assert code == 0
+    records = read_records(results)
+    assert records and all(r["status"] == "UNSUPPORTED" and r["perf"] is None for r in records)
+    assert "interpreter" in records[0]["reason"]
+    assert "UNSUPPORTED (interpreter mode" in out
+
+
+def test_nan_output_is_an_error_not_a_fast_time(tmp_path, capsys):
+    path = backend_file(tmp_path, """
+        class SkipsCopies(CpuBackend):
+            name = "skips"
+
+            def cpy(self, src, out, perm, step=1, stream=None):
+                pass  # the output keeps its NaN poison
+        """)
+    results = tmp_path / "r.jsonl"
+    code, out, _ = perf_main(capsys, "-b", f"{path}:SkipsCopies", "-o", "CPY",
+                             "--results", str(results))
+    assert code == 1
+    records = read_records(results)
+    assert records and all(r["status"] == "ERROR" and r["perf"] is None for r in records)
+    assert "NaN" in records[0]["reason"] and "ERROR" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["-o", "NOPE"], "unknown op"),
+    (["-p", "("], "bad regular expression"),
+    (["-p", "no-such-case"], "no perf case"),
+    (["--budget-ms", "-1"], "--budget-ms"),
+    (["--min-samples", "0"], "--min-samples"),
+    (["-b", "nosuch"], "unknown backend"),
+    (["-b", "cpu:nosuch=1"], "unknown cpu backend option"),
+    (["-b", "cpu:=1"], "is not opt=value"),
+    (["--output", "junit"], "junit"),
+    (["--ab", "cpu", "cpu", "--threshold", "5"], "--threshold"),
+    (["--sizes", "huge"], "invalid choice"),
+    (["--pin-cpu", "lots"], "--pin-cpu"),
+    (["--pin-cpu", "4096"], "not one of this process's CPUs"),
+])
+def test_usage_errors_exit_2_with_one_line(capsys, argv, message):
+    code, out, err = perf_main(capsys, "-o", "CPY", *argv)
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+# -- A/B ------------------------------------------------------------------------------------------
+def test_ab_interleaves_both_sides_into_one_run_and_prints_ratios(tmp_path, capsys):
+    results = tmp_path / "ab.jsonl"
+    code, out, _ = perf_main(capsys, "-o", "ROPE", "--ab", "cpu", "cpu:rope_cache=off",
+                             "--results", str(results), "--pin-cpu", "none")
+    assert code == 0
+    records = read_records(results)
+    assert {r["backend"] for r in records} == {"cpu", "cpu:rope_cache=off"}
+    assert len({r["run_id"] for r in records}) == 1
+    assert all(r["perf"]["n"] >= 3 for r in records)
+    assert "B/A ratio of median" in out
+    table = [line for line in out.splitlines() if re.match(r"^\s+\d+\.\d{3} +\[", line)]
+    assert len(table) == len(records) // 2
+    assert all(re.search(r"(regression|improvement|unchanged|not significant)", t) for t in table)
+
+
+def test_ab_of_one_backend_with_itself_gets_distinct_names():
+    assert ab_labels("cpu", "cpu") == ("cpu#A", "cpu#B")
+    assert ab_labels("cpu", "cpu:jit=0") == ("cpu", "cpu:jit=0")
+
+
+def test_split_ref_keeps_class_references_and_parses_options():
+    assert split_ref("cpu") == ("cpu", {})
+    assert split_ref("path/file.py:Class") == ("path/file.py:Class", {})
+    assert split_ref("pkg.mod:Class") == ("pkg.mod:Class", {})
+    assert split_ref("cpu:rope_cache=off,delay_max_ms=1.5") == (
+        "cpu", {"rope_cache": "off", "delay_max_ms": 1.5})
+    assert split_ref("dir/f.py:C:jit=0") == ("dir/f.py:C", {"jit": 0})
+    with pytest.raises(UsageError):
+        split_ref("cpu:jit=1,oops")
+
+
+def test_refusal_reports_unsupported_ops():
+    class NoOps:
+        name = "none"
+
+        def supports(self, case):
+            return "none does not implement ROPE"
+
+    assert perf.refusal(NoOps(), Case.make("ROPE")) == "none does not implement ROPE"
+
+
+def test_ab_pins_to_one_cpu_by_default_and_gives_the_cpus_back(monkeypatch, capsys):
+    calls = []
+    original = os.sched_getaffinity(0)
+    monkeypatch.setattr(os, "sched_setaffinity", lambda pid, cpus: calls.append(set(cpus)))
+    code, _, _ = perf_main(capsys, "-o", "CPY", "-p", "type=f16", "--ab", "cpu", "cpu")
+    assert code == 0
+    assert calls == [{max(original)}, set(original)]  # pinned for the run, then restored
+    calls.clear()
+    perf_main(capsys, "-o", "CPY", "-p", "type=f16")
+    assert calls == [set(original)]  # plain perf does not pin; the restore is harmless
