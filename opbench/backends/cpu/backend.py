@@ -260,7 +260,8 @@ class CpuBackend(ScenarioOpsMixin, Backend):
         perm = _check_cpy(src, out, perm, step)
         device = self._same_device("cpy", src=src, out=out)
         args = (plain(src), plain(out))
-        self._submit(device, stream, lambda: kernels.cpy(*args, perm, step))
+        use_jit = self.jit
+        self._submit(device, stream, lambda: kernels.cpy(*args, perm, step, use_jit))
 
     # -- plumbing -------------------------------------------------------------------------------
     def _submit(self, device: Device, stream: Stream | None, work) -> None:

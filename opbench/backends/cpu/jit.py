@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
+
 _lock = threading.Lock()
 _kernels: dict | None = None
 
@@ -31,6 +33,12 @@ def rotate_halves_f32(x, cos, sin, out) -> None:
     """out[..., i], out[..., i+half] = (a*c - b*s, b*c + a*s); x, out float32 [n, H, n_dims]
     (out must not alias x); cos, sin float32 [n, n_dims/2]."""
     _load()["rotate_halves"](x, cos, sin, out)
+
+
+def f32_to_f16(src, dst) -> None:
+    """dst (float16, contiguous) = src (float32, contiguous, same shape) rounded to nearest
+    even -- NumPy's own cast runs at about 1 GB/s, this loop several times faster."""
+    _load()["f32_to_f16"](src.reshape(-1).view(np.uint32), dst.reshape(-1).view(np.uint16))
 
 
 def _load() -> dict:
@@ -61,17 +69,39 @@ def _compile() -> dict:
                     out[t, h, i] = a * c - b * s
                     out[t, h, i + half] = b * c + a * s
 
-    return _warmed_up({"rotate_halves": rotate_halves})
+    @numba.njit(cache=True, nogil=True)
+    def f32_to_f16(src, dst):  # pragma: no cover - compiled
+        # IEEE binary32 -> binary16 on the bit patterns, round to nearest even (F. Giesen's
+        # float_to_half_fast3_rtne): subnormals via one float add, overflow to inf, NaN quiet
+        magic = np.float32(0.5)  # bits 0x3f000000: aligns a subnormal's mantissa for rounding
+        for i in range(src.size):
+            x = np.uint32(src[i])
+            sign = np.uint32((x >> np.uint32(16)) & np.uint32(0x8000))
+            x &= np.uint32(0x7FFFFFFF)
+            if x >= np.uint32(0x47800000):  # >= 65536 (or inf/nan): inf, or a quiet NaN
+                h = np.uint32(0x7C00)
+                if x > np.uint32(0x7F800000):
+                    h = np.uint32(0x7E00) | ((x >> np.uint32(13)) & np.uint32(0x3FF))
+            elif x < np.uint32(0x38800000):  # below the smallest normal half: subnormal or 0
+                f = np.array([x], np.uint32).view(np.float32)[0] + magic
+                h = np.array([f], np.float32).view(np.uint32)[0] - np.uint32(0x3F000000)
+            else:
+                odd = (x >> np.uint32(13)) & np.uint32(1)
+                x += np.uint32(0xC8000FFF)  # rebias exponent (15 - 127) << 23, plus 0xfff
+                x += odd
+                h = x >> np.uint32(13)
+            dst[i] = np.uint16(h | sign)
+
+    return _warmed_up({"rotate_halves": rotate_halves, "f32_to_f16": f32_to_f16})
 
 
 def _warmed_up(kernels: dict) -> dict:
     """Compile now on tiny inputs; a numba that cannot compile means the NumPy path is used."""
-    import numpy as np
-
     x = np.ones((1, 1, 2), np.float32)
     cs = np.ones((1, 1), np.float32)
     try:
         kernels["rotate_halves"](x, cs, cs, np.empty_like(x))
+        kernels["f32_to_f16"](np.ones(1, np.uint32), np.empty(1, np.uint16))
     except Exception:  # noqa: BLE001 - any compiler failure: fall back to NumPy
         return {}
     return kernels

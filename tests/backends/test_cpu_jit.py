@@ -1,0 +1,31 @@
+"""The numba f32 -> f16 conversion must equal NumPy's cast bit for bit (round to nearest even,
+subnormals, overflow to inf, signed zeros)."""
+
+import numpy as np
+import pytest
+
+from opbench.backends.cpu import jit
+
+pytestmark = pytest.mark.skipif(not jit.available(), reason="numba not installed")
+
+
+def _every_half_boundary() -> np.ndarray:
+    """Each f16 value as f32, its neighbours, and the exact halfway points above it."""
+    halves = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    bits = halves.astype(np.float32).view(np.uint32).astype(np.int64)
+    near = [bits + d for d in (-1, 0, 1)] + [bits + (1 << 12)]
+    return np.concatenate(near).clip(0, 2**32 - 1).astype(np.uint32).view(np.float32)
+
+
+def test_f32_to_f16_matches_numpy_bit_for_bit():
+    rng = np.random.default_rng(7)
+    random = rng.integers(0, 2**32, size=200_000, dtype=np.uint64).astype(np.uint32)
+    src = np.concatenate([random.view(np.float32), _every_half_boundary(),
+                          np.float32([0.0, -0.0, 65504, 65519.99, 65520, -np.inf, 1e-8])])
+    src = src[~np.isnan(src)]
+    with np.errstate(over="ignore"):
+        expected = src.astype(np.float16)
+    out = np.empty_like(expected)
+    jit.f32_to_f16(src, out)
+    mismatch = np.flatnonzero(expected.view(np.uint16) != out.view(np.uint16))
+    assert mismatch.size == 0, f"first mismatches at {mismatch[:5]}: {src[mismatch[:5]]}"
