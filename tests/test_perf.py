@@ -95,6 +95,17 @@ def test_copy_bytes_count_the_read_and_the_write():
     assert (nbytes, flops) == (16 * 2**20 + 8 * 2**20, 0)
 
 
+def test_row_ops_count_only_the_rows_they_touch():
+    spec = SPECS["GET_ROWS"]
+    case = perf._get_rows("f16", "f32", (8, 128), 4096, 8192)
+    inputs = spec.make_inputs(case, np.random.default_rng(0))
+    assert perf.work(case, inputs, spec.outputs(case, inputs))[0] == 4096 * 1024 * (2 + 4)
+    spec = SPECS["SET_ROWS"]
+    case = perf._set_rows("f32", "f16", (8, 128), 4096, 16384)
+    inputs = spec.make_inputs(case, np.random.default_rng(0))
+    assert perf.work(case, inputs, spec.outputs(case, inputs))[0] == 4096 * 1024 * (4 + 2)
+
+
 def test_full_table_is_valid_model_shapes_with_unique_ids():
     cases = perf.full_cases()
     assert len({c.id for c in cases}) == len(cases)
@@ -165,6 +176,8 @@ def test_nan_output_is_an_error_not_a_fast_time(tmp_path, capsys):
     (["--ab", "cpu", "cpu", "--threshold", "5"], "--threshold"),
     (["--sizes", "huge"], "invalid choice"),
     (["--pin-cpu", "lots"], "--pin-cpu"),
+    (["-j", "2"], "one case at a time"),
+    (["--epochs", "0"], "--epochs"),
     (["--pin-cpu", "4096"], "not one of this process's CPUs"),
 ])
 def test_usage_errors_exit_2_with_one_line(capsys, argv, message):
@@ -225,3 +238,23 @@ def test_ab_pins_to_one_cpu_by_default_and_gives_the_cpus_back(monkeypatch, caps
     calls.clear()
     perf_main(capsys, "-o", "CPY", "-p", "type=f16")
     assert calls == [set(original)]  # plain perf does not pin; the restore is harmless
+
+
+def test_ab_epochs_allocate_fresh_buffers_and_pool_their_samples(monkeypatch):
+    from opbench.harness.cli_perf import open_backend
+
+    prepares = []
+    real_prepare = perf.prepare
+    monkeypatch.setattr(perf, "prepare",
+                        lambda backend, case, seed=0: prepares.append(backend) or
+                        real_prepare(backend, case, seed))
+    sides = {"A": open_backend("cpu")[0], "B": open_backend("cpu")[0]}
+    options = perf.PerfOptions(budget_ms=1, min_samples=6, warmup=0, epochs=3)
+    try:
+        records = perf.run_ab_case(sides, perf.small_cases()[0], options, "run")
+    finally:
+        for backend in sides.values():
+            backend.close()
+    assert len(prepares) == 6  # 3 epochs x 2 sides
+    assert all(r["status"] == "OK" and r["perf"]["n"] >= 6 for r in records.values())
+    assert records["A"]["perf"]["n"] == len(records["A"]["perf"]["samples_ns"])

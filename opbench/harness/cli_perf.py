@@ -11,9 +11,11 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import sys
 
 from . import perf as perf_mode
+from . import timing
 from .cases import filter_cases
 from .errors import UsageError
 from .registry import backend_class
@@ -30,11 +32,11 @@ def register(subparsers, common) -> None:
         "every sample is kept in --results.  --ab A B interleaves two backends round by round.")
     p.add_argument("--sizes", choices=perf_mode.SIZES, default="full",
                    help="full: model shapes; small: tiny shapes for CI and tests")
-    p.add_argument("--budget-ms", type=float, default=perf_mode.timing.DEFAULT_BUDGET_MS,
+    p.add_argument("--budget-ms", type=float, default=timing.DEFAULT_BUDGET_MS,
                    help="time budget per case and backend (default: %(default)s)")
-    p.add_argument("--min-samples", type=int, default=perf_mode.timing.DEFAULT_MIN_SAMPLES,
+    p.add_argument("--min-samples", type=int, default=timing.DEFAULT_MIN_SAMPLES,
                    help="at least this many samples, whatever the budget (default: %(default)s)")
-    p.add_argument("--warmup", type=int, default=perf_mode.timing.DEFAULT_WARMUP,
+    p.add_argument("--warmup", type=int, default=timing.DEFAULT_WARMUP,
                    help="untimed calls first (default: %(default)s)")
     p.add_argument("--cold", action="store_true",
                    help="flush the device cache before every sample (backends with flush_l2)")
@@ -44,6 +46,9 @@ def register(subparsers, common) -> None:
                    help="--ab verdict threshold, e.g. 5%% or 0.05 (default: %(default)s)")
     p.add_argument("--quantile", type=float, default=0.5,
                    help="--ab compares this quantile of the samples (default: median)")
+    p.add_argument("--epochs", type=int, default=4,
+                   help="--ab: re-allocate both sides' buffers this many times, splitting the"
+                        " budget (default: %(default)s; see docs/perf.md)")
     p.add_argument("--pin-cpu", default=None, metavar="N|auto|none",
                    help="run this process and every thread it starts on one CPU (default: auto"
                         " with --ab, none otherwise); see docs/perf.md")
@@ -97,8 +102,6 @@ def select_perf_cases(args) -> list:
 
     ops = parse_ops(args.op)
     if args.pattern:
-        import re
-
         try:
             re.compile(args.pattern)
         except re.error as exc:
@@ -117,9 +120,11 @@ def perf_options(args) -> perf_mode.PerfOptions:
         raise UsageError(f"--min-samples {args.min_samples} must be >= 1")
     if args.warmup < 0:
         raise UsageError(f"--warmup {args.warmup} must be >= 0")
+    if args.epochs < 1:
+        raise UsageError(f"--epochs {args.epochs} must be >= 1")
     return perf_mode.PerfOptions(budget_ms=args.budget_ms, min_samples=args.min_samples,
                                  warmup=args.warmup, cold=args.cold, seed=args.seed,
-                                 ceilings=_ceilings(args))
+                                 ceilings=_ceilings(args), epochs=args.epochs)
 
 
 def _ceilings(args):
@@ -222,6 +227,10 @@ def console_line(record: dict, side: str = "") -> str:
 
 # -- the verb --------------------------------------------------------------------------------------
 def cmd_perf(args) -> int:
+    if args.jobs != 1 or args.devices != 1:
+        # timings of cases running side by side would measure their contention
+        raise UsageError("perf times one case at a time on one device: drop -j/--devices")
+    show = PerfOutput(args.output)
     cases = select_perf_cases(args)
     refs = list(args.ab) if args.ab else [b.strip() for b in args.backend.split(",") if b.strip()]
     if not refs:
@@ -234,7 +243,6 @@ def cmd_perf(args) -> int:
     options = perf_options(args)
     affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     pin_cpu(args.pin_cpu, default="auto" if args.ab else "none")
-    show = PerfOutput(args.output)
     writer = _open_writer(args.results)
     run_id = new_run_id()
     try:

@@ -29,3 +29,11 @@ def test_f32_to_f16_matches_numpy_bit_for_bit():
     jit.f32_to_f16(src, out)
     mismatch = np.flatnonzero(expected.view(np.uint16) != out.view(np.uint16))
     assert mismatch.size == 0, f"first mismatches at {mismatch[:5]}: {src[mismatch[:5]]}"
+
+
+def test_f16_to_f32_is_exact_for_every_half():
+    halves = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    halves = halves[~np.isnan(halves)].reshape(-1, 7)[:, ::2]  # a strided view, as kernels see
+    out = jit.f16_to_f32(halves)
+    assert out.shape == halves.shape and out.dtype == np.float32
+    assert np.array_equal(out.view(np.uint32), halves.astype(np.float32).view(np.uint32))

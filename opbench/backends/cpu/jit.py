@@ -41,6 +41,25 @@ def f32_to_f16(src, dst) -> None:
     _load()["f32_to_f16"](src.reshape(-1).view(np.uint32), dst.reshape(-1).view(np.uint16))
 
 
+def f16_to_f32(src) -> np.ndarray:
+    """float16 array (any layout) -> new contiguous float32 array, exact (a table lookup)."""
+    flat = np.ascontiguousarray(src).reshape(-1).view(np.uint16)
+    out = np.empty(flat.shape, np.float32)
+    _load()["f16_to_f32"](flat, out, _half_table())
+    return out.reshape(src.shape)
+
+
+_HALF_TABLE: np.ndarray | None = None
+
+
+def _half_table() -> np.ndarray:
+    global _HALF_TABLE
+    if _HALF_TABLE is None:
+        _HALF_TABLE = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(
+            np.float16).astype(np.float32)
+    return _HALF_TABLE
+
+
 def _load() -> dict:
     global _kernels
     with _lock:
@@ -92,7 +111,13 @@ def _compile() -> dict:
                 h = x >> np.uint32(13)
             dst[i] = np.uint16(h | sign)
 
-    return _warmed_up({"rotate_halves": rotate_halves, "f32_to_f16": f32_to_f16})
+    @numba.njit(cache=True, nogil=True)
+    def f16_to_f32(src, dst, table):  # pragma: no cover - compiled
+        for i in range(src.size):
+            dst[i] = table[src[i]]
+
+    return _warmed_up({"rotate_halves": rotate_halves, "f32_to_f16": f32_to_f16,
+                       "f16_to_f32": f16_to_f32})
 
 
 def _warmed_up(kernels: dict) -> dict:
@@ -102,6 +127,7 @@ def _warmed_up(kernels: dict) -> dict:
     try:
         kernels["rotate_halves"](x, cs, cs, np.empty_like(x))
         kernels["f32_to_f16"](np.ones(1, np.uint32), np.empty(1, np.uint16))
+        kernels["f16_to_f32"](np.ones(1, np.uint16), np.empty(1, np.float32), _half_table())
     except Exception:  # noqa: BLE001 - any compiler failure: fall back to NumPy
         return {}
     return kernels
