@@ -90,6 +90,9 @@ def throughput_vs_size(df: pd.DataFrame) -> Figure | None:
                     label=backend)
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        # a narrow size range has no decade inside it: matplotlib then labels minor ticks,
+        # which overlap into an unreadable string
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
         ax.set_title(op)
         ax.set_xlabel("data moved per call (MiB, log scale)")
         ax.set_ylabel(f"throughput ({unit})")
