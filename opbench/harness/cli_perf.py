@@ -17,9 +17,10 @@ import sys
 from . import perf as perf_mode
 from . import timing
 from .cases import filter_cases
+from .cli_test import open_writer
 from .errors import UsageError
 from .registry import backend_class
-from .store import ResultWriter, new_run_id
+from .store import new_run_id
 
 CSV_FIELDS = ["backend", "device", "op", "case_id", "status", "reason", "n", "median_ns",
               "iqr_ns", "bytes", "flops", "gbps", "gflops", "bound", "fraction_of_ceiling"]
@@ -169,15 +170,6 @@ def _threshold(text: str) -> float:
         raise UsageError(f"--threshold: {exc}") from None
 
 
-def _open_writer(path: str | None) -> ResultWriter | None:
-    if not path:
-        return None
-    writer = ResultWriter(path)
-    try:
-        writer.open()
-    except OSError as exc:
-        raise UsageError(f"cannot write results to {path!r}: {exc.strerror}") from None
-    return writer
 
 
 # -- output ----------------------------------------------------------------------------------------
@@ -243,7 +235,7 @@ def cmd_perf(args) -> int:
     options = perf_options(args)
     affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     pin_cpu(args.pin_cpu, default="auto" if args.ab else "none")
-    writer = _open_writer(args.results)
+    writer = open_writer(args.results)
     run_id = new_run_id()
     try:
         if args.ab:

@@ -102,7 +102,7 @@ def iter_records(name: str, args, cases: list[Case], run_id: str) -> Iterator[di
         yield from run_inline(name, options, cases, args.seed, run_id)
 
 
-def _open_writer(path: str | None) -> ResultWriter | None:
+def open_writer(path: str | None) -> ResultWriter | None:
     if not path:
         return None
     writer = ResultWriter(path)
@@ -122,7 +122,7 @@ def cmd_test(args) -> int:
     from .store import new_run_id
 
     run_id = new_run_id()
-    writer = _open_writer(args.results)
+    writer = open_writer(args.results)
     report = output.make_reporter(args.output, verbose=args.verbose, quiet=args.quiet)
     failed = False
     try:
