@@ -14,7 +14,10 @@ def _every_half_boundary() -> np.ndarray:
     halves = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
     bits = halves.astype(np.float32).view(np.uint32).astype(np.int64)
     near = [bits + d for d in (-1, 0, 1)] + [bits + (1 << 12)]
-    return np.concatenate(near).clip(0, 2**32 - 1).astype(np.uint32).view(np.float32)
+    normal = np.concatenate(near).clip(0, 2**32 - 1).astype(np.uint32).view(np.float32)
+    # subnormal halves are k * 2^-24: the ties sit at (k + 1/2) * 2^-24, exact in float32
+    ties = ((np.arange(1100) + 0.5) * 2.0**-24).astype(np.float32)
+    return np.concatenate([normal, ties, -ties])
 
 
 def test_f32_to_f16_matches_numpy_bit_for_bit():
