@@ -40,3 +40,18 @@ def test_f16_to_f32_is_exact_for_every_half():
     out = jit.f16_to_f32(halves)
     assert out.shape == halves.shape and out.dtype == np.float32
     assert np.array_equal(out.view(np.uint32), halves.astype(np.float32).view(np.uint32))
+
+
+@pytest.mark.parametrize("perm, step, dst", [((0, 1, 2), 1, np.float16), ((1, 0, 2), 2, np.float32),
+                                             ((2, 1, 0), 1, np.float16)])
+def test_copies_split_across_threads_equal_the_oracle(monkeypatch, perm, step, dst):
+    from opbench.backends.cpu import kernels
+    from opbench.reference import copies
+
+    monkeypatch.setattr(kernels, "PARALLEL_COPY_BYTES", 0)  # force the threaded path
+    monkeypatch.setattr(kernels, "_COPY_THREADS", 3)  # uneven parts on any machine
+    src = np.random.default_rng(3).uniform(-70000, 70000, (37, 5, 64)).astype(np.float32)
+    expected = copies.cpy(src, np.dtype(dst), perm=perm, step=step)
+    out = np.full(expected.shape, np.nan, dst)
+    kernels.cpy(src, out, perm, step)
+    assert np.array_equal(out.view(np.uint8), expected.view(np.uint8))

@@ -8,6 +8,8 @@ happen here and surface at the next synchronize.
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -357,6 +359,32 @@ def get_rows(src, rows, out) -> None:
 
 def cpy(src, out, perm, step: int, use_jit: bool = True) -> None:
     view = src.transpose(perm)[::step]
+    if out.nbytes < PARALLEL_COPY_BYTES or out.shape[0] < 2 or _COPY_THREADS < 2:
+        _cpy_rows(view, out, use_jit)
+        return
+    # NumPy and the numba loops release the GIL: large copies use every core, as ggml does
+    bounds = np.linspace(0, out.shape[0], _COPY_THREADS + 1).astype(int)
+    parts = [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+    futures = [_copy_pool().submit(_cpy_rows, view[p], out[p], use_jit) for p in parts[1:]]
+    _cpy_rows(view[parts[0]], out[parts[0]], use_jit)
+    for future in futures:
+        future.result()
+
+
+PARALLEL_COPY_BYTES = 4 << 20
+_COPY_THREADS = os.cpu_count() or 1
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _copy_pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=max(1, _COPY_THREADS - 1),
+                                   thread_name_prefix="opbench-cpu-copy")
+    return _POOL
+
+
+def _cpy_rows(view, out, use_jit: bool) -> None:
     if (use_jit and view.dtype == F32 and out.dtype == np.float16 and out.flags.c_contiguous
             and jit.available()):
         jit.f32_to_f16(np.ascontiguousarray(view), out)  # NumPy's f16 cast: ~1 GB/s
