@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import re
-from collections import Counter
 
 from . import output
+from .cli_test import open_writer, parse_backends, record_backend_run
 from .errors import UsageError
 from .registry import backend_class
 from .scenario.config import ScenarioSpec
 from .scenario.matrix import matrix, run_specs
 from .scenario.splits import SPLITS
-from .store import ResultWriter, environment, new_run_id
+from .store import environment, new_run_id
 
 EPILOG = """examples:
   opbench scenario --split layer --devices 3 --evict on
@@ -87,19 +87,13 @@ def cmd_scenario(args) -> int:
     if args.jobs < 1:
         raise UsageError(f"-j {args.jobs}: needs at least 1 worker")
     specs = selected_specs(args)
-    names = [b.strip() for b in args.backend.split(",") if b.strip()]
-    for name in names:
-        backend_class(name)  # unknown names: a usage error before anything runs
-    writer = ResultWriter(args.results) if args.results else None
+    names = parse_backends(args.backend)  # unknown names: a usage error before anything runs
+    writer = open_writer(args.results)
     report = output.make_reporter(args.output, quiet=args.quiet)
     run_id, failed = new_run_id(), False
     try:
-        if writer:
-            writer.open()
         for name in names:
             failed |= _run_backend(name, specs, args.jobs, run_id, writer, report)
-    except OSError as exc:
-        raise UsageError(f"cannot write results to {args.results!r}: {exc.strerror}") from None
     finally:
         if writer:
             writer.close()
@@ -114,13 +108,5 @@ def _run_backend(name, specs, jobs, run_id, writer, report) -> bool:
         report.skipped_backend(cls.name, why)
         return False
     env = environment({"name": cls.name})
-    counts: Counter = Counter()
-    with report.progress(cls.name, len(specs)) as advance:
-        for record in run_specs(name, specs, run_id, jobs):
-            record["env"] = env
-            if writer:
-                writer.write(record)
-            counts[record["status"]] += 1
-            report.case(record)
-            advance()
-    return report.backend_summary(cls.name, counts)
+    return record_backend_run(report, cls.name, len(specs), run_specs(name, specs, run_id, jobs),
+                              writer, env)

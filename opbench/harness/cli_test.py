@@ -142,16 +142,23 @@ def _test_backend(name, args, cases, run_id, writer, report) -> bool:
         report.skipped_backend(cls.name, why)
         return False
     env = environment(_backend_info(name, args))
+    return record_backend_run(report, cls.name, len(cases),
+                              iter_records(name, args, cases, run_id), writer, env)
+
+
+def record_backend_run(report, backend_name: str, total: int, records, writer, env) -> bool:
+    """Store, print and count one backend's records as they come; True when any failed.
+    Shared by every verb that runs cases (test, scenario)."""
     counts: Counter = Counter()
-    with report.progress(cls.name, len(cases)) as advance:
-        for record in iter_records(name, args, cases, run_id):
+    with report.progress(backend_name, total) as advance:
+        for record in records:
             record["env"] = env
             if writer:
                 writer.write(record)
             counts[record["status"]] += 1
             report.case(record)
             advance()
-    return report.backend_summary(cls.name, counts)
+    return report.backend_summary(backend_name, counts)
 
 
 def _backend_info(name: str, args) -> dict:
