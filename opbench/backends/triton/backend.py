@@ -9,7 +9,8 @@ Two modes, chosen once per process (Triton decides when a kernel is decorated):
   tensors that alias the harness's NumPy buffers (zero copy), so kernels write straight into
   the guarded output buffers.
 * ``cuda``: native Triton on torch CUDA tensors, torch.cuda streams and events, a CUDA-event
-  timer with an L2 flush (``runtime_cuda``).
+  timer with an L2 flush (``runtime_cuda``), graph reuse through CUDA graphs (``graphs_cuda``:
+  implemented, exercised only through fakes on the CPU, never run on a GPU).
 
 Each op's launch is one method (``launch_rope``, ``launch_attention``, ...) taking torch
 tensors: override one in a subclass to test your own kernel (docs/backends-triton.md).
@@ -193,17 +194,22 @@ class TritonBackend(CpuBackend):
         if paged is not None:
             arrays.update(block_table=paged.block_table, seq_lens=paged.seq_lens,
                           q_start=paged.q_start)
-        self._enqueue("attention", arrays, stream, lambda t: self._attention(t, p, paged),
+        # Inside a CUDA-graph capture the decode/flash choice must not read q_start on the host
+        # (a device->host read breaks the capture, and a replay may see other q_start values):
+        # paged attention records the flash kernel, right for any q_start written before replay.
+        general = paged is not None and self._cuda is not None and self._cuda.capturing
+        self._enqueue("attention", arrays, stream,
+                      lambda t: self._attention(t, p, paged, general),
                       _check_paged if paged is not None else None)
 
-    def _attention(self, t: dict, p, paged) -> None:
+    def _attention(self, t: dict, p, paged, general: bool = False) -> None:
         from opbench.harness.protocol import PagedKV
 
         paged_t = None
         if paged is not None:
             paged_t = PagedKV(t["block_table"], t["seq_lens"], t["q_start"])
         args = (t["q"], t["k"], t["v"], t["out"], p, t["mask"], t["sinks"], t["lse"], paged_t)
-        if self.decode_split and one_query_per_sequence(t["q"], paged_t):
+        if self.decode_split and not general and one_query_per_sequence(t["q"], paged_t):
             self.launch_decode(*args)
         else:
             self.launch_attention(*args)
@@ -352,15 +358,30 @@ class TritonBackend(CpuBackend):
         else:
             self._cuda.write(dst, host, stream)
 
+    # graph reuse: the cpu backend's recorder in interpreter mode, CUDA graphs otherwise
+    # (graphs_cuda: implemented, exercised only through fakes on the CPU, never on a GPU)
     def capture_begin(self, streams) -> None:
-        if self._cuda is not None:
-            raise NotImplementedError("graph reuse through CUDA graphs is not implemented yet")
-        super().capture_begin(streams)
+        if self._cuda is None:
+            super().capture_begin(streams)
+        else:
+            self._cuda.capture_begin(streams)
+
+    def capture_end(self, streams):
+        if self._cuda is None:
+            return super().capture_end(streams)
+        return self._cuda.capture_end(streams)
+
+    def replay(self, graph, stream=None) -> None:
+        if self._cuda is None:
+            super().replay(graph, stream)
+        else:
+            self._cuda.replay(graph, stream)
 
     def close(self) -> None:
         if self._cuda is None:
             super().close()
         else:
+            self._cuda.graphs.abort()  # an open capture has issued nothing to CUDA yet
             self._cuda.synchronize(None)
 
 

@@ -1,8 +1,14 @@
 """The GPU runtime of the Triton backend: torch CUDA tensors, streams, events and a timer.
 
-Only used in ``cuda`` mode; nothing here runs without a GPU (the interpreter mode reuses the cpu
-backend's runtime instead).  Several logical devices may share one GPU: each gets its own
-non-blocking stream, as the cupy backend does.
+Only used in ``cuda`` mode (the interpreter mode reuses the cpu backend's runtime instead).
+Several logical devices may share one GPU: each gets its own non-blocking stream, as the cupy
+backend does.  Every ``torch.cuda`` call of devices, streams, events, launches, copies and
+graphs (not the timer's) goes through ``api`` (``graphs_cuda.TorchCuda``), so the logic here,
+graph capture included, is tested on the CPU with a fake in its place; none of it has run on a
+GPU.
+
+While a graph capture is open (``graphs_cuda.GraphCapture``) ops, event records and waits and
+async copies are recorded instead of issued, and what cannot be recorded is refused.
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from .graphs_cuda import CudaGraph, GraphCapture, TorchCuda
 
 L2_FLUSH_BYTES = 256 * 1024 * 1024  # larger than any current GPU's L2 (H100: 50 MB)
 
@@ -27,6 +35,13 @@ class CudaDevice:
 
     def __str__(self) -> str:
         return self.name
+
+
+ALLOCATE_BEFORE = ("allocate and upload buffers before capture_begin (an upload cannot be "
+                   "recorded, and memory handed out now would not be the graph's)")
+NO_HOST_READ = ("the captured work has not run (it runs at replay) and a device->host wait "
+                "would invalidate the capture; capture_end first")
+NO_TIMING = "timing and the L2 flush synchronize and allocate; capture_end first"
 
 
 def _to_torch_host(host: np.ndarray) -> torch.Tensor:
@@ -46,10 +61,16 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
 
 
 class CudaRuntime:
-    def __init__(self) -> None:
+    def __init__(self, api=None) -> None:
+        self.api = TorchCuda() if api is None else api
+        self.graphs = GraphCapture(self.api)
         self._devices: list[CudaDevice] = []
-        self._streams: list[torch.cuda.Stream] = []
+        self._streams: list = []
         self._flush: dict[int, torch.Tensor] = {}
+
+    @property
+    def capturing(self) -> bool:
+        return self.graphs.capturing
 
     def info(self) -> dict:
         names = sorted({torch.cuda.get_device_name(d.torch_device) for d in self._devices})
@@ -58,12 +79,14 @@ class CudaRuntime:
 
     # -- devices, memory --------------------------------------------------------------------------
     def devices(self, n: int) -> list[CudaDevice]:
-        count = torch.cuda.device_count()
+        count = self.api.device_count()
+        if count < 1 and len(self._devices) < n:
+            raise RuntimeError("cuda mode: torch sees no CUDA device")
         while len(self._devices) < n:
             index = len(self._devices)
-            device = CudaDevice(index, torch.device("cuda", index % count))
+            device = CudaDevice(index, self.api.torch_device(index % count))
             self._devices.append(device)
-            self._streams.append(torch.cuda.Stream(device=device.torch_device))
+            self._streams.append(self.api.new_stream(device.torch_device))
         return self._devices[:n]
 
     def device(self, device: Any = None) -> CudaDevice:
@@ -74,51 +97,88 @@ class CudaRuntime:
         return self._devices[device.index if isinstance(device, CudaDevice) else int(device)]
 
     def to_device(self, host, device=None) -> torch.Tensor:
-        return _to_torch_host(np.asarray(host)).to(self.device(device).torch_device)
+        self.graphs.refuse("to_device", ALLOCATE_BEFORE)
+        return _to_torch_host(np.asarray(host)).to(self.device(device).torch_device, copy=True)
 
     def empty(self, shape, dtype, device=None) -> torch.Tensor:
+        self.graphs.refuse("empty", ALLOCATE_BEFORE)
         host = np.full(tuple(shape), np.nan if np.dtype(dtype).kind == "f" else -1, dtype)
         return self.to_device(host, device)
 
     def to_host(self, arr: torch.Tensor) -> np.ndarray:
-        torch.cuda.synchronize(arr.device)
+        self.graphs.refuse("to_host", NO_HOST_READ)
+        self.api.synchronize(arr.device)
         return _to_numpy(arr)
 
     def synchronize(self, device=None) -> None:
+        self.graphs.refuse("synchronize", NO_HOST_READ)
         targets = self._streams if device is None else [self.stream(device)]
         for stream in targets:
-            stream.synchronize()
+            self.api.stream_synchronize(stream)
 
-    def stream(self, device=None) -> torch.cuda.Stream:
+    def stream(self, device=None):
         return self._streams[self.device(device).index]
 
-    def record_event(self, stream) -> torch.cuda.Event:
-        event = torch.cuda.Event()
-        event.record(stream)
+    def record_event(self, stream):
+        if self.graphs.capturing:
+            return self.graphs.record_event(stream)
+        event = self.api.new_event()
+        self.api.record(event, stream)
         return event
 
     def wait_event(self, stream, event) -> None:
-        stream.wait_event(event)
+        self.graphs.wait_event(stream, event)  # checks; records it while capturing
+        if not self.graphs.capturing:
+            self.api.wait(stream, event)
 
     def copy_async(self, src: torch.Tensor, dst_device, stream=None) -> torch.Tensor:
         """ggml's contract: after the work queued on the source stream; the destination stream
-        waits for the copy; the host is not blocked."""
+        waits for the copy; the host is not blocked.  Inside a capture the destination is
+        allocated now (outside the CUDA capture) and referenced by the graph, so no one else
+        gets its memory while the graph can write it; the copy and its waits are recorded."""
         source_stream = self._stream_of(src)
         target = self.device(dst_device)
         copy_stream = stream or source_stream
-        copy_stream.wait_stream(source_stream)
-        with torch.cuda.stream(copy_stream):
+        target_stream = self.stream(target)
+        for s in (source_stream, copy_stream, target_stream):
+            self.graphs.check_stream("copy_async", s)
+        with self.api.on(copy_stream):
             dst = torch.empty_like(src, device=target.torch_device)
-            dst.copy_(src, non_blocking=True)
-        self.stream(target).wait_stream(copy_stream)
-        src.record_stream(copy_stream)
+        if copy_stream is not source_stream:
+            self.wait_event(copy_stream, self.record_event(source_stream))
+        work = lambda: self.api.torch_work(  # noqa: E731
+            "copy_async", lambda: dst.copy_(src, non_blocking=True))
+        if self.graphs.capturing:
+            self.graphs.launch("copy_async", copy_stream, work, None, keep=(src, dst))
+        else:
+            self.api.issue(copy_stream, work, "copy_async")
+            self.api.record_stream(src, copy_stream)  # src's memory waits for the copy
+        if target_stream is not copy_stream:
+            self.wait_event(target_stream, self.record_event(copy_stream))
         return dst
 
-    def _stream_of(self, arr: torch.Tensor) -> torch.cuda.Stream:
+    def _stream_of(self, arr: torch.Tensor):
         for device, stream in zip(self._devices, self._streams):
             if device.torch_device == arr.device:
                 return stream
-        return torch.cuda.current_stream(arr.device)
+        return self.api.current_stream(arr.device)
+
+    # -- graphs (graphs_cuda.GraphCapture) -----------------------------------------------------
+    def capture_begin(self, streams) -> None:
+        self.graphs.begin(self._stream_list(streams))
+
+    def capture_end(self, streams) -> CudaGraph:
+        return self.graphs.end(self._stream_list(streams))
+
+    def replay(self, graph: CudaGraph, stream=None) -> None:
+        self.graphs.replay(graph, stream)
+
+    def _stream_list(self, streams) -> list:
+        streams = list(streams) if isinstance(streams, (list, tuple)) else [streams]
+        for stream in streams:
+            if not any(stream is own for own in self._streams):
+                raise TypeError(f"stream={stream!r} is not a stream of this backend")
+        return streams
 
     # -- ops ---------------------------------------------------------------------------------------
     def check(self, name: str, *args) -> Any:
@@ -127,19 +187,36 @@ class CudaRuntime:
             return tuple(int(i) for i in args[2])
         return None
 
-    def run(self, op: str, arrays: dict, stream, launch) -> None:
+    def run(self, op: str, arrays: dict, stream, launch, writes: tuple[str, ...] | None = None
+            ) -> None:
+        """``launch(arrays)`` on the stream (the arrays' device's by default).  ``writes=None``:
+        Triton launches; otherwise torch work writing ``arrays[name]`` for each name."""
         tensors = [a for a in arrays.values() if a is not None]
         devices = {t.device for t in tensors}
         if len(devices) > 1:
             raise ValueError(f"{op}: arrays live on several GPUs {sorted(map(str, devices))}")
         target = stream or self._stream_of(tensors[0])
-        with torch.cuda.device(tensors[0].device), torch.cuda.stream(target):
-            launch(arrays)
+        if writes is None:
+            work = lambda: launch(arrays)  # noqa: E731
+
+            def warm() -> None:  # compile and load the kernels, launch nothing
+                with self.api.compile_only():
+                    launch(arrays)
+        else:
+            work = lambda: self.api.torch_work(op, lambda: launch(arrays))  # noqa: E731
+
+            def warm() -> None:  # the same torch work, into scratch outputs
+                launch({**arrays, **{n: torch.empty_like(arrays[n]) for n in writes}})
+        if self.graphs.capturing:
+            self.graphs.launch(op, target, work, warm, keep=tensors)
+        else:
+            self.api.issue(target, work, op)
 
     # -- scenario primitives (torch ops on the arrays' stream) -----------------------------------
     def matmul(self, a, b, out, stream=None) -> None:
         self.run("matmul", dict(a=a, b=b, out=out), stream,
-                 lambda t: t["out"].copy_(torch.matmul(t["a"].float(), t["b"].float())))
+                 lambda t: t["out"].copy_(torch.matmul(t["a"].float(), t["b"].float())),
+                 writes=("out",))
 
     def rms_norm(self, x, weight, out, eps: float, stream=None) -> None:
         def work(t):
@@ -147,19 +224,24 @@ class CudaRuntime:
             scale = torch.rsqrt((xf * xf).mean(dim=-1, keepdim=True) + eps)
             t["out"].copy_(xf * scale * t["weight"].float())
 
-        self.run("rms_norm", dict(x=x, weight=weight, out=out), stream, work)
+        self.run("rms_norm", dict(x=x, weight=weight, out=out), stream, work, writes=("out",))
 
     def add(self, a, b, out, stream=None) -> None:
         self.run("add", dict(a=a, b=b, out=out), stream,
-                 lambda t: torch.add(t["a"], t["b"], out=t["out"]))
+                 lambda t: torch.add(t["a"], t["b"], out=t["out"]), writes=("out",))
 
     def write(self, dst, host, stream=None) -> None:
+        self.graphs.refuse("write", "host data cannot be recorded in a CUDA graph (a replay "
+                           "would upload this call's values again); write the inputs before "
+                           "capture_begin and between replays")
         snapshot = _to_torch_host(np.array(host, copy=True))  # the caller may reuse host at once
-        self.run("write", dict(dst=dst), stream, lambda t: t["dst"].copy_(snapshot))
+        self.run("write", dict(dst=dst), stream, lambda t: t["dst"].copy_(snapshot),
+                 writes=("dst",))
 
     # -- timing (triton.testing.do_bench's method, every sample kept) ---------------------------
     def flush_l2(self) -> None:
         """Evict the L2 cache: write a buffer larger than it (on the ops' stream)."""
+        self.graphs.refuse("flush_l2", NO_TIMING)
         device = torch.cuda.current_device()
         flush = self._flush.get(device)
         if flush is None:
@@ -171,6 +253,7 @@ class CudaRuntime:
     def time_one(self, fn) -> float:
         """Nanoseconds of one call between two CUDA events on the ops' stream (the harness
         calls ``flush_l2`` first for cold samples)."""
+        self.graphs.refuse("timing", NO_TIMING)
         stream = self._timing_stream()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record(stream)
@@ -181,6 +264,7 @@ class CudaRuntime:
 
     def do_bench(self, fn, reps: int = 100, warmup: int = 5) -> list[float]:
         """triton.testing.do_bench's method, every sample kept: flush, then time, per sample."""
+        self.graphs.refuse("do_bench", NO_TIMING)
         for _ in range(warmup):
             fn()
         torch.cuda.synchronize()
