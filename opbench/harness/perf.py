@@ -229,7 +229,7 @@ def perf_record(label: str, backend, case: Case, status: str, run_id: str, *,
 def refusal(backend, case: Case) -> str | None:
     """Why ``case`` cannot be timed on ``backend``, or None."""
     if getattr(backend, "is_interpreter", False):
-        return INTERPRETER_REASON
+        return getattr(backend, "interpreter_reason", INTERPRETER_REASON)
     supported = backend.supports(case)
     return None if supported is True else str(supported)
 

@@ -18,6 +18,7 @@ BUILTIN = {
     "ggml": "opbench.backends.ggml_backend:GgmlBackend",
     "triton": "opbench.backends.triton:TritonBackend",
     "cupy": "opbench.backends.cupy:CupyBackend",
+    "cupy-emu": "opbench.backends.cupy.emulator:CupyEmulatorBackend",
 }
 
 

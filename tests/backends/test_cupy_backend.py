@@ -1,6 +1,10 @@
-"""The cupy backend on a real GPU: every op against the float64 oracles (through the harness's
-own run_case: poisoned outputs, guard regions, tolerance tables), plus the runtime features
-the scenarios rely on.  Skips with ``CupyBackend.available()``'s reason where there is no GPU.
+"""The cupy backend: every op against the float64 oracles (through the harness's own
+run_case: poisoned outputs, guard regions, tolerance tables), plus the runtime features the
+scenarios rely on.  Each test runs twice: on a real GPU (``gpu``; skips with
+``CupyBackend.available()``'s reason where there is none) and on the CPU emulator
+(``emulator``: the same backend code and .cu kernels, compiled by g++), which runs in CI.
+The whole-table and whole-matrix tests (``slow``) run on a GPU only: on the emulator use
+``opbench test -b cupy-emu`` and ``opbench scenario -b cupy-emu --matrix``.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import numpy as np
 import pytest
 
 from opbench.backends.cupy import CupyBackend, plan
+from opbench.backends.cupy.emulator import CupyEmulatorBackend
 from opbench.backends.cupy.runtime import DeviceError
 from opbench.harness.cases import quick_subset
 from opbench.harness.contracts import run_copy_async_contract
@@ -24,15 +29,23 @@ from opbench.reference import attention as attn_ref
 from opbench.reference import rope as rope_ref
 
 AVAILABLE, WHY = CupyBackend.available()
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not AVAILABLE, reason=f"cupy backend unavailable: {WHY}")]
+EMULATED, EMULATED_WHY = CupyEmulatorBackend.available()
+ON_GPU = pytest.param(CupyBackend, id="gpu", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not AVAILABLE, reason=f"cupy backend unavailable: {WHY}")])
+ON_EMULATOR = pytest.param(CupyEmulatorBackend, id="emulator", marks=pytest.mark.skipif(
+    not EMULATED, reason=f"cupy emulator unavailable: {EMULATED_WHY}"))
 
 OPS = ["ROPE", "ATTN", "KV_ROTATE", "SET_ROWS", "GET_ROWS", "CPY"]
 
 
+@pytest.fixture(scope="module", params=[ON_GPU, ON_EMULATOR])
+def backend_class(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def backend():
-    b = CupyBackend(sync_each_launch=True)
+def backend(backend_class):
+    b = backend_class(sync_each_launch=True)
     b.devices(2)
     yield b
     b.close()
@@ -56,6 +69,7 @@ def test_quick_cases_match_the_oracles(backend, op):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("backend_class", [ON_GPU], indirect=True)
 @pytest.mark.parametrize("op", OPS)
 def test_every_case_matches_the_oracles(backend, op):
     problems = _run_all(backend, SPECS[op].cases())
@@ -70,7 +84,7 @@ def _rope(backend, x, pos, p, ff=None, device=0):
     return backend.to_host(out)
 
 
-def test_rope_cache_is_keyed_on_every_layer_parameter(backend):
+def test_rope_cache_is_keyed_on_every_layer_parameter(backend_class):
     """Gemma-3 local/global layers on one device: the cache must hand each its own angles,
     bit-identical to the cache-off path, inside and beyond the cached rows."""
     rng = np.random.default_rng(0)
@@ -79,8 +93,8 @@ def test_rope_cache_is_keyed_on_every_layer_parameter(backend):
     local = RopeParams(n_dims=128, mode="neox", freq_base=1e4)
     global_ = dataclasses.replace(local, freq_base=1e6, freq_scale=0.125)
     ff = rng.uniform(0.5, 4, 64).astype(np.float32)
-    cached = CupyBackend(rope_cache_rows=64)
-    uncached = CupyBackend(rope_cache=False)
+    cached = backend_class(rope_cache_rows=64)
+    uncached = backend_class(rope_cache=False)
     try:
         for p, f in [(local, None), (global_, None), (local, ff), (local, None)]:
             got = _rope(cached, x, pos, p, f)
@@ -133,13 +147,17 @@ def test_graph_replay_reads_new_positions_and_lengths(backend):
         np.testing.assert_allclose(got.astype(np.float64), want, atol=5e-3)
 
 
-def test_copy_async_contract(backend):
-    results = run_copy_async_contract(CupyBackend())
+def test_copy_async_contract(backend_class):
+    fresh = backend_class()
+    try:
+        results = run_copy_async_contract(fresh)
+    finally:
+        fresh.close()
     assert all(message is None for message in results.values()), results
 
 
-def test_copy_async_contract_under_delays():
-    delayed = CupyBackend(delay=True, delay_seed=3, delay_max_ms=2.0)
+def test_copy_async_contract_under_delays(backend_class):
+    delayed = backend_class(delay=True, delay_seed=3, delay_max_ms=2.0)
     try:
         results = run_copy_async_contract(delayed, seed=3)
     finally:
@@ -156,12 +174,11 @@ SMALL_MATRIX = [dict(split=split, devices=devices, graph_reuse=graph, evict=evic
 @pytest.mark.parametrize("axes", SMALL_MATRIX, ids=lambda a: ",".join(f"{k}={v}"
                                                                        for k, v in a.items()))
 @pytest.mark.parametrize("rope_cache", [True, False])
-def test_scenarios_match_the_float64_model(axes, rope_cache):
+def test_scenarios_match_the_float64_model(backend_class, axes, rope_cache):
     spec = ScenarioSpec(rope_cache=rope_cache, layers=6, steps=4, **axes)
-    if unsupported(CupyBackend, spec) is not None:
-        pytest.fail(unsupported(CupyBackend, spec))
-    b = CupyBackend(**backend_options(spec))
+    b = backend_class(**backend_options(spec))
     try:
+        assert unsupported(b, spec) is None
         result = run_scenario(b, spec)
     finally:
         b.close()
@@ -169,10 +186,11 @@ def test_scenarios_match_the_float64_model(axes, rope_cache):
 
 
 @pytest.mark.slow
-def test_full_scenario_matrix():
+@pytest.mark.parametrize("backend_class", [ON_GPU], indirect=True)
+def test_full_scenario_matrix(backend_class):
     failures = []
     for spec in matrix():
-        b = CupyBackend(**backend_options(spec))
+        b = backend_class(**backend_options(spec))
         try:
             result = run_scenario(b, spec)
         finally:
@@ -182,10 +200,10 @@ def test_full_scenario_matrix():
     assert not failures, "\n".join(failures[:10])
 
 
-def test_copy_async_waits_for_slow_source_work():
+def test_copy_async_waits_for_slow_source_work(backend_class):
     """A spin kernel delays the source stream; the copy must still see the finished data and
     the destination's next op must see the copy, with one synchronize at the end."""
-    backend = CupyBackend()  # no sync_each_launch: the host must run ahead of the GPU
+    backend = backend_class()  # no sync_each_launch: the host must run ahead of the GPU
     try:
         backend.devices(2)
         src_host = np.arange(1 << 20, dtype=np.float32)
@@ -222,8 +240,8 @@ def test_split_kv_decode_matches_the_oracle(backend):
     np.testing.assert_allclose(backend.to_host(lse), want_lse, atol=1e-5)
 
 
-def test_bad_slot_raises_on_synchronize():
-    plain = CupyBackend()  # no sync_each_launch: the error surfaces at synchronize()
+def test_bad_slot_raises_on_synchronize(backend_class):
+    plain = backend_class()  # no sync_each_launch: the error surfaces at synchronize()
     try:
         dst = plain.to_device(np.zeros((4, 8), np.float32))
         src = plain.to_device(np.ones((2, 8), np.float32))

@@ -37,12 +37,6 @@ NULL = np.uint64(0)  # a null pointer kernel argument
 MAX_ROPE_TABLES = 64  # per device, least recently used dropped first
 
 
-def _cupy():
-    import cupy
-
-    return cupy
-
-
 def _i32(v: int) -> np.int32:
     return np.int32(v)
 
@@ -82,11 +76,18 @@ class CupyBackend(GraphMixin, ScenarioOpsMixin, Backend):
     def available(cls) -> tuple[bool, str]:
         return status()
 
+    @staticmethod
+    def _cupy():
+        """The cupy module every call goes through (the CPU emulator substitutes its own)."""
+        import cupy
+
+        return cupy
+
     def info(self) -> dict:
         facts: dict[str, Any] = {"available": self.available()[1], "rope_cache": self.rope_cache,
                                  "delay": self.delay}
         try:
-            cupy = _cupy()
+            cupy = self._cupy()
             facts["cupy"] = cupy.__version__
             facts["cuda_runtime"] = cupy.cuda.runtime.runtimeGetVersion()
             facts["devices"] = [d.name for d in self._devices]
@@ -119,13 +120,13 @@ class CupyBackend(GraphMixin, ScenarioOpsMixin, Backend):
         ok, reason = self.available()
         if not ok:
             raise RuntimeError(f"cupy backend unavailable: {reason}")
-        gpus = plan.device_map(n, _cupy().cuda.runtime.getDeviceCount())
+        gpus = plan.device_map(n, self._cupy().cuda.runtime.getDeviceCount())
         while len(self._devices) < n:
             self._devices.append(self._start_device(len(self._devices), gpus[len(self._devices)]))
         return self._devices[:n]
 
     def _start_device(self, index: int, gpu: int) -> CupyDevice:
-        cupy = _cupy()
+        cupy = self._cupy()
         props = cupy.cuda.runtime.getDeviceProperties(gpu)
         device = CupyDevice(index, gpu, props["multiProcessorCount"],
                             props["sharedMemPerBlockOptin"], props["l2CacheSize"])
@@ -137,10 +138,9 @@ class CupyBackend(GraphMixin, ScenarioOpsMixin, Backend):
         device.stream.cupy_stream.synchronize()
         return device
 
-    @staticmethod
-    def _enable_peers(gpu: int) -> None:
+    def _enable_peers(self, gpu: int) -> None:
         """Direct peer copies from this GPU wherever the hardware allows (else staged)."""
-        runtime = _cupy().cuda.runtime
+        runtime = self._cupy().cuda.runtime
         for other in range(runtime.getDeviceCount()):
             if other != gpu and runtime.deviceCanAccessPeer(gpu, other):
                 try:
@@ -162,7 +162,7 @@ class CupyBackend(GraphMixin, ScenarioOpsMixin, Backend):
         return self._devices[int(index)]
 
     def to_device(self, host: np.ndarray, device: Any = None) -> GpuArray:
-        cupy = _cupy()
+        cupy = self._cupy()
         host = np.ascontiguousarray(host)
         dev = self.device(device)
         with cupy.cuda.Device(dev.gpu), dev.stream.cupy_stream:
@@ -175,7 +175,7 @@ class CupyBackend(GraphMixin, ScenarioOpsMixin, Backend):
         """Queue host -> device on ``stream`` from a pinned copy of ``host``: the host is never
         blocked (not even behind a held stream) and may reuse its array at once.  The pinned
         buffer lives until the device's next synchronize()."""
-        cupy = _cupy()
+        cupy = self._cupy()
         stored = np.ascontiguousarray(host).view(storage_dtype(host.dtype))
         pinned = cupy.cuda.alloc_pinned_memory(max(stored.nbytes, 1))
         staged = np.frombuffer(pinned, stored.dtype, stored.size).reshape(stored.shape)
@@ -238,7 +238,7 @@ class CupyBackend(GraphMixin, ScenarioOpsMixin, Backend):
 
     def record_event(self, stream: GpuStream) -> GpuEvent:
         stream = self._own_stream(stream)
-        event = _cupy().cuda.Event(disable_timing=True)
+        event = self._cupy().cuda.Event(disable_timing=True)
         event.record(stream.cupy_stream)
         return GpuEvent(event, stream)
 
@@ -250,7 +250,7 @@ class CupyBackend(GraphMixin, ScenarioOpsMixin, Backend):
     def copy_async(self, src: GpuArray, dst_device: Any, stream: GpuStream | None = None):
         """ggml's contract, by plan.copy_async_steps: runs on the source stream (or on
         ``stream`` = the destination's), ordered by events on both sides; never blocks."""
-        cupy = _cupy()
+        cupy = self._cupy()
         src_dev, dst_dev = self._owner("src", src), self.device(dst_device)
         if not src.data.flags.c_contiguous:
             raise ValueError("copy_async: src must be contiguous")
@@ -272,13 +272,12 @@ class CupyBackend(GraphMixin, ScenarioOpsMixin, Backend):
                 self._memcpy(dst, src, streams[side], peer=what == "peer")
         return dst
 
-    @staticmethod
-    def _memcpy(dst: GpuArray, src: GpuArray, stream: GpuStream, peer: bool) -> None:
-        runtime = _cupy().cuda.runtime
+    def _memcpy(self, dst: GpuArray, src: GpuArray, stream: GpuStream, peer: bool) -> None:
+        runtime = self._cupy().cuda.runtime
         nbytes, s = src.data.nbytes, stream.cupy_stream.ptr
         if nbytes == 0:
             return
-        with _cupy().cuda.Device(stream.device.gpu):
+        with self._cupy().cuda.Device(stream.device.gpu):
             if peer:
                 runtime.memcpyPeerAsync(dst.data.data.ptr, dst.device.gpu, src.data.data.ptr,
                                         src.device.gpu, nbytes, s)
@@ -296,7 +295,7 @@ class CupyBackend(GraphMixin, ScenarioOpsMixin, Backend):
     def l2_flush(self, device: Any = None) -> None:
         """Overwrite a buffer of twice the L2 size on the device's stream (cold caches)."""
         dev = self.device(device)
-        cupy = _cupy()
+        cupy = self._cupy()
         buf = self._flush_buffers.get(dev.index)
         if buf is None:
             with cupy.cuda.Device(dev.gpu), dev.stream.cupy_stream:
@@ -304,10 +303,9 @@ class CupyBackend(GraphMixin, ScenarioOpsMixin, Backend):
                     plan.l2_flush_bytes(dev.l2_bytes), np.uint8)
         self._memset(buf, dev.index + 1, dev.stream)
 
-    @staticmethod
-    def _memset(data, value: int, stream: GpuStream) -> None:
+    def _memset(self, data, value: int, stream: GpuStream) -> None:
         """cudaMemsetAsync on the stream (cupy's fill may need its own JIT kernels)."""
-        cupy = _cupy()
+        cupy = self._cupy()
         with cupy.cuda.Device(stream.device.gpu):
             cupy.cuda.runtime.memsetAsync(data.data.ptr, value, data.nbytes,
                                           stream.cupy_stream.ptr)
@@ -317,7 +315,7 @@ class CupyBackend(GraphMixin, ScenarioOpsMixin, Backend):
         dev = self.device(device)
 
         def time_call(fn: Callable[[], None]) -> float:
-            cupy = _cupy()
+            cupy = self._cupy()
             start, end = cupy.cuda.Event(), cupy.cuda.Event()
             start.record(dev.stream.cupy_stream)
             fn()
@@ -378,7 +376,7 @@ class CupyBackend(GraphMixin, ScenarioOpsMixin, Backend):
         return table, rows
 
     def _fill_rope_table(self, target: GpuStream, p: RopeParams, freq_factors, rows: int):
-        cupy = _cupy()
+        cupy = self._cupy()
         half = p.n_dims // 2
         with cupy.cuda.Device(target.device.gpu), target.cupy_stream:
             table = cupy.empty(rows * half * 2, np.float32)  # float2 [rows, half]
@@ -436,7 +434,7 @@ class CupyBackend(GraphMixin, ScenarioOpsMixin, Backend):
             return attn, (NULL, NULL)
         rows = attn.n_splits * shape["n_q"] * shape["H"]
         need = rows * (shape["Dv"] + 1)
-        dev, cupy = target.device, _cupy()
+        dev, cupy = target.device, self._cupy()
         buf = dev.workspaces.get(id(target))
         if target.cupy_stream.is_capturing() or buf is None or buf.size < need:
             with cupy.cuda.Device(dev.gpu), target.cupy_stream:
@@ -509,15 +507,19 @@ class CupyBackend(GraphMixin, ScenarioOpsMixin, Backend):
 
     # -- plumbing -------------------------------------------------------------------------------
     def _kernel(self, dev: CupyDevice, file_name: str, name: str):
-        cupy = _cupy()
+        cupy = self._cupy()
         key = (dev.gpu, file_name)
         module = self._modules.get(key)
         with cupy.cuda.Device(dev.gpu):
             if module is None:
                 module = self._modules[key] = cupy.RawModule(
-                    code=plan.load_source(file_name), options=plan.COMPILE_OPTIONS,
+                    code=self._source(file_name), options=plan.COMPILE_OPTIONS,
                     name_expressions=plan.module_kernels()[file_name])
             return module.get_function(name)
+
+    def _source(self, file_name: str) -> str:
+        """The CUDA source of one kernels/*.cu file (the bug zoo compiles mutants instead)."""
+        return plan.load_source(file_name)
 
     def _run(self, target: GpuStream, file_name: str, name: str, launch: plan.Launch,
              args: tuple, delay: bool = True) -> None:
@@ -528,7 +530,7 @@ class CupyBackend(GraphMixin, ScenarioOpsMixin, Backend):
                 delay: bool = True, check: bool = True) -> None:
         """Every launch goes through here: limits checked first, launch errors re-raised with
         the kernel's name and geometry, and (sync_each_launch) execution errors too."""
-        cupy = _cupy()
+        cupy = self._cupy()
         dev = target.device
         plan.check_launch(name, launch, max(plan.DEFAULT_SHARED_LIMIT, dev.shared_optin))
         if delay and self.delay:
@@ -551,7 +553,7 @@ class CupyBackend(GraphMixin, ScenarioOpsMixin, Backend):
     @contextmanager
     def _on(self, target: GpuStream):
         """Make the target's GPU and stream current (allocations, copies, cupy calls)."""
-        cupy = _cupy()
+        cupy = self._cupy()
         with cupy.cuda.Device(target.device.gpu), target.cupy_stream:
             yield
 

@@ -19,12 +19,6 @@ from . import plan
 from .runtime import GpuStream
 
 
-def _cupy():
-    import cupy
-
-    return cupy
-
-
 @dataclass(eq=False)
 class CapturedGraph:
     """The recorded work of one capture: replay() launches it on its first stream."""
@@ -72,7 +66,7 @@ class GraphMixin:
         """Start recording (not running) the work queued on ``streams``."""
         if self._capture is not None:
             raise RuntimeError("capture_begin: a capture is already in progress")
-        cupy, streams = _cupy(), self._stream_list(streams)
+        cupy, streams = self._cupy(), self._stream_list(streams)
         pool, previous = cupy.cuda.MemoryPool(), cupy.cuda.get_allocator()
         origin = streams[0]
         with cupy.cuda.Device(origin.device.gpu):
@@ -83,7 +77,7 @@ class GraphMixin:
             self.wait_event(other, self.record_event(origin))
 
     def capture_end(self, streams) -> CapturedGraph:
-        cupy, capture = _cupy(), self._capture
+        cupy, capture = self._cupy(), self._capture
         if capture is None:
             raise RuntimeError("capture_end without capture_begin")
         if self._stream_list(streams) != capture.streams:
@@ -107,7 +101,7 @@ class GraphMixin:
         origin = graph.streams[0]
         for other in graph.streams[1:]:
             self.wait_event(origin, self.record_event(other))
-        with _cupy().cuda.Device(origin.device.gpu):
+        with self._cupy().cuda.Device(origin.device.gpu):
             graph.graph.launch(stream=origin.cupy_stream)
         for other in graph.streams[1:]:
             self.wait_event(other, self.record_event(origin))
@@ -115,7 +109,7 @@ class GraphMixin:
     def hold(self, stream: GpuStream) -> HoldGate:
         """Block ``stream`` at this point until ``gate.release()`` (COPY_ASYNC contracts)."""
         stream = self._own_stream(stream)
-        gate = HoldGate(_cupy().cuda.alloc_pinned_memory(4))
+        gate = HoldGate(self._cupy().cuda.alloc_pinned_memory(4))
         self._gates.append(gate)
         kernel = self._kernel(stream.device, "runtime.cu", "hold_kernel")
         self._launch(stream, kernel, "hold_kernel", plan.Launch((1, 1, 1), (1, 1, 1)),

@@ -25,9 +25,15 @@ __device__ __forceinline__ void raise_error(int* err, int bit) {
 __device__ __forceinline__ float to_f32(float x) { return x; }
 
 __device__ __forceinline__ float to_f32(f16_t x) {
+#ifdef OPB_EMULATE  // host compiler (emulator/cuda_emulation.h): IEEE half in software
+    _Float16 h;
+    memcpy(&h, &x.bits, 2);
+    return (float)h;
+#else
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x.bits));
     return f;
+#endif
 }
 
 __device__ __forceinline__ float to_f32(bf16_t x) {
@@ -41,14 +47,25 @@ template <> __device__ __forceinline__ float from_f32<float>(float x) { return x
 
 template <> __device__ __forceinline__ f16_t from_f32<f16_t>(float x) {
     f16_t h;
+#ifdef OPB_EMULATE
+    _Float16 r = (_Float16)x;  // round to nearest even, like cvt.rn
+    memcpy(&h.bits, &r, 2);
+#else
     // cvt.rn: round to nearest even, the rule the oracles use (ml_dtypes / NumPy).
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h.bits) : "f"(x));
+#endif
     return h;
 }
 
 template <> __device__ __forceinline__ bf16_t from_f32<bf16_t>(float x) {
     bf16_t b;
+#ifdef OPB_EMULATE
+    unsigned int u = __float_as_uint(x);
+    if ((u & 0x7fffffffu) > 0x7f800000u) b.bits = 0x7fff;  // NaN: cvt's canonical NaN
+    else b.bits = (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);  // nearest even
+#else
     asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(b.bits) : "f"(x));
+#endif
     return b;
 }
 

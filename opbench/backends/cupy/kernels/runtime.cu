@@ -2,9 +2,14 @@
 #include "common.cuh"
 
 __device__ __forceinline__ unsigned long long global_ns() {
+#ifdef OPB_EMULATE
+    return (unsigned long long)std::chrono::duration_cast<std::chrono::nanoseconds>(
+               std::chrono::steady_clock::now().time_since_epoch()).count();
+#else
     unsigned long long t;
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
     return t;
+#endif
 }
 
 // Occupies its stream for about `ns` nanoseconds without burning the SM: queued before an op,
