@@ -12,7 +12,7 @@ import os
 
 import pytest
 
-DEFAULT_BACKENDS = "cpu,torch,ggml,triton,cupy"
+DEFAULT_BACKENDS = "cpu,torch,ggml,triton,cupy,cupy-emu"
 
 
 def pytest_addoption(parser):

@@ -434,7 +434,8 @@ def test_split_kv_inside_a_capture_gets_its_own_workspace(backend):
 def test_every_scenario_split_drives_the_backend_through_valid_launches(backend, split):
     """The scenario engine (graph reuse, eviction, delays on) calls only what this backend
     accepts, and every launch it causes matches its kernel.  The fake computes nothing, so the
-    results themselves are not judged here (test_cupy_gpu.py does that on a GPU)."""
+    results themselves are not judged here (test_cupy_backend.py judges them, on the emulator
+    and on a GPU)."""
     from opbench.harness.scenario.config import ScenarioSpec
     from opbench.harness.scenario.judge import backend_options, run_scenario
 

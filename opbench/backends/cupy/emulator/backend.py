@@ -34,4 +34,4 @@ class CupyEmulatorBackend(CupyBackend):
         return fake_cupy
 
     def info(self) -> dict:
-        return {**super().info(), "emulated": True, "compiler": self.available()[1]}
+        return {**super().info(), "emulated": True, "compiler": build.compiler_status()[1]}
