@@ -206,7 +206,7 @@ def test_copy_async_waits_for_slow_source_work(backend_class):
     backend = backend_class()  # no sync_each_launch: the host must run ahead of the GPU
     try:
         backend.devices(2)
-        src_host = np.arange(1 << 20, dtype=np.float32)
+        src_host = (np.arange(1 << 20) % 2048).astype(np.float32)  # exact in f16
         src = backend.to_device(np.zeros_like(src_host), 0)
         staged = backend.to_device(src_host, 0)
         backend.inject_delay(backend.stream(0), 50.0)

@@ -80,10 +80,16 @@ def _static_shared(ctype: str, name: str, dims: str, site: int) -> str:
 
 
 def cache_dir() -> Path:
+    """$OPBENCH_CACHE_DIR or ~/.cache/opbench, else the temp directory (a read-only home)."""
     root = os.environ.get("OPBENCH_CACHE_DIR") or Path.home() / ".cache" / "opbench"
-    path = Path(root) / "cuda-emulator"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    for base in (Path(root), Path(tempfile.gettempdir()) / f"opbench-{os.getuid()}"):
+        path = base / "cuda-emulator"
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            return path
+        except OSError:
+            continue
+    raise EmulatorBuildError(f"no writable cache directory for built kernels (tried {root})")
 
 
 def build_library(source: str, names: list[str], label: str) -> Path:

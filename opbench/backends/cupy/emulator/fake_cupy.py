@@ -253,6 +253,7 @@ class Stream:
         self.captured_ops = 0
         self._worker = _Worker(f"emulated-stream-{self.ptr}")
         weakref.finalize(self, self._worker.put, "stop", None)
+        weakref.finalize(self, _STREAMS.pop, self.ptr, None)
 
     def __enter__(self) -> Stream:
         _stack("streams").append(self)
