@@ -14,15 +14,13 @@ from typing import Any
 import numpy as np
 
 from opbench.harness.protocol import (
-    ROTATE_LAYOUTS,
     AttnParams,
     Backend,
-    PagedKV,
     RopeParams,
-    dtype_name,
     numpy_dtype,
 )
 
+from ..arg_checks import ArgChecks
 from . import jit, kernels
 from .rope_cache import RopeCache
 from .runtime import (
@@ -39,7 +37,8 @@ from .runtime import (
 from .scenario_ops import ScenarioOpsMixin
 
 FLOAT_DTYPES = tuple(numpy_dtype(n) for n in ("f32", "f16", "bf16"))
-INDEX_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
+#: the host-side argument checks; the NumPy kernels read int32 and int64 indices alike
+CHECKS = ArgChecks(index_dtypes=("int32", "int64"))
 
 
 class CpuBackend(ScenarioOpsMixin, Backend):
@@ -211,7 +210,7 @@ class CpuBackend(ScenarioOpsMixin, Backend):
 
     # -- ops ----------------------------------------------------------------------------------
     def rope(self, x, pos, out, p: RopeParams, freq_factors=None, stream=None) -> None:
-        _check_rope(x, pos, out, p, freq_factors)
+        CHECKS.rope(x, pos, out, p, freq_factors)
         device = self._same_device("rope", x=x, pos=pos, out=out, freq_factors=freq_factors)
         cache = self._caches[device.index] if self.rope_cache else None
         ff = None if freq_factors is None else plain(freq_factors)
@@ -221,7 +220,7 @@ class CpuBackend(ScenarioOpsMixin, Backend):
 
     def attention(self, q, k, v, out, p: AttnParams, mask=None, sinks=None, lse=None,
                   paged=None, stream=None) -> None:
-        _check_attention(q, k, v, out, p, mask, sinks, lse, paged)
+        CHECKS.attention(q, k, v, out, p, mask, sinks, lse, paged)
         arrays = dict(q=q, k=k, v=v, out=out, mask=mask, sinks=sinks, lse=lse)
         if paged is not None:
             arrays.update(block_table=paged.block_table, seq_lens=paged.seq_lens,
@@ -238,26 +237,26 @@ class CpuBackend(ScenarioOpsMixin, Backend):
         self._submit(device, stream, work)
 
     def kv_rotate(self, key_cache, block_indices, deltas, lut, layout: str, stream=None) -> None:
-        _check_kv_rotate(key_cache, block_indices, deltas, lut, layout)
+        CHECKS.kv_rotate(key_cache, block_indices, deltas, lut, layout)
         device = self._same_device("kv_rotate", key_cache=key_cache,
                                    block_indices=block_indices, deltas=deltas, lut=lut)
         args = tuple(plain(a) for a in (key_cache, block_indices, deltas, lut))
         self._submit(device, stream, lambda: kernels.kv_rotate(*args, layout))
 
     def set_rows(self, dst, src, slots, stream=None) -> None:
-        _check_rows("set_rows", dst, src, slots, "slots", ("dst", "src"))
+        CHECKS.rows("set_rows", dst, src, slots, "slots", ("dst", "src"))
         device = self._same_device("set_rows", dst=dst, src=src, slots=slots)
         args = (plain(dst), plain(src), plain(slots))
         self._submit(device, stream, lambda: kernels.set_rows(*args))
 
     def get_rows(self, src, rows, out, stream=None) -> None:
-        _check_rows("get_rows", src, out, rows, "rows", ("src", "out"))
+        CHECKS.rows("get_rows", src, out, rows, "rows", ("src", "out"))
         device = self._same_device("get_rows", src=src, rows=rows, out=out)
         args = (plain(src), plain(rows), plain(out))
         self._submit(device, stream, lambda: kernels.get_rows(*args))
 
     def cpy(self, src, out, perm: Sequence[int], step: int = 1, stream=None) -> None:
-        perm = _check_cpy(src, out, perm, step)
+        perm = CHECKS.cpy(src, out, perm, step)
         device = self._same_device("cpy", src=src, out=out)
         args = (plain(src), plain(out))
         use_jit = self.jit
@@ -314,115 +313,3 @@ def _flag(name: str, value: Any) -> bool:
     return bool(value)
 
 
-# -- host-side validation (shapes and dtypes; index values are checked by the kernels) ----------
-def _need(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
-
-
-def _check_float(name: str, arr: Any) -> None:
-    _need(getattr(arr, "dtype", None) in FLOAT_DTYPES,
-          f"{name} dtype {getattr(arr, 'dtype', type(arr).__name__)} must be f32, f16 or bf16")
-
-
-def _check_index(name: str, arr: Any, shape: tuple | None = None) -> None:
-    _need(getattr(arr, "dtype", None) in INDEX_DTYPES,
-          f"{name} dtype {getattr(arr, 'dtype', type(arr).__name__)} must be int32")
-    if shape is not None:
-        _need(arr.shape == shape, f"{name} shape {arr.shape} must be {shape}")
-
-
-def _check_f32(name: str, arr: Any, shape: tuple) -> None:
-    _need(getattr(arr, "dtype", None) == np.float32, f"{name} must be float32")
-    _need(arr.shape == shape, f"{name} shape {arr.shape} must be {shape}")
-
-
-def _check_rope(x, pos, out, p: RopeParams, freq_factors) -> None:
-    _check_float("x", x)
-    _need(x.ndim == 3, f"x shape {x.shape} must be [n_tokens, n_heads, head_dim]")
-    _need(out.shape == x.shape and out.dtype == x.dtype,
-          f"out {out.shape} {dtype_name(out.dtype)} must match x {x.shape} {dtype_name(x.dtype)}")
-    _need(p.n_dims <= x.shape[2], f"n_dims={p.n_dims} must be even and <= head_dim={x.shape[2]}")
-    want = (4, x.shape[0]) if p.mode == "mrope" else (x.shape[0],)
-    _check_index("pos", pos, want)
-    if freq_factors is not None:
-        _check_f32("freq_factors", freq_factors, (p.n_dims // 2,))
-    _need(p.ext_factor == 0.0 or p.n_ctx_orig > 0,
-          f"n_ctx_orig={p.n_ctx_orig} must be > 0 when ext_factor={p.ext_factor} != 0")
-    _need(p.freq_scale > 0.0, f"freq_scale={p.freq_scale} must be > 0")
-    _need(p.freq_base > 0.0, f"freq_base={p.freq_base} must be > 0")
-    if p.mode == "mrope":
-        _need(all(s >= 0 for s in p.sections) and sum(p.sections) > 0,
-              f"sections={p.sections} must be 4 ints >= 0 with sum > 0")
-
-
-def _check_attention(q, k, v, out, p: AttnParams, mask, sinks, lse, paged) -> None:
-    for name, arr in (("q", q), ("k", k), ("v", v), ("out", out)):
-        _check_float(name, arr)
-    kv_rank = 3 if paged is None else 4
-    _need(q.ndim == 3 and k.ndim == kv_rank and v.ndim == kv_rank,
-          f"q {q.shape}, k {k.shape}, v {v.shape}: q must be 3-d and k, v {kv_rank}-d")
-    n_q, n_heads, d_k = q.shape
-    n_kv_heads, d_v = k.shape[-2], v.shape[-1]
-    _need(k.shape[:-1] == v.shape[:-1], f"k {k.shape} and v {v.shape} must agree but for D")
-    _need(k.shape[-1] == d_k, f"k head size {k.shape[-1]} must equal q's {d_k}")
-    _need(n_heads % n_kv_heads == 0, f"H={n_heads} must be a multiple of Hkv={n_kv_heads}")
-    _need(out.shape == (n_q, n_heads, d_v), f"out shape {out.shape} must be {(n_q, n_heads, d_v)}")
-    _need(p.window >= 0 and p.softcap >= 0 and p.max_bias >= 0,
-          f"window={p.window}, softcap={p.softcap}, max_bias={p.max_bias} must be >= 0")
-    if sinks is not None:
-        _check_f32("sinks", sinks, (n_heads,))
-    if lse is not None:
-        _check_f32("lse", lse, (n_q, n_heads))
-    if paged is None:
-        if mask is not None:
-            _check_f32("mask", mask, (n_q, k.shape[0]))
-        return
-    _need(mask is None, "mask is not supported with paged KV")
-    _need(isinstance(paged, PagedKV), f"paged must be a PagedKV, got {type(paged).__name__}")
-    _check_index("paged.block_table", paged.block_table)
-    _need(paged.block_table.ndim == 2, "paged.block_table must be [n_seqs, max_blocks]")
-    n_seqs = paged.block_table.shape[0]
-    _check_index("paged.seq_lens", paged.seq_lens, (n_seqs,))
-    _check_index("paged.q_start", paged.q_start, (n_seqs + 1,))
-
-
-def _check_kv_rotate(key_cache, block_indices, deltas, lut, layout: str) -> None:
-    _check_float("key_cache", key_cache)
-    _need(key_cache.ndim == 4, f"key_cache shape {key_cache.shape} must be [blocks, B, Hkv, D]")
-    _need(layout in ROTATE_LAYOUTS, f"layout={layout!r} must be one of {ROTATE_LAYOUTS}")
-    block_size, d = key_cache.shape[1], key_cache.shape[3]
-    _need(d % 2 == 0, f"head_dim={d} must be even")
-    _check_index("block_indices", block_indices)
-    _need(block_indices.ndim == 1, "block_indices must be [R]")
-    n_rot = block_indices.shape[0]
-    _check_index("deltas", deltas)
-    _need(deltas.shape in ((n_rot, 1), (n_rot, block_size)),
-          f"deltas shape {deltas.shape} must be [R={n_rot}, 1] or [R, block_size={block_size}]")
-    _need(lut.dtype == np.float32 and lut.ndim == 2 and lut.shape[1] == d,
-          f"lut {lut.shape} {lut.dtype} must be float32 [rows, D={d}]")
-
-
-def _check_rows(op: str, table, rows, index, index_name: str, names: tuple[str, str]) -> None:
-    """``table`` is indexed by ``index``; ``rows`` holds one row per index entry."""
-    _check_float(names[0], table)
-    _check_float(names[1], rows)
-    _check_index(index_name, index)
-    _need(index.shape == rows.shape[:1],
-          f"{op}: {index_name} shape {index.shape} must be [{names[1]} rows={len(rows)}]")
-    _need(table.shape[1:] == rows.shape[1:],
-          f"{op}: row shapes {names[0]} {table.shape[1:]} and {names[1]} {rows.shape[1:]} "
-          f"must match")
-
-
-def _check_cpy(src, out, perm: Sequence[int], step: int) -> tuple[int, ...]:
-    _check_float("src", src)
-    _check_float("out", out)
-    perm = tuple(int(i) for i in perm)
-    _need(sorted(perm) == list(range(src.ndim)),
-          f"perm={perm} must be a permutation of range({src.ndim})")
-    _need(isinstance(step, (int, np.integer)) and step >= 1, f"step={step!r} must be an int >= 1")
-    permuted = [src.shape[i] for i in perm]
-    want = tuple([-(-permuted[0] // step)] + permuted[1:]) if permuted else ()
-    _need(out.shape == want, f"out shape {out.shape} must be {want}")
-    return perm

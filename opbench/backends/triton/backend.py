@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from opbench.backends.cpu import CpuBackend
-from opbench.backends.cpu import backend as cpu_checks
+from opbench.backends.cpu.backend import CHECKS
 from opbench.backends.cpu.runtime import plain
 
 from . import index_checks
@@ -182,14 +182,14 @@ class TritonBackend(CpuBackend):
 
     # -- ops: validate on the caller's thread, launch on the device's stream ---------------------
     def rope(self, x, pos, out, p, freq_factors=None, stream=None) -> None:
-        self._check(cpu_checks._check_rope, x, pos, out, p, freq_factors)
+        self._check(CHECKS.rope, x, pos, out, p, freq_factors)
         self._enqueue("rope", dict(x=x, pos=pos, out=out, freq_factors=freq_factors), stream,
                       lambda t: self.launch_rope(t["x"], t["pos"], t["out"], p,
                                                  t["freq_factors"]))
 
     def attention(self, q, k, v, out, p, mask=None, sinks=None, lse=None, paged=None,
                   stream=None) -> None:
-        self._check(cpu_checks._check_attention, q, k, v, out, p, mask, sinks, lse, paged)
+        self._check(CHECKS.attention, q, k, v, out, p, mask, sinks, lse, paged)
         arrays = dict(q=q, k=k, v=v, out=out, mask=mask, sinks=sinks, lse=lse)
         if paged is not None:
             arrays.update(block_table=paged.block_table, seq_lens=paged.seq_lens,
@@ -231,7 +231,7 @@ class TritonBackend(CpuBackend):
                              f"{out.shape[:2]}")
 
     def kv_rotate(self, key_cache, block_indices, deltas, lut, layout, stream=None) -> None:
-        self._check(cpu_checks._check_kv_rotate, key_cache, block_indices, deltas, lut, layout)
+        self._check(CHECKS.kv_rotate, key_cache, block_indices, deltas, lut, layout)
         arrays = dict(key_cache=key_cache, block_indices=block_indices, deltas=deltas, lut=lut)
         self._enqueue("kv_rotate", arrays, stream, lambda t: self.launch_kv_rotate(
             t["key_cache"], t["block_indices"], t["deltas"], t["lut"], layout),
@@ -239,19 +239,19 @@ class TritonBackend(CpuBackend):
                                                    len(a["key_cache"]), len(a["lut"])))
 
     def set_rows(self, dst, src, slots, stream=None) -> None:
-        self._check(check_rows, "set_rows", dst, src, slots, "slots", ("dst", "src"))
+        self._check(CHECKS.rows, "set_rows", dst, src, slots, "slots", ("dst", "src"))
         self._enqueue("set_rows", dict(dst=dst, src=src, slots=slots), stream,
                       lambda t: self.launch_set_rows(t["dst"], t["src"], t["slots"]),
                       lambda a: index_checks.check_rows("set_rows", a["slots"], len(a["dst"])))
 
     def get_rows(self, src, rows, out, stream=None) -> None:
-        self._check(check_rows, "get_rows", src, out, rows, "rows", ("src", "out"))
+        self._check(CHECKS.rows, "get_rows", src, out, rows, "rows", ("src", "out"))
         self._enqueue("get_rows", dict(src=src, rows=rows, out=out), stream,
                       lambda t: self.launch_get_rows(t["src"], t["rows"], t["out"]),
                       lambda a: index_checks.check_rows("get_rows", a["rows"], len(a["src"])))
 
     def cpy(self, src, out, perm, step: int = 1, stream=None) -> None:
-        perm = self._check(cpu_checks._check_cpy, src, out, perm, step)
+        perm = self._check(CHECKS.cpy, src, out, perm, step)
         perm = tuple(int(i) for i in perm)
         self._enqueue("cpy", dict(src=src, out=out), stream,
                       lambda t: self.launch_cpy(t["src"], t["out"], perm, step))
@@ -383,19 +383,6 @@ class TritonBackend(CpuBackend):
         else:
             self._cuda.graphs.abort()  # an open capture has issued nothing to CUDA yet
             self._cuda.synchronize(None)
-
-
-def check_rows(op: str, table, rows, index, index_name: str, names: tuple[str, str]) -> None:
-    """``table`` is indexed by ``index``; ``rows`` holds one row per index entry."""
-    for name, arr in zip(names, (table, rows)):
-        if getattr(arr, "dtype", None) not in cpu_checks.FLOAT_DTYPES:
-            raise ValueError(f"{op}: {name} dtype {getattr(arr, 'dtype', None)} must be "
-                             "f32, f16 or bf16")
-    if getattr(index, "dtype", None) not in cpu_checks.INDEX_DTYPES or index.ndim != 1:
-        raise ValueError(f"{op}: {index_name} must be a 1-d int32 array")
-    if index.shape != rows.shape[:1] or table.shape[1:] != rows.shape[1:]:
-        raise ValueError(f"{op}: {index_name} {index.shape}, {names[0]} {table.shape} and "
-                         f"{names[1]} {rows.shape} must be [n], [N, *row] and [n, *row]")
 
 
 def _check_paged(a: dict) -> None:

@@ -183,7 +183,7 @@ class CudaRuntime:
     # -- ops ---------------------------------------------------------------------------------------
     def check(self, name: str, *args) -> Any:
         """Shape checks only (the cpu backend's checks expect NumPy dtypes)."""
-        if name == "_check_cpy":
+        if name == "cpy":
             return tuple(int(i) for i in args[2])
         return None
 
