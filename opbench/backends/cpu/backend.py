@@ -20,7 +20,7 @@ from opbench.harness.protocol import (
     numpy_dtype,
 )
 
-from ..arg_checks import ArgChecks
+from ..arg_checks import ArgChecks, same_owner
 from . import jit, kernels
 from .rope_cache import RopeCache
 from .runtime import (
@@ -287,19 +287,7 @@ class CpuBackend(ScenarioOpsMixin, Backend):
 
     def _same_device(self, op: str, **arrays: Any) -> Device:
         """The device owning every given array; DeviceMismatchError naming both otherwise."""
-        first_name, first = None, None
-        for name, arr in arrays.items():
-            if arr is None:
-                continue
-            device = self._owner(f"{op}: {name}", arr)
-            if first is None:
-                first_name, first = name, device
-            elif device != first:
-                raise DeviceMismatchError(
-                    f"{op}: {name} lives on {device} but {first_name} lives on {first}; "
-                    f"copy it with copy_async first"
-                )
-        return first
+        return same_owner(op, self._owner, arrays, DeviceMismatchError)
 
 
 def _flag(name: str, value: Any) -> bool:

@@ -18,6 +18,7 @@ import numpy as np
 
 from opbench.harness.protocol import AttnParams, Backend, RopeParams
 
+from ..arg_checks import same_owner
 from . import checks, plan
 from .graphs import GraphMixin
 from .runtime import (
@@ -576,17 +577,7 @@ class CupyBackend(GraphMixin, ScenarioOpsMixin, Backend):
         return arr.device
 
     def _same_device(self, op: str, **arrays: Any) -> CupyDevice:
-        first_name, first = None, None
-        for name, arr in arrays.items():
-            if arr is None:
-                continue
-            device = self._owner(f"{op}: {name}", arr)
-            if first is None:
-                first_name, first = name, device
-            elif device is not first:
-                raise DeviceMismatchError(f"{op}: {name} lives on {device} but {first_name} "
-                                          f"lives on {first}; copy it with copy_async first")
-        return first
+        return same_owner(op, self._owner, arrays, DeviceMismatchError)
 
     @staticmethod
     def _need_int32(**arrays: Any) -> None:
