@@ -43,6 +43,8 @@ DEVICE_COUNT = 2
 DEVICE_PROPERTIES = {"name": b"opbench CPU emulator (sm_90)", "major": 9, "minor": 0,
                      "multiProcessorCount": 8, "sharedMemPerBlockOptin": 232448,
                      "l2CacheSize": 1 << 20}
+# The driver's limits, written out here rather than imported from plan.py on purpose: the
+# emulator plays the driver that checks the launches plan.py computes.
 DEFAULT_SHARED_LIMIT = 48 * 1024
 
 
@@ -562,5 +564,4 @@ cuda = SimpleNamespace(
     Device=Device, Stream=Stream, Event=Event, get_elapsed_time=get_elapsed_time,
     alloc_pinned_memory=alloc_pinned_memory, MemoryPool=MemoryPool, get_allocator=get_allocator,
     set_allocator=set_allocator, runtime=runtime, driver=driver,
-    get_current_stream=current_stream,
 )
