@@ -31,7 +31,7 @@ from opbench.harness.scenario.config import ScenarioSpec, model_config  # noqa: 
 from opbench.harness.scenario.engine import PagedEngine  # noqa: E402
 from opbench.harness.scenario.model import make_weights  # noqa: E402
 from opbench.harness.scenario.schedule import build_schedule  # noqa: E402
-from opbench.harness.stats import ratio_of_medians_ci  # noqa: E402
+from opbench.perf.stats import ratio_of_medians_ci  # noqa: E402
 
 
 class TimedEngine(PagedEngine):

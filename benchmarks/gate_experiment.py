@@ -71,7 +71,7 @@ class SlowRopeCpu(CpuBackend):
 
 # -- the experiment --------------------------------------------------------------------------------
 def quiet_main(argv: list[str]) -> int:
-    from opbench.harness.cli import main
+    from opbench.cli.main import main
 
     with contextlib.redirect_stdout(io.StringIO()):
         return main(argv)
@@ -79,8 +79,9 @@ def quiet_main(argv: list[str]) -> int:
 
 def one_run(out: Path, tag: str, ref_b: str, seed: int, args) -> dict:
     """Interleaved perf of cpu vs ``ref_b`` into one file, then the gate; what it flagged."""
-    from opbench.harness import gate, store
-    from opbench.harness.cli_perf import ab_labels
+    from opbench.cli.perf import ab_labels
+    from opbench.harness import store
+    from opbench.perf import gate
 
     results = out / f"{tag}.jsonl"
     results.unlink(missing_ok=True)

@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     p.add_argument("--backends", default="cpu,ggml,torch")
     args = p.parse_args(argv)
     if args.run:
-        from opbench.harness.cli import main as opbench
+        from opbench.cli.main import main as opbench
 
         code = opbench(["perf", "-b", args.backends, "-o", "ROPE,ATTN,CPY", "--budget-ms",
                         args.budget_ms, "--min-samples", "10", "--results", args.results])

@@ -7,9 +7,9 @@ import xml.etree.ElementTree as ET
 import numpy as np
 import pytest
 
+from opbench.cli.main import main
 from opbench.harness import store
-from opbench.harness.cli import main
-from opbench.harness.gate import CaseKey, gate, parse_threshold
+from opbench.perf.gate import CaseKey, gate, parse_threshold
 from opbench.reports.gate_summary import gate_junit, gate_markdown
 
 

@@ -13,13 +13,13 @@ import textwrap
 import numpy as np
 import pytest
 
-from opbench.harness import perf
+from opbench.cli.main import main
+from opbench.cli.perf import ab_labels, split_ref
+from opbench.errors import UsageError
 from opbench.harness.cases import Case
-from opbench.harness.cli import main
-from opbench.harness.cli_perf import ab_labels, split_ref
-from opbench.harness.errors import UsageError
 from opbench.harness.ops import SPECS
 from opbench.harness.store import cpu_model, read_records
+from opbench.perf import run as perf
 
 FAST = ["--sizes", "small", "--budget-ms", "2", "--min-samples", "3", "--warmup", "1"]
 LINE = re.compile(r"^  [A-Z_]+\(.*\): \d+ runs - \d+\.\d\d us/run - \d+ kB/run - \d+\.\d\d "
@@ -241,7 +241,7 @@ def test_ab_pins_to_one_cpu_by_default_and_gives_the_cpus_back(monkeypatch, caps
 
 
 def test_ab_epochs_allocate_fresh_buffers_and_pool_their_samples(monkeypatch):
-    from opbench.harness.cli_perf import open_backend
+    from opbench.cli.perf import open_backend
 
     prepares = []
     real_prepare = perf.prepare

@@ -8,7 +8,8 @@ import re
 import numpy as np
 import pytest
 
-from opbench.harness import store, timing
+from opbench.harness import store
+from opbench.perf import timing
 from opbench.reports import plots, tables
 from opbench.reports.console import format_perf_line
 from opbench.reports.render import build_report, write_report
@@ -213,7 +214,7 @@ def test_perf_line_in_test_backend_ops_format():
 
 
 def test_cli_report(tmp_path, capsys):
-    from opbench.harness.cli import main
+    from opbench.cli.main import main
 
     results = tmp_path / "results.jsonl"
     with store.ResultWriter(results) as writer:
@@ -225,7 +226,7 @@ def test_cli_report(tmp_path, capsys):
 
 
 def test_cli_report_bad_input_exit_2(tmp_path, capsys):
-    from opbench.harness.cli import main
+    from opbench.cli.main import main
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"schema": 9}\n')

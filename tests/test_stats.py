@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from opbench.harness import stats
+from opbench.perf import stats
 
 
 def timings(rng, n=100, median_ns=50_000.0, sigma=0.05, outliers=0.03) -> np.ndarray:

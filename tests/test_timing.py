@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from opbench.harness import calibrate, timing
-from opbench.harness.cli import main
+from opbench.cli.main import main
+from opbench.perf import calibrate, timing
 
 
 class FakeClock:

@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from opbench.harness.protocol import ROTATE_LAYOUTS, AttnParams, PagedKV, RopeParams
+from opbench.protocol import ROTATE_LAYOUTS, AttnParams, PagedKV, RopeParams
 
 FLOAT_NAMES = ("float32", "float16", "bfloat16")
 

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..harness.protocol import AttnParams, Backend, RopeParams
+from opbench.protocol import AttnParams, Backend, RopeParams
 
 try:  # optional: the module must import without ggml-python
     import ggml

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..harness.protocol import AttnParams, Backend, RopeParams
+from opbench.protocol import AttnParams, Backend, RopeParams
 
 try:  # optional: the module must import without torch
     import torch

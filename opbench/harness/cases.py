@@ -14,7 +14,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .protocol import Backend, numpy_dtype
+from opbench.protocol import Backend, numpy_dtype
 
 
 def format_value(value: Any) -> str:

@@ -1,6 +1,6 @@
 """Judging a backend's output against the float64 oracle.
 
-Rules (DESIGN.md, "Oracles and comparison"):
+Rules (see README "What opbench test does"):
 - NMSE = sum((a-b)^2) / sum(b^2) under the op's threshold (test-backend-ops style figure);
 - the precision rule: |a - b| <= k * E + floor * max|b| elementwise, where E is the largest
   error of the same oracle evaluated in the backend's precision (float32 math, output rounded

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .protocol import numpy_dtype
+from opbench.protocol import numpy_dtype
 
 HOLD_TIMEOUT_S = 5.0  # safety valve: a host-blocking implementation must not hang the check
 SYNC_PROBE_S = 0.3  # how long a synchronize is watched for returning while work is held

@@ -9,8 +9,8 @@ import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from .errors import UsageError
-from .protocol import Backend
+from opbench.errors import UsageError
+from opbench.protocol import Backend
 
 BUILTIN = {
     "cpu": "opbench.backends.cpu:CpuBackend",

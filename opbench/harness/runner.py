@@ -17,11 +17,12 @@ from typing import Any
 
 import numpy as np
 
+from opbench.protocol import Backend, numpy_dtype
+
 from ..reference import copies as copy_ref
 from .cases import Case, Inputs, OpSpec, OutputSpec
 from .compare import Verdict, compare_close, compare_exact, tolerance_for
 from .ops import SPECS
-from .protocol import Backend, numpy_dtype
 
 GUARD_SENTINEL = -1234.0
 PROBLEM_STATUSES = ("FAIL", "ERROR", "CRASH", "TIMEOUT")

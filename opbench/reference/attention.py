@@ -2,7 +2,7 @@
 
 Conventions: shapes are token-major, q ``[n_q, H, Dk]``, k ``[n_kv, Hkv, Dk]``, v
 ``[n_kv, Hkv, Dv]``.  GQA follows ggml / Hugging Face: query head h reads kv head
-``h // (H // Hkv)``.  Score order follows the backend protocol (``opbench.harness.protocol``):
+``h // (H // Hkv)``.  Score order follows the backend protocol (``opbench.protocol``):
 ``s = scale*q.k``, softcap ``c*tanh(s/c)``, ``+ mask``, ``+ slope_h*(k_pos - q_pos)`` (ALiBi,
 ggml slopes), then causal / sliding-window masking to -inf.  Attention sinks (gpt-oss style)
 add one logit per head to the softmax denominator and contribute no value.

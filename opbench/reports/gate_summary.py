@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 
-from opbench.harness.gate import CaseKey, GateResult, PerfChange, StatusChange
+from opbench.perf.gate import CaseKey, GateResult, PerfChange, StatusChange
 from opbench.reports.markup import md_escape
 
 MAX_ROWS = 100  # per list: a summary a reviewer can read, not a dump

@@ -26,7 +26,7 @@ def perf_sizes(config) -> str:
 
 def pytest_generate_tests(metafunc):
     if "perf_case" in metafunc.fixturenames:
-        from opbench.harness.perf import perf_cases
+        from opbench.perf.run import perf_cases
 
         cases = perf_cases(perf_sizes(metafunc.config))
         metafunc.parametrize("perf_case", cases, ids=[c.id for c in cases])

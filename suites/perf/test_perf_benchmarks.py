@@ -1,6 +1,6 @@
 """One pytest-benchmark per perf case, on the backend of ``--backend`` (suites/conftest.py).
 
-The timed target is the backend call *and* its synchronize (the DESIGN's CPU timer: a call is
+The timed target is the backend call *and* its synchronize (the cpu timer's rule: a call is
 done when its queued work is); inputs and outputs are allocated once per case by
 ``perf.prepare`` and the NaN check runs before timing, as in ``opbench perf``."""
 
@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from opbench.harness import perf, timing
+from opbench.perf import run as perf
+from opbench.perf import timing
 
 
 def test_perf(benchmark, backend, perf_case):

@@ -14,7 +14,7 @@ from opbench.backends.cpu import CpuBackend
 from opbench.backends.cpu import jit as cpu_jit
 from opbench.backends.cpu import kernels as cpu_kernels
 from opbench.backends.cpu.rope_cache import RopeCache
-from opbench.harness.protocol import AttnParams, PagedKV, RopeParams, numpy_dtype
+from opbench.protocol import AttnParams, PagedKV, RopeParams, numpy_dtype
 from opbench.reference import attention as ref_attn
 from opbench.reference import copies as ref_copies
 from opbench.reference import kv_cache as ref_kv

@@ -13,7 +13,7 @@ import pytest
 
 from opbench.backends.cpu import CpuBackend, DeviceMismatchError
 from opbench.backends.cpu.runtime import StreamDelay, plain
-from opbench.harness.protocol import RopeParams
+from opbench.protocol import RopeParams
 
 WAIT_S = 10.0  # generous bound for "this must happen"; never reached when the code works
 

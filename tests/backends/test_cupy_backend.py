@@ -20,11 +20,11 @@ from opbench.backends.cupy.runtime import DeviceError
 from opbench.harness.cases import quick_subset
 from opbench.harness.contracts import run_copy_async_contract
 from opbench.harness.ops import SPECS
-from opbench.harness.protocol import AttnParams, PagedKV, RopeParams
 from opbench.harness.runner import run_case
 from opbench.harness.scenario.config import ScenarioSpec
 from opbench.harness.scenario.judge import backend_options, run_scenario
 from opbench.harness.scenario.matrix import matrix, unsupported
+from opbench.protocol import AttnParams, PagedKV, RopeParams
 from opbench.reference import attention as attn_ref
 from opbench.reference import rope as rope_ref
 

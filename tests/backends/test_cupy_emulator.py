@@ -268,7 +268,7 @@ def test_build_errors_carry_the_compiler_log():
 
 def test_backend_reports_emulation_and_refuses_perf():
     from opbench.harness.ops import SPECS
-    from opbench.harness.perf import refusal
+    from opbench.perf.run import refusal
 
     backend = CupyEmulatorBackend()
     try:

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from opbench.backends.cupy import CupyBackend, plan, runtime
-from opbench.harness.protocol import AttnParams, PagedKV, RopeParams
+from opbench.protocol import AttnParams, PagedKV, RopeParams
 
 LAUNCHES: list[tuple[str, tuple, tuple, tuple, int]] = []
 

@@ -17,7 +17,7 @@ import pytest
 from opbench.backends.cupy import CupyBackend, checks, plan
 from opbench.harness.ops import SPECS
 from opbench.harness.ops.attn import BLOCK_SIZE, sequence_lengths
-from opbench.harness.protocol import AttnParams, PagedKV, RopeParams
+from opbench.protocol import AttnParams, PagedKV, RopeParams
 from opbench.reference import attention as attn_ref
 from opbench.reference import rope as rope_ref
 

@@ -12,7 +12,7 @@ import pytest
 
 from opbench.backends.ggml_backend import GgmlBackend, _permute_axes, attention_mask
 from opbench.harness.cases import Case
-from opbench.harness.protocol import AttnParams, PagedKV, RopeParams, numpy_dtype
+from opbench.protocol import AttnParams, PagedKV, RopeParams, numpy_dtype
 from opbench.reference import attention as attn_ref
 from opbench.reference import copies as copy_ref
 from opbench.reference import rope as rope_ref

@@ -12,7 +12,7 @@ import pytest
 
 from opbench.backends import torch_backend
 from opbench.backends.torch_backend import TorchBackend
-from opbench.harness.protocol import AttnParams, PagedKV, RopeParams
+from opbench.protocol import AttnParams, PagedKV, RopeParams
 from opbench.reference import attention as attn_ref
 from opbench.reference import copies as copy_ref
 from opbench.reference import kv_cache as kv_ref
@@ -229,7 +229,7 @@ def test_kv_rotate_matches_oracle(backend, layout, per_token):
 @needs_torch
 @pytest.mark.parametrize("src_type,dst_type", [("f32", "bf16"), ("bf16", "f16"), ("f16", "f32")])
 def test_set_and_get_rows_are_bit_exact(backend, src_type, dst_type):
-    from opbench.harness.protocol import numpy_dtype
+    from opbench.protocol import numpy_dtype
 
     rng = np.random.default_rng(7)
     src = (rng.uniform(-1, 1, (5, 2, 8)) * 2.0 ** rng.integers(-10, 10, (5, 2, 8)))

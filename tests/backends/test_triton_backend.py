@@ -12,11 +12,11 @@ import pytest
 
 from opbench.backends.triton import TritonBackend
 from opbench.backends.triton import backend as triton_backend
-from opbench.backends.triton.testing import require_triton
 from opbench.harness.cases import Case
 from opbench.harness.ops import SPECS
-from opbench.harness.protocol import AttnParams, RopeParams
 from opbench.harness.runner import run_case
+from opbench.harness.triton_testing import require_triton
+from opbench.protocol import AttnParams, RopeParams
 from opbench.reference import rope as rope_ref
 
 
@@ -116,7 +116,7 @@ def test_decode_path_is_chosen_for_one_query_per_sequence(backend, monkeypatch):
 
 def test_one_query_per_sequence_reads_the_query_starts():
     torch = pytest.importorskip("torch")
-    from opbench.harness.protocol import PagedKV
+    from opbench.protocol import PagedKV
 
     table = torch.zeros((3, 2), dtype=torch.int32)
     q = torch.zeros((3, 1, 4))
@@ -238,7 +238,7 @@ def test_native_gpu_run_passes_the_quick_tables(tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("no GPU")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-m", "opbench.harness.cli", "test", "-b", "triton",
+    run = subprocess.run([sys.executable, "-m", "opbench.cli.main", "test", "-b", "triton",
                           "--quick"], env=env, capture_output=True, text=True, timeout=1800)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from opbench.backends.triton.testing import require_triton
 from opbench.harness.ops import SPECS
 from opbench.harness.runner import run_case
+from opbench.harness.triton_testing import require_triton
 
 ZOO_FILE = Path(__file__).parents[1] / "bugzoo" / "triton_bugs.py"
 

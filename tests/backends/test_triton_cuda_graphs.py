@@ -40,7 +40,7 @@ from opbench.backends.triton.graphs_cuda import (
     GraphCapture,
     triton_compile_only,
 )
-from opbench.harness.protocol import AttnParams, PagedKV, RopeParams
+from opbench.protocol import AttnParams, PagedKV, RopeParams
 from opbench.reference import attention as attn_ref
 from opbench.reference import rope as rope_ref
 
@@ -569,7 +569,7 @@ def test_graph_keeps_what_its_work_touches_alive(fake):
 
 # -- the compile-only warm-up ---------------------------------------------------------------------
 def _cpy_args():
-    from opbench.backends.triton.testing import require_triton
+    from opbench.harness.triton_testing import require_triton
 
     kernels = require_triton()
     src = torch.arange(12, dtype=torch.float32).reshape(3, 4)
@@ -593,7 +593,7 @@ def test_compile_only_launches_nothing_on_its_thread_only():
 
 def test_compile_only_forces_triton_warmup_and_loads_the_module(monkeypatch):
     """The JITFunction path (GPU): Triton's own warmup=True, then the module load."""
-    from opbench.backends.triton.testing import require_triton
+    from opbench.harness.triton_testing import require_triton
 
     require_triton()  # TRITON_INTERPRET=1 before triton is imported, as for every test here
     from triton.runtime.jit import JITFunction
@@ -788,7 +788,7 @@ def fake_cuda_backend(fake):
     every launch goes through the fake (recorded while capturing)."""
     from opbench.backends.triton import TritonBackend
     from opbench.backends.triton.runtime_cuda import CudaRuntime
-    from opbench.backends.triton.testing import require_triton
+    from opbench.harness.triton_testing import require_triton
 
     require_triton()
     backend = TritonBackend(mode="interpreter")

@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pytest
 
-from opbench.backends.triton.testing import (
+from opbench.harness.triton_testing import (
     Guarded,
     assert_close,
     assert_exact,
@@ -20,7 +20,7 @@ from opbench.backends.triton.testing import (
     tt,
     uniform,
 )
-from opbench.harness.protocol import AttnParams, PagedKV, RopeParams, dtype_name
+from opbench.protocol import AttnParams, PagedKV, RopeParams, dtype_name
 from opbench.reference import attention as attn_ref
 from opbench.reference import copies as copy_ref
 from opbench.reference import kv_cache as kv_ref

@@ -15,8 +15,8 @@ import numpy as np
 from opbench.backends.cpu import CpuBackend, kernels
 from opbench.backends.cpu.rope_cache import RopeCache, _Table, rope_frequencies
 from opbench.backends.cpu.runtime import plain
-from opbench.harness.protocol import RopeParams
 from opbench.harness.scenario.splits import SequenceSplit
+from opbench.protocol import RopeParams
 
 
 # -- broken backends ------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from opbench.harness.cli import main
+from opbench.cli.main import main
 
 BROKEN_CPY = textwrap.dedent("""
     from opbench.backends.cpu import CpuBackend

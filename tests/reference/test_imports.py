@@ -1,4 +1,4 @@
-"""The oracles depend on NumPy, ml_dtypes and the standard library only (DESIGN.md layout rule).
+"""The oracles depend on NumPy, ml_dtypes and the standard library only (README, Layout).
 
 Every .py file under opbench/reference is parsed (never imported, so a forbidden import inside
 a function or behind a try is caught too).  Relative imports may only reach sibling oracle

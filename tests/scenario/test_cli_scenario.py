@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from opbench.harness.cli import main
+from opbench.cli.main import main
 
 ZOO = Path(__file__).resolve().parents[1] / "bugzoo" / "scenario_bugs.py"
 
@@ -57,7 +57,7 @@ def test_json_output_lists_the_records(capsys):
 
 def test_backend_without_scenario_ops_is_unsupported_not_failed(tmp_path, capsys):
     module = tmp_path / "bare.py"
-    module.write_text("from opbench.harness.protocol import Backend\n"
+    module.write_text("from opbench.protocol import Backend\n"
                       "class Bare(Backend):\n    name = 'bare'\n")
     assert main(["scenario", "-b", f"{module}:Bare", "--steps", "1", "--output", "json"]) == 0
     (record,) = json.loads(capsys.readouterr().out)

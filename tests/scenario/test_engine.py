@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 
 from opbench.backends.cpu import CpuBackend
-from opbench.harness.protocol import Backend
 from opbench.harness.scenario.config import ScenarioSpec
 from opbench.harness.scenario.engine import Readout
 from opbench.harness.scenario.judge import backend_options, judge_step, run_scenario
 from opbench.harness.scenario.matrix import matrix, unsupported
 from opbench.harness.scenario.model import StepResult
+from opbench.protocol import Backend
 
 SPECS = [
     ScenarioSpec(split="none", evict=True, graph_reuse=True),

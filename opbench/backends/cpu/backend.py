@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from opbench.harness.protocol import (
+from opbench.protocol import (
     AttnParams,
     Backend,
     RopeParams,

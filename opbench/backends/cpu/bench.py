@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from opbench.harness.protocol import RopeParams
+from opbench.protocol import RopeParams
 
 from .backend import CpuBackend
 

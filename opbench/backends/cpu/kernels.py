@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from opbench.harness.protocol import AttnParams, RopeParams
+from opbench.protocol import AttnParams, RopeParams
 
 from . import jit
 from .rope_cache import RopeCache, direct_cos_sin

@@ -16,7 +16,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from opbench.harness.protocol import RopeParams
+from opbench.protocol import RopeParams
 
 
 def yarn_corr_dims(p: RopeParams) -> tuple[float, float]:

@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from opbench.harness.protocol import AttnParams, Backend, RopeParams
+from opbench.protocol import AttnParams, Backend, RopeParams
 
 from ..arg_checks import same_owner
 from . import checks, plan

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from opbench.harness.protocol import AttnParams
+from opbench.protocol import AttnParams
 
 from ..arg_checks import ArgChecks, dtype_of, need
 

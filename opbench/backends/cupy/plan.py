@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from opbench.backends.cpu.rope_cache import yarn_corr_dims  # one YaRN formula for both backends
-from opbench.harness.protocol import RopeParams
+from opbench.protocol import RopeParams
 
 KERNEL_DIR = Path(__file__).parent / "kernels"
 COMMON_HEADER = "common.cuh"

@@ -203,7 +203,7 @@ class TritonBackend(CpuBackend):
                       _check_paged if paged is not None else None)
 
     def _attention(self, t: dict, p, paged, general: bool = False) -> None:
-        from opbench.harness.protocol import PagedKV
+        from opbench.protocol import PagedKV
 
         paged_t = None
         if paged is not None:

@@ -7,9 +7,10 @@ import math
 
 import numpy as np
 
+from opbench.protocol import AttnParams, PagedKV
+
 from ...reference import attention as attn_ref
 from ..cases import Case, Inputs, OpSpec, OutputSpec, uniform
-from ..protocol import AttnParams, PagedKV
 
 HEAD_SIZES = [(64, 64), (80, 80), (96, 96), (128, 128), (256, 256), (192, 128), (576, 512)]
 GQA = [(2, 2), (4, 2), (4, 1), (8, 1), (6, 2)]  # (H, Hkv): ratios 1, 2, 4, 8, 3

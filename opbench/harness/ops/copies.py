@@ -6,9 +6,10 @@ import itertools
 
 import numpy as np
 
+from opbench.protocol import numpy_dtype
+
 from ...reference import copies as copy_ref
 from ..cases import Case, Inputs, OpSpec, OutputSpec, uniform
-from ..protocol import numpy_dtype
 
 DTYPES = ["f32", "f16", "bf16"]
 ROWS = [(1, 64), (8, 128), (3, 80)]  # (kv heads, head dim) of one token row

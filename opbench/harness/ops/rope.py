@@ -6,9 +6,10 @@ import itertools
 
 import numpy as np
 
+from opbench.protocol import RopeParams
+
 from ...reference import rope as rope_ref
 from ..cases import Case, Inputs, OpSpec, OutputSpec, uniform
-from ..protocol import RopeParams
 
 # (head_dim, n_dims): full and partial rotation of the head sizes real models use
 HEAD_DIMS = [(64, 64), (64, 32), (80, 80), (80, 32), (128, 128), (128, 64), (256, 256),

@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from ..protocol import AttnParams, RopeParams
+from opbench.protocol import AttnParams, RopeParams
+
 from .splits import check_split, head_split, layer_split
 
 

@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from opbench.protocol import PagedKV
 from opbench.reference.rope import rope_angles
 
-from ..protocol import PagedKV
 from .config import ModelConfig, ScenarioSpec
 from .model import StepResult, Weights, step_inputs
 from .schedule import StepPlan, cache_blocks

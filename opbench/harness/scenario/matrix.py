@@ -9,7 +9,8 @@ import traceback
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 
-from ..protocol import Backend
+from opbench.protocol import Backend
+
 from ..registry import backend_class
 from ..store import make_record
 from .config import ScenarioSpec

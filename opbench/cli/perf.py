@@ -11,16 +11,16 @@ from __future__ import annotations
 import csv
 import json
 import os
-import re
 import sys
 
-from . import perf as perf_mode
-from . import timing
-from .cases import filter_cases
-from .cli_test import open_writer
-from .errors import UsageError
-from .registry import backend_class
-from .store import new_run_id
+from opbench.errors import UsageError
+from opbench.harness.cases import filter_cases
+from opbench.harness.registry import backend_class
+from opbench.harness.store import new_run_id
+from opbench.perf import run as perf_mode
+from opbench.perf import timing
+
+from .common import compile_pattern, open_writer, parse_ops, parse_threshold
 
 CSV_FIELDS = ["backend", "device", "op", "case_id", "status", "reason", "n", "median_ns",
               "iqr_ns", "bytes", "flops", "gbps", "gflops", "bound", "fraction_of_ceiling"]
@@ -99,14 +99,8 @@ def open_backend(ref: str):
 
 # -- selection and options -------------------------------------------------------------------------
 def select_perf_cases(args) -> list:
-    from .cli_test import parse_ops
-
     ops = parse_ops(args.op)
-    if args.pattern:
-        try:
-            re.compile(args.pattern)
-        except re.error as exc:
-            raise UsageError(f"bad regular expression -p {args.pattern!r}: {exc}") from None
+    compile_pattern(args.pattern)
     cases = [c for c in perf_mode.perf_cases(args.sizes) if c.op in ops]
     cases = filter_cases(cases, args.pattern)
     if not cases:
@@ -129,7 +123,7 @@ def perf_options(args) -> perf_mode.PerfOptions:
 
 
 def _ceilings(args):
-    from .calibrate import CeilingsError, load_ceilings
+    from opbench.perf.calibrate import CeilingsError, load_ceilings
 
     try:
         return load_ceilings(measure_if_missing=not args.no_calibrate)
@@ -159,17 +153,6 @@ def pin_cpu(choice: str | None, default: str) -> int | None:
             raise UsageError(f"--pin-cpu {cpu}: not one of this process's CPUs {allowed}")
     os.sched_setaffinity(0, {cpu})
     return cpu
-
-
-def _threshold(text: str) -> float:
-    from .gate import parse_threshold
-
-    try:
-        return parse_threshold(text)
-    except ValueError as exc:
-        raise UsageError(f"--threshold: {exc}") from None
-
-
 
 
 # -- output ----------------------------------------------------------------------------------------
@@ -209,7 +192,7 @@ class PerfOutput:
 
 def console_line(record: dict, side: str = "") -> str:
     """``  OP(...): N runs - ...``; in an A/B run prefixed by the side (``A``/``B``)."""
-    from ..reports.console import format_perf_line
+    from opbench.reports.console import format_perf_line
 
     lead = f"  {side} " if side else "  "
     if record["status"] == "OK":
@@ -229,7 +212,7 @@ def cmd_perf(args) -> int:
         raise UsageError("no backend given to -b")
     for ref in refs:
         backend_class(split_ref(ref)[0])  # unknown names are usage errors before any timing
-    threshold = _threshold(args.threshold) if args.ab else None
+    threshold = parse_threshold(args.threshold) if args.ab else None
     if args.ab and not 0 < args.quantile < 1:
         raise UsageError(f"--quantile {args.quantile} must be between 0 and 1")
     options = perf_options(args)

@@ -19,13 +19,14 @@ from typing import Any
 
 import numpy as np
 
+from opbench.harness.cases import Case, Inputs
+from opbench.harness.ops import SPECS
+from opbench.harness.ops.attn import BLOCK_SIZE, FLAGS, sequence_lengths, window_size
+from opbench.harness.runner import allocate_output
+from opbench.harness.store import environment, make_record
+from opbench.protocol import numpy_dtype
+
 from . import timing
-from .cases import Case, Inputs
-from .ops import SPECS
-from .ops.attn import BLOCK_SIZE, FLAGS, sequence_lengths, window_size
-from .protocol import numpy_dtype
-from .runner import allocate_output
-from .store import environment, make_record
 
 SIZES = ("full", "small")
 INTERPRETER_REASON = "interpreter mode: timings would measure Python, not the kernel"

@@ -1,53 +1,20 @@
-"""CLI subcommands ``report``, ``gate`` and ``calibrate`` (registered by opbench.harness.cli).
-
-Each handler returns the exit code; bad input raises UsageError (one line, exit 2).
-"""
+"""Verb ``gate``: compare a NEW run's records with BASE; exit 1 on a regression."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
-from opbench.harness.errors import UsageError
+from opbench.errors import UsageError
+
+from .common import parse_threshold
 
 
-def register(subparsers) -> None:
-    _register_report(subparsers)
+def register(subparsers, common) -> None:
     _register_gate(subparsers)
-    _register_calibrate(subparsers)
 
 
-# -- report ----------------------------------------------------------------------------------------
-def _register_report(subparsers) -> None:
-    p = subparsers.add_parser(
-        "report", help="turn result files into report.md and report.html with plots",
-        description="Turn JSON Lines result files into report.md, a self-contained report.html "
-        "and plots/*.png in --out.",
-    )
-    p.add_argument("results", nargs="+", metavar="RESULTS", help="JSON Lines result file(s)")
-    p.add_argument("--out", default="opbench-report", metavar="DIR",
-                   help="output directory (default: %(default)s)")
-    p.set_defaults(func=run_report)
-
-
-def run_report(args: argparse.Namespace) -> int:
-    from opbench.harness.store import ResultFileError
-    from opbench.reports.render import build_report
-
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} exists and is not a directory")
-    try:
-        files = build_report(args.results, out)
-    except ResultFileError as e:
-        raise UsageError(str(e)) from None
-    print(f"wrote {files.markdown} and {files.html} ({len(files.images)} plots)")
-    return 0
-
-
-# -- gate ------------------------------------------------------------------------------------------
 def _register_gate(subparsers) -> None:
     p = subparsers.add_parser(
         "gate", help="compare two result files; exit 1 on a regression",
@@ -77,18 +44,9 @@ def _register_gate(subparsers) -> None:
 
 
 def _default_quantile() -> float:
-    from opbench.harness.stats import DEFAULT_QUANTILE
+    from opbench.perf.stats import DEFAULT_QUANTILE
 
     return DEFAULT_QUANTILE
-
-
-def _threshold(text: str) -> float:
-    from opbench.harness.gate import parse_threshold
-
-    try:
-        return parse_threshold(text)
-    except ValueError as e:
-        raise UsageError(f"--threshold: {e}") from None
 
 
 def _read(path: str) -> list[dict]:
@@ -111,7 +69,7 @@ def _write_text(path: str, text: str, option: str, mode: str = "w") -> None:
 
 
 def _paired(base: list[dict], new: list[dict], args: argparse.Namespace):
-    from opbench.harness.gate import pair_backends
+    from opbench.perf.gate import pair_backends
 
     if not (args.base_backend and args.new_backend):
         raise UsageError("--base-backend and --new-backend go together")
@@ -122,10 +80,10 @@ def _paired(base: list[dict], new: list[dict], args: argparse.Namespace):
 
 
 def run_gate(args: argparse.Namespace) -> int:
-    from opbench.harness.gate import gate
+    from opbench.perf.gate import gate
     from opbench.reports.gate_summary import gate_junit, gate_markdown, headline
 
-    threshold = _threshold(args.threshold)
+    threshold = parse_threshold(args.threshold)
     if not 0 < args.confidence < 1:
         raise UsageError(f"--confidence {args.confidence} must be between 0 and 1")
     quantile = _default_quantile() if args.quantile is None else args.quantile
@@ -147,39 +105,3 @@ def run_gate(args: argparse.Namespace) -> int:
         _write_text(args.junit, gate_junit(result), "--junit")
     print(headline(result))
     return result.exit_code
-
-
-# -- calibrate -------------------------------------------------------------------------------------
-def _register_calibrate(subparsers) -> None:
-    p = subparsers.add_parser(
-        "calibrate", help="measure this machine's copy bandwidth and matmul rate (cached)",
-        description="Measure this machine's ceilings (large-copy GB/s, float32 GEMM GFLOP/s) "
-        "once and cache them ($OPBENCH_CACHE_DIR or ~/.cache/opbench/ceilings.json).",
-    )
-    p.add_argument("--force", action="store_true", help="measure again even if cached")
-    p.add_argument("--copy-mib", type=int, default=256, help="copy size (default: %(default)s)")
-    p.add_argument("--matmul-n", type=int, default=1024, help="GEMM size (default: %(default)s)")
-    p.add_argument("--json", action="store_true", help="print the ceilings as JSON")
-    p.set_defaults(func=run_calibrate)
-
-
-def run_calibrate(args: argparse.Namespace) -> int:
-    from opbench.harness import calibrate
-
-    if args.copy_mib < 1:
-        raise UsageError(f"--copy-mib {args.copy_mib} must be >= 1")
-    if args.matmul_n < 64:
-        raise UsageError(f"--matmul-n {args.matmul_n} must be >= 64")
-    try:
-        ceilings = calibrate.calibrate(
-            force=args.force, copy_bytes=args.copy_mib * 2**20, matmul_n=args.matmul_n
-        )
-    except (calibrate.CeilingsError, OSError) as e:
-        raise UsageError(str(e)) from None
-    if args.json:
-        print(json.dumps(ceilings, indent=2, sort_keys=True))
-    else:
-        print(f"copy bandwidth: {ceilings['copy_gbps']:.2f} GB/s (read + write)")
-        print(f"matmul rate:    {ceilings['matmul_gflops']:.2f} GFLOP/s (float32 GEMM)")
-        print(f"cached in {calibrate.cache_path()}")
-    return 0

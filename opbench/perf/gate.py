@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from opbench.harness import stats
+from opbench.perf import stats
 
 PASSING = frozenset({"OK", "XPASS"})
 FAILING = frozenset({"FAIL", "ERROR", "CRASH", "TIMEOUT"})

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from opbench.harness import store, timing
+from opbench.harness import store
+from opbench.perf import timing
 
 COPY_BYTES = 256 * 2**20
 MATMUL_N = 1024

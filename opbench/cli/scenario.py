@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import re
+from opbench.errors import UsageError
+from opbench.harness.registry import backend_class
+from opbench.harness.scenario.config import ScenarioSpec
+from opbench.harness.scenario.matrix import matrix, run_specs
+from opbench.harness.scenario.splits import SPLITS
+from opbench.harness.store import environment, new_run_id
 
 from . import output
-from .cli_test import open_writer, parse_backends, record_backend_run
-from .errors import UsageError
-from .registry import backend_class
-from .scenario.config import ScenarioSpec
-from .scenario.matrix import matrix, run_specs
-from .scenario.splits import SPLITS
-from .store import environment, new_run_id
+from .common import compile_pattern, open_writer, parse_backends, record_backend_run
 
 EPILOG = """examples:
   opbench scenario --split layer --devices 3 --evict on
@@ -73,10 +72,7 @@ def selected_specs(args) -> list[ScenarioSpec]:
 def _filtered(specs: list[ScenarioSpec], pattern: str | None) -> list[ScenarioSpec]:
     if not pattern:
         return specs
-    try:
-        regex = re.compile(pattern)
-    except re.error as exc:
-        raise UsageError(f"bad regular expression -p {pattern!r}: {exc}") from None
+    regex = compile_pattern(pattern)
     chosen = [spec for spec in specs if regex.search(spec.id)]
     if not chosen:
         raise UsageError(f"no scenario of the matrix matches -p {pattern!r}")

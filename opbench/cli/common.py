@@ -1,0 +1,140 @@
+"""What every verb shares: the common options, op/backend/case selection, the results file and
+the per-backend record loop.  Verb modules import from here, never from each other."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections import Counter
+
+from opbench.errors import UsageError
+from opbench.harness.cases import Case, filter_cases
+from opbench.harness.ops import SPECS
+from opbench.harness.pool import make_backend
+from opbench.harness.registry import backend_class
+from opbench.harness.store import ResultWriter
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's own errors: one line, exit 2
+        raise UsageError(message)
+
+
+def common_options() -> argparse.ArgumentParser:
+    """Options every verb that runs cases shares."""
+    common = Parser(add_help=False)
+    common.add_argument("-b", "--backend", default="cpu",
+                        help="backends, comma separated: a registered name, package.module:Class"
+                             " or path/file.py:Class (default: cpu)")
+    common.add_argument("-o", "--op", default=None, help="ops, comma separated (default: all)")
+    common.add_argument("-p", "--pattern", default=None,
+                        help="regular expression matched against case ids")
+    common.add_argument("--devices", type=int, default=1, help="logical devices (default: 1)")
+    common.add_argument("--seed", type=int, default=0, help="input seed (default: 0)")
+    common.add_argument("-j", "--jobs", type=int, default=1,
+                        help="worker processes (default: 1)")
+    common.add_argument("--results", default=None,
+                        help="append JSON Lines records to this file as each case finishes")
+    common.add_argument("--output", choices=["console", "csv", "json", "junit"],
+                        default="console", help="output format on stdout")
+    return common
+
+
+# -- selection -------------------------------------------------------------------------------
+def parse_ops(value: str | None) -> list[str]:
+    if not value:
+        return list(SPECS)
+    ops = [op.strip().upper() for op in value.split(",") if op.strip()]
+    unknown = [op for op in ops if op not in SPECS]
+    if unknown:
+        raise UsageError(f"unknown op {', '.join(unknown)}; choose from {', '.join(SPECS)}")
+    return ops
+
+
+def parse_backends(value: str) -> list[str]:
+    names = [b.strip() for b in value.split(",") if b.strip()]
+    if not names:
+        raise UsageError("no backend given to -b")
+    for name in names:
+        backend_class(name)  # raises UsageError for unknown names and bad references
+    return names
+
+
+def compile_pattern(pattern: str | None) -> re.Pattern | None:
+    """The -p regular expression, or a usage error naming what is wrong with it."""
+    if not pattern:
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise UsageError(f"bad regular expression -p {pattern!r}: {exc}") from None
+
+
+def select_cases(args, quick: bool = False) -> list[Case]:
+    compile_pattern(args.pattern)
+    selected: list[Case] = []
+    for op in parse_ops(args.op):
+        spec = SPECS[op]
+        cases = spec.quick_cases(seed=args.seed) if quick else spec.cases()
+        selected += filter_cases(cases, args.pattern)
+    return selected
+
+
+def backend_options(args) -> dict:
+    options = {}
+    if getattr(args, "rope_cache", None):
+        options["rope_cache"] = args.rope_cache == "on"
+    return options
+
+
+def check_common(args) -> None:
+    if args.jobs < 1:
+        raise UsageError(f"-j {args.jobs}: needs at least 1 worker")
+    if args.devices < 1:
+        raise UsageError(f"--devices {args.devices}: needs at least 1 device")
+
+
+def parse_threshold(text: str, option: str = "--threshold") -> float:
+    from opbench.perf.gate import parse_threshold as parse
+
+    try:
+        return parse(text)
+    except ValueError as exc:
+        raise UsageError(f"{option}: {exc}") from None
+
+
+# -- records ---------------------------------------------------------------------------------
+def open_writer(path: str | None) -> ResultWriter | None:
+    if not path:
+        return None
+    writer = ResultWriter(path)
+    try:
+        writer.open()
+    except OSError as exc:
+        raise UsageError(f"cannot write results to {path!r}: {exc.strerror}") from None
+    return writer
+
+
+def record_backend_run(report, backend_name: str, total: int, records, writer, env) -> bool:
+    """Store, print and count one backend's records as they come; True when any failed.
+    Shared by every verb that runs cases (test, scenario)."""
+    counts: Counter = Counter()
+    with report.progress(backend_name, total) as advance:
+        for record in records:
+            record["env"] = env
+            if writer:
+                writer.write(record)
+            counts[record["status"]] += 1
+            report.case(record)
+            advance()
+    return report.backend_summary(backend_name, counts)
+
+
+def backend_info(name: str, options: dict) -> dict:
+    try:
+        backend = make_backend(name, options)
+        info = {"name": backend.name, **backend.info()}
+        backend.close()
+        return info
+    except Exception as exc:  # info is best effort; the run itself reports real errors
+        return {"name": name, "info_error": str(exc)}

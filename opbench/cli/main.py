@@ -1,0 +1,60 @@
+"""The ``opbench`` command line: test-backend-ops style verbs over the case tables.
+
+Each verb lives in its own module of this package exposing ``register(subparsers, common)``;
+this module only builds the parser, turns usage errors into one line and exit code 2, and never
+shows a traceback for bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from opbench import __version__
+from opbench.errors import UsageError
+
+from .common import Parser, common_options
+
+VERB_MODULES = ["test", "support", "listing", "doctor", "scenario", "perf", "report", "gate",
+                "calibrate"]
+
+EPILOG = """examples:
+  opbench test                         every op on the cpu backend
+  opbench test -b cpu,torch -o ROPE -p 'mode=neox' --quick
+  opbench test -b my_kernels.py:MyBackend -o ATTN
+  opbench support -b cpu,ggml,torch
+  opbench list -o KV_ROTATE
+exit codes: 0 all passed, 1 a failure, 2 a usage error"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="opbench", description="Correctness and performance harness for LLM"
+                    " inference ops: float64 oracles judge real backends.", epilog=EPILOG,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"opbench {__version__}")
+    subparsers = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=Parser)
+    common = common_options()
+    for name in VERB_MODULES:
+        importlib.import_module(f".{name}", __package__).register(subparsers, common)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 2
+        return int(args.func(args) or 0)
+    except UsageError as exc:
+        print(f"opbench: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("opbench: interrupted; records written so far are kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""Verb ``support``: the op x backend support matrix, with the reasons for what is not."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from opbench.harness.pool import make_backend
+from opbench.harness.registry import backend_class
+
+from . import output
+from .common import parse_backends, parse_ops, select_cases
+
+
+def register(subparsers, common) -> None:
+    support = subparsers.add_parser("support", parents=[common],
+                                    help="op x backend support matrix with reasons")
+    support.set_defaults(func=cmd_support)
+
+
+def cmd_support(args) -> int:
+    names = parse_backends(args.backend)
+    cases = select_cases(args)
+    rows = []
+    for name in names:
+        cls = backend_class(name)
+        ok, why = cls.available()
+        backend = make_backend(name, {}) if ok else None
+        for op in parse_ops(args.op):
+            op_cases = [c for c in cases if c.op == op]
+            rows.append(_support_row(cls.name, op, op_cases, backend, why))
+        if backend:
+            backend.close()
+    output.print_support(rows)
+    return 0
+
+
+def _support_row(backend_name, op, cases, backend, unavailable_reason) -> dict:
+    if backend is None:
+        return {"op": op, "backend": backend_name, "supported": 0, "total": len(cases),
+                "reasons": Counter({f"unavailable: {unavailable_reason}": len(cases)})}
+    reasons: Counter = Counter()
+    supported = 0
+    for case in cases:
+        verdict = backend.supports(case)
+        if verdict is True:
+            supported += 1
+        else:
+            reasons[str(verdict)] += 1
+    return {"op": op, "backend": backend_name, "supported": supported, "total": len(cases),
+            "reasons": reasons}

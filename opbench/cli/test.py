@@ -1,0 +1,80 @@
+"""Verb ``test``: check backends against the float64 oracles, case by case."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from opbench.errors import UsageError
+from opbench.harness.cases import Case
+from opbench.harness.pool import run_in_workers, run_inline
+from opbench.harness.registry import backend_class
+from opbench.harness.store import environment, new_run_id
+
+from . import output
+from .common import (
+    backend_info,
+    backend_options,
+    check_common,
+    open_writer,
+    parse_backends,
+    record_backend_run,
+    select_cases,
+)
+
+
+def register(subparsers, common) -> None:
+    test = subparsers.add_parser("test", parents=[common], help="check backends against the"
+                                 " float64 oracles")
+    test.add_argument("--quick", action="store_true",
+                      help="a seeded subset covering every op and variant (seconds)")
+    test.add_argument("--isolate", action="store_true",
+                      help="run each backend in child processes: a crash or hang becomes a"
+                           " CRASH/TIMEOUT record for that case and the run goes on")
+    test.add_argument("--timeout", type=float, default=60.0,
+                      help="per-case limit in seconds with --isolate or -j (default 60)")
+    test.add_argument("-v", "--verbose", action="store_true",
+                      help="also print unsupported cases")
+    test.add_argument("-q", "--quiet", action="store_true", help="print only problems")
+    test.add_argument("--rope-cache", choices=["on", "off"], default=None,
+                      help="backend option rope_cache (backends that have one)")
+    test.set_defaults(func=cmd_test)
+
+
+def iter_records(name: str, args, cases: list[Case], run_id: str) -> Iterator[dict]:
+    options = backend_options(args)
+    if args.jobs > 1 or getattr(args, "isolate", False):
+        yield from run_in_workers(name, backend_class(name).name, options, cases, args.seed,
+                                  run_id, args.jobs, args.timeout)
+    else:
+        yield from run_inline(name, options, cases, args.seed, run_id)
+
+
+def cmd_test(args) -> int:
+    check_common(args)
+    names = parse_backends(args.backend)
+    cases = select_cases(args, quick=args.quick)
+    if not cases:
+        raise UsageError("no case matches the given -o/-p")
+    run_id = new_run_id()
+    writer = open_writer(args.results)
+    report = output.make_reporter(args.output, verbose=args.verbose, quiet=args.quiet)
+    failed = False
+    try:
+        for name in names:
+            failed |= _test_backend(name, args, cases, run_id, writer, report)
+    finally:
+        if writer:
+            writer.close()
+        report.finish()
+    return 1 if failed else 0
+
+
+def _test_backend(name, args, cases, run_id, writer, report) -> bool:
+    cls = backend_class(name)
+    ok, why = cls.available()
+    if not ok:
+        report.skipped_backend(cls.name, why)
+        return False
+    env = environment(backend_info(name, backend_options(args)))
+    return record_backend_run(report, cls.name, len(cases),
+                              iter_records(name, args, cases, run_id), writer, env)

@@ -1,0 +1,1 @@
+"""Timing, statistics, machine ceilings, perf runs and the regression gate."""
