@@ -136,20 +136,10 @@ class Backend:
 
     A backend instance is created with keyword options (e.g. ``rope_cache=False``) and
     ``devices(n)`` is called before any op.  Unimplemented ops raise NotImplementedError and
-    ``supports`` reports them unsupported automatically.
+    the harness reports them unsupported automatically (see ``implements``).
     """
 
     name: str = "base"
-    #: op name -> method name; an op is implemented when the subclass overrides the method
-    OP_METHODS = {
-        "ROPE": "rope",
-        "ATTN": "attention",
-        "KV_ROTATE": "kv_rotate",
-        "SET_ROWS": "set_rows",
-        "GET_ROWS": "get_rows",
-        "CPY": "cpy",
-        "COPY_ASYNC": "copy_async",
-    }
 
     def __init__(self, **options: Any) -> None:
         self.options = options
@@ -172,16 +162,17 @@ class Backend:
         ``may_pass`` is true: a precision limit whose failure depends on the inputs."""
         return []
 
-    def implements(self, op: str) -> bool:
-        method = self.OP_METHODS.get(op)
-        if method is None:
-            return False
-        return getattr(type(self), method) is not getattr(Backend, method)
+    def implements(self, method: str) -> bool:
+        """Whether this class overrides the protocol method ``method`` (an op such as ``rope``,
+        or an optional ability such as ``copy_async``): the base versions raise
+        NotImplementedError.  The harness maps an op to its method (its ``OpSpec.method``)."""
+        base = getattr(Backend, method, None)
+        return base is not None and getattr(type(self), method, base) is not base
 
     def supports(self, case: Any) -> bool | str:
-        """True, or a reason string why ``case`` is not supported."""
-        if not self.implements(case.op):
-            return f"{self.name} does not implement {case.op}"
+        """True, or a reason string why ``case`` is not supported.  Override it for the cases of
+        an implemented op this backend refuses; an op whose method is not overridden is
+        reported unsupported by the harness without asking."""
         return True
 
     # -- devices and memory ---------------------------------------------------------------

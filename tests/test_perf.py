@@ -18,6 +18,8 @@ from opbench.cli.perf import ab_labels, split_ref
 from opbench.errors import UsageError
 from opbench.harness.cases import Case
 from opbench.harness.ops import SPECS
+from opbench.harness.ops.attn import visible_keys
+from opbench.harness.ops.copies import cpy_case, get_rows_case, set_rows_case
 from opbench.harness.store import cpu_model, read_records
 from opbench.perf import run as perf
 
@@ -51,7 +53,7 @@ def test_perf_writes_every_sample_and_prints_test_backend_ops_lines(tmp_path, ca
     assert code == 0
     records = read_records(results)
     assert {r["op"] for r in records} == {"CPY", "ROPE"}
-    assert len(records) == len([c for c in perf.small_cases() if c.op in ("CPY", "ROPE")])
+    assert len(records) == len([c for c in perf.perf_cases("small") if c.op in ("CPY", "ROPE")])
     for r in records:
         assert r["kind"] == "perf" and r["status"] == "OK"
         assert len(r["perf"]["samples_ns"]) == r["perf"]["n"] >= 3
@@ -73,22 +75,22 @@ def test_perf_line_names_the_ceiling_when_calibrated(tmp_path, capsys):
 
 
 def test_attention_counts_flops_and_is_compute_bound_at_prefill():
-    case = next(c for c in perf.full_cases() if c.op == "ATTN" and c["nq"] == 512
+    case = next(c for c in perf.perf_cases("full") if c.op == "ATTN" and c["nq"] == 512
                 and c["hs"] == (128, 128))
-    inputs_free_flops = perf._attn_work(case)[1]
+    inputs_free_flops = SPECS["ATTN"].work(case)[1]
     # causal 512x512: 512*513/2 visible pairs per head, 2 flops per multiply-add over Dk+Dv
     assert inputs_free_flops == 2 * (512 * 513 // 2) * 32 * 256
 
 
 def test_visible_keys_causal_window_and_decode():
-    assert perf._visible_keys(1, 4096, True, 0) == 4096  # decode sees the whole context
-    assert perf._visible_keys(3, 3, True, 0) == 1 + 2 + 3
-    assert perf._visible_keys(3, 3, False, 0) == 9
-    assert perf._visible_keys(4, 4, True, 2) == 1 + 2 + 2 + 2
+    assert visible_keys(1, 4096, True, 0) == 4096  # decode sees the whole context
+    assert visible_keys(3, 3, True, 0) == 1 + 2 + 3
+    assert visible_keys(3, 3, False, 0) == 9
+    assert visible_keys(4, 4, True, 2) == 1 + 2 + 2 + 2
 
 
 def test_copy_bytes_count_the_read_and_the_write():
-    case = perf._cpy("f32", "f16", (4096, 8, 128))
+    case = cpy_case("f32", "f16", (4096, 8, 128))
     spec = SPECS["CPY"]
     inputs = spec.make_inputs(case, np.random.default_rng(0))
     nbytes, flops = perf.work(case, inputs, spec.outputs(case, inputs))
@@ -97,17 +99,17 @@ def test_copy_bytes_count_the_read_and_the_write():
 
 def test_row_ops_count_only_the_rows_they_touch():
     spec = SPECS["GET_ROWS"]
-    case = perf._get_rows("f16", "f32", (8, 128), 4096, 8192)
+    case = get_rows_case("f16", "f32", (8, 128), 4096, 8192)
     inputs = spec.make_inputs(case, np.random.default_rng(0))
     assert perf.work(case, inputs, spec.outputs(case, inputs))[0] == 4096 * 1024 * (2 + 4)
     spec = SPECS["SET_ROWS"]
-    case = perf._set_rows("f32", "f16", (8, 128), 4096, 16384)
+    case = set_rows_case("f32", "f16", (8, 128), 4096, 16384)
     inputs = spec.make_inputs(case, np.random.default_rng(0))
     assert perf.work(case, inputs, spec.outputs(case, inputs))[0] == 4096 * 1024 * (4 + 2)
 
 
 def test_full_table_is_valid_model_shapes_with_unique_ids():
-    cases = perf.full_cases()
+    cases = perf.perf_cases("full")
     assert len({c.id for c in cases}) == len(cases)
     for case in cases:
         SPECS[case.op].validate(case)
@@ -251,7 +253,7 @@ def test_ab_epochs_allocate_fresh_buffers_and_pool_their_samples(monkeypatch):
     sides = {"A": open_backend("cpu")[0], "B": open_backend("cpu")[0]}
     options = perf.PerfOptions(budget_ms=1, min_samples=6, warmup=0, epochs=3)
     try:
-        records = perf.run_ab_case(sides, perf.small_cases()[0], options, "run")
+        records = perf.run_ab_case(sides, perf.perf_cases("small")[0], options, "run")
     finally:
         for backend in sides.values():
             backend.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+from opbench.harness.ops import support
 from opbench.harness.pool import make_backend
 from opbench.harness.registry import backend_class
 
@@ -41,7 +42,7 @@ def _support_row(backend_name, op, cases, backend, unavailable_reason) -> dict:
     reasons: Counter = Counter()
     supported = 0
     for case in cases:
-        verdict = backend.supports(case)
+        verdict = support(backend, case)
         if verdict is True:
             supported += 1
         else:

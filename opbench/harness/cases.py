@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import re
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import numpy as np
 
 from opbench.protocol import Backend, numpy_dtype
+
+from .compare import Tolerance, default_tolerance
+
+#: perf mode's size classes: real model shapes, or the same structure on tiny shapes
+PERF_SIZES = ("full", "small")
 
 
 def format_value(value: Any) -> str:
@@ -80,13 +86,21 @@ class OutputSpec:
 
 
 class OpSpec:
-    """How one op is swept, fed, run and judged.  Subclasses are data plus four small methods."""
+    """Everything opbench knows about one op: how it is swept, fed, run, judged and timed.
+
+    Subclasses are data plus small methods; nothing about an op lives outside its spec (see
+    docs/adding-an-op.md)."""
 
     name: str = ""
+    #: the ``Backend`` method that runs the op (protocol.py); a backend implements the op when
+    #: its class overrides that method
+    method: str = ""
     #: params whose every value the --quick subset must cover
     variant_keys: tuple[str, ...] = ()
     #: data movement: compared bit-exactly
     exact: bool = False
+    #: dtype -> Tolerance of a judged op; a dtype not listed gets compare.default_tolerance
+    tolerances: Mapping[str, Tolerance] = {}
 
     def cases(self) -> list[Case]:
         raise NotImplementedError
@@ -113,9 +127,28 @@ class OpSpec:
         """Rough work estimate, used to order and balance cases."""
         return 1.0
 
+    def tolerance(self, dtype: str) -> Tolerance:
+        return self.tolerances.get(dtype) or default_tolerance(dtype)
+
+    def perf_cases(self, sizes: str) -> list[Case]:
+        """Perf mode's cases for size class ``sizes`` (one of PERF_SIZES); none by default."""
+        return []
+
+    def work(self, case: Case, inputs: Inputs, outputs: Mapping[str, OutputSpec]
+             ) -> tuple[int, int]:
+        """(bytes read + written, flops) of one call: what the op must touch, not what a given
+        implementation happens to touch.  Default: every input read, every output written."""
+        read = sum(a.nbytes for a in inputs.arrays.values())
+        written = sum(int(np.prod(o.shape)) * itemsize(o.dtype) for o in outputs.values())
+        return read + written, 0
+
     def quick_cases(self, seed: int = 0) -> list[Case]:
         """The --quick subset: every variant value at least once, plus a few cheap extras."""
         return quick_subset(self.cases(), self.variant_keys, seed=seed, cost=self.cost)
+
+
+def itemsize(dtype: str) -> int:
+    return numpy_dtype(dtype).itemsize
 
 
 def uniform(rng: np.random.Generator, shape: Iterable[int], dtype: str, lo=-1.0, hi=1.0):

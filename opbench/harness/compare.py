@@ -7,7 +7,8 @@ Rules (see README "What opbench test does"):
   to the storage dtype) -- so f16 is judged against what f16 can achieve;
 - bit-exact for pure data movement;
 - NaN anywhere fails; +-Inf must match in place and sign.
-All thresholds live in TOLERANCES, one row per (op, dtype); never in per-backend branches.
+Thresholds live in each op's spec (``OpSpec.tolerances``, one row per dtype), falling back to
+DEFAULT_TOLERANCES; never in per-backend branches.
 """
 
 from __future__ import annotations
@@ -24,27 +25,16 @@ class Tolerance:
     floor: float = 1e-6
 
 
-_F32 = Tolerance(nmse=1e-7, k=4.0, floor=1e-6)
-_F16 = Tolerance(nmse=1e-6, k=2.0, floor=1e-4)
-_BF16 = Tolerance(nmse=5e-5, k=2.0, floor=1e-3)
-
-#: (op, dtype) -> Tolerance.  ROPE angles in float32 at positions of a few thousand carry
-#: ~1e-4 rad of error in any float32 implementation, hence its looser f32 NMSE.
-TOLERANCES: dict[tuple[str, str], Tolerance] = {
-    ("ROPE", "f32"): Tolerance(nmse=1e-6, k=4.0, floor=1e-5),
-    ("ROPE", "f16"): _F16,
-    ("ROPE", "bf16"): _BF16,
-    ("ATTN", "f32"): Tolerance(nmse=1e-7, k=8.0, floor=1e-5),
-    ("ATTN", "f16"): Tolerance(nmse=5e-6, k=4.0, floor=1e-3),
-    ("ATTN", "bf16"): Tolerance(nmse=1e-4, k=4.0, floor=8e-3),
-    ("KV_ROTATE", "f32"): _F32,
-    ("KV_ROTATE", "f16"): _F16,
-    ("KV_ROTATE", "bf16"): _BF16,
+#: the tolerance of a dtype whose op's spec (``OpSpec.tolerances``) has no row for it
+DEFAULT_TOLERANCES: dict[str, Tolerance] = {
+    "f32": Tolerance(nmse=1e-7, k=4.0, floor=1e-6),
+    "f16": Tolerance(nmse=1e-6, k=2.0, floor=1e-4),
+    "bf16": Tolerance(nmse=5e-5, k=2.0, floor=1e-3),
 }
 
 
-def tolerance_for(op: str, dtype: str) -> Tolerance:
-    return TOLERANCES.get((op, dtype), {"f16": _F16, "bf16": _BF16}.get(dtype, _F32))
+def default_tolerance(dtype: str) -> Tolerance:
+    return DEFAULT_TOLERANCES.get(dtype, DEFAULT_TOLERANCES["f32"])
 
 
 @dataclass

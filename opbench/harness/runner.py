@@ -21,8 +21,8 @@ from opbench.protocol import Backend, numpy_dtype
 
 from ..reference import copies as copy_ref
 from .cases import Case, Inputs, OpSpec, OutputSpec
-from .compare import Verdict, compare_close, compare_exact, tolerance_for
-from .ops import SPECS
+from .compare import Verdict, compare_close, compare_exact
+from .ops import SPECS, support
 
 GUARD_SENTINEL = -1234.0
 PROBLEM_STATUSES = ("FAIL", "ERROR", "CRASH", "TIMEOUT")
@@ -99,7 +99,7 @@ def references(spec: OpSpec, case: Case, inputs: Inputs) -> tuple[dict, dict]:
 def judge(spec: OpSpec, case: Case, name: str, expected, low, actual) -> Verdict:
     if spec.exact:
         return compare_exact(np.asarray(expected), actual)
-    return compare_close(expected, low, actual, tolerance_for(spec.name, case.dtype))
+    return compare_close(expected, low, actual, spec.tolerance(case.dtype))
 
 
 class KnownFailures:
@@ -148,7 +148,7 @@ def run_case(backend: Backend, case: Case, *, run_seed: int = 0, device: Any = N
     except ValueError as exc:
         record.update(status="ERROR", reason=f"bad case: {exc}")
         return record
-    supported = backend.supports(case)
+    supported = support(backend, case)
     if supported is not True:
         record.update(status="UNSUPPORTED", reason=str(supported))
         return record

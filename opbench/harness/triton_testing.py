@@ -9,7 +9,8 @@ import os
 import numpy as np
 
 from opbench.backends.triton.backend import TritonBackend, as_torch
-from opbench.harness.compare import compare_close, compare_exact, tolerance_for
+from opbench.harness.compare import compare_close, compare_exact
+from opbench.harness.ops import SPECS
 from opbench.reference.copies import round_to
 
 GUARD = -1234.0
@@ -63,7 +64,7 @@ class Guarded:
 
 
 def assert_close(op: str, dtype: str, expected, low, actual) -> None:
-    verdict = compare_close(expected, round_to(low, dtype), actual, tolerance_for(op, dtype))
+    verdict = compare_close(expected, round_to(low, dtype), actual, SPECS[op].tolerance(dtype))
     assert verdict.ok, verdict.describe("out")
 
 

@@ -1,7 +1,8 @@
 """Perf mode: case tables of real model shapes, and the runner that times them.
 
-Perf cases are ordinary ``Case`` objects with the op tables' param names, so they go through the
-same ``OpSpec.make_inputs / outputs / call`` as the correctness tables; only the shapes differ
+Perf cases are ordinary ``Case`` objects with the op tables' param names, made by each op's
+``OpSpec.perf_cases``, so they go through the same ``OpSpec.make_inputs / outputs / call`` as the
+correctness tables and are counted by the op's ``OpSpec.work``; only the shapes differ
 (Llama/Qwen/Gemma/Phi-class: prefill 512 tokens, decode against 4k-32k of context, 16-64 MiB
 copies).  ``--sizes small`` keeps the structure with tiny shapes (tests, CI, the gate experiment).
 
@@ -19,141 +20,28 @@ from typing import Any
 
 import numpy as np
 
-from opbench.harness.cases import Case, Inputs
-from opbench.harness.ops import SPECS
-from opbench.harness.ops.attn import BLOCK_SIZE, FLAGS, sequence_lengths, window_size
+from opbench.harness.cases import PERF_SIZES, Case, Inputs
+from opbench.harness.ops import SPECS, support
 from opbench.harness.runner import allocate_output
 from opbench.harness.store import environment, make_record
-from opbench.protocol import numpy_dtype
 
 from . import timing
 
-SIZES = ("full", "small")
+SIZES = PERF_SIZES
 INTERPRETER_REASON = "interpreter mode: timings would measure Python, not the kernel"
 
 
-# -- case tables -----------------------------------------------------------------------------------
-def _rope(ne, mode, dtype="f32") -> Case:
-    return Case.make("ROPE", type=dtype, ne=list(ne), n_dims=ne[0], mode=mode, fb=1e4, fs=1.0,
-                     ef=0.0, af=1.0, ff=False, inv=False)
-
-
-def _attn(dtype, hs, nh, nkvh, nq, nkv, **flags) -> Case:
-    return Case.make("ATTN", type=dtype, hs=list(hs), nh=nh, nkvh=nkvh, nq=nq, nkv=nkv,
-                     **{**FLAGS, **flags})
-
-
-def _kv_rotate(dtype, bs, hs, nkvh, nrot, nblk) -> Case:
-    return Case.make("KV_ROTATE", type=dtype, layout="rotate_half", delta="block", bs=bs, hs=hs,
-                     nkvh=nkvh, nrot=nrot, nblk=nblk)
-
-
-def _cpy(src, dst, ne, perm=(0, 1, 2)) -> Case:
-    return Case.make("CPY", type_src=src, type=dst, ne=list(ne), perm=list(perm), step=1)
-
-
-def _get_rows(src, dst, row, nr, nsrc) -> Case:
-    return Case.make("GET_ROWS", type=dst, type_src=src, row=list(row), nr=nr, nsrc=nsrc)
-
-
-def _set_rows(src, dst, row, nr, nslots) -> Case:
-    return Case.make("SET_ROWS", type=dst, type_src=src, row=list(row), nr=nr, nslots=nslots,
-                     skip=0)
-
-
-def full_cases() -> list[Case]:
-    """Llama-3-8B-like (32 heads, 8 kv heads, head 128), Gemma-2-like (head 256, softcap 50,
-    sliding window), decode against 4k/8k/32k of context, 16-64 MiB copies."""
-    return [
-        _rope((128, 32, 512), "neox"), _rope((128, 32, 512), "normal"),
-        _rope((128, 8, 512), "neox"), _rope((128, 32, 512), "neox", "f16"),
-        _attn("f32", (128, 128), 32, 8, 512, 512, causal=1),
-        _attn("f16", (128, 128), 32, 8, 1, 4096, causal=1),
-        _attn("f16", (128, 128), 32, 8, 1, 8192, causal=1),
-        _attn("f16", (128, 128), 32, 8, 1, 32768, causal=1),
-        _attn("f16", (128, 128), 32, 8, 1, 4096, causal=1, paged=1),
-        _attn("f16", (128, 128), 32, 8, 1, 32768, causal=1, paged=1),
-        _attn("f32", (256, 256), 16, 8, 512, 512, causal=1, win=1, sc=50.0),
-        _kv_rotate("f16", 16, 128, 8, 512, 2048), _kv_rotate("f32", 16, 128, 8, 512, 2048),
-        _cpy("f32", "f16", (4096, 8, 128)), _cpy("f32", "f32", (4096, 8, 128)),
-        _cpy("f32", "f32", (4096, 8, 128), (1, 0, 2)), _cpy("f32", "f32", (16384, 8, 128)),
-        _get_rows("f16", "f32", (8, 128), 4096, 8192),
-        _set_rows("f32", "f16", (8, 128), 4096, 16384),
-    ]
-
-
-def small_cases() -> list[Case]:
-    """The same ops and variants on tiny shapes: sub-millisecond calls, hundreds of samples."""
-    return [
-        _rope((64, 4, 16), "neox"), _rope((64, 4, 16), "normal"),
-        _attn("f32", (64, 64), 4, 2, 8, 8, causal=1),
-        _attn("f16", (64, 64), 4, 2, 1, 64, causal=1, paged=1),
-        _attn("f32", (64, 64), 4, 2, 8, 8, causal=1, win=1, sc=50.0),
-        _kv_rotate("f32", 16, 64, 2, 4, 8),
-        _cpy("f32", "f16", (64, 4, 64)), _cpy("f32", "f32", (64, 4, 64), (1, 0, 2)),
-        _get_rows("f16", "f32", (2, 64), 32, 64),
-        _set_rows("f32", "f16", (2, 64), 32, 64),
-    ]
-
-
+# -- case tables and work per call: each op's spec holds its own -----------------------------------
 def perf_cases(sizes: str = "full") -> list[Case]:
+    """Every op's perf cases of size class ``sizes`` (``OpSpec.perf_cases``)."""
     if sizes not in SIZES:
         raise ValueError(f"sizes={sizes!r}: choose from {', '.join(SIZES)}")
-    return full_cases() if sizes == "full" else small_cases()
-
-
-# -- work per call: bytes moved and flops ----------------------------------------------------------
-def _itemsize(dtype: str) -> int:
-    return numpy_dtype(dtype).itemsize
-
-
-def _visible_keys(n_q: int, n_kv: int, causal: bool, window: int) -> int:
-    """Keys each query attends to, summed over queries (queries sit at the end of the keys)."""
-    total = 0
-    for i in range(n_q):
-        last = n_kv - n_q + i if causal else n_kv - 1
-        seen = last + 1
-        if window:
-            seen = min(seen, window)
-        total += max(0, seen)
-    return total
-
-
-def _attn_work(case: Case) -> tuple[int, int]:
-    dk, dv = case["hs"]
-    heads, kv_heads, size = case["nh"], case["nkvh"], _itemsize(case.dtype)
-    seqs = sequence_lengths(case) if case["paged"] else [(case["nkv"], case["nq"])]
-    pairs = sum(_visible_keys(q, kv, bool(case["causal"]), window_size(case)) for kv, q in seqs)
-    n_q = sum(q for _, q in seqs)
-    n_kv = sum(kv for kv, _ in seqs)
-    if case["paged"]:  # whole blocks are read
-        n_kv = sum(math.ceil(kv / BLOCK_SIZE) * BLOCK_SIZE for kv, _ in seqs)
-    nbytes = size * (2 * n_q * heads * dk + n_kv * kv_heads * (dk + dv))
-    return nbytes, 2 * pairs * heads * (dk + dv)
+    return [case for spec in SPECS.values() for case in spec.perf_cases(sizes)]
 
 
 def work(case: Case, inputs: Inputs, outputs: Mapping[str, Any]) -> tuple[int, int]:
-    """(bytes read + written, flops) of one call: what the op must touch, not what a given
-    implementation happens to touch."""
-    op = case.op
-    if op == "ATTN":
-        return _attn_work(case)
-    if op == "ROPE":
-        x = inputs.arrays["x"]
-        return 2 * x.nbytes + inputs.arrays["pos"].nbytes, 3 * x.size  # x*cos - y*sin per value
-    if op == "KV_ROTATE":
-        rows = case["nrot"] * case["bs"] * case["nkvh"] * case["hs"]
-        return 2 * rows * _itemsize(case.dtype), 3 * rows  # only the rotated blocks, in place
-    if op == "SET_ROWS":
-        src = inputs.arrays["src"]
-        return src.nbytes + src.size * _itemsize(case["type"]), 0
-    if op == "GET_ROWS":  # only the gathered rows of the table are read
-        out = outputs["out"]
-        values = int(np.prod(out.shape))
-        return values * (_itemsize(case["type_src"]) + _itemsize(out.dtype)), 0
-    read = sum(a.nbytes for a in inputs.arrays.values())
-    written = sum(int(np.prod(o.shape)) * _itemsize(o.dtype) for o in outputs.values())
-    return read + written, 0
+    """(bytes read + written, flops) of one call, by the op's work model (``OpSpec.work``)."""
+    return SPECS[case.op].work(case, inputs, outputs)
 
 
 # -- one case on one backend -----------------------------------------------------------------------
@@ -231,7 +119,7 @@ def refusal(backend, case: Case) -> str | None:
     """Why ``case`` cannot be timed on ``backend``, or None."""
     if getattr(backend, "is_interpreter", False):
         return getattr(backend, "interpreter_reason", INTERPRETER_REASON)
-    supported = backend.supports(case)
+    supported = support(backend, case)
     return None if supported is True else str(supported)
 
 

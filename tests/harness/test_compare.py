@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from opbench.harness.compare import Tolerance, compare_close, compare_exact, tolerance_for
+from opbench.harness.compare import Tolerance, compare_close, compare_exact
+from opbench.harness.ops import SPECS
 
 TOL = Tolerance(nmse=1e-7, k=4.0, floor=1e-6)
 
@@ -73,5 +74,5 @@ def test_exact_rejects_dtype_mismatch():
 
 @pytest.mark.parametrize("op", ["ROPE", "ATTN", "KV_ROTATE"])
 def test_every_judged_op_has_a_row_per_dtype(op):
-    rows = {d: tolerance_for(op, d) for d in ("f32", "f16", "bf16")}
+    rows = {d: SPECS[op].tolerance(d) for d in ("f32", "f16", "bf16")}
     assert rows["f32"].nmse <= rows["f16"].nmse <= rows["bf16"].nmse

@@ -10,7 +10,8 @@ import numpy as np
 from opbench.protocol import AttnParams, PagedKV
 
 from ...reference import attention as attn_ref
-from ..cases import Case, Inputs, OpSpec, OutputSpec, uniform
+from ..cases import Case, Inputs, OpSpec, OutputSpec, itemsize, uniform
+from ..compare import Tolerance
 
 HEAD_SIZES = [(64, 64), (80, 80), (96, 96), (128, 128), (256, 256), (192, 128), (576, 512)]
 GQA = [(2, 2), (4, 2), (4, 1), (8, 1), (6, 2)]  # (H, Hkv): ratios 1, 2, 4, 8, 3
@@ -61,8 +62,29 @@ def sequence_lengths(case: Case) -> list[tuple[int, int]]:
     return out
 
 
+def perf_case(dtype, hs, nh, nkvh, nq, nkv, **flags) -> Case:
+    return Case.make("ATTN", type=dtype, hs=list(hs), nh=nh, nkvh=nkvh, nq=nq, nkv=nkv,
+                     **{**FLAGS, **flags})
+
+
+def visible_keys(n_q: int, n_kv: int, causal: bool, window: int) -> int:
+    """Keys each query attends to, summed over queries (queries sit at the end of the keys)."""
+    total = 0
+    for i in range(n_q):
+        last = n_kv - n_q + i if causal else n_kv - 1
+        seen = last + 1
+        if window:
+            seen = min(seen, window)
+        total += max(0, seen)
+    return total
+
+
 class AttnSpec(OpSpec):
     name = "ATTN"
+    method = "attention"
+    tolerances = {"f32": Tolerance(nmse=1e-7, k=8.0, floor=1e-5),
+                  "f16": Tolerance(nmse=5e-6, k=4.0, floor=1e-3),
+                  "bf16": Tolerance(nmse=1e-4, k=4.0, floor=8e-3)}
     variant_keys = ("type", "hs", "nh", "nkvh", "nq", "nkv", "causal", "win", "mask", "sc",
                     "mb", "sinks", "lse", "paged")
 
@@ -166,3 +188,33 @@ class AttnSpec(OpSpec):
 
     def cost(self, case: Case) -> float:
         return _work(case["nq"], case["nkv"], case["nh"], *case["hs"])
+
+    def perf_cases(self, sizes: str) -> list[Case]:
+        """Llama-3-8B-like (32 heads, 8 kv heads, head 128), Gemma-2-like (head 256, softcap 50,
+        sliding window), decode against 4k/8k/32k of context."""
+        if sizes == "small":
+            return [perf_case("f32", (64, 64), 4, 2, 8, 8, causal=1),
+                    perf_case("f16", (64, 64), 4, 2, 1, 64, causal=1, paged=1),
+                    perf_case("f32", (64, 64), 4, 2, 8, 8, causal=1, win=1, sc=50.0)]
+        llama = ((128, 128), 32, 8)
+        return [perf_case("f32", *llama, 512, 512, causal=1),
+                perf_case("f16", *llama, 1, 4096, causal=1),
+                perf_case("f16", *llama, 1, 8192, causal=1),
+                perf_case("f16", *llama, 1, 32768, causal=1),
+                perf_case("f16", *llama, 1, 4096, causal=1, paged=1),
+                perf_case("f16", *llama, 1, 32768, causal=1, paged=1),
+                perf_case("f32", (256, 256), 16, 8, 512, 512, causal=1, win=1, sc=50.0)]
+
+    def work(self, case, inputs=None, outputs=None) -> tuple[int, int]:
+        """From the case alone: every query and its visible keys (whole blocks when paged)."""
+        dk, dv = case["hs"]
+        heads, kv_heads, size = case["nh"], case["nkvh"], itemsize(case.dtype)
+        seqs = sequence_lengths(case) if case["paged"] else [(case["nkv"], case["nq"])]
+        pairs = sum(visible_keys(q, kv, bool(case["causal"]), window_size(case))
+                    for kv, q in seqs)
+        n_q = sum(q for _, q in seqs)
+        n_kv = sum(kv for kv, _ in seqs)
+        if case["paged"]:  # whole blocks are read
+            n_kv = sum(math.ceil(kv / BLOCK_SIZE) * BLOCK_SIZE for kv, _ in seqs)
+        nbytes = size * (2 * n_q * heads * dk + n_kv * kv_heads * (dk + dv))
+        return nbytes, 2 * pairs * heads * (dk + dv)

@@ -9,7 +9,7 @@ import numpy as np
 from opbench.protocol import numpy_dtype
 
 from ...reference import copies as copy_ref
-from ..cases import Case, Inputs, OpSpec, OutputSpec, uniform
+from ..cases import Case, Inputs, OpSpec, OutputSpec, itemsize, uniform
 
 DTYPES = ["f32", "f16", "bf16"]
 ROWS = [(1, 64), (8, 128), (3, 80)]  # (kv heads, head dim) of one token row
@@ -21,8 +21,25 @@ def _wide_uniform(rng, shape, dtype):
     return (mantissa * np.exp2(rng.integers(-12, 12, size=shape))).astype(numpy_dtype(dtype))
 
 
+def set_rows_case(src, dst, row, nr, nslots) -> Case:
+    """A perf case: ``nr`` rows of shape ``row`` written into a table of ``nslots`` rows."""
+    return Case.make("SET_ROWS", type=dst, type_src=src, row=list(row), nr=nr, nslots=nslots,
+                     skip=0)
+
+
+def get_rows_case(src, dst, row, nr, nsrc) -> Case:
+    """A perf case: ``nr`` rows of shape ``row`` gathered from a table of ``nsrc`` rows."""
+    return Case.make("GET_ROWS", type=dst, type_src=src, row=list(row), nr=nr, nsrc=nsrc)
+
+
+def cpy_case(src, dst, ne, perm=(0, 1, 2)) -> Case:
+    """A perf case: a copy of shape ``ne`` converted from ``src`` to ``dst``, permuted."""
+    return Case.make("CPY", type_src=src, type=dst, ne=list(ne), perm=list(perm), step=1)
+
+
 class SetRowsSpec(OpSpec):
     name = "SET_ROWS"
+    method = "set_rows"
     exact = True
     variant_keys = ("type", "type_src", "row", "nr", "skip")
 
@@ -56,9 +73,19 @@ class SetRowsSpec(OpSpec):
     def cost(self, case) -> float:
         return float(case["nslots"] * np.prod(case["row"]))
 
+    def perf_cases(self, sizes: str) -> list[Case]:
+        if sizes == "small":
+            return [set_rows_case("f32", "f16", (2, 64), 32, 64)]
+        return [set_rows_case("f32", "f16", (8, 128), 4096, 16384)]
+
+    def work(self, case, inputs, outputs) -> tuple[int, int]:
+        src = inputs.arrays["src"]
+        return src.nbytes + src.size * itemsize(case["type"]), 0
+
 
 class GetRowsSpec(OpSpec):
     name = "GET_ROWS"
+    method = "get_rows"
     exact = True
     variant_keys = ("type", "type_src", "row", "nr")
 
@@ -84,6 +111,15 @@ class GetRowsSpec(OpSpec):
         a = inputs.arrays
         return {"out": copy_ref.get_rows(a["src"], a["rows"], case["type"])}
 
+    def perf_cases(self, sizes: str) -> list[Case]:
+        if sizes == "small":
+            return [get_rows_case("f16", "f32", (2, 64), 32, 64)]
+        return [get_rows_case("f16", "f32", (8, 128), 4096, 8192)]
+
+    def work(self, case, inputs, outputs) -> tuple[int, int]:
+        values = int(np.prod(outputs["out"].shape))  # only the gathered rows are read
+        return values * (itemsize(case["type_src"]) + itemsize(outputs["out"].dtype)), 0
+
 
 PERMS = [(0, 1, 2), (1, 0, 2), (2, 1, 0), (0, 2, 1)]
 CPY_SHAPES = [(5, 3, 64), (17, 4, 128), (2, 33, 7)]
@@ -91,6 +127,7 @@ CPY_SHAPES = [(5, 3, 64), (17, 4, 128), (2, 33, 7)]
 
 class CpySpec(OpSpec):
     name = "CPY"
+    method = "cpy"
     exact = True
     variant_keys = ("type", "type_src", "ne", "perm", "step")
 
@@ -113,3 +150,11 @@ class CpySpec(OpSpec):
     def reference(self, case, inputs, dtype) -> dict[str, np.ndarray]:
         return {"out": copy_ref.cpy(inputs.arrays["src"], case["type"], perm=case["perm"],
                                     step=case["step"])}
+
+    def perf_cases(self, sizes: str) -> list[Case]:
+        if sizes == "small":
+            return [cpy_case("f32", "f16", (64, 4, 64)),
+                    cpy_case("f32", "f32", (64, 4, 64), (1, 0, 2))]
+        return [cpy_case("f32", "f16", (4096, 8, 128)), cpy_case("f32", "f32", (4096, 8, 128)),
+                cpy_case("f32", "f32", (4096, 8, 128), (1, 0, 2)),
+                cpy_case("f32", "f32", (16384, 8, 128))]

@@ -7,14 +7,20 @@ import itertools
 import numpy as np
 
 from ...reference import kv_cache as kv_ref
-from ..cases import Case, Inputs, OpSpec, OutputSpec, uniform
+from ..cases import Case, Inputs, OpSpec, OutputSpec, itemsize, uniform
 
 LUT_ROWS = 64  # deltas up to 63 blocks
 BASE = 10000.0
 
 
+def perf_case(dtype, bs, hs, nkvh, nrot, nblk) -> Case:
+    return Case.make("KV_ROTATE", type=dtype, layout="rotate_half", delta="block", bs=bs, hs=hs,
+                     nkvh=nkvh, nrot=nrot, nblk=nblk)
+
+
 class KvRotateSpec(OpSpec):
     name = "KV_ROTATE"
+    method = "kv_rotate"
     variant_keys = ("type", "layout", "delta", "bs", "hs", "nkvh", "nrot")
 
     def cases(self) -> list[Case]:
@@ -51,3 +57,12 @@ class KvRotateSpec(OpSpec):
 
     def cost(self, case: Case) -> float:
         return float(case["nblk"] * case["bs"] * case["nkvh"] * case["hs"])
+
+    def perf_cases(self, sizes: str) -> list[Case]:
+        if sizes == "small":
+            return [perf_case("f32", 16, 64, 2, 4, 8)]
+        return [perf_case("f16", 16, 128, 8, 512, 2048), perf_case("f32", 16, 128, 8, 512, 2048)]
+
+    def work(self, case, inputs, outputs) -> tuple[int, int]:
+        rows = case["nrot"] * case["bs"] * case["nkvh"] * case["hs"]
+        return 2 * rows * itemsize(case.dtype), 3 * rows  # only the rotated blocks, in place

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -10,6 +11,7 @@ from opbench.protocol import RopeParams
 
 from ...reference import rope as rope_ref
 from ..cases import Case, Inputs, OpSpec, OutputSpec, uniform
+from ..compare import Tolerance
 
 # (head_dim, n_dims): full and partial rotation of the head sizes real models use
 HEAD_DIMS = [(64, 64), (64, 32), (80, 80), (80, 32), (128, 128), (128, 64), (256, 256),
@@ -30,9 +32,27 @@ def rope_params(case: Case) -> RopeParams:
         inverse=bool(case["inv"]))
 
 
+def oracle_kwargs(p: RopeParams, *, angles_only: bool = False) -> dict:
+    """``p`` as keyword arguments of ``reference.rope.rope`` (its field names are the oracle's);
+    ``angles_only``: of ``reference.rope.rope_angles``, which neither pairs nor inverts."""
+    kwargs = dataclasses.asdict(p)
+    if angles_only:
+        del kwargs["mode"], kwargs["inverse"]
+    return kwargs
+
+
+def perf_case(ne, mode, dtype="f32") -> Case:
+    return Case.make("ROPE", type=dtype, ne=list(ne), n_dims=ne[0], mode=mode, fb=1e4, fs=1.0,
+                     ef=0.0, af=1.0, ff=False, inv=False)
+
+
 class RopeSpec(OpSpec):
     name = "ROPE"
+    method = "rope"
     variant_keys = ("type", "mode", "n_dims", "fs", "ef", "af", "ff", "inv", "fb", "ne")
+    #: ROPE angles in float32 at positions of a few thousand carry ~1e-4 rad of error in any
+    #: float32 implementation, hence the looser f32 NMSE; f16 and bf16 use the defaults
+    tolerances = {"f32": Tolerance(nmse=1e-6, k=4.0, floor=1e-5)}
 
     def cases(self) -> list[Case]:
         out = []
@@ -74,14 +94,20 @@ class RopeSpec(OpSpec):
                      freq_factors=args.get("freq_factors"), stream=stream)
 
     def reference(self, case: Case, inputs: Inputs, dtype) -> dict[str, np.ndarray]:
-        p = rope_params(case)
-        out = rope_ref.rope(
-            inputs.arrays["x"], inputs.arrays["pos"], n_dims=p.n_dims, mode=p.mode,
-            freq_base=p.freq_base, freq_scale=p.freq_scale, ext_factor=p.ext_factor,
-            attn_factor=p.attn_factor, beta_fast=p.beta_fast, beta_slow=p.beta_slow,
-            n_ctx_orig=p.n_ctx_orig, freq_factors=inputs.arrays.get("freq_factors"),
-            sections=p.sections, inverse=p.inverse, dtype=dtype)
+        out = rope_ref.rope(inputs.arrays["x"], inputs.arrays["pos"],
+                            freq_factors=inputs.arrays.get("freq_factors"), dtype=dtype,
+                            **oracle_kwargs(rope_params(case)))
         return {"out": out}
 
     def cost(self, case: Case) -> float:
         return float(np.prod(case["ne"]))
+
+    def perf_cases(self, sizes: str) -> list[Case]:
+        if sizes == "small":
+            return [perf_case((64, 4, 16), "neox"), perf_case((64, 4, 16), "normal")]
+        return [perf_case((128, 32, 512), "neox"), perf_case((128, 32, 512), "normal"),
+                perf_case((128, 8, 512), "neox"), perf_case((128, 32, 512), "neox", "f16")]
+
+    def work(self, case, inputs, outputs) -> tuple[int, int]:
+        x = inputs.arrays["x"]
+        return 2 * x.nbytes + inputs.arrays["pos"].nbytes, 3 * x.size  # x*cos - y*sin per value

@@ -21,6 +21,7 @@ import numpy as np
 from opbench.protocol import PagedKV
 from opbench.reference.rope import rope_angles
 
+from ..ops.rope import oracle_kwargs
 from .config import ModelConfig, ScenarioSpec
 from .model import StepResult, Weights, step_inputs
 from .schedule import StepPlan, cache_blocks
@@ -32,9 +33,8 @@ F32, I32 = np.float32, np.int32
 def rotation_lut(cfg: ModelConfig, layer: int) -> np.ndarray:
     """KV_ROTATE's LUT for a layer, one row per token of shift: [cos | -sin] at that layer's
     RoPE parameters (so scaled global layers rotate back by their own angles)."""
-    p = cfg.rope_params(layer)
-    cos, sin = rope_angles(np.arange(cfg.capacity + 1), n_dims=p.n_dims, freq_base=p.freq_base,
-                           freq_scale=p.freq_scale)
+    cos, sin = rope_angles(np.arange(cfg.capacity + 1),
+                           **oracle_kwargs(cfg.rope_params(layer), angles_only=True))
     return np.concatenate([cos, -sin], axis=1).astype(F32)
 
 

@@ -55,7 +55,7 @@ def unsupported(backend: Backend, spec: ScenarioSpec) -> str | None:
         needed.append("copy_async")
     if spec.graph_reuse:
         needed += ["capture_begin", "capture_end", "replay"]
-    missing = [m for m in needed if getattr(type(backend), m) is getattr(Backend, m)]
+    missing = [m for m in needed if not backend.implements(m)]
     return f"{backend.name} does not implement {', '.join(missing)}" if missing else None
 
 

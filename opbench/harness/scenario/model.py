@@ -14,6 +14,7 @@ import numpy as np
 from opbench.reference.attention import attention
 from opbench.reference.rope import rope
 
+from ..ops.rope import oracle_kwargs
 from .config import ModelConfig
 from .schedule import StepPlan
 
@@ -112,8 +113,7 @@ def cfg_scale(cfg: ModelConfig) -> float:
 
 
 def _rope_kwargs(cfg: ModelConfig, layer: int) -> dict:
-    p = cfg.rope_params(layer)
-    return dict(n_dims=p.n_dims, mode=p.mode, freq_base=p.freq_base, freq_scale=p.freq_scale)
+    return oracle_kwargs(cfg.rope_params(layer))
 
 
 def run_oracle(cfg: ModelConfig, weights: Weights, plans: list[StepPlan]) -> list[StepResult]:
