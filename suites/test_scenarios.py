@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import pytest
 
+from opbench.harness.records import new_run_id
 from opbench.harness.scenario.config import ScenarioSpec
 from opbench.harness.scenario.matrix import matrix, scenario_record
-from opbench.harness.store import new_run_id
 
 #: the CI subset: each split at its most interesting device count, toggles spread so each is
 #: on somewhere and off somewhere, delays included

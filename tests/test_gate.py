@@ -9,6 +9,7 @@ import pytest
 
 from opbench.cli.main import main
 from opbench.harness import store
+from opbench.harness.records import make_record
 from opbench.perf.gate import CaseKey, gate, parse_threshold
 from opbench.reports.gate_summary import gate_junit, gate_markdown
 
@@ -23,7 +24,7 @@ def _rec(case_id: str, status: str = "OK", kind: str = "test", samples=None, **k
     perf = None
     if samples is not None:
         perf = {"samples_ns": samples, "median_ns": float(np.median(samples)), "n": len(samples)}
-    return store.make_record(kind=kind, backend="cpu", op=case_id.split("(")[0], case_id=case_id,
+    return make_record(kind=kind, backend="cpu", op=case_id.split("(")[0], case_id=case_id,
                              status=status, run_id="r", device="cpu:0", perf=perf, env={}, **kw)
 
 

@@ -20,7 +20,8 @@ from opbench.harness.cases import Case
 from opbench.harness.ops import SPECS
 from opbench.harness.ops.attn import visible_keys
 from opbench.harness.ops.copies import cpy_case, get_rows_case, set_rows_case
-from opbench.harness.store import cpu_model, read_records
+from opbench.harness.records import cpu_model
+from opbench.harness.store import read_records
 from opbench.perf import run as perf
 
 FAST = ["--sizes", "small", "--budget-ms", "2", "--min-samples", "3", "--warmup", "1"]

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from opbench.harness import store
+from opbench.harness.records import make_record
 from opbench.perf import timing
 from opbench.reports import plots, tables
 from opbench.reports.console import format_perf_line
@@ -21,7 +22,7 @@ ENV = {"python": "3.11", "cpu_model": "Test CPU"}
 
 def _record(rng, **fields) -> dict:
     base = dict(run_id="r1", device="cpu:0", env=ENV, dtype="f32")
-    return store.make_record(**{**base, **fields})
+    return make_record(**{**base, **fields})
 
 
 def _test_records(rng) -> list[dict]:
@@ -154,7 +155,7 @@ def test_worst_errors_read_per_output_metrics_as_the_runner_writes_them():
     """{output: {metric, value, threshold, n_bad}}: the worst output relative to its threshold
     judges the record; a NaN error is the worst of all; exact matches are not listed."""
     def attn(case, out, lse):
-        return store.make_record(kind="test", backend="cpu", op="ATTN", case_id=case,
+        return make_record(kind="test", backend="cpu", op="ATTN", case_id=case,
                                  status="OK", run_id="r", env={}, dtype="f32",
                                  metrics={"out": out, "lse": lse, "seconds": 0.1})
     records = [

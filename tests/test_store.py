@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from opbench.harness import store
+from opbench.harness.records import environment, make_record
 
 
 def _record(**overrides) -> dict:
@@ -19,7 +20,7 @@ def _record(**overrides) -> dict:
         status="OK", run_id="run-1", device="cpu:0", params={"n_dims": 4, "mode": "neox"},
         dtype="f32", metrics={"nmse": 1e-9, "threshold": 1e-7}, env={"python": "3.11"},
     )
-    return store.make_record(**{**fields, **overrides})
+    return make_record(**{**fields, **overrides})
 
 
 def test_round_trip_keeps_every_field(tmp_path):
@@ -49,10 +50,11 @@ def test_records_survive_a_killed_process(tmp_path):
     script = textwrap.dedent(f"""
         import os
         from opbench.harness import store
+        from opbench.harness.records import make_record
         writer = store.ResultWriter({str(path)!r})
         writer.open()
         for i in range(3):
-            writer.write(store.make_record(kind="test", backend="cpu", op="CPY",
+            writer.write(make_record(kind="test", backend="cpu", op="CPY",
                 case_id=f"CPY({{i}})", status="OK", run_id="r", env={{}}))
         os._exit(1)
     """)
@@ -136,10 +138,10 @@ def test_load_results_flattens_into_columns(tmp_path):
 
 
 def test_environment_holds_versions_and_backend_info():
-    env = store.environment({"mode": "threads"})
+    env = environment({"mode": "threads"})
     assert env["numpy"] == np.__version__
     assert env["python"].count(".") == 2
     assert env["cpu_model"]
     assert env["backend_info"] == {"mode": "threads"}
     # the static part is cached, the backend part is not shared between calls
-    assert store.environment()["backend_info"] == {}
+    assert environment()["backend_info"] == {}

@@ -146,7 +146,7 @@ def test_ceilings_are_measured_once_and_cached_per_cpu(cache, tmp_path):
     first = calibrate.load_ceilings()
     assert first["copy_gbps"] == 11.0 and calibrate.load_ceilings() == first and len(cache) == 1
     stored = json.loads((tmp_path / "cache" / "ceilings.json").read_text())
-    assert list(stored) == [calibrate.store.cpu_model()]
+    assert list(stored) == [calibrate.records.cpu_model()]
     assert calibrate.calibrate(force=True)["copy_gbps"] == 12.0 and len(cache) == 2
 
 

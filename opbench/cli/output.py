@@ -14,17 +14,17 @@ from rich.console import Console
 from rich.markup import escape as markup_escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-PASSED = ("OK", "XPASS")
-FAILED = ("FAIL", "ERROR", "CRASH", "TIMEOUT")
+from opbench.harness.records import FAILING, NOT_JUDGED, PASSING
+
 STYLE = {"OK": "green", "FAIL": "bold red", "ERROR": "bold red", "CRASH": "bold red",
          "TIMEOUT": "bold red", "XFAIL": "yellow", "XPASS": "yellow", "UNSUPPORTED": "dim"}
 
 
 def summarize(counts: Counter) -> tuple[int, int, bool]:
     """(passed, judged, failed?) where judged excludes unsupported and known failures."""
-    passed = sum(counts[s] for s in PASSED)
-    judged = passed + sum(counts[s] for s in FAILED)
-    return passed, judged, any(counts[s] for s in FAILED)
+    passed = sum(counts[s] for s in PASSING)
+    judged = passed + sum(counts[s] for s in FAILING)
+    return passed, judged, any(counts[s] for s in FAILING)
 
 
 class ConsoleReporter:
@@ -61,7 +61,7 @@ class ConsoleReporter:
                        f"[{STYLE[status]}]{label.get(status, status)}[/]")
         if status != "OK":
             for error in record["errors"] or [record["reason"]]:
-                self._line(f"    {error}", "red" if status in FAILED else "yellow")
+                self._line(f"    {error}", "red" if status in FAILING else "yellow")
 
     def skipped_backend(self, name: str, why: str) -> None:
         self._line(f"Backend {name}: SKIPPED ({why})", "yellow")
@@ -117,18 +117,18 @@ def write_json(records: list[dict], stream=None) -> None:
 
 def write_junit(records: list[dict], stream=None) -> None:
     stream = stream or sys.stdout
-    failures = sum(r["status"] in FAILED for r in records)
-    skipped = sum(r["status"] in ("UNSUPPORTED", "XFAIL") for r in records)
+    failures = sum(r["status"] in FAILING for r in records)
+    skipped = sum(r["status"] in NOT_JUDGED for r in records)
     stream.write('<?xml version="1.0" encoding="utf-8"?>\n')
     stream.write(f'<testsuite name="opbench" tests="{len(records)}" failures="{failures}"'
                  f' skipped="{skipped}">\n')
     for r in records:
         stream.write(f"  <testcase classname={quoteattr(r['backend'] + '.' + r['op'])}"
                      f" name={quoteattr(r['case_id'])}>")
-        if r["status"] in FAILED:
+        if r["status"] in FAILING:
             body = escape("\n".join(r["errors"] or [str(r["reason"])]))
             stream.write(f"<failure message={quoteattr(str(r['reason']))}>{body}</failure>")
-        elif r["status"] in ("UNSUPPORTED", "XFAIL"):
+        elif r["status"] in NOT_JUDGED:
             stream.write(f"<skipped message={quoteattr(str(r['reason']))}/>")
         stream.write("</testcase>\n")
     stream.write("</testsuite>\n")

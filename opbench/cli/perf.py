@@ -15,8 +15,8 @@ import sys
 
 from opbench.errors import UsageError
 from opbench.harness.cases import filter_cases
+from opbench.harness.records import FAILING, new_run_id
 from opbench.harness.registry import backend_class
-from opbench.harness.store import new_run_id
 from opbench.perf import run as perf_mode
 from opbench.perf import timing
 
@@ -240,7 +240,7 @@ def _emit(record: dict, writer, show: PerfOutput, side: str = "") -> bool:
     if writer:
         writer.write(record)
     show.record(record, side)
-    return record["status"] == "ERROR"
+    return record["status"] in FAILING
 
 
 def _run_backend(ref, cases, options, run_id, writer, show) -> bool:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from opbench.errors import UsageError
+from opbench.harness.records import environment, new_run_id
 from opbench.harness.registry import backend_class
 from opbench.harness.scenario.config import ScenarioSpec
 from opbench.harness.scenario.matrix import matrix, run_specs
 from opbench.harness.scenario.splits import SPLITS
-from opbench.harness.store import environment, new_run_id
 
 from . import output
 from .common import compile_pattern, open_writer, parse_backends, record_backend_run

@@ -7,8 +7,8 @@ from typing import Iterator
 from opbench.errors import UsageError
 from opbench.harness.cases import Case
 from opbench.harness.pool import run_in_workers, run_inline
+from opbench.harness.records import environment, new_run_id
 from opbench.harness.registry import backend_class
-from opbench.harness.store import environment, new_run_id
 
 from . import output
 from .common import (

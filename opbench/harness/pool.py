@@ -94,10 +94,7 @@ class _Slot:
 
 
 def _failure_record(slot: _Slot, backend_name: str, status: str, reason: str, run_id: str):
-    record = base_record(type("B", (), {"name": backend_name})(), slot.case,
-                         f"{backend_name}:0", run_id)
-    record.update(status=status, reason=reason)
-    return record
+    return base_record(backend_name, slot.case, f"{backend_name}:0", run_id, status, reason)
 
 
 def run_in_workers(backend_ref: str, backend_name: str, options: dict, cases: list[Case],

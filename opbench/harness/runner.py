@@ -10,9 +10,7 @@ from __future__ import annotations
 import re
 import time
 import traceback
-import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
@@ -23,14 +21,9 @@ from ..reference import copies as copy_ref
 from .cases import Case, Inputs, OpSpec, OutputSpec
 from .compare import Verdict, compare_close, compare_exact
 from .ops import SPECS, support
+from .records import case_record
 
 GUARD_SENTINEL = -1234.0
-PROBLEM_STATUSES = ("FAIL", "ERROR", "CRASH", "TIMEOUT")
-
-
-def new_run_id() -> str:
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
-
 
 def guard_length(shape: tuple[int, ...]) -> int:
     """One full leading-dim row (so a write one row past the end lands in the guard)."""
@@ -117,13 +110,11 @@ class KnownFailures:
         return None
 
 
-def base_record(backend: Backend, case: Case, device_name: str, run_id: str) -> dict:
-    return {"schema": 1, "kind": "test", "run_id": run_id,
-            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "backend": backend.name, "device": device_name, "op": case.op, "case_id": case.id,
-            "params": {k: list(v) if isinstance(v, tuple) else v for k, v in case.items},
-            "dtype": case.dtype, "status": "OK", "reason": None, "metrics": {}, "errors": [],
-            "perf": None, "scenario": None}
+def base_record(backend_name: str, case: Case, device_name: str, run_id: str,
+                status: str = "OK", reason: str | None = None) -> dict:
+    """A test record for ``case``; the verb attaches the run's environment."""
+    return case_record("test", backend_name, case, status, run_id, device=device_name,
+                       reason=reason, env={})
 
 
 def execute(backend: Backend, spec: OpSpec, case: Case, inputs: Inputs, device: Any):
@@ -142,7 +133,7 @@ def run_case(backend: Backend, case: Case, *, run_seed: int = 0, device: Any = N
              ) -> dict:
     """Run one case on one backend and return its result record."""
     spec = SPECS[case.op]
-    record = base_record(backend, case, device_name, run_id)
+    record = base_record(backend.name, case, device_name, run_id)
     try:
         spec.validate(case)
     except ValueError as exc:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from opbench.harness import store
+from opbench.harness import records
 from opbench.perf import timing
 
 COPY_BYTES = 256 * 2**20
@@ -74,7 +74,7 @@ def measure_ceilings(copy_bytes: int = COPY_BYTES, matmul_n: int = MATMUL_N) -> 
         "matmul_gflops": measure_matmul_rate(matmul_n),
         "copy_bytes": copy_bytes,
         "matmul_n": matmul_n,
-        "measured_at": store.utc_now(),
+        "measured_at": records.utc_now(),
         "numpy": np.__version__,
     }
 
@@ -105,7 +105,7 @@ def _valid(entry: object) -> bool:
 
 def calibrate(force: bool = False, key: str | None = None, **sizes: int) -> dict:
     """Ceilings for this machine: from the cache, or measured and cached when missing/forced."""
-    key = key or store.cpu_model()
+    key = key or records.cpu_model()
     path = cache_path()
     cache = {} if force and not _readable(path) else read_cache(path)
     if not force and _valid(cache.get(key)):
@@ -130,5 +130,5 @@ def load_ceilings(measure_if_missing: bool = True, key: str | None = None) -> di
     """The cached ceilings of this machine; measured now if missing (unless told not to)."""
     if measure_if_missing:
         return calibrate(key=key)
-    entry = read_cache().get(key or store.cpu_model())
+    entry = read_cache().get(key or records.cpu_model())
     return entry if _valid(entry) else None

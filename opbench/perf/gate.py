@@ -18,10 +18,9 @@ from typing import NamedTuple
 
 import numpy as np
 
+from opbench.harness.records import FAILING, PASSING
 from opbench.perf import stats
 
-PASSING = frozenset({"OK", "XPASS"})
-FAILING = frozenset({"FAIL", "ERROR", "CRASH", "TIMEOUT"})
 UNSUPPORTED = "UNSUPPORTED"
 
 

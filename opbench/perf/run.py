@@ -22,8 +22,8 @@ import numpy as np
 
 from opbench.harness.cases import PERF_SIZES, Case, Inputs
 from opbench.harness.ops import SPECS, support
+from opbench.harness.records import case_record, environment
 from opbench.harness.runner import allocate_output
-from opbench.harness.store import environment, make_record
 
 from . import timing
 
@@ -109,10 +109,8 @@ class PerfOptions:
 def perf_record(label: str, backend, case: Case, status: str, run_id: str, *,
                 reason: str | None = None, perf: dict | None = None, errors=None,
                 env: dict | None = None) -> dict:
-    params = {k: list(v) if isinstance(v, tuple) else v for k, v in case.items}
-    return make_record(kind="perf", backend=label, op=case.op, case_id=case.id, status=status,
-                       run_id=run_id, device=device_name(backend), params=params,
-                       dtype=case.dtype, reason=reason, perf=perf, errors=errors, env=env)
+    return case_record("perf", label, case, status, run_id, device=device_name(backend),
+                       reason=reason, perf=perf, errors=errors, env=env)
 
 
 def refusal(backend, case: Case) -> str | None:

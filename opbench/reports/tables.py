@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from opbench.harness.records import FAILING, PASSING
 from opbench.reports.frame import (
     column,
     devices_of,
@@ -17,17 +18,14 @@ from opbench.reports.frame import (
     with_perf,
 )
 
-PASSED = ("OK", "XPASS")
-FAILED = ("FAIL", "ERROR", "CRASH", "TIMEOUT")
-
 
 def _cell(statuses: pd.Series) -> str:
     """'12/12', '10/12 (2 failed)', '3/3 (1 xfail)' or 'unsupported' for one matrix cell."""
     ran = statuses[statuses != "UNSUPPORTED"]
     if ran.empty:
         return "unsupported"
-    passed = int(ran.isin(PASSED).sum())
-    failed = int(ran.isin(FAILED).sum())
+    passed = int(ran.isin(PASSING).sum())
+    failed = int(ran.isin(FAILING).sum())
     xfail = int((ran == "XFAIL").sum())
     notes = [f"{failed} failed" if failed else "", f"{xfail} xfail" if xfail else ""]
     note = ", ".join(n for n in notes if n)
@@ -141,7 +139,7 @@ def failures(df: pd.DataFrame, limit: int = 50) -> pd.DataFrame:
     """Failing records with their reason, the first ``limit`` of them."""
     if df.empty:
         return pd.DataFrame()
-    bad = df[df["status"].isin(FAILED)]
+    bad = df[df["status"].isin(FAILING)]
     if bad.empty:
         return pd.DataFrame()
     table = pd.DataFrame(

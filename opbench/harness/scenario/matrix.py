@@ -11,8 +11,8 @@ from concurrent.futures import ProcessPoolExecutor
 
 from opbench.protocol import Backend
 
+from ..records import make_record
 from ..registry import backend_class
-from ..store import make_record
 from .config import ScenarioSpec
 from .judge import backend_options, run_scenario
 from .splits import SPLITS
