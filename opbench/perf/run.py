@@ -22,6 +22,7 @@ import numpy as np
 from opbench.harness.cases import Case, Inputs
 from opbench.harness.ops import SPECS
 from opbench.harness.ops.attn import BLOCK_SIZE, FLAGS, sequence_lengths, window_size
+from opbench.harness.registry import device_label, first_device
 from opbench.harness.runner import allocate_output
 from opbench.harness.store import environment, make_record
 from opbench.protocol import numpy_dtype
@@ -169,13 +170,11 @@ class Prepared:
 
 
 def device_of(backend) -> Any:
-    devices = getattr(backend, "_devices", None) or [None]
-    return devices[0]
+    return first_device(backend)
 
 
 def device_name(backend) -> str:
-    device = device_of(backend)
-    return str(device) if device is not None else f"{backend.name}:0"
+    return device_label(backend)
 
 
 def prepare(backend, case: Case, seed: int = 0) -> Prepared:
@@ -229,8 +228,8 @@ def perf_record(label: str, backend, case: Case, status: str, run_id: str, *,
 
 def refusal(backend, case: Case) -> str | None:
     """Why ``case`` cannot be timed on ``backend``, or None."""
-    if getattr(backend, "is_interpreter", False):
-        return getattr(backend, "interpreter_reason", INTERPRETER_REASON)
+    if backend.is_interpreter:
+        return backend.interpreter_reason or INTERPRETER_REASON
     supported = backend.supports(case)
     return None if supported is True else str(supported)
 
