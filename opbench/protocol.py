@@ -131,6 +131,249 @@ class PagedKV:
     q_start: Any
 
 
+
+# -- backend options: data on the class, parsed here once ------------------------------------
+_BOOL_WORDS = {"1": True, "true": True, "on": True, "yes": True,
+               "0": False, "false": False, "off": False, "no": False}
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option a backend takes: ``Option("rope_cache", bool, True, "sin/cos cache")``.
+
+    ``kind`` is bool, int, float or str; ``choices`` limits a str option; a ``default`` of None
+    means "decided by the backend" (None is then accepted as a value).  Values arrive as
+    Python values or as command-line strings (``cpu:rope_cache=off``); ``parse`` turns both
+    into ``kind`` or raises ValueError naming the option."""
+
+    name: str
+    kind: type
+    default: Any
+    help: str
+    choices: tuple = ()
+
+    def parse(self, value: Any) -> Any:
+        if value is None and self.default is None:
+            return None
+        parsed = self._convert(value)
+        if self.choices and parsed not in self.choices:
+            raise ValueError(f"{self.name}={value!r} must be one of {self.choices}")
+        return parsed
+
+    def _convert(self, value: Any) -> Any:
+        if self.kind is bool:
+            return parse_bool(self.name, value)
+        if self.kind in (int, float):
+            return _parse_number(self.name, self.kind, value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # a command line's "1" may arrive as a number
+        if not isinstance(value, str):
+            raise ValueError(f"{self.name}={value!r} must be a string")
+        return value
+
+    def describe(self) -> str:
+        """``name=default (kind[: choices]): help``, as ``opbench doctor`` lists it."""
+        kind = "on/off" if self.kind is bool else self.kind.__name__
+        if self.choices:
+            kind += ": " + "|".join(map(str, self.choices))
+        default = {True: "on", False: "off"}.get(self.default, self.default) \
+            if self.kind is bool else self.default
+        shown = "auto" if default is None else default
+        return f"{self.name}={shown} ({kind}): {self.help}"
+
+
+def parse_bool(name: str, value: Any) -> bool:
+    """The one on/off parser: on/off, true/false, yes/no, 1/0 (any case), or a bool/int."""
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word not in _BOOL_WORDS:
+            raise ValueError(f"{name}={value!r} must be on/off (or true/false, 1/0)")
+        return _BOOL_WORDS[word]
+    if isinstance(value, (bool, int, np.bool_, np.integer)) and value in (0, 1):
+        return bool(value)
+    raise ValueError(f"{name}={value!r} must be on/off (or true/false, 1/0)")
+
+
+def _parse_number(name: str, kind: type, value: Any) -> Any:
+    if isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name}={value!r} must be {'an int' if kind is int else 'a number'}")
+    try:
+        number = float(value) if kind is float else _as_int(value)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"{name}={value!r} must be {'an int' if kind is int else 'a number'}") from None
+    return number
+
+
+def _as_int(value: Any) -> int:
+    if isinstance(value, str):
+        return int(value.strip())
+    if isinstance(value, (float, np.floating)) and not float(value).is_integer():
+        raise ValueError(value)
+    return int(value)
+
+
+def parse_options(backend_name: str, declared: Sequence[Option], given: dict) -> dict:
+    """Every declared option's value: the given one parsed, else its default.  Unknown names
+    are refused with the list of valid ones (ValueError)."""
+    by_name = {option.name: option for option in declared}
+    unknown = sorted(set(given) - set(by_name))
+    if unknown:
+        valid = ", ".join(by_name) if by_name else "none"
+        raise ValueError(f"unknown {backend_name} backend option(s) {', '.join(unknown)};"
+                         f" valid options: {valid}")
+    return {name: option.parse(given[name]) if name in given else option.default
+            for name, option in by_name.items()}
+
+
+
+# -- runtimes: where a backend's arrays live and its work runs -------------------------------
+class DeviceMismatchError(ValueError):
+    """An array of one device was used by work running on another."""
+
+
+class Runtime:
+    """Devices, memory, streams, events, copies, graphs and timing: everything a backend needs
+    besides its kernels.  A backend is given one when it is made and delegates to it without
+    asking which one it is (``RuntimeBackend``); two backends may share one implementation.
+
+    Implementations in the package: ``backends/runtimes/threads.py`` (logical devices whose
+    streams are worker threads: the cpu backend, Triton's interpreter mode) and
+    ``backends/triton/runtime_cuda.py`` (torch CUDA streams).  A runtime over processes (one
+    rank per device) fits the same calls: ``copy_async`` is the only way data crosses devices,
+    streams are per device, and ``run``/``submit`` hand work to the device that owns the
+    arrays, wherever it lives.
+
+    Devices are the runtime's own objects; wherever a device is taken, None means device 0
+    and an int is an index into ``devices(n)``.  Streams belong to one device.  Work is
+    enqueued and may run after the call returns; ``synchronize`` waits for it and re-raises
+    what it raised.
+    """
+
+    name = "runtime"
+
+    # -- devices ------------------------------------------------------------------------------
+    def devices(self, n: int = 1) -> list[Any]:
+        """n devices; those made before (and their arrays) are kept, missing ones started."""
+        raise NotImplementedError
+
+    def device_list(self) -> list[Any]:
+        """The devices made so far (empty before the first ``devices(n)``)."""
+        return []
+
+    def device(self, device: Any = None) -> Any:
+        """Resolve None (device 0), an index or a device of this runtime."""
+        raise NotImplementedError
+
+    def owner(self, name: str, arr: Any) -> Any:
+        """The device owning ``arr``; TypeError naming ``name`` when it is not this runtime's."""
+        raise NotImplementedError
+
+    def same_device(self, op: str, **arrays: Any) -> Any:
+        """The device owning every non-None array; DeviceMismatchError naming two that differ
+        (work never copies between devices behind the caller's back)."""
+        first_name, first = None, None
+        for name, arr in arrays.items():
+            if arr is None:
+                continue
+            device = self.owner(f"{op}: {name}", arr)
+            if first is None:
+                first_name, first = name, device
+            elif device is not first:
+                raise self.mismatch_error(
+                    f"{op}: {name} lives on {device} but {first_name} lives on {first}; "
+                    "copy it with copy_async first")
+        return first
+
+    #: the exception same_device raises (a runtime may narrow it)
+    mismatch_error: type[Exception] = DeviceMismatchError
+
+    # -- memory -------------------------------------------------------------------------------
+    def empty(self, shape: Sequence[int], dtype: Any, device: Any = None) -> Any:
+        """An array that looks uninitialized: floats NaN, ints -1 (a skipped write shows)."""
+        dt = np.dtype(dtype)
+        fill = np.nan if dt.kind == "f" or dt.name == "bfloat16" else -1
+        return self.to_device(np.full(tuple(shape), fill, dt), device)
+
+    def to_device(self, host: np.ndarray, device: Any = None) -> Any:
+        raise NotImplementedError
+
+    def to_host(self, arr: Any) -> np.ndarray:
+        """A host copy of ``arr`` once the work queued on its device has run."""
+        raise NotImplementedError
+
+    def write(self, dst: Any, host: np.ndarray, stream: Any = None) -> None:
+        """Copy host data into ``dst``, ordered on the stream; ``host`` is snapshotted now."""
+        raise NotImplementedError
+
+    # -- streams, events, work ----------------------------------------------------------------
+    def stream(self, device: Any = None) -> Any:
+        """The device's stream (one per device)."""
+        raise NotImplementedError
+
+    def record_event(self, stream: Any) -> Any:
+        raise NotImplementedError
+
+    def wait_event(self, stream: Any, event: Any) -> None:
+        raise NotImplementedError
+
+    def hold(self, stream: Any) -> Any:
+        """Block ``stream`` here until the returned gate's ``release()`` (fault injection)."""
+        raise NotImplementedError(f"the {self.name} runtime cannot hold a stream")
+
+    def submit(self, device: Any, stream: Any, work: Callable[[], None]) -> None:
+        """Enqueue ``work()`` on ``stream`` (None: the device's), which must be the device's."""
+        raise NotImplementedError
+
+    def kernel_view(self, arr: Any) -> Any:
+        """What work is handed for one of this runtime's arrays (by default the array)."""
+        return arr
+
+    def run(self, op: str, arrays: dict, stream: Any, work: Callable[[dict], None]) -> None:
+        """Enqueue ``work(views)`` on the stream of the device owning ``arrays`` (or on
+        ``stream``, which must be that device's); ``views`` maps each name to
+        ``kernel_view(array)`` (None stays None)."""
+        device = self.same_device(op, **arrays)
+        views = {n: None if a is None else self.kernel_view(a) for n, a in arrays.items()}
+        self.submit(device, stream, lambda: work(views))
+
+    def copy_async(self, src: Any, dst_device: Any, stream: Any = None) -> Any:
+        """A new array on ``dst_device`` holding ``src``: copied after the work queued on the
+        source stream (or on ``stream``, the destination's), the destination stream waits for
+        it, the host does not."""
+        raise NotImplementedError
+
+    def synchronize(self, device: Any = None) -> None:
+        """Wait for everything queued on ``device`` (every device if None); re-raise errors."""
+
+    # -- graphs -------------------------------------------------------------------------------
+    capturing: bool = False
+
+    def capture_begin(self, streams: Any) -> None:
+        raise NotImplementedError(f"the {self.name} runtime cannot capture graphs")
+
+    def capture_end(self, streams: Any) -> Any:
+        raise NotImplementedError(f"the {self.name} runtime cannot capture graphs")
+
+    def replay(self, graph: Any, stream: Any = None) -> None:
+        raise NotImplementedError(f"the {self.name} runtime cannot capture graphs")
+
+    # -- timing -------------------------------------------------------------------------------
+    def timer(self) -> Callable[[Callable[[], None]], float] | None:
+        """A function timing one synchronized call in device time (ns), or None: no device
+        clock (the harness then times the call with the host clock)."""
+        return None
+
+    def flush_l2(self, device: Any = None) -> None:
+        """Evict the device's caches before a cold sample; a no-op where there is none."""
+
+    def info(self) -> dict:
+        return {"devices": [str(d) for d in self.device_list()]}
+
+    def close(self) -> None:
+        """Release threads, streams and device memory."""
+
+
 class Backend:
     """Base class with the protocol's defaults.  Subclass it; override what you implement.
 
@@ -141,8 +384,16 @@ class Backend:
 
     name: str = "base"
 
+    #: the options this backend takes (``Option``s); anything else is refused
+    OPTIONS: tuple[Option, ...] = ()
+    #: True where kernels run in an interpreter or emulator: correct, but never timed
+    is_interpreter: bool = False
+    #: why perf mode refuses to time it (shown in the UNSUPPORTED record)
+    interpreter_reason: str = ""
+
     def __init__(self, **options: Any) -> None:
-        self.options = options
+        #: every declared option, parsed (``cpu:rope_cache=off`` gives False), defaults filled
+        self.options = parse_options(self.name, self.OPTIONS, options)
         self._devices: list[Any] = [None]
 
     # -- discovery ------------------------------------------------------------------------
@@ -180,8 +431,18 @@ class Backend:
         self._devices = [None] * n
         return self._devices
 
+    def device_list(self) -> list[Any]:
+        """The devices ``devices(n)`` made so far; where the harness finds the one it runs on."""
+        return list(self._devices)
+
     def to_device(self, host: np.ndarray, device: Any = None) -> Any:
         return np.array(host, copy=True)
+
+    def empty(self, shape: Sequence[int], dtype: Any, device: Any = None) -> Any:
+        """An array that looks uninitialized on ``device``: floats NaN, ints -1."""
+        dt = np.dtype(dtype)
+        fill = np.nan if dt.kind == "f" or dt.name == "bfloat16" else -1
+        return self.to_device(np.full(tuple(shape), fill, dt), device)
 
     def to_host(self, arr: Any) -> np.ndarray:
         return np.asarray(arr).copy()
@@ -210,9 +471,18 @@ class Backend:
     def copy_async(self, src: Any, dst_device: Any, stream: Any = None) -> Any:
         raise NotImplementedError
 
+    def hold(self, stream: Any) -> Any:
+        """Block ``stream`` at this point until the returned gate's ``release()``: slow work of
+        known length, for the COPY_ASYNC contract checks.  Optional."""
+        raise NotImplementedError(f"{self.name} cannot hold a stream")
+
     def timer(self) -> Callable[[Callable[[], None]], float] | None:
         """Optional: a function timing one synchronized call, returning nanoseconds."""
         return None
+
+    def flush_l2(self, device: Any = None) -> None:
+        """Evict the device's caches (``perf --cold`` calls it before every sample); a no-op
+        for a backend without a cache to flush."""
 
     # -- ops --------------------------------------------------------------------------------
     def rope(self, x, pos, out, p: RopeParams, freq_factors=None, stream=None) -> None:
@@ -283,3 +553,78 @@ class Backend:
         """Enqueue the recorded work again on the streams it was recorded on, with the same
         cross-stream ordering.  The previous replay of the graph must have completed."""
         raise NotImplementedError
+
+
+class RuntimeBackend(Backend):
+    """A backend whose devices, memory, streams, events, copies, graphs and timing are the
+    ``Runtime`` it was given when made; it adds only its ops (and ``info``)."""
+
+    def __init__(self, runtime: Runtime, **options: Any) -> None:
+        super().__init__(**options)
+        self.runtime = runtime
+
+    def info(self) -> dict:
+        return self.runtime.info()
+
+    def devices(self, n: int = 1) -> list[Any]:
+        return self.runtime.devices(n)
+
+    def device_list(self) -> list[Any]:
+        return self.runtime.device_list()
+
+    def device(self, device: Any = None) -> Any:
+        return self.runtime.device(device)
+
+    def to_device(self, host: np.ndarray, device: Any = None) -> Any:
+        return self.runtime.to_device(host, device)
+
+    def empty(self, shape: Sequence[int], dtype: Any, device: Any = None) -> Any:
+        return self.runtime.empty(shape, dtype, device)
+
+    def to_host(self, arr: Any) -> np.ndarray:
+        return self.runtime.to_host(arr)
+
+    def synchronize(self, device: Any = None) -> None:
+        self.runtime.synchronize(device)
+
+    def close(self) -> None:
+        self.runtime.close()
+
+    def __enter__(self) -> RuntimeBackend:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def stream(self, device: Any = None) -> Any:
+        return self.runtime.stream(device)
+
+    def record_event(self, stream: Any) -> Any:
+        return self.runtime.record_event(stream)
+
+    def wait_event(self, stream: Any, event: Any) -> None:
+        self.runtime.wait_event(stream, event)
+
+    def hold(self, stream: Any) -> Any:
+        return self.runtime.hold(stream)
+
+    def copy_async(self, src: Any, dst_device: Any, stream: Any = None) -> Any:
+        return self.runtime.copy_async(src, dst_device, stream)
+
+    def write(self, dst, host: np.ndarray, stream=None) -> None:
+        self.runtime.write(dst, host, stream)
+
+    def capture_begin(self, streams) -> None:
+        self.runtime.capture_begin(streams)
+
+    def capture_end(self, streams) -> Any:
+        return self.runtime.capture_end(streams)
+
+    def replay(self, graph: Any, stream=None) -> None:
+        self.runtime.replay(graph, stream)
+
+    def timer(self) -> Callable[[Callable[[], None]], float] | None:
+        return self.runtime.timer()
+
+    def flush_l2(self, device: Any = None) -> None:
+        self.runtime.flush_l2(device)

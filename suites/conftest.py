@@ -12,7 +12,10 @@ import os
 
 import pytest
 
-DEFAULT_BACKENDS = "cpu,torch,ggml,triton,cupy,cupy-emu"
+from opbench.harness.registry import registered_names
+
+#: every registered backend (the ``opbench.backends`` entry points of pyproject.toml)
+DEFAULT_BACKENDS = ",".join(registered_names())
 
 
 def pytest_addoption(parser):
@@ -25,8 +28,10 @@ def pytest_addoption(parser):
 
 def pytest_generate_tests(metafunc):
     if "backend_name" in metafunc.fixturenames:
-        names = [b.strip() for b in metafunc.config.getoption("--backend").split(",")]
-        metafunc.parametrize("backend_name", [n for n in names if n], scope="session")
+        from opbench.harness.registry import split_backend_list
+
+        names = split_backend_list(metafunc.config.getoption("--backend"))
+        metafunc.parametrize("backend_name", names, scope="session")
 
 
 @pytest.fixture(scope="session")
@@ -42,8 +47,8 @@ def available_backend(backend_name):
 
 @pytest.fixture(scope="session")
 def backend(available_backend):
-    from opbench.harness.pool import make_backend
+    from opbench.harness.registry import open_backend
 
-    instance = make_backend(available_backend, {})
+    instance = open_backend(available_backend)
     yield instance
     instance.close()

@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 
 from opbench.cli.main import main
-from opbench.cli.perf import ab_labels, split_ref
+from opbench.cli.perf import ab_labels
 from opbench.errors import UsageError
 from opbench.harness.cases import Case
 from opbench.harness.ops import SPECS
 from opbench.harness.ops.attn import visible_keys
 from opbench.harness.ops.copies import cpy_case, get_rows_case, set_rows_case
 from opbench.harness.records import cpu_model
+from opbench.harness.registry import split_ref
 from opbench.harness.store import read_records
 from opbench.perf import run as perf
 
@@ -222,7 +223,9 @@ def test_split_ref_keeps_class_references_and_parses_options():
 
 
 def test_refusal_reports_unsupported_ops():
-    class NoOps:
+    from opbench.protocol import Backend
+
+    class NoOps(Backend):  # the harness reads declared abilities (is_interpreter) off Backend
         name = "none"
 
         def supports(self, case):
@@ -244,14 +247,14 @@ def test_ab_pins_to_one_cpu_by_default_and_gives_the_cpus_back(monkeypatch, caps
 
 
 def test_ab_epochs_allocate_fresh_buffers_and_pool_their_samples(monkeypatch):
-    from opbench.cli.perf import open_backend
+    from opbench.cli.perf import open_for_timing
 
     prepares = []
     real_prepare = perf.prepare
     monkeypatch.setattr(perf, "prepare",
                         lambda backend, case, seed=0: prepares.append(backend) or
                         real_prepare(backend, case, seed))
-    sides = {"A": open_backend("cpu")[0], "B": open_backend("cpu")[0]}
+    sides = {"A": open_for_timing("cpu")[0], "B": open_for_timing("cpu")[0]}
     options = perf.PerfOptions(budget_ms=1, min_samples=6, warmup=0, epochs=3)
     try:
         records = perf.run_ab_case(sides, perf.perf_cases("small")[0], options, "run")

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from opbench.protocol import AttnParams, Backend, RopeParams
+from opbench.protocol import AttnParams, Backend, Option, RopeParams
 
 try:  # optional: the module must import without ggml-python
     import ggml
@@ -121,6 +121,7 @@ def attention_mask(rel: np.ndarray, p: AttnParams, user_mask=None, key_ok=None):
 
 class GgmlBackend(Backend):
     name = "ggml"
+    OPTIONS = (Option("n_threads", int, None, "ggml compute threads (default: every CPU)"),)
 
     @classmethod
     def available(cls) -> tuple[bool, str]:
@@ -130,7 +131,7 @@ class GgmlBackend(Backend):
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
-        self.n_threads = int(options.get("n_threads") or os.cpu_count() or 1)
+        self.n_threads = self.options["n_threads"] or os.cpu_count() or 1
         if ggml is not None:
             ggml.ggml_cpu_init()  # fp16 tables; idempotent
 

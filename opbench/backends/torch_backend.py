@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from opbench.protocol import AttnParams, Backend, RopeParams
+from opbench.protocol import AttnParams, Backend, Option, RopeParams
 
 try:  # optional: the module must import without torch
     import torch
@@ -203,6 +203,8 @@ def attend(q, k, v, q_pos, k_pos, p: AttnParams, mask=None, sinks=None, want_lse
 
 class TorchBackend(Backend):
     name = "torch"
+    OPTIONS = (Option("rope_upcast", bool, False,
+                      "compute RoPE in float32 for f16/bf16 inputs (default: in their dtype)"),)
 
     @classmethod
     def available(cls) -> tuple[bool, str]:
@@ -291,7 +293,7 @@ class TorchBackend(Backend):
     def rope(self, x, pos, out, p: RopeParams, freq_factors=None, stream=None) -> None:
         # HF's LLM path casts cos/sin to x.dtype and computes there; option rope_upcast=True
         # is HF's vision-tower style (apply_rotary_pos_emb_vision): float32 math, one rounding
-        math_dtype = torch.float32 if self.options.get("rope_upcast") else x.dtype
+        math_dtype = torch.float32 if self.options["rope_upcast"] else x.dtype
         with self._on(stream):
             cos, sin = rope_cos_sin(pos, p, freq_factors, math_dtype)
             rotated = apply_rope(x[..., : p.n_dims].to(math_dtype), cos, sin, p.mode)

@@ -10,8 +10,7 @@ from collections import Counter
 from opbench.errors import UsageError
 from opbench.harness.cases import Case, filter_cases
 from opbench.harness.ops import SPECS
-from opbench.harness.pool import make_backend
-from opbench.harness.registry import backend_class
+from opbench.harness.registry import backend_options, open_backend, parse_ref, split_backend_list
 from opbench.harness.store import ResultWriter
 
 
@@ -51,13 +50,16 @@ def parse_ops(value: str | None) -> list[str]:
     return ops
 
 
-def parse_backends(value: str) -> list[str]:
-    names = [b.strip() for b in value.split(",") if b.strip()]
-    if not names:
+def parse_backends(value: str, extra: dict | None = None) -> list[str]:
+    """The ``-b`` refs (``NAME[:opt=val,...]``), each checked now -- backend found, options
+    known and well-formed, ``extra`` (option flags such as --rope-cache) declared by it -- so
+    a typo is a usage error before anything runs."""
+    refs = split_backend_list(value)
+    if not refs:
         raise UsageError("no backend given to -b")
-    for name in names:
-        backend_class(name)  # raises UsageError for unknown names and bad references
-    return names
+    for ref in refs:
+        backend_options(parse_ref(ref), extra)
+    return refs
 
 
 def compile_pattern(pattern: str | None) -> re.Pattern | None:
@@ -80,10 +82,12 @@ def select_cases(args, quick: bool = False) -> list[Case]:
     return selected
 
 
-def backend_options(args) -> dict:
+def option_flags(args) -> dict:
+    """Backend options given as flags: ``--rope-cache on|off`` is ``rope_cache=on|off`` for
+    every -b backend (an option in the ref itself wins)."""
     options = {}
     if getattr(args, "rope_cache", None):
-        options["rope_cache"] = args.rope_cache == "on"
+        options["rope_cache"] = args.rope_cache
     return options
 
 
@@ -132,7 +136,7 @@ def record_backend_run(report, backend_name: str, total: int, records, writer, e
 
 def backend_info(name: str, options: dict) -> dict:
     try:
-        backend = make_backend(name, options)
+        backend = open_backend(name, options)
         info = {"name": backend.name, **backend.info()}
         backend.close()
         return info

@@ -1,15 +1,15 @@
-"""Verb ``doctor``: every registered backend, available or why not, its devices and versions."""
+"""Verb ``doctor``: every registered backend, available or why not, its devices, versions and
+the options it takes (with their defaults)."""
 
 from __future__ import annotations
 
 from opbench.errors import UsageError
-from opbench.harness.pool import make_backend
-from opbench.harness.registry import backend_class, registered_names
+from opbench.harness.registry import backend_class, open_backend, registered_names
 
 
 def register(subparsers, common) -> None:
     doctor = subparsers.add_parser("doctor", help="every backend: available or why not,"
-                                   " devices, versions")
+                                   " devices, versions, options")
     doctor.set_defaults(func=cmd_doctor)
 
 
@@ -23,10 +23,19 @@ def cmd_doctor(args) -> int:
         ok, why = cls.available()
         if not ok:
             print(f"{name:8s} unavailable: {why}")
-            continue
-        backend = make_backend(name, {})
-        info = backend.info()
-        backend.close()
-        details = ", ".join(f"{k}={v}" for k, v in info.items())
-        print(f"{name:8s} available  {details}")
+        else:
+            backend = open_backend(name)
+            info = backend.info()
+            backend.close()
+            details = ", ".join(f"{k}={v}" for k, v in info.items())
+            print(f"{name:8s} available  {details}")
+        print_options(cls)
     return 0
+
+
+def print_options(cls: type) -> None:
+    """One line per option: ``-b NAME:opt=val`` sets it."""
+    if not cls.OPTIONS:
+        print(f"{'':8s}   options: none")
+    for option in cls.OPTIONS:
+        print(f"{'':8s}   option {option.describe()}")

@@ -1,9 +1,7 @@
 """Verb ``perf``: time the perf case tables per backend, or two backends interleaved (``--ab``).
 
-A backend reference for ``--ab`` (and ``-b``) may carry options: ``NAME[:opt=val,...]``, e.g.
-``cpu:rope_cache=off``.  A tail after the last ``:`` counts as options only when it holds ``=``,
-so ``path/file.py:Class`` and ``package.module:Class`` keep working (and take options too:
-``path/file.py:Class:opt=val``).
+A backend reference for ``--ab`` (and ``-b``, as in every verb) may carry options:
+``NAME[:opt=val,...]``, e.g. ``cpu:rope_cache=off`` (``opbench.harness.registry``).
 """
 
 from __future__ import annotations
@@ -16,11 +14,11 @@ import sys
 from opbench.errors import UsageError
 from opbench.harness.cases import filter_cases
 from opbench.harness.records import FAILING, new_run_id
-from opbench.harness.registry import backend_class
+from opbench.harness.registry import open_backend, parse_ref
 from opbench.perf import run as perf_mode
 from opbench.perf import timing
 
-from .common import compile_pattern, open_writer, parse_ops, parse_threshold
+from .common import compile_pattern, open_writer, parse_backends, parse_ops, parse_threshold
 
 CSV_FIELDS = ["backend", "device", "op", "case_id", "status", "reason", "n", "median_ns",
               "iqr_ns", "bytes", "flops", "gbps", "gflops", "bound", "fraction_of_ceiling"]
@@ -40,7 +38,7 @@ def register(subparsers, common) -> None:
     p.add_argument("--warmup", type=int, default=timing.DEFAULT_WARMUP,
                    help="untimed calls first (default: %(default)s)")
     p.add_argument("--cold", action="store_true",
-                   help="flush the device cache before every sample (backends with flush_l2)")
+                   help="flush the device cache before every sample (the backend's flush_l2)")
     p.add_argument("--ab", nargs=2, metavar=("A", "B"),
                    help="interleave backend refs A and B (NAME[:opt=val,...]); replaces -b")
     p.add_argument("--threshold", default="5%",
@@ -59,42 +57,16 @@ def register(subparsers, common) -> None:
 
 
 # -- backend references ----------------------------------------------------------------------------
-def _value(text: str):
-    for convert in (int, float):
-        try:
-            return convert(text)
-        except ValueError:
-            pass
-    return text  # "on"/"off" stay strings: backends parse their own flags
-
-
-def split_ref(ref: str) -> tuple[str, dict]:
-    """``cpu:rope_cache=off,jit=0`` -> ("cpu", {"rope_cache": "off", "jit": 0})."""
-    head, sep, tail = ref.rpartition(":")
-    if not sep or "=" not in tail:
-        return ref, {}
-    options = {}
-    for item in tail.split(","):
-        key, eq, value = item.partition("=")
-        if not eq or not key.strip():
-            raise UsageError(f"backend {ref!r}: option {item!r} is not opt=value")
-        options[key.strip()] = _value(value.strip())
-    return head, options
-
-
-def open_backend(ref: str):
+def open_for_timing(ref: str):
     """(backend, None) ready for ops, or (None, why it is unavailable)."""
-    name, options = split_ref(ref)
-    cls = backend_class(name)
-    ok, why = cls.available()
+    parsed = parse_ref(ref)
+    ok, why = parsed.cls.available()
     if not ok:
         return None, why
     try:
-        backend = cls(**options)
+        return open_backend(parsed), None
     except (TypeError, ValueError) as exc:
         raise UsageError(f"backend {ref!r}: {exc}") from None
-    backend.devices(1)
-    return backend, None
 
 
 # -- selection and options -------------------------------------------------------------------------
@@ -207,11 +179,8 @@ def cmd_perf(args) -> int:
         raise UsageError("perf times one case at a time on one device: drop -j/--devices")
     show = PerfOutput(args.output)
     cases = select_perf_cases(args)
-    refs = list(args.ab) if args.ab else [b.strip() for b in args.backend.split(",") if b.strip()]
-    if not refs:
-        raise UsageError("no backend given to -b")
-    for ref in refs:
-        backend_class(split_ref(ref)[0])  # unknown names are usage errors before any timing
+    # unknown names and options are usage errors before any timing
+    refs = [parse_ref(ref).text for ref in args.ab] if args.ab else parse_backends(args.backend)
     threshold = parse_threshold(args.threshold) if args.ab else None
     if args.ab and not 0 < args.quantile < 1:
         raise UsageError(f"--quantile {args.quantile} must be between 0 and 1")
@@ -244,7 +213,7 @@ def _emit(record: dict, writer, show: PerfOutput, side: str = "") -> bool:
 
 
 def _run_backend(ref, cases, options, run_id, writer, show) -> bool:
-    backend, why = open_backend(ref)
+    backend, why = open_for_timing(ref)
     if backend is None:
         show.header(f"Backend {ref}: skipped ({why})")
         return False
@@ -270,7 +239,7 @@ def _run_ab(refs, cases, options, run_id, writer, show, threshold, quantile) -> 
     sides = {}
     try:
         for label, ref in zip(labels, refs):
-            backend, why = open_backend(ref)
+            backend, why = open_for_timing(ref)
             if backend is None:
                 raise UsageError(f"--ab: backend {ref} is unavailable: {why}")
             sides[label] = backend

@@ -6,7 +6,7 @@ from opbench.errors import UsageError
 from opbench.harness.records import environment, new_run_id
 from opbench.harness.registry import backend_class
 from opbench.harness.scenario.config import ScenarioSpec
-from opbench.harness.scenario.matrix import matrix, run_specs
+from opbench.harness.scenario.matrix import matrix, run_specs, specs_for
 from opbench.harness.scenario.splits import SPLITS
 
 from . import output
@@ -104,5 +104,6 @@ def _run_backend(name, specs, jobs, run_id, writer, report) -> bool:
         report.skipped_backend(cls.name, why)
         return False
     env = environment({"name": cls.name})
+    specs = specs_for(name, specs)
     return record_backend_run(report, cls.name, len(specs), run_specs(name, specs, run_id, jobs),
                               writer, env)

@@ -5,8 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 from opbench.harness.ops import support
-from opbench.harness.pool import make_backend
-from opbench.harness.registry import backend_class
+from opbench.harness.registry import backend_class, open_backend
 
 from . import output
 from .common import parse_backends, parse_ops, select_cases
@@ -25,7 +24,7 @@ def cmd_support(args) -> int:
     for name in names:
         cls = backend_class(name)
         ok, why = cls.available()
-        backend = make_backend(name, {}) if ok else None
+        backend = open_backend(name) if ok else None
         for op in parse_ops(args.op):
             op_cases = [c for c in cases if c.op == op]
             rows.append(_support_row(cls.name, op, op_cases, backend, why))

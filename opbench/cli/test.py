@@ -13,9 +13,9 @@ from opbench.harness.registry import backend_class
 from . import output
 from .common import (
     backend_info,
-    backend_options,
     check_common,
     open_writer,
+    option_flags,
     parse_backends,
     record_backend_run,
     select_cases,
@@ -41,7 +41,7 @@ def register(subparsers, common) -> None:
 
 
 def iter_records(name: str, args, cases: list[Case], run_id: str) -> Iterator[dict]:
-    options = backend_options(args)
+    options = option_flags(args)
     if args.jobs > 1 or getattr(args, "isolate", False):
         yield from run_in_workers(name, backend_class(name).name, options, cases, args.seed,
                                   run_id, args.jobs, args.timeout)
@@ -51,7 +51,7 @@ def iter_records(name: str, args, cases: list[Case], run_id: str) -> Iterator[di
 
 def cmd_test(args) -> int:
     check_common(args)
-    names = parse_backends(args.backend)
+    names = parse_backends(args.backend, option_flags(args))
     cases = select_cases(args, quick=args.quick)
     if not cases:
         raise UsageError("no case matches the given -o/-p")
@@ -75,6 +75,6 @@ def _test_backend(name, args, cases, run_id, writer, report) -> bool:
     if not ok:
         report.skipped_backend(cls.name, why)
         return False
-    env = environment(backend_info(name, backend_options(args)))
+    env = environment(backend_info(name, option_flags(args)))
     return record_backend_run(report, cls.name, len(cases),
                               iter_records(name, args, cases, run_id), writer, env)

@@ -14,27 +14,21 @@ from multiprocessing.connection import wait
 from typing import Any, Iterator
 
 from .cases import Case
-from .registry import backend_class
+from .registry import device_label, first_device, open_backend
 from .runner import KnownFailures, base_record, run_case
 
 
 def make_backend(backend_ref: str, options: dict[str, Any]):
-    cls = backend_class(backend_ref)
-    backend = cls(**options)
-    backend.devices(1)
-    return backend
-
-
-def _device_name(backend) -> str:
-    devices = getattr(backend, "_devices", None) or [None]
-    return str(devices[0]) if devices[0] is not None else f"{backend.name}:0"
+    """The backend ``backend_ref`` names (options in the ref win over ``options``), on one
+    device."""
+    return open_backend(backend_ref, options)
 
 
 def _worker(conn, backend_ref: str, options: dict, run_seed: int, run_id: str) -> None:
     backend = make_backend(backend_ref, options)
     known = KnownFailures(backend.known_failures())
-    name = _device_name(backend)
-    device = backend._devices[0] if getattr(backend, "_devices", None) else None
+    name = device_label(backend)
+    device = first_device(backend)
     while True:
         case = conn.recv()
         if case is None:
@@ -48,8 +42,8 @@ def run_inline(backend_ref: str, options: dict, cases: list[Case], run_seed: int
                run_id: str) -> Iterator[dict]:
     backend = make_backend(backend_ref, options)
     known = KnownFailures(backend.known_failures())
-    device = backend._devices[0] if getattr(backend, "_devices", None) else None
-    name = _device_name(backend)
+    device = first_device(backend)
+    name = device_label(backend)
     try:
         for case in cases:
             yield run_case(backend, case, run_seed=run_seed, device=device, device_name=name,

@@ -1,34 +1,152 @@
-"""Backend lookup: built-in names, the ``opbench.backends`` entry point group, or a direct
-``package.module:Class`` / ``path/to/file.py:Class`` reference (a kernel under development)."""
+"""Backend lookup and construction: every verb, the pytest suites and ``opbench doctor`` open
+a backend through ``open_backend(ref)``.
+
+A reference is a registered name (the ``opbench.backends`` entry points in pyproject.toml: the
+one list of backends), ``package.module:Class`` or ``path/to/file.py:Class`` (a kernel under
+development), optionally followed by options: ``NAME[:opt=val,...]``, e.g.
+``cpu:rope_cache=off`` or ``path/file.py:Class:opt=val``.  A tail after the last ``:`` counts
+as options only when it holds ``=``.  Option values are parsed by the backend's declared
+``OPTIONS`` (``opbench.protocol.Option``); an unknown name or a bad value is a usage error
+listing the valid options.
+"""
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
 import sys
+from dataclasses import dataclass, field
+from functools import lru_cache
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import Any
 
 from opbench.errors import UsageError
-from opbench.protocol import Backend
+from opbench.protocol import Backend, parse_options
 
-BUILTIN = {
-    "cpu": "opbench.backends.cpu:CpuBackend",
-    "torch": "opbench.backends.torch_backend:TorchBackend",
-    "ggml": "opbench.backends.ggml_backend:GgmlBackend",
-    "triton": "opbench.backends.triton:TritonBackend",
-    "cupy": "opbench.backends.cupy:CupyBackend",
-    "cupy-emu": "opbench.backends.cupy.emulator:CupyEmulatorBackend",
-}
+GROUP = "opbench.backends"
+#: where the entry points are declared, read directly when opbench runs uninstalled
+PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
+
+
+@lru_cache(maxsize=1)
+def registered() -> dict[str, str]:
+    """Registered name -> ``package.module:Class``, in declaration order."""
+    found = {ep.name: ep.value for ep in entry_points(group=GROUP)}
+    return found or _declared_in_pyproject()
+
+
+def _declared_in_pyproject() -> dict[str, str]:
+    try:
+        import tomllib  # Python 3.11+
+    except ImportError:
+        return {}
+    if not PYPROJECT.is_file():
+        return {}
+
+    with PYPROJECT.open("rb") as file:
+        table = tomllib.load(file)
+    return dict(table.get("project", {}).get("entry-points", {}).get(GROUP, {}))
 
 
 def registered_names() -> list[str]:
-    names = dict.fromkeys(BUILTIN)
-    for ep in entry_points(group="opbench.backends"):
-        names.setdefault(ep.name, None)
-    return list(names)
+    return list(registered())
 
 
+# -- references --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BackendRef:
+    """A parsed ``-b`` value: the text as given, the class it names, its option strings."""
+
+    text: str
+    target: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def cls(self) -> type:
+        return backend_class(self.target)
+
+
+def _value(text: str) -> Any:
+    """A number where the text is one; the declared Option parses every value in the end."""
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    return text
+
+
+def split_ref(ref: str) -> tuple[str, dict[str, Any]]:
+    """``cpu:rope_cache=off,jit=0`` -> ("cpu", {"rope_cache": "off", "jit": 0})."""
+    head, sep, tail = ref.rpartition(":")
+    if not sep or "=" not in tail:
+        return ref, {}
+    options = {}
+    for item in tail.split(","):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise UsageError(f"backend {ref!r}: option {item!r} is not opt=value")
+        options[key.strip()] = _value(value.strip())
+    return head, options
+
+
+def split_backend_list(value: str) -> list[str]:
+    """A ``-b`` list: comma separated refs, where an item holding ``=`` but no ``:`` continues
+    the previous ref's options (``cpu:rope_cache=off,jit=0,torch`` is two refs)."""
+    refs: list[str] = []
+    for item in (part.strip() for part in value.split(",")):
+        if not item:
+            continue
+        if refs and "=" in item and ":" not in item and "=" in refs[-1]:
+            refs[-1] += "," + item
+        else:
+            refs.append(item)
+    return refs
+
+
+def parse_ref(ref: str) -> BackendRef:
+    """The reference resolved (class found, options checked), or a UsageError."""
+    target, options = split_ref(ref.strip())
+    parsed = BackendRef(ref.strip(), target, options)
+    backend_options(parsed)
+    return parsed
+
+
+def backend_options(ref: BackendRef, extra: dict | None = None) -> dict:
+    """The ref's options over ``extra`` (e.g. ``--rope-cache`` sugar), parsed and complete;
+    a UsageError naming the valid options for an unknown name or a bad value."""
+    cls = ref.cls
+    given = {**(extra or {}), **ref.options}
+    try:
+        return parse_options(cls.name, cls.OPTIONS, given)
+    except ValueError as exc:
+        raise UsageError(f"backend {ref.text!r}: {exc}") from None
+
+
+def open_backend(ref: str | BackendRef, extra: dict | None = None, devices: int = 1
+                 ) -> Backend:
+    """The backend ``ref`` names, made with its options (over ``extra``), ``devices(n)`` called.
+    Raises UsageError for a bad reference or option; the backend's own errors otherwise (an
+    unavailable backend: check ``ref.cls.available()`` first)."""
+    parsed = parse_ref(ref) if isinstance(ref, str) else ref
+    backend = parsed.cls(**backend_options(parsed, extra))
+    backend.devices(devices)
+    return backend
+
+
+def first_device(backend: Backend) -> Any:
+    """The device single-device runs use: the first one ``devices(n)`` made (None if none)."""
+    devices = backend.device_list()
+    return devices[0] if devices else None
+
+
+def device_label(backend: Backend) -> str:
+    device = first_device(backend)
+    return str(device) if device is not None else f"{backend.name}:0"
+
+
+# -- classes -----------------------------------------------------------------------------------
 def _load_file_class(path: str, class_name: str) -> type:
     file = Path(path)
     if not file.is_file():
@@ -61,14 +179,13 @@ def _load_reference(ref: str) -> type:
     return _class_from(module, class_name, target)
 
 
-def backend_class(name: str) -> type:
-    """Resolve a -b value to a Backend subclass, or raise UsageError naming the choices."""
+def backend_class(ref: str) -> type:
+    """Resolve a -b value (options allowed, ignored here) to a Backend subclass, or raise
+    UsageError naming the choices."""
+    name, _ = split_ref(ref)
+    if name in registered():
+        return _load_reference(registered()[name])
     if ":" in name:
         return _load_reference(name)
-    if name in BUILTIN:
-        return _load_reference(BUILTIN[name])
-    for ep in entry_points(group="opbench.backends"):
-        if ep.name == name:
-            return ep.load()
     raise UsageError(f"unknown backend {name!r}; choose from {', '.join(registered_names())}"
                      " or give package.module:Class or path/file.py:Class")

@@ -23,6 +23,7 @@ import numpy as np
 from opbench.harness.cases import PERF_SIZES, Case, Inputs
 from opbench.harness.ops import SPECS, support
 from opbench.harness.records import case_record, environment
+from opbench.harness.registry import device_label, first_device
 from opbench.harness.runner import allocate_output
 
 from . import timing
@@ -57,13 +58,11 @@ class Prepared:
 
 
 def device_of(backend) -> Any:
-    devices = getattr(backend, "_devices", None) or [None]
-    return devices[0]
+    return first_device(backend)
 
 
 def device_name(backend) -> str:
-    device = device_of(backend)
-    return str(device) if device is not None else f"{backend.name}:0"
+    return device_label(backend)
 
 
 def prepare(backend, case: Case, seed: int = 0) -> Prepared:
@@ -115,8 +114,8 @@ def perf_record(label: str, backend, case: Case, status: str, run_id: str, *,
 
 def refusal(backend, case: Case) -> str | None:
     """Why ``case`` cannot be timed on ``backend``, or None."""
-    if getattr(backend, "is_interpreter", False):
-        return getattr(backend, "interpreter_reason", INTERPRETER_REASON)
+    if backend.is_interpreter:
+        return backend.interpreter_reason or INTERPRETER_REASON
     supported = support(backend, case)
     return None if supported is True else str(supported)
 

@@ -52,10 +52,11 @@ class Subject:
 
 
 def backend_subject(backend, fn: Callable[[], None], device=None, *, cold: bool = False) -> Subject:
-    """A Subject for ``fn`` on ``backend``: its synchronize, its timer() if it has one, and
-    with ``cold=True`` its ``flush_l2()`` (when it defines one) before every sample."""
-    timer = backend.timer() if hasattr(backend, "timer") else None
-    flush = getattr(backend, "flush_l2", None) if cold else None
+    """A Subject for ``fn`` on ``backend``: its synchronize, its timer() (None: the host
+    clock), and with ``cold=True`` its ``flush_l2()`` before every sample (the protocol's
+    default flushes nothing)."""
+    timer = backend.timer()
+    flush = backend.flush_l2 if cold else None
     return Subject(fn, lambda: backend.synchronize(device), timer, flush)
 
 

@@ -22,7 +22,7 @@ from opbench.harness.contracts import run_copy_async_contract
 from opbench.harness.ops import SPECS
 from opbench.harness.runner import run_case
 from opbench.harness.scenario.config import ScenarioSpec
-from opbench.harness.scenario.judge import backend_options, run_scenario
+from opbench.harness.scenario.judge import run_scenario, scenario_options
 from opbench.harness.scenario.matrix import matrix, unsupported
 from opbench.protocol import AttnParams, PagedKV, RopeParams
 from opbench.reference import attention as attn_ref
@@ -176,7 +176,7 @@ SMALL_MATRIX = [dict(split=split, devices=devices, graph_reuse=graph, evict=evic
 @pytest.mark.parametrize("rope_cache", [True, False])
 def test_scenarios_match_the_float64_model(backend_class, axes, rope_cache):
     spec = ScenarioSpec(rope_cache=rope_cache, layers=6, steps=4, **axes)
-    b = backend_class(**backend_options(spec))
+    b = backend_class(**scenario_options(spec))
     try:
         assert unsupported(b, spec) is None
         result = run_scenario(b, spec)
@@ -190,7 +190,7 @@ def test_scenarios_match_the_float64_model(backend_class, axes, rope_cache):
 def test_full_scenario_matrix(backend_class):
     failures = []
     for spec in matrix():
-        b = backend_class(**backend_options(spec))
+        b = backend_class(**scenario_options(spec))
         try:
             result = run_scenario(b, spec)
         finally:
@@ -256,7 +256,7 @@ def test_bad_slot_raises_on_synchronize(backend_class):
 def test_timer_and_l2_flush(backend):
     x = backend.to_device(np.ones(1 << 22, np.float32))
     out = backend.empty((1 << 22,), np.float16)
-    backend.l2_flush()
+    backend.flush_l2()
     ns = backend.timer()(lambda: backend.cpy(x, out, (0,), 1))
     assert 0 < ns < 1e9
 
@@ -268,3 +268,34 @@ def test_bf16_round_trips_bit_exactly(backend):
     back = backend.to_host(backend.to_device(host))
     assert back.dtype == host.dtype
     np.testing.assert_array_equal(back.view(np.uint16), host.view(np.uint16))
+
+
+@pytest.mark.skipif(not EMULATED, reason=f"cupy emulator unavailable: {EMULATED_WHY}")
+def test_cold_timing_flushes_l2_before_every_sample_on_the_emulator(monkeypatch):
+    """perf --cold's subject (timing.backend_subject) on cupy: the flush -- a memset over a
+    buffer of twice the L2 -- is issued before each timed kernel, never during warm-up."""
+    from opbench.backends.cupy.emulator import fake_cupy
+    from opbench.perf import timing
+
+    issued = []
+    memset, launch = fake_cupy.cuda.runtime.memsetAsync, fake_cupy.Function.__call__
+    monkeypatch.setattr(fake_cupy.cuda.runtime, "memsetAsync", lambda ptr, value, nbytes, s: (
+        issued.append(("memset", nbytes)), memset(ptr, value, nbytes, s))[1])
+    monkeypatch.setattr(fake_cupy.Function, "__call__", lambda self, *a, **k: (
+        issued.append(("kernel", self.kernel.name)), launch(self, *a, **k))[1])
+    b = CupyEmulatorBackend()
+    try:
+        dev = b.devices(1)[0]
+        x = b.to_device(np.ones(1024, np.float32))
+        out = b.empty((1024,), np.float16)
+        fn = lambda: b.cpy(x, out, (0,), 1)  # noqa: E731
+        subject = timing.backend_subject(b, fn, dev, cold=True)
+        timing.measure(fn, sync=subject.sync, timer=subject.timer, flush=subject.flush,
+                       warmup=2, budget_ms=0, min_samples=4, max_samples=4)
+    finally:
+        b.close()
+    flush = ("memset", plan.l2_flush_bytes(dev.l2_bytes))
+    kernels = [item for item in issued if item[0] == "kernel"]
+    assert len(kernels) == 6 and issued.count(flush) == 4
+    timed = issued[issued.index(flush):]
+    assert timed == [flush, kernels[0]] * 4  # one flush before every timed sample

@@ -437,11 +437,11 @@ def test_every_scenario_split_drives_the_backend_through_valid_launches(backend,
     results themselves are not judged here (test_cupy_backend.py judges them, on the emulator
     and on a GPU)."""
     from opbench.harness.scenario.config import ScenarioSpec
-    from opbench.harness.scenario.judge import backend_options, run_scenario
+    from opbench.harness.scenario.judge import run_scenario, scenario_options
 
     spec = ScenarioSpec(split=split, devices=1 if split == "none" else 3, graph_reuse=True,
                         evict=True, delay=True, layers=3, steps=3)
-    b = CupyBackend(**backend_options(spec))
+    b = CupyBackend(**scenario_options(spec))
     result = run_scenario(b, spec)
     assert result.error is None
     assert_launches_match_signatures({"rope_kernel", "attn_fwd", "set_rows_kernel",
@@ -449,7 +449,7 @@ def test_every_scenario_split_drives_the_backend_through_valid_launches(backend,
 
 
 def test_timer_flush_and_strided_readback(backend):
-    backend.l2_flush(0)
+    backend.flush_l2(0)
     assert backend._flush_buffers[0].nbytes == plan.l2_flush_bytes(50 << 20)
     assert backend.timer(0)(lambda: None) == 1e6  # the fake's 1 ms, in ns
     store = backend.to_device(np.zeros((4, 2, 3), np.float32))

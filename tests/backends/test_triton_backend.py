@@ -204,12 +204,12 @@ def test_scenario_runs_through_the_triton_kernels(name):
     rotations and merges are Triton launches."""
     require_triton()
     from opbench.harness.scenario.config import ScenarioSpec
-    from opbench.harness.scenario.judge import backend_options, run_scenario
+    from opbench.harness.scenario.judge import run_scenario, scenario_options
 
     (split, devices, graph_reuse), expected = SCENARIOS[name]
     spec = ScenarioSpec(split=split, devices=devices, evict=True, graph_reuse=graph_reuse,
                         delay=True, layers=2, steps=2)
-    backend = _LaunchCounter(mode="interpreter", **backend_options(spec))
+    backend = _LaunchCounter(mode="interpreter", **scenario_options(spec))
     try:
         result = run_scenario(backend, spec)
     finally:

@@ -147,11 +147,11 @@ def engine_with(bug, split: str):
 # -- which axes catch what ------------------------------------------------------------------------
 def run_bug(bug, spec):
     """One scenario with the bug in; returns the ScenarioResult."""
-    from opbench.harness.scenario.judge import backend_options, run_scenario
+    from opbench.harness.scenario.judge import run_scenario, scenario_options
 
     backend_cls = bug if bug in BACKEND_BUGS else CpuBackend
     engine_cls = engine_with(bug, spec.split) if bug in ENGINE_BUGS else None
-    backend = backend_cls(**backend_options(spec))
+    backend = backend_cls(**scenario_options(spec))
     try:
         return run_scenario(backend, spec, engine_cls)
     finally:

@@ -18,7 +18,7 @@ from scenario_bugs import (
 
 from opbench.backends.cpu import CpuBackend
 from opbench.harness.scenario.config import ScenarioSpec as S
-from opbench.harness.scenario.judge import backend_options, run_scenario
+from opbench.harness.scenario.judge import run_scenario, scenario_options
 
 # bug -> (specs that must catch it, with the (step, layer) it first shows at; specs that must not)
 ZOO = {
@@ -79,7 +79,7 @@ def test_bug_is_invisible_where_its_axis_is_off(bug, spec):
 @pytest.mark.parametrize("spec", sorted({e[0] for entries in ZOO.values() for e in entries[0]},
                                         key=lambda s: s.id), ids=lambda s: s.id)
 def test_real_backend_passes_the_runs_that_catch_bugs(spec):
-    backend = CpuBackend(**backend_options(spec))
+    backend = CpuBackend(**scenario_options(spec))
     try:
         assert run_scenario(backend, spec).ok
     finally:

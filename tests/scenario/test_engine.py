@@ -11,7 +11,7 @@ import pytest
 from opbench.backends.cpu import CpuBackend
 from opbench.harness.scenario.config import ScenarioSpec
 from opbench.harness.scenario.engine import Readout
-from opbench.harness.scenario.judge import backend_options, judge_step, run_scenario
+from opbench.harness.scenario.judge import judge_step, run_scenario, scenario_options
 from opbench.harness.scenario.matrix import matrix, unsupported
 from opbench.harness.scenario.model import StepResult
 from opbench.protocol import Backend
@@ -27,7 +27,7 @@ SPECS = [
 
 
 def _run(spec, backend_cls=CpuBackend):
-    backend = backend_cls(**backend_options(spec))
+    backend = backend_cls(**scenario_options(spec))
     try:
         return run_scenario(backend, spec), backend
     finally:

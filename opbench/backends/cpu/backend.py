@@ -16,6 +16,7 @@ import numpy as np
 from opbench.protocol import (
     AttnParams,
     Backend,
+    Option,
     RopeParams,
     numpy_dtype,
 )
@@ -42,23 +43,24 @@ CHECKS = ArgChecks(index_dtypes=("int32", "int64"))
 
 
 class CpuBackend(ScenarioOpsMixin, Backend):
-    """Options: ``rope_cache=True``; ``jit=True`` (numba loops where NumPy needs several passes,
-    only if numba is installed); ``delay=False`` (seeded random sleeps before every queued
-    item, fault injection), ``delay_seed=0``, ``delay_max_ms=2.0``."""
+    """NumPy kernels on logical devices with worker-thread streams; options: ``OPTIONS``."""
 
     name = "cpu"
-    OPTIONS = ("rope_cache", "jit", "delay", "delay_seed", "delay_max_ms")
+    OPTIONS = (
+        Option("rope_cache", bool, True, "sin/cos table per device and RoPE parameters"),
+        Option("jit", bool, True, "numba loops where NumPy needs several passes (if numba is"
+               " installed)"),
+        Option("delay", bool, False, "fault injection: a seeded random sleep before every"
+               " queued item"),
+        Option("delay_seed", int, 0, "seed of the delays"),
+        Option("delay_max_ms", float, 2.0, "longest delay"),
+    )
 
     def __init__(self, **options: Any) -> None:
-        unknown = sorted(set(options) - set(self.OPTIONS))
-        if unknown:
-            raise ValueError(f"unknown cpu backend option(s) {unknown}; known: {self.OPTIONS}")
         super().__init__(**options)
-        self.rope_cache = _flag("rope_cache", options.get("rope_cache", True))
-        self.delay = _flag("delay", options.get("delay", False))
-        self.jit = _flag("jit", options.get("jit", True))
-        self.delay_seed = int(options.get("delay_seed", 0))
-        self.delay_max_ms = float(options.get("delay_max_ms", 2.0))
+        opts = self.options
+        self.rope_cache, self.jit, self.delay = opts["rope_cache"], opts["jit"], opts["delay"]
+        self.delay_seed, self.delay_max_ms = opts["delay_seed"], opts["delay_max_ms"]
         if self.delay_max_ms < 0:
             raise ValueError(f"delay_max_ms={self.delay_max_ms} must be >= 0")
         self._devices: list[Device] = []
@@ -288,16 +290,4 @@ class CpuBackend(ScenarioOpsMixin, Backend):
     def _same_device(self, op: str, **arrays: Any) -> Device:
         """The device owning every given array; DeviceMismatchError naming both otherwise."""
         return same_owner(op, self._owner, arrays, DeviceMismatchError)
-
-
-def _flag(name: str, value: Any) -> bool:
-    """A boolean option; strings from a command line ("on", "off", "0", ...) are accepted."""
-    if isinstance(value, str):
-        words = {"1": True, "true": True, "on": True, "yes": True,
-                 "0": False, "false": False, "off": False, "no": False}
-        if value.lower() not in words:
-            raise ValueError(f"{name}={value!r} must be on/off (or true/false, 1/0)")
-        return words[value.lower()]
-    return bool(value)
-
 

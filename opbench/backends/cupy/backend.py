@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from opbench.protocol import AttnParams, Backend, RopeParams
+from opbench.protocol import AttnParams, Backend, Option, RopeParams
 
 from ..arg_checks import same_owner
 from . import checks, plan
@@ -47,26 +47,30 @@ def _i64(v: int) -> np.int64:
 
 
 class CupyBackend(GraphMixin, ScenarioOpsMixin, Backend):
-    """Options: ``rope_cache=True``, ``rope_cache_rows=8192`` (positions past it are computed
-    directly); ``delay=False`` (a seeded random spin kernel of up to ``delay_max_ms`` before
-    every op: fault injection), ``delay_seed=0``; ``sync_each_launch=False`` (debug: wait for
-    and check every kernel right after its launch)."""
+    """CUDA kernels through cupy; the options below (``OPTIONS``)."""
 
     name = "cupy"
-    OPTIONS = ("rope_cache", "rope_cache_rows", "delay", "delay_seed", "delay_max_ms",
-               "sync_each_launch")
+    OPTIONS = (
+        Option("rope_cache", bool, True, "sin/cos table per device and RoPE parameters"),
+        Option("rope_cache_rows", int, 8192, "positions the table holds (later ones are"
+               " computed directly)"),
+        Option("delay", bool, False, "fault injection: a seeded random spin kernel before"
+               " every op"),
+        Option("delay_seed", int, 0, "seed of the delays"),
+        Option("delay_max_ms", float, 2.0, "longest delay"),
+        Option("sync_each_launch", bool, False, "debug: wait for and check every kernel right"
+               " after its launch"),
+    )
 
     def __init__(self, **options: Any) -> None:
-        unknown = sorted(set(options) - set(self.OPTIONS))
-        if unknown:
-            raise ValueError(f"unknown cupy backend option(s) {unknown}; known: {self.OPTIONS}")
         super().__init__(**options)
-        self.rope_cache = bool(options.get("rope_cache", True))
-        self.rope_cache_rows = plan.rope_cache_rows(int(options.get("rope_cache_rows", 8192)))
-        self.delay = bool(options.get("delay", False))
-        self.delay_max_ms = float(options.get("delay_max_ms", 2.0))
-        self.sync_each_launch = bool(options.get("sync_each_launch", False))
-        self._rng = random.Random(int(options.get("delay_seed", 0)))
+        opts = self.options
+        self.rope_cache = opts["rope_cache"]
+        self.rope_cache_rows = plan.rope_cache_rows(opts["rope_cache_rows"])
+        self.delay = opts["delay"]
+        self.delay_max_ms = opts["delay_max_ms"]
+        self.sync_each_launch = opts["sync_each_launch"]
+        self._rng = random.Random(opts["delay_seed"])
         self._devices: list[CupyDevice] = []
         self._modules: dict[tuple[int, str], Any] = {}
         self._flush_buffers: dict[int, Any] = {}
@@ -293,7 +297,7 @@ class CupyBackend(GraphMixin, ScenarioOpsMixin, Backend):
         self._launch(stream, kernel, "spin_kernel", plan.Launch((1, 1, 1), (1, 1, 1)),
                      (_i64(int(ms * 1e6)),), delay=False)
 
-    def l2_flush(self, device: Any = None) -> None:
+    def flush_l2(self, device: Any = None) -> None:
         """Overwrite a buffer of twice the L2 size on the device's stream (cold caches)."""
         dev = self.device(device)
         cupy = self._cupy()

@@ -28,6 +28,7 @@ import numpy as np
 from opbench.backends.cpu import CpuBackend
 from opbench.backends.cpu.backend import CHECKS
 from opbench.backends.cpu.runtime import plain
+from opbench.protocol import Option
 
 from . import index_checks
 
@@ -102,7 +103,15 @@ class TritonBackend(CpuBackend):
     ``split_len`` (keys per decode split), and ``decode_split`` (False: always flash)."""
 
     name = "triton"
-    OPTIONS = CpuBackend.OPTIONS + ("mode", "decode_split") + TILE_OPTIONS
+    OPTIONS = CpuBackend.OPTIONS + (
+        Option("mode", str, "auto", "where kernels run: a GPU (cuda) or Triton's interpreter",
+               MODES),
+        Option("decode_split", bool, True, "split-KV decode kernel for one query per sequence"
+               " (off: always flash)"),
+        Option("block_m", int, None, "attention tile: query rows per program"),
+        Option("block_n", int, None, "attention tile: keys per inner step"),
+        Option("split_len", int, None, "keys per decode split"),
+    )
 
     @classmethod
     def available(cls) -> tuple[bool, str]:
@@ -116,9 +125,10 @@ class TritonBackend(CpuBackend):
         ok, reason = self.available()
         if not ok:
             raise RuntimeError(reason)
-        self.mode = resolve_mode(options.get("mode", "auto"))
-        self.tiles = {name: int(options[name]) for name in TILE_OPTIONS if name in options}
-        self.decode_split = bool(options.get("decode_split", True))
+        self.mode = resolve_mode(self.options["mode"])
+        self.tiles = {name: self.options[name] for name in TILE_OPTIONS
+                      if self.options[name] is not None}
+        self.decode_split = self.options["decode_split"]
         (self.k_rope, self.k_attention, self.k_kv, self.k_copy) = load_kernels(self.mode)
         self._cuda = None
         if self.mode == "cuda":

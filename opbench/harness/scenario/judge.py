@@ -97,7 +97,8 @@ def oracle_run(cfg: ModelConfig, evict: bool) -> tuple[Weights, list[StepPlan], 
     return weights, plans, run_oracle(cfg, weights, plans)
 
 
-def backend_options(spec: ScenarioSpec) -> dict:
+def scenario_options(spec: ScenarioSpec) -> dict:
+    """The backend options a scenario's toggles set (rope_cache; delay and its seed)."""
     options = {"rope_cache": spec.rope_cache}
     if spec.delay:
         options.update(delay=True, delay_seed=spec.seed, delay_max_ms=DELAY_MAX_MS)
@@ -106,7 +107,7 @@ def backend_options(spec: ScenarioSpec) -> dict:
 
 def run_scenario(backend, spec: ScenarioSpec, engine_cls: type[Engine] | None = None,
                  tol: ScenarioTolerance = TOLERANCE) -> ScenarioResult:
-    """Drive ``backend`` (made with ``backend_options(spec)``) through every step; stop at the
+    """Drive ``backend`` (made with ``scenario_options(spec)``) through every step; stop at the
     first divergence (later steps would only repeat it)."""
     cfg = spec.config()
     weights, plans, expected = oracle_run(cfg, spec.evict)

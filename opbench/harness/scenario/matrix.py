@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import multiprocessing as mp
 import time
@@ -12,9 +13,9 @@ from concurrent.futures import ProcessPoolExecutor
 from opbench.protocol import Backend
 
 from ..records import make_record
-from ..registry import backend_class
+from ..registry import backend_options, open_backend, parse_ref
 from .config import ScenarioSpec
-from .judge import backend_options, run_scenario
+from .judge import run_scenario, scenario_options
 from .splits import SPLITS
 
 TOGGLES = ("rope_cache", "graph_reuse", "evict", "delay")
@@ -61,17 +62,38 @@ def unsupported(backend: Backend, spec: ScenarioSpec) -> str | None:
 
 def scenario_record(backend_ref: str, spec: ScenarioSpec, run_id: str, engine_cls=None) -> dict:
     """Run one scenario on a fresh backend instance and describe it as a result record."""
-    cls = backend_class(backend_ref)
+    ref = parse_ref(backend_ref)
+    cls = ref.cls
     fields = dict(kind="scenario", backend=cls.name, op="SCENARIO", case_id=spec.id,
                   run_id=run_id, params=spec.as_dict(), dtype="f32")
     try:
-        backend = cls(**backend_options(spec))
+        backend = open_backend(ref, declared_options(cls, scenario_options(spec)))
     except (TypeError, ValueError) as exc:
         return make_record(status="UNSUPPORTED", reason=f"backend options: {exc}", **fields)
     try:
         return _run_record(backend, spec, fields, engine_cls)
     finally:
         backend.close()
+
+
+def declared_options(cls: type, options: dict) -> dict:
+    """The scenario's toggles that ``cls`` takes as options (a backend without a RoPE cache
+    runs the rope_cache=off and =on scenarios alike)."""
+    names = {option.name for option in cls.OPTIONS}
+    return {name: value for name, value in options.items() if name in names}
+
+
+def specs_for(backend_ref: str, specs: list[ScenarioSpec]) -> list[ScenarioSpec]:
+    """The scenarios as ``backend_ref`` runs them: a toggle set in the ref
+    (``cpu:rope_cache=off``) replaces the spec's, so ids say what ran (duplicates dropped)."""
+    ref = parse_ref(backend_ref)
+    values = backend_options(ref)
+    fixed = {name: values[name] for name in ("rope_cache", "delay") if name in ref.options}
+    unique: dict[str, ScenarioSpec] = {}
+    for spec in specs:
+        spec = dataclasses.replace(spec, **fixed) if fixed else spec
+        unique.setdefault(spec.id, spec)
+    return list(unique.values())
 
 
 def _run_record(backend, spec: ScenarioSpec, fields: dict, engine_cls) -> dict:
