@@ -39,6 +39,16 @@ def common_options() -> argparse.ArgumentParser:
     return common
 
 
+def isolation_options(parser: argparse.ArgumentParser, item: str, timeout: float) -> None:
+    """--isolate and --timeout of a verb whose items (cases, scenarios) may run in workers."""
+    parser.add_argument("--isolate", action="store_true",
+                        help="run each backend in child processes: a crash or hang becomes a"
+                             f" CRASH/TIMEOUT record for that {item} and the run goes on")
+    parser.add_argument("--timeout", type=float, default=timeout,
+                        help=f"per-{item} limit in seconds with --isolate or -j"
+                             f" (default {timeout:g})")
+
+
 # -- selection -------------------------------------------------------------------------------
 def parse_ops(value: str | None) -> list[str]:
     if not value:

@@ -10,13 +10,21 @@ from opbench.harness.scenario.matrix import matrix, run_specs, specs_for
 from opbench.harness.scenario.splits import SPLITS
 
 from . import output
-from .common import compile_pattern, open_writer, parse_backends, record_backend_run
+from .common import (
+    compile_pattern,
+    isolation_options,
+    open_writer,
+    parse_backends,
+    record_backend_run,
+)
 
 EPILOG = """examples:
   opbench scenario --split layer --devices 3 --evict on
   opbench scenario --split zigzag --devices 4 --graph-reuse on --delay on --steps 6
   opbench scenario --matrix -j 2 --results runs/scenarios.jsonl
   opbench scenario --matrix -p 'split=zigzag.*evict=on'
+  opbench scenario --matrix -j 2 --timeout 120 -b my_backend.py:Mine  (a crash or hang of one
+      scenario becomes its CRASH/TIMEOUT record; the others go on)
 exit codes: 0 every step matched the float64 oracle, 1 a divergence (the first diverging step,
 layer, device and metric are printed), 2 a usage error"""
 
@@ -49,6 +57,7 @@ def register(subparsers, common) -> None:
     parser.add_argument("--matrix", action="store_true",
                         help="every split x devices 1..4 x every toggle (ignores the axis flags;"
                              " -p REGEX picks scenarios by id)")
+    isolation_options(parser, "scenario", 600.0)
     parser.add_argument("-q", "--quiet", action="store_true", help="print only problems")
     parser.set_defaults(func=cmd_scenario)
 
@@ -89,7 +98,7 @@ def cmd_scenario(args) -> int:
     run_id, failed = new_run_id(), False
     try:
         for name in names:
-            failed |= _run_backend(name, specs, args.jobs, run_id, writer, report)
+            failed |= _run_backend(name, specs, args, run_id, writer, report)
     finally:
         if writer:
             writer.close()
@@ -97,7 +106,7 @@ def cmd_scenario(args) -> int:
     return 1 if failed else 0
 
 
-def _run_backend(name, specs, jobs, run_id, writer, report) -> bool:
+def _run_backend(name, specs, args, run_id, writer, report) -> bool:
     cls = backend_class(name)
     ok, why = cls.available()
     if not ok:
@@ -105,5 +114,5 @@ def _run_backend(name, specs, jobs, run_id, writer, report) -> bool:
         return False
     env = environment({"name": cls.name})
     specs = specs_for(name, specs)
-    return record_backend_run(report, cls.name, len(specs), run_specs(name, specs, run_id, jobs),
-                              writer, env)
+    records = run_specs(name, specs, run_id, args.jobs, args.isolate, args.timeout)
+    return record_backend_run(report, cls.name, len(specs), records, writer, env)

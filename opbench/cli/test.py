@@ -14,6 +14,7 @@ from . import output
 from .common import (
     backend_info,
     check_common,
+    isolation_options,
     open_writer,
     option_flags,
     parse_backends,
@@ -27,11 +28,7 @@ def register(subparsers, common) -> None:
                                  " float64 oracles")
     test.add_argument("--quick", action="store_true",
                       help="a seeded subset covering every op and variant (seconds)")
-    test.add_argument("--isolate", action="store_true",
-                      help="run each backend in child processes: a crash or hang becomes a"
-                           " CRASH/TIMEOUT record for that case and the run goes on")
-    test.add_argument("--timeout", type=float, default=60.0,
-                      help="per-case limit in seconds with --isolate or -j (default 60)")
+    isolation_options(test, "case", 60.0)
     test.add_argument("-v", "--verbose", action="store_true",
                       help="also print unsupported cases")
     test.add_argument("-q", "--quiet", action="store_true", help="print only problems")

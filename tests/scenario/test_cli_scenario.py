@@ -85,3 +85,46 @@ def test_a_backend_that_raises_is_an_error_record_and_exit_1(tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 1
     assert "<testsuite" in out and "merge kernel missing" in out
+
+
+#: aborts in the ring split only (attn_merge joins the partial attentions of sequence splits)
+#: and hangs whenever it is given 3 devices: every other scenario is healthy
+CRASHING = """
+import os
+import time
+from opbench.backends.cpu import CpuBackend
+
+class Crashy(CpuBackend):
+    name = "crashy"
+
+    def attn_merge(self, *args, **kwargs):
+        os.abort()
+
+    def devices(self, n=1):
+        if n == 3:
+            time.sleep(60)
+        return super().devices(n)
+"""
+
+
+def test_matrix_records_a_crashed_and_a_hung_scenario_and_goes_on(tmp_path, capsys):
+    module = tmp_path / "crashy.py"
+    module.write_text(CRASHING)
+    results = tmp_path / "r.jsonl"
+    pattern = (r"split=(none,devices=1|layer,devices=[23]|ring,devices=2),rope_cache=on,"
+               r"graph_reuse=off,evict=off,delay=off,model=gemma3,")
+    code = main(["scenario", "--matrix", "-p", pattern, "-b", f"{module}:Crashy", "-j", "2",
+                 "--timeout", "10", "--steps", "1", "--results", str(results)])
+    out = capsys.readouterr().out
+    records = {r["case_id"].split(",rope_cache")[0]: r
+               for r in map(json.loads, results.read_text().splitlines())}
+    statuses = {case: r["status"] for case, r in records.items()}
+    assert statuses == {"SCENARIO(split=none,devices=1": "OK",
+                        "SCENARIO(split=layer,devices=2": "OK",
+                        "SCENARIO(split=layer,devices=3": "TIMEOUT",
+                        "SCENARIO(split=ring,devices=2": "CRASH"}
+    assert code == 1 and "CRASH" in out and "TIMEOUT" in out
+    crashed = records["SCENARIO(split=ring,devices=2"]
+    assert crashed["kind"] == "scenario" and crashed["backend"] == "crashy"
+    assert "worker process died" in crashed["reason"]
+    assert crashed["scenario"]["split"] == "ring"

@@ -1,17 +1,17 @@
-"""The scenario matrix and running scenarios into result records (in this process or -j N)."""
+"""The scenario matrix and running scenarios into result records (in this process, or in the
+worker pool with -j N / --isolate)."""
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
-import multiprocessing as mp
 import time
 import traceback
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
 
 from opbench.protocol import Backend
 
+from ..pool import run_items_in_workers, run_items_inline
 from ..records import make_record
 from ..registry import backend_options, open_backend, parse_ref
 from .config import ScenarioSpec
@@ -60,12 +60,16 @@ def unsupported(backend: Backend, spec: ScenarioSpec) -> str | None:
     return f"{backend.name} does not implement {', '.join(missing)}" if missing else None
 
 
+def _record_fields(backend_name: str, spec: ScenarioSpec, run_id: str) -> dict:
+    return dict(kind="scenario", backend=backend_name, op="SCENARIO", case_id=spec.id,
+                run_id=run_id, params=spec.as_dict(), dtype="f32")
+
+
 def scenario_record(backend_ref: str, spec: ScenarioSpec, run_id: str, engine_cls=None) -> dict:
     """Run one scenario on a fresh backend instance and describe it as a result record."""
     ref = parse_ref(backend_ref)
     cls = ref.cls
-    fields = dict(kind="scenario", backend=cls.name, op="SCENARIO", case_id=spec.id,
-                  run_id=run_id, params=spec.as_dict(), dtype="f32")
+    fields = _record_fields(cls.name, spec, run_id)
     try:
         backend = open_backend(ref, declared_options(cls, scenario_options(spec)))
     except (TypeError, ValueError) as exc:
@@ -116,17 +120,35 @@ def _run_record(backend, spec: ScenarioSpec, fields: dict, engine_cls) -> dict:
                        errors=[div.describe()] if div else [], scenario=scenario, **fields)
 
 
-def _worker(args) -> dict:
-    return scenario_record(*args)
+class ScenarioWork:
+    """Scenarios for the worker pool: each on a fresh backend instance (its options depend on
+    the scenario), so a crash or hang in one becomes its CRASH/TIMEOUT record."""
+
+    def __init__(self, backend_ref: str, run_id: str) -> None:
+        self.backend_ref, self.run_id = backend_ref, run_id
+        self.backend_name = parse_ref(backend_ref).cls.name
+
+    def start(self) -> None:
+        pass
+
+    def run(self, spec: ScenarioSpec) -> dict:
+        return scenario_record(self.backend_ref, spec, self.run_id)
+
+    def stop(self) -> None:
+        pass
+
+    def lost(self, spec: ScenarioSpec, status: str, reason: str) -> dict:
+        return make_record(status=status, reason=reason, errors=[reason],
+                           scenario={**spec.as_dict(), "divergence": None},
+                           **_record_fields(self.backend_name, spec, self.run_id))
 
 
-def run_specs(backend_ref: str, specs: list[ScenarioSpec], run_id: str,
-              jobs: int = 1) -> Iterator[dict]:
-    """Records in spec order; with jobs > 1 in forked worker processes."""
-    work = [(backend_ref, spec, run_id) for spec in specs]
-    if jobs <= 1:
-        yield from map(_worker, work)
-        return
-    context = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    with ProcessPoolExecutor(jobs, mp_context=context) as pool:
-        yield from pool.map(_worker, work, chunksize=4)
+def run_specs(backend_ref: str, specs: list[ScenarioSpec], run_id: str, jobs: int = 1,
+              isolate: bool = False, timeout: float | None = None) -> Iterator[dict]:
+    """Records of ``specs``: in this process in spec order, or (``jobs`` > 1 or ``isolate``) in
+    worker processes as they finish, a crashed or hung scenario becoming a CRASH or TIMEOUT
+    record while the others go on."""
+    work = ScenarioWork(backend_ref, run_id)
+    if jobs > 1 or isolate:
+        return run_items_in_workers(work, specs, jobs, timeout)
+    return run_items_inline(work, specs)
