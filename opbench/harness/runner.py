@@ -158,18 +158,29 @@ def run_case(backend: Backend, case: Case, *, run_seed: int = 0, device: Any = N
     return record
 
 
+def judge_output(spec: OpSpec, case: Case, buf: DeviceBuffer, host_after: np.ndarray,
+                 expected, low) -> tuple[Verdict, list[str]]:
+    """One output judged: its verdict, and its problems (an out-of-bounds write, a failed
+    verdict).  An output passes when it has no problem: the one definition of passed, used by
+    ``run_case`` and by the kernel-level tests (``triton_testing``)."""
+    problems = []
+    guard_problem = check_guards(buf, host_after)
+    if guard_problem:
+        problems.append(guard_problem)
+    actual = buf.split(host_after)[1].reshape(buf.spec.shape)
+    verdict = judge(spec, case, buf.name, expected, low, actual)
+    if not verdict.ok:
+        problems.append(verdict.describe(buf.name))
+    return verdict, problems
+
+
 def _judge_outputs(spec, case, buffers, hosts, expected, low, record) -> None:
     errors = []
     for name, buf in buffers.items():
-        guard_problem = check_guards(buf, hosts[name])
-        if guard_problem:
-            errors.append(guard_problem)
-        actual = buf.split(hosts[name])[1].reshape(buf.spec.shape)
-        verdict = judge(spec, case, name, expected[name], low[name], actual)
+        verdict, problems = judge_output(spec, case, buf, hosts[name], expected[name], low[name])
         record["metrics"][name] = {"metric": verdict.metric, "value": verdict.value,
                                    "threshold": verdict.threshold, "n_bad": verdict.n_bad}
-        if not verdict.ok:
-            errors.append(verdict.describe(name))
+        errors += problems
     if errors:
         record.update(status="FAIL", reason=errors[0], errors=errors)
 

@@ -1,6 +1,7 @@
 """Helpers for testing Triton kernels directly against the oracles (the project's tests use
-them; so can a kernel author): interpreter mode, zero-copy torch views of NumPy arrays, guarded
-outputs, oracle comparison with the harness's tolerance table."""
+them; so can a kernel author): interpreter mode, zero-copy torch views of NumPy arrays, and
+outputs allocated and judged by the runner's own functions (``allocate_output``,
+``judge_output``), so a kernel test passes exactly when ``opbench test`` would pass the op."""
 
 from __future__ import annotations
 
@@ -9,12 +10,16 @@ import os
 import numpy as np
 
 from opbench.backends.triton.backend import TritonBackend, as_torch
-from opbench.harness.compare import compare_close, compare_exact
+from opbench.harness.cases import Case, Inputs, OutputSpec
+from opbench.harness.compare import compare_exact
 from opbench.harness.ops import SPECS
+from opbench.harness.runner import DeviceBuffer, allocate_output, check_guards, judge_output
+from opbench.protocol import Backend
 from opbench.reference.copies import round_to
 
-GUARD = -1234.0
-
+#: the protocol's default backend: NumPy arrays as device arrays, which the interpreter's
+#: kernels write through zero-copy torch views
+HOST = Backend()
 
 def require_triton():
     """Skip without triton/torch, prefer the interpreter (kernel logic, not speed), and return
@@ -40,35 +45,38 @@ def uniform(rng, shape, dtype: str) -> np.ndarray:
     return round_to(rng.uniform(-1.0, 1.0, shape), dtype)
 
 
-class Guarded:
-    """An output poisoned with NaN between two guard regions of one row each."""
-
-    def __init__(self, shape, dtype, init=None):
-        self.shape = tuple(shape)
-        self.n = int(np.prod(shape))
-        self.guard = max(16, self.n // max(1, shape[0]))
-        self.flat = round_to(np.full(self.n + 2 * self.guard, GUARD), dtype)
-        self.view[...] = np.nan if init is None else init
-        self._guard_bits = self._outside().view(np.uint8).copy()
-
-    @property
-    def view(self) -> np.ndarray:
-        return self.flat[self.guard: self.guard + self.n].reshape(self.shape)
-
-    def _outside(self) -> np.ndarray:
-        return np.concatenate([self.flat[: self.guard], self.flat[self.guard + self.n:]])
-
-    def guards_intact(self) -> bool:
-        """No write landed outside the output (compared bit for bit)."""
-        return bool(np.array_equal(self._outside().view(np.uint8), self._guard_bits))
+def guarded(shape, dtype: str, init: np.ndarray | None = None) -> DeviceBuffer:
+    """A kernel's output as ``opbench test`` allocates it (``runner.allocate_output``): NaN
+    poison, or ``init`` for an in-place output, between guard regions.  The kernel writes into
+    ``.device_view`` (a NumPy view: pass it through ``tt``); judge it with ``assert_passes``."""
+    spec = OutputSpec(tuple(shape), dtype, init_from=None if init is None else "init")
+    inputs = Inputs({} if init is None else {"init": np.asarray(init)})
+    return allocate_output(HOST, None, "out", spec, inputs)
 
 
-def assert_close(op: str, dtype: str, expected, low, actual) -> None:
-    verdict = compare_close(expected, round_to(low, dtype), actual, SPECS[op].tolerance(dtype))
-    assert verdict.ok, verdict.describe("out")
+def result(buf: DeviceBuffer) -> np.ndarray:
+    """What the kernel wrote (the output without its guards)."""
+    return buf.split(buf.device_flat)[1].reshape(buf.spec.shape)
+
+
+def guards_intact(buf: DeviceBuffer) -> bool:
+    return check_guards(buf, buf.device_flat) is None
+
+
+def assert_passes(op: str, buf: DeviceBuffer, expected, low=None) -> None:
+    """Judge ``buf`` exactly as ``opbench test`` judges an output of ``op`` in the output's
+    dtype (``runner.judge_output``: guards intact, then bit-exact or the op's tolerance with
+    ``low``, the oracle in float32, rounded to that dtype as the runner rounds it)."""
+    spec, dtype = SPECS[op], buf.spec.dtype
+    low = expected if spec.exact else round_to(low, dtype)
+    _, problems = judge_output(spec, Case.make(op, type=dtype), buf, buf.device_flat,
+                               np.asarray(expected), low)
+    assert not problems, "; ".join(problems)
 
 
 def assert_exact(expected, actual) -> None:
+    """Bit-exact, by the comparison rule data movement is judged with (for a part of an
+    output, or an array the kernel writes in place without guards)."""
     verdict = compare_exact(np.asarray(expected), np.asarray(actual))
     assert verdict.ok, verdict.describe("out")
 

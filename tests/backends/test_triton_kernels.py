@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 
 from opbench.harness.triton_testing import (
-    Guarded,
-    assert_close,
     assert_exact,
     assert_lse,
+    assert_passes,
+    guarded,
+    guards_intact,
     require_triton,
+    result,
     tt,
     uniform,
 )
@@ -56,17 +58,17 @@ def test_rope_matches_oracle(kernels, dtype, mode, head_dim, n_dims, yarn, use_f
     p = RopeParams(n_dims=n_dims, mode=mode, freq_base=1e4, freq_scale=0.25,
                    ext_factor=1.0 if yarn else 0.0, attn_factor=0.7, n_ctx_orig=4096,
                    sections=sections, inverse=inverse)
-    out = Guarded(x.shape, dtype)
-    kernels["rope"].launch_rope(tt(x), tt(pos), tt(out.view), p, tt(ff), block_r=4)
+    out = guarded(x.shape, dtype)
+    kernels["rope"].launch_rope(tt(x), tt(pos), tt(out.device_view), p, tt(ff), block_r=4)
 
     options = dict(n_dims=n_dims, mode=mode, freq_base=1e4, freq_scale=0.25,
                    ext_factor=p.ext_factor, attn_factor=0.7, n_ctx_orig=4096, freq_factors=ff,
                    sections=sections, inverse=inverse)
     expected = rope_ref.rope(x, pos, **options)
     low = rope_ref.rope(x, pos, dtype=np.float32, **options)
-    assert_close("ROPE", dtype, expected, low, out.view)
-    assert_exact(x[..., n_dims:], out.view[..., n_dims:])  # pass-through dims untouched
-    assert out.guards_intact()
+    assert_passes("ROPE", out, expected, low)
+    assert_exact(x[..., n_dims:], result(out)[..., n_dims:])  # pass-through dims untouched
+    assert guards_intact(out)
 
 
 # -- ATTN -----------------------------------------------------------------------------------------
@@ -91,16 +93,17 @@ def _paged_inputs(rng, dtype, kv_lens, q_lens, heads, kv_heads, dk, dv, block_si
 
 
 def _run_attention(kernels, decode, q, k, v, p, *, mask=None, sinks=None, paged=None):
-    out = Guarded((q.shape[0], q.shape[1], v.shape[-1]), dtype_name(q.dtype))
-    lse = Guarded((q.shape[0], q.shape[1]), "f32")
+    out = guarded((q.shape[0], q.shape[1], v.shape[-1]), dtype_name(q.dtype))
+    lse = guarded((q.shape[0], q.shape[1]), "f32")
     paged_t = None if paged is None else PagedKV(*(tt(a) for a in paged))
-    args = (tt(q), tt(k), tt(v), tt(out.view), p, tt(mask), tt(sinks), tt(lse.view), paged_t)
+    args = (tt(q), tt(k), tt(v), tt(out.device_view), p, tt(mask), tt(sinks),
+            tt(lse.device_view), paged_t)
     if decode:
         kernels["attention"].launch_decode(*args, block_n=16, split_len=16)
     else:
         kernels["attention"].launch_attention(*args, block_m=16, block_n=16)
-    assert out.guards_intact() and lse.guards_intact()
-    return out.view, lse.view
+    assert guards_intact(out) and guards_intact(lse)
+    return out, result(lse)
 
 
 def _oracle_options(p, sinks):
@@ -139,7 +142,7 @@ def test_flash_attention_matches_oracle(kernels, name):
     options = _oracle_options(p, sinks)
     expected, expected_lse = attn_ref.attention(q, k, v, mask=mask, **options)
     low, _ = attn_ref.attention(q, k, v, mask=mask, dtype=np.float32, **options)
-    assert_close("ATTN", dtype, expected, low, out)
+    assert_passes("ATTN", out, expected, low)
     assert_lse(expected_lse, lse)
 
 
@@ -166,7 +169,7 @@ def test_paged_flash_attention_matches_oracle(kernels, name):
     expected, expected_lse = attn_ref.paged_attention(q, k, v, table, seq_lens, q_lens, **options)
     low, _ = attn_ref.paged_attention(q, k, v, table, seq_lens, q_lens, dtype=np.float32,
                                       **options)
-    assert_close("ATTN", dtype, expected, low, out)
+    assert_passes("ATTN", out, expected, low)
     assert_lse(expected_lse, lse)
 
 
@@ -206,7 +209,7 @@ def test_split_kv_decode_matches_oracle(kernels, name):
         oracle = lambda dt: attn_ref.attention(q, k, v, mask=mask, dtype=dt,  # noqa: E731
                                                **options)
     (expected, expected_lse), (low, _) = oracle(np.float64), oracle(np.float32)
-    assert_close("ATTN", dtype, expected, low, out)
+    assert_passes("ATTN", out, expected, low)
     assert_lse(expected_lse, lse)
 
 
@@ -223,7 +226,7 @@ def test_decode_merge_is_the_oracles_merge_partials(kernels):
              ((0, 16), (16, 32), (32, 40))]
     merged, merged_lse = attn_ref.merge_partials([o for o, _ in parts], [x for _, x in parts],
                                                  sinks)
-    np.testing.assert_allclose(out, merged, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(result(out), merged, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(lse, merged_lse, rtol=1e-6, atol=1e-6)
 
 
@@ -240,18 +243,18 @@ def test_kv_rotate_matches_oracle(kernels, dtype, layout, per_token):
     width = block_size if per_token else 1
     deltas = rng.integers(0, lut_rows, (len(blocks), width)).astype(np.int32)
     lut = kv_ref.rotation_lut(lut_rows, head_dim, block_size, 10000.0)
-    target = Guarded(cache.shape, dtype, init=cache)
+    target = guarded(cache.shape, dtype, init=cache)
     # 4-token tiles over 6-token blocks: the second tile of every block is partial
-    kernels["kv"].launch_kv_rotate(tt(target.view), tt(blocks), tt(deltas), tt(lut), layout,
-                                   block_t=4)
+    kernels["kv"].launch_kv_rotate(tt(target.device_view), tt(blocks), tt(deltas), tt(lut),
+                                   layout, block_t=4)
 
     options = dict(layout=layout)
     expected = kv_ref.rotate_keys(cache, blocks, deltas, lut, **options)
     low = kv_ref.rotate_keys(cache, blocks, deltas, lut, dtype=np.float32, **options)
-    assert_close("KV_ROTATE", dtype, expected, low, target.view)
+    assert_passes("KV_ROTATE", target, expected, low)
     untouched = [b for b in range(num_blocks) if b not in blocks]
-    assert_exact(cache[untouched], target.view[untouched])
-    assert target.guards_intact()
+    assert_exact(cache[untouched], result(target)[untouched])
+    assert guards_intact(target)
 
 
 # -- SET_ROWS / GET_ROWS / CPY --------------------------------------------------------------------
@@ -264,10 +267,10 @@ def test_set_rows_is_bit_exact(kernels, src_dtype, dst_dtype):
     dst = uniform(rng, (9, 3, 5), dst_dtype)
     src = uniform(rng, (4, 3, 5), src_dtype)
     slots = np.array([7, -1, 0, 3], np.int32)  # -1 skips its row
-    target = Guarded(dst.shape, dst_dtype, init=dst)
-    kernels["copy"].launch_set_rows(tt(target.view), tt(src), tt(slots), block=8)
-    assert_exact(copy_ref.set_rows(dst, src, slots), target.view)
-    assert target.guards_intact()
+    target = guarded(dst.shape, dst_dtype, init=dst)
+    kernels["copy"].launch_set_rows(tt(target.device_view), tt(src), tt(slots), block=8)
+    assert_passes("SET_ROWS", target, copy_ref.set_rows(dst, src, slots))
+    assert guards_intact(target)
 
 
 @pytest.mark.parametrize("src_dtype,dst_dtype", CONVERSIONS)
@@ -275,10 +278,10 @@ def test_get_rows_is_bit_exact(kernels, src_dtype, dst_dtype):
     rng = np.random.default_rng(19)
     src = uniform(rng, (7, 2, 9), src_dtype)
     rows = np.array([6, 0, 6, 2, 5], np.int32)
-    out = Guarded((5, 2, 9), dst_dtype)
-    kernels["copy"].launch_get_rows(tt(src), tt(rows), tt(out.view), block=8)
-    assert_exact(copy_ref.get_rows(src, rows, dst_dtype), out.view)
-    assert out.guards_intact()
+    out = guarded((5, 2, 9), dst_dtype)
+    kernels["copy"].launch_get_rows(tt(src), tt(rows), tt(out.device_view), block=8)
+    assert_passes("GET_ROWS", out, copy_ref.get_rows(src, rows, dst_dtype))
+    assert guards_intact(out)
 
 
 @pytest.mark.parametrize("src_dtype,dst_dtype", CONVERSIONS)
@@ -287,10 +290,10 @@ def test_cpy_is_bit_exact(kernels, src_dtype, dst_dtype, perm, step):
     rng = np.random.default_rng(23)
     src = uniform(rng, (5, 6, 7)[: len(perm)], src_dtype)
     expected = copy_ref.cpy(src, dst_dtype, perm, step)
-    out = Guarded(expected.shape, dst_dtype)
-    kernels["copy"].launch_cpy(tt(src), tt(out.view), perm, step, block=16)
-    assert_exact(expected, out.view)
-    assert out.guards_intact()
+    out = guarded(expected.shape, dst_dtype)
+    kernels["copy"].launch_cpy(tt(src), tt(out.device_view), perm, step, block=16)
+    assert_passes("CPY", out, expected)
+    assert guards_intact(out)
 
 
 def test_bf16_store_rounds_to_nearest_even(kernels):
@@ -299,10 +302,10 @@ def test_bf16_store_rounds_to_nearest_even(kernels):
     bits = np.array([0x3F808000, 0x3F818000, 0x3F80FFFF, 0x3FFF8000, 0x7F7FFFFF, 0x7F800000,
                      0xFF800000, 0x00008000, 0x80018000, 0x7FC00001], np.uint32)
     src = bits.view(np.float32)
-    out = Guarded(src.shape, "bf16")
-    kernels["copy"].launch_cpy(tt(src), tt(out.view), (0,), 1, block=16)
+    out = guarded(src.shape, "bf16")
+    kernels["copy"].launch_cpy(tt(src), tt(out.device_view), (0,), 1, block=16)
     expected = copy_ref.round_to(src, "bf16")
-    assert np.array_equal(expected.view(np.uint16), out.view.view(np.uint16))
+    assert np.array_equal(expected.view(np.uint16), result(out).view(np.uint16))
 
 
 def test_set_rows_writes_through_a_strided_view(kernels):
