@@ -264,3 +264,16 @@ def test_ab_epochs_allocate_fresh_buffers_and_pool_their_samples(monkeypatch):
     assert len(prepares) == 6  # 3 epochs x 2 sides
     assert all(r["status"] == "OK" and r["perf"]["n"] >= 6 for r in records.values())
     assert records["A"]["perf"]["n"] == len(records["A"]["perf"]["samples_ns"])
+
+
+def test_perf_and_test_share_one_emitter(capsys):
+    """Both verbs' csv and json come from cli.output.emit: the same leading columns and keys,
+    perf adding its statistics."""
+    perf_csv = perf_main(capsys, "-o", "CPY", "--output", "csv")[1].splitlines()[0].split(",")
+    assert main(["test", "-o", "CPY", "--quick", "--output", "csv"]) == 0
+    test_csv = capsys.readouterr().out.splitlines()[0].split(",")
+    assert perf_csv[:len(test_csv)] == test_csv and "median_ns" in perf_csv[len(test_csv):]
+    (perf_row, *_) = json.loads(perf_main(capsys, "-o", "CPY", "--output", "json")[1])
+    assert main(["test", "-o", "CPY", "-p", "f32.*f16", "--quick", "--output", "json"]) == 0
+    (test_row, *_) = json.loads(capsys.readouterr().out)
+    assert set(perf_row) == set(test_row) | {"perf"}

@@ -1,5 +1,6 @@
-"""What ``opbench test`` prints: console lines (colour and a progress bar on a terminal only),
-or CSV / JSON / JUnit XML on stdout."""
+"""What the verbs that run cases (test, scenario, perf) print: console lines (colour and a
+progress bar on a terminal only; perf's own test-backend-ops line), or, through the one emitter
+``emit``, CSV / JSON / JUnit XML of every record on stdout."""
 
 from __future__ import annotations
 
@@ -28,8 +29,10 @@ def summarize(counts: Counter) -> tuple[int, int, bool]:
 
 
 class ConsoleReporter:
+    fmt = "console"
+
     def __init__(self, verbose: bool = False, quiet: bool = False) -> None:
-        self.out = Console(highlight=False, soft_wrap=True)
+        self.out = Console(highlight=False, soft_wrap=True, emoji=False)
         self.err = Console(stderr=True, highlight=False)
         self.verbose, self.quiet = verbose, quiet
         self._progress: Progress | None = None
@@ -48,7 +51,10 @@ class ConsoleReporter:
     def _line(self, text: str, style: str = "") -> None:
         self.out.print(markup_escape(text), style=style or None)
 
-    def case(self, record: dict) -> None:
+    def header(self, text: str) -> None:
+        self._line(text)
+
+    def case(self, record: dict, side: str = "") -> None:
         status = record["status"]
         if status == "UNSUPPORTED":
             if self.verbose:
@@ -79,39 +85,81 @@ class ConsoleReporter:
         pass
 
 
+class PerfConsoleReporter(ConsoleReporter):
+    """perf's console: one test-backend-ops style line per record, as it arrives."""
+
+    def case(self, record: dict, side: str = "") -> None:
+        self._line(perf_line(record, side))
+
+
+def perf_line(record: dict, side: str = "") -> str:
+    """``  OP(...): N runs - ...``; in an A/B run prefixed by the side (``A``/``B``)."""
+    from opbench.reports.console import format_perf_line
+
+    lead = f"  {side} " if side else "  "
+    if record["status"] == "OK":
+        return lead + format_perf_line(record["case_id"], record["perf"])
+    return f"{lead}{record['case_id']}: {record['status']} ({record['reason']})"
+
+
 class CollectingReporter(ConsoleReporter):
-    """Machine formats: quiet console on stderr, the whole table on stdout at the end."""
+    """Machine formats: quiet console on stderr, every record through ``emit`` at the end."""
 
     def __init__(self, fmt: str) -> None:
         super().__init__(quiet=True)
-        self.out = Console(stderr=True, highlight=False)
+        self.out = Console(stderr=True, highlight=False, emoji=False)
         self.fmt = fmt
         self.records: list[dict] = []
 
-    def case(self, record: dict) -> None:
+    def header(self, text: str) -> None:
+        pass
+
+    def case(self, record: dict, side: str = "") -> None:
         self.records.append(record)
 
     def finish(self) -> None:
-        {"csv": write_csv, "json": write_json, "junit": write_junit}[self.fmt](self.records)
+        emit(self.records, self.fmt)
 
 
-def make_reporter(fmt: str, verbose: bool = False, quiet: bool = False):
-    return ConsoleReporter(verbose, quiet) if fmt == "console" else CollectingReporter(fmt)
+def make_reporter(fmt: str, verbose: bool = False, quiet: bool = False,
+                  console: type[ConsoleReporter] = ConsoleReporter) -> ConsoleReporter:
+    return console(verbose, quiet) if fmt == "console" else CollectingReporter(fmt)
 
 
+# -- the one emitter of machine formats ------------------------------------------------------------
 CSV_FIELDS = ["backend", "device", "op", "case_id", "dtype", "status", "reason"]
+#: a perf record's statistics, as CSV columns (the samples stay in --results)
+PERF_FIELDS = ["n", "median_ns", "iqr_ns", "bytes", "flops", "gbps", "gflops", "bound",
+               "fraction_of_ceiling"]
+
+
+def emit(records: list[dict], fmt: str, stream=None) -> None:
+    """Every record in ``fmt`` (csv, json or junit) on ``stream`` (stdout)."""
+    {"csv": write_csv, "json": write_json, "junit": write_junit}[fmt](records, stream)
+
+
+def _perf_stats(record: dict) -> dict | None:
+    perf = {k: v for k, v in (record.get("perf") or {}).items() if k != "samples_ns"}
+    return perf or None
 
 
 def write_csv(records: list[dict], stream=None) -> None:
-    writer = csv.DictWriter(stream or sys.stdout, fieldnames=CSV_FIELDS, extrasaction="ignore")
+    timed = any(r.get("kind") == "perf" for r in records)
+    fields = CSV_FIELDS + (PERF_FIELDS if timed else [])
+    writer = csv.DictWriter(stream or sys.stdout, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
     for record in records:
-        writer.writerow(record)
+        writer.writerow({**record, **(_perf_stats(record) or {})})
 
 
 def write_json(records: list[dict], stream=None) -> None:
-    json.dump([{k: r.get(k) for k in CSV_FIELDS + ["metrics", "errors"]} for r in records],
-              stream or sys.stdout, indent=1, default=str)
+    rows = []
+    for r in records:
+        row = {k: r.get(k) for k in CSV_FIELDS + ["metrics", "errors"]}
+        if r.get("kind") == "perf":
+            row["perf"] = _perf_stats(r)
+        rows.append(row)
+    json.dump(rows, stream or sys.stdout, indent=1, default=str)
     (stream or sys.stdout).write("\n")
 
 

@@ -6,10 +6,7 @@ A backend reference for ``--ab`` (and ``-b``, as in every verb) may carry option
 
 from __future__ import annotations
 
-import csv
-import json
 import os
-import sys
 
 from opbench.errors import UsageError
 from opbench.harness.cases import filter_cases
@@ -18,10 +15,8 @@ from opbench.harness.registry import open_backend, parse_ref
 from opbench.perf import run as perf_mode
 from opbench.perf import timing
 
+from . import output
 from .common import compile_pattern, open_writer, parse_backends, parse_ops, parse_threshold
-
-CSV_FIELDS = ["backend", "device", "op", "case_id", "status", "reason", "n", "median_ns",
-              "iqr_ns", "bytes", "flops", "gbps", "gflops", "bound", "fraction_of_ceiling"]
 
 
 def register(subparsers, common) -> None:
@@ -127,57 +122,14 @@ def pin_cpu(choice: str | None, default: str) -> int | None:
     return cpu
 
 
-# -- output ----------------------------------------------------------------------------------------
-class PerfOutput:
-    """Console lines as each record arrives; csv/json of every record at the end."""
-
-    def __init__(self, fmt: str) -> None:
-        if fmt == "junit":
-            raise UsageError("perf has no junit output; use console, csv or json")
-        self.fmt = fmt
-        self.records: list[dict] = []
-
-    def header(self, text: str) -> None:
-        if self.fmt == "console":
-            print(text, flush=True)
-
-    def record(self, record: dict, side: str = "") -> None:
-        self.records.append(record)
-        if self.fmt == "console":
-            print(console_line(record, side), flush=True)
-
-    def finish(self) -> None:
-        if self.fmt == "csv":
-            writer = csv.DictWriter(sys.stdout, fieldnames=CSV_FIELDS, extrasaction="ignore")
-            writer.writeheader()
-            for r in self.records:
-                writer.writerow({**r, **{k: v for k, v in (r.get("perf") or {}).items()
-                                         if k in CSV_FIELDS}})
-        elif self.fmt == "json":
-            rows = [{k: r.get(k) for k in ("backend", "device", "op", "case_id", "status",
-                                           "reason")}
-                    | {"perf": {k: v for k, v in (r.get("perf") or {}).items()
-                                if k != "samples_ns"} or None} for r in self.records]
-            json.dump(rows, sys.stdout, indent=1)
-            print()
-
-
-def console_line(record: dict, side: str = "") -> str:
-    """``  OP(...): N runs - ...``; in an A/B run prefixed by the side (``A``/``B``)."""
-    from opbench.reports.console import format_perf_line
-
-    lead = f"  {side} " if side else "  "
-    if record["status"] == "OK":
-        return lead + format_perf_line(record["case_id"], record["perf"])
-    return f"{lead}{record['case_id']}: {record['status']} ({record['reason']})"
-
-
 # -- the verb --------------------------------------------------------------------------------------
 def cmd_perf(args) -> int:
     if args.jobs != 1 or args.devices != 1:
         # timings of cases running side by side would measure their contention
         raise UsageError("perf times one case at a time on one device: drop -j/--devices")
-    show = PerfOutput(args.output)
+    if args.output == "junit":
+        raise UsageError("perf has no junit output; use console, csv or json")
+    show = output.make_reporter(args.output, console=output.PerfConsoleReporter)
     cases = select_perf_cases(args)
     # unknown names and options are usage errors before any timing
     refs = [parse_ref(ref).text for ref in args.ab] if args.ab else parse_backends(args.backend)
@@ -205,10 +157,10 @@ def cmd_perf(args) -> int:
     return 1 if failed else 0
 
 
-def _emit(record: dict, writer, show: PerfOutput, side: str = "") -> bool:
+def _emit(record: dict, writer, show: output.ConsoleReporter, side: str = "") -> bool:
     if writer:
         writer.write(record)
-    show.record(record, side)
+    show.case(record, side)
     return record["status"] in FAILING
 
 
