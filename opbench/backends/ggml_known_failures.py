@@ -32,4 +32,13 @@ KNOWN_FAILURES: list[tuple[str, str, bool]] = [
         "the oracle, 7.1e-8 vs the oracle fed the f16-rounded mask",
         True,  # may_pass: whether a case crosses the bound depends on its inputs
     ),
+    (
+        r"^(SET_ROWS|GET_ROWS)\(type=(f16|bf16),type_src=\2,.*vals=special",
+        "ggml's row ops go through f32 (ggml_get_rows always returns F32 rows for f16/bf16 "
+        "sources; ggml_set_rows asserts F32 rows), so an f16/bf16 move is a widening plus a "
+        "narrowing and NaN bits change: measured signalling 0x7c05 -> 0x7e05 and 0xff85 -> "
+        "0xffc5 (quieted), and f16 GET_ROWS gives 0x7e00/0xfe00 for every NaN (payload "
+        "dropped); numbers, infinities and -0.0 move bit-exactly (README \"The NaN rule\")",
+        False,  # always: every special case holds signalling NaNs
+    ),
 ]

@@ -120,6 +120,11 @@ class OpSpec:
         rule), one array per output name."""
         raise NotImplementedError
 
+    def converts(self, case: Case) -> bool:
+        """Whether an exact op's case changes dtype: its NaNs then follow the NaN rule for
+        conversions (any quiet NaN) instead of keeping their bits."""
+        return False
+
     def validate(self, case: Case) -> None:
         """Raise ValueError naming the parameter when a case's params are inconsistent."""
 
