@@ -41,4 +41,12 @@ KNOWN_FAILURES: list[tuple[str, str, bool]] = [
         "dropped); numbers, infinities and -0.0 move bit-exactly (README \"The NaN rule\")",
         False,  # always: every special case holds signalling NaNs
     ),
+    (
+        r"^ROPE\(type=f16,.*,pos=(long|huge|\d+)\)",
+        "the f32 entry's angle error (theta *= theta_scale, float32) grows with the position: "
+        "f16 measured nmse 3.7e-5 at positions in [3000, 2^18), 1.05e-4 straddling 2^18, 0.106 "
+        "in [2^18, 2^24] (threshold 1e-6), and past the precision rule from positions near "
+        "8192 (4/16896 elements, max_err 1.35e-3 > 1.24e-3)",
+        True,  # may_pass: NMSE just over the threshold below ~2^18 depends on the inputs
+    ),
 ]

@@ -23,8 +23,11 @@ ATTN_TILE = 256  # keys per online-softmax tile: scores stay in L2 for typical h
 ATTN_Q_BLOCK = 128  # causal/window: queries per block, so each block skips its hidden tiles
 
 
+JIT_CONVERT_ELEMS = 4096  # from this size on f16 <-> f32 conversions use the numba loops
+
+
 def as_f32(a: np.ndarray) -> np.ndarray:
-    if a.dtype == np.float16 and a.size >= 4096 and jit.available():
+    if a.dtype == np.float16 and a.size >= JIT_CONVERT_ELEMS and jit.available():
         return jit.f16_to_f32(a)  # NumPy's f16 -> f32 cast is scalar and ~10x slower
     return a.astype(F32, copy=False)
 
@@ -32,7 +35,7 @@ def as_f32(a: np.ndarray) -> np.ndarray:
 def store(out: np.ndarray, values: np.ndarray) -> None:
     """out[...] = values (float32), the single rounding to out's storage dtype."""
     if (out.dtype == np.float16 and values.dtype == F32 and out.flags.c_contiguous
-            and values.shape == out.shape and out.size >= 4096 and jit.available()):
+            and values.shape == out.shape and out.size >= JIT_CONVERT_ELEMS and jit.available()):
         jit.f32_to_f16(np.ascontiguousarray(values), out)
     else:
         out[...] = values

@@ -12,6 +12,7 @@ from ...reference import copies as copy_ref
 from ..cases import Case, Inputs, OpSpec, OutputSpec, itemsize, uniform
 
 DTYPES = ["f32", "f16", "bf16"]
+DTYPE_BYTES = {"f32": 4, "f16": 2, "bf16": 2}
 ROWS = [(1, 64), (8, 128), (3, 80)]  # (kv heads, head dim) of one token row
 
 
@@ -194,7 +195,25 @@ class CpySpec(_CopySpec):
                  for src, dst, shape, perm, step in grid]
         for perm, step in (((0, 1, 2), 1), ((2, 1, 0), 2)):  # contiguous, and strided
             table += _special_cases("CPY", ne=[5, 3, 64], perm=list(perm), step=step)
-        return table
+        return table + self.threshold_cases()
+
+    def sizes(self, case: Case) -> dict[str, int]:
+        view = np.empty(case["ne"], np.int8).transpose(case["perm"])[:: case["step"]]
+        return {"out_bytes": view.size * DTYPE_BYTES[case["type"]]}
+
+    def past(self, threshold) -> list[Case]:
+        """Outputs one row past ``out_bytes``: a widening, a narrowing and a permuted move."""
+        if threshold.size != "out_bytes":
+            return []
+        out = []
+        for src, dst, perm in (("f16", "f32", (0, 1, 2)), ("f32", "f16", (0, 1, 2)),
+                               ("bf16", "bf16", (1, 0, 2))):
+            row = 1024 * 512  # elements of one [1024, 512] slab
+            rows = threshold.value // (row * DTYPE_BYTES[dst]) + 1
+            shape = [rows, 1024, 512] if perm[0] == 0 else [1024, rows, 512]
+            out.append(Case.make("CPY", type_src=src, type=dst, ne=shape, perm=list(perm),
+                                 step=1))
+        return out
 
     def make_inputs(self, case, rng) -> Inputs:
         return Inputs({"src": _source_values(rng, case, tuple(case["ne"]))})
