@@ -374,6 +374,22 @@ class Runtime:
         """Release threads, streams and device memory."""
 
 
+@dataclass(frozen=True)
+class SizeThreshold:
+    """A size past which a backend's code takes another path (a second tile, a query block, a
+    chunk loop, threads, a split-KV launch).  The case tables put cases just past every
+    declared threshold of every built-in backend (``value + 1``), so each path is judged.
+
+    ``size`` names what is measured, per op: ATTN ``nq`` (queries of one sequence, with causal
+    or window masking) and ``nkv`` (keys, decode and prefill); ROPE ``elems`` (tokens x heads x
+    head_dim), ``row`` (heads x head_dim), ``pos`` (largest position); CPY ``out_bytes``."""
+
+    op: str
+    size: str
+    value: int  # the largest size that still takes the first path
+    path: str  # what changes past it, for readers and reports
+
+
 class Backend:
     """Base class with the protocol's defaults.  Subclass it; override what you implement.
 
@@ -390,6 +406,8 @@ class Backend:
     is_interpreter: bool = False
     #: why perf mode refuses to time it (shown in the UNSUPPORTED record)
     interpreter_reason: str = ""
+    #: the sizes where this backend's code changes path; the case tables read these
+    THRESHOLDS: tuple[SizeThreshold, ...] = ()
 
     def __init__(self, **options: Any) -> None:
         #: every declared option, parsed (``cpu:rope_cache=off`` gives False), defaults filled

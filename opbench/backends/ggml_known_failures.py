@@ -32,4 +32,21 @@ KNOWN_FAILURES: list[tuple[str, str, bool]] = [
         "the oracle, 7.1e-8 vs the oracle fed the f16-rounded mask",
         True,  # may_pass: whether a case crosses the bound depends on its inputs
     ),
+    (
+        r"^(SET_ROWS|GET_ROWS)\(type=(f16|bf16),type_src=\2,.*vals=special",
+        "ggml's row ops go through f32 (ggml_get_rows always returns F32 rows for f16/bf16 "
+        "sources; ggml_set_rows asserts F32 rows), so an f16/bf16 move is a widening plus a "
+        "narrowing and NaN bits change: measured signalling 0x7c05 -> 0x7e05 and 0xff85 -> "
+        "0xffc5 (quieted), and f16 GET_ROWS gives 0x7e00/0xfe00 for every NaN (payload "
+        "dropped); numbers, infinities and -0.0 move bit-exactly (README \"The NaN rule\")",
+        False,  # always: every special case holds signalling NaNs
+    ),
+    (
+        r"^ROPE\(type=f16,.*,pos=(long|huge|\d+)\)",
+        "the f32 entry's angle error (theta *= theta_scale, float32) grows with the position: "
+        "f16 measured nmse 3.7e-5 at positions in [3000, 2^18), 1.05e-4 straddling 2^18, 0.106 "
+        "in [2^18, 2^24] (threshold 1e-6), and past the precision rule from positions near "
+        "8192 (4/16896 elements, max_err 1.35e-3 > 1.24e-3)",
+        True,  # may_pass: NMSE just over the threshold below ~2^18 depends on the inputs
+    ),
 ]

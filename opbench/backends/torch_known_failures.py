@@ -17,4 +17,12 @@ KNOWN_FAILURES: list[tuple[str, str, bool]] = [
         "passes all 2560",
         True,  # may_pass: whether a case crosses the bound depends on its inputs
     ),
+    (
+        r"^ROPE\(type=f32,.*,pos=(long|huge|\d+)\)",
+        "HF's RoPE (ROPE_INIT_FUNCTIONS inv_freq, then position_ids @ inv_freq) computes the "
+        "angles in float32: measured nmse 1.3e-6..1.5e-6 at positions in [3000, 2^18), "
+        "2.5e-6..3.8e-6 straddling 2^18 and 5.6e-3..6.5e-3 in [2^18, 2^24] (threshold 1e-6); "
+        "the precision rule, judged against the oracle with float32 angles, passes (0 bad)",
+        True,  # may_pass: NMSE just over the threshold below ~2^18 depends on the inputs
+    ),
 ]

@@ -15,7 +15,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from opbench.protocol import Backend, numpy_dtype
+from opbench.protocol import Backend, SizeThreshold, numpy_dtype
 
 from .compare import Tolerance, default_tolerance
 
@@ -120,6 +120,11 @@ class OpSpec:
         rule), one array per output name."""
         raise NotImplementedError
 
+    def converts(self, case: Case) -> bool:
+        """Whether an exact op's case changes dtype: its NaNs then follow the NaN rule for
+        conversions (any quiet NaN) instead of keeping their bits."""
+        return False
+
     def validate(self, case: Case) -> None:
         """Raise ValueError naming the parameter when a case's params are inconsistent."""
 
@@ -142,9 +147,29 @@ class OpSpec:
         written = sum(int(np.prod(o.shape)) * itemsize(o.dtype) for o in outputs.values())
         return read + written, 0
 
+    def sizes(self, case: Case) -> dict[str, int]:
+        """The case's sizes by ``SizeThreshold.size`` name (what a threshold is measured on)."""
+        return {}
+
+    def past(self, threshold: SizeThreshold) -> list[Case]:
+        """Cases just past one declared backend size threshold of this op (``value + 1``)."""
+        return []
+
+    def threshold_cases(self, backends: tuple[str, ...] | None = None) -> list[Case]:
+        """Cases past every threshold of this op the built-in ``backends`` declare (all of
+        them by default): the full table holds these, --quick those of the cpu backend."""
+        from .thresholds import declared
+
+        cases: list[Case] = []
+        for threshold in declared(self.name, backends):
+            cases += [c for c in self.past(threshold) if c not in cases]
+        return cases
+
     def quick_cases(self, seed: int = 0) -> list[Case]:
-        """The --quick subset: every variant value at least once, plus a few cheap extras."""
-        return quick_subset(self.cases(), self.variant_keys, seed=seed, cost=self.cost)
+        """The --quick subset: every variant value at least once, a few cheap extras, and a
+        case past each size threshold of the cpu backend."""
+        subset = quick_subset(self.cases(), self.variant_keys, seed=seed, cost=self.cost)
+        return subset + [c for c in self.threshold_cases(("cpu",)) if c not in subset]
 
 
 def itemsize(dtype: str) -> int:

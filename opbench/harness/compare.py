@@ -5,7 +5,8 @@ Rules (see README "What opbench test does"):
 - the precision rule: |a - b| <= k * E + floor * max|b| elementwise, where E is the largest
   error of the same oracle evaluated in the backend's precision (float32 math, output rounded
   to the storage dtype) -- so f16 is judged against what f16 can achieve;
-- bit-exact for pure data movement;
+- bit-exact for pure data movement, except that a conversion (dtype changes) may give any
+  quiet NaN where the oracle has a NaN (the NaN rule, ``opbench.reference.nan_rule``);
 - NaN anywhere fails; +-Inf must match in place and sign.
 Thresholds live in each op's spec (``OpSpec.tolerances``, one row per dtype), falling back to
 DEFAULT_TOLERANCES; never in per-backend branches.
@@ -16,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from ..reference import nan_rule
 
 
 @dataclass(frozen=True)
@@ -56,9 +59,13 @@ class Verdict:
         head += f"; {self.n_bad}/{self.size} bad"
         if self.message:
             head += f" ({self.message})"
-        shown = ", ".join(f"[{','.join(map(str, i))}] expected {e:.6g} got {a:.6g}"
+        shown = ", ".join(f"[{','.join(map(str, i))}] expected {_show(e)} got {_show(a)}"
                           for i, e, a in self.samples)
         return head + (f"; first: {shown}" if shown else "")
+
+
+def _show(value) -> str:
+    return value if isinstance(value, str) else f"{value:.6g}"
 
 
 def _samples(mask: np.ndarray, expected: np.ndarray, actual: np.ndarray, limit: int = 5):
@@ -80,18 +87,28 @@ def _special_values(expected: np.ndarray, actual: np.ndarray) -> Verdict | None:
     return None
 
 
-def compare_exact(expected: np.ndarray, actual: np.ndarray) -> Verdict:
-    """Bit-exact comparison for data movement (NaN payloads included)."""
+def compare_exact(expected: np.ndarray, actual: np.ndarray, converted: bool = False) -> Verdict:
+    """Bit-exact comparison for data movement (NaN payloads included).  ``converted``: the
+    values changed dtype, so where the oracle has a NaN any quiet NaN is right (the NaN rule)."""
     if expected.shape != actual.shape or expected.dtype != actual.dtype:
         return Verdict(False, "shape/dtype", message=f"expected {expected.shape} {expected.dtype}"
                        f", got {actual.shape} {actual.dtype}")
-    width = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[expected.dtype.itemsize]
-    diff = expected.view(width) != actual.view(width)
+    if converted:
+        diff = nan_rule.conversion_mismatch(expected, actual)
+    else:
+        diff = nan_rule.bits(expected) != nan_rule.bits(actual)
     if not diff.any():
         return Verdict(True, "bit-exact", size=expected.size)
-    as64 = lambda a: a.astype(np.float64)  # noqa: E731
     return Verdict(False, "bit-exact", n_bad=int(diff.sum()), size=expected.size,
-                   samples=_samples(diff, as64(expected), as64(actual)))
+                   samples=_bit_samples(diff, expected, actual),
+                   message="NaN rule: a conversion gives a quiet NaN" if converted else "")
+
+
+def _bit_samples(mask: np.ndarray, expected: np.ndarray, actual: np.ndarray, limit: int = 5):
+    """First differing elements as bit patterns (values hide NaN payloads and signalling)."""
+    return [(tuple(int(i) for i in idx), f"0x{int(nan_rule.bits(expected)[tuple(idx)]):x}",
+             f"0x{int(nan_rule.bits(actual)[tuple(idx)]):x}")
+            for idx in np.argwhere(mask)[:limit]]
 
 
 def compare_close(expected: np.ndarray, low_precision: np.ndarray, actual: np.ndarray,

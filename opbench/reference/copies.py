@@ -5,12 +5,17 @@ f16 uses NumPy's casts, which round directly from any float width.  bf16 uses ml
 float64 -> bfloat16 cast goes through float32 and can round twice (1 + 2^-8 + 2^-30 becomes 1,
 not 1 + 2^-7), so float64 inputs are first rounded to float32 *to odd*, which makes the second
 rounding exact (float32 keeps 16 more bits than bfloat16).
+
+NaNs follow the NaN rule (``nan_rule``): moves and widenings keep their bits, the other
+conversions quiet them.
 """
 
 from __future__ import annotations
 
 import ml_dtypes
 import numpy as np
+
+from .nan_rule import keeps_nan_bits, quieted
 
 DTYPE_NAMES = ("f32", "f16", "bf16")
 _NUMPY_DTYPES = {
@@ -54,10 +59,13 @@ def round_to(x, dtype_name) -> np.ndarray:
     x = np.asarray(x)
     if x.dtype.kind != "f" and x.dtype != _NUMPY_DTYPES["bf16"]:
         raise ValueError(f"x must be a float array, got dtype {x.dtype}")
-    with np.errstate(over="ignore"):  # overflow to +-inf is the correct rounding there
+    target = _NUMPY_DTYPES[name]
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow to +-inf rounds correctly
+        if keeps_nan_bits(x.dtype, target):
+            return x.astype(target)  # exact: a move or a widening keeps NaN bits as they are
         if name == "bf16" and x.dtype == np.float64:
             x = _float64_to_float32_round_to_odd(x)
-        return x.astype(_NUMPY_DTYPES[name])
+        return quieted(x.astype(target))  # NumPy's casts keep signalling NaNs signalling
 
 
 def set_rows(dst, src, slots) -> np.ndarray:

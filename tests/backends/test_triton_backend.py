@@ -263,3 +263,14 @@ def test_package_imports_without_triton_and_torch():
                          timeout=120, cwd=Path(__file__).parents[2])
     assert run.returncode == 0, run.stderr
     assert "False" in run.stdout and "opbench[triton]" in run.stdout
+
+
+@pytest.mark.parametrize("interpreter, head_dim", [(True, 64), (False, 64), (False, 512)])
+def test_declared_thresholds_are_the_default_tiles(interpreter, head_dim):
+    """The tables read TritonBackend.THRESHOLDS: they must name the tiles the kernels use."""
+    kernels = require_triton()
+    tiles = kernels[1].default_tiles(interpreter, head_dim)
+    declared = {(t.size, t.value) for t in TritonBackend.THRESHOLDS}
+    assert ("nq", tiles["block_m"]) in declared
+    assert ("nkv", tiles["block_n"]) in declared
+    assert ("nkv", tiles["split_len"]) in declared

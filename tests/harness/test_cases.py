@@ -70,3 +70,30 @@ def test_known_failure_may_pass_turns_xpass_into_ok():
     failing = {"case_id": "ROPE(type=f32)", "status": "FAIL", "reason": "nmse"}
     _apply_known(failing, lenient)
     assert failing["status"] == "XFAIL"
+
+
+def _just_past(spec, case, threshold) -> bool:
+    size = spec.sizes(case).get(threshold.size)
+    return size is not None and threshold.value < size <= threshold.value + max(
+        1, threshold.value // 8)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "cupy"])
+def test_full_tables_reach_past_every_declared_threshold(backend):
+    from opbench.harness.ops import SPECS
+    from opbench.harness.thresholds import BUILTIN_WITH_THRESHOLDS
+
+    thresholds = BUILTIN_WITH_THRESHOLDS[backend].THRESHOLDS
+    assert thresholds, f"{backend} declares no size threshold"
+    for threshold in thresholds:
+        spec = SPECS[threshold.op]
+        assert any(_just_past(spec, c, threshold) for c in spec.cases()), threshold
+
+
+def test_quick_tables_reach_past_every_cpu_threshold():
+    from opbench.backends.cpu import CpuBackend
+    from opbench.harness.ops import SPECS
+
+    for threshold in CpuBackend.THRESHOLDS:
+        spec = SPECS[threshold.op]
+        assert any(_just_past(spec, c, threshold) for c in spec.quick_cases()), threshold

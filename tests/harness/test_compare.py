@@ -76,3 +76,19 @@ def test_exact_rejects_dtype_mismatch():
 def test_every_judged_op_has_a_row_per_dtype(op):
     rows = {d: SPECS[op].tolerance(d) for d in ("f32", "f16", "bf16")}
     assert rows["f32"].nmse <= rows["f16"].nmse <= rows["bf16"].nmse
+
+
+def test_exact_move_keeps_nan_bits_but_conversion_accepts_any_quiet_nan():
+    expected = np.array([0x7E08, 0x3C00], np.uint16).view(np.float16)
+    canonical = np.array([0x7E00, 0x3C00], np.uint16).view(np.float16)
+    assert not compare_exact(expected, canonical).ok  # a move: payload must be kept
+    assert compare_exact(expected, canonical, converted=True).ok
+
+
+def test_exact_conversion_names_a_signalling_nan_by_its_bits():
+    expected = np.array([0x7E00], np.uint16).view(np.float16)
+    signalling = np.array([0x7C08], np.uint16).view(np.float16)
+    verdict = compare_exact(expected, signalling, converted=True)
+    assert not verdict.ok
+    assert "expected 0x7e00 got 0x7c08" in verdict.describe("out")
+    assert "NaN rule" in verdict.describe("out")

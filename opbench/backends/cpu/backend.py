@@ -18,6 +18,7 @@ from opbench.protocol import (
     Backend,
     Option,
     RopeParams,
+    SizeThreshold,
     numpy_dtype,
 )
 
@@ -54,6 +55,21 @@ class CpuBackend(ScenarioOpsMixin, Backend):
                " queued item"),
         Option("delay_seed", int, 0, "seed of the delays"),
         Option("delay_max_ms", float, 2.0, "longest delay"),
+    )
+    THRESHOLDS = (
+        SizeThreshold("ATTN", "nq", kernels.ATTN_Q_BLOCK,
+                      "causal/window attention goes in query blocks"),
+        SizeThreshold("ATTN", "nkv", kernels.ATTN_TILE, "a second online-softmax key tile"),
+        SizeThreshold("ROPE", "elems", kernels.ROPE_CHUNK_BYTES // 4,
+                      "the NumPy rotation runs in several token chunks"),
+        SizeThreshold("ROPE", "row", kernels.ROPE_CHUNK_BYTES // 4,
+                      "one token per chunk (the chunk step bottoms out at 1)"),
+        SizeThreshold("ROPE", "elems", kernels.JIT_CONVERT_ELEMS - 1,
+                      "f16 inputs and outputs convert with the numba loops"),
+        SizeThreshold("ROPE", "pos", RopeCache().max_rows - 1,
+                      "positions past the cos/sin cache are computed directly"),
+        SizeThreshold("CPY", "out_bytes", kernels.PARALLEL_COPY_BYTES - 1,
+                      "the copy is split across threads"),
     )
 
     def __init__(self, **options: Any) -> None:

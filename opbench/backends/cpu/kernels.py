@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from opbench.protocol import AttnParams, RopeParams
+from opbench.protocol import AttnParams, RopeParams, numpy_dtype
 
 from . import jit
 from .rope_cache import RopeCache, direct_cos_sin
@@ -23,8 +23,11 @@ ATTN_TILE = 256  # keys per online-softmax tile: scores stay in L2 for typical h
 ATTN_Q_BLOCK = 128  # causal/window: queries per block, so each block skips its hidden tiles
 
 
+JIT_CONVERT_ELEMS = 4096  # from this size on f16 <-> f32 conversions use the numba loops
+
+
 def as_f32(a: np.ndarray) -> np.ndarray:
-    if a.dtype == np.float16 and a.size >= 4096 and jit.available():
+    if a.dtype == np.float16 and a.size >= JIT_CONVERT_ELEMS and jit.available():
         return jit.f16_to_f32(a)  # NumPy's f16 -> f32 cast is scalar and ~10x slower
     return a.astype(F32, copy=False)
 
@@ -32,7 +35,7 @@ def as_f32(a: np.ndarray) -> np.ndarray:
 def store(out: np.ndarray, values: np.ndarray) -> None:
     """out[...] = values (float32), the single rounding to out's storage dtype."""
     if (out.dtype == np.float16 and values.dtype == F32 and out.flags.c_contiguous
-            and values.shape == out.shape and out.size >= 4096 and jit.available()):
+            and values.shape == out.shape and out.size >= JIT_CONVERT_ELEMS and jit.available()):
         jit.f32_to_f16(np.ascontiguousarray(values), out)
     else:
         out[...] = values
@@ -389,8 +392,10 @@ def _cpy_rows(view, out, use_jit: bool) -> None:
             and jit.available()):
         jit.f32_to_f16(np.ascontiguousarray(view), out)  # NumPy's f16 cast: ~1 GB/s
     elif view.dtype == out.dtype or view.dtype == F32:
-        with np.errstate(over="ignore"):  # overflow to +-inf is the correctly rounded result
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow to +-inf: correct
             np.copyto(out, view, casting="unsafe")  # f32 -> f16/bf16 rounds to nearest even
+        if view.dtype != out.dtype:
+            quiet_nans(out)
     else:
         out[...] = convert(view, out.dtype)
 
@@ -401,5 +406,18 @@ def convert(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
         return values
     if values.dtype != F32 and dtype != F32:
         values = values.astype(F32)
-    with np.errstate(over="ignore"):  # overflow to +-inf is the correctly rounded result
-        return values.astype(dtype)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow to +-inf rounds correctly
+        return quiet_nans(values.astype(dtype))
+
+
+_QUIET_BIT = {np.dtype(np.float16): 0x0200, numpy_dtype("bf16"): 0x0040, np.dtype(F32): 1 << 22}
+
+
+def quiet_nans(converted: np.ndarray) -> np.ndarray:
+    """Set the quiet bit of every NaN, in place (README "The NaN rule": a conversion never
+    gives a signalling NaN; NumPy's f16 and f32 casts keep signalling NaNs signalling)."""
+    nan = np.isnan(converted)
+    if nan.any():
+        raw = converted.view(np.uint16 if converted.itemsize == 2 else np.uint32)
+        raw[nan] |= _QUIET_BIT[converted.dtype]
+    return converted

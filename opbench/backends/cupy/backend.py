@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from opbench.protocol import AttnParams, Backend, Option, RopeParams
+from opbench.protocol import AttnParams, Backend, Option, RopeParams, SizeThreshold
 
 from ..arg_checks import same_owner
 from . import checks, plan
@@ -46,20 +46,31 @@ def _i64(v: int) -> np.int64:
     return np.int64(v)
 
 
+DEFAULT_ROPE_CACHE_ROWS = 8192
+
+
 class CupyBackend(GraphMixin, ScenarioOpsMixin, Backend):
     """CUDA kernels through cupy; the options below (``OPTIONS``)."""
 
     name = "cupy"
     OPTIONS = (
         Option("rope_cache", bool, True, "sin/cos table per device and RoPE parameters"),
-        Option("rope_cache_rows", int, 8192, "positions the table holds (later ones are"
-               " computed directly)"),
+        Option("rope_cache_rows", int, DEFAULT_ROPE_CACHE_ROWS,
+               "positions the table holds (later ones are computed directly)"),
         Option("delay", bool, False, "fault injection: a seeded random spin kernel before"
                " every op"),
         Option("delay_seed", int, 0, "seed of the delays"),
         Option("delay_max_ms", float, 2.0, "longest delay"),
         Option("sync_each_launch", bool, False, "debug: wait for and check every kernel right"
                " after its launch"),
+    )
+    THRESHOLDS = (
+        SizeThreshold("ATTN", "nq", plan.ATTN_BQ, "a second query tile"),
+        SizeThreshold("ATTN", "nkv", 64, "a second key tile (bk = 64 where the head fits)"),
+        SizeThreshold("ATTN", "nkv", 4 * 64 - 1,
+                      "decode splits the keys (split-KV + merge): two splits of two tiles"),
+        SizeThreshold("ROPE", "pos", DEFAULT_ROPE_CACHE_ROWS - 1,
+                      "positions past the cos/sin cache are computed directly"),
     )
 
     def __init__(self, **options: Any) -> None:

@@ -28,7 +28,7 @@ import numpy as np
 from opbench.backends.cpu import CpuBackend
 from opbench.backends.cpu.backend import CHECKS
 from opbench.backends.cpu.runtime import plain
-from opbench.protocol import Option
+from opbench.protocol import Option, SizeThreshold
 
 from . import index_checks
 
@@ -39,6 +39,7 @@ TILE_OPTIONS = ("block_m", "block_n", "split_len")
 # The interpreter swaps triton.language's functions for the duration of a launch, process-wide:
 # two streams interpreting kernels at once would restore each other's patches mid-kernel.
 _INTERPRETER_LOCK = threading.Lock()
+INTERPRETER_COPY_BLOCK = 1 << 16
 
 
 def missing_modules() -> list[str]:
@@ -112,6 +113,19 @@ class TritonBackend(CpuBackend):
         Option("block_n", int, None, "attention tile: keys per inner step"),
         Option("split_len", int, None, "keys per decode split"),
     )
+    #: kernels_attention.default_tiles: interpreter block_m 64, block_n 128, split_len 512;
+    #: GPU block_m 64 (16 past head_dim 256), block_n 64 (16), split_len 256
+    THRESHOLDS = tuple(
+        [SizeThreshold("ATTN", "nq", m, f"a second query tile of block_m={m}") for m in (16, 64)]
+        + [SizeThreshold("ATTN", "nkv", n, f"a second key tile of block_n={n}")
+           for n in (16, 64, 128)]
+        + [SizeThreshold("ATTN", "nkv", n, f"decode splits the keys (split_len={n}) and merges")
+           for n in (256, 512)])
+
+    def known_failures(self) -> list[tuple]:
+        from .known_failures import KNOWN_FAILURES
+
+        return list(KNOWN_FAILURES)
 
     @classmethod
     def available(cls) -> tuple[bool, str]:
@@ -188,7 +202,9 @@ class TritonBackend(CpuBackend):
         self.k_copy.launch_get_rows(src, rows, out)
 
     def launch_cpy(self, src, out, perm, step) -> None:
-        self.k_copy.launch_cpy(src, out, perm, step)
+        # the interpreter pays per program, not per element: big copies get big blocks
+        block = INTERPRETER_COPY_BLOCK if self.is_interpreter and out.numel() > 1 << 20 else None
+        self.k_copy.launch_cpy(src, out, perm, step, block=block)
 
     # -- ops: validate on the caller's thread, launch on the device's stream ---------------------
     def rope(self, x, pos, out, p, freq_factors=None, stream=None) -> None:

@@ -29,7 +29,23 @@ def store_f32(ptrs, x, mask):
         rounded = tl.where(x != x, (bits >> 16) | 0x40, rounded)  # NaN stays a quiet NaN
         tl.store(ptrs.to(tl.pointer_type(tl.uint16)), rounded.to(tl.uint16), mask=mask)
     else:
+        if ptrs.dtype.element_ty == tl.float16:
+            x = tl.where(x != x, float("nan"), x)  # NaN -> a quiet NaN, as cvt.rn.f16.f32 gives
         tl.store(ptrs, x.to(ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def copy_elements(src_ptrs, dst_ptrs, mask):
+    """dst = src rounded to dst's dtype; a move (same dtype) copies the bits, so NaN payloads
+    and signalling NaNs stay as they are (README "The NaN rule")."""
+    if src_ptrs.dtype.element_ty != dst_ptrs.dtype.element_ty:
+        store_f32(dst_ptrs, load_f32(src_ptrs, mask), mask)
+    elif src_ptrs.dtype.element_ty == tl.float32:
+        words = tl.load(src_ptrs.to(tl.pointer_type(tl.uint32)), mask=mask)
+        tl.store(dst_ptrs.to(tl.pointer_type(tl.uint32)), words, mask=mask)
+    else:
+        words = tl.load(src_ptrs.to(tl.pointer_type(tl.uint16)), mask=mask)
+        tl.store(dst_ptrs.to(tl.pointer_type(tl.uint16)), words, mask=mask)
 
 
 def next_pow2(n: int) -> int:

@@ -8,7 +8,7 @@ slices need no copy.
 import triton
 import triton.language as tl
 
-from .kernels_common import load_f32, next_pow2, rows_per_program, store_f32
+from .kernels_common import copy_elements, next_pow2, rows_per_program
 
 MAX_CPY_DIMS = 4
 
@@ -39,7 +39,7 @@ def rows_kernel(
     c3 = cols % n3
     src_off = src_row[:, None] * s_src + (c1 * s_src1 + c2 * s_src2 + c3 * s_src3)[None, :]
     dst_off = dst_row[:, None] * s_dst + (c1 * s_dst1 + c2 * s_dst2 + c3 * s_dst3)[None, :]
-    store_f32(dst_ptr + dst_off, load_f32(src_ptr + src_off, mask), mask)
+    copy_elements(src_ptr + src_off, dst_ptr + dst_off, mask)
 
 
 @triton.jit
@@ -55,8 +55,8 @@ def cpy_kernel(
     i2 = (flat // n3) % n2
     i1 = (flat // (n3 * n2)) % n1
     i0 = flat // (n3 * n2 * n1)
-    vals = load_f32(src_ptr + i0 * ss0 + i1 * ss1 + i2 * ss2 + i3 * ss3, mask)
-    store_f32(out_ptr + i0 * so0 + i1 * so1 + i2 * so2 + i3 * so3, vals, mask)
+    copy_elements(src_ptr + i0 * ss0 + i1 * ss1 + i2 * ss2 + i3 * ss3,
+                  out_ptr + i0 * so0 + i1 * so1 + i2 * so2 + i3 * so3, mask)
 
 
 def _row_layout(t) -> tuple[tuple[int, ...], tuple[int, ...]]:

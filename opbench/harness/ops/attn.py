@@ -100,7 +100,25 @@ class AttnSpec(OpSpec):
                 VARIANTS.values()):
             if _work(n_q, n_kv, gqa[0], *hs) <= MAX_WORK:
                 out.append(_case(dtype, hs, gqa, n_q, n_kv, flags))
-        return sorted(set(out), key=lambda c: c.id)
+        return sorted(set(out), key=lambda c: c.id) + [
+            c for c in self.threshold_cases() if c not in set(out)]
+
+    def sizes(self, case: Case) -> dict[str, int]:
+        return {"nq": case["nq"], "nkv": case["nkv"]}
+
+    def past(self, threshold) -> list[Case]:
+        """Just past a query threshold: a prefill from position 0 (nq = nkv), causal and with a
+        window, so early queries sit before the window's length.  Just past a key threshold:
+        decode (one query) and a short chunk, contiguous and paged."""
+        n = threshold.value + 1
+        if threshold.size == "nq":
+            return [_case("f32", (64, 64), (4, 2), n, n, flags)
+                    for flags in ({"causal": 1}, {"causal": 1, "win": 1})]
+        if threshold.size == "nkv":
+            return [_case("f32", (64, 64), (4, 2), n_q, n, flags)
+                    for n_q, flags in ((1, {"causal": 1}), (3, {"causal": 1}),
+                                       (1, {"causal": 1, "paged": 2}))]
+        return []
 
     def validate(self, case: Case) -> None:
         if case["nh"] % case["nkvh"]:

@@ -12,6 +12,7 @@ from ...reference import copies as copy_ref
 from ..cases import Case, Inputs, OpSpec, OutputSpec, itemsize, uniform
 
 DTYPES = ["f32", "f16", "bf16"]
+DTYPE_BYTES = {"f32": 4, "f16": 2, "bf16": 2}
 ROWS = [(1, 64), (8, 128), (3, 80)]  # (kv heads, head dim) of one token row
 
 
@@ -37,17 +38,75 @@ def cpy_case(src, dst, ne, perm=(0, 1, 2)) -> Case:
     return Case.make("CPY", type_src=src, type=dst, ne=list(ne), perm=list(perm), step=1)
 
 
-class SetRowsSpec(OpSpec):
+#: bit patterns per source dtype: quiet and signalling NaNs with payloads and both signs, +-Inf,
+#: -0.0, subnormals, the largest finite values (never the runner's poison pattern)
+_SPECIAL_BITS = {
+    "f32": [0x7FC00000, 0xFFC00000, 0x7FC12345, 0xFFE00001, 0x7FA00000, 0xFF812345,
+            0x7F800002, 0xFFBFFFFF, 0x7F800000, 0xFF800000, 0x80000000, 0x00000001,
+            0x80000001, 0x007FFFFF, 0x00800000, 0x7F7FFFFF, 0xFF7FFFFF, 0x7F7F7FFF],
+    "f16": [0x7E00, 0xFE00, 0x7E55, 0xFF01, 0x7C05, 0xFD00, 0x7DFF, 0xFC02, 0x7C00, 0xFC00,
+            0x8000, 0x0001, 0x8001, 0x03FF, 0x83FF, 0x0400, 0x7BFF, 0xFBFF],
+    "bf16": [0x7FC0, 0xFFC0, 0x7FD5, 0xFFC1, 0x7F81, 0xFF85, 0x7FBF, 0xFF82, 0x7F80, 0xFF80,
+             0x8000, 0x0001, 0x8001, 0x007F, 0x0080, 0x7F7F, 0xFF7F],
+}
+#: values that round to something special on narrowing: overflow to +-Inf and the largest
+#: finite value of f16 (65520 is the tie), its subnormals and underflow to +-0, ties to even
+_NARROWING = [65504.0, 65519.0, 65520.0, -65520.0, 1e5, -3e38, 2.0**-24, 2.0**-25,
+              -(2.0**-25) * 1.5, 2.0**-14, 1e-10, -1e-10, 1 + 2.0**-11, 1 + 3 * 2.0**-11,
+              1 + 2.0**-8, 1 + 3 * 2.0**-8]
+
+
+def special_values(dtype: str) -> np.ndarray:
+    """Every special pattern of ``dtype`` plus the narrowing edge cases it can hold."""
+    np_dtype = numpy_dtype(dtype)
+    raw = np.array(_SPECIAL_BITS[dtype], {2: np.uint16, 4: np.uint32}[np_dtype.itemsize])
+    with np.errstate(over="ignore"):
+        narrowing = np.array(_NARROWING).astype(np.float32).astype(np_dtype)
+    return np.concatenate([raw.view(np_dtype), narrowing])
+
+
+def _with_special_values(rng, values: np.ndarray, dtype: str) -> np.ndarray:
+    """Each leading-dim row of ``values`` gets every special value at seeded random places."""
+    specials = special_values(dtype)
+    rows = values.reshape(len(values), -1)
+    for row in rows:
+        take = min(len(specials), row.size)
+        row[rng.choice(row.size, size=take, replace=False)] = rng.permutation(specials)[:take]
+    return values
+
+
+def _source_values(rng, case: Case, shape) -> np.ndarray:
+    """Wide-ranging values; with ``vals=special`` also every special value in every row."""
+    values = _wide_uniform(rng, shape, case["type_src"])
+    if case.get("vals") == "special":
+        values = _with_special_values(rng, values, case["type_src"])
+    return values
+
+
+def _special_cases(op: str, **shape_params) -> list[Case]:
+    """One ``vals=special`` case per (destination, source) dtype pair."""
+    return [Case.make(op, type=dst, type_src=src, **shape_params, vals="special")
+            for dst, src in itertools.product(DTYPES, DTYPES)]
+
+
+class _CopySpec(OpSpec):
+    exact = True
+
+    def converts(self, case: Case) -> bool:
+        return case["type"] != case["type_src"]
+
+
+class SetRowsSpec(_CopySpec):
     name = "SET_ROWS"
     method = "set_rows"
-    exact = True
-    variant_keys = ("type", "type_src", "row", "nr", "skip")
+    variant_keys = ("type", "type_src", "row", "nr", "skip", "vals")
 
     def cases(self) -> list[Case]:
         grid = itertools.product(DTYPES, DTYPES, ROWS, [1, 7, 32], [0, 1])
         return [Case.make("SET_ROWS", type=dst, type_src=src, row=list(row), nr=nr,
                           nslots=nr * 2 + 5, skip=skip)
-                for dst, src, row, nr, skip in grid]
+                for dst, src, row, nr, skip in grid] + _special_cases(
+            "SET_ROWS", row=[2, 64], nr=7, nslots=19, skip=1)
 
     def make_inputs(self, case: Case, rng: np.random.Generator) -> Inputs:
         row, n_rows, n_slots = tuple(case["row"]), case["nr"], case["nslots"]
@@ -56,7 +115,7 @@ class SetRowsSpec(OpSpec):
             slots[rng.random(n_rows) < 0.3] = -1
             slots[0] = -1  # at least one skipped row in every skip case
         return Inputs({"dst": uniform(rng, (n_slots, *row), case["type"]),
-                       "src": _wide_uniform(rng, (n_rows, *row), case["type_src"]),
+                       "src": _source_values(rng, case, (n_rows, *row)),
                        "slots": slots})
 
     def outputs(self, case, inputs) -> dict[str, OutputSpec]:
@@ -83,23 +142,22 @@ class SetRowsSpec(OpSpec):
         return src.nbytes + src.size * itemsize(case["type"]), 0
 
 
-class GetRowsSpec(OpSpec):
+class GetRowsSpec(_CopySpec):
     name = "GET_ROWS"
     method = "get_rows"
-    exact = True
-    variant_keys = ("type", "type_src", "row", "nr")
+    variant_keys = ("type", "type_src", "row", "nr", "vals")
 
     def cases(self) -> list[Case]:
         grid = itertools.product(DTYPES, DTYPES, ROWS, [1, 7, 32])
         return [Case.make("GET_ROWS", type=dst, type_src=src, row=list(row), nr=nr,
                           nsrc=nr + 9)
-                for dst, src, row, nr in grid]
+                for dst, src, row, nr in grid] + _special_cases(
+            "GET_ROWS", row=[2, 64], nr=7, nsrc=16)
 
     def make_inputs(self, case, rng) -> Inputs:
         row = tuple(case["row"])
         rows = rng.integers(0, case["nsrc"], size=case["nr"]).astype(np.int32)  # repeats ok
-        return Inputs({"src": _wide_uniform(rng, (case["nsrc"], *row), case["type_src"]),
-                       "rows": rows})
+        return Inputs({"src": _source_values(rng, case, (case["nsrc"], *row)), "rows": rows})
 
     def outputs(self, case, inputs) -> dict[str, OutputSpec]:
         return {"out": OutputSpec((case["nr"], *case["row"]), case["type"])}
@@ -125,20 +183,40 @@ PERMS = [(0, 1, 2), (1, 0, 2), (2, 1, 0), (0, 2, 1)]
 CPY_SHAPES = [(5, 3, 64), (17, 4, 128), (2, 33, 7)]
 
 
-class CpySpec(OpSpec):
+class CpySpec(_CopySpec):
     name = "CPY"
     method = "cpy"
-    exact = True
-    variant_keys = ("type", "type_src", "ne", "perm", "step")
+    variant_keys = ("type", "type_src", "ne", "perm", "step", "vals")
 
     def cases(self) -> list[Case]:
         grid = itertools.product(DTYPES, DTYPES, CPY_SHAPES, PERMS, [1, 2])
-        return [Case.make("CPY", type_src=src, type=dst, ne=list(shape), perm=list(perm),
-                          step=step)
-                for src, dst, shape, perm, step in grid]
+        table = [Case.make("CPY", type_src=src, type=dst, ne=list(shape), perm=list(perm),
+                           step=step)
+                 for src, dst, shape, perm, step in grid]
+        for perm, step in (((0, 1, 2), 1), ((2, 1, 0), 2)):  # contiguous, and strided
+            table += _special_cases("CPY", ne=[5, 3, 64], perm=list(perm), step=step)
+        return table + self.threshold_cases()
+
+    def sizes(self, case: Case) -> dict[str, int]:
+        view = np.empty(case["ne"], np.int8).transpose(case["perm"])[:: case["step"]]
+        return {"out_bytes": view.size * DTYPE_BYTES[case["type"]]}
+
+    def past(self, threshold) -> list[Case]:
+        """Outputs one row past ``out_bytes``: a widening, a narrowing and a permuted move."""
+        if threshold.size != "out_bytes":
+            return []
+        out = []
+        for src, dst, perm in (("f16", "f32", (0, 1, 2)), ("f32", "f16", (0, 1, 2)),
+                               ("bf16", "bf16", (1, 0, 2))):
+            row = 1024 * 512  # elements of one [1024, 512] slab
+            rows = threshold.value // (row * DTYPE_BYTES[dst]) + 1
+            shape = [rows, 1024, 512] if perm[0] == 0 else [1024, rows, 512]
+            out.append(Case.make("CPY", type_src=src, type=dst, ne=shape, perm=list(perm),
+                                 step=1))
+        return out
 
     def make_inputs(self, case, rng) -> Inputs:
-        return Inputs({"src": _wide_uniform(rng, tuple(case["ne"]), case["type_src"])})
+        return Inputs({"src": _source_values(rng, case, tuple(case["ne"]))})
 
     def outputs(self, case, inputs) -> dict[str, OutputSpec]:
         view = inputs.arrays["src"].transpose(case["perm"])[:: case["step"]]

@@ -70,7 +70,14 @@ template <> __device__ __forceinline__ bf16_t from_f32<bf16_t>(float x) {
 }
 
 // Converts between storage types through float: widening to float is exact for all three,
-// so this rounds exactly once (nearest even), as NumPy's astype does.
+// so this rounds exactly once (nearest even), as NumPy's astype does.  A move (same type)
+// copies the bits: going through float would rewrite NaN payloads (README "The NaN rule").
+template <typename S, typename D> struct Converter {
+    static __device__ __forceinline__ D run(S x) { return from_f32<D>(to_f32(x)); }
+};
+template <typename T> struct Converter<T, T> {
+    static __device__ __forceinline__ T run(T x) { return x; }
+};
 template <typename S, typename D> __device__ __forceinline__ D convert(S x) {
-    return from_f32<D>(to_f32(x));
+    return Converter<S, D>::run(x);
 }
