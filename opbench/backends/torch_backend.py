@@ -24,6 +24,8 @@ import numpy as np
 
 from opbench.protocol import AttnParams, Backend, Option, RopeParams
 
+from .common.yarn import yarn_corr_dims
+
 try:  # optional: the module must import without torch
     import torch
     import torch.nn.functional as F
@@ -44,17 +46,6 @@ def _torch_dtype(np_dtype: np.dtype):
 
 
 # -- ROPE: inverse frequencies from ggml's parameters (HF ROPE_INIT_FUNCTIONS style) ----------
-
-def yarn_corr_dims(n_dims: int, n_ctx_orig: int, base: float, beta_fast: float,
-                   beta_slow: float) -> tuple[float, float]:
-    """ggml_rope_yarn_corr_dims / HF find_correction_range: the pair range the ramp spans."""
-    def corr_dim(n_rot: float) -> float:
-        return n_dims * math.log(n_ctx_orig / (n_rot * 2 * math.pi)) / (2 * math.log(base))
-
-    low = math.floor(corr_dim(beta_fast))
-    high = math.ceil(corr_dim(beta_slow))
-    return max(0.0, low), min(n_dims - 1.0, high)
-
 
 def rope_inv_freq(p: RopeParams, freq_factors=None):
     """float32 ``[n_dims/2]`` inverse frequencies and the float attention scaling.

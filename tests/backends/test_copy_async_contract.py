@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from opbench.backends.common.arrays import plain
 from opbench.backends.cpu import CpuBackend
-from opbench.backends.cpu.runtime import plain
 from opbench.harness import contracts
 from opbench.harness.contracts import COPY_ASYNC_CHECKS, ContractViolation
 
@@ -40,7 +40,8 @@ class SynchronizeReturnsEarly(CpuBackend):
     """Bug: synchronize reports errors but does not wait for queued work."""
 
     def synchronize(self, device=None):
-        streams = self._streams if device is None else [self.stream(device)]
+        streams = ([self.stream(d) for d in self.device_list()] if device is None
+                   else [self.stream(device)])
         for stream in streams:
             stream.raise_pending()
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from opbench.backends.cpu import CpuBackend, DeviceMismatchError
-from opbench.backends.cpu.runtime import StreamDelay, plain
+from opbench.backends.runtimes.threads import StreamDelay, plain
 from opbench.protocol import RopeParams
 
 WAIT_S = 10.0  # generous bound for "this must happen"; never reached when the code works
@@ -205,7 +205,7 @@ def test_close_joins_threads_even_with_a_held_stream():
     be = CpuBackend()
     be.devices(3)
     be.hold(be.stream(1))  # never released by the caller
-    threads = [s._thread for s in be._streams]
+    threads = [be.stream(d)._thread for d in be.device_list()]
     assert all(t.is_alive() and t.daemon for t in threads)
     be.close()
     assert not any(t.is_alive() for t in threads)

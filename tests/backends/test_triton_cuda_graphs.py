@@ -791,8 +791,7 @@ def fake_cuda_backend(fake):
     from opbench.harness.triton_testing import require_triton
 
     require_triton()
-    backend = TritonBackend(mode="interpreter")
-    backend._cuda = CudaRuntime(api=fake)
+    backend = TritonBackend(mode="interpreter", runtime=CudaRuntime(api=fake))
     yield backend
     backend.close()
 
@@ -844,7 +843,7 @@ def test_backend_capture_errors_through_the_fake(fake_cuda_backend):
     b.replay(graph)
     b.capture_begin([b.stream(0)])
     b.close()  # an open capture is dropped, not left behind
-    assert not b._cuda.capturing
+    assert not b.runtime.capturing
 
 
 # -- a real GPU -----------------------------------------------------------------------------------

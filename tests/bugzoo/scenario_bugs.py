@@ -12,9 +12,9 @@ import sys
 
 import numpy as np
 
+from opbench.backends.common.arrays import plain
 from opbench.backends.cpu import CpuBackend, kernels
 from opbench.backends.cpu.rope_cache import RopeCache, _Table, rope_frequencies
-from opbench.backends.cpu.runtime import plain
 from opbench.harness.scenario.splits import SequenceSplit
 from opbench.protocol import RopeParams
 

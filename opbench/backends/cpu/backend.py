@@ -1,13 +1,13 @@
 """``CpuBackend``: the embedded default backend.
 
 Every op validates its arguments on the calling thread (shapes, dtypes, which device owns
-each array), then queues the kernel on the owning device's stream and returns.
+each array), then queues the kernel on the owning device's stream and returns.  Devices,
+memory, streams, events, copies, graphs and the timer are the runtime it holds (by default
+``backends/runtimes/threads.py``: worker-thread streams).
 """
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,47 +15,36 @@ import numpy as np
 
 from opbench.protocol import (
     AttnParams,
-    Backend,
     Option,
     RopeParams,
+    Runtime,
+    RuntimeBackend,
     SizeThreshold,
-    numpy_dtype,
 )
 
-from ..arg_checks import ArgChecks, same_owner
+from ..common.arg_checks import ArgChecks
+from ..common.arrays import plain
+from ..common.numpy_model import NumpyModelOps
+from ..runtimes.threads import ThreadRuntime
 from . import jit, kernels
 from .rope_cache import RopeCache
-from .runtime import (
-    Device,
-    DeviceArray,
-    DeviceMismatchError,
-    Event,
-    Gate,
-    Stream,
-    StreamDelay,
-    device_array,
-    plain,
-)
-from .scenario_ops import ScenarioOpsMixin
 
-FLOAT_DTYPES = tuple(numpy_dtype(n) for n in ("f32", "f16", "bf16"))
 #: the host-side argument checks; the NumPy kernels read int32 and int64 indices alike
 CHECKS = ArgChecks(index_dtypes=("int32", "int64"))
 
 
-class CpuBackend(ScenarioOpsMixin, Backend):
-    """NumPy kernels on logical devices with worker-thread streams; options: ``OPTIONS``."""
+class CpuBackend(NumpyModelOps, RuntimeBackend):
+    """NumPy kernels on logical devices with worker-thread streams; options: ``OPTIONS``.
+
+    ``runtime``: where arrays live and work runs (default: a ``ThreadRuntime`` made from the
+    delay options); any runtime whose ``kernel_view`` is a host ndarray serves."""
 
     name = "cpu"
     OPTIONS = (
         Option("rope_cache", bool, True, "sin/cos table per device and RoPE parameters"),
         Option("jit", bool, True, "numba loops where NumPy needs several passes (if numba is"
                " installed)"),
-        Option("delay", bool, False, "fault injection: a seeded random sleep before every"
-               " queued item"),
-        Option("delay_seed", int, 0, "seed of the delays"),
-        Option("delay_max_ms", float, 2.0, "longest delay"),
-    )
+    ) + ThreadRuntime.OPTIONS
     THRESHOLDS = (
         SizeThreshold("ATTN", "nq", kernels.ATTN_Q_BLOCK,
                       "causal/window attention goes in query blocks"),
@@ -72,18 +61,14 @@ class CpuBackend(ScenarioOpsMixin, Backend):
                       "the copy is split across threads"),
     )
 
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
+    def __init__(self, runtime: Runtime | None = None, **options: Any) -> None:
+        super().__init__(runtime, **options)
         opts = self.options
         self.rope_cache, self.jit, self.delay = opts["rope_cache"], opts["jit"], opts["delay"]
         self.delay_seed, self.delay_max_ms = opts["delay_seed"], opts["delay_max_ms"]
-        if self.delay_max_ms < 0:
-            raise ValueError(f"delay_max_ms={self.delay_max_ms} must be >= 0")
-        self._devices: list[Device] = []
-        self._streams: list[Stream] = []
+        if runtime is None:
+            self.runtime = ThreadRuntime.from_options(opts)
         self._caches: list[RopeCache] = []
-        self._gates: list[Gate] = []
-        self._lock = threading.Lock()
 
     def info(self) -> dict:
         return {
@@ -91,146 +76,36 @@ class CpuBackend(ScenarioOpsMixin, Backend):
             "rope_cache": self.rope_cache,
             "jit": self.jit and jit.installed(),
             "delay": self.delay,
-            "devices": [d.name for d in self._devices],
+            **self.runtime.info(),
         }
 
-    # -- devices and memory -----------------------------------------------------------------
-    def devices(self, n: int = 1) -> list[Device]:
+    def devices(self, n: int = 1) -> list[Any]:
         """n logical devices; existing ones (and their arrays) are kept, missing ones started."""
-        if not isinstance(n, int) or n < 1:
-            raise ValueError(f"n={n!r} devices must be an int >= 1")
-        with self._lock:
-            while len(self._devices) < n:
-                self._start_device(len(self._devices))
-        return self._devices[:n]
+        devices = self.runtime.devices(n)
+        while len(self._caches) < len(self.runtime.device_list()):
+            self._start_device(len(self._caches))
+        return devices
 
     def _start_device(self, index: int) -> None:
-        device = Device(index)
-        delay = StreamDelay((self.delay_seed, index), self.delay_max_ms) if self.delay else None
-        self._devices.append(device)
-        self._streams.append(Stream(device, delay))
+        """Per-device state of the backend itself: the RoPE cache."""
         self._caches.append(RopeCache())
 
-    def device(self, device: Any = None) -> Device:
-        """Resolve None (device 0), an index or a Device of this backend."""
-        if device is None:
-            device = 0
-        index = device.index if isinstance(device, Device) else device
-        if not isinstance(index, (int, np.integer)) or index < 0:
-            raise ValueError(f"device={device!r} must be a Device or an index >= 0")
-        if index == 0 and not self._devices:
-            self.devices(1)  # ops before devices(n): the default device
-        if index >= len(self._devices):
-            raise ValueError(
-                f"device={device!r} does not exist; devices(n) made {len(self._devices)}"
-            )
-        return self._devices[int(index)]
+    def _cache(self, device: Any) -> RopeCache:
+        index = self.runtime.device_list().index(device)
+        while len(self._caches) <= index:  # a device made by the runtime on first use
+            self._start_device(len(self._caches))
+        return self._caches[index]
 
-    def to_device(self, host: np.ndarray, device: Any = None) -> DeviceArray:
-        if isinstance(host, DeviceArray):  # another device's array: wait for its queued work
-            host = self.to_host(host)
-        return device_array(np.asarray(host), self.device(device))
-
-    def empty(self, shape: Sequence[int], dtype: Any, device: Any = None) -> DeviceArray:
-        """An uninitialized-looking array: floats poisoned with NaN, ints with -1."""
-        dt = np.dtype(dtype)
-        fill = np.nan if dt.kind == "f" or dt in FLOAT_DTYPES else -1
-        return device_array(np.full(tuple(shape), fill, dt), self.device(device))
-
-    def to_host(self, arr: DeviceArray) -> np.ndarray:
-        device = self._owner("arr", arr)
-        self.synchronize(device)
-        return np.array(plain(arr), copy=True)
-
-    def synchronize(self, device: Any = None) -> None:
-        streams = self._streams if device is None else [self.stream(device)]
-        for stream in streams:
-            stream.record().synchronize()
-        for stream in streams:
-            stream.raise_pending()
-
-    def close(self) -> None:
-        for gate in self._gates:
-            gate.release()  # a held stream would never drain
-        for stream in self._streams:
-            stream.close()
-
-    def __enter__(self) -> CpuBackend:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    def timer(self):
-        """Device time of one call in nanoseconds, as CUDA events measure it: every stream is
-        held while ``call`` queues its work between two timestamps taken on the workers, then
-        released, so the kernels run back to back and host-side latency (validation, thread
-        wake-ups) is not counted.  Meaningless with ``delay`` on (the sleeps are counted)."""
-
-        def time_call(call) -> float:
-            self.synchronize()
-            streams = list(self._streams)
-            gates = [stream.hold() for stream in streams]
-            stamps: list[int] = []
-            for stream in streams:
-                stream.submit(lambda: stamps.append(time.perf_counter_ns()))
-            call()
-            for stream in streams:
-                stream.submit(lambda: stamps.append(time.perf_counter_ns()))
-            for gate in gates:
-                gate.release()
-            self.synchronize()
-            return float(max(stamps) - min(stamps))
-
-        return time_call
-
-    # -- streams, events, async copies ------------------------------------------------------
-    def stream(self, device: Any = None) -> Stream:
-        return self._streams[self.device(device).index]
-
-    def record_event(self, stream: Stream) -> Event:
-        return self._own_stream(stream).record()
-
-    def wait_event(self, stream: Stream, event: Event) -> None:
-        if not isinstance(event, Event):
-            raise TypeError(f"event must come from record_event, got {type(event).__name__}")
-        self._own_stream(stream).wait(event)
-
-    def hold(self, stream: Stream) -> Gate:
-        """Block ``stream`` at this point until ``gate.release()``: deterministic slow work."""
-        gate = self._own_stream(stream).hold()
-        self._gates = [g for g in self._gates if not g.released] + [gate]  # close() frees these
-        return gate
-
-    def copy_async(self, src: DeviceArray, dst_device: Any, stream: Stream | None = None):
-        """ggml's contract.  The copy runs on the source stream (after the work queued there),
-        then the destination stream waits for it; with ``stream`` = the destination's stream the
-        copy runs there, after waiting for the source, and the source waits for the copy
-        before anyone may overwrite src."""
-        src_device = self._owner("src", src)
-        dst = self.empty(src.shape, src.dtype, dst_device)
-        src_stream, dst_stream = self.stream(src_device), self.stream(dst.device)
-        copy_stream = src_stream if stream is None else self._own_stream(stream)
-        if copy_stream not in (src_stream, dst_stream):
-            raise DeviceMismatchError(
-                f"copy_async: stream of {copy_stream.device} is neither the source's "
-                f"({src_device}) nor the destination's ({dst.device})"
-            )
-        source, target = plain(src), plain(dst)
-        if copy_stream is src_stream:
-            src_stream.submit(lambda: np.copyto(target, source))
-            dst_stream.wait(src_stream.record())
-        else:
-            dst_stream.wait(src_stream.record())
-            dst_stream.submit(lambda: np.copyto(target, source))
-            src_stream.wait(dst_stream.record())
-        return dst
+    def to_host(self, arr: Any) -> np.ndarray:
+        # waits through self.synchronize, so a subclass's synchronize governs every read
+        self.synchronize(self.runtime.owner("arr", arr))
+        return np.array(self.runtime.kernel_view(arr), copy=True)
 
     # -- ops ----------------------------------------------------------------------------------
     def rope(self, x, pos, out, p: RopeParams, freq_factors=None, stream=None) -> None:
         CHECKS.rope(x, pos, out, p, freq_factors)
         device = self._same_device("rope", x=x, pos=pos, out=out, freq_factors=freq_factors)
-        cache = self._caches[device.index] if self.rope_cache else None
+        cache = self._cache(device) if self.rope_cache else None
         ff = None if freq_factors is None else plain(freq_factors)
         args = (plain(x), plain(pos), plain(out))
         use_jit = self.jit
@@ -281,29 +156,10 @@ class CpuBackend(ScenarioOpsMixin, Backend):
         self._submit(device, stream, lambda: kernels.cpy(*args, perm, step, use_jit))
 
     # -- plumbing -------------------------------------------------------------------------------
-    def _submit(self, device: Device, stream: Stream | None, work) -> None:
-        target = self.stream(device) if stream is None else self._own_stream(stream)
-        if target.device != device:
-            raise DeviceMismatchError(
-                f"stream of {target.device} cannot run an op on arrays of {device}"
-            )
-        target.submit(work)
+    def _submit(self, device: Any, stream: Any, work) -> None:
+        """Every op's work goes through here (the bug zoo patches kernels around it)."""
+        self.runtime.submit(device, stream, work)
 
-    def _own_stream(self, stream: Any) -> Stream:
-        if not isinstance(stream, Stream) or stream not in self._streams:
-            raise TypeError(f"stream={stream!r} is not a stream of this cpu backend")
-        return stream
-
-    def _owner(self, name: str, arr: Any) -> Device:
-        device = getattr(arr, "device", None)
-        if not isinstance(arr, DeviceArray) or device not in self._devices:
-            raise TypeError(
-                f"{name} must be an array made by this backend's to_device, got "
-                f"{type(arr).__name__}"
-            )
-        return device
-
-    def _same_device(self, op: str, **arrays: Any) -> Device:
+    def _same_device(self, op: str, **arrays: Any) -> Any:
         """The device owning every given array; DeviceMismatchError naming both otherwise."""
-        return same_owner(op, self._owner, arrays, DeviceMismatchError)
-
+        return self.runtime.same_device(op, **arrays)

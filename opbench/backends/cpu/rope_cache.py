@@ -18,17 +18,7 @@ import numpy as np
 
 from opbench.protocol import RopeParams
 
-
-def yarn_corr_dims(p: RopeParams) -> tuple[float, float]:
-    """ggml ``ggml_rope_yarn_corr_dims``: pair-index bounds (low, high) of the YaRN ramp."""
-
-    def corr_dim(n_rot: float) -> float:
-        ratio = p.n_ctx_orig / (n_rot * 2 * math.pi)
-        return p.n_dims * math.log(ratio) / (2 * math.log(p.freq_base))
-
-    low = math.floor(corr_dim(p.beta_fast))
-    high = math.ceil(corr_dim(p.beta_slow))
-    return max(0.0, low), min(p.n_dims - 1.0, high)
+from ..common.yarn import rope_corr_dims
 
 
 def rope_frequencies(p: RopeParams, freq_factors: np.ndarray | None) -> tuple[np.ndarray, float]:
@@ -45,7 +35,7 @@ def rope_frequencies(p: RopeParams, freq_factors: np.ndarray | None) -> tuple[np
         return omega * p.freq_scale, float(mscale)
     if p.n_ctx_orig <= 0:
         raise ValueError(f"n_ctx_orig={p.n_ctx_orig} must be > 0 when ext_factor != 0")
-    low, high = yarn_corr_dims(p)
+    low, high = rope_corr_dims(p)
     ramp = 1.0 - np.clip((np.arange(n_pairs) - low) / max(0.001, high - low), 0.0, 1.0)
     mix = ramp * p.ext_factor
     mscale *= 1.0 + 0.1 * math.log(1.0 / p.freq_scale)

@@ -18,7 +18,7 @@ import numpy as np
 
 from opbench.protocol import AttnParams, Backend, Option, RopeParams, SizeThreshold
 
-from ..arg_checks import same_owner
+from ..common.arg_checks import same_owner
 from . import checks, plan
 from .graphs import GraphMixin
 from .runtime import (

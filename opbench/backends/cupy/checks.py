@@ -1,5 +1,5 @@
 """Host-side argument checks of the cupy backend's ops: the backends' shared checks
-(``opbench.backends.arg_checks``) with int32 indices, plus this backend's own limits.  Index
+(``opbench.backends.common.arg_checks``) with int32 indices, plus this backend's own limits.  Index
 values are checked by the kernels, through the device error word."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from typing import Sequence
 
 from opbench.protocol import AttnParams
 
-from ..arg_checks import ArgChecks, dtype_of, need
+from ..common.arg_checks import ArgChecks, dtype_of, need
 
 #: the kernels read int32 indices only
 CHECKS = ArgChecks(index_dtypes=("int32",))

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from opbench.backends.cpu.rope_cache import yarn_corr_dims  # one YaRN formula for both backends
 from opbench.protocol import RopeParams
+
+from ..common.yarn import rope_corr_dims
 
 KERNEL_DIR = Path(__file__).parent / "kernels"
 COMMON_HEADER = "common.cuh"
@@ -168,7 +169,7 @@ def rope_angle_scalars(p: RopeParams) -> dict[str, float]:
     """The angle parameters the kernels take (rope_kernel and rope_cache_fill), in their order.
 
     YaRN's corr dims and mscale are computed once here in float64, like the oracle."""
-    corr_low, corr_high = yarn_corr_dims(p) if p.ext_factor != 0.0 else (0.0, 0.0)
+    corr_low, corr_high = rope_corr_dims(p) if p.ext_factor != 0.0 else (0.0, 0.0)
     mscale = p.attn_factor
     if p.ext_factor != 0.0:
         mscale *= 1.0 + 0.1 * math.log(1.0 / p.freq_scale)

@@ -3,14 +3,19 @@
 Two modes, chosen once per process (Triton decides when a kernel is decorated):
 
 * ``interpreter`` (no GPU, or ``TRITON_INTERPRET=1``): Triton's interpreter runs the very same
-  kernels on CPU tensors.  The backend *is* a cpu backend (logical devices, arrays that know
-  their device, one worker-thread stream per device, events, async copies, fault injection);
-  only the op bodies differ: each op enqueues a Triton launch on the device's stream, on torch
-  tensors that alias the harness's NumPy buffers (zero copy), so kernels write straight into
-  the guarded output buffers.
+  kernels on CPU tensors, on the worker-thread runtime (``backends/runtimes/threads.py``:
+  logical devices, arrays that know their device, one worker-thread stream per device, events,
+  async copies, fault injection): each op enqueues a Triton launch on the device's stream, on
+  torch tensors that alias the harness's NumPy buffers (zero copy), so kernels write straight
+  into the guarded output buffers.
 * ``cuda``: native Triton on torch CUDA tensors, torch.cuda streams and events, a CUDA-event
   timer with an L2 flush (``runtime_cuda``), graph reuse through CUDA graphs (``graphs_cuda``:
   implemented, exercised only through fakes on the CPU, never run on a GPU).
+
+The runtime is chosen once, when the backend is made, and held (``self.runtime``); what
+differs between the two -- host-side checks, how a launch reaches the kernels, the scenario
+primitives, the timer -- is one small object per runtime (``_Interpreted``, ``_OnCuda``), so
+no method asks which runtime it runs on.
 
 Each op's launch is one method (``launch_rope``, ``launch_attention``, ...) taking torch
 tensors: override one in a subclass to test your own kernel (docs/backends-triton.md).
@@ -25,13 +30,16 @@ from typing import Any
 
 import numpy as np
 
-from opbench.backends.cpu import CpuBackend
-from opbench.backends.cpu.backend import CHECKS
-from opbench.backends.cpu.runtime import plain
-from opbench.protocol import Option, SizeThreshold
+from opbench.protocol import Option, PagedKV, Runtime, RuntimeBackend, SizeThreshold
 
+from ..common.arg_checks import ArgChecks
+from ..common.arrays import plain
+from ..common.numpy_model import NumpyModelOps
+from ..runtimes.threads import ThreadRuntime
 from . import index_checks
 
+#: the host-side argument checks of interpreter mode (NumPy arrays; int32 or int64 indices)
+CHECKS = ArgChecks(index_dtypes=("int32", "int64"))
 INSTALL_HINT = "pip install 'opbench[triton]'"
 MODES = ("auto", "interpreter", "cuda")
 TILE_OPTIONS = ("block_m", "block_n", "split_len")
@@ -97,14 +105,17 @@ def as_torch(arr):
     return torch.from_numpy(a)
 
 
-class TritonBackend(CpuBackend):
-    """Options: everything the cpu backend takes (devices, streams, ``delay`` fault injection;
-    ``rope_cache`` is accepted and has no effect: the kernels compute angles in-kernel), plus
-    ``mode`` ("auto" | "interpreter" | "cuda"), tile sizes ``block_m``, ``block_n``,
-    ``split_len`` (keys per decode split), and ``decode_split`` (False: always flash)."""
+class TritonBackend(RuntimeBackend):
+    """Options: ``OPTIONS`` (the worker-thread runtime's ``delay`` fault injection applies in
+    interpreter mode; ``rope_cache`` and ``jit`` are accepted and have no effect: the kernels
+    compute angles in-kernel).  ``runtime``: the runtime to run on instead of the mode's own
+    (a ``ThreadRuntime`` for the interpreter, a ``CudaRuntime`` for cuda)."""
 
     name = "triton"
-    OPTIONS = CpuBackend.OPTIONS + (
+    OPTIONS = (
+        Option("rope_cache", bool, True, "accepted, no effect (angles are computed in-kernel)"),
+        Option("jit", bool, True, "accepted, no effect"),
+    ) + ThreadRuntime.OPTIONS + (
         Option("mode", str, "auto", "where kernels run: a GPU (cuda) or Triton's interpreter",
                MODES),
         Option("decode_split", bool, True, "split-KV decode kernel for one query per sequence"
@@ -134,8 +145,8 @@ class TritonBackend(CpuBackend):
             return False, f"{' and '.join(missing)} not installed: {INSTALL_HINT}"
         return True, ""
 
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
+    def __init__(self, runtime: Runtime | None = None, **options: Any) -> None:
+        super().__init__(runtime, **options)
         ok, reason = self.available()
         if not ok:
             raise RuntimeError(reason)
@@ -144,11 +155,17 @@ class TritonBackend(CpuBackend):
                       if self.options[name] is not None}
         self.decode_split = self.options["decode_split"]
         (self.k_rope, self.k_attention, self.k_kv, self.k_copy) = load_kernels(self.mode)
-        self._cuda = None
+        if runtime is None:
+            runtime = self._default_runtime()
+        self.runtime = runtime
+        self.on = _OnCuda(runtime) if _is_cuda(runtime) else _Interpreted(runtime)
+
+    def _default_runtime(self) -> Runtime:
         if self.mode == "cuda":
             from .runtime_cuda import CudaRuntime
 
-            self._cuda = CudaRuntime()
+            return CudaRuntime()
+        return ThreadRuntime.from_options(self.options)
 
     @property
     def is_interpreter(self) -> bool:
@@ -159,14 +176,9 @@ class TritonBackend(CpuBackend):
         import torch
         import triton
 
-        facts = {"mode": self.mode, "is_interpreter": self.is_interpreter,
-                 "triton": triton.__version__, "torch": torch.__version__,
-                 "numpy": np.__version__, "tiles": dict(self.tiles)}
-        if self._cuda is not None:
-            facts.update(self._cuda.info())
-        else:
-            facts["devices"] = [d.name for d in self._devices]
-        return facts
+        return {"mode": self.mode, "is_interpreter": self.is_interpreter,
+                "triton": triton.__version__, "torch": torch.__version__,
+                "numpy": np.__version__, "tiles": dict(self.tiles), **self.runtime.info()}
 
     # -- kernel launches: one method per kernel, torch tensors in; override to test yours -------
     def launch_rope(self, x, pos, out, p, freq_factors) -> None:
@@ -208,14 +220,14 @@ class TritonBackend(CpuBackend):
 
     # -- ops: validate on the caller's thread, launch on the device's stream ---------------------
     def rope(self, x, pos, out, p, freq_factors=None, stream=None) -> None:
-        self._check(CHECKS.rope, x, pos, out, p, freq_factors)
-        self._enqueue("rope", dict(x=x, pos=pos, out=out, freq_factors=freq_factors), stream,
-                      lambda t: self.launch_rope(t["x"], t["pos"], t["out"], p,
-                                                 t["freq_factors"]))
+        self.on.check(CHECKS.rope, x, pos, out, p, freq_factors)
+        self.on.enqueue("rope", dict(x=x, pos=pos, out=out, freq_factors=freq_factors), stream,
+                        lambda t: self.launch_rope(t["x"], t["pos"], t["out"], p,
+                                                   t["freq_factors"]))
 
     def attention(self, q, k, v, out, p, mask=None, sinks=None, lse=None, paged=None,
                   stream=None) -> None:
-        self._check(CHECKS.attention, q, k, v, out, p, mask, sinks, lse, paged)
+        self.on.check(CHECKS.attention, q, k, v, out, p, mask, sinks, lse, paged)
         arrays = dict(q=q, k=k, v=v, out=out, mask=mask, sinks=sinks, lse=lse)
         if paged is not None:
             arrays.update(block_table=paged.block_table, seq_lens=paged.seq_lens,
@@ -223,14 +235,12 @@ class TritonBackend(CpuBackend):
         # Inside a CUDA-graph capture the decode/flash choice must not read q_start on the host
         # (a device->host read breaks the capture, and a replay may see other q_start values):
         # paged attention records the flash kernel, right for any q_start written before replay.
-        general = paged is not None and self._cuda is not None and self._cuda.capturing
-        self._enqueue("attention", arrays, stream,
-                      lambda t: self._attention(t, p, paged, general),
-                      _check_paged if paged is not None else None)
+        general = paged is not None and self.on.records_kernels()
+        self.on.enqueue("attention", arrays, stream,
+                        lambda t: self._attention(t, p, paged, general),
+                        _check_paged if paged is not None else None)
 
     def _attention(self, t: dict, p, paged, general: bool = False) -> None:
-        from opbench.protocol import PagedKV
-
         paged_t = None
         if paged is not None:
             paged_t = PagedKV(t["block_table"], t["seq_lens"], t["q_start"])
@@ -241,174 +251,137 @@ class TritonBackend(CpuBackend):
             self.launch_attention(*args)
 
     def attn_merge(self, out, lse, part_out, part_lse, stream=None) -> None:
-        if self._cuda is None:  # the cpu backend's shape checks, then our kernel
-            self._check_merge_shapes(out, lse, part_out, part_lse)
+        self.on.check(check_merge_shapes, out, lse, part_out, part_lse)
         arrays = dict(out=out, lse=lse, part_out=part_out, part_lse=part_lse)
-        self._enqueue("attn_merge", arrays, stream, lambda t: self.launch_attn_merge(
+        self.on.enqueue("attn_merge", arrays, stream, lambda t: self.launch_attn_merge(
             t["out"], t["lse"], t["part_out"], t["part_lse"]))
 
-    @staticmethod
-    def _check_merge_shapes(out, lse, part_out, part_lse) -> None:
-        if out.ndim != 3 or part_out.shape != out.shape:
-            raise ValueError(f"attn_merge: out {out.shape} and part_out {part_out.shape} must be"
-                             " equal [n, H, D]")
-        if not lse.shape == part_lse.shape == out.shape[:2]:
-            raise ValueError(f"attn_merge: lse {lse.shape}, part_lse {part_lse.shape} must be "
-                             f"{out.shape[:2]}")
-
     def kv_rotate(self, key_cache, block_indices, deltas, lut, layout, stream=None) -> None:
-        self._check(CHECKS.kv_rotate, key_cache, block_indices, deltas, lut, layout)
+        self.on.check(CHECKS.kv_rotate, key_cache, block_indices, deltas, lut, layout)
         arrays = dict(key_cache=key_cache, block_indices=block_indices, deltas=deltas, lut=lut)
-        self._enqueue("kv_rotate", arrays, stream, lambda t: self.launch_kv_rotate(
+        self.on.enqueue("kv_rotate", arrays, stream, lambda t: self.launch_kv_rotate(
             t["key_cache"], t["block_indices"], t["deltas"], t["lut"], layout),
             lambda a: index_checks.check_kv_rotate(a["block_indices"], a["deltas"],
                                                    len(a["key_cache"]), len(a["lut"])))
 
     def set_rows(self, dst, src, slots, stream=None) -> None:
-        self._check(CHECKS.rows, "set_rows", dst, src, slots, "slots", ("dst", "src"))
-        self._enqueue("set_rows", dict(dst=dst, src=src, slots=slots), stream,
-                      lambda t: self.launch_set_rows(t["dst"], t["src"], t["slots"]),
-                      lambda a: index_checks.check_rows("set_rows", a["slots"], len(a["dst"])))
+        self.on.check(CHECKS.rows, "set_rows", dst, src, slots, "slots", ("dst", "src"))
+        self.on.enqueue("set_rows", dict(dst=dst, src=src, slots=slots), stream,
+                        lambda t: self.launch_set_rows(t["dst"], t["src"], t["slots"]),
+                        lambda a: index_checks.check_rows("set_rows", a["slots"], len(a["dst"])))
 
     def get_rows(self, src, rows, out, stream=None) -> None:
-        self._check(CHECKS.rows, "get_rows", src, out, rows, "rows", ("src", "out"))
-        self._enqueue("get_rows", dict(src=src, rows=rows, out=out), stream,
-                      lambda t: self.launch_get_rows(t["src"], t["rows"], t["out"]),
-                      lambda a: index_checks.check_rows("get_rows", a["rows"], len(a["src"])))
+        self.on.check(CHECKS.rows, "get_rows", src, out, rows, "rows", ("src", "out"))
+        self.on.enqueue("get_rows", dict(src=src, rows=rows, out=out), stream,
+                        lambda t: self.launch_get_rows(t["src"], t["rows"], t["out"]),
+                        lambda a: index_checks.check_rows("get_rows", a["rows"], len(a["src"])))
 
     def cpy(self, src, out, perm, step: int = 1, stream=None) -> None:
-        perm = self._check(CHECKS.cpy, src, out, perm, step)
+        perm = self.on.check(CHECKS.cpy, src, out, perm, step)
         perm = tuple(int(i) for i in perm)
-        self._enqueue("cpy", dict(src=src, out=out), stream,
-                      lambda t: self.launch_cpy(t["src"], t["out"], perm, step))
+        self.on.enqueue("cpy", dict(src=src, out=out), stream,
+                        lambda t: self.launch_cpy(t["src"], t["out"], perm, step))
 
-    # -- plumbing -------------------------------------------------------------------------------
-    def _check(self, check, *args):
-        """The cpu backend's shape/dtype checks (NumPy arrays); the CUDA runtime has its own."""
-        if self._cuda is None:
-            return check(*args)
-        return self._cuda.check(check.__name__, *args)
+    # scenario primitives: NumPy on the worker-thread streams in interpreter mode (they are not
+    # what this backend tests), torch on CUDA streams otherwise
+    def matmul(self, a, b, out, stream=None) -> None:
+        self.on.matmul(a, b, out, stream)
 
-    def _enqueue(self, op: str, arrays: dict, stream, launch, check_indices=None) -> None:
-        """Run ``launch`` (torch tensors in) on the stream; ``check_indices`` (NumPy arrays in)
-        first, in interpreter mode, where a bad index would touch arbitrary memory."""
-        if self._cuda is not None:
-            self._cuda.run(op, arrays, stream, launch)
-            return
-        device = self._same_device(op, **arrays)
+    def rms_norm(self, x, weight, out, eps: float, stream=None) -> None:
+        self.on.rms_norm(x, weight, out, eps, stream)
 
-        def work() -> None:
-            if check_indices is not None:
-                check_indices({n: None if a is None else plain(a) for n, a in arrays.items()})
-            tensors = {name: as_torch(arr) for name, arr in arrays.items()}
-            with _INTERPRETER_LOCK:
-                launch(tensors)
-
-        self._submit(device, stream, work)
-
-    # -- runtime: the cpu backend's in interpreter mode, torch.cuda's otherwise -------------------
-    def devices(self, n: int = 1):
-        return super().devices(n) if self._cuda is None else self._cuda.devices(n)
-
-    def to_device(self, host, device=None):
-        if self._cuda is None:
-            return super().to_device(host, device)
-        return self._cuda.to_device(host, device)
-
-    def empty(self, shape, dtype, device=None):
-        if self._cuda is None:
-            return super().empty(shape, dtype, device)
-        return self._cuda.empty(shape, dtype, device)
-
-    def to_host(self, arr) -> np.ndarray:
-        return super().to_host(arr) if self._cuda is None else self._cuda.to_host(arr)
-
-    def synchronize(self, device=None) -> None:
-        if self._cuda is None:
-            super().synchronize(device)
-        else:
-            self._cuda.synchronize(device)
-
-    def stream(self, device=None):
-        return super().stream(device) if self._cuda is None else self._cuda.stream(device)
-
-    def record_event(self, stream):
-        if self._cuda is None:
-            return super().record_event(stream)
-        return self._cuda.record_event(stream)
-
-    def wait_event(self, stream, event) -> None:
-        if self._cuda is None:
-            super().wait_event(stream, event)
-        else:
-            self._cuda.wait_event(stream, event)
-
-    def copy_async(self, src, dst_device, stream=None):
-        if self._cuda is None:
-            return super().copy_async(src, dst_device, stream)
-        return self._cuda.copy_async(src, dst_device, stream)
+    def add(self, a, b, out, stream=None) -> None:
+        self.on.add(a, b, out, stream)
 
     def timer(self):
         """CUDA events around one call; None in interpreter mode, where a time would measure
-        Python, not the kernel (perf mode must refuse a backend whose ``is_interpreter``)."""
-        return None if self._cuda is None else self._cuda.time_one
+        Python, not the kernel (perf mode refuses a backend whose ``is_interpreter``)."""
+        return self.on.timer()
 
-    def flush_l2(self) -> None:
-        """Before a cold sample: evict the GPU's L2.  The interpreter has no cache to flush."""
-        if self._cuda is not None:
-            self._cuda.flush_l2()
 
-    # scenario primitives: NumPy on the cpu backend's streams in interpreter mode (they are not
-    # what this backend tests), torch on CUDA streams otherwise
+def check_merge_shapes(out, lse, part_out, part_lse) -> None:
+    if out.ndim != 3 or part_out.shape != out.shape:
+        raise ValueError(f"attn_merge: out {out.shape} and part_out {part_out.shape} must be"
+                         " equal [n, H, D]")
+    if not lse.shape == part_lse.shape == out.shape[:2]:
+        raise ValueError(f"attn_merge: lse {lse.shape}, part_lse {part_lse.shape} must be "
+                         f"{out.shape[:2]}")
+
+
+# -- what differs between the two runtimes: one object each, chosen when the backend is made ----
+def _is_cuda(runtime: Runtime) -> bool:
+    return not isinstance(runtime, ThreadRuntime)
+
+
+class _Interpreted(NumpyModelOps):
+    """Interpreter mode on the worker-thread runtime: NumPy arrays, checked on the host (shapes,
+    dtypes, then index values on the worker, since the interpreter would touch arbitrary memory
+    for a bad index), launched on zero-copy torch views, one launch at a time."""
+
+    def __init__(self, runtime: ThreadRuntime) -> None:
+        self.runtime = runtime
+
+    @staticmethod
+    def check(check, *args):
+        return check(*args)
+
+    @staticmethod
+    def records_kernels() -> bool:
+        return False  # a capture here records closures: the decode choice runs at replay
+
+    def enqueue(self, op: str, arrays: dict, stream, launch, check_indices=None) -> None:
+        """Run ``launch`` (torch tensors in) on the stream; ``check_indices`` (NumPy arrays in)
+        first."""
+
+        def work(views: dict) -> None:
+            if check_indices is not None:
+                check_indices(views)
+            tensors = {name: as_torch(arr) for name, arr in views.items()}
+            with _INTERPRETER_LOCK:
+                launch(tensors)
+
+        self.runtime.run(op, arrays, stream, work)
+
+    @staticmethod
+    def timer():
+        return None
+
+    # NumpyModelOps's plumbing
+    def _same_device(self, op: str, **arrays):
+        return self.runtime.same_device(op, **arrays)
+
+    def _submit(self, device, stream, work) -> None:
+        self.runtime.submit(device, stream, work)
+
+
+class _OnCuda:
+    """cuda mode: torch CUDA tensors, launched through the CUDA runtime (recorded while a graph
+    capture is open); its own shape checks; torch scenario primitives; CUDA-event timing."""
+
+    def __init__(self, runtime) -> None:
+        self.runtime = runtime
+
+    def check(self, check, *args):
+        """Shape checks only (the interpreter's checks expect NumPy dtypes)."""
+        return self.runtime.check(check.__name__, *args)
+
+    def records_kernels(self) -> bool:
+        return self.runtime.capturing
+
+    def enqueue(self, op: str, arrays: dict, stream, launch, check_indices=None) -> None:
+        self.runtime.run(op, arrays, stream, launch)
+
+    def timer(self):
+        return self.runtime.timer()
+
     def matmul(self, a, b, out, stream=None) -> None:
-        if self._cuda is None:
-            super().matmul(a, b, out, stream)
-        else:
-            self._cuda.matmul(a, b, out, stream)
+        self.runtime.matmul(a, b, out, stream)
 
     def rms_norm(self, x, weight, out, eps: float, stream=None) -> None:
-        if self._cuda is None:
-            super().rms_norm(x, weight, out, eps, stream)
-        else:
-            self._cuda.rms_norm(x, weight, out, eps, stream)
+        self.runtime.rms_norm(x, weight, out, eps, stream)
 
     def add(self, a, b, out, stream=None) -> None:
-        if self._cuda is None:
-            super().add(a, b, out, stream)
-        else:
-            self._cuda.add(a, b, out, stream)
-
-    def write(self, dst, host, stream=None) -> None:
-        if self._cuda is None:
-            super().write(dst, host, stream)
-        else:
-            self._cuda.write(dst, host, stream)
-
-    # graph reuse: the cpu backend's recorder in interpreter mode, CUDA graphs otherwise
-    # (graphs_cuda: implemented, exercised only through fakes on the CPU, never on a GPU)
-    def capture_begin(self, streams) -> None:
-        if self._cuda is None:
-            super().capture_begin(streams)
-        else:
-            self._cuda.capture_begin(streams)
-
-    def capture_end(self, streams):
-        if self._cuda is None:
-            return super().capture_end(streams)
-        return self._cuda.capture_end(streams)
-
-    def replay(self, graph, stream=None) -> None:
-        if self._cuda is None:
-            super().replay(graph, stream)
-        else:
-            self._cuda.replay(graph, stream)
-
-    def close(self) -> None:
-        if self._cuda is None:
-            super().close()
-        else:
-            self._cuda.graphs.abort()  # an open capture has issued nothing to CUDA yet
-            self._cuda.synchronize(None)
+        self.runtime.add(a, b, out, stream)
 
 
 def _check_paged(a: dict) -> None:

@@ -10,6 +10,7 @@ import math
 import triton
 import triton.language as tl
 
+from ..common.yarn import yarn_corr_dims
 from .kernels_common import load_f32, next_pow2, rows_per_program, store_f32
 
 
@@ -101,17 +102,6 @@ def _pair_positions(pos_ptr, token, row_ok, pos_stride, pairs, sect0, sect1, sec
         return tl.load(ptrs, mask=row_ok[:, None] & (pairs >= 0)[None, :], other=0).to(tl.float32)
     else:
         return tl.load(pos_ptr + token, mask=row_ok, other=0).to(tl.float32)[:, None]
-
-
-def yarn_corr_dims(n_dims, n_ctx_orig, freq_base, beta_fast, beta_slow) -> tuple[float, float]:
-    """ggml_rope_yarn_corr_dims: the pair-index range of the YaRN ramp."""
-
-    def corr(n_rot: float) -> float:
-        return n_dims * math.log(n_ctx_orig / (n_rot * 2 * math.pi)) / (2 * math.log(freq_base))
-
-    low = max(0.0, math.floor(corr(beta_fast)))
-    high = min(n_dims - 1.0, math.ceil(corr(beta_slow)))
-    return low, high
 
 
 def launch_rope(x, pos, out, p, freq_factors=None, *, kernel=rope_kernel, block_r=None):

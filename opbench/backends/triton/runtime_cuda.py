@@ -1,6 +1,7 @@
 """The GPU runtime of the Triton backend: torch CUDA tensors, streams, events and a timer.
 
-Only used in ``cuda`` mode (the interpreter mode reuses the cpu backend's runtime instead).
+An ``opbench.protocol.Runtime``, held by the Triton backend in ``cuda`` mode (interpreter mode
+holds the worker-thread runtime, ``backends/runtimes/threads.py``).
 Several logical devices may share one GPU: each gets its own non-blocking stream, as the cupy
 backend does.  Every ``torch.cuda`` call of devices, streams, events, launches, copies and
 graphs (not the timer's) goes through ``api`` (``graphs_cuda.TorchCuda``), so the logic here,
@@ -18,6 +19,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from opbench.protocol import Runtime
 
 from .graphs_cuda import CudaGraph, GraphCapture, TorchCuda
 
@@ -60,7 +63,9 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.numpy().copy()
 
 
-class CudaRuntime:
+class CudaRuntime(Runtime):
+    name = "cuda"
+
     def __init__(self, api=None) -> None:
         self.api = TorchCuda() if api is None else api
         self.graphs = GraphCapture(self.api)
@@ -88,6 +93,9 @@ class CudaRuntime:
             self._devices.append(device)
             self._streams.append(self.api.new_stream(device.torch_device))
         return self._devices[:n]
+
+    def device_list(self) -> list[CudaDevice]:
+        return list(self._devices)
 
     def device(self, device: Any = None) -> CudaDevice:
         if not self._devices:
@@ -239,7 +247,7 @@ class CudaRuntime:
                  writes=("dst",))
 
     # -- timing (triton.testing.do_bench's method, every sample kept) ---------------------------
-    def flush_l2(self) -> None:
+    def flush_l2(self, device: Any = None) -> None:
         """Evict the L2 cache: write a buffer larger than it (on the ops' stream)."""
         self.graphs.refuse("flush_l2", NO_TIMING)
         device = torch.cuda.current_device()
@@ -249,6 +257,13 @@ class CudaRuntime:
                                                       device="cuda")
         with torch.cuda.stream(self._timing_stream()):
             flush.zero_()
+
+    def timer(self):
+        return self.time_one
+
+    def close(self) -> None:
+        self.graphs.abort()  # an open capture has issued nothing to CUDA yet
+        self.synchronize(None)
 
     def time_one(self, fn) -> float:
         """Nanoseconds of one call between two CUDA events on the ops' stream (the harness

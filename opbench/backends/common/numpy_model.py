@@ -1,22 +1,15 @@
-"""The scenario primitives of the cpu backend (matmul, rms_norm, add, attn_merge, write) and
-graph capture/replay, as a mixin of ``CpuBackend``.
+"""The scenario primitives (matmul, rms_norm, add, attn_merge) as float32 NumPy work on a
+runtime whose arrays live in host memory (``backends/runtimes/threads.py``): the cpu backend's,
+and Triton's in interpreter mode (there they are not what the backend tests).
 
-Like every cpu op they validate on the host, then enqueue on the owning device's stream.
-Capture swaps a stream's ``submit`` for a recorder, so everything queued on it -- kernels,
-event records and waits, copies -- is kept instead of run; replay enqueues the same closures
-again (they hold the same arrays, so new inputs written into those arrays are seen).  Events
-are one-shot, so replay first clears every event the graph records.
+Like every op they validate on the host, then enqueue on the owning device's stream.
 """
 
 from __future__ import annotations
 
-import threading
-from dataclasses import dataclass, field
-from typing import Any
-
 import numpy as np
 
-from .runtime import Stream, plain
+from .arrays import plain
 
 F32 = np.float32
 
@@ -26,24 +19,9 @@ def _need(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
-@dataclass
-class CpuGraph:
-    """Recorded work per stream, in queue order."""
-
-    items: dict[Stream, list] = field(default_factory=dict)
-
-    def recorded_events(self) -> list[threading.Event]:
-        return [item.__self__ for work in self.items.values() for item in work
-                if _is_event_set(item)]
-
-
-def _is_event_set(item: Any) -> bool:
-    return getattr(item, "__name__", "") == "set" and isinstance(
-        getattr(item, "__self__", None), threading.Event)
-
-
-class ScenarioOpsMixin:
-    """Mixed into CpuBackend; relies on its ``_same_device``, ``_submit`` and ``_own_stream``."""
+class NumpyModelOps:
+    """A mixin; relies on the class's ``_same_device(op, **arrays)`` (the owning device) and
+    ``_submit(device, stream, work)`` (enqueue a no-argument callable)."""
 
     def matmul(self, a, b, out, stream=None) -> None:
         _need(a.ndim == 2 and b.ndim == 2 and a.shape[1] == b.shape[0],
@@ -79,45 +57,6 @@ class ScenarioOpsMixin:
                                    part_lse=part_lse)
         args = tuple(plain(a) for a in (out, lse, part_out, part_lse))
         self._submit(device, stream, lambda: merge_into(*args))
-
-    def write(self, dst, host: np.ndarray, stream=None) -> None:
-        host = np.asarray(host)
-        _need(host.shape == dst.shape, f"write: host shape {host.shape} must be {dst.shape}")
-        device = self._same_device("write", dst=dst)
-        snapshot, target = np.array(host, dtype=dst.dtype, copy=True), plain(dst)
-        self._submit(device, stream, lambda: np.copyto(target, snapshot))
-
-    # -- graphs --------------------------------------------------------------------------------
-    def capture_begin(self, streams) -> None:
-        for stream in self._stream_list(streams):
-            if "submit" in vars(stream):
-                raise RuntimeError(f"{stream} is already capturing")
-            recorded: list = []
-            stream.submit = recorded.append  # instance attribute shadows Stream.submit
-            stream._recorded = recorded
-
-    def capture_end(self, streams) -> CpuGraph:
-        graph = CpuGraph()
-        for stream in self._stream_list(streams):
-            if "submit" not in vars(stream):
-                raise RuntimeError(f"{stream} is not capturing")
-            del stream.submit
-            graph.items[stream] = stream.__dict__.pop("_recorded")
-        return graph
-
-    def replay(self, graph: CpuGraph, stream=None) -> None:
-        if not isinstance(graph, CpuGraph):
-            raise TypeError(f"graph must come from capture_end, got {type(graph).__name__}")
-        for event in graph.recorded_events():
-            event.clear()  # every stream's waits must see this replay's records, not the last
-        for target, work in graph.items.items():
-            for item in work:
-                target.submit(item)
-
-    def _stream_list(self, streams) -> list[Stream]:
-        if not isinstance(streams, (list, tuple)):
-            streams = [streams]
-        return [self._own_stream(s) for s in streams]
 
 
 def _matmul(a, b, out) -> None:

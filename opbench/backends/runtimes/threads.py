@@ -1,0 +1,448 @@
+"""The worker-thread runtime: logical devices in host memory, one stream per device.
+
+Each logical device runs one stream: a FIFO queue drained by a daemon worker thread.  An op
+validates its arguments on the calling thread, enqueues a closure and returns, so the host
+really runs ahead of the device and a missing wait shows up as a wrong answer.  Kernel
+exceptions are caught on the worker and re-raised by the next ``synchronize`` (as CUDA reports
+asynchronous errors), and an optional seeded random sleep before every queued item (fault
+injection) widens every race window.
+
+``ThreadRuntime`` is the ``opbench.protocol.Runtime`` of the cpu backend and of the Triton
+backend's interpreter mode.  Graph capture swaps a stream's ``submit`` for a recorder, so
+everything queued on it -- kernels, event records and waits, copies -- is kept instead of run;
+replay enqueues the same closures again (they hold the same arrays, so new inputs written into
+those arrays are seen).  Events are one-shot, so replay first clears every event the graph
+records.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from opbench.protocol import DeviceMismatchError, Option, Runtime, numpy_dtype
+
+from ..common.arrays import plain
+
+__all__ = ["Device", "DeviceArray", "DeviceMismatchError", "Event", "Gate", "Stream",
+           "StreamDelay", "ThreadGraph", "ThreadRuntime", "device_array", "plain"]
+
+
+@dataclass(frozen=True)
+class Device:
+    """A logical cpu device; ``index`` is its position in ``backend.devices(n)``."""
+
+    index: int
+
+    @property
+    def name(self) -> str:
+        return f"cpu:{self.index}"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class DeviceArray(np.ndarray):
+    """An ndarray owned by one logical device.  Views and reshapes keep ``.device``.
+
+    (NumPy 2's ndarray has a read-only array-API ``device`` property, "cpu"; this overrides
+    it with the logical device.)"""
+
+    _owner: Device | None
+
+    def __array_finalize__(self, obj: Any) -> None:
+        self._owner = getattr(obj, "_owner", None)
+
+    @property
+    def device(self) -> Device | None:
+        return self._owner
+
+
+def device_array(host: np.ndarray, device: Device) -> DeviceArray:
+    arr = np.array(host, copy=True).view(DeviceArray)
+    arr._owner = device
+    return arr
+
+
+class Event:
+    """Set by the stream it was recorded on once everything queued before it has run."""
+
+    def __init__(self, stream: Stream) -> None:
+        self.stream = stream
+        self._done = threading.Event()
+
+    def query(self) -> bool:
+        return self._done.is_set()
+
+    def synchronize(self, timeout: float | None = None) -> bool:
+        return self._done.wait(timeout)
+
+
+class Gate:
+    """A queued item that blocks its stream until the host calls ``release`` (fault injection:
+    "slow work of known length", made deterministic)."""
+
+    def __init__(self, stream: Stream) -> None:
+        self.stream = stream
+        self._open = threading.Event()
+        self.entered = threading.Event()  # set when the stream reaches the gate
+
+    def release(self) -> None:
+        self._open.set()
+
+    @property
+    def released(self) -> bool:
+        return self._open.is_set()
+
+    def _block(self) -> None:
+        self.entered.set()
+        self._open.wait()
+
+
+_STOP = object()
+
+
+@dataclass
+class StreamDelay:
+    """Seeded random sleep of 0..max_ms before every queued item."""
+
+    seed: int
+    max_ms: float
+    rng: np.random.Generator = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.max_ms < 0:
+            raise ValueError(f"delay_max_ms={self.max_ms} must be >= 0")
+        self.rng = np.random.default_rng(self.seed)
+
+    def sleep(self) -> None:
+        time.sleep(self.rng.uniform(0.0, self.max_ms) / 1000.0)
+
+
+class Stream:
+    """An in-order work queue executed by one daemon worker thread."""
+
+    def __init__(self, device: Device, delay: StreamDelay | None = None) -> None:
+        self.device = device
+        self._delay = delay
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._error: BaseException | None = None
+        self._error_lock = threading.Lock()
+        self._closed = False
+        self._thread = threading.Thread(
+            target=self._run, name=f"opbench-{device.name}-stream", daemon=True
+        )
+        self._thread.start()
+
+    def __repr__(self) -> str:
+        return f"Stream({self.device.name})"
+
+    # -- host side ------------------------------------------------------------------------
+    def submit(self, work: Callable[[], None]) -> None:
+        if self._closed:
+            raise RuntimeError(f"stream of {self.device.name} is closed")
+        self._queue.put(work)
+
+    def record(self) -> Event:
+        event = Event(self)
+        self.submit(event._done.set)
+        return event
+
+    def wait(self, event: Event) -> None:
+        self.submit(event._done.wait)
+
+    def hold(self) -> Gate:
+        gate = Gate(self)
+        self.submit(gate._block)
+        return gate
+
+    def synchronize(self) -> None:
+        """Wait until everything queued so far has run; re-raise the first kernel error."""
+        self.record().synchronize()
+        self.raise_pending()
+
+    def raise_pending(self) -> None:
+        with self._error_lock:
+            error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def close(self, timeout: float = 10.0) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(_STOP)
+        self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    # -- worker side ----------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            work = self._queue.get()
+            if work is _STOP:
+                return
+            if self._delay is not None:
+                self._delay.sleep()
+            try:
+                work()
+            except BaseException as error:  # noqa: BLE001 - reported at the next synchronize
+                self._keep_first(error)
+
+    def _keep_first(self, error: BaseException) -> None:
+        with self._error_lock:
+            if self._error is None:
+                self._error = error
+
+
+FLOAT_DTYPES = tuple(numpy_dtype(n) for n in ("f32", "f16", "bf16"))
+
+
+@dataclass
+class ThreadGraph:
+    """Recorded work per stream, in queue order."""
+
+    items: dict[Stream, list] = field(default_factory=dict)
+
+    def recorded_events(self) -> list[threading.Event]:
+        return [item.__self__ for work in self.items.values() for item in work
+                if _is_event_set(item)]
+
+
+def _is_event_set(item: Any) -> bool:
+    return getattr(item, "__name__", "") == "set" and isinstance(
+        getattr(item, "__self__", None), threading.Event)
+
+
+class ThreadRuntime(Runtime):
+    """Logical devices ``cpu:N`` with worker-thread streams; ``delay`` sleeps a seeded random
+    0..``delay_max_ms`` before every queued item (per device seed ``(delay_seed, N)``)."""
+
+    name = "threads"
+    #: the options a backend on this runtime declares for it (``from_options`` reads them)
+    OPTIONS = (
+        Option("delay", bool, False, "fault injection: a seeded random sleep before every"
+               " queued item"),
+        Option("delay_seed", int, 0, "seed of the delays"),
+        Option("delay_max_ms", float, 2.0, "longest delay"),
+    )
+
+    @classmethod
+    def from_options(cls, options: dict) -> ThreadRuntime:
+        return cls(options["delay"], options["delay_seed"], options["delay_max_ms"])
+
+    def __init__(self, delay: bool = False, delay_seed: int = 0,
+                 delay_max_ms: float = 2.0) -> None:
+        if delay_max_ms < 0:
+            raise ValueError(f"delay_max_ms={delay_max_ms} must be >= 0")
+        self.delay, self.delay_seed, self.delay_max_ms = delay, delay_seed, delay_max_ms
+        self._devices: list[Device] = []
+        self._streams: list[Stream] = []
+        self._gates: list[Gate] = []
+        self._lock = threading.Lock()
+
+    def info(self) -> dict:
+        return {"devices": [d.name for d in self._devices]}
+
+    # -- devices and memory -----------------------------------------------------------------
+    def devices(self, n: int = 1) -> list[Device]:
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n={n!r} devices must be an int >= 1")
+        with self._lock:
+            while len(self._devices) < n:
+                self._start_device(len(self._devices))
+        return self._devices[:n]
+
+    def _start_device(self, index: int) -> None:
+        device = Device(index)
+        delay = StreamDelay((self.delay_seed, index), self.delay_max_ms) if self.delay else None
+        self._devices.append(device)
+        self._streams.append(Stream(device, delay))
+
+    def device_list(self) -> list[Device]:
+        return list(self._devices)
+
+    def device(self, device: Any = None) -> Device:
+        if device is None:
+            device = 0
+        index = device.index if isinstance(device, Device) else device
+        if not isinstance(index, (int, np.integer)) or index < 0:
+            raise ValueError(f"device={device!r} must be a Device or an index >= 0")
+        if index == 0 and not self._devices:
+            self.devices(1)  # ops before devices(n): the default device
+        if index >= len(self._devices):
+            raise ValueError(
+                f"device={device!r} does not exist; devices(n) made {len(self._devices)}"
+            )
+        return self._devices[int(index)]
+
+    def owner(self, name: str, arr: Any) -> Device:
+        device = getattr(arr, "device", None)
+        if not isinstance(arr, DeviceArray) or device not in self._devices:
+            raise TypeError(
+                f"{name} must be an array made by this backend's to_device, got "
+                f"{type(arr).__name__}"
+            )
+        return device
+
+    def to_device(self, host: np.ndarray, device: Any = None) -> DeviceArray:
+        if isinstance(host, DeviceArray):  # another device's array: wait for its queued work
+            host = self.to_host(host)
+        return device_array(np.asarray(host), self.device(device))
+
+    def empty(self, shape: Sequence[int], dtype: Any, device: Any = None) -> DeviceArray:
+        dt = np.dtype(dtype)
+        fill = np.nan if dt.kind == "f" or dt in FLOAT_DTYPES else -1
+        return device_array(np.full(tuple(shape), fill, dt), self.device(device))
+
+    def to_host(self, arr: DeviceArray) -> np.ndarray:
+        device = self.owner("arr", arr)
+        self.synchronize(device)
+        return np.array(plain(arr), copy=True)
+
+    def write(self, dst, host: np.ndarray, stream=None) -> None:
+        host = np.asarray(host)
+        if host.shape != dst.shape:
+            raise ValueError(f"write: host shape {host.shape} must be {dst.shape}")
+        device = self.same_device("write", dst=dst)
+        snapshot, target = np.array(host, dtype=dst.dtype, copy=True), plain(dst)
+        self.submit(device, stream, lambda: np.copyto(target, snapshot))
+
+    def synchronize(self, device: Any = None) -> None:
+        streams = self._streams if device is None else [self.stream(device)]
+        for stream in streams:
+            stream.record().synchronize()
+        for stream in streams:
+            stream.raise_pending()
+
+    def close(self) -> None:
+        for gate in self._gates:
+            gate.release()  # a held stream would never drain
+        for stream in self._streams:
+            stream.close()
+
+    # -- streams, events, work --------------------------------------------------------------
+    def stream(self, device: Any = None) -> Stream:
+        return self._streams[self.device(device).index]
+
+    def record_event(self, stream: Stream) -> Event:
+        return self.own_stream(stream).record()
+
+    def wait_event(self, stream: Stream, event: Event) -> None:
+        if not isinstance(event, Event):
+            raise TypeError(f"event must come from record_event, got {type(event).__name__}")
+        self.own_stream(stream).wait(event)
+
+    def hold(self, stream: Stream) -> Gate:
+        """Block ``stream`` at this point until ``gate.release()``: deterministic slow work."""
+        gate = self.own_stream(stream).hold()
+        self._gates = [g for g in self._gates if not g.released] + [gate]  # close() frees these
+        return gate
+
+    def submit(self, device: Device, stream: Stream | None, work) -> None:
+        target = self.stream(device) if stream is None else self.own_stream(stream)
+        if target.device != device:
+            raise DeviceMismatchError(
+                f"stream of {target.device} cannot run an op on arrays of {device}"
+            )
+        target.submit(work)
+
+    def kernel_view(self, arr: DeviceArray) -> np.ndarray:
+        return plain(arr)
+
+    def own_stream(self, stream: Any) -> Stream:
+        if not isinstance(stream, Stream) or stream not in self._streams:
+            raise TypeError(f"stream={stream!r} is not a stream of this backend")
+        return stream
+
+    def copy_async(self, src: DeviceArray, dst_device: Any, stream: Stream | None = None):
+        """ggml's contract.  The copy runs on the source stream (after the work queued there),
+        then the destination stream waits for it; with ``stream`` = the destination's stream the
+        copy runs there, after waiting for the source, and the source waits for the copy
+        before anyone may overwrite src."""
+        src_device = self.owner("src", src)
+        dst = self.empty(src.shape, src.dtype, dst_device)
+        src_stream, dst_stream = self.stream(src_device), self.stream(dst.device)
+        copy_stream = src_stream if stream is None else self.own_stream(stream)
+        if copy_stream not in (src_stream, dst_stream):
+            raise DeviceMismatchError(
+                f"copy_async: stream of {copy_stream.device} is neither the source's "
+                f"({src_device}) nor the destination's ({dst.device})"
+            )
+        source, target = plain(src), plain(dst)
+        if copy_stream is src_stream:
+            src_stream.submit(lambda: np.copyto(target, source))
+            dst_stream.wait(src_stream.record())
+        else:
+            dst_stream.wait(src_stream.record())
+            dst_stream.submit(lambda: np.copyto(target, source))
+            src_stream.wait(dst_stream.record())
+        return dst
+
+    # -- graphs ---------------------------------------------------------------------------------
+    @property
+    def capturing(self) -> bool:
+        return any("submit" in vars(stream) for stream in self._streams)
+
+    def capture_begin(self, streams) -> None:
+        for stream in self._stream_list(streams):
+            if "submit" in vars(stream):
+                raise RuntimeError(f"{stream} is already capturing")
+            recorded: list = []
+            stream.submit = recorded.append  # instance attribute shadows Stream.submit
+            stream._recorded = recorded
+
+    def capture_end(self, streams) -> ThreadGraph:
+        graph = ThreadGraph()
+        for stream in self._stream_list(streams):
+            if "submit" not in vars(stream):
+                raise RuntimeError(f"{stream} is not capturing")
+            del stream.submit
+            graph.items[stream] = stream.__dict__.pop("_recorded")
+        return graph
+
+    def replay(self, graph: ThreadGraph, stream=None) -> None:
+        if not isinstance(graph, ThreadGraph):
+            raise TypeError(f"graph must come from capture_end, got {type(graph).__name__}")
+        for event in graph.recorded_events():
+            event.clear()  # every stream's waits must see this replay's records, not the last
+        for target, work in graph.items.items():
+            for item in work:
+                target.submit(item)
+
+    def _stream_list(self, streams) -> list[Stream]:
+        if not isinstance(streams, (list, tuple)):
+            streams = [streams]
+        return [self.own_stream(s) for s in streams]
+
+    # -- timing ---------------------------------------------------------------------------------
+    def timer(self):
+        """Device time of one call in nanoseconds, as CUDA events measure it: every stream is
+        held while ``call`` queues its work between two timestamps taken on the workers, then
+        released, so the kernels run back to back and host-side latency (validation, thread
+        wake-ups) is not counted.  Meaningless with ``delay`` on (the sleeps are counted)."""
+
+        def time_call(call) -> float:
+            self.synchronize()
+            streams = list(self._streams)
+            gates = [stream.hold() for stream in streams]
+            stamps: list[int] = []
+            for stream in streams:
+                stream.submit(lambda: stamps.append(time.perf_counter_ns()))
+            call()
+            for stream in streams:
+                stream.submit(lambda: stamps.append(time.perf_counter_ns()))
+            for gate in gates:
+                gate.release()
+            self.synchronize()
+            return float(max(stamps) - min(stamps))
+
+        return time_call
