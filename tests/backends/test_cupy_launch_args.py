@@ -450,7 +450,7 @@ def test_every_scenario_split_drives_the_backend_through_valid_launches(backend,
 
 def test_timer_flush_and_strided_readback(backend):
     backend.flush_l2(0)
-    assert backend._flush_buffers[0].nbytes == plan.l2_flush_bytes(50 << 20)
+    assert backend.runtime._flush_buffers[0].nbytes == plan.l2_flush_bytes(50 << 20)
     assert backend.timer(0)(lambda: None) == 1e6  # the fake's 1 ms, in ns
     store = backend.to_device(np.zeros((4, 2, 3), np.float32))
     LAUNCHES.clear()

@@ -9,7 +9,7 @@ kernels read (``ArgChecks.index_dtypes``) and add their own limits on top.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -30,23 +30,6 @@ def dtype_of(arr: Any) -> str | None:
         return None if dtype is None else np.dtype(dtype).name
     except TypeError:
         return str(dtype)
-
-
-def same_owner(op: str, owner: Callable[[str, Any], Any], arrays: dict[str, Any],
-               mismatch: type[Exception]) -> Any:
-    """The device ``owner(name, arr)`` gives for every non-None array; ``mismatch`` naming the
-    two arrays when they differ (ops never copy between devices behind the caller's back)."""
-    first_name, first = None, None
-    for name, arr in arrays.items():
-        if arr is None:
-            continue
-        device = owner(f"{op}: {name}", arr)
-        if first is None:
-            first_name, first = name, device
-        elif device is not first:
-            raise mismatch(f"{op}: {name} lives on {device} but {first_name} lives on {first}; "
-                           "copy it with copy_async first")
-    return first
 
 
 def _dtype_text(arr: Any) -> str:

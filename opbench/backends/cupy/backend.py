@@ -10,27 +10,21 @@ tables, deltas) are checked by the kernels, which OR bits into a per-device erro
 
 from __future__ import annotations
 
-import random
-from contextlib import contextmanager
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from opbench.protocol import AttnParams, Backend, Option, RopeParams, SizeThreshold
+from opbench.protocol import AttnParams, Option, RopeParams, RuntimeBackend, SizeThreshold
 
-from ..common.arg_checks import same_owner
 from . import checks, plan
-from .graphs import GraphMixin
+from .launch import KernelLauncher
 from .runtime import (
-    FINGERPRINT_MAX_BYTES,
     CupyDevice,
-    DeviceError,
+    CupyRuntime,
     DeviceMismatchError,
     GpuArray,
-    GpuEvent,
     GpuStream,
     status,
-    storage_dtype,
 )
 from .scenario_ops import ScenarioOpsMixin
 
@@ -49,8 +43,10 @@ def _i64(v: int) -> np.int64:
 DEFAULT_ROPE_CACHE_ROWS = 8192
 
 
-class CupyBackend(GraphMixin, ScenarioOpsMixin, Backend):
-    """CUDA kernels through cupy; the options below (``OPTIONS``)."""
+class CupyBackend(ScenarioOpsMixin, RuntimeBackend):
+    """CUDA kernels through cupy; options: ``OPTIONS``.  Devices, memory, streams, events,
+    copies, graphs and timing are its ``CupyRuntime``; kernel loading and launches its
+    ``KernelLauncher``; this class holds the ops."""
 
     name = "cupy"
     OPTIONS = (
@@ -74,19 +70,16 @@ class CupyBackend(GraphMixin, ScenarioOpsMixin, Backend):
     )
 
     def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
+        super().__init__(CupyRuntime(self._cupy), **options)
         opts = self.options
         self.rope_cache = opts["rope_cache"]
         self.rope_cache_rows = plan.rope_cache_rows(opts["rope_cache_rows"])
         self.delay = opts["delay"]
         self.delay_max_ms = opts["delay_max_ms"]
         self.sync_each_launch = opts["sync_each_launch"]
-        self._rng = random.Random(opts["delay_seed"])
-        self._devices: list[CupyDevice] = []
-        self._modules: dict[tuple[int, str], Any] = {}
-        self._flush_buffers: dict[int, Any] = {}
-        self._gates: list = []  # hold() gates, released by close()
-        self._capture = None
+        self.launcher = self.runtime.launcher = KernelLauncher(
+            self.runtime, self._source, self.delay, opts["delay_seed"], self.delay_max_ms,
+            self.sync_each_launch)
 
     @classmethod
     def available(cls) -> tuple[bool, str]:
@@ -106,7 +99,7 @@ class CupyBackend(GraphMixin, ScenarioOpsMixin, Backend):
             cupy = self._cupy()
             facts["cupy"] = cupy.__version__
             facts["cuda_runtime"] = cupy.cuda.runtime.runtimeGetVersion()
-            facts["devices"] = [d.name for d in self._devices]
+            facts["devices"] = [d.name for d in self.runtime.device_list()]
         except Exception as exc:  # info() must work where the backend cannot run
             facts["error"] = str(exc)
         return facts
@@ -128,7 +121,7 @@ class CupyBackend(GraphMixin, ScenarioOpsMixin, Backend):
                 return str(exc)
         return True
 
-    # -- devices and memory -------------------------------------------------------------------
+    # -- devices and memory (the runtime's), plus what needs the ops ----------------------------
     def devices(self, n: int = 1) -> list[CupyDevice]:
         """n logical devices, round-robin over the GPUs; existing ones are kept."""
         if not isinstance(n, int) or n < 1:
@@ -136,211 +129,29 @@ class CupyBackend(GraphMixin, ScenarioOpsMixin, Backend):
         ok, reason = self.available()
         if not ok:
             raise RuntimeError(f"cupy backend unavailable: {reason}")
-        gpus = plan.device_map(n, self._cupy().cuda.runtime.getDeviceCount())
-        while len(self._devices) < n:
-            self._devices.append(self._start_device(len(self._devices), gpus[len(self._devices)]))
-        return self._devices[:n]
-
-    def _start_device(self, index: int, gpu: int) -> CupyDevice:
-        cupy = self._cupy()
-        props = cupy.cuda.runtime.getDeviceProperties(gpu)
-        device = CupyDevice(index, gpu, props["multiProcessorCount"],
-                            props["sharedMemPerBlockOptin"], props["l2CacheSize"])
-        with cupy.cuda.Device(gpu):
-            device.stream = GpuStream(device, cupy.cuda.Stream(non_blocking=True))
-            with device.stream.cupy_stream:
-                device.error_word = cupy.zeros(1, dtype=np.int32)
-            self._enable_peers(gpu)
-        device.stream.cupy_stream.synchronize()
-        return device
-
-    def _enable_peers(self, gpu: int) -> None:
-        """Direct peer copies from this GPU wherever the hardware allows (else staged)."""
-        runtime = self._cupy().cuda.runtime
-        for other in range(runtime.getDeviceCount()):
-            if other != gpu and runtime.deviceCanAccessPeer(gpu, other):
-                try:
-                    runtime.deviceEnablePeerAccess(other)
-                except runtime.CUDARuntimeError:
-                    pass  # already enabled
-
-    def device(self, device: Any = None) -> CupyDevice:
-        if device is None:
-            device = 0
-        index = device.index if isinstance(device, CupyDevice) else device
-        if not isinstance(index, (int, np.integer)) or index < 0:
-            raise ValueError(f"device={device!r} must be a CupyDevice or an index >= 0")
-        if not self._devices and index == 0:
-            self.devices(1)
-        if index >= len(self._devices):
-            raise ValueError(f"device={device!r} does not exist; devices(n) made "
-                             f"{len(self._devices)}")
-        return self._devices[int(index)]
-
-    def to_device(self, host: np.ndarray, device: Any = None) -> GpuArray:
-        cupy = self._cupy()
-        host = np.ascontiguousarray(host)
-        dev = self.device(device)
-        with cupy.cuda.Device(dev.gpu), dev.stream.cupy_stream:
-            data = cupy.empty(host.shape, storage_dtype(host.dtype))
-        self._upload(data, host, dev.stream)
-        digest = plan.fingerprint(host.tobytes()) if host.nbytes <= FINGERPRINT_MAX_BYTES else None
-        return GpuArray(data, host.dtype, dev, digest)
-
-    def _upload(self, data, host: np.ndarray, stream: GpuStream) -> None:
-        """Queue host -> device on ``stream`` from a pinned copy of ``host``: the host is never
-        blocked (not even behind a held stream) and may reuse its array at once.  The pinned
-        buffer lives until the device's next synchronize()."""
-        cupy = self._cupy()
-        stored = np.ascontiguousarray(host).view(storage_dtype(host.dtype))
-        pinned = cupy.cuda.alloc_pinned_memory(max(stored.nbytes, 1))
-        staged = np.frombuffer(pinned, stored.dtype, stored.size).reshape(stored.shape)
-        staged[...] = stored
-        stream.device.staging.append(pinned)
-        with cupy.cuda.Device(stream.device.gpu):
-            data.set(staged, stream=stream.cupy_stream)
-
-    def empty(self, shape: Sequence[int], dtype: Any, device: Any = None) -> GpuArray:
-        """An array poisoned like the cpu backend's: floats NaN, ints -1."""
-        dt = np.dtype(dtype)
-        fill = np.nan if dt.kind == "f" or dt.name == "bfloat16" else -1
-        return self.to_device(np.full(tuple(shape), fill, dt), device)
+        return self.runtime.devices(n)
 
     def to_host(self, arr: GpuArray) -> np.ndarray:
-        device = self._owner("arr", arr)
+        device = self.runtime.owner("arr", arr)
         if not arr.data.flags.c_contiguous:  # gather with our cpy kernel, not cupy's
             dense = self.empty(arr.shape, arr.dtype, device)
             self.cpy(arr, dense, tuple(range(arr.ndim)), 1)
             arr = dense
-        self.synchronize(device)
-        host = arr.data.get(stream=device.stream.cupy_stream)
-        return np.ascontiguousarray(host).view(arr.dtype)
+        return self.runtime.to_host(arr)
 
     def view(self, arr: GpuArray, offset: int, shape: Sequence[int]) -> GpuArray:
         n = int(np.prod(shape))
         flat = arr.data.reshape(-1)
         return GpuArray(flat[offset: offset + n].reshape(tuple(shape)), arr.dtype, arr.device)
 
-    def synchronize(self, device: Any = None) -> None:
-        devices = self._devices if device is None else [self.device(device)]
-        for dev in devices:
-            dev.stream.cupy_stream.synchronize()
-            dev.staging.clear()  # every queued upload has completed
-        for dev in devices:
-            self._raise_device_errors(dev)
-
-    def _raise_device_errors(self, dev: CupyDevice) -> None:
-        word = int(dev.error_word.get(stream=dev.stream.cupy_stream)[0])
-        if word:
-            self._memset(dev.error_word, 0, dev.stream)
-            dev.stream.cupy_stream.synchronize()
-            raise DeviceError(f"{dev.name}: " + "; ".join(plan.decode_errors(word)))
-
-    def close(self) -> None:
-        for gate in self._gates:
-            gate.release()  # a held stream would never drain
-        self._gates.clear()
-        for dev in self._devices:
-            dev.stream.cupy_stream.synchronize()
-            dev.rope_tables.clear()
-            dev.workspaces.clear()
-            dev.constants.clear()
-        self._devices.clear()
-        self._flush_buffers.clear()
-
-    # -- streams, events, copies, graphs, timing ------------------------------------------------
-    def stream(self, device: Any = None) -> GpuStream:
-        return self.device(device).stream
-
-    def record_event(self, stream: GpuStream) -> GpuEvent:
-        stream = self._own_stream(stream)
-        event = self._cupy().cuda.Event(disable_timing=True)
-        event.record(stream.cupy_stream)
-        return GpuEvent(event, stream)
-
-    def wait_event(self, stream: GpuStream, event: GpuEvent) -> None:
-        if not isinstance(event, GpuEvent):
-            raise TypeError(f"event must come from record_event, got {type(event).__name__}")
-        self._own_stream(stream).cupy_stream.wait_event(event.cupy_event)
-
-    def copy_async(self, src: GpuArray, dst_device: Any, stream: GpuStream | None = None):
-        """ggml's contract, by plan.copy_async_steps: runs on the source stream (or on
-        ``stream`` = the destination's), ordered by events on both sides; never blocks."""
-        cupy = self._cupy()
-        src_dev, dst_dev = self._owner("src", src), self.device(dst_device)
-        if not src.data.flags.c_contiguous:
-            raise ValueError("copy_async: src must be contiguous")
-        streams = {"src": src_dev.stream, "dst": dst_dev.stream}
-        on = "src" if stream is None or self._own_stream(stream) is src_dev.stream else "dst"
-        if stream is not None and self._own_stream(stream) not in streams.values():
-            raise DeviceMismatchError(f"copy_async: {stream} is neither {src_dev}'s nor "
-                                      f"{dst_dev}'s stream")
-        with cupy.cuda.Device(dst_dev.gpu), dst_dev.stream.cupy_stream:
-            dst = GpuArray(cupy.empty_like(src.data), src.dtype, dst_dev)
-        events = {}
-        for step in plan.copy_async_steps(src_dev.gpu, dst_dev.gpu, on):
-            kind, side, what = step
-            if kind == "record":
-                events[what] = self.record_event(streams[side])
-            elif kind == "wait":
-                self.wait_event(streams[side], events[what])
-            else:
-                self._memcpy(dst, src, streams[side], peer=what == "peer")
-        return dst
-
-    def _memcpy(self, dst: GpuArray, src: GpuArray, stream: GpuStream, peer: bool) -> None:
-        runtime = self._cupy().cuda.runtime
-        nbytes, s = src.data.nbytes, stream.cupy_stream.ptr
-        if nbytes == 0:
-            return
-        with self._cupy().cuda.Device(stream.device.gpu):
-            if peer:
-                runtime.memcpyPeerAsync(dst.data.data.ptr, dst.device.gpu, src.data.data.ptr,
-                                        src.device.gpu, nbytes, s)
-            else:
-                runtime.memcpyAsync(dst.data.data.ptr, src.data.data.ptr, nbytes,
-                                    runtime.memcpyDeviceToDevice, s)
-
-    def inject_delay(self, stream: GpuStream, ms: float) -> None:
-        """Fault injection: the stream sleeps ~ms on the GPU (spin kernel with __nanosleep)."""
-        stream = self._own_stream(stream)
-        kernel = self._kernel(stream.device, "runtime.cu", "spin_kernel")
-        self._launch(stream, kernel, "spin_kernel", plan.Launch((1, 1, 1), (1, 1, 1)),
-                     (_i64(int(ms * 1e6)),), delay=False)
-
-    def flush_l2(self, device: Any = None) -> None:
-        """Overwrite a buffer of twice the L2 size on the device's stream (cold caches)."""
-        dev = self.device(device)
-        cupy = self._cupy()
-        buf = self._flush_buffers.get(dev.index)
-        if buf is None:
-            with cupy.cuda.Device(dev.gpu), dev.stream.cupy_stream:
-                buf = self._flush_buffers[dev.index] = cupy.empty(
-                    plan.l2_flush_bytes(dev.l2_bytes), np.uint8)
-        self._memset(buf, dev.index + 1, dev.stream)
-
-    def _memset(self, data, value: int, stream: GpuStream) -> None:
-        """cudaMemsetAsync on the stream (cupy's fill may need its own JIT kernels)."""
-        cupy = self._cupy()
-        with cupy.cuda.Device(stream.device.gpu):
-            cupy.cuda.runtime.memsetAsync(data.data.ptr, value, data.nbytes,
-                                          stream.cupy_stream.ptr)
 
     def timer(self, device: Any = None) -> Callable[[Callable[[], None]], float]:
         """Times one call with CUDA events on the device's stream; returns nanoseconds."""
-        dev = self.device(device)
+        return self.runtime.timer(device)
 
-        def time_call(fn: Callable[[], None]) -> float:
-            cupy = self._cupy()
-            start, end = cupy.cuda.Event(), cupy.cuda.Event()
-            start.record(dev.stream.cupy_stream)
-            fn()
-            end.record(dev.stream.cupy_stream)
-            end.synchronize()
-            self._raise_device_errors(dev)
-            return cupy.cuda.get_elapsed_time(start, end) * 1e6
-
-        return time_call
+    def inject_delay(self, stream: GpuStream, ms: float) -> None:
+        """Fault injection: the stream sleeps ~ms on the GPU (spin kernel with __nanosleep)."""
+        self.launcher.inject_delay(stream, ms)
 
     # -- ops ------------------------------------------------------------------------------------
     def rope(self, x, pos, out, p: RopeParams, freq_factors=None, stream=None) -> None:
@@ -522,56 +333,13 @@ class CupyBackend(GraphMixin, ScenarioOpsMixin, Backend):
         out.fingerprint = None
 
     # -- plumbing -------------------------------------------------------------------------------
-    def _kernel(self, dev: CupyDevice, file_name: str, name: str):
-        cupy = self._cupy()
-        key = (dev.gpu, file_name)
-        module = self._modules.get(key)
-        with cupy.cuda.Device(dev.gpu):
-            if module is None:
-                module = self._modules[key] = cupy.RawModule(
-                    code=self._source(file_name), options=plan.COMPILE_OPTIONS,
-                    name_expressions=plan.module_kernels()[file_name])
-            return module.get_function(name)
-
     def _source(self, file_name: str) -> str:
         """The CUDA source of one kernels/*.cu file (the bug zoo compiles mutants instead)."""
         return plan.load_source(file_name)
 
     def _run(self, target: GpuStream, file_name: str, name: str, launch: plan.Launch,
              args: tuple, delay: bool = True) -> None:
-        kernel = self._kernel(target.device, file_name, name)
-        self._launch(target, kernel, name, launch, args, delay)
-
-    def _launch(self, target: GpuStream, kernel, name: str, launch: plan.Launch, args: tuple,
-                delay: bool = True, check: bool = True) -> None:
-        """Every launch goes through here: limits checked first, launch errors re-raised with
-        the kernel's name and geometry, and (sync_each_launch) execution errors too."""
-        cupy = self._cupy()
-        dev = target.device
-        plan.check_launch(name, launch, max(plan.DEFAULT_SHARED_LIMIT, dev.shared_optin))
-        if delay and self.delay:
-            self.inject_delay(target, self._rng.uniform(0.0, self.delay_max_ms))
-        with cupy.cuda.Device(dev.gpu), target.cupy_stream:
-            if launch.shared_mem > plan.DEFAULT_SHARED_LIMIT:
-                kernel.max_dynamic_shared_size_bytes = launch.shared_mem
-            try:
-                kernel(launch.grid, launch.block, args, shared_mem=launch.shared_mem)
-            except cupy.cuda.driver.CUDADriverError as exc:
-                raise RuntimeError(f"{dev.name}: launch of {name} {launch} failed: {exc}") \
-                    from exc
-        if check and self.sync_each_launch and not target.cupy_stream.is_capturing():
-            try:
-                target.cupy_stream.synchronize()
-            except cupy.cuda.runtime.CUDARuntimeError as exc:
-                raise RuntimeError(f"{dev.name}: {name} {launch} failed: {exc}") from exc
-            self._raise_device_errors(dev)
-
-    @contextmanager
-    def _on(self, target: GpuStream):
-        """Make the target's GPU and stream current (allocations, copies, cupy calls)."""
-        cupy = self._cupy()
-        with cupy.cuda.Device(target.device.gpu), target.cupy_stream:
-            yield
+        self.launcher.run(target, file_name, name, launch, args, delay)
 
     def _target(self, dev: CupyDevice, stream: GpuStream | None) -> GpuStream:
         target = dev.stream if stream is None else self._own_stream(stream)
@@ -581,18 +349,10 @@ class CupyBackend(GraphMixin, ScenarioOpsMixin, Backend):
         return target
 
     def _own_stream(self, stream: Any) -> GpuStream:
-        if not isinstance(stream, GpuStream) or stream.device not in self._devices:
-            raise TypeError(f"stream={stream!r} is not a stream of this cupy backend")
-        return stream
-
-    def _owner(self, name: str, arr: Any) -> CupyDevice:
-        if not isinstance(arr, GpuArray) or arr.device not in self._devices:
-            raise TypeError(f"{name} must be an array made by this backend's to_device, got "
-                            f"{type(arr).__name__}")
-        return arr.device
+        return self.runtime._own_stream(stream)
 
     def _same_device(self, op: str, **arrays: Any) -> CupyDevice:
-        return same_owner(op, self._owner, arrays, DeviceMismatchError)
+        return self.runtime.same_device(op, **arrays)
 
     @staticmethod
     def _need_int32(**arrays: Any) -> None:
@@ -605,6 +365,8 @@ class CupyBackend(GraphMixin, ScenarioOpsMixin, Backend):
         for name, arr in arrays.items():
             if arr is not None and not arr.data.flags.c_contiguous:
                 raise ValueError(f"{name} must be C-contiguous")
+
+
 
 
 def _dtype(arr: GpuArray) -> str:

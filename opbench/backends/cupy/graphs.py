@@ -52,7 +52,7 @@ class HoldGate:
 
 
 class GraphMixin:
-    """capture_begin / capture_end / replay and hold for CupyBackend."""
+    """capture_begin / capture_end / replay and hold for CupyRuntime."""
 
     _capture: _Capture | None = None
 
@@ -111,7 +111,7 @@ class GraphMixin:
         stream = self._own_stream(stream)
         gate = HoldGate(self._cupy().cuda.alloc_pinned_memory(4))
         self._gates.append(gate)
-        kernel = self._kernel(stream.device, "runtime.cu", "hold_kernel")
-        self._launch(stream, kernel, "hold_kernel", plan.Launch((1, 1, 1), (1, 1, 1)),
+        kernel = self.launcher.kernel(stream.device, "runtime.cu", "hold_kernel")
+        self.launcher.launch(stream, kernel, "hold_kernel", plan.Launch((1, 1, 1), (1, 1, 1)),
                      (np.uint64(gate.device_pointer),), delay=False, check=False)
         return gate

@@ -1,4 +1,5 @@
-"""The cupy backend's device model: logical devices on GPUs, their streams, events and arrays.
+"""The cupy backend's runtime: logical devices on GPUs, their streams, events and arrays
+(``CupyRuntime``, an ``opbench.protocol.Runtime``).
 
 Imports cupy only inside functions, so ``import opbench.backends.cupy`` works (and
 ``available()`` can explain itself) on a machine without cupy, a driver or a GPU.
@@ -7,10 +8,16 @@ Imports cupy only inside functions, so ``import opbench.backends.cupy`` works (a
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
+
+from opbench.protocol import DeviceMismatchError as ProtocolMismatch
+from opbench.protocol import Runtime
+
+from . import plan
 
 
 #: host dtype -> the dtype cupy stores it as (cupy has no bfloat16: keep its 16-bit pattern)
@@ -22,7 +29,7 @@ def storage_dtype(dtype: np.dtype) -> np.dtype:
 FINGERPRINT_MAX_BYTES = 1 << 16  # content digests are kept for small inputs only
 
 
-class DeviceMismatchError(ValueError):
+class DeviceMismatchError(ProtocolMismatch):
     """An array of one logical device was used by an op running on another."""
 
 
@@ -151,3 +158,238 @@ class GpuArray:
 
     def __repr__(self) -> str:
         return f"GpuArray({self.shape}, {self.dtype}, {self.device.name})"
+
+
+from .graphs import GraphMixin  # noqa: E402 - graphs needs this module's types
+
+
+class CupyRuntime(GraphMixin, Runtime):
+    """The cupy backend's ``opbench.protocol.Runtime``: logical devices round-robin over the
+    GPUs, one non-blocking stream each, arrays with their logical dtype, pinned uploads, events,
+    peer or staged copies, CUDA graphs, CUDA-event timing and the L2 flush.  Every cupy call
+    goes through ``cupy()`` (the module the backend hands it: real cupy, or the emulator's).
+    Kernels it needs itself (hold, delays) come from the backend's ``launcher``."""
+
+    name = "cupy"
+    mismatch_error = DeviceMismatchError
+
+    def __init__(self, cupy: Callable[[], Any]) -> None:
+        self._cupy = cupy
+        self.launcher: Any = None  # the backend's KernelLauncher, set by the backend
+        self._devices: list[CupyDevice] = []
+        self._flush_buffers: dict[int, Any] = {}
+        self._gates: list = []  # hold() gates, released by close()
+        self._capture = None
+
+    def info(self) -> dict:
+        return {"devices": [d.name for d in self._devices]}
+
+    # -- devices and memory -------------------------------------------------------------------
+    def devices(self, n: int = 1) -> list[CupyDevice]:
+        """n logical devices, round-robin over the GPUs; existing ones are kept."""
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n={n!r} devices must be an int >= 1")
+        gpus = plan.device_map(n, self._cupy().cuda.runtime.getDeviceCount())
+        while len(self._devices) < n:
+            self._devices.append(self._start_device(len(self._devices), gpus[len(self._devices)]))
+        return self._devices[:n]
+
+    def device_list(self) -> list[CupyDevice]:
+        return list(self._devices)
+
+    def _start_device(self, index: int, gpu: int) -> CupyDevice:
+        cupy = self._cupy()
+        props = cupy.cuda.runtime.getDeviceProperties(gpu)
+        device = CupyDevice(index, gpu, props["multiProcessorCount"],
+                            props["sharedMemPerBlockOptin"], props["l2CacheSize"])
+        with cupy.cuda.Device(gpu):
+            device.stream = GpuStream(device, cupy.cuda.Stream(non_blocking=True))
+            with device.stream.cupy_stream:
+                device.error_word = cupy.zeros(1, dtype=np.int32)
+            self._enable_peers(gpu)
+        device.stream.cupy_stream.synchronize()
+        return device
+
+    def _enable_peers(self, gpu: int) -> None:
+        """Direct peer copies from this GPU wherever the hardware allows (else staged)."""
+        runtime = self._cupy().cuda.runtime
+        for other in range(runtime.getDeviceCount()):
+            if other != gpu and runtime.deviceCanAccessPeer(gpu, other):
+                try:
+                    runtime.deviceEnablePeerAccess(other)
+                except runtime.CUDARuntimeError:
+                    pass  # already enabled
+
+    def device(self, device: Any = None) -> CupyDevice:
+        if device is None:
+            device = 0
+        index = device.index if isinstance(device, CupyDevice) else device
+        if not isinstance(index, (int, np.integer)) or index < 0:
+            raise ValueError(f"device={device!r} must be a CupyDevice or an index >= 0")
+        if not self._devices and index == 0:
+            self.devices(1)
+        if index >= len(self._devices):
+            raise ValueError(f"device={device!r} does not exist; devices(n) made "
+                             f"{len(self._devices)}")
+        return self._devices[int(index)]
+
+    def to_device(self, host: np.ndarray, device: Any = None) -> GpuArray:
+        cupy = self._cupy()
+        host = np.ascontiguousarray(host)
+        dev = self.device(device)
+        with cupy.cuda.Device(dev.gpu), dev.stream.cupy_stream:
+            data = cupy.empty(host.shape, storage_dtype(host.dtype))
+        self.upload(data, host, dev.stream)
+        digest = plan.fingerprint(host.tobytes()) if host.nbytes <= FINGERPRINT_MAX_BYTES else None
+        return GpuArray(data, host.dtype, dev, digest)
+
+    def upload(self, data, host: np.ndarray, stream: GpuStream) -> None:
+        """Queue host -> device on ``stream`` from a pinned copy of ``host``: the host is never
+        blocked (not even behind a held stream) and may reuse its array at once.  The pinned
+        buffer lives until the device's next synchronize()."""
+        cupy = self._cupy()
+        stored = np.ascontiguousarray(host).view(storage_dtype(host.dtype))
+        pinned = cupy.cuda.alloc_pinned_memory(max(stored.nbytes, 1))
+        staged = np.frombuffer(pinned, stored.dtype, stored.size).reshape(stored.shape)
+        staged[...] = stored
+        stream.device.staging.append(pinned)
+        with cupy.cuda.Device(stream.device.gpu):
+            data.set(staged, stream=stream.cupy_stream)
+
+    def empty(self, shape: Sequence[int], dtype: Any, device: Any = None) -> GpuArray:
+        """An array poisoned like the cpu backend's: floats NaN, ints -1."""
+        dt = np.dtype(dtype)
+        fill = np.nan if dt.kind == "f" or dt.name == "bfloat16" else -1
+        return self.to_device(np.full(tuple(shape), fill, dt), device)
+
+    def synchronize(self, device: Any = None) -> None:
+        devices = self._devices if device is None else [self.device(device)]
+        for dev in devices:
+            dev.stream.cupy_stream.synchronize()
+            dev.staging.clear()  # every queued upload has completed
+        for dev in devices:
+            self._raise_device_errors(dev)
+
+    def _raise_device_errors(self, dev: CupyDevice) -> None:
+        word = int(dev.error_word.get(stream=dev.stream.cupy_stream)[0])
+        if word:
+            self._memset(dev.error_word, 0, dev.stream)
+            dev.stream.cupy_stream.synchronize()
+            raise DeviceError(f"{dev.name}: " + "; ".join(plan.decode_errors(word)))
+
+    def stream(self, device: Any = None) -> GpuStream:
+        return self.device(device).stream
+
+    def record_event(self, stream: GpuStream) -> GpuEvent:
+        stream = self._own_stream(stream)
+        event = self._cupy().cuda.Event(disable_timing=True)
+        event.record(stream.cupy_stream)
+        return GpuEvent(event, stream)
+
+    def wait_event(self, stream: GpuStream, event: GpuEvent) -> None:
+        if not isinstance(event, GpuEvent):
+            raise TypeError(f"event must come from record_event, got {type(event).__name__}")
+        self._own_stream(stream).cupy_stream.wait_event(event.cupy_event)
+
+    def copy_async(self, src: GpuArray, dst_device: Any, stream: GpuStream | None = None):
+        """ggml's contract, by plan.copy_async_steps: runs on the source stream (or on
+        ``stream`` = the destination's), ordered by events on both sides; never blocks."""
+        cupy = self._cupy()
+        src_dev, dst_dev = self.owner("src", src), self.device(dst_device)
+        if not src.data.flags.c_contiguous:
+            raise ValueError("copy_async: src must be contiguous")
+        streams = {"src": src_dev.stream, "dst": dst_dev.stream}
+        on = "src" if stream is None or self._own_stream(stream) is src_dev.stream else "dst"
+        if stream is not None and self._own_stream(stream) not in streams.values():
+            raise DeviceMismatchError(f"copy_async: {stream} is neither {src_dev}'s nor "
+                                      f"{dst_dev}'s stream")
+        with cupy.cuda.Device(dst_dev.gpu), dst_dev.stream.cupy_stream:
+            dst = GpuArray(cupy.empty_like(src.data), src.dtype, dst_dev)
+        events = {}
+        for step in plan.copy_async_steps(src_dev.gpu, dst_dev.gpu, on):
+            kind, side, what = step
+            if kind == "record":
+                events[what] = self.record_event(streams[side])
+            elif kind == "wait":
+                self.wait_event(streams[side], events[what])
+            else:
+                self._memcpy(dst, src, streams[side], peer=what == "peer")
+        return dst
+
+    def _memcpy(self, dst: GpuArray, src: GpuArray, stream: GpuStream, peer: bool) -> None:
+        runtime = self._cupy().cuda.runtime
+        nbytes, s = src.data.nbytes, stream.cupy_stream.ptr
+        if nbytes == 0:
+            return
+        with self._cupy().cuda.Device(stream.device.gpu):
+            if peer:
+                runtime.memcpyPeerAsync(dst.data.data.ptr, dst.device.gpu, src.data.data.ptr,
+                                        src.device.gpu, nbytes, s)
+            else:
+                runtime.memcpyAsync(dst.data.data.ptr, src.data.data.ptr, nbytes,
+                                    runtime.memcpyDeviceToDevice, s)
+
+    def flush_l2(self, device: Any = None) -> None:
+        """Overwrite a buffer of twice the L2 size on the device's stream (cold caches)."""
+        dev = self.device(device)
+        cupy = self._cupy()
+        buf = self._flush_buffers.get(dev.index)
+        if buf is None:
+            with cupy.cuda.Device(dev.gpu), dev.stream.cupy_stream:
+                buf = self._flush_buffers[dev.index] = cupy.empty(
+                    plan.l2_flush_bytes(dev.l2_bytes), np.uint8)
+        self._memset(buf, dev.index + 1, dev.stream)
+
+    def _memset(self, data, value: int, stream: GpuStream) -> None:
+        """cudaMemsetAsync on the stream (cupy's fill may need its own JIT kernels)."""
+        cupy = self._cupy()
+        with cupy.cuda.Device(stream.device.gpu):
+            cupy.cuda.runtime.memsetAsync(data.data.ptr, value, data.nbytes,
+                                          stream.cupy_stream.ptr)
+
+    def timer(self, device: Any = None) -> Callable[[Callable[[], None]], float]:
+        """Times one call with CUDA events on the device's stream; returns nanoseconds."""
+        dev = self.device(device)
+
+        def time_call(fn: Callable[[], None]) -> float:
+            cupy = self._cupy()
+            start, end = cupy.cuda.Event(), cupy.cuda.Event()
+            start.record(dev.stream.cupy_stream)
+            fn()
+            end.record(dev.stream.cupy_stream)
+            end.synchronize()
+            self._raise_device_errors(dev)
+            return cupy.cuda.get_elapsed_time(start, end) * 1e6
+
+        return time_call
+
+    def _own_stream(self, stream: Any) -> GpuStream:
+        if not isinstance(stream, GpuStream) or stream.device not in self._devices:
+            raise TypeError(f"stream={stream!r} is not a stream of this cupy backend")
+        return stream
+
+    def owner(self, name: str, arr: Any) -> CupyDevice:
+        if not isinstance(arr, GpuArray) or arr.device not in self._devices:
+            raise TypeError(f"{name} must be an array made by this backend's to_device, got "
+                            f"{type(arr).__name__}")
+        return arr.device
+
+
+    def to_host(self, arr: GpuArray) -> np.ndarray:
+        """A host copy of a contiguous array (the backend gathers strided views first)."""
+        device = self.owner("arr", arr)
+        self.synchronize(device)
+        host = arr.data.get(stream=device.stream.cupy_stream)
+        return np.ascontiguousarray(host).view(arr.dtype)
+
+    def close(self) -> None:
+        for gate in self._gates:
+            gate.release()  # a held stream would never drain
+        self._gates.clear()
+        for dev in self._devices:
+            dev.stream.cupy_stream.synchronize()
+            dev.rope_tables.clear()
+            dev.workspaces.clear()
+            dev.constants.clear()
+        self._devices.clear()
+        self._flush_buffers.clear()

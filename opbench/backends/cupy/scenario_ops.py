@@ -73,7 +73,7 @@ class ScenarioOpsMixin:
             raise RuntimeError("write: host uploads cannot be recorded in a CUDA graph; write "
                                "the inputs before capture_begin / replay")
         converted = np.ascontiguousarray(host.astype(dst.dtype, copy=False))
-        self._upload(dst.data, converted, target)
+        self.runtime.upload(dst.data, converted, target)
         small = converted.nbytes <= FINGERPRINT_MAX_BYTES
         dst.fingerprint = plan.fingerprint(converted.tobytes()) if small else None
 
