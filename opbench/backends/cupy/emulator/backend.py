@@ -2,7 +2,8 @@
 
 Every line of the cupy backend runs here (checks, plans, launches, streams, events, copies,
 graphs, the error word) and so do the .cu kernels, compiled for the host with
-``OPB_EMULATE``.  What it proves and what it cannot: see docs/backends-cupy.md.
+``OPB_EMULATE``.  Test infrastructure (CI without a GPU), never a measurement: perf mode
+refuses it.  What it proves and what it cannot: see docs/backends-cupy.md.
 """
 
 from __future__ import annotations
