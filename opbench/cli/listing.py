@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+from opbench.harness.cases import format_value
 from opbench.harness.ops import SPECS
 
-from .common import select_cases
+from .common import parse_ops, select_cases
 
 
 def register(subparsers, common) -> None:
     listing = subparsers.add_parser("list", parents=[common], help="list ops or case ids")
     listing.add_argument("--quick", action="store_true", help="list the quick subset")
+    listing.add_argument("--coverage", action="store_true",
+                         help="per op: axes, values per axis, value pairs possible and "
+                              "declared impossible, and the share the full and --quick "
+                              "tables cover")
     listing.set_defaults(func=cmd_list)
 
 
 def cmd_list(args) -> int:
+    if args.coverage:
+        return print_coverage(args)
     if args.op or args.pattern or args.quick:
         for case in select_cases(args, quick=args.quick):
             print(case.id)
@@ -25,3 +32,23 @@ def cmd_list(args) -> int:
               f"variants: {', '.join(spec.variant_keys)}")
     print(f"{'total':10s} {sum(len(s.cases()) for s in SPECS.values()):6d} cases")
     return 0
+
+
+def print_coverage(args) -> int:
+    for op in parse_ops(args.op):
+        spec = SPECS[op]
+        full, quick = spec.cases(), spec.quick_cases()
+        cov_full, cov_quick = spec.coverage(full), spec.coverage(quick)
+        axes = ", ".join(f"{name}={len(values)}" for name, values in spec.axis_values().items())
+        print(f"{op}: strength {spec.strength}; axes (values): {axes}")
+        print(f"  pairs possible {cov_full.possible}, declared impossible "
+              f"{cov_full.impossible}; covered: full {cov_full.fraction:.1%} "
+              f"({len(full)} cases), --quick {cov_quick.fraction:.1%} ({len(quick)} cases)")
+        for rule in spec.impossible:
+            print(f"  impossible: {rule.a} {_values(rule.a_values)} with {rule.b} "
+                  f"{_values(rule.b_values)}: {rule.reason}")
+    return 0
+
+
+def _values(values) -> str:
+    return "{" + ", ".join(format_value(v) if v is not None else "-" for v in values) + "}"

@@ -17,6 +17,7 @@ import numpy as np
 
 from opbench.protocol import Backend, SizeThreshold, numpy_dtype
 
+from . import covering
 from .compare import Tolerance, default_tolerance
 
 #: perf mode's size classes: real model shapes, or the same structure on tiny shapes
@@ -85,25 +86,141 @@ class OutputSpec:
     init_from: str | None = None  # in/out buffer: starts as this input (in-place ops)
 
 
+@dataclass(frozen=True)
+class Axis:
+    """One variant axis of an op's table: a name and the values the table sweeps.
+
+    ``keys`` spreads a composite value over several case params (``gqa`` = (nh, nkvh));
+    without it the axis is the case param of the same name."""
+
+    name: str
+    values: tuple
+    keys: tuple[str, ...] = ()
+
+    def of(self, case: Case) -> Any:
+        if self.keys:
+            return tuple(case.get(k) for k in self.keys)
+        return case.get(self.name)
+
+    def spread(self, value: Any) -> dict[str, Any]:
+        return dict(zip(self.keys, value)) if self.keys else {self.name: value}
+
+
+@dataclass(frozen=True)
+class Impossible:
+    """Values of two axes the op does not accept together, and why.  Every pair of
+    ``a_values`` x ``b_values`` is left out of the coverage requirement."""
+
+    a: str
+    a_values: tuple
+    b: str
+    b_values: tuple
+    reason: str
+
+    def pairs(self):
+        return [((self.a, va), (self.b, vb)) for va in self.a_values for vb in self.b_values]
+
+
 class OpSpec:
     """Everything opbench knows about one op: how it is swept, fed, run, judged and timed.
 
     Subclasses are data plus small methods; nothing about an op lives outside its spec (see
-    docs/adding-an-op.md)."""
+    docs/adding-an-op.md).
+
+    The table is declared, not listed: ``axes`` (values per variant axis), ``impossible``
+    (pairs the op rejects, with the reason) and ``strength`` (2 = every pair of values of any
+    two axes appears in some case; 3 = every triple).  ``cases()`` is a covering array of that
+    strength grown from a pairwise one that starts with ``extra_rows()`` (combinations real
+    models use); ``quick_cases()`` is that pairwise array."""
 
     name: str = ""
     #: the ``Backend`` method that runs the op (protocol.py); a backend implements the op when
     #: its class overrides that method
     method: str = ""
-    #: params whose every value the --quick subset must cover
-    variant_keys: tuple[str, ...] = ()
+    axes: tuple[Axis, ...] = ()
+    impossible: tuple[Impossible, ...] = ()
+    strength: int = 2
     #: data movement: compared bit-exactly
     exact: bool = False
     #: dtype -> Tolerance of a judged op; a dtype not listed gets compare.default_tolerance
     tolerances: Mapping[str, Tolerance] = {}
 
+    @property
+    def variant_keys(self) -> tuple[str, ...]:
+        return tuple(axis.name for axis in self.axes)
+
+    def axis_values(self) -> dict[str, tuple]:
+        return {axis.name: tuple(axis.values) for axis in self.axes}
+
+    def forbidden(self) -> set[frozenset]:
+        return covering.forbidden_pairs(p for rule in self.impossible for p in rule.pairs())
+
+    #: ``accept(row) -> bool`` rules out rows for more than a pair (a work cap over three
+    #: axes), partial rows included; None: every row without an impossible pair is fine
+    accept = None
+
+    def extra_rows(self) -> list[dict[str, Any]]:
+        """Rows every table keeps whole (feature bundles of real models), axis -> value."""
+        return []
+
+    def make_case(self, row: dict[str, Any]) -> Case:
+        """The case of one table row; override to add derived params (sizes from counts)."""
+        params: dict[str, Any] = {}
+        for axis in self.axes:
+            params.update(axis.spread(row[axis.name]))
+        return Case.make(self.name, **params)
+
+    def row_of(self, case: Case) -> dict[str, Any]:
+        return {axis.name: covering._key(axis.of(case)) for axis in self.axes}
+
+    def table(self) -> covering.Table:
+        cached = self.__dict__.get("_table")
+        if cached is None:
+            cached = covering.cached_table(self._generate_table, type(self))
+            self.__dict__["_table"] = cached
+        return cached
+
+    def _generate_table(self) -> covering.Table:
+        """A pairwise array first (the --quick set), then rows up to ``strength``."""
+        axes, forbidden = self.axis_values(), self.forbidden()
+        pairs = covering.covering_array(axes, 2, forbidden, self.accept,
+                                        start_rows=self.extra_rows())
+        rows = pairs
+        if self.strength > 2:
+            rows = covering.covering_array(axes, self.strength, forbidden, self.accept,
+                                           start_rows=pairs)
+        return covering.Table(rows, len(pairs))
+
+    def _cases_of(self, rows) -> list[Case]:
+        unique = {case.id: case for case in map(self.make_case, rows)}
+        return sorted(unique.values(), key=lambda c: c.id)
+
+    def extra_cases(self) -> list[Case]:
+        """Hand-placed cases kept beside the covering array (special values, position
+        ranges); --quick takes one per value of each param no axis sweeps."""
+        return []
+
     def cases(self) -> list[Case]:
-        raise NotImplementedError
+        """The covering array, the extra cases and the cases past every backend threshold."""
+        table = self._cases_of(self.table().rows)
+        return _union(table, self.extra_cases(), self.threshold_cases())
+
+    def quick_cases(self, seed: int = 0) -> list[Case]:
+        """The --quick subset: the pairwise array the full table grows from (fixed; ``seed``
+        changes the inputs, not the selection), extra cases covering each value of params no
+        axis sweeps, and a case past each size threshold of the cpu backend."""
+        table = self.table()
+        extras = self.extra_cases()
+        swept = {k for axis in self.axes for k in (axis.keys or (axis.name,))}
+        loose = tuple(sorted({k for c in extras for k in c.params} - swept))
+        return _union(self._cases_of(table.rows[:table.n_pairwise]),
+                      quick_subset(extras, loose, seed=seed, extra=0) if extras else [],
+                      self.threshold_cases(("cpu",)))
+
+    def coverage(self, cases: Iterable[Case]) -> covering.Coverage:
+        """How many of the op's possible value pairs ``cases`` hold."""
+        return covering.pair_coverage(self.axis_values(), self.forbidden(),
+                                      map(self.row_of, cases))
 
     def make_inputs(self, case: Case, rng: np.random.Generator) -> Inputs:
         raise NotImplementedError
@@ -165,11 +282,15 @@ class OpSpec:
             cases += [c for c in self.past(threshold) if c not in cases]
         return cases
 
-    def quick_cases(self, seed: int = 0) -> list[Case]:
-        """The --quick subset: every variant value at least once, a few cheap extras, and a
-        case past each size threshold of the cpu backend."""
-        subset = quick_subset(self.cases(), self.variant_keys, seed=seed, cost=self.cost)
-        return subset + [c for c in self.threshold_cases(("cpu",)) if c not in subset]
+
+def _union(*groups: list[Case]) -> list[Case]:
+    seen: set[Case] = set()
+    out = []
+    for case in (c for group in groups for c in group):
+        if case not in seen:
+            seen.add(case)
+            out.append(case)
+    return out
 
 
 def itemsize(dtype: str) -> int:

@@ -232,22 +232,24 @@ def check_many_copies_one_synchronize(backend: Any, seed: int = 0, sizes=SIZES) 
         _expect_same(what, backend.to_host(y), want)
 
 
-def check_chain(backend: Any, seed: int = 0, n_devices: int = 4, n: int = 4099) -> None:
+def check_chain(backend: Any, seed: int = 0, n_devices: int = 4, n: int = 4099,
+                dtype: str = "f32") -> None:
     """A chain d0 -> d1 -> ... -> dN-1, every hop queued before the first one can run."""
     devices = backend.devices(n_devices)
-    want = _payload(np.random.default_rng(seed), n, "f32")
+    want = _payload(np.random.default_rng(seed), n, dtype)
     hold = _Hold(backend, backend.stream(devices[0]))
     hops = [_write_on_device(backend, want, devices[0])]
     for device in devices[1:]:
         hops.append(backend.copy_async(hops[-1], device))
-    last = _read_on_device(backend, hops[-1], n, "f32", devices[-1])
+    last = _read_on_device(backend, hops[-1], n, dtype, devices[-1])
     hold.release()
     backend.synchronize()
     for i, arr in enumerate(hops[1:] + [last], start=1):
         _expect_same(f"chain hop {i} of {n_devices - 1}", backend.to_host(arr), want)
 
 
-def check_random_trials(backend: Any, seed: int = 0, trials: int = 4, n_devices: int = 3) -> None:
+def check_random_trials(backend: Any, seed: int = 0, trials: int = 4, n_devices: int = 3,
+                        sizes=SIZES[:4]) -> None:
     """Seeded, ungated trials (meant for a backend with delays on): random pairs, sizes and
     dtypes, copies of copies, destination reads, then one synchronize per trial."""
     devices = backend.devices(n_devices)
@@ -256,7 +258,7 @@ def check_random_trials(backend: Any, seed: int = 0, trials: int = 4, n_devices:
         pending = []
         arrays = []  # (array, device, expected host values)
         for _ in range(int(rng.integers(2, 7))):
-            n, dtype = int(rng.choice(SIZES[:4])), str(rng.choice(["f32", "f16", "bf16"]))
+            n, dtype = int(rng.choice(sizes)), str(rng.choice(["f32", "f16", "bf16"]))
             if arrays and rng.random() < 0.4:  # copy a copy that may still be in flight
                 x, src, want = arrays[int(rng.integers(len(arrays)))]
             else:

@@ -156,6 +156,11 @@ def run_case(backend: Backend, case: Case, *, run_seed: int = 0, device: Any = N
         record.update(status="UNSUPPORTED", reason=str(supported))
         return record
     started = time.perf_counter()
+    if hasattr(spec, "run_check"):
+        _run_self_judging(backend, spec, case, run_seed, record)
+        record["metrics"]["seconds"] = round(time.perf_counter() - started, 6)
+        _apply_known(record, known)
+        return record
     try:
         inputs = spec.make_inputs(case, np.random.default_rng(case.seed(run_seed)))
         expected, low = references(spec, case, inputs)
@@ -184,6 +189,23 @@ def judge_output(spec: OpSpec, case: Case, buf: DeviceBuffer, host_after: np.nda
     if not verdict.ok:
         problems.append(verdict.describe(buf.name))
     return verdict, problems
+
+
+def _run_self_judging(backend, spec, case, run_seed, record) -> None:
+    """A contract op (COPY_ASYNC): the spec runs and judges the case itself."""
+    from .contracts import ContractViolation
+
+    reason = spec.unsupported(backend, case)
+    if reason:
+        record.update(status="UNSUPPORTED", reason=reason)
+        return
+    try:
+        spec.run_check(backend, case, case.seed(run_seed))
+    except ContractViolation as violation:
+        record.update(status="FAIL", reason=str(violation), errors=[str(violation)])
+    except Exception as exc:  # a backend bug must not stop the run
+        record.update(status="ERROR", reason=f"{type(exc).__name__}: {exc}",
+                      errors=traceback.format_exc(limit=4).splitlines()[-6:])
 
 
 def _judge_outputs(spec, case, buffers, hosts, expected, low, record) -> None:

@@ -14,7 +14,8 @@ import numpy as np
 
 from opbench.backends.cpu import CpuBackend, kernels
 
-_original = {name: getattr(kernels, name) for name in ("attend", "_tile_scores", "set_rows")}
+_original = {name: getattr(kernels, name)
+             for name in ("attend", "_tile_scores", "set_rows", "get_rows", "_rope_cos_sin")}
 
 
 class PatchedKernels(CpuBackend):
@@ -73,6 +74,27 @@ class RopeFreqFactorsMultiplied(CpuBackend):
         super().rope(x, pos, out, p, freq_factors, stream)
 
 
+def _mrope_cos_sin_without_wrap(pos, p, freq_factors, cache):
+    """mrope sector = pair index (no ``mod sum(sections)``): pairs past the sections' sum read
+    the fourth position stream instead of wrapping to the first."""
+    if p.mode != "mrope":
+        return _original["_rope_cos_sin"](pos, p, freq_factors, cache)
+    positions = pos.astype(np.int64)
+    n_pairs = p.n_dims // 2
+    row_of_pair = np.searchsorted(np.cumsum(p.sections[:3]), np.arange(n_pairs), side="right")
+    cos = np.empty((positions.shape[1], n_pairs), np.float32)
+    sin = np.empty_like(cos)
+    for row in np.unique(row_of_pair):
+        cols = row_of_pair == row
+        c, s = kernels._cos_sin_for(positions[row], p, freq_factors, cache)
+        cos[:, cols], sin[:, cols] = c[:, cols], s[:, cols]
+    return cos, sin
+
+
+class MropeSectorNotWrapped(PatchedKernels):
+    patches = {"_rope_cos_sin": _mrope_cos_sin_without_wrap}
+
+
 # -- ATTN ---------------------------------------------------------------------------------------
 def _gqa_modulo_attend(q, k, v, p, q_pos, mask, sinks):
     """Query head h reads kv head h % Hkv instead of h // (H/Hkv)."""
@@ -100,6 +122,16 @@ def _softcap_after_mask_scores(qg, k, keys, p, q_pos, mask, slopes, group):
     if p.softcap > 0.0:
         scores[...] = p.softcap * np.tanh(scores / p.softcap)  # -inf becomes -softcap
     return scores
+
+
+class WindowOnlyWhenCausal(CpuBackend):
+    """The sliding window is applied on the causal path only; non-causal attention sees every
+    key."""
+
+    def attention(self, q, k, v, out, params, **kwargs):
+        if not params.causal and params.window:
+            params = dataclasses.replace(params, window=0)
+        super().attention(q, k, v, out, params, **kwargs)
 
 
 class GqaHeadModulo(PatchedKernels):
@@ -147,6 +179,26 @@ class SetRowsWritesSkippedSlot(PatchedKernels):
     patches = {"set_rows": _set_rows_writing_minus_one}
 
 
+def _set_rows_int16_slots(dst, src, slots):
+    """Slot indices narrowed to int16 on the way into the kernel: slot 40,000 becomes -25,536
+    (a row counted from the end of the table)."""
+    narrow = slots.astype(np.int16).astype(np.int32)
+    _original["set_rows"](dst, src, np.where(narrow < -1, narrow + len(dst), narrow))
+
+
+class SetRowsInt16Slots(PatchedKernels):
+    patches = {"set_rows": _set_rows_int16_slots}
+
+
+def _get_rows_uint16_rows(src, rows, out):
+    """Row indices kept in uint16: row 70,000 reads row 4,464."""
+    _original["get_rows"](src, rows.astype(np.uint16).astype(np.int32), out)
+
+
+class GetRowsUint16Rows(PatchedKernels):
+    patches = {"get_rows": _get_rows_uint16_rows}
+
+
 class F16Truncating(CpuBackend):
     """f32 -> f16 rounds toward zero instead of to nearest even."""
 
@@ -177,6 +229,8 @@ OP_BUGS = {
     RopePairingSwapped: "ROPE",
     RopeTailRotated: "ROPE",
     RopeFreqFactorsMultiplied: "ROPE",
+    MropeSectorNotWrapped: "ROPE",
+    WindowOnlyWhenCausal: "ATTN",
     GqaHeadModulo: "ATTN",
     CausalOffByOne: "ATTN",
     SoftcapAfterMask: "ATTN",
@@ -184,6 +238,17 @@ OP_BUGS = {
     RotateSignFlipped: "KV_ROTATE",
     PerTokenDeltasReadPerBlock: "KV_ROTATE",
     SetRowsWritesSkippedSlot: "SET_ROWS",
+    SetRowsInt16Slots: "SET_ROWS",
+    GetRowsUint16Rows: "GET_ROWS",
     F16Truncating: "CPY",
     WritesOneRowPastOutput: "GET_ROWS",
+}
+
+#: bug class -> (case-id pattern of the cases the bug can touch at all, pattern of the new
+#: cases that alone catch it): every other touched case passes the bug
+ONLY_NEW_CASES_CATCH = {
+    SetRowsInt16Slots: (r"", r"nslots=(40000|70000)"),
+    GetRowsUint16Rows: (r"", r"nsrc=70000"),
+    MropeSectorNotWrapped: (r"mode=mrope", r"sec=short"),
+    WindowOnlyWhenCausal: (r"win=1", r"causal=0,win=1"),
 }

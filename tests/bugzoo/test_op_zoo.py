@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
-from op_bugs import OP_BUGS
+from op_bugs import ONLY_NEW_CASES_CATCH, OP_BUGS
 
 from opbench.backends.cpu import CpuBackend
 from opbench.harness.ops import SPECS
@@ -44,3 +46,19 @@ def test_real_cpu_backend_passes_quick_tables(op):
             assert record["status"] == "OK", f"{case.id}: {record['reason']}"
     finally:
         backend.close()
+
+
+@pytest.mark.parametrize("bug", list(ONLY_NEW_CASES_CATCH), ids=lambda cls: cls.__name__)
+def test_new_cases_alone_catch_bug(bug):
+    """Every case outside the new class passes the bug; some case of the class fails it."""
+    scope, new = (re.compile(p) for p in ONLY_NEW_CASES_CATCH[bug])
+    cases = [c for c in SPECS[OP_BUGS[bug]].cases() if scope.search(c.id)]
+    backend = bug()
+    backend.devices(1)
+    try:
+        statuses = {c.id: run_case(backend, c)["status"] for c in cases}
+    finally:
+        backend.close()
+    old = {i: s for i, s in statuses.items() if not new.search(i)}
+    assert set(old.values()) == {"OK"}, [i for i, s in old.items() if s != "OK"][:3]
+    assert any(s == "FAIL" for i, s in statuses.items() if new.search(i))

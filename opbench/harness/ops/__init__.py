@@ -8,11 +8,13 @@ from typing import Any
 from ..cases import Case, OpSpec
 from .attn import AttnSpec
 from .copies import CpySpec, GetRowsSpec, SetRowsSpec
+from .copy_async import CopyAsyncSpec
 from .kv_rotate import KvRotateSpec
 from .rope import RopeSpec
 
 SPECS: dict[str, OpSpec] = {spec.name: spec for spec in (
-    RopeSpec(), AttnSpec(), KvRotateSpec(), SetRowsSpec(), GetRowsSpec(), CpySpec())}
+    RopeSpec(), AttnSpec(), KvRotateSpec(), SetRowsSpec(), GetRowsSpec(), CpySpec(),
+    CopyAsyncSpec())}
 
 
 def support(backend: Any, case: Case) -> bool | str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import numpy as np
@@ -10,42 +9,57 @@ import numpy as np
 from opbench.protocol import AttnParams, PagedKV
 
 from ...reference import attention as attn_ref
-from ..cases import Case, Inputs, OpSpec, OutputSpec, itemsize, uniform
+from ..cases import Axis, Case, Impossible, Inputs, OpSpec, OutputSpec, itemsize, uniform
 from ..compare import Tolerance
 
-HEAD_SIZES = [(64, 64), (80, 80), (96, 96), (128, 128), (256, 256), (192, 128), (576, 512)]
-GQA = [(2, 2), (4, 2), (4, 1), (8, 1), (6, 2)]  # (H, Hkv): ratios 1, 2, 4, 8, 3
-LENGTHS = [(1, 1), (1, 113), (3, 113), (1, 512), (3, 512), (32, 512), (1, 1024), (32, 1024)]
-VARIANTS = {  # name -> flags; the last two combine features the way real models do
-    "plain": {},
-    "causal": {"causal": 1},
-    "window": {"causal": 1, "win": 1},
-    "mask": {"mask": 1},
-    "softcap": {"causal": 1, "sc": 1.0},
-    "alibi": {"causal": 1, "mb": 8.0},
-    "sinks": {"causal": 1, "sinks": 1},
-    "lse": {"lse": 1},
-    "paged": {"causal": 1, "paged": 3},
-    "gemma": {"causal": 1, "win": 1, "sc": 1.0, "lse": 1},
-    "gpt-oss": {"causal": 1, "win": 1, "sinks": 1, "paged": 2},
-    "paged-all": {"causal": 1, "mb": 8.0, "lse": 1, "paged": 4},
-}
-FLAGS = {"causal": 0, "win": 0, "mask": 0, "sc": 0.0, "mb": 0.0, "sinks": 0, "lse": 0,
-         "paged": 0}
+HEAD_SIZES = ((64, 64), (80, 80), (96, 96), (128, 128), (256, 256), (192, 128), (576, 512))
+# (H, Hkv): ratios 1, 2, 4, 8, 3, 5; H = 6, 12 and 5 are not powers of two (ALiBi slopes switch
+# series at the largest power of two below H)
+GQA = ((2, 2), (4, 2), (4, 1), (8, 1), (6, 2), (12, 4), (5, 1))
+# (n_q, n_kv): decode and prefill; 37, 113, 257 and 1023 keys are multiples of no tile size
+LENGTHS = ((1, 1), (1, 113), (3, 113), (5, 37), (1, 512), (3, 512), (32, 512), (16, 257),
+           (1, 1023), (1, 1024), (32, 1024))
 BLOCK_SIZE = 16
 MAX_WORK = 24e6  # n_q * n_kv * H * (Dk + Dv): keeps one case in the tens of milliseconds
+AXES = (
+    Axis("type", ("f32", "f16", "bf16")),
+    Axis("hs", HEAD_SIZES),
+    Axis("gqa", GQA, keys=("nh", "nkvh")),
+    Axis("len", LENGTHS, keys=("nq", "nkv")),
+    Axis("causal", (0, 1)),
+    Axis("win", (0, 1)),
+    Axis("mask", (0, 1)),
+    Axis("sc", (0.0, 1.0)),
+    Axis("mb", (0.0, 8.0)),
+    Axis("sinks", (0, 1)),
+    Axis("lse", (0, 1)),
+    Axis("paged", (0, 2, 3, 4)),
+)
+FLAGS = {"causal": 0, "win": 0, "mask": 0, "sc": 0.0, "mb": 0.0, "sinks": 0, "lse": 0,
+         "paged": 0}
+# feature bundles the way real models combine them, kept whole in every table
+BUNDLES = (
+    ("f16", (256, 256), (8, 1), (3, 512), {"causal": 1, "win": 1, "sc": 1.0, "lse": 1}),
+    ("bf16", (64, 64), (8, 1), (3, 512), {"causal": 1, "win": 1, "sinks": 1, "paged": 2}),
+    ("f32", (128, 128), (4, 1), (1, 1024), {"causal": 1, "mb": 8.0, "lse": 1, "paged": 4}),
+)
 
 
 def _work(n_q, n_kv, heads, dk, dv) -> float:
     return n_q * n_kv * heads * (dk + dv)
 
 
+FEWEST_HEADS = min(h for h, _ in GQA)
+SMALLEST_HEAD = min(HEAD_SIZES, key=sum)
+
+
+def _over_cap(hs, n_q, n_kv, heads=FEWEST_HEADS) -> bool:
+    return _work(n_q, n_kv, heads, *hs) > MAX_WORK
+
+
 def _case(dtype, hs, gqa, n_q, n_kv, flags) -> Case:
-    merged = {**FLAGS, **flags}
-    if merged["causal"] and n_q > n_kv:
-        merged["causal"] = 0
     return Case.make("ATTN", type=dtype, hs=list(hs), nh=gqa[0], nkvh=gqa[1], nq=n_q,
-                     nkv=n_kv, **merged)
+                     nkv=n_kv, **{**FLAGS, **flags})
 
 
 def window_size(case: Case) -> int:
@@ -85,23 +99,28 @@ class AttnSpec(OpSpec):
     tolerances = {"f32": Tolerance(nmse=1e-7, k=8.0, floor=1e-5),
                   "f16": Tolerance(nmse=5e-6, k=4.0, floor=1e-3),
                   "bf16": Tolerance(nmse=1e-4, k=4.0, floor=8e-3)}
-    variant_keys = ("type", "hs", "nh", "nkvh", "nq", "nkv", "causal", "win", "mask", "sc",
-                    "mb", "sinks", "lse", "paged")
+    axes = AXES
+    strength = 3
+    impossible = (
+        Impossible("mask", (1,), "paged", (2, 3, 4), "masks are per sequence; paged batches "
+                   "several sequences of different lengths"),
+        *(Impossible("hs", (hs,), "len", tuple(n for n in LENGTHS if _over_cap(hs, *n)),
+                     "over the per-case work cap (MAX_WORK) even at the fewest heads")
+          for hs in HEAD_SIZES if any(_over_cap(hs, *n) for n in LENGTHS)),
+        *(Impossible("gqa", (g,), "len", tuple(n for n in LENGTHS
+                                               if _over_cap(SMALLEST_HEAD, *n, heads=g[0])),
+                     "over the per-case work cap (MAX_WORK) even at the smallest head size")
+          for g in GQA if any(_over_cap(SMALLEST_HEAD, *n, heads=g[0]) for n in LENGTHS)),
+    )
 
-    def cases(self) -> list[Case]:
-        out = []
-        for dtype, hs, gqa, (n_q, n_kv) in itertools.product(
-                ["f32", "f16", "bf16"], HEAD_SIZES, GQA, LENGTHS):
-            if _work(n_q, n_kv, gqa[0], *hs) <= MAX_WORK:
-                out.append(_case(dtype, hs, gqa, n_q, n_kv, {"causal": 1}))
-        for dtype, hs, gqa, (n_q, n_kv), flags in itertools.product(
-                ["f32", "f16", "bf16"], [(64, 64), (128, 128), (80, 80), (192, 128)],
-                [(4, 4), (4, 1), (6, 2)], [(1, 113), (3, 512), (32, 1024), (5, 37)],
-                VARIANTS.values()):
-            if _work(n_q, n_kv, gqa[0], *hs) <= MAX_WORK:
-                out.append(_case(dtype, hs, gqa, n_q, n_kv, flags))
-        return sorted(set(out), key=lambda c: c.id) + [
-            c for c in self.threshold_cases() if c not in set(out)]
+    def accept(self, row) -> bool:
+        if not {"hs", "gqa", "len"} <= row.keys():
+            return True
+        return _work(*row["len"], row["gqa"][0], *row["hs"]) <= MAX_WORK
+
+    def extra_rows(self) -> list[dict]:
+        return [{"type": t, "hs": hs, "gqa": gqa, "len": n, **FLAGS, **flags}
+                for t, hs, gqa, n, flags in BUNDLES]
 
     def sizes(self, case: Case) -> dict[str, int]:
         return {"nq": case["nq"], "nkv": case["nkv"]}

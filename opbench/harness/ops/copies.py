@@ -9,11 +9,15 @@ import numpy as np
 from opbench.protocol import numpy_dtype
 
 from ...reference import copies as copy_ref
-from ..cases import Case, Inputs, OpSpec, OutputSpec, itemsize, uniform
+from ..cases import Axis, Case, Impossible, Inputs, OpSpec, OutputSpec, itemsize, uniform
 
-DTYPES = ["f32", "f16", "bf16"]
+DTYPES = ("f32", "f16", "bf16")
 DTYPE_BYTES = {"f32": 4, "f16": 2, "bf16": 2}
-ROWS = [(1, 64), (8, 128), (3, 80)]  # (kv heads, head dim) of one token row
+ROWS = ((1, 8), (1, 64), (8, 128), (3, 80))  # (kv heads, head dim) of one token row
+# table row counts past 32,767 and 65,535: a 16-bit index (signed or not) wraps there
+BOUNDARY_COUNTS = (40000, 70000)
+BOUNDARY_REASON = ("boundary row counts use the 8-value row: the index arithmetic is what they "
+                   "test, and 70,000 rows of 1,024 values are 287 MB a case")
 
 
 def _wide_uniform(rng, shape, dtype):
@@ -99,18 +103,29 @@ class _CopySpec(OpSpec):
 class SetRowsSpec(_CopySpec):
     name = "SET_ROWS"
     method = "set_rows"
-    variant_keys = ("type", "type_src", "row", "nr", "skip", "vals")
+    axes = (Axis("type", DTYPES), Axis("type_src", DTYPES), Axis("row", ROWS),
+            Axis("nr", (1, 7, 32)), Axis("nslots", (None,) + BOUNDARY_COUNTS),
+            Axis("skip", (0, 1)))
+    impossible = (Impossible("nslots", BOUNDARY_COUNTS, "row", ROWS[1:], BOUNDARY_REASON),)
+    strength = 4
 
-    def cases(self) -> list[Case]:
-        grid = itertools.product(DTYPES, DTYPES, ROWS, [1, 7, 32], [0, 1])
-        return [Case.make("SET_ROWS", type=dst, type_src=src, row=list(row), nr=nr,
-                          nslots=nr * 2 + 5, skip=skip)
-                for dst, src, row, nr, skip in grid] + _special_cases(
-            "SET_ROWS", row=[2, 64], nr=7, nslots=19, skip=1)
+    def make_case(self, row) -> Case:
+        return Case.make("SET_ROWS", type=row["type"], type_src=row["type_src"], row=row["row"],
+                         nr=row["nr"], nslots=row["nslots"] or row["nr"] * 2 + 5,
+                         skip=row["skip"])
+
+    def row_of(self, case: Case) -> dict:
+        small = case["nslots"] == case["nr"] * 2 + 5
+        return {**super().row_of(case), "nslots": None if small else case["nslots"]}
+
+    def extra_cases(self) -> list[Case]:
+        return _special_cases("SET_ROWS", row=[2, 64], nr=7, nslots=19, skip=1)
 
     def make_inputs(self, case: Case, rng: np.random.Generator) -> Inputs:
         row, n_rows, n_slots = tuple(case["row"]), case["nr"], case["nslots"]
         slots = rng.choice(n_slots, size=n_rows, replace=False).astype(np.int32)
+        if n_slots > BOUNDARY_COUNTS[0]:
+            slots[-1] = n_slots - 1 - (n_slots - 1 in slots[:-1])  # a slot past the boundary
         if case["skip"]:
             slots[rng.random(n_rows) < 0.3] = -1
             slots[0] = -1  # at least one skipped row in every skip case
@@ -145,19 +160,29 @@ class SetRowsSpec(_CopySpec):
 class GetRowsSpec(_CopySpec):
     name = "GET_ROWS"
     method = "get_rows"
-    variant_keys = ("type", "type_src", "row", "nr", "vals")
+    axes = (Axis("type", DTYPES), Axis("type_src", DTYPES), Axis("row", ROWS),
+            Axis("nr", (1, 7, 32)), Axis("nsrc", (None,) + BOUNDARY_COUNTS))
+    impossible = (Impossible("nsrc", BOUNDARY_COUNTS, "row", ROWS[1:], BOUNDARY_REASON),)
+    strength = 4
 
-    def cases(self) -> list[Case]:
-        grid = itertools.product(DTYPES, DTYPES, ROWS, [1, 7, 32])
-        return [Case.make("GET_ROWS", type=dst, type_src=src, row=list(row), nr=nr,
-                          nsrc=nr + 9)
-                for dst, src, row, nr in grid] + _special_cases(
-            "GET_ROWS", row=[2, 64], nr=7, nsrc=16)
+    def make_case(self, row) -> Case:
+        return Case.make("GET_ROWS", type=row["type"], type_src=row["type_src"], row=row["row"],
+                         nr=row["nr"], nsrc=row["nsrc"] or row["nr"] + 9)
+
+    def row_of(self, case: Case) -> dict:
+        small = case["nsrc"] == case["nr"] + 9
+        return {**super().row_of(case), "nsrc": None if small else case["nsrc"]}
+
+    def extra_cases(self) -> list[Case]:
+        return _special_cases("GET_ROWS", row=[2, 64], nr=7, nsrc=16)
 
     def make_inputs(self, case, rng) -> Inputs:
         row = tuple(case["row"])
         rows = rng.integers(0, case["nsrc"], size=case["nr"]).astype(np.int32)  # repeats ok
-        return Inputs({"src": _source_values(rng, case, (case["nsrc"], *row)), "rows": rows})
+        if case["nsrc"] > BOUNDARY_COUNTS[0]:
+            rows[-1] = case["nsrc"] - 1  # a row past the boundary
+        return Inputs({"src": _source_values(rng, case, (case["nsrc"], *row)),
+                       "rows": rows})
 
     def outputs(self, case, inputs) -> dict[str, OutputSpec]:
         return {"out": OutputSpec((case["nr"], *case["row"]), case["type"])}
@@ -179,23 +204,22 @@ class GetRowsSpec(_CopySpec):
         return values * (itemsize(case["type_src"]) + itemsize(outputs["out"].dtype)), 0
 
 
-PERMS = [(0, 1, 2), (1, 0, 2), (2, 1, 0), (0, 2, 1)]
-CPY_SHAPES = [(5, 3, 64), (17, 4, 128), (2, 33, 7)]
+PERMS = ((0, 1, 2), (1, 0, 2), (2, 1, 0), (0, 2, 1))
+CPY_SHAPES = ((5, 3, 64), (17, 4, 128), (2, 33, 7))
 
 
 class CpySpec(_CopySpec):
     name = "CPY"
     method = "cpy"
-    variant_keys = ("type", "type_src", "ne", "perm", "step", "vals")
+    axes = (Axis("type_src", DTYPES), Axis("type", DTYPES), Axis("ne", CPY_SHAPES),
+            Axis("perm", PERMS), Axis("step", (1, 2)))
+    strength = 5  # every combination
 
-    def cases(self) -> list[Case]:
-        grid = itertools.product(DTYPES, DTYPES, CPY_SHAPES, PERMS, [1, 2])
-        table = [Case.make("CPY", type_src=src, type=dst, ne=list(shape), perm=list(perm),
-                           step=step)
-                 for src, dst, shape, perm, step in grid]
+    def extra_cases(self) -> list[Case]:
+        table = []
         for perm, step in (((0, 1, 2), 1), ((2, 1, 0), 2)):  # contiguous, and strided
             table += _special_cases("CPY", ne=[5, 3, 64], perm=list(perm), step=step)
-        return table + self.threshold_cases()
+        return table
 
     def sizes(self, case: Case) -> dict[str, int]:
         view = np.empty(case["ne"], np.int8).transpose(case["perm"])[:: case["step"]]

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 
 from ...reference import kv_cache as kv_ref
-from ..cases import Case, Inputs, OpSpec, OutputSpec, itemsize, uniform
+from ..cases import Axis, Case, Inputs, OpSpec, OutputSpec, itemsize, uniform
 
 LUT_ROWS = 64  # deltas up to 63 blocks
 BASE = 10000.0
@@ -21,15 +19,19 @@ def perf_case(dtype, bs, hs, nkvh, nrot, nblk) -> Case:
 class KvRotateSpec(OpSpec):
     name = "KV_ROTATE"
     method = "kv_rotate"
-    variant_keys = ("type", "layout", "delta", "bs", "hs", "nkvh", "nrot")
+    axes = (
+        Axis("type", ("f32", "f16", "bf16")),
+        Axis("layout", ("rotate_half", "interleaved")),
+        Axis("delta", ("block", "token")),
+        Axis("bs", (8, 16, 32)),
+        Axis("hs", (64, 80, 128)),
+        Axis("nkvh", (1, 3, 4)),
+        Axis("nrot", (1, 5)),
+    )
+    strength = 7  # every combination: each case is cheap
 
-    def cases(self) -> list[Case]:
-        grid = itertools.product(["f32", "f16", "bf16"], ["rotate_half", "interleaved"],
-                                 ["block", "token"], [8, 16, 32], [64, 80, 128],
-                                 [1, 4], [1, 5])
-        return [Case.make("KV_ROTATE", type=dtype, layout=layout, delta=delta, bs=bs, hs=hs,
-                          nkvh=nkvh, nrot=nrot, nblk=nrot + 3)
-                for dtype, layout, delta, bs, hs, nkvh, nrot in grid]
+    def make_case(self, row) -> Case:
+        return Case.make("KV_ROTATE", **row, nblk=row["nrot"] + 3)
 
     def make_inputs(self, case: Case, rng: np.random.Generator) -> Inputs:
         n_blocks, bs = case["nblk"], case["bs"]

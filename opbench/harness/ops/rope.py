@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
-import itertools
 
 import numpy as np
 
 from opbench.protocol import RopeParams
 
 from ...reference import rope as rope_ref
-from ..cases import Case, Inputs, OpSpec, OutputSpec, uniform
+from ..cases import Axis, Case, Impossible, Inputs, OpSpec, OutputSpec, uniform
 from ..compare import Tolerance
 
 # (head_dim, n_dims): full and partial rotation of the head sizes real models use
-HEAD_DIMS = [(64, 64), (64, 32), (80, 80), (80, 32), (128, 128), (128, 64), (256, 256),
-             (256, 128)]
-# mrope sections in pairs (Qwen2-VL uses [16, 24, 24] for head_dim 128); sum may be < n_dims/2
-MROPE_SECTIONS = {64: (8, 12, 12, 0), 80: (10, 10, 10, 10), 128: (16, 24, 24, 0),
-                  256: (32, 48, 48, 0), 32: (4, 6, 6, 0)}
-SHAPES = [(1, 1), (4, 9)]  # (heads, tokens): a single decode token and an odd prefill
+HEAD_DIMS = ((64, 64), (64, 32), (80, 80), (80, 32), (96, 96), (128, 128), (128, 64),
+             (256, 256), (256, 128))
+SHAPES = ((1, 1), (4, 9), (3, 33))  # (heads, tokens): one decode token, odd prefills
 YARN_CTX = 4096
 #: the ``pos`` axis: "neg" mixes negative positions in (-3000, 0) (llama.cpp's K-shift passes
 #: negative deltas to ggml_rope_ext) with small ones, "long" lies in [3000, 2^18), "huge" in
@@ -49,12 +45,31 @@ def positions(case: Case, rng: np.random.Generator, rows: int, tokens: int) -> n
     return int(where) + rng.integers(0, 2 * tokens, size=(rows, tokens))
 
 
+def mrope_sections(layout: str, n_dims: int) -> tuple[int, int, int, int]:
+    """mrope pair counts per position stream.  ``qwen2vl``: Qwen2-VL's [16, 24, 24] scaled to
+    n_dims (sum = n_dims/2); ``short`` sums to less than n_dims/2 and ``long`` to more, so
+    ggml's sector index (pair mod sum) wraps or never reaches the last streams; ``four``
+    gives the fourth stream a share."""
+    pairs = n_dims // 2
+    first = pairs // 4
+    if layout == "qwen2vl":
+        return (pairs - 2 * ((pairs - first) // 2), (pairs - first) // 2, (pairs - first) // 2, 0)
+    if layout == "short":
+        return (first, first, max(1, first // 2), 0)
+    if layout == "long":
+        return (pairs // 2, pairs // 2, pairs // 2, 0)
+    if layout == "four":
+        return (first, first, first, pairs - 3 * first)
+    raise ValueError(f"sec={layout!r} must be one of qwen2vl, short, long, four")
+
+
 def rope_params(case: Case) -> RopeParams:
     mode = case["mode"]
     return RopeParams(
         n_dims=case["n_dims"], mode=mode, freq_base=case["fb"], freq_scale=case["fs"],
         ext_factor=case["ef"], attn_factor=case["af"], n_ctx_orig=YARN_CTX,
-        sections=MROPE_SECTIONS[case["n_dims"]] if mode == "mrope" else None,
+        sections=mrope_sections(case.get("sec", "qwen2vl"), case["n_dims"])
+        if mode == "mrope" else None,
         inverse=bool(case["inv"]))
 
 
@@ -75,27 +90,49 @@ def perf_case(ne, mode, dtype="f32") -> Case:
 class RopeSpec(OpSpec):
     name = "ROPE"
     method = "rope"
-    variant_keys = ("type", "mode", "n_dims", "fs", "ef", "af", "ff", "inv", "fb", "ne", "pos")
     #: ROPE angles in float32 at positions of a few thousand carry ~1e-4 rad of error in any
     #: float32 implementation, hence the looser f32 NMSE; f16 and bf16 use the defaults
     tolerances = {"f32": Tolerance(nmse=1e-6, k=4.0, floor=1e-5)}
+    axes = (
+        Axis("type", ("f32", "f16", "bf16")),
+        Axis("head", HEAD_DIMS),  # (head_dim, n_dims); see make_case
+        Axis("shape", SHAPES),
+        Axis("mode", ("normal", "neox", "mrope")),
+        Axis("sec", (None, "qwen2vl", "short", "long", "four")),
+        Axis("fb", (1e4, 1e6)),
+        Axis("fs", (1.0, 0.25)),
+        Axis("ef", (0.0, 1.0)),
+        Axis("af", (1.0, 0.7)),
+        Axis("ff", (False, True)),
+        Axis("inv", (False, True)),
+    )
+    strength = 4  # every 4-way combination: each case is cheap
+    impossible = (
+        Impossible("mode", ("mrope",), "head", tuple(h for h in HEAD_DIMS if h[0] != h[1]),
+                   "mrope (Qwen2-VL) rotates the whole head"),
+        Impossible("mode", ("normal", "neox"), "sec", ("qwen2vl", "short", "long", "four"),
+                   "sections belong to mrope only"),
+        Impossible("mode", ("mrope",), "sec", (None,), "mrope needs sections"),
+        Impossible("head", tuple(h for h in HEAD_DIMS if h[0] != h[1]), "sec",
+                   ("qwen2vl", "short", "long", "four"),
+                   "sections belong to mrope, which rotates the whole head"),
+    )
 
-    def cases(self) -> list[Case]:
-        out = []
-        grid = itertools.product(HEAD_DIMS, ["normal", "neox", "mrope"], [1.0, 0.25],
-                                 [0.0, 1.0], [1.0, 0.7], [False, True], [False, True],
-                                 ["f32", "f16", "bf16"])
-        for (head_dim, n_dims), mode, fs, ef, af, ff, inv, dtype in grid:
-            if mode == "mrope" and n_dims != head_dim:
-                continue  # Qwen2-VL rotates the whole head
-            fb = 1e6 if (head_dim + int(ff)) % 2 else 1e4  # Gemma-3 global vs local base
-            for heads, tokens in SHAPES:
-                out.append(Case.make("ROPE", type=dtype, ne=[head_dim, heads, tokens],
-                                     n_dims=n_dims, mode=mode, fb=fb, fs=fs, ef=ef, af=af,
-                                     ff=ff, inv=inv))
-        out += [_plain_case(dtype, mode, [128, 4, 33], pos=pos)
+    def make_case(self, row) -> Case:
+        (head_dim, n_dims), (heads, tokens) = row["head"], row["shape"]
+        sec = {"sec": row["sec"]} if row["sec"] else {}
+        return Case.make("ROPE", type=row["type"], ne=[head_dim, heads, tokens], n_dims=n_dims,
+                         mode=row["mode"], **sec, fb=row["fb"], fs=row["fs"], ef=row["ef"],
+                         af=row["af"], ff=row["ff"], inv=row["inv"])
+
+    def row_of(self, case: Case) -> dict:
+        head_dim, heads, tokens = case["ne"]
+        row = {a.name: case.get(a.name) for a in self.axes}
+        return {**row, "head": (head_dim, case["n_dims"]), "shape": (heads, tokens)}
+
+    def extra_cases(self) -> list[Case]:
+        return [_plain_case(dtype, mode, [128, 4, 33], pos=pos)
                 for pos in POSITION_RANGES for dtype, mode in POSITION_VARIANTS]
-        return out + [c for c in self.threshold_cases() if c not in out]
 
     def sizes(self, case: Case) -> dict[str, int]:
         head_dim, heads, tokens = case["ne"]

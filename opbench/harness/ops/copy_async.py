@@ -1,0 +1,96 @@
+"""COPY_ASYNC: the async-copy contract (harness/contracts.py) as cases of ``opbench test``.
+
+Each case runs one contract check at one size, dtype and device count; the check judges
+itself (bit-exact data, clause named in the failure).  Gated checks need the backend's
+``hold`` hook (deterministic slow work on the source); ``race`` needs none: ungated seeded
+trials, repeated under several delay seeds on a backend with a delay knob, so a copy that
+does not wait for its source fails every run, not most.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .. import contracts
+from ..cases import Axis, Case, Impossible, OpSpec
+
+# elements: one element .. 4 MiB of f32.  64 MiB copies take 8-18 s per gated check on the
+# cpu backend (payload set-up alone outlasts the 5 s hold valve), so they are not in the
+# default table
+SIZES = (1, 7, 4099, 1 << 20)
+RACE_DELAY_SEEDS = (0, 1, 2, 3, 4, 5)
+GATED = ("source", "dest_read", "host", "sync", "many")
+
+
+def _sizes_up_to(n: int) -> tuple[int, ...]:
+    return tuple(s for s in contracts.SIZES if s < n) + (n,)
+
+
+class CopyAsyncSpec(OpSpec):
+    name = "COPY_ASYNC"
+    method = "copy_async"
+    exact = True
+    axes = (
+        Axis("check", ("source", "dest_read", "host", "sync", "many", "chain", "race")),
+        Axis("type", ("f32", "f16", "bf16")),
+        Axis("n", SIZES),
+        Axis("ndev", (2, 3, 4)),
+    )
+    impossible = (
+        Impossible("check", GATED, "ndev", (3, 4), "a clause check uses one pair of devices"),
+        Impossible("check", ("race",), "type", ("f16", "bf16"),
+                   "the race trials draw a dtype per copy"),
+    )
+    strength = 2  # gated checks wait out SETTLE_S each: pairs keep the table to seconds
+
+    def validate(self, case: Case) -> None:
+        if case["check"] not in self.axis_values()["check"]:
+            raise ValueError(f"check={case['check']} is not a COPY_ASYNC contract check")
+
+    def unsupported(self, backend: Any, case: Case) -> str | None:
+        """Why ``backend`` cannot run ``case`` (None: it can)."""
+        if not backend.implements(self.method):
+            return f"{backend.name} does not implement COPY_ASYNC"
+        if case["check"] in GATED + ("chain",) and not backend.implements("hold"):
+            return f"{backend.name} has no hold() hook to queue deterministic slow work"
+        try:
+            backend.devices(case["ndev"])
+        except Exception as exc:  # noqa: BLE001 - any refusal means: not this many devices
+            return f"{backend.name} cannot open {case['ndev']} devices: {exc}"
+        return None
+
+    def run_check(self, backend: Any, case: Case, seed: int) -> None:
+        """Raise contracts.ContractViolation when the backend breaks the contract."""
+        check, n, dtype = case["check"], case["n"], case["type"]
+        if check == "race":
+            return self._race(backend, case, seed)
+        if check == "many":
+            return contracts.check_many_copies_one_synchronize(backend, seed, _sizes_up_to(n))
+        if check == "chain":
+            return contracts.check_chain(backend, seed, n_devices=case["ndev"], n=n, dtype=dtype)
+        run = {"source": contracts.check_copy_waits_for_source,
+               "dest_read": contracts.check_destination_waits_for_copy,
+               "host": contracts.check_host_not_blocked,
+               "sync": contracts.check_synchronize_waits}[check]
+        return run(backend, seed, n=n, dtype=dtype)
+
+    def _race(self, backend: Any, case: Case, seed: int) -> None:
+        """Ungated trials under several delay seeds: on a backend with a delay knob each seed
+        runs on a sibling backend with delays on; otherwise on ``backend`` as it is."""
+        sizes = _sizes_up_to(min(case["n"], 1 << 16))
+        knobs = {getattr(o, "name", o) for o in getattr(type(backend), "OPTIONS", ())}
+        if not {"delay", "delay_seed"} <= knobs:
+            return contracts.check_random_trials(backend, seed, n_devices=case["ndev"],
+                                                 sizes=sizes)
+        for delay_seed in RACE_DELAY_SEEDS:
+            options = {**getattr(backend, "options", {}), "delay": True,
+                       "delay_seed": delay_seed}
+            sibling = type(backend)(**options)
+            try:
+                contracts.check_random_trials(sibling, seed, n_devices=case["ndev"],
+                                              sizes=sizes)
+            finally:
+                sibling.close()
+
+    def cost(self, case: Case) -> float:
+        return float(case["n"]) + (1e6 if case["check"] != "race" else 4e6)
