@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -329,3 +331,51 @@ def test_cli_report_against_a_base_counts_regressions(tmp_path, capsys):
     assert "| regression | [perf] cpu/cpu:0 CPY(x) | 1.5" in text
     assert main(["report", paths[1], "--baseline", "nosuch", "--out", str(out)]) == 2
     assert capsys.readouterr().err.startswith("opbench: error: --baseline 'nosuch'")
+
+
+# -- in a real browser ---------------------------------------------------------------------------
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                  "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"]
+PAGE_WIDTH = 1280
+
+
+def _chromium() -> str:
+    import shutil
+
+    for name in (os.environ.get("OPBENCH_CHROMIUM"), "chromium", "chromium-browser"):
+        path = name and shutil.which(name)
+        if path:
+            return path
+    pytest.skip("no chromium on PATH (apt-get install chromium, or set OPBENCH_CHROMIUM)")
+
+
+def test_report_in_a_real_browser(report, tmp_path):
+    """report.html in headless Chromium at 1280 px: no console error, every image decoded,
+    nothing wider than the page, the headline present.  OPBENCH_SCREENSHOTS=DIR keeps the
+    screenshot for a person to look at."""
+    sync_api = pytest.importorskip("playwright.sync_api",
+                                   reason="pip install 'opbench[browser]' to drive chromium")
+    executable = _chromium()
+    shots = Path(os.environ.get("OPBENCH_SCREENSHOTS") or tmp_path)
+    with sync_api.sync_playwright() as driver:
+        browser = driver.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=executable, args=CHROMIUM_FLAGS,
+            headless=True, viewport={"width": PAGE_WIDTH, "height": 900})
+        try:
+            page = browser.new_page()
+            problems = []
+            page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: problems.append(str(e)))
+            page.goto(report.html.resolve().as_uri(), wait_until="load")
+            images = page.evaluate("Array.from(document.images, i => [i.complete, i.naturalWidth])")
+            width = page.evaluate("document.scrollingElement.scrollWidth")
+            lead = page.inner_text("#headline")
+            page.screenshot(path=str(shots / "report.png"), full_page=True)
+        finally:
+            browser.close()
+    assert problems == []
+    assert len(images) == len(plots.PLOTS)
+    assert all(done and natural > 0 for done, natural in images), images
+    assert width <= PAGE_WIDTH
+    assert lead.startswith("58 cases: 55 passed, 2 failed")
