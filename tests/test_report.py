@@ -379,3 +379,20 @@ def test_report_in_a_real_browser(report, tmp_path):
     assert all(done and natural > 0 for done, natural in images), images
     assert width <= PAGE_WIDTH
     assert lead.startswith("58 cases: 55 passed, 2 failed")
+
+
+def test_scenario_time_records_draw_the_scenario_plots(tmp_path, capsys):
+    """`opbench scenario --time` writes the timed records the speedup and scaling plots need."""
+    from opbench.cli.main import main
+
+    results = tmp_path / "scenarios.jsonl"
+    assert main(["scenario", "--matrix", "-p", r"split=layer,devices=[12],.*evict=off,delay=off",
+                 "--time", "--layers", "4", "--steps", "3", "-q", "--results",
+                 str(results)]) == 0
+    records = store.read_records(results)
+    assert len(records) >= 4  # rope_cache and graph_reuse on and off, on 1 and 2 devices
+    for record in records:
+        assert len(record["scenario"]["step_ns"]) == 4  # the prefill and 3 decode steps
+        assert record["perf"]["n"] == 3 and record["perf"]["median_ns"] > 0
+    files = build_report([results], tmp_path / "out")
+    assert {p.name for p in files.images} == {"toggle_speedups.png", "device_scaling.png"}

@@ -58,6 +58,10 @@ def register(subparsers, common) -> None:
                         help="every split x devices 1..4 x every toggle (ignores the axis flags;"
                              " -p REGEX picks scenarios by id)")
     isolation_options(parser, "scenario", 600.0)
+    parser.add_argument("--time", action="store_true",
+                        help="record each decode step's time (median, IQR, samples in the"
+                             " record's perf block): what the report's speedup and device"
+                             " scaling plots draw; timings under -j share the cores")
     parser.add_argument("-q", "--quiet", action="store_true", help="print only problems")
     parser.set_defaults(func=cmd_scenario)
 
@@ -114,5 +118,6 @@ def _run_backend(name, specs, args, run_id, writer, report) -> bool:
         return False
     env = environment({"name": cls.name})
     specs = specs_for(name, specs)
-    records = run_specs(name, specs, run_id, args.jobs, args.isolate, args.timeout)
+    records = run_specs(name, specs, run_id, args.jobs, args.isolate, args.timeout,
+                        timed=args.time)
     return record_backend_run(report, cls.name, len(specs), records, writer, env)
