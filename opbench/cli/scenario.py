@@ -70,8 +70,11 @@ def selected_specs(args) -> list[ScenarioSpec]:
     if args.layers < 1 or args.steps < 1:
         raise UsageError(f"--layers {args.layers} and --steps {args.steps} must be >= 1")
     if args.matrix:
-        return _filtered(matrix(seed=args.seed, layers=args.layers, steps=args.steps),
-                         args.pattern)
+        try:
+            specs = matrix(seed=args.seed, layers=args.layers, steps=args.steps)
+        except ValueError as exc:  # e.g. fewer layers than the matrix's layer split has devices
+            raise UsageError(f"--matrix with --layers {args.layers}: {exc}") from None
+        return _filtered(specs, args.pattern)
     try:
         return [ScenarioSpec(split=args.split, devices=args.devices, layers=args.layers,
                              steps=args.steps, seed=args.seed, model=args.model,

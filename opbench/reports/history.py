@@ -222,12 +222,13 @@ def write_db_report(conn: sqlite3.Connection, out_dir, *, since: str | None = No
         overview = summary(table, steps)
         overview = overview.assign(first=overview["first_ns"].map(_duration),
                                    latest=overview["latest_ns"].map(_duration))
-        overview = overview.drop(columns=["first_ns", "latest_ns"])
+        overview = overview[["backend", "case_id", "commits", "first", "latest", "steps",
+                             "worst_error", "status"]]
         extra.append(render.Section(
             "History", note=f"Per case across {table['commit_label'].nunique()} commits; "
             "a step is a change point of the median time (at the first commit of the new level).",
             tables=[render.Table(overview, render.id_classes(overview, "case_id"))],
-            figures=[figure]))
+            figures=[figure], beside=False))
     sources = [f"database runs {', '.join(latest_ids)}"]
     return render.write_report(store.records_frame(new), out_dir, sources=sources,
                                baseline=baseline, comparison=comparison, extra=extra,

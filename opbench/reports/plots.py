@@ -273,7 +273,8 @@ def history_figure(table: pd.DataFrame, steps: pd.DataFrame,
             if tuple(getattr(step, c) for c in CASE) == key:
                 ax.axvline(commits.index(step.commit) - 0.5, color="tab:red", linestyle="--")
         ax.set_xticks(range(len(commits)), commits, rotation=45, ha="right", fontsize=8)
-        ax.set_title(textwrap.shorten(f"{key[1]} {key[4]}", 60), fontsize=8)
+        title = textwrap.wrap(f"{key[1]} {key[4]}", 56, break_long_words=True)
+        ax.set_title("\n".join(title[:3]), fontsize=8)
         ax.set_ylabel("median time (µs)")
         ax.set_ylim(bottom=0)
     return fig

@@ -47,6 +47,7 @@ class Section:
     tables: list[Table] = field(default_factory=list)
     figures: list[Figure] = field(default_factory=list)
     kind: str = ""  # "headline" is rendered as the page's lead
+    beside: bool = True  # figures beside the tables (False: below, for wide tables)
 
 
 @dataclass
@@ -93,7 +94,8 @@ def headline(df: pd.DataFrame, sources: list[str], comparison: Comparison | None
     counts = tables.outcome_counts(df)
     cases = sum(counts.values())
     parts = [f"{cases} cases: {counts['passed']} passed, {counts['failed']} failed, "
-             f"{counts['xfail']} xfail, {counts['unsupported']} unsupported."]
+             f"{counts['xfail']} xfail, {counts['unsupported']} unsupported."
+             if cases else "No test or scenario records."]
     if comparison is None:
         parts.append("Regressions and improvements: no earlier run to compare with "
                      "(give --against BASE.jsonl, or --db).")
@@ -288,7 +290,7 @@ def _html_section(section: Section) -> str:
     if section.note:
         parts.append(f'<p class="note">{esc(section.note)}</p>')
     tables_html = "".join(html_table(t) for t in section.tables)
-    if section.figures and section.tables:
+    if section.figures and section.tables and section.beside:
         parts.append(f'<div class="pair"><div class="tables">{tables_html}</div>'
                      f'<div class="figures">{_html_figures(section.figures)}</div></div>')
     else:
