@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import base64
+import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from opbench.harness import store
-from opbench.harness.records import make_record
+from opbench.harness.records import environment, make_record
 from opbench.perf import timing
 from opbench.reports import plots, tables
 from opbench.reports.console import format_perf_line
@@ -236,3 +238,161 @@ def test_cli_report_bad_input_exit_2(tmp_path, capsys):
     assert err.startswith(f"opbench: error: {bad}:1: missing required field")
     assert main(["report", str(bad), "--out", str(bad)]) == 2
     assert "is not a directory" in capsys.readouterr().err
+
+
+# -- a report people read ------------------------------------------------------------------------
+def test_headline_comes_first_and_counts_outcomes(report):
+    text = report.markdown.read_text()
+    first = text.split("\n## ")[0]
+    # 38 test records (1 evil FAIL, 1 torch ATTN bf16 FAIL, 1 UNSUPPORTED) + 20 scenarios
+    assert "58 cases: 55 passed, 2 failed, 0 xfail, 1 unsupported." in first
+    assert "no earlier run to compare with" in first
+    page = report.html.read_text()
+    assert page.index('id="headline"') < page.index("<h2>")
+
+
+def test_a_case_rerun_into_one_file_counts_once(tmp_path):
+    records = [r for r in synthetic_records() if r["kind"] == "test"]
+    twice = tmp_path / "twice.jsonl"
+    with store.ResultWriter(twice) as writer:
+        for record in records + records:
+            writer.write(record)
+    text = build_report([twice], tmp_path / "out").markdown.read_text()
+    assert "38 cases: 35 passed, 2 failed" in text
+    assert "| ATTN | 3/3 |" in text  # cpu f32: three cases, not six
+
+
+def test_environment_block_names_machine_versions_commit_and_runs():
+    env = {**environment(), "git_commit": "abc123", "torch": "2.5", "gpus": ["H100"]}
+    record = make_record(kind="test", backend="cpu", op="CPY", case_id="CPY(x)",
+                               status="OK", run_id="r7", env=env)
+    table = tables.environment_table(store.records_frame([record])).set_index("recorded")
+    assert table.loc["commit", "value"] == "abc123"
+    assert table.loc["GPU", "value"] == "H100"
+    assert table.loc["torch", "value"] == "2.5"
+    assert table.loc["numpy", "value"] == np.__version__
+    assert table.loc["run r7", "value"].startswith("1 records 20")
+    for name in ("machine", "CPU", "OS", "Python", "opbench", "ggml", "triton", "cupy"):
+        assert name in table.index
+
+
+def test_every_record_carries_the_versions_of_the_backends():
+    env = environment()
+    for name in ("torch", "ggml", "triton", "cupy", "machine", "gpus"):
+        assert name in env
+
+
+def test_status_counts_have_no_empty_index_column():
+    counts = tables.status_counts(store.records_frame(synthetic_records()))
+    assert list(counts.columns[:2]) == ["kind", "backend"]
+    assert counts.columns.name is None and "" not in counts.columns
+
+
+def test_perf_pivot_puts_backends_side_by_side_with_ratios():
+    df = store.records_frame(synthetic_records())
+    text, classes = tables.perf_pivot(df, baseline="cpu")
+    assert list(text.columns) == ["op", "case", "MiB", "cpu (ms)", "torch (ms)", "torch / cpu"]
+    assert len(text) == 4  # 4 CPY sizes, one row each
+    decimals = {len(v.split(".")[1]) for v in text["cpu (ms)"]}
+    assert len(decimals) == 1  # one format per column
+    # torch is 1.5x faster (12 vs 8 GB/s): ratio 0.67, judged an improvement by the gate
+    assert all(v.startswith("0.6") and "(faster)" in v for v in text["torch / cpu"])
+    assert (classes["torch / cpu"] == "num faster").all()
+    other, _ = tables.perf_pivot(df, baseline="torch")
+    assert list(other.columns)[3:] == ["torch (ms)", "cpu (ms)", "cpu / torch"]
+    with pytest.raises(ValueError, match="--baseline 'ggml' has no perf records"):
+        tables.perf_pivot(df, baseline="ggml")
+
+
+def test_html_tables_scroll_inside_the_page_and_colour_verdicts(report):
+    page = report.html.read_text()
+    assert page.count('<div class="scroll"><table>') == page.count("<table>")
+    assert 'class="num faster"' in page and "position: sticky" in page
+    assert '<td class="id">' in page  # long case ids wrap
+
+
+def test_cli_report_against_a_base_counts_regressions(tmp_path, capsys):
+    from opbench.cli.main import main
+
+    rng = np.random.default_rng(5)
+    base, new = [], []
+    for records, median in ((base, 100e3), (new, 150e3)):
+        records.append(_record(rng, kind="perf", backend="cpu", op="CPY", status="OK",
+                               case_id="CPY(x)", perf=_perf(rng, median, 1 << 20)))
+    paths = []
+    for name, records in (("base", base), ("new", new)):
+        with store.ResultWriter(tmp_path / f"{name}.jsonl") as writer:
+            writer.write(records[0])
+        paths.append(str(tmp_path / f"{name}.jsonl"))
+    out = tmp_path / "rep"
+    assert main(["report", paths[1], "--against", paths[0], "--out", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    assert "1 perf regressions, 0 improvements" in text
+    assert "| regression | [perf] cpu/cpu:0 CPY(x) | 1.5" in text
+    assert main(["report", paths[1], "--baseline", "nosuch", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.startswith("opbench: error: --baseline 'nosuch'")
+
+
+# -- in a real browser ---------------------------------------------------------------------------
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                  "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"]
+PAGE_WIDTH = 1280
+
+
+def _chromium() -> str:
+    import shutil
+
+    for name in (os.environ.get("OPBENCH_CHROMIUM"), "chromium", "chromium-browser"):
+        path = name and shutil.which(name)
+        if path:
+            return path
+    pytest.skip("no chromium on PATH (apt-get install chromium, or set OPBENCH_CHROMIUM)")
+
+
+def test_report_in_a_real_browser(report, tmp_path):
+    """report.html in headless Chromium at 1280 px: no console error, every image decoded,
+    nothing wider than the page, the headline present.  OPBENCH_SCREENSHOTS=DIR keeps the
+    screenshot for a person to look at."""
+    sync_api = pytest.importorskip("playwright.sync_api",
+                                   reason="pip install 'opbench[browser]' to drive chromium")
+    executable = _chromium()
+    shots = Path(os.environ.get("OPBENCH_SCREENSHOTS") or tmp_path)
+    with sync_api.sync_playwright() as driver:
+        browser = driver.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=executable, args=CHROMIUM_FLAGS,
+            headless=True, viewport={"width": PAGE_WIDTH, "height": 900})
+        try:
+            page = browser.new_page()
+            problems = []
+            page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: problems.append(str(e)))
+            page.goto(report.html.resolve().as_uri(), wait_until="load")
+            images = page.evaluate("Array.from(document.images, i => [i.complete, i.naturalWidth])")
+            width = page.evaluate("document.scrollingElement.scrollWidth")
+            lead = page.inner_text("#headline")
+            page.screenshot(path=str(shots / "report.png"), full_page=True)
+        finally:
+            browser.close()
+    assert problems == []
+    assert len(images) == len(plots.PLOTS)
+    assert all(done and natural > 0 for done, natural in images), images
+    assert width <= PAGE_WIDTH
+    assert lead.startswith("58 cases: 55 passed, 2 failed")
+
+
+def test_scenario_time_records_draw_the_scenario_plots(tmp_path, capsys):
+    """`opbench scenario --time` writes the timed records the speedup and scaling plots need."""
+    from opbench.cli.main import main
+
+    results = tmp_path / "scenarios.jsonl"
+    assert main(["scenario", "--matrix", "-p", r"split=layer,devices=[12],.*evict=off,delay=off",
+                 "--time", "--layers", "4", "--steps", "3", "-q", "--results",
+                 str(results)]) == 0
+    records = store.read_records(results)
+    assert len(records) >= 4  # rope_cache and graph_reuse on and off, on 1 and 2 devices
+    for record in records:
+        assert len(record["scenario"]["step_ns"]) == 4  # the prefill and 3 decode steps
+        assert record["perf"]["n"] == 3 and record["perf"]["median_ns"] > 0
+    files = build_report([results], tmp_path / "out")
+    assert {p.name for p in files.images} == {"toggle_speedups.png", "device_scaling.png"}

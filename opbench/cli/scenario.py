@@ -58,6 +58,10 @@ def register(subparsers, common) -> None:
                         help="every split x devices 1..4 x every toggle (ignores the axis flags;"
                              " -p REGEX picks scenarios by id)")
     isolation_options(parser, "scenario", 600.0)
+    parser.add_argument("--time", action="store_true",
+                        help="record each decode step's time (median, IQR, samples in the"
+                             " record's perf block): what the report's speedup and device"
+                             " scaling plots draw; timings under -j share the cores")
     parser.add_argument("-q", "--quiet", action="store_true", help="print only problems")
     parser.set_defaults(func=cmd_scenario)
 
@@ -66,8 +70,11 @@ def selected_specs(args) -> list[ScenarioSpec]:
     if args.layers < 1 or args.steps < 1:
         raise UsageError(f"--layers {args.layers} and --steps {args.steps} must be >= 1")
     if args.matrix:
-        return _filtered(matrix(seed=args.seed, layers=args.layers, steps=args.steps),
-                         args.pattern)
+        try:
+            specs = matrix(seed=args.seed, layers=args.layers, steps=args.steps)
+        except ValueError as exc:  # e.g. fewer layers than the matrix's layer split has devices
+            raise UsageError(f"--matrix with --layers {args.layers}: {exc}") from None
+        return _filtered(specs, args.pattern)
     try:
         return [ScenarioSpec(split=args.split, devices=args.devices, layers=args.layers,
                              steps=args.steps, seed=args.seed, model=args.model,
@@ -114,5 +121,6 @@ def _run_backend(name, specs, args, run_id, writer, report) -> bool:
         return False
     env = environment({"name": cls.name})
     specs = specs_for(name, specs)
-    records = run_specs(name, specs, run_id, args.jobs, args.isolate, args.timeout)
+    records = run_specs(name, specs, run_id, args.jobs, args.isolate, args.timeout,
+                        timed=args.time)
     return record_backend_run(report, cls.name, len(specs), records, writer, env)

@@ -76,22 +76,54 @@ def git_commit(directory: str | Path | None = None) -> str | None:
     return done.stdout.strip() or None
 
 
+#: distributions whose versions every record carries (read from metadata: nothing is imported)
+VERSIONED = {"torch": ("torch",), "ggml": ("ggml-python",), "triton": ("triton",),
+             "cupy": ("cupy-cuda12x", "cupy-cuda11x", "cupy")}
+
+
+def installed_version(*distributions: str) -> str | None:
+    from importlib import metadata
+
+    for name in distributions:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def gpu_names() -> list[str]:
+    """GPU names from nvidia-smi, [] where there is none (no driver, no tool)."""
+    try:
+        done = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    if done.returncode != 0:
+        return []
+    return [line.strip() for line in done.stdout.splitlines() if line.strip()]
+
+
 @functools.lru_cache(maxsize=1)
 def _static_environment() -> dict:
-    # computed once per process: git and /proc are too slow to ask once per record
+    # computed once per process: git, nvidia-smi and /proc are too slow to ask once per record
     import numpy
 
     import opbench
 
-    return {
+    env = {
         "python": platform.python_version(),
         "numpy": numpy.__version__,
         "opbench": opbench.__version__,
         "platform": platform.platform(),
+        "machine": platform.node(),
         "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
+        "gpus": gpu_names(),
         "git_commit": git_commit(),
     }
+    env.update({name: installed_version(*dists) for name, dists in VERSIONED.items()})
+    return env
 
 
 def environment(backend_info: dict | None = None) -> dict:

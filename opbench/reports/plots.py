@@ -8,6 +8,7 @@ GUI backend; ``savefig`` renders through Agg.
 from __future__ import annotations
 
 import math
+import textwrap
 
 import matplotlib
 import matplotlib.ticker as ticker
@@ -66,7 +67,8 @@ def _colors(names) -> dict:
 
 
 def throughput_vs_size(df: pd.DataFrame) -> Figure | None:
-    """GB/s (or GFLOP/s for compute-bound ops) against bytes per call, one panel per op."""
+    """GB/s (or GFLOP/s for compute-bound ops) against bytes per call, one panel per op;
+    markers only: neighbouring sizes are often unrelated cases (dtypes, layouts, runs)."""
     perf = with_perf(of_kind(df, "perf"))
     perf = perf.assign(
         _bytes=numeric(perf, "perf.bytes"),
@@ -86,7 +88,7 @@ def throughput_vs_size(df: pd.DataFrame) -> Figure | None:
         metric, unit = ("_gflops", "GFLOP/s") if compute else ("_gbps", "GB/s")
         for backend, group in rows.groupby("backend"):
             group = group.sort_values("_bytes")
-            ax.plot(group["_bytes"] / 2**20, group[metric], "o-", color=colors[backend],
+            ax.plot(group["_bytes"] / 2**20, group[metric], "o", color=colors[backend], alpha=0.8,
                     label=backend)
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
@@ -243,3 +245,36 @@ PLOTS = (
     ("device_scaling", "Scaling with devices per split", device_scaling,
      "timed scenario records with a device count"),
 )
+
+
+HISTORY_PANELS = 9
+
+
+def history_figure(table: pd.DataFrame, steps: pd.DataFrame,
+                   panels: int = HISTORY_PANELS) -> Figure:
+    """Median time per commit for up to ``panels`` cases (those with a step first), the steps
+    marked by a dashed line at the first commit of the new level."""
+    from opbench.reports.history import CASE
+
+    timed = table[table["median_ns"].notna()]
+    stepped = set(map(tuple, steps[CASE].itertuples(index=False))) if not steps.empty else set()
+    cases = sorted(timed.groupby(CASE, dropna=False).groups, key=lambda k: (k not in stepped, k))
+    cases = cases[:panels] or [None]
+    commits = list(table.sort_values("position").drop_duplicates("commit_label")["commit_label"])
+    fig, axes = _panels(len(cases), "Median time per commit (dashed: a step)")
+    for ax, key in zip(axes, cases):
+        if key is None:
+            ax.set_title("no timed records")
+            continue
+        rows = timed[(timed[CASE] == pd.Series(key, index=CASE)).all(axis=1)]
+        x = rows["commit_label"].map(commits.index)
+        ax.plot(x, rows["median_ns"] / 1e3, "o", color="tab:blue")
+        for step in steps.itertuples(index=False) if key in stepped else ():
+            if tuple(getattr(step, c) for c in CASE) == key:
+                ax.axvline(commits.index(step.commit) - 0.5, color="tab:red", linestyle="--")
+        ax.set_xticks(range(len(commits)), commits, rotation=45, ha="right", fontsize=8)
+        title = textwrap.wrap(f"{key[1]} {key[4]}", 56, break_long_words=True)
+        ax.set_title("\n".join(title[:3]), fontsize=8)
+        ax.set_ylabel("median time (µs)")
+        ax.set_ylim(bottom=0)
+    return fig

@@ -1,7 +1,10 @@
 """Tables and figures -> ``report.md`` (PNG files beside it) and a self-contained
 ``report.html`` (the same PNGs embedded as base64; every piece of text HTML-escaped).
 
-Both documents are rendered from one list of ``Section``s so they always say the same thing.
+Both documents are rendered from one list of ``Section``s so they always say the same thing:
+a headline first (what passed and failed, what got slower or faster), then where the data came
+from (machine, versions, commit, runs), then each table with the plots that illustrate it beside
+it.  A case re-run into the same file counts once: the latest record wins, as in the gate.
 """
 
 from __future__ import annotations
@@ -23,12 +26,28 @@ DPI = 110
 
 
 @dataclass
+class Figure:
+    stem: str
+    title: str
+    png: bytes | None = None
+    missing: str = ""  # why it is not drawn
+
+
+@dataclass
+class Table:
+    frame: pd.DataFrame
+    classes: pd.DataFrame | None = None  # CSS classes per cell (same shape), HTML only
+    caption: str = ""
+
+
+@dataclass
 class Section:
     title: str
     note: str = ""
-    tables: list[tuple[str, pd.DataFrame]] = field(default_factory=list)
-    image: str | None = None  # file name under PLOT_DIR
-    png: bytes | None = None
+    tables: list[Table] = field(default_factory=list)
+    figures: list[Figure] = field(default_factory=list)
+    kind: str = ""  # "headline" is rendered as the page's lead
+    beside: bool = True  # figures beside the tables (False: below, for wide tables)
 
 
 @dataclass
@@ -38,41 +57,78 @@ class ReportFiles:
     images: list[Path]
 
 
-# -- sections --------------------------------------------------------------------------------------
-def _table_section(title: str, table: pd.DataFrame, missing: str) -> Section:
-    if table.empty:
-        return Section(title, note=f"No data: {missing}.")
-    return Section(title, tables=[("", table)])
+@dataclass
+class Comparison:
+    """What the headline's regressions and improvements were measured against."""
+    label: str  # e.g. "against base.jsonl" or "commit abc1234 against def5678"
+    gate: object  # opbench.perf.gate.GateResult
 
 
-def table_sections(df: pd.DataFrame) -> list[Section]:
-    return [
-        _table_section("Status counts", tables.status_counts(df), "no records"),
-        _table_section("Pass/fail matrix (op × backend × dtype)", tables.pass_fail_matrix(df),
-                       "no test records"),
-        _table_section("Failures", tables.failures(df), "no failing records"),
-        _table_section("Worst errors per op", tables.worst_errors(df),
-                       "no test records with error metrics"),
-        _table_section("Performance", tables.perf_table(df), "no timed perf records"),
-        _table_section("Scenarios", tables.scenario_table(df), "no scenario records"),
-    ]
-
-
+# -- figures ---------------------------------------------------------------------------------------
 def figure_png(fig) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=DPI)
     return buffer.getvalue()
 
 
-def plot_sections(df: pd.DataFrame) -> list[Section]:
-    sections = []
+def _figures(df: pd.DataFrame, stems: tuple[str, ...]) -> list[Figure]:
+    figures = []
     for stem, title, build, needs in plots.PLOTS:
+        if stem not in stems:
+            continue
         fig = build(df)
-        if fig is None:
-            sections.append(Section(f"Plot: {title}", note=f"Not plotted: needs {needs}."))
-        else:
-            sections.append(Section(f"Plot: {title}", image=f"{stem}.png", png=figure_png(fig)))
-    return sections
+        figures.append(Figure(stem, title, png=figure_png(fig) if fig is not None else None,
+                              missing="" if fig is not None else f"Not plotted: needs {needs}."))
+    return figures
+
+
+# -- sections --------------------------------------------------------------------------------------
+def _table(title: str, frame: pd.DataFrame, missing: str, *, classes=None, note="",
+           figures=()) -> Section:
+    if frame.empty:
+        return Section(title, note=f"No data: {missing}.", figures=list(figures))
+    return Section(title, note=note, tables=[Table(frame, classes)], figures=list(figures))
+
+
+def headline(df: pd.DataFrame, sources: list[str], comparison: Comparison | None) -> Section:
+    counts = tables.outcome_counts(df)
+    cases = sum(counts.values())
+    parts = [f"{cases} cases: {counts['passed']} passed, {counts['failed']} failed, "
+             f"{counts['xfail']} xfail, {counts['unsupported']} unsupported."
+             if cases else "No test or scenario records."]
+    if comparison is None:
+        parts.append("Regressions and improvements: no earlier run to compare with "
+                     "(give --against BASE.jsonl, or --db).")
+    else:
+        g = comparison.gate
+        parts.append(f"{len(g.regressions)} perf regressions, {len(g.improvements)} "
+                     f"improvements, {len(g.newly_failing)} newly failing, {len(g.fixed)} fixed "
+                     f"({comparison.label}; {g.compared} cases compared).")
+    parts.append(summary_line(df, sources))
+    return Section("Headline", note=" ".join(parts), kind="headline",
+                   tables=_comparison_tables(comparison))
+
+
+def _comparison_tables(comparison: Comparison | None) -> list[Table]:
+    if comparison is None:
+        return []
+    rows = [{"change": name, "case": c.key.label(), "ratio": f"{c.comparison.ratio:.2f}×",
+             "before": tables.format_duration_ns(c.base_ns),
+             "after": tables.format_duration_ns(c.new_ns)}
+            for name, changes in (("regression", comparison.gate.regressions),
+                                  ("improvement", comparison.gate.improvements))
+            for c in changes]
+    rows += [{"change": "newly failing", "case": c.key.label(), "ratio": "",
+              "before": c.base_status, "after": c.new_status}
+             for c in comparison.gate.newly_failing]
+    if not rows:
+        return []
+    frame = pd.DataFrame(rows)
+    classes = pd.DataFrame("", index=frame.index, columns=frame.columns)
+    classes["change"] = frame["change"].map({"regression": "slower", "improvement": "faster",
+                                             "newly failing": "slower"})
+    classes["case"] = "id"
+    return [Table(frame, classes)]
 
 
 def summary_line(df: pd.DataFrame, sources: list[str]) -> str:
@@ -81,7 +137,42 @@ def summary_line(df: pd.DataFrame, sources: list[str]) -> str:
     kinds = df["kind"].value_counts().to_dict()
     described = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
     backends = ", ".join(sorted(df["backend"].astype(str).unique()))
-    return f"{len(df)} records ({described}) from {len(sources)} file(s); backends: {backends}."
+    return f"{len(df)} records ({described}) from {len(sources)} source(s); backends: {backends}."
+
+
+def id_classes(frame: pd.DataFrame, *names: str) -> pd.DataFrame:
+    classes = pd.DataFrame("", index=frame.index, columns=frame.columns)
+    for name in names:
+        if name in classes.columns:
+            classes[name] = "id"
+    return classes
+
+
+def body_sections(df: pd.DataFrame, baseline: str | None) -> list[Section]:
+    pivot, pivot_classes = tables.perf_pivot(df, baseline)
+    failures = tables.failures(df)
+    worst = tables.worst_errors(df)
+    scenarios = tables.scenario_table(df)
+    return [
+        _table("Environment", tables.environment_table(df), "no records"),
+        _table("Status counts", tables.status_counts(df), "no records"),
+        _table("Pass/fail matrix (op × backend × dtype)", tables.pass_fail_matrix(df),
+               "no test records"),
+        _table("Failures", failures, "no failing records",
+               classes=id_classes(failures, "case", "reason"),
+               note="The reason names the first bad indices with the expected and actual values."),
+        _table("Worst errors per op", worst, "no test records with error metrics",
+               classes=id_classes(worst, "case"),
+               figures=_figures(df, ("error_vs_dtype",))),
+        _table("Performance", pivot, "no timed perf records", classes=pivot_classes,
+               note="Median time per call, one unit per column; the ratio is the time over the "
+                    "baseline's (red: slower, green: faster, by the gate's test; grey: within "
+                    "the threshold; no colour: not significant).",
+               figures=_figures(df, ("throughput_vs_size", "fraction_of_ceiling"))),
+        _table("Scenarios", scenarios, "no scenario records",
+               classes=id_classes(scenarios, "case", "reason"),
+               figures=_figures(df, ("toggle_speedups", "device_scaling"))),
+    ]
 
 
 # -- markdown --------------------------------------------------------------------------------------
@@ -111,83 +202,152 @@ def markdown_table(table: pd.DataFrame) -> str:
     return "\n".join([header, rule, *body])
 
 
-def render_markdown(title: str, summary: str, sections: list[Section]) -> str:
-    parts = [f"# {md_escape(title)}", "", md_escape(summary), ""]
+def render_markdown(title: str, sections: list[Section]) -> str:
+    parts = [f"# {md_escape(title)}", ""]
     for section in sections:
-        parts += [f"## {md_escape(section.title)}", ""]
+        if section.kind != "headline":
+            parts += [f"## {md_escape(section.title)}", ""]
         if section.note:
             parts += [md_escape(section.note), ""]
-        for caption, table in section.tables:
-            parts += ([md_escape(caption), ""] if caption else []) + [markdown_table(table), ""]
-        if section.image:
-            parts += [f"![{md_escape(section.title)}]({PLOT_DIR}/{section.image})", ""]
+        for table in section.tables:
+            parts += ([md_escape(table.caption), ""] if table.caption else [])
+            parts += [markdown_table(table.frame), ""]
+        for figure in section.figures:
+            if figure.png:
+                parts += [f"![Plot: {md_escape(figure.title)}]({PLOT_DIR}/{figure.stem}.png)", ""]
+            else:
+                parts += [f"*{md_escape(figure.title)}* — {md_escape(figure.missing)}", ""]
     return "\n".join(parts)
 
 
 # -- HTML ------------------------------------------------------------------------------------------
 CSS = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
-table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
+body { font-family: system-ui, sans-serif; margin: 1.5em auto; max-width: 1200px; color: #222;
+       padding: 0 16px; }
+h2 { border-bottom: 1px solid #ddd; padding-bottom: 2px; margin-top: 1.6em; }
+.headline { font-size: 1.15em; background: #f6f8fa; border-left: 4px solid #0969da;
+            padding: 0.6em 1em; }
+.pair { display: flex; flex-wrap: wrap; gap: 16px; align-items: flex-start; }
+.pair > .tables { flex: 1 1 560px; min-width: 0; }
+.pair > .figures { flex: 1 1 480px; min-width: 0; }
+.scroll { overflow: auto; max-height: 36em; max-width: 100%; margin: 0.5em 0 1em; }
+table { border-collapse: collapse; font-size: 0.85em; }
 th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: left; vertical-align: top; }
-th { background: #f2f2f2; }
+th { background: #f2f2f2; position: sticky; top: 0; z-index: 1; }
 td { font-family: ui-monospace, monospace; }
-img { max-width: 100%; }
-.note { color: #666; font-style: italic; }
+td.id { overflow-wrap: anywhere; min-width: 16em; max-width: 36em; }
+td.num { text-align: right; white-space: nowrap; }
+td.slower { background: #ffd7d5; }
+td.faster { background: #d3f5d8; }
+td.same { color: #666; }
+figure { margin: 0 0 1em; }
+img { max-width: 100%; height: auto; }
+.note { color: #555; }
 """
 
 
-def html_table(table: pd.DataFrame) -> str:
-    return formatted(table).to_html(index=False, escape=True, border=0)
+def _cells(row, classes_row) -> str:
+    esc = html.escape
+    cells = []
+    for i, value in enumerate(row):
+        css = classes_row[i] if classes_row is not None else ""
+        attr = f' class="{esc(css.strip())}"' if css.strip() else ""
+        cells.append(f"<td{attr}>{esc(format_cell(value))}</td>")
+    return "".join(cells)
 
 
-def render_html(title: str, summary: str, sections: list[Section]) -> str:
+def html_table(table: Table) -> str:
+    frame = table.frame
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
+    classes = table.classes.reindex(index=frame.index, columns=frame.columns).fillna("") \
+        if table.classes is not None else None
+    rows = [f"<tr>{_cells(row, None if classes is None else list(classes.loc[index]))}</tr>"
+            for index, row in zip(frame.index, frame.itertuples(index=False))]
+    return (f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>'
+            + "".join(rows) + "</tbody></table></div>")
+
+
+def _html_figures(figures: list[Figure]) -> str:
+    esc = html.escape
+    parts = []
+    for figure in figures:
+        if figure.png:
+            data = base64.b64encode(figure.png).decode("ascii")
+            parts.append(f'<figure><img alt="{esc(figure.title)}" '
+                         f'src="data:image/png;base64,{data}"></figure>')
+        else:
+            parts.append(f'<p class="note"><em>{esc(figure.title)}</em> — '
+                         f"{esc(figure.missing)}</p>")
+    return "".join(parts)
+
+
+def _html_section(section: Section) -> str:
+    esc = html.escape
+    if section.kind == "headline":
+        lead = f'<p class="headline" id="headline">{esc(section.note)}</p>'
+        return lead + "".join(html_table(t) for t in section.tables)
+    parts = [f"<h2>{esc(section.title)}</h2>"]
+    if section.note:
+        parts.append(f'<p class="note">{esc(section.note)}</p>')
+    tables_html = "".join(html_table(t) for t in section.tables)
+    if section.figures and section.tables and section.beside:
+        parts.append(f'<div class="pair"><div class="tables">{tables_html}</div>'
+                     f'<div class="figures">{_html_figures(section.figures)}</div></div>')
+    else:
+        parts.append(tables_html + _html_figures(section.figures))
+    return "\n".join(parts)
+
+
+def render_html(title: str, sections: list[Section]) -> str:
     esc = html.escape
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{esc(title)}</title><style>{CSS}</style></head><body>",
         f"<h1>{esc(title)}</h1>",
-        f"<p>{esc(summary)}</p>",
+        *(_html_section(section) for section in sections),
+        "</body></html>",
     ]
-    for section in sections:
-        parts.append(f"<h2>{esc(section.title)}</h2>")
-        if section.note:
-            parts.append(f'<p class="note">{esc(section.note)}</p>')
-        for caption, table in section.tables:
-            if caption:
-                parts.append(f"<p>{esc(caption)}</p>")
-            parts.append(html_table(table))
-        if section.png:
-            data = base64.b64encode(section.png).decode("ascii")
-            parts.append(f'<img alt="{esc(section.title)}" src="data:image/png;base64,{data}">')
-    parts.append("</body></html>")
     return "\n".join(parts)
 
 
 # -- entry points ----------------------------------------------------------------------------------
 def write_report(
     df: pd.DataFrame, out_dir: str | Path, *, sources: list[str] | None = None,
-    title: str = "opbench report",
+    title: str = "opbench report", baseline: str | None = None,
+    comparison: Comparison | None = None, extra: list[Section] | None = None,
 ) -> ReportFiles:
-    """Write report.md, report.html and plots/*.png for the results DataFrame ``df``."""
+    """Write report.md, report.html and plots/*.png for the results DataFrame ``df``.
+    ValueError when ``baseline`` names a backend without perf records."""
     out = Path(out_dir)
+    df = tables.latest_per_case(df)
+    sections = [headline(df, sources or [], comparison), *body_sections(df, baseline),
+                *(extra or [])]
     (out / PLOT_DIR).mkdir(parents=True, exist_ok=True)
-    sections = table_sections(df) + plot_sections(df)
     images = []
-    for section in sections:
-        if section.png:
-            image = out / PLOT_DIR / section.image
-            image.write_bytes(section.png)
-            images.append(image)
-    summary = summary_line(df, sources or [])
+    for figure in (f for s in sections for f in s.figures if f.png):
+        image = out / PLOT_DIR / f"{figure.stem}.png"
+        image.write_bytes(figure.png)
+        images.append(image)
     markdown = out / "report.md"
-    markdown.write_text(render_markdown(title, summary, sections), encoding="utf-8")
+    markdown.write_text(render_markdown(title, sections), encoding="utf-8")
     page = out / "report.html"
-    page.write_text(render_html(title, summary, sections), encoding="utf-8")
+    page.write_text(render_html(title, sections), encoding="utf-8")
     return ReportFiles(markdown, page, images)
 
 
-def build_report(paths, out_dir: str | Path) -> ReportFiles:
-    """Load result files (``store.ResultFileError`` on bad input) and write the report."""
+def build_report(paths, out_dir: str | Path, *, baseline: str | None = None,
+                 against=None) -> ReportFiles:
+    """Load result files (``store.ResultFileError`` on bad input) and write the report;
+    ``against``: result files of an earlier run, compared by the gate for the headline."""
+    from opbench.perf.gate import gate
+
     paths = [str(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
-    return write_report(store.load_results(paths), out_dir, sources=paths)
+    comparison = None
+    if against:
+        against = [str(p) for p in ([against] if isinstance(against, (str, Path)) else against)]
+        gate_result = gate(store.read_many(against), store.read_many(paths))
+        comparison = Comparison(f"against {', '.join(against)}", gate_result)
+    return write_report(store.load_results(paths), out_dir, sources=paths, baseline=baseline,
+                        comparison=comparison)

@@ -51,6 +51,7 @@ def status_counts(df: pd.DataFrame) -> pd.DataFrame:
     if df.empty:
         return pd.DataFrame()
     counts = df.groupby(["kind", "backend"])["status"].value_counts().unstack(fill_value=0)
+    counts.columns.name = None  # else a header row named "status" over an empty column
     return counts.reset_index()
 
 
@@ -228,3 +229,157 @@ def device_scaling(df: pd.DataFrame) -> pd.DataFrame:
         return table
     best = table.groupby(["backend", "split", "devices"], as_index=False)["median_ms"].min()
     return best.sort_values(["backend", "split", "devices"]).reset_index(drop=True)
+
+
+# -- number formatting: one unit and precision per column --------------------------------------
+TIME_UNITS = (("s", 1e9), ("ms", 1e6), ("µs", 1e3), ("ns", 1.0))
+
+
+def time_unit(values_ns) -> tuple[str, float]:
+    """The unit in which the median of ``values_ns`` reads as 1..999."""
+    values = pd.to_numeric(pd.Series(values_ns), errors="coerce").dropna()
+    typical = float(values.median()) if not values.empty else 1.0
+    for name, scale in TIME_UNITS:
+        if typical >= scale:
+            return name, scale
+    return TIME_UNITS[-1]
+
+
+def format_duration_ns(value) -> str:
+    """One duration in the unit that suits it, 3 significant digits: 812 µs, 1.52 ms."""
+    if value is None or value != value:
+        return "-"
+    name, scale = time_unit([value])
+    return f"{value / scale:.3g} {name}"
+
+
+def fixed_decimals(values: pd.Series, digits: int = 3) -> pd.Series:
+    """Numbers of one column with the same number of decimals (enough for ``digits``
+    significant digits on the column's median), blanks for missing values."""
+    numbers = pd.to_numeric(values, errors="coerce")
+    finite = numbers.dropna().abs()
+    typical = float(finite.median()) if not finite.empty and finite.median() > 0 else 1.0
+    decimals = max(0, digits - 1 - int(np.floor(np.log10(typical))))
+    return numbers.map(lambda v: "" if pd.isna(v) else f"{v:,.{decimals}f}")
+
+
+# -- latest wins, headline, environment ----------------------------------------------------------
+CASE_KEY = ["kind", "backend", "device", "case_id"]
+
+
+def latest_per_case(df: pd.DataFrame) -> pd.DataFrame:
+    """A case written twice into one file (a re-run appended) counts once: the last record
+    wins, as in the gate.  Records of different files are all kept."""
+    if df.empty:
+        return df
+    keys = [c for c in ["source", *CASE_KEY] if c in df.columns]
+    frame = df.assign(device=column(df, "device").fillna("")) if "device" in keys else df
+    return df[~frame.duplicated(subset=keys, keep="last")]
+
+
+def outcome_counts(df: pd.DataFrame) -> dict[str, int]:
+    """Cases passed / failed / xfail / unsupported among test and scenario records."""
+    judged = df[df["kind"] != "perf"] if not df.empty else df
+    status = judged["status"] if not judged.empty else pd.Series(dtype=object)
+    return {"passed": int(status.isin(PASSING).sum()), "failed": int(status.isin(FAILING).sum()),
+            "xfail": int((status == "XFAIL").sum()),
+            "unsupported": int((status == "UNSUPPORTED").sum())}
+
+
+ENV_ROWS = (("machine", "env.machine"), ("CPU", "env.cpu_model"), ("GPU", "env.gpus"),
+            ("OS", "env.platform"), ("Python", "env.python"), ("opbench", "env.opbench"),
+            ("numpy", "env.numpy"), ("torch", "env.torch"), ("ggml", "env.ggml"),
+            ("triton", "env.triton"), ("cupy", "env.cupy"), ("commit", "env.git_commit"))
+
+
+def _distinct(values: pd.Series) -> str:
+    seen = []
+    for value in values:
+        text = ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+        if isinstance(value, (list, tuple)) and not value:
+            text = "none"
+        if text is None or (isinstance(text, float) and np.isnan(text)):
+            continue
+        if str(text) not in seen:
+            seen.append(str(text))
+    return "; ".join(seen) if seen else "not recorded"
+
+
+def environment_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Where the data came from: machine, CPU, GPU, OS, versions, commit, runs and times."""
+    if df.empty:
+        return pd.DataFrame()
+    rows = [(name, _distinct(df[col]) if col in df.columns else "not recorded")
+            for name, col in ENV_ROWS]
+    times = column(df, "time")
+    for run_id, group in df.groupby(column(df, "run_id").fillna("?"), sort=True):
+        stamps = times[group.index].dropna().astype(str).sort_values()
+        span = f"{stamps.iloc[0]} .. {stamps.iloc[-1]}" if not stamps.empty else ""
+        rows.append((f"run {run_id}", f"{len(group)} records {span}".strip()))
+    return pd.DataFrame(rows, columns=["recorded", "value"])
+
+
+# -- perf pivot --------------------------------------------------------------------------------
+VERDICT_CLASS = {"regression": "slower", "improvement": "faster", "unchanged": "same",
+                 "not significant": "unsure"}
+
+
+def perf_labels(perf: pd.DataFrame) -> pd.Series:
+    """Backend names; a backend found in several files is told apart by the file's name."""
+    sources = column(perf, "source").fillna("").astype(str)
+    label = perf["backend"].astype(str)
+    per_backend = sources.groupby(label).transform("nunique")
+    stems = sources.map(lambda s: s.rsplit("/", 1)[-1].removesuffix(".jsonl"))
+    return label.where(per_backend <= 1, label + " [" + stems + "]")
+
+
+def _verdict(base, other, threshold: float) -> str:
+    from opbench.perf import stats
+
+    if not isinstance(base, (list, tuple)) or not isinstance(other, (list, tuple)):
+        return "not significant"
+    return stats.compare_samples(base, other, threshold=threshold).verdict
+
+
+def perf_pivot(df: pd.DataFrame, baseline: str | None = None,
+               threshold: float = 0.05) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Case rows x backend columns of median time, one unit per column, and the ratio of each
+    backend's time to ``baseline``'s.  Returns (text table, CSS classes of its cells: the
+    gate's verdict of each ratio).  ValueError when ``baseline`` did not run."""
+    perf = with_perf(of_kind(df, "perf"))
+    if perf.empty:
+        return pd.DataFrame(), pd.DataFrame()
+    perf = perf.assign(_label=perf_labels(perf), _ns=numeric(perf, "perf.median_ns"),
+                       _mib=numeric(perf, "perf.bytes") / 2**20,
+                       _samples=column(perf, "perf.samples_ns"))
+    perf = perf.drop_duplicates(["op", "case_id", "_label"], keep="last")
+    labels = sorted(perf["_label"].unique())
+    baseline = baseline or ("cpu" if "cpu" in labels else labels[0])
+    if baseline not in labels:
+        raise ValueError(f"--baseline {baseline!r} has no perf records; "
+                         f"choose from {', '.join(labels)}")
+    rows = perf.groupby(["op", "case_id"], sort=False).agg(_mib=("_mib", "max")).reset_index()
+    rows = rows.sort_values(["op", "_mib", "case_id"]).reset_index(drop=True)
+    text = pd.DataFrame({"op": rows["op"], "case": rows["case_id"],
+                         "MiB": fixed_decimals(rows["_mib"])})
+    classes = pd.DataFrame("", index=text.index, columns=text.columns)
+    classes["case"] = "id"
+    cell = perf.set_index(["op", "case_id", "_label"])
+    index = list(zip(rows["op"], rows["case_id"]))
+    for label in [baseline, *[lab for lab in labels if lab != baseline]]:
+        times = pd.Series([cell["_ns"].get((*k, label), np.nan) for k in index])
+        unit, scale = time_unit(times)
+        text[f"{label} ({unit})"] = fixed_decimals(times / scale).replace("", "-")
+        classes[f"{label} ({unit})"] = "num"
+        if label == baseline:
+            base_times = times
+            continue
+        ratio = times / base_times
+        verdicts = [_verdict(cell["_samples"].get((*k, baseline)),
+                             cell["_samples"].get((*k, label)), threshold)
+                    if pd.notna(r) else "" for k, r in zip(index, ratio)]
+        name = f"{label} / {baseline}"
+        text[name] = [f"{r:.2f}× ({VERDICT_CLASS[v]})" if pd.notna(r) else "-"
+                      for r, v in zip(ratio, verdicts)]
+        classes[name] = ["num " + VERDICT_CLASS.get(v, "") for v in verdicts]
+    return text, classes

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,6 +37,7 @@ class ScenarioResult:
     worst: dict = field(default_factory=dict)  # metric -> worst value over steps and layers
     steps: int = 0
     error: str | None = None
+    step_ns: list[int] = field(default_factory=list)  # wall time of each step, readback included
 
     @property
     def ok(self) -> bool:
@@ -113,9 +115,13 @@ def run_scenario(backend, spec: ScenarioSpec, engine_cls: type[Engine] | None = 
     weights, plans, expected = oracle_run(cfg, spec.evict)
     engine = (engine_cls or ENGINES[spec.split])(backend, spec, cfg, weights)
     worst = {"nmse": 0.0, "max_rel": 0.0}
+    step_ns = []
     for plan, want in zip(plans, expected):
-        divergence, step_worst = judge_step(plan.step, engine.step(plan), want, tol)
+        start = time.perf_counter_ns()
+        readout = engine.step(plan)  # ends with the copy to the host: the step has finished
+        step_ns.append(time.perf_counter_ns() - start)
+        divergence, step_worst = judge_step(plan.step, readout, want, tol)
         worst = {k: max(worst[k], step_worst[k]) for k in worst}
         if divergence:
-            return ScenarioResult(spec, divergence, worst, plan.step + 1)
-    return ScenarioResult(spec, None, worst, len(plans))
+            return ScenarioResult(spec, divergence, worst, plan.step + 1, step_ns=step_ns)
+    return ScenarioResult(spec, None, worst, len(plans), step_ns=step_ns)

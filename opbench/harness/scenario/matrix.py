@@ -9,6 +9,8 @@ import time
 import traceback
 from collections.abc import Iterator
 
+import numpy as np
+
 from opbench.protocol import Backend
 
 from ..pool import run_items_in_workers, run_items_inline
@@ -65,8 +67,10 @@ def _record_fields(backend_name: str, spec: ScenarioSpec, run_id: str) -> dict:
                 run_id=run_id, params=spec.as_dict(), dtype="f32")
 
 
-def scenario_record(backend_ref: str, spec: ScenarioSpec, run_id: str, engine_cls=None) -> dict:
-    """Run one scenario on a fresh backend instance and describe it as a result record."""
+def scenario_record(backend_ref: str, spec: ScenarioSpec, run_id: str, engine_cls=None,
+                    timed: bool = False) -> dict:
+    """Run one scenario on a fresh backend instance and describe it as a result record;
+    ``timed``: also a ``perf`` block of the decode steps' times (the prefill step left out)."""
     ref = parse_ref(backend_ref)
     cls = ref.cls
     fields = _record_fields(cls.name, spec, run_id)
@@ -75,7 +79,7 @@ def scenario_record(backend_ref: str, spec: ScenarioSpec, run_id: str, engine_cl
     except (TypeError, ValueError) as exc:
         return make_record(status="UNSUPPORTED", reason=f"backend options: {exc}", **fields)
     try:
-        return _run_record(backend, spec, fields, engine_cls)
+        return _run_record(backend, spec, fields, engine_cls, timed)
     finally:
         backend.close()
 
@@ -100,7 +104,17 @@ def specs_for(backend_ref: str, specs: list[ScenarioSpec]) -> list[ScenarioSpec]
     return list(unique.values())
 
 
-def _run_record(backend, spec: ScenarioSpec, fields: dict, engine_cls) -> dict:
+def step_perf(step_ns: list[int]) -> dict | None:
+    """Median, IQR and samples of the decode steps (step 0, the prefill, is another thing)."""
+    decode = step_ns[1:] if len(step_ns) > 1 else step_ns
+    if not decode:
+        return None
+    q1, median, q3 = np.percentile(decode, [25, 50, 75])
+    return {"n": len(decode), "median_ns": float(median), "iqr_ns": float(q3 - q1),
+            "samples_ns": [int(v) for v in decode], "what": "decode step, readback included"}
+
+
+def _run_record(backend, spec: ScenarioSpec, fields: dict, engine_cls, timed=False) -> dict:
     why = unsupported(backend, spec)
     if why:
         return make_record(status="UNSUPPORTED", reason=why, **fields)
@@ -114,8 +128,10 @@ def _run_record(backend, spec: ScenarioSpec, fields: dict, engine_cls) -> dict:
     div = result.divergence
     scenario = {**spec.as_dict(), "steps_run": result.steps,
                 "seconds": round(time.perf_counter() - start, 3),
-                "divergence": None if div is None else div.__dict__}
-    return make_record(status="OK" if result.ok else "FAIL", metrics=result.worst,
+                "divergence": None if div is None else div.__dict__,
+                "step_ns": result.step_ns}
+    perf = step_perf(result.step_ns) if timed and result.ok else None
+    return make_record(status="OK" if result.ok else "FAIL", metrics=result.worst, perf=perf,
                        device=f"{spec.devices} device(s)",
                        errors=[div.describe()] if div else [], scenario=scenario, **fields)
 
@@ -124,15 +140,15 @@ class ScenarioWork:
     """Scenarios for the worker pool: each on a fresh backend instance (its options depend on
     the scenario), so a crash or hang in one becomes its CRASH/TIMEOUT record."""
 
-    def __init__(self, backend_ref: str, run_id: str) -> None:
-        self.backend_ref, self.run_id = backend_ref, run_id
+    def __init__(self, backend_ref: str, run_id: str, timed: bool = False) -> None:
+        self.backend_ref, self.run_id, self.timed = backend_ref, run_id, timed
         self.backend_name = parse_ref(backend_ref).cls.name
 
     def start(self) -> None:
         pass
 
     def run(self, spec: ScenarioSpec) -> dict:
-        return scenario_record(self.backend_ref, spec, self.run_id)
+        return scenario_record(self.backend_ref, spec, self.run_id, timed=self.timed)
 
     def stop(self) -> None:
         pass
@@ -144,11 +160,12 @@ class ScenarioWork:
 
 
 def run_specs(backend_ref: str, specs: list[ScenarioSpec], run_id: str, jobs: int = 1,
-              isolate: bool = False, timeout: float | None = None) -> Iterator[dict]:
+              isolate: bool = False, timeout: float | None = None,
+              timed: bool = False) -> Iterator[dict]:
     """Records of ``specs``: in this process in spec order, or (``jobs`` > 1 or ``isolate``) in
     worker processes as they finish, a crashed or hung scenario becoming a CRASH or TIMEOUT
     record while the others go on."""
-    work = ScenarioWork(backend_ref, run_id)
+    work = ScenarioWork(backend_ref, run_id, timed)
     if jobs > 1 or isolate:
         return run_items_in_workers(work, specs, jobs, timeout)
     return run_items_inline(work, specs)

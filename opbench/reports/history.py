@@ -1,0 +1,241 @@
+"""History queries over the results database, as pandas DataFrames, and step detection.
+
+``series`` gives one row per case and commit: the median time (median over that commit's runs)
+and the worst error.  ``change_points`` finds where a case's time stepped, as asv does: the
+series of log times is fitted by a piecewise-constant signal (PELT, from the ``ruptures``
+library, L2 cost) with a penalty scaled to the series' own noise, and steps smaller than
+``min_change`` are dropped.  Each step names the first commit of the new level.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sqlite3
+
+import numpy as np
+import pandas as pd
+
+#: below this relative noise a series is treated as this noisy (runs of one machine wobble)
+NOISE_FLOOR = 0.02
+#: the penalty of one more step, in units of noise variance x log(points) (BIC-like)
+PENALTY_SCALE = 2.0
+DEFAULT_MIN_CHANGE = 0.05
+
+_ORDER = "COALESCE(r.commit_time, r.started, r.imported_at)"
+
+
+def runs(conn: sqlite3.Connection, since: str | None = None) -> pd.DataFrame:
+    """Every run, oldest first (by the commit's date when known, else the run's start)."""
+    frame = pd.read_sql_query(
+        f"SELECT r.run_id, r.commit_sha AS 'commit', r.branch, r.commit_time, r.started,"
+        f" r.finished, r.source, {_ORDER} AS ordered_at,"
+        " (SELECT COUNT(*) FROM records x WHERE x.run_id = r.run_id) AS records"
+        f" FROM runs r ORDER BY {_ORDER}, r.run_id", conn)
+    return _since(frame, since)
+
+
+def _since(frame: pd.DataFrame, since: str | None) -> pd.DataFrame:
+    """Rows from the first run of commit ``since`` (a sha prefix) or from date ``since``."""
+    if not since or frame.empty:
+        return frame
+    by_commit = frame["commit"].fillna("").str.startswith(since)
+    if by_commit.any():
+        return frame.iloc[int(np.argmax(by_commit.to_numpy())):]
+    return frame[frame["ordered_at"].fillna("") >= since]
+
+
+def commit_label(frame: pd.DataFrame) -> pd.Series:
+    """A short commit name per run (the run id where no commit was recorded)."""
+    return frame["commit"].fillna("").str[:7].where(frame["commit"].notna(), frame["run_id"])
+
+
+def _select(frame: pd.DataFrame, *, kind, backends, ops, pattern) -> pd.DataFrame:
+    keep = pd.Series(True, index=frame.index)
+    if kind:
+        keep &= frame["kind"] == kind
+    if backends:
+        keep &= frame["backend"].isin(backends)
+    if ops:
+        keep &= frame["op"].isin(ops)
+    if pattern:
+        keep &= frame["case_id"].map(lambda c: bool(re.search(pattern, c)))
+    return frame[keep]
+
+
+def records(conn: sqlite3.Connection, *, since: str | None = None, kind: str | None = None,
+            backends=None, ops=None, pattern: str | None = None) -> pd.DataFrame:
+    """One row per stored record with its run's commit and position in history."""
+    order = runs(conn, since)
+    if order.empty:
+        return pd.DataFrame()
+    order = order.assign(position=range(len(order)), commit_label=commit_label(order))
+    frame = pd.read_sql_query(
+        "SELECT run_id, kind, backend, device, op, case_id, dtype, status, median_ns, error,"
+        " error_ratio FROM records", conn)
+    frame = frame.merge(order[["run_id", "commit", "commit_label", "position"]], on="run_id")
+    return _select(frame, kind=kind, backends=backends, ops=ops, pattern=pattern)
+
+
+CASE = ["kind", "backend", "device", "op", "case_id"]
+
+
+def series(conn: sqlite3.Connection, **selection) -> pd.DataFrame:
+    """Per case and commit: median time (ns), worst error, its ratio to the threshold, the
+    last status, and how many runs the commit had.  Ordered by case, then history."""
+    frame = records(conn, **selection)
+    if frame.empty:
+        return pd.DataFrame(columns=[*CASE, "commit", "median_ns", "error"])
+    frame = frame.sort_values("position")
+    grouped = frame.groupby([*CASE, "commit_label"], sort=False, dropna=False)
+    table = grouped.agg(position=("position", "min"), commit=("commit", "first"),
+                        median_ns=("median_ns", "median"), error=("error", "max"),
+                        error_ratio=("error_ratio", "max"), status=("status", "last"),
+                        runs=("run_id", "nunique")).reset_index()
+    return table.sort_values([*CASE, "position"]).reset_index(drop=True)
+
+
+def _noise(log_values: np.ndarray) -> float:
+    """Robust noise of a series: MAD of neighbour differences (a step moves one difference
+    only, so it barely shifts the median), floored at NOISE_FLOOR."""
+    if len(log_values) < 3:
+        return NOISE_FLOOR
+    mad = np.median(np.abs(np.diff(log_values)))
+    return max(1.4826 * mad / math.sqrt(2), NOISE_FLOOR)
+
+
+def step_indices(values, *, min_change: float = DEFAULT_MIN_CHANGE) -> list[int]:
+    """Indices where a new level of ``values`` (positive times) starts."""
+    import ruptures
+
+    values = np.asarray(values, dtype=float)
+    if len(values) < 2 or not np.all(values > 0):
+        return []
+    signal = np.log(values)
+    sigma = _noise(signal)
+    penalty = PENALTY_SCALE * sigma**2 * math.log(len(signal)) * 2
+    ends = ruptures.Pelt(model="l2", min_size=1, jump=1).fit(signal).predict(pen=penalty)
+    bounds = [0, *ends]
+    steps = []
+    for start, middle, end in zip(bounds, bounds[1:], bounds[2:]):
+        before, after = np.median(values[start:middle]), np.median(values[middle:end])
+        if abs(after / before - 1) >= min_change:
+            steps.append(middle)
+    return steps
+
+
+def change_points(table: pd.DataFrame, *, min_change: float = DEFAULT_MIN_CHANGE) -> pd.DataFrame:
+    """One row per step in each case's median time: the commit where the new level starts,
+    the levels before and after (medians of the segments) and their ratio."""
+    rows = []
+    timed = table[table["median_ns"].notna()]
+    for key, case in timed.groupby(CASE, sort=True, dropna=False):
+        values = case["median_ns"].to_numpy(dtype=float)
+        labels = case["commit_label"].tolist()
+        cuts = step_indices(values, min_change=min_change)
+        bounds = [0, *cuts, len(values)]
+        for i, cut in enumerate(cuts):
+            before = float(np.median(values[bounds[i]:cut]))
+            after = float(np.median(values[cut:bounds[i + 2]]))
+            rows.append({**dict(zip(CASE, key)), "commit": labels[cut],
+                         "previous": labels[cut - 1], "before_ns": before, "after_ns": after,
+                         "ratio": after / before})
+    return pd.DataFrame(rows, columns=[*CASE, "commit", "previous", "before_ns", "after_ns",
+                                       "ratio"])
+
+
+def summary(table: pd.DataFrame, steps: pd.DataFrame) -> pd.DataFrame:
+    """Per case: commits seen, first and latest median time, worst error, and its steps."""
+    if table.empty:
+        return pd.DataFrame()
+    grouped = table.groupby(CASE, sort=True, dropna=False)
+    out = grouped.agg(commits=("commit_label", "nunique"), first_ns=("median_ns", "first"),
+                      latest_ns=("median_ns", "last"), worst_error=("error", "max"),
+                      status=("status", "last")).reset_index()
+    described = {
+        key: "; ".join(f"{r.commit}: x{r.ratio:.2f}" for r in group.itertuples())
+        for key, group in steps.groupby(CASE, sort=False, dropna=False)
+    } if not steps.empty else {}
+    out["steps"] = [described.get(tuple(row), "") for row in out[CASE].itertuples(index=False)]
+    return out
+
+
+def wide(table: pd.DataFrame, value: str = "median_ns") -> pd.DataFrame:
+    """Cases as rows, commits (in history order) as columns, ``value`` in the cells."""
+    if table.empty:
+        return pd.DataFrame()
+    order = table.sort_values("position").drop_duplicates("commit_label")["commit_label"]
+    pivot = table.pivot_table(index=CASE, columns="commit_label", values=value, aggfunc="first",
+                              dropna=False)
+    return pivot.reindex(columns=[c for c in order if c in pivot.columns])
+
+
+# -- a report from the database ----------------------------------------------------------------
+def stored_records(conn: sqlite3.Connection, run_ids) -> list[dict]:
+    """The full records of ``run_ids`` as they were imported."""
+    import json
+
+    ids = list(run_ids)
+    if not ids:
+        return []
+    marks = ",".join("?" * len(ids))
+    rows = conn.execute(f"SELECT record FROM records WHERE run_id IN ({marks}) ORDER BY id", ids)
+    return [json.loads(text) for (text,) in rows]
+
+
+def latest_and_previous(conn: sqlite3.Connection, since: str | None = None):
+    """(latest commit's label, its run ids, previous commit's label, its run ids); the
+    previous is the first run of ``since`` when given, else the commit before the latest."""
+    order = runs(conn)
+    if order.empty:
+        return None, [], None, []
+    order = order.assign(label=commit_label(order))
+    labels = list(dict.fromkeys(order["label"]))
+    latest = labels[-1]
+    chosen = _since(order, since) if since else order
+    earlier = [lab for lab in dict.fromkeys(chosen["label"]) if lab != latest]
+    previous = (earlier[0] if since else earlier[-1]) if earlier else None
+    ids = lambda label: list(order.loc[order["label"] == label, "run_id"])  # noqa: E731
+    return latest, ids(latest), previous, ids(previous) if previous else []
+
+
+def write_db_report(conn: sqlite3.Connection, out_dir, *, since: str | None = None,
+                    baseline: str | None = None, min_change: float = DEFAULT_MIN_CHANGE):
+    """The report of the latest commit's runs, compared by the gate with the previous commit's
+    (or with the first of ``since``), plus the history of every case since then."""
+    from opbench.harness import store
+    from opbench.perf.gate import gate
+    from opbench.reports import plots, render
+
+    latest, latest_ids, previous, previous_ids = latest_and_previous(conn, since)
+    new = stored_records(conn, latest_ids)
+    comparison = None
+    if previous:
+        comparison = render.Comparison(f"commit {latest} against {previous}",
+                                       gate(stored_records(conn, previous_ids), new))
+    table = series(conn, since=since or previous)
+    extra = []
+    if not table.empty and table["commit_label"].nunique() > 1:
+        steps = change_points(table, min_change=min_change)
+        figure = render.Figure("history", "Median time per commit",
+                               png=render.figure_png(plots.history_figure(table, steps)))
+        overview = summary(table, steps)
+        overview = overview.assign(first=overview["first_ns"].map(_duration),
+                                   latest=overview["latest_ns"].map(_duration))
+        overview = overview[["backend", "case_id", "commits", "first", "latest", "steps",
+                             "worst_error", "status"]]
+        extra.append(render.Section(
+            "History", note=f"Per case across {table['commit_label'].nunique()} commits; "
+            "a step is a change point of the median time (at the first commit of the new level).",
+            tables=[render.Table(overview, render.id_classes(overview, "case_id"))],
+            figures=[figure], beside=False))
+    sources = [f"database runs {', '.join(latest_ids)}"]
+    return render.write_report(store.records_frame(new), out_dir, sources=sources,
+                               baseline=baseline, comparison=comparison, extra=extra,
+                               title=f"opbench report: commit {latest}")
+
+
+def _duration(value) -> str:
+    from opbench.reports.tables import format_duration_ns
+
+    return format_duration_ns(value)

@@ -1,0 +1,232 @@
+"""Results over time: `opbench db import`, `opbench history`, `opbench report --db`."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from opbench.cli.main import main
+from opbench.harness import store
+from opbench.harness.records import make_record
+from opbench.perf import timing
+from opbench.reports import db, history
+
+pytest.importorskip("ruptures", reason="step detection needs ruptures (opbench[history])")
+
+REPO = Path(__file__).resolve().parents[1]
+#: median time of case CPY(a) per commit: one step down by 40% at the fourth commit
+LEVELS_NS = [100e3, 101e3, 99e3, 60e3, 61e3, 59.5e3]
+CEILINGS = {"copy_gbps": 20.0, "matmul_gflops": 100.0}
+
+
+def _perf_record(rng, run_id: str, case_id: str, median_ns: float) -> dict:
+    ns = (median_ns * rng.lognormal(0, 0.03, 30)).astype(np.int64)
+    perf = timing.perf_block(timing.Samples(ns, warmup=1, budget_ms=1), nbytes=1 << 20,
+                             flops=None, ceilings=CEILINGS)
+    return make_record(kind="perf", backend="cpu", op="CPY", case_id=case_id,
+                             status="OK", run_id=run_id, perf=perf, env={"python": "3"})
+
+
+def _test_record(run_id: str, nmse: float) -> dict:
+    return make_record(kind="test", backend="cpu", op="ROPE", case_id="ROPE(x)",
+                             status="OK", run_id=run_id, env={},
+                             metrics={"out": {"metric": "nmse", "value": nmse,
+                                              "threshold": 1e-6, "n_bad": 0}})
+
+
+def _write(path: Path, records: list[dict]) -> Path:
+    with store.ResultWriter(path) as writer:
+        for record in records:
+            writer.write(record)
+    return path
+
+
+@pytest.fixture()
+def run_files(tmp_path) -> list[Path]:
+    """Six runs of six commits: CPY(a) steps down at the 4th, CPY(b) stays flat."""
+    rng = np.random.default_rng(0)
+    files = []
+    for i, level in enumerate(LEVELS_NS):
+        run_id = f"run{i}"
+        records = [_perf_record(rng, run_id, "CPY(a)", level),
+                   _perf_record(rng, run_id, "CPY(b)", 200e3 * rng.lognormal(0, 0.01)),
+                   _test_record(run_id, 1e-9 * (i + 1))]
+        files.append(_write(tmp_path / f"r{i}.jsonl", records))
+    return files
+
+
+def _import_all(files, database) -> None:
+    for i, path in enumerate(files):
+        assert main(["db", "import", str(path), "--commit", f"c{i}" + "a" * 39,
+                     "--branch", "main", "--db", str(database)]) == 0
+
+
+def test_import_is_idempotent_by_run_id(run_files, tmp_path, capsys):
+    database = tmp_path / "h.sqlite"
+    _import_all(run_files, database)
+    assert main(["db", "import", str(run_files[0]), "--db", str(database)]) == 0
+    assert "imported 0 run(s), 0 records" in capsys.readouterr().out
+    conn = db.connect(database)
+    assert conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 6
+    assert conn.execute("SELECT COUNT(*) FROM records").fetchone()[0] == 18
+    assert db.schema_version(conn) == db.SCHEMA_VERSION
+
+
+def test_a_case_rerun_into_one_run_is_stored_once(tmp_path):
+    rng = np.random.default_rng(1)
+    path = _write(tmp_path / "twice.jsonl", [_perf_record(rng, "r", "CPY(a)", 100e3),
+                                             _perf_record(rng, "r", "CPY(a)", 50e3)])
+    result = db.import_file(tmp_path / "h.sqlite", path)
+    assert result.records == 1
+    conn = db.connect(tmp_path / "h.sqlite")
+    (median,) = conn.execute("SELECT median_ns FROM records").fetchone()
+    assert median == pytest.approx(50e3, rel=0.1)  # the later record wins
+
+
+def test_a_failing_import_leaves_the_database_as_before(run_files, tmp_path, monkeypatch):
+    database = tmp_path / "h.sqlite"
+    db.import_file(database, run_files[0])
+    both = _write(tmp_path / "both.jsonl",
+                  store.read_records(run_files[1]) + store.read_records(run_files[2]))
+    calls = []
+
+    def exploding(run_id, record):
+        calls.append(run_id)
+        if len(calls) > 4:  # the second run, after the first was inserted
+            raise RuntimeError("boom")
+        return original(run_id, record)
+
+    original = db._record_row
+    monkeypatch.setattr(db, "_record_row", exploding)
+    with pytest.raises(RuntimeError):
+        db.import_file(database, both)
+    conn = db.connect(database)
+    assert [r for (r,) in conn.execute("SELECT run_id FROM runs")] == ["run0"]
+    assert conn.execute("SELECT COUNT(*) FROM records").fetchone()[0] == 3
+
+
+KILL_MID_IMPORT = """
+import os, sys
+from opbench.reports import db
+original, seen = db._record_row, []
+def dying(run_id, record):
+    seen.append(run_id)
+    if len(seen) == 5:
+        os._exit(9)  # killed with the transaction open
+    return original(run_id, record)
+db._record_row = dying
+db.import_file(sys.argv[1], sys.argv[2])
+"""
+
+
+def test_a_killed_import_leaves_the_database_as_before(run_files, tmp_path):
+    database = tmp_path / "h.sqlite"
+    db.import_file(database, run_files[0])
+    both = _write(tmp_path / "both.jsonl",
+                  store.read_records(run_files[1]) + store.read_records(run_files[2]))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", KILL_MID_IMPORT, str(database), str(both)],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 9, done.stderr
+    conn = db.connect(database)
+    assert conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 1
+    assert conn.execute("SELECT COUNT(*) FROM records").fetchone()[0] == 3
+
+
+def test_parallel_imports_into_one_database(run_files, tmp_path):
+    database = tmp_path / "h.sqlite"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    jobs = [subprocess.Popen([sys.executable, "-m", "opbench", "db", "import", str(path),
+                              "--db", str(database)], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+            for path in run_files[:4]]
+    for job in jobs:
+        _, err = job.communicate(timeout=120)
+        assert job.returncode == 0, err
+    conn = db.connect(database)
+    assert conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 4
+    assert conn.execute("SELECT COUNT(*) FROM records").fetchone()[0] == 12
+
+
+def test_an_old_schema_is_migrated_keeping_its_data(tmp_path):
+    database = tmp_path / "old.sqlite"
+    conn = sqlite3.connect(database)
+    conn.executescript(db.MIGRATIONS[0])
+    conn.execute("INSERT INTO runs VALUES ('r', 'abc', 'main', NULL, NULL, '', 'now', '{}')")
+    conn.execute("PRAGMA user_version=1")
+    conn.commit()
+    conn.close()
+    conn = db.connect(database)
+    assert db.schema_version(conn) == db.SCHEMA_VERSION
+    assert conn.execute("SELECT run_id, commit_time FROM runs").fetchall() == [("r", None)]
+
+
+@pytest.mark.parametrize("spoil", ["corrupt", "newer"])
+def test_unusable_database_is_one_line_exit_2(run_files, tmp_path, capsys, spoil):
+    database = tmp_path / "bad.sqlite"
+    if spoil == "corrupt":
+        database.write_bytes(b"this is not a database" * 100)
+    else:
+        sqlite3.connect(database).execute(f"PRAGMA user_version={db.SCHEMA_VERSION + 1}")
+    for argv in (["db", "import", str(run_files[0])], ["history"], ["report"]):
+        code = main([*argv, "--db", str(database)]
+                    + (["--out", str(tmp_path / "o")] if argv == ["report"] else []))
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1, err
+        assert ("not a database" if spoil == "corrupt" else "newer than this opbench") in err
+
+
+def test_step_indices_find_one_step_and_none_in_noise():
+    rng = np.random.default_rng(3)
+    flat = 100 * rng.lognormal(0, 0.02, 12)
+    assert history.step_indices(flat) == []
+    stepped = np.r_[flat[:5], 0.6 * flat[5:]]
+    assert history.step_indices(stepped) == [5]
+    assert history.step_indices(stepped, min_change=0.5) == []  # a 40% step is below 50%
+
+
+def test_history_dataframes_and_steps(run_files, tmp_path):
+    database = tmp_path / "h.sqlite"
+    _import_all(run_files, database)
+    conn = db.connect(database)
+    table = history.series(conn, kind="perf")
+    assert sorted(table["case_id"].unique()) == ["CPY(a)", "CPY(b)"]
+    assert len(table) == 12 and table["median_ns"].notna().all()
+    steps = history.change_points(table)
+    assert list(steps["case_id"]) == ["CPY(a)"]
+    step = steps.iloc[0]
+    assert (step["commit"], step["previous"]) == ("c3aaaaa", "c2aaaaa")
+    assert step["ratio"] == pytest.approx(0.6, abs=0.05)
+    errors = history.series(conn, kind="test")
+    assert errors["error"].tolist() == pytest.approx([1e-9 * (i + 1) for i in range(6)])
+
+
+def test_history_cli_prints_the_step_and_plots(run_files, tmp_path, capsys):
+    database = tmp_path / "h.sqlite"
+    _import_all(run_files, database)
+    capsys.readouterr()
+    assert main(["history", "--db", str(database), "-o", "CPY", "--steps",
+                 "--plot", str(tmp_path / "plots")]) == 0
+    out = capsys.readouterr().out
+    assert "1 case(s) over 6 commit(s)" in out and "steps at c3aaaaa: x0.6" in out
+    assert "CPY(b)" not in out
+    assert (tmp_path / "plots" / "history.png").read_bytes().startswith(b"\x89PNG")
+    assert main(["history", "--db", str(database), "-p", "nomatch"]) == 2
+
+
+def test_report_from_the_database(run_files, tmp_path, capsys):
+    database = tmp_path / "h.sqlite"
+    _import_all(run_files, database)
+    out = tmp_path / "rep"
+    assert main(["report", "--db", str(database), "--out", str(out), "--since", "c0"]) == 0
+    text = (out / "report.md").read_text()
+    assert "commit c5aaaaa against c0aaaaa" in text
+    assert "0 perf regressions, 1 improvements" in text  # CPY(a): 100 us -> 59.5 us
+    assert "## History" in text and "c3aaaaa: x0.6" in text
+    assert (out / "plots" / "history.png").exists()
