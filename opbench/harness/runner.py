@@ -129,12 +129,20 @@ def base_record(backend_name: str, case: Case, device_name: str, run_id: str,
                        reason=reason, env={})
 
 
-def execute(backend: Backend, spec: OpSpec, case: Case, inputs: Inputs, device: Any):
-    """Upload, run, synchronize, download.  Returns (buffers, host copies)."""
+def place(backend: Backend, spec: OpSpec, case: Case, inputs: Inputs, device: Any
+          ) -> tuple[dict[str, Any], dict[str, DeviceBuffer]]:
+    """Upload the inputs and allocate the guarded outputs on ``device``: (the op's arguments
+    by name, the output buffers).  Shared by the test runner and perf mode."""
     args = {name: backend.to_device(arr, device) for name, arr in inputs.arrays.items()}
     buffers = {name: allocate_output(backend, device, name, out_spec, inputs)
                for name, out_spec in spec.outputs(case, inputs).items()}
     args.update({name: buf.device_view for name, buf in buffers.items()})
+    return args, buffers
+
+
+def execute(backend: Backend, spec: OpSpec, case: Case, inputs: Inputs, device: Any):
+    """Upload, run, synchronize, download.  Returns (buffers, host copies)."""
+    args, buffers = place(backend, spec, case, inputs, device)
     spec.call(backend, case, args, backend.stream(device))
     backend.synchronize(device)
     return buffers, {name: backend.to_host(buf.device_flat) for name, buf in buffers.items()}

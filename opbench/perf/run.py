@@ -24,7 +24,7 @@ from opbench.harness.cases import PERF_SIZES, Case, Inputs
 from opbench.harness.ops import SPECS, support
 from opbench.harness.records import case_record, environment
 from opbench.harness.registry import device_label, first_device
-from opbench.harness.runner import allocate_output
+from opbench.harness.runner import place
 
 from . import timing
 
@@ -71,13 +71,9 @@ def prepare(backend, case: Case, seed: int = 0) -> Prepared:
     spec.validate(case)
     inputs = spec.make_inputs(case, np.random.default_rng(case.seed(seed)))
     device = device_of(backend)
-    args = {name: backend.to_device(arr, device) for name, arr in inputs.arrays.items()}
-    out_specs = spec.outputs(case, inputs)
-    buffers = {name: allocate_output(backend, device, name, out_spec, inputs)
-               for name, out_spec in out_specs.items()}
-    args.update({name: buf.device_view for name, buf in buffers.items()})
+    args, buffers = place(backend, spec, case, inputs, device)
     stream = backend.stream(device)
-    nbytes, flops = work(case, inputs, out_specs)
+    nbytes, flops = work(case, inputs, {name: buf.spec for name, buf in buffers.items()})
     return Prepared(case, lambda: spec.call(backend, case, args, stream), buffers, nbytes, flops)
 
 
