@@ -63,14 +63,15 @@ def guards_intact(buf: DeviceBuffer) -> bool:
     return check_guards(buf, buf.device_flat) is None
 
 
-def assert_passes(op: str, buf: DeviceBuffer, expected, low=None) -> None:
+def assert_passes(op: str, buf: DeviceBuffer, expected, low=None, **params) -> None:
     """Judge ``buf`` exactly as ``opbench test`` judges an output of ``op`` in the output's
     dtype (``runner.judge_output``: guards intact, then bit-exact or the op's tolerance with
-    ``low``, the oracle in float32, rounded to that dtype as the runner rounds it)."""
+    ``low``, the oracle in float32, rounded to that dtype as the runner rounds it).  ``params``:
+    the case params the judging reads besides ``type`` (``type_src`` of a copy)."""
     spec, dtype = SPECS[op], buf.spec.dtype
     low = expected if spec.exact else round_to(low, dtype)
-    _, problems = judge_output(spec, Case.make(op, type=dtype), buf, buf.device_flat,
-                               np.asarray(expected), low)
+    case = Case.make(op, type=dtype, **params)
+    _, problems = judge_output(spec, case, buf, buf.device_flat, np.asarray(expected), low)
     assert not problems, "; ".join(problems)
 
 

@@ -269,7 +269,7 @@ def test_set_rows_is_bit_exact(kernels, src_dtype, dst_dtype):
     slots = np.array([7, -1, 0, 3], np.int32)  # -1 skips its row
     target = guarded(dst.shape, dst_dtype, init=dst)
     kernels["copy"].launch_set_rows(tt(target.device_view), tt(src), tt(slots), block=8)
-    assert_passes("SET_ROWS", target, copy_ref.set_rows(dst, src, slots))
+    assert_passes("SET_ROWS", target, copy_ref.set_rows(dst, src, slots), type_src=src_dtype)
     assert guards_intact(target)
 
 
@@ -280,7 +280,8 @@ def test_get_rows_is_bit_exact(kernels, src_dtype, dst_dtype):
     rows = np.array([6, 0, 6, 2, 5], np.int32)
     out = guarded((5, 2, 9), dst_dtype)
     kernels["copy"].launch_get_rows(tt(src), tt(rows), tt(out.device_view), block=8)
-    assert_passes("GET_ROWS", out, copy_ref.get_rows(src, rows, dst_dtype))
+    assert_passes("GET_ROWS", out, copy_ref.get_rows(src, rows, dst_dtype),
+                  type_src=src_dtype)
     assert guards_intact(out)
 
 
@@ -292,7 +293,7 @@ def test_cpy_is_bit_exact(kernels, src_dtype, dst_dtype, perm, step):
     expected = copy_ref.cpy(src, dst_dtype, perm, step)
     out = guarded(expected.shape, dst_dtype)
     kernels["copy"].launch_cpy(tt(src), tt(out.device_view), perm, step, block=16)
-    assert_passes("CPY", out, expected)
+    assert_passes("CPY", out, expected, type_src=src_dtype)
     assert guards_intact(out)
 
 
