@@ -29,7 +29,8 @@ if [ $DRY = 1 ]; then
   SCENARIO_ARGS="--layers 4 --steps 2 --time"
   PERF_ARGS="--sizes small --budget-ms 20 --min-samples 3 --no-calibrate"
   FIGURE_ARGS=--dry-run
-  T_PYTEST=120 T_TEST=150 T_SCEN=60 T_PERF=90 T_FIG=30 T_REPORT=60
+  # generous: the dry run checks the plumbing, and shared CI machines can be slow
+  T_DOCTOR=180 T_PYTEST=300 T_TEST=300 T_SCEN=180 T_PERF=180 T_FIG=60 T_REPORT=120
 else
   MODE="GPU"
   BACKENDS=cupy,torch,triton
@@ -38,7 +39,7 @@ else
   SCENARIO_ARGS="--time"
   PERF_ARGS="--budget-ms 100 --min-samples 20"
   FIGURE_ARGS=
-  T_PYTEST=90 T_TEST=150 T_SCEN=60 T_PERF=90 T_FIG=20 T_REPORT=40
+  T_DOCTOR=30 T_PYTEST=90 T_TEST=150 T_SCEN=60 T_PERF=90 T_FIG=20 T_REPORT=40
 fi
 
 SUMMARY=$OUT/summary.md
@@ -65,7 +66,7 @@ step() {
   echo "| $name | $verdict | $((SECONDS - start)) | $name.log |" >> "$SUMMARY"
 }
 
-step doctor 60 $OB doctor
+step doctor "$T_DOCTOR" $OB doctor
 step pytest-gpu "$T_PYTEST" $PY -m pytest -q -m gpu -p no:cacheprovider tests/backends \
   --junitxml="$OUT/pytest-gpu.xml"
 step test "$T_TEST" $OB test -b "$BACKENDS" $TEST_ARGS -q --results "$OUT/test.jsonl"

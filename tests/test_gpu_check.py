@@ -21,7 +21,7 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path):
     out = tmp_path / "gpu"
     env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(REPO)}
     done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--dry-run",
-                           str(out)], env=env, capture_output=True, text=True, timeout=600)
+                           str(out)], env=env, capture_output=True, text=True, timeout=1500)
     summary = (out / "summary.md").read_text()
     assert done.returncode == 0, summary + done.stderr[-2000:]
     for step in STEPS:
