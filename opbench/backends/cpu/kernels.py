@@ -8,14 +8,12 @@ happen here and surface at the next synchronize.
 from __future__ import annotations
 
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from opbench.protocol import AttnParams, RopeParams, numpy_dtype
 
-from . import jit
+from . import jit, parallel
 from .rope_cache import RopeCache, direct_cos_sin
 
 F32 = np.float32
@@ -52,8 +50,8 @@ def rope(x, pos, out, p: RopeParams, freq_factors, cache: RopeCache | None,
     if np.may_share_memory(x, out):
         x = x.copy()  # the rotation reads both halves after writing the first
     rotated_x, rotated_out = x[..., : p.n_dims], out[..., : p.n_dims]
-    if use_jit and p.mode != "normal" and x.dtype == out.dtype == F32 and jit.available():
-        jit.rotate_halves_f32(rotated_x, cos, sin, rotated_out)
+    if use_jit and jit.handles(x, out):  # one fused pass, split over the cores
+        jit.rope(rotated_x, cos, sin, rotated_out, adjacent=p.mode == "normal")
     else:
         rotate = _rotate_adjacent if p.mode == "normal" else _rotate_halves
         step = max(1, ROPE_CHUNK_BYTES // (n_heads * head_dim * 4))
@@ -88,15 +86,13 @@ def _cos_sin_for(positions, p, freq_factors, cache):
 
 
 def _rotate_adjacent(x, cos, sin, out) -> None:
-    """normal mode, pairs (2i, 2i+1): one complex multiply by cos + i*sin is the rotation."""
+    """normal mode, pairs (2i, 2i+1): the complex product (a + ib)(c + is) written out, with
+    the numba kernel's float32 operations (NumPy's complex multiply may fuse them)."""
     xf = as_f32(x)
-    if xf.strides[-1] != 4:
-        xf = np.ascontiguousarray(xf)
-    direct = out.dtype == F32 and out.strides[-1] == 4
+    direct = out.dtype == F32
     target = out if direct else np.empty(x.shape, F32)
-    w = np.empty(cos.shape, np.complex64)
-    w.real, w.imag = cos, sin
-    np.multiply(xf.view(np.complex64), w[:, None, :], out=target.view(np.complex64))
+    c, s = cos[:, None, :], sin[:, None, :]
+    rotate_pairs(xf[..., 0::2], xf[..., 1::2], c, s, target[..., 0::2], target[..., 1::2])
     if not direct:
         store(out, target)  # the single rounding to the storage dtype
 
@@ -141,9 +137,14 @@ def alibi_slopes(n_heads: int, max_bias: float) -> np.ndarray:
     return np.where(h < n_log2, m0 ** (h + 1), m1 ** (2 * (h - n_log2) + 1)).astype(F32)
 
 
-def attention(q, k, v, out, p: AttnParams, mask=None, sinks=None, lse=None) -> None:
+def attention(q, k, v, out, p: AttnParams, mask=None, sinks=None, lse=None,
+              use_jit: bool = True) -> None:
     n_q, n_kv = q.shape[0], k.shape[0]
     q_pos = np.arange(n_kv - n_q, n_kv)
+    if use_jit and jit.handles(k, v):  # one block of n_kv keys: table [0]
+        _attend_jit(q, k[None], v[None], np.zeros(1, np.int64), q_pos, n_kv, p,
+                    (mask, sinks), out, lse)
+        return
     o, l_se = attend(q, k, v, p, q_pos, mask, sinks)
     out[...] = o
     if lse is not None:
@@ -151,7 +152,7 @@ def attention(q, k, v, out, p: AttnParams, mask=None, sinks=None, lse=None) -> N
 
 
 def paged_attention(q, k_cache, v_cache, out, p: AttnParams, block_table, seq_lens, q_start,
-                    sinks=None, lse=None) -> None:
+                    sinks=None, lse=None, use_jit: bool = True) -> None:
     _check_paged_tables(q.shape[0], k_cache.shape, block_table, seq_lens, q_start)
     block_size = k_cache.shape[1]
     for s in range(len(seq_lens)):
@@ -159,13 +160,44 @@ def paged_attention(q, k_cache, v_cache, out, p: AttnParams, block_table, seq_le
         n_q, n_kv = rows.stop - rows.start, int(seq_lens[s])
         if n_q == 0:
             continue
+        q_pos = np.arange(n_kv - n_q, n_kv)
+        if use_jit and jit.handles(k_cache, v_cache):  # reads the blocks in place
+            _attend_jit(q[rows], k_cache, v_cache, block_table[s], q_pos, n_kv, p,
+                        (None, sinks), out[rows], None if lse is None else lse[rows])
+            continue
         blocks = block_table[s, : -(-n_kv // block_size)]
         k = _gather_blocks(k_cache, blocks, n_kv)
         v = _gather_blocks(v_cache, blocks, n_kv)
-        o, l_se = attend(q[rows], k, v, p, np.arange(n_kv - n_q, n_kv), None, sinks)
+        o, l_se = attend(q[rows], k, v, p, q_pos, None, sinks)
         out[rows] = o
         if lse is not None:
             lse[rows] = l_se
+
+
+ATTN_JIT_Q_BLOCK = 16  # queries per unit of work: a unit's rows (x group) share each K/V tile
+
+
+def _attend_jit(q, k_cache, v_cache, table, q_pos, n_kv, p: AttnParams, optional, out, lse):
+    """The numba kernel over caches [blocks, block_size, Hkv, D]; float32 results, then the
+    one rounding to out's dtype."""
+    mask, sinks = optional
+    n_q, n_heads = q.shape[:2]
+    hi = np.minimum(n_kv, q_pos + 1) if p.causal else np.full(n_q, n_kv)
+    lo = np.maximum(0, q_pos - p.window + 1) if p.window > 0 else np.zeros(n_q, np.int64)
+    key_range = (lo.astype(np.int64), np.maximum(lo, hi).astype(np.int64))
+    scal = (F32(p.scale), F32(p.softcap), F32(1.0 / p.softcap if p.softcap > 0 else 0.0),
+            bool(p.causal), int(p.window))
+    empty = np.empty(0, F32)
+    extras = (np.ascontiguousarray(as_f32(mask)) if mask is not None else np.empty((0, 0), F32),
+              alibi_slopes(n_heads, p.max_bias) if p.max_bias > 0.0 else empty,
+              np.ascontiguousarray(as_f32(sinks)).reshape(-1) if sinks is not None else empty)
+    out32 = np.empty(out.shape, F32)
+    lse32 = np.empty((n_q, n_heads), F32)
+    jit.attend(np.ascontiguousarray(as_f32(q)), k_cache, v_cache, table, q_pos, key_range,
+               scal, extras, out32, lse32, ATTN_JIT_Q_BLOCK)
+    store(out, out32)
+    if lse is not None:
+        lse[...] = lse32
 
 
 def _gather_blocks(cache, blocks, n_kv):
@@ -316,6 +348,10 @@ def kv_rotate(key_cache, block_indices, deltas, lut, layout: str) -> None:
     """Re-rotate whole blocks in place: gather them in float32, rotate by LUT rows, store."""
     num_blocks, block_size, _, d = key_cache.shape
     _check_rotate_indices(block_indices, deltas, num_blocks, len(lut))
+    if jit.handles(key_cache) and lut.dtype == F32 and key_cache.flags.c_contiguous:
+        jit.kv_rotate(key_cache, block_indices, deltas.reshape(len(block_indices), -1),
+                      np.ascontiguousarray(lut), layout != "rotate_half")
+        return
     rows = np.broadcast_to(deltas, (len(block_indices), block_size))
     cos = lut[rows, None, : d // 2]  # [R, B, 1, D/2]
     sin = lut[rows, None, d // 2 :]
@@ -351,46 +387,37 @@ def set_rows(dst, src, slots) -> None:
     if len(np.unique(slots[keep])) != int(keep.sum()):
         # two rows racing for one slot have no defined result in a parallel kernel
         raise ValueError(f"slots must be distinct apart from -1; got {slots.tolist()[:16]}")
-    dst[slots[keep]] = convert(src[keep], dst.dtype)
+    if jit.handles(dst, src) and dst.flags.c_contiguous:
+        jit.scatter_rows(dst, np.ascontiguousarray(src), slots)
+    else:
+        dst[slots[keep]] = convert(src[keep], dst.dtype)
 
 
 def get_rows(src, rows, out) -> None:
     if np.any((rows < 0) | (rows >= len(src))):
         raise ValueError(f"rows must lie in [0, {len(src)}); got {rows.tolist()[:16]}")
-    out[...] = convert(src[rows], out.dtype)
+    if jit.handles(src, out) and out.flags.c_contiguous:
+        jit.gather_rows(np.ascontiguousarray(src), rows, out)
+    else:
+        out[...] = convert(src[rows], out.dtype)
 
 
 def cpy(src, out, perm, step: int, use_jit: bool = True) -> None:
     view = src.transpose(perm)[::step]
-    if out.nbytes < PARALLEL_COPY_BYTES or out.shape[0] < 2 or _COPY_THREADS < 2:
+    if out.nbytes < PARALLEL_COPY_BYTES or out.ndim == 0:
         _cpy_rows(view, out, use_jit)
         return
-    # NumPy and the numba loops release the GIL: large copies use every core, as ggml does
-    bounds = np.linspace(0, out.shape[0], _COPY_THREADS + 1).astype(int)
-    parts = [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
-    futures = [_copy_pool().submit(_cpy_rows, view[p], out[p], use_jit) for p in parts[1:]]
-    _cpy_rows(view[parts[0]], out[parts[0]], use_jit)
-    for future in futures:
-        future.result()
+    # NumPy's copies and the numba loops release the GIL: large copies use every core, as
+    # ggml does; parts are rows of out, so the bits do not depend on the split
+    parallel.run_split(lambda lo, hi: _cpy_rows(view[lo:hi], out[lo:hi], use_jit), len(out))
 
 
-PARALLEL_COPY_BYTES = 4 << 20
-_COPY_THREADS = os.cpu_count() or 1
-_POOL: ThreadPoolExecutor | None = None
-
-
-def _copy_pool() -> ThreadPoolExecutor:
-    global _POOL
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=max(1, _COPY_THREADS - 1),
-                                   thread_name_prefix="opbench-cpu-copy")
-    return _POOL
+PARALLEL_COPY_BYTES = 1 << 20  # below this a second thread's wake-up costs more than it saves
 
 
 def _cpy_rows(view, out, use_jit: bool) -> None:
-    if (use_jit and view.dtype == F32 and out.dtype == np.float16 and out.flags.c_contiguous
-            and jit.available()):
-        jit.f32_to_f16(np.ascontiguousarray(view), out)  # NumPy's f16 cast: ~1 GB/s
+    if use_jit and view.dtype != out.dtype and out.flags.c_contiguous and jit.handles(view, out):
+        jit.convert(np.ascontiguousarray(view), out)  # NumPy's f16 casts: ~1 GB/s
     elif view.dtype == out.dtype or view.dtype == F32:
         with np.errstate(over="ignore", invalid="ignore"):  # overflow to +-inf: correct
             np.copyto(out, view, casting="unsafe")  # f32 -> f16/bf16 rounds to nearest even
