@@ -34,8 +34,6 @@ def _threads() -> int:
     return int(configured) if configured.isdigit() else len(os.sched_getaffinity(0))
 
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", str(_threads()))  # before NumPy is imported
-
 
 def load_base_cpu(base_root: Path):
     """The base checkout's CpuBackend class, its package imported as opbench.backends.base_cpu
@@ -107,8 +105,16 @@ def main(argv=None) -> int:
     p.add_argument("--base", type=Path, help="a checkout of the code to compare against")
     p.add_argument("--budget-ms", type=float, default=300.0, help="per side and case")
     p.add_argument("-p", "--pattern", help="only case ids matching this regex")
+    p.add_argument("--threads", type=int, help="threads per side (default: the usable CPUs)")
+    p.add_argument("--pin-cpu", type=int, help="run every side on this one CPU")
     args = p.parse_args(argv)
-    print(f"threads per side: {_threads()}; load: {os.getloadavg()[0]:.2f} (1-min average)")
+    if args.pin_cpu is not None:
+        os.sched_setaffinity(0, {args.pin_cpu})  # threads started from now on inherit it
+    if args.threads:
+        os.environ["NUMBA_NUM_THREADS"] = str(args.threads)
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", str(_threads()))  # before NumPy loads
+    print(f"threads per side: {_threads()}; CPUs {sorted(os.sched_getaffinity(0))}; "
+          f"load: {os.getloadavg()[0]:.2f} (1-min average)")
     print(f"{'cpu us':>10} {'best peer us':>16} {'old':>7} {'new':>7}  case  (ratio = peer/cpu)")
     sides = make_sides(args.base)
     try:

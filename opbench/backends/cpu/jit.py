@@ -85,7 +85,7 @@ def scatter_rows(dst, src, slots) -> None:
     _split(lambda s, sl: scatter(dst2, s, sl), len(src2), src2.shape[1], src2, slots)
 
 
-# -- ROPE, KV_ROTATE, ATTN ------------------------------------------------------------------------
+# -- ROPE, KV_ROTATE ------------------------------------------------------------------------------
 def rope(x, cos, sin, out, adjacent: bool) -> None:
     """Rotate x [tokens, heads, n_dims] into out (must not alias x); cos/sin float32
     [tokens, n_dims/2]; pairs (2i, 2i+1) when ``adjacent`` else (i, i + n_dims/2)."""
@@ -98,18 +98,6 @@ def kv_rotate(cache, blocks, deltas, lut, interleaved: bool) -> None:
     rotate, cache_bits = _load().kv_rotate, bits(cache)
     _split(lambda b, d: rotate(cache_bits, b, d, lut, interleaved), len(blocks), cache[0].size,
            blocks, deltas)
-
-
-def attend(q, k, v, table, q_pos, key_range, scal, extras, out, lse, q_block: int) -> None:
-    """See ``numba_kernels.attend``; units are (kv head, query block) pairs."""
-    n_kv_heads = k.shape[2]
-    units = n_kv_heads * -(-len(q) // q_block)
-    mask, slopes, sinks = extras
-    work = q.size * max(1, int(key_range[1].max() - key_range[0].min()))
-    args = (q, bits(k), bits(v), table, q_pos, key_range[0], key_range[1], scal, mask, slopes,
-            sinks, out, lse, q_block)
-    parallel.run_split(lambda lo, hi: _load().attend(*args, lo, hi), units,
-                       min_per_part=max(1, PARALLEL_ELEMENTS * units // max(1, work)))
 
 
 # -- loading -------------------------------------------------------------------------------------

@@ -50,16 +50,27 @@ def rope(x, pos, out, p: RopeParams, freq_factors, cache: RopeCache | None,
     if np.may_share_memory(x, out):
         x = x.copy()  # the rotation reads both halves after writing the first
     rotated_x, rotated_out = x[..., : p.n_dims], out[..., : p.n_dims]
-    if use_jit and jit.handles(x, out):  # one fused pass, split over the cores
+    if use_jit and jit.handles(x, out) and not (p.mode == "normal" and x.dtype == F32):
         jit.rope(rotated_x, cos, sin, rotated_out, adjacent=p.mode == "normal")
-    else:
-        rotate = _rotate_adjacent if p.mode == "normal" else _rotate_halves
-        step = max(1, ROPE_CHUNK_BYTES // (n_heads * head_dim * 4))
-        for start in range(0, n_tokens, step):
-            rows = slice(start, start + step)
+        _pass_through(x, out, p.n_dims)
+        return
+    # f32 normal mode: NumPy's complex multiply is SIMD and beats the numba loop over pairs
+    rotate = _rotate_adjacent if p.mode == "normal" else _rotate_halves
+    step = max(1, ROPE_CHUNK_BYTES // (n_heads * head_dim * 4))
+    chunks = [slice(start, start + step) for start in range(0, n_tokens, step)]
+
+    def rotate_chunks(lo: int, hi: int) -> None:  # NumPy releases the GIL: parts run in parallel
+        for rows in chunks[lo:hi]:
             rotate(rotated_x[rows], cos[rows], sin[rows], rotated_out[rows])
-    if p.n_dims < head_dim:
-        out[..., p.n_dims :] = x[..., p.n_dims :]
+
+    parallel.run_split(rotate_chunks, len(chunks))
+    _pass_through(x, out, p.n_dims)
+
+
+def _pass_through(x, out, n_dims: int) -> None:
+    """Dims past n_dims are copied unchanged."""
+    if n_dims < x.shape[-1]:
+        out[..., n_dims:] = x[..., n_dims:]
 
 
 def _rope_cos_sin(pos, p: RopeParams, freq_factors, cache: RopeCache | None):
@@ -86,13 +97,15 @@ def _cos_sin_for(positions, p, freq_factors, cache):
 
 
 def _rotate_adjacent(x, cos, sin, out) -> None:
-    """normal mode, pairs (2i, 2i+1): the complex product (a + ib)(c + is) written out, with
-    the numba kernel's float32 operations (NumPy's complex multiply may fuse them)."""
+    """normal mode, pairs (2i, 2i+1): one complex multiply by cos + i*sin is the rotation."""
     xf = as_f32(x)
-    direct = out.dtype == F32
+    if xf.strides[-1] != 4:
+        xf = np.ascontiguousarray(xf)
+    direct = out.dtype == F32 and out.strides[-1] == 4
     target = out if direct else np.empty(x.shape, F32)
-    c, s = cos[:, None, :], sin[:, None, :]
-    rotate_pairs(xf[..., 0::2], xf[..., 1::2], c, s, target[..., 0::2], target[..., 1::2])
+    w = np.empty(cos.shape, np.complex64)
+    w.real, w.imag = cos, sin
+    np.multiply(xf.view(np.complex64), w[:, None, :], out=target.view(np.complex64))
     if not direct:
         store(out, target)  # the single rounding to the storage dtype
 
@@ -140,12 +153,7 @@ def alibi_slopes(n_heads: int, max_bias: float) -> np.ndarray:
 def attention(q, k, v, out, p: AttnParams, mask=None, sinks=None, lse=None,
               use_jit: bool = True) -> None:
     n_q, n_kv = q.shape[0], k.shape[0]
-    q_pos = np.arange(n_kv - n_q, n_kv)
-    if use_jit and jit.handles(k, v):  # one block of n_kv keys: table [0]
-        _attend_jit(q, k[None], v[None], np.zeros(1, np.int64), q_pos, n_kv, p,
-                    (mask, sinks), out, lse)
-        return
-    o, l_se = attend(q, k, v, p, q_pos, mask, sinks)
+    o, l_se = attend_heads(q, k, v, p, np.arange(n_kv - n_q, n_kv), mask, sinks)
     out[...] = o
     if lse is not None:
         lse[...] = l_se
@@ -160,44 +168,33 @@ def paged_attention(q, k_cache, v_cache, out, p: AttnParams, block_table, seq_le
         n_q, n_kv = rows.stop - rows.start, int(seq_lens[s])
         if n_q == 0:
             continue
-        q_pos = np.arange(n_kv - n_q, n_kv)
-        if use_jit and jit.handles(k_cache, v_cache):  # reads the blocks in place
-            _attend_jit(q[rows], k_cache, v_cache, block_table[s], q_pos, n_kv, p,
-                        (None, sinks), out[rows], None if lse is None else lse[rows])
-            continue
         blocks = block_table[s, : -(-n_kv // block_size)]
         k = _gather_blocks(k_cache, blocks, n_kv)
         v = _gather_blocks(v_cache, blocks, n_kv)
-        o, l_se = attend(q[rows], k, v, p, q_pos, None, sinks)
+        o, l_se = attend_heads(q[rows], k, v, p, np.arange(n_kv - n_q, n_kv), None, sinks)
         out[rows] = o
         if lse is not None:
             lse[rows] = l_se
 
 
-ATTN_JIT_Q_BLOCK = 16  # queries per unit of work: a unit's rows (x group) share each K/V tile
+def attend_heads(q, k, v, p: AttnParams, q_pos, mask, sinks):
+    """``attend`` with the kv heads split over the cores.  Every head is computed alone by
+    the same operations (a batched matmul is one GEMM per head), so the bits do not depend on
+    the split."""
+    n_kv_heads = k.shape[1]
+    group = q.shape[1] // n_kv_heads
+    out = np.empty(q.shape[:2] + v.shape[2:], F32)
+    lse = np.empty(q.shape[:2], F32)
+    slopes = alibi_slopes(q.shape[1], p.max_bias)
 
+    def heads_part(lo: int, hi: int) -> None:
+        heads = slice(lo * group, hi * group)
+        out[:, heads], lse[:, heads] = attend(
+            q[:, heads], k[:, lo:hi], v[:, lo:hi], p, q_pos, mask,
+            None if sinks is None else sinks[heads], slopes[heads])
 
-def _attend_jit(q, k_cache, v_cache, table, q_pos, n_kv, p: AttnParams, optional, out, lse):
-    """The numba kernel over caches [blocks, block_size, Hkv, D]; float32 results, then the
-    one rounding to out's dtype."""
-    mask, sinks = optional
-    n_q, n_heads = q.shape[:2]
-    hi = np.minimum(n_kv, q_pos + 1) if p.causal else np.full(n_q, n_kv)
-    lo = np.maximum(0, q_pos - p.window + 1) if p.window > 0 else np.zeros(n_q, np.int64)
-    key_range = (lo.astype(np.int64), np.maximum(lo, hi).astype(np.int64))
-    scal = (F32(p.scale), F32(p.softcap), F32(1.0 / p.softcap if p.softcap > 0 else 0.0),
-            bool(p.causal), int(p.window))
-    empty = np.empty(0, F32)
-    extras = (np.ascontiguousarray(as_f32(mask)) if mask is not None else np.empty((0, 0), F32),
-              alibi_slopes(n_heads, p.max_bias) if p.max_bias > 0.0 else empty,
-              np.ascontiguousarray(as_f32(sinks)).reshape(-1) if sinks is not None else empty)
-    out32 = np.empty(out.shape, F32)
-    lse32 = np.empty((n_q, n_heads), F32)
-    jit.attend(np.ascontiguousarray(as_f32(q)), k_cache, v_cache, table, q_pos, key_range,
-               scal, extras, out32, lse32, ATTN_JIT_Q_BLOCK)
-    store(out, out32)
-    if lse is not None:
-        lse[...] = lse32
+    parallel.run_split(heads_part, n_kv_heads)
+    return out, lse
 
 
 def _gather_blocks(cache, blocks, n_kv):
@@ -229,19 +226,22 @@ def _check_paged_tables(total_q, cache_shape, block_table, seq_lens, q_start) ->
             )
 
 
-def attend(q, k, v, p: AttnParams, q_pos, mask, sinks):
+def attend(q, k, v, p: AttnParams, q_pos, mask, sinks, slopes=None):
     """Attention of one sequence -> (out [n_q, H, Dv], lse [n_q, H]).  With causal or window
     masking, queries go in blocks: an early block of a prefill skips the keys after it."""
+    if slopes is None:
+        slopes = alibi_slopes(q.shape[1], p.max_bias)
     if not (p.causal or p.window > 0) or len(q) <= ATTN_Q_BLOCK:
-        return _attend_block(q, k, v, p, q_pos, mask, sinks)
+        return _attend_block(q, k, v, p, q_pos, mask, sinks, slopes)
     parts = [
-        _attend_block(q[rows], k, v, p, q_pos[rows], None if mask is None else mask[rows], sinks)
+        _attend_block(q[rows], k, v, p, q_pos[rows], None if mask is None else mask[rows], sinks,
+                      slopes)
         for rows in (slice(i, i + ATTN_Q_BLOCK) for i in range(0, len(q), ATTN_Q_BLOCK))
     ]
     return np.concatenate([o for o, _ in parts]), np.concatenate([lse for _, lse in parts])
 
 
-def _attend_block(q, k, v, p: AttnParams, q_pos, mask, sinks):
+def _attend_block(q, k, v, p: AttnParams, q_pos, mask, sinks, slopes):
     """Blocked online-softmax attention of a block of queries.
 
     Query heads are grouped per kv head (GQA) so each tile is one batched matmul
@@ -252,7 +252,7 @@ def _attend_block(q, k, v, p: AttnParams, q_pos, mask, sinks):
     qg = as_f32(q).reshape(n_q, n_kv_heads, group, -1).transpose(1, 2, 0, 3)
     qg = qg.reshape(n_kv_heads, group * n_q, -1)
     state = _SoftmaxState(n_kv_heads, group, n_q, d_v, sinks)
-    slopes = alibi_slopes(n_heads, p.max_bias).reshape(n_kv_heads, group, 1, 1)
+    slopes = slopes.reshape(n_kv_heads, group, 1, 1)  # ALiBi slopes of these heads
     lo, hi = _visible_key_range(p, q_pos, n_kv)
     for start in range(lo, hi, ATTN_TILE):
         keys = np.arange(start, min(hi, start + ATTN_TILE))

@@ -14,10 +14,12 @@ every parallel loop), else the number of CPUs this process may run on.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 _POOL: ThreadPoolExecutor | None = None
+_state = threading.local()  # .inside: this thread is running a part
 
 
 def thread_count() -> int:
@@ -41,16 +43,26 @@ def run_split(kernel: Callable[[int, int], None], n: int, *, min_per_part: int =
     """kernel(lo, hi) over range(n) in parts of at least ``min_per_part`` (small calls stay on
     one thread: waking another costs tens of microseconds)."""
     parts = split(n, min(thread_count(), max(1, n // max(1, min_per_part))))
-    if len(parts) <= 1:
+    if len(parts) <= 1 or getattr(_state, "inside", False):
+        # one part, or called from inside a part (a pool thread waiting for the pool could
+        # wait forever): run here
         if n:
             kernel(0, n)
         return
-    futures = [_pool().submit(kernel, lo, hi) for lo, hi in parts[1:]]
+    futures = [_pool().submit(_as_part, kernel, lo, hi) for lo, hi in parts[1:]]
     try:
-        kernel(*parts[0])
+        _as_part(kernel, *parts[0])
     finally:
         for future in futures:
             future.result()
+
+
+def _as_part(kernel: Callable[[int, int], None], lo: int, hi: int) -> None:
+    _state.inside = True
+    try:
+        kernel(lo, hi)
+    finally:
+        _state.inside = False
 
 
 def _pool() -> ThreadPoolExecutor:
