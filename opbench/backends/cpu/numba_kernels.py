@@ -62,13 +62,13 @@ def _f32_from_bits(typingctx, bits):
     return types.float32(bits), codegen
 
 
-@numba.njit(inline="always")
+@numba.njit
 def f32_to_f16_bits(x):
     """The one float32 -> float16 rounding of the backend (NaN: quiet, top payload bits)."""
     return _fptrunc_half_bits(x)
 
 
-@numba.njit(inline="always")
+@numba.njit
 def f16_bits_to_f32(h):
     """Exact float16 -> float32, NaN payloads kept as NumPy keeps them (a signalling NaN stays
     signalling: the quiet bit the hardware sets is cleared again)."""
@@ -82,7 +82,7 @@ def to_f32(v):  # pragma: no cover - typed by the overload below
     """An element of a float32 or float16-bits array as float32."""
 
 
-@overload(to_f32, inline="always")
+@overload(to_f32)
 def _to_f32(v):
     if v == types.uint16:
         return lambda v: f16_bits_to_f32(v)
@@ -95,7 +95,7 @@ def from_f32(v, out):  # pragma: no cover - typed by the overload below
     """float32 v as an element of ``out`` (float32, or float16 bits: rounded once)."""
 
 
-@overload(from_f32, inline="always")
+@overload(from_f32)
 def _from_f32(v, out):
     if out.dtype == types.uint16:
         return lambda v, out: _fptrunc_half_bits(v)
@@ -108,7 +108,7 @@ def move(v, out):  # pragma: no cover - typed by the overload below
     """An element moved into ``out``'s type: unchanged bits when the types match."""
 
 
-@overload(move, inline="always")
+@overload(move)
 def _move(v, out):
     if v == out.dtype:
         return lambda v, out: v
