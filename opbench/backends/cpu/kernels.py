@@ -148,8 +148,7 @@ def alibi_slopes(n_heads: int, max_bias: float) -> np.ndarray:
     return np.where(h < n_log2, m0 ** (h + 1), m1 ** (2 * (h - n_log2) + 1)).astype(F32)
 
 
-def attention(q, k, v, out, p: AttnParams, mask=None, sinks=None, lse=None,
-              use_jit: bool = True) -> None:
+def attention(q, k, v, out, p: AttnParams, mask=None, sinks=None, lse=None) -> None:
     n_q, n_kv = q.shape[0], k.shape[0]
     o, l_se = attend_heads(q, k, v, p, np.arange(n_kv - n_q, n_kv), mask, sinks)
     out[...] = o
@@ -158,7 +157,7 @@ def attention(q, k, v, out, p: AttnParams, mask=None, sinks=None, lse=None,
 
 
 def paged_attention(q, k_cache, v_cache, out, p: AttnParams, block_table, seq_lens, q_start,
-                    sinks=None, lse=None, use_jit: bool = True) -> None:
+                    sinks=None, lse=None) -> None:
     _check_paged_tables(q.shape[0], k_cache.shape, block_table, seq_lens, q_start)
     block_size = k_cache.shape[1]
     for s in range(len(seq_lens)):
