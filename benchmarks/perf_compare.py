@@ -75,11 +75,11 @@ def measure(sides: dict, budget_ms: float, pattern: str | None) -> dict[str, dic
     """case id -> side -> median ns, every case timed on all sides interleaved."""
     import re
 
-    from opbench.perf.run import PerfOptions, full_cases, run_ab_case
+    from opbench.perf.run import PerfOptions, perf_cases, run_ab_case
 
     options = PerfOptions(budget_ms=budget_ms, min_samples=10, epochs=2)
     table: dict[str, dict[str, float]] = {}
-    for case in full_cases():
+    for case in perf_cases("full"):
         if case.op not in OPS or (pattern and not re.search(pattern, case.id)):
             continue
         records = run_ab_case(sides, case, options, run_id="perf-compare")
