@@ -1,81 +1,131 @@
-"""Issue 6: our cpu backend side by side with ggml and torch, as throughput ratios per case.
+"""The cpu backend against ggml and torch, before and after, timed interleaved in one run.
 
-    OPENBLAS_NUM_THREADS=1 OMP_WAIT_POLICY=passive PYTHONPATH=. .venv/bin/python \\
-        benchmarks/perf_compare.py --run --results /tmp/issue6.jsonl
+    git worktree add /tmp/speed-base BASE_COMMIT      # the code to compare against
+    PYTHONPATH=. python benchmarks/perf_compare.py --base /tmp/speed-base --budget-ms 300
 
-``--run`` first runs ``opbench perf -b cpu,ggml,torch -o ROPE,ATTN,CPY`` (one process, one run id)
-into ``--results``; without it an existing results file is read.  A ratio is cpu throughput over
-the other backend's (median times, other/cpu): 0.5 means cpu does half the work per second.
-The issue's target: cpu >= 0.5 of ggml on ROPE and CPY.
+For every perf case of ROPE, ATTN, KV_ROTATE, CPY, SET_ROWS and GET_ROWS (``--sizes full``)
+four sides run in one process, in interleaved rounds (``opbench perf --ab``'s machinery:
+``perf.run.run_ab_case``, seeded random order per round, fresh buffers per epoch): this
+checkout's ``cpu``, the base checkout's ``cpu`` (its ``opbench/backends/cpu`` package loaded
+under another name, everything else shared), ``ggml`` and ``torch``.  Drift on a shared
+machine hits all four alike.  A ratio is the best peer's median time over cpu's (> 1: cpu
+faster); "old" uses the base cpu's median from the same rounds.
+
+Threads are equal on every side: the cpu backend splits its kernels over ``NUMBA_NUM_THREADS``
+(default: the CPUs this process may use), ggml gets ``n_threads`` and torch
+``torch.set_num_threads`` of the same count, and BLAS (the base cpu's matmuls) the same count
+through ``OPENBLAS_NUM_THREADS``, set here before NumPy loads.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
 import sys
+from pathlib import Path
 
-TARGET = 0.5
-TARGET_OPS = ("ROPE", "CPY")
+OPS = ("ROPE", "ATTN", "KV_ROTATE", "CPY", "SET_ROWS", "GET_ROWS")
+PEERS = ("ggml", "torch")
 
 
-def medians(records: list[dict]) -> dict[str, dict[str, float]]:
-    """case id -> backend -> median ns, from OK perf records (the last one of a case wins)."""
+def _threads() -> int:
+    configured = os.environ.get("NUMBA_NUM_THREADS", "")
+    return int(configured) if configured.isdigit() else len(os.sched_getaffinity(0))
+
+
+
+def load_base_cpu(base_root: Path):
+    """The base checkout's CpuBackend class, its package imported as opbench.backends.base_cpu
+    (relative imports of shared helpers resolve to this checkout's, which are the same)."""
+    package = base_root / "opbench" / "backends" / "cpu"
+    name = "opbench.backends.base_cpu"
+    spec = importlib.util.spec_from_file_location(
+        name, package / "__init__.py", submodule_search_locations=[str(package)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module.CpuBackend
+
+
+def make_sides(base_root: Path | None) -> dict:
+    import torch
+
+    from opbench.backends.cpu import CpuBackend
+    from opbench.backends.ggml_backend import GgmlBackend
+
+    threads = _threads()
+    torch.set_num_threads(threads)
+    sides = {"cpu": CpuBackend()}
+    if base_root is not None:
+        sides["cpu-base"] = load_base_cpu(base_root)()
+    sides.update(ggml=GgmlBackend(n_threads=threads), torch=_torch_backend())
+    for backend in sides.values():
+        backend.devices(1)
+    return sides
+
+
+def _torch_backend():
+    from opbench.harness.registry import backend_class
+
+    return backend_class("torch")()
+
+
+def measure(sides: dict, budget_ms: float, pattern: str | None) -> dict[str, dict[str, float]]:
+    """case id -> side -> median ns, every case timed on all sides interleaved."""
+    import re
+
+    from opbench.perf.run import PerfOptions, perf_cases, run_ab_case
+
+    options = PerfOptions(budget_ms=budget_ms, min_samples=10, epochs=2)
     table: dict[str, dict[str, float]] = {}
-    for r in records:
-        if r["kind"] == "perf" and r["status"] == "OK" and r.get("perf"):
-            table.setdefault(r["case_id"], {})[r["backend"]] = r["perf"]["median_ns"]
+    for case in perf_cases("full"):
+        if case.op not in OPS or (pattern and not re.search(pattern, case.id)):
+            continue
+        records = run_ab_case(sides, case, options, run_id="perf-compare")
+        table[case.id] = {label: r["perf"]["median_ns"] for label, r in records.items()
+                          if r["status"] == "OK"}
+        print(_row(case.id, table[case.id]), flush=True)
     return table
 
 
-def ratio_lines(table, base: str, others: list[str]) -> list[str]:
-    head = f"{base + ' us':>12s}" + "".join(f"{base + '/' + o:>12s}" for o in others)
-    lines = [head + "  case"]
-    for case_id, by_backend in table.items():
-        if base not in by_backend:
-            continue
-        cells = [f"{by_backend[base] / 1e3:12.1f}"]
-        for other in others:
-            ns = by_backend.get(other)
-            cells.append(f"{ns / by_backend[base]:12.2f}" if ns else f"{'-':>12s}")
-        lines.append("".join(cells) + "  " + case_id)
-    return lines
-
-
-def misses(table, base: str, reference: str) -> list[str]:
-    """Cases of TARGET_OPS where ``base`` has less than TARGET of ``reference``'s throughput."""
-    out = []
-    for case_id, by_backend in table.items():
-        if case_id.split("(")[0] in TARGET_OPS and base in by_backend and reference in by_backend:
-            ratio = by_backend[reference] / by_backend[base]
-            if ratio < TARGET:
-                out.append(f"{ratio:.2f}  {case_id}")
-    return out
+def _row(case_id: str, times: dict[str, float]) -> str:
+    peers = {p: times[p] for p in PEERS if p in times}
+    if "cpu" not in times or not peers:
+        return f"{'-':>10} {'-':>16} {'-':>7} {'-':>7}  {case_id}"
+    best = min(peers, key=peers.get)
+    new = peers[best] / times["cpu"]
+    old = f"{peers[best] / times['cpu-base']:7.2f}" if "cpu-base" in times else f"{'-':>7}"
+    return (f"{times['cpu'] / 1e3:10.1f} {best:>5} {peers[best] / 1e3:10.1f} {old} {new:7.2f}"
+            f"  {case_id}")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--results", required=True)
-    p.add_argument("--run", action="store_true", help="run opbench perf into --results first")
-    p.add_argument("--budget-ms", default="1000")
-    p.add_argument("--backends", default="cpu,ggml,torch")
+    p.add_argument("--base", type=Path, help="a checkout of the code to compare against")
+    p.add_argument("--budget-ms", type=float, default=300.0, help="per side and case")
+    p.add_argument("-p", "--pattern", help="only case ids matching this regex")
+    p.add_argument("--threads", type=int, help="threads per side (default: the usable CPUs)")
+    p.add_argument("--pin-cpu", type=int, help="run every side on this one CPU")
     args = p.parse_args(argv)
-    if args.run:
-        from opbench.cli.main import main as opbench
-
-        code = opbench(["perf", "-b", args.backends, "-o", "ROPE,ATTN,CPY", "--budget-ms",
-                        args.budget_ms, "--min-samples", "10", "--results", args.results])
-        if code:
-            return code
-    from opbench.harness.store import read_records
-
-    table = medians(read_records(args.results))
-    base, *others = args.backends.split(",")
-    print(f"\nthroughput ratios ({base} over each; > 1: {base} faster)")
-    print("\n".join(ratio_lines(table, base, others)))
-    missed = misses(table, base, "ggml") if "ggml" in others else []
-    print(f"\n{base} below {TARGET:.0%} of ggml on {'/'.join(TARGET_OPS)}: "
-          + ("none" if not missed else f"{len(missed)} case(s)"))
-    print("\n".join("  " + m for m in missed))
+    if args.pin_cpu is not None:
+        os.sched_setaffinity(0, {args.pin_cpu})  # threads started from now on inherit it
+    if args.threads:
+        os.environ["NUMBA_NUM_THREADS"] = str(args.threads)
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", str(_threads()))  # before NumPy loads
+    print(f"threads per side: {_threads()}; CPUs {sorted(os.sched_getaffinity(0))}; "
+          f"load: {os.getloadavg()[0]:.2f} (1-min average)")
+    print(f"{'cpu us':>10} {'best peer us':>16} {'old':>7} {'new':>7}  case  (ratio = peer/cpu)")
+    sides = make_sides(args.base)
+    try:
+        table = measure(sides, args.budget_ms, args.pattern)
+    finally:
+        for backend in sides.values():
+            backend.close()
+    below = [case for case, times in table.items()
+             if "cpu" in times and any(p in times for p in PEERS)
+             and min(times[p] for p in PEERS if p in times) < times["cpu"]]
+    print(f"load: {os.getloadavg()[0]:.2f}; cases below 1.0: {len(below)} of {len(table)}")
     return 0
 
 

@@ -49,7 +49,7 @@ def test_copies_split_across_threads_equal_the_oracle(monkeypatch, perm, step, d
     from opbench.reference import copies
 
     monkeypatch.setattr(kernels, "PARALLEL_COPY_BYTES", 0)  # force the threaded path
-    monkeypatch.setattr(kernels, "_COPY_THREADS", 3)  # uneven parts on any machine
+    monkeypatch.setenv("NUMBA_NUM_THREADS", "3")  # uneven parts on any machine
     src = np.random.default_rng(3).uniform(-70000, 70000, (37, 5, 64)).astype(np.float32)
     expected = copies.cpy(src, np.dtype(dst), perm=perm, step=step)
     out = np.full(expected.shape, np.nan, dst)

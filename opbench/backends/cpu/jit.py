@@ -1,10 +1,9 @@
-"""Optional numba kernels for the loops NumPy cannot do in one pass (neox RoPE: pairs half a
-head apart need four strided NumPy passes; one fused loop is ~5x faster).
+"""Optional numba kernels (numba_kernels.py) and the host side that splits them over the cores.
 
 numba is optional: ``available()`` is False without it and the NumPy kernels are used.  It is
 imported lazily (on the first call that could use it), so importing the backend stays cheap.
-The loops do the same float32 operations in the same order as the NumPy path, without
-fastmath, so both paths give the same results.
+float16 arrays are handed to the kernels as their uint16 bit patterns.  Results never depend
+on the thread count: see ``parallel``.
 """
 
 from __future__ import annotations
@@ -13,12 +12,19 @@ import threading
 
 import numpy as np
 
+from . import parallel
+
 _lock = threading.Lock()
-_kernels: dict | None = None
+_kernels: object | None = None
+F16, F32 = np.dtype(np.float16), np.dtype(np.float32)
+#: storage dtypes the kernels read and write (bfloat16 takes the NumPy path)
+KERNEL_DTYPES = (F16, F32)
+PARALLEL_ELEMENTS = 1 << 16  # below this one call stays on its thread (a wake-up is ~20 us)
 
 
 def available() -> bool:
-    """numba imports and compiles the kernels (the first call pays ~2 s; later ones nothing)."""
+    """numba imports and compiles the kernels (the first call pays the compile or a cache
+    load; later ones nothing)."""
     return bool(_load())
 
 
@@ -29,38 +35,73 @@ def installed() -> bool:
     return importlib.util.find_spec("numba") is not None
 
 
-def rotate_halves_f32(x, cos, sin, out) -> None:
-    """out[..., i], out[..., i+half] = (a*c - b*s, b*c + a*s); x, out float32 [n, H, n_dims]
-    (out must not alias x); cos, sin float32 [n, n_dims/2]."""
-    _load()["rotate_halves"](x, cos, sin, out)
+def handles(*arrays: np.ndarray) -> bool:
+    """True when every array has a kernel dtype and numba is available."""
+    return all(a.dtype in KERNEL_DTYPES for a in arrays) and available()
 
 
+def bits(a: np.ndarray) -> np.ndarray:
+    """What a kernel is handed: float16 as uint16 bit patterns, anything else unchanged."""
+    return a.view(np.uint16) if a.dtype == F16 else a
+
+
+def _split(kernel, n: int, elements_per_item: int, *args, whole=()) -> None:
+    """kernel(*(a[lo:hi] for a in args), *whole) over parts of range(n)."""
+    min_items = max(1, PARALLEL_ELEMENTS // max(1, elements_per_item))
+    parallel.run_split(lambda lo, hi: kernel(*(a[lo:hi] for a in args), *whole), n,
+                       min_per_part=min_items)
+
+
+# -- conversions and copies --------------------------------------------------------------------
 def f32_to_f16(src, dst) -> None:
-    """dst (float16, contiguous) = src (float32, contiguous, same shape) rounded to nearest
-    even -- NumPy's own cast runs at about 1 GB/s, this loop several times faster."""
-    _load()["f32_to_f16"](src.reshape(-1).view(np.uint32), dst.reshape(-1).view(np.uint16))
+    """dst (float16, contiguous) = src (float32, same shape) rounded to nearest even."""
+    convert(np.ascontiguousarray(src), dst)
 
 
 def f16_to_f32(src) -> np.ndarray:
-    """float16 array (any layout) -> new contiguous float32 array, exact (a table lookup)."""
-    flat = np.ascontiguousarray(src).reshape(-1).view(np.uint16)
-    out = np.empty(flat.shape, np.float32)
-    _load()["f16_to_f32"](flat, out, _half_table())
-    return out.reshape(src.shape)
+    """float16 array (any layout) -> new contiguous float32 array, exact."""
+    out = np.empty(src.shape, F32)
+    convert(np.ascontiguousarray(src), out)
+    return out
 
 
-_HALF_TABLE: np.ndarray | None = None
+def convert(src, dst) -> None:
+    """dst[...] = src for contiguous arrays of one shape: exact, or rounded once to dst."""
+    flat_src, flat_dst = bits(src).reshape(-1), bits(dst).reshape(-1)
+    _split(_load().convert_flat, flat_src.size, 1, flat_src, flat_dst)
 
 
-def _half_table() -> np.ndarray:
-    global _HALF_TABLE
-    if _HALF_TABLE is None:
-        _HALF_TABLE = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(
-            np.float16).astype(np.float32)
-    return _HALF_TABLE
+def gather_rows(src, rows, out) -> None:
+    """out[r] = src[rows[r]], converted; rows already checked to be in range."""
+    src2, out2 = bits(src).reshape(len(src), -1), bits(out).reshape(len(out), -1)
+    gather = _load().gather_rows
+    _split(lambda r, o: gather(src2, r, o), len(out2), out2.shape[1], rows, out2)
 
 
-def _load() -> dict:
+def scatter_rows(dst, src, slots) -> None:
+    """dst[slots[r]] = src[r] for slots >= 0 (distinct, already checked), converted."""
+    dst2, src2 = bits(dst).reshape(len(dst), -1), bits(src).reshape(len(src), -1)
+    scatter = _load().scatter_rows
+    _split(lambda s, sl: scatter(dst2, s, sl), len(src2), src2.shape[1], src2, slots)
+
+
+# -- ROPE, KV_ROTATE ------------------------------------------------------------------------------
+def rope(x, cos, sin, out, adjacent: bool) -> None:
+    """Rotate x [tokens, heads, n_dims] into out (must not alias x); cos/sin float32
+    [tokens, n_dims/2]; pairs (2i, 2i+1) when ``adjacent`` else (i, i + n_dims/2)."""
+    kernel = _load().rope_adjacent if adjacent else _load().rope_halves
+    _split(kernel, len(x), x[0].size if len(x) else 1, bits(x), cos, sin, bits(out))
+
+
+def kv_rotate(cache, blocks, deltas, lut, interleaved: bool) -> None:
+    """In place, blocks distinct (each part writes its own blocks)."""
+    rotate, cache_bits = _load().kv_rotate, bits(cache)
+    _split(lambda b, d: rotate(cache_bits, b, d, lut, interleaved), len(blocks), cache[0].size,
+           blocks, deltas)
+
+
+# -- loading -------------------------------------------------------------------------------------
+def _load():
     global _kernels
     with _lock:
         if _kernels is None:
@@ -68,72 +109,20 @@ def _load() -> dict:
     return _kernels
 
 
-def _compile() -> dict:
+def _compile():
     try:
-        import numba
+        from . import numba_kernels
     except ImportError:
-        return {}
-
-    @numba.njit(cache=True, nogil=True)
-    def rotate_halves(x, cos, sin, out):  # pragma: no cover - compiled
-        n, n_heads, n_dims = x.shape
-        half = n_dims // 2
-        for t in range(n):
-            for h in range(n_heads):
-                for i in range(half):
-                    a = x[t, h, i]
-                    b = x[t, h, i + half]
-                    c = cos[t, i]
-                    s = sin[t, i]
-                    out[t, h, i] = a * c - b * s
-                    out[t, h, i + half] = b * c + a * s
-
-    @numba.njit(cache=True, nogil=True)
-    def f32_to_f16(src, dst):  # pragma: no cover - compiled
-        # IEEE binary32 -> binary16 on the bit patterns, round to nearest even.  Every path is
-        # computed and one is selected, so the loop has no data-dependent branch and LLVM
-        # vectorizes it (1.5x the branchy version).  Normal: rebias the exponent, add
-        # 0xfff + the lowest kept bit (ties to even), shift.  Subnormal: the 24-bit mantissa
-        # shifted right by 126 - exponent with explicit round-half-even.  Overflow: inf; NaN
-        # stays a quiet NaN with its top payload bits.
-        one = np.uint32(1)
-        for i in range(src.size):
-            x = src[i]
-            a = x & np.uint32(0x7FFFFFFF)
-            sign = (x >> np.uint32(16)) & np.uint32(0x8000)
-            normal = (a + np.uint32(0xC8000FFF) + ((a >> np.uint32(13)) & one)) >> np.uint32(13)
-            e = a >> np.uint32(23)
-            m = (a & np.uint32(0x7FFFFF)) | np.uint32(0x800000)
-            shift = np.uint32(126) - e if e < np.uint32(125) else one
-            shift = shift if shift < np.uint32(31) else np.uint32(31)
-            kept = m >> shift
-            rest = m & ((one << shift) - one)
-            half = one << (shift - one)
-            up = rest > half or (rest == half and (kept & one) == one)
-            subnormal = kept + (one if up else np.uint32(0))
-            nan = np.uint32(0x7E00) | ((a >> np.uint32(13)) & np.uint32(0x3FF))
-            special = nan if a > np.uint32(0x7F800000) else np.uint32(0x7C00)
-            big = special if a >= np.uint32(0x47800000) else normal
-            h = subnormal if a < np.uint32(0x38800000) else big
-            dst[i] = np.uint16(h | sign)
-
-    @numba.njit(cache=True, nogil=True)
-    def f16_to_f32(src, dst, table):  # pragma: no cover - compiled
-        for i in range(src.size):
-            dst[i] = table[src[i]]
-
-    return _warmed_up({"rotate_halves": rotate_halves, "f32_to_f16": f32_to_f16,
-                       "f16_to_f32": f16_to_f32})
-
-
-def _warmed_up(kernels: dict) -> dict:
-    """Compile now on tiny inputs; a numba that cannot compile means the NumPy path is used."""
-    x = np.ones((1, 1, 2), np.float32)
-    cs = np.ones((1, 1), np.float32)
+        return False
     try:
-        kernels["rotate_halves"](x, cs, cs, np.empty_like(x))
-        kernels["f32_to_f16"](np.ones(1, np.uint32), np.empty(1, np.uint16))
-        kernels["f16_to_f32"](np.ones(1, np.uint16), np.empty(1, np.float32), _half_table())
-    except Exception:  # noqa: BLE001 - any compiler failure: fall back to NumPy
-        return {}
-    return kernels
+        _warm_up(numba_kernels)
+    except Exception:  # noqa: BLE001 - a numba that cannot compile: the NumPy path is used
+        return False
+    return numba_kernels
+
+
+def _warm_up(k) -> None:
+    """One tiny call: a numba (or CPU) that cannot build the float16 conversion fails here,
+    not in the middle of an op.  Other specializations compile on first use (numba caches
+    them on disk, so a later process only loads them)."""
+    k.convert_flat(np.ones(2, F32), np.empty(2, np.uint16))

@@ -8,14 +8,12 @@ happen here and surface at the next synchronize.
 from __future__ import annotations
 
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from opbench.protocol import AttnParams, RopeParams, numpy_dtype
 
-from . import jit
+from . import jit, parallel
 from .rope_cache import RopeCache, direct_cos_sin
 
 F32 = np.float32
@@ -52,16 +50,27 @@ def rope(x, pos, out, p: RopeParams, freq_factors, cache: RopeCache | None,
     if np.may_share_memory(x, out):
         x = x.copy()  # the rotation reads both halves after writing the first
     rotated_x, rotated_out = x[..., : p.n_dims], out[..., : p.n_dims]
-    if use_jit and p.mode != "normal" and x.dtype == out.dtype == F32 and jit.available():
-        jit.rotate_halves_f32(rotated_x, cos, sin, rotated_out)
-    else:
-        rotate = _rotate_adjacent if p.mode == "normal" else _rotate_halves
-        step = max(1, ROPE_CHUNK_BYTES // (n_heads * head_dim * 4))
-        for start in range(0, n_tokens, step):
-            rows = slice(start, start + step)
+    if use_jit and jit.handles(x, out):  # one fused pass, split over the cores
+        jit.rope(rotated_x, cos, sin, rotated_out, adjacent=p.mode == "normal")
+        _pass_through(x, out, p.n_dims)
+        return
+    # without numba (or bfloat16): NumPy passes over L2-sized chunks of tokens
+    rotate = _rotate_adjacent if p.mode == "normal" else _rotate_halves
+    step = max(1, ROPE_CHUNK_BYTES // (n_heads * head_dim * 4))
+    chunks = [slice(start, start + step) for start in range(0, n_tokens, step)]
+
+    def rotate_chunks(lo: int, hi: int) -> None:  # NumPy releases the GIL: parts run in parallel
+        for rows in chunks[lo:hi]:
             rotate(rotated_x[rows], cos[rows], sin[rows], rotated_out[rows])
-    if p.n_dims < head_dim:
-        out[..., p.n_dims :] = x[..., p.n_dims :]
+
+    parallel.run_split(rotate_chunks, len(chunks))
+    _pass_through(x, out, p.n_dims)
+
+
+def _pass_through(x, out, n_dims: int) -> None:
+    """Dims past n_dims are copied unchanged."""
+    if n_dims < x.shape[-1]:
+        out[..., n_dims:] = x[..., n_dims:]
 
 
 def _rope_cos_sin(pos, p: RopeParams, freq_factors, cache: RopeCache | None):
@@ -88,15 +97,13 @@ def _cos_sin_for(positions, p, freq_factors, cache):
 
 
 def _rotate_adjacent(x, cos, sin, out) -> None:
-    """normal mode, pairs (2i, 2i+1): one complex multiply by cos + i*sin is the rotation."""
+    """normal mode, pairs (2i, 2i+1): the complex product (a + ib)(c + is) written out, with
+    the numba kernel's float32 operations (NumPy's complex multiply may fuse them)."""
     xf = as_f32(x)
-    if xf.strides[-1] != 4:
-        xf = np.ascontiguousarray(xf)
-    direct = out.dtype == F32 and out.strides[-1] == 4
+    direct = out.dtype == F32
     target = out if direct else np.empty(x.shape, F32)
-    w = np.empty(cos.shape, np.complex64)
-    w.real, w.imag = cos, sin
-    np.multiply(xf.view(np.complex64), w[:, None, :], out=target.view(np.complex64))
+    c, s = cos[:, None, :], sin[:, None, :]
+    rotate_pairs(xf[..., 0::2], xf[..., 1::2], c, s, target[..., 0::2], target[..., 1::2])
     if not direct:
         store(out, target)  # the single rounding to the storage dtype
 
@@ -143,8 +150,7 @@ def alibi_slopes(n_heads: int, max_bias: float) -> np.ndarray:
 
 def attention(q, k, v, out, p: AttnParams, mask=None, sinks=None, lse=None) -> None:
     n_q, n_kv = q.shape[0], k.shape[0]
-    q_pos = np.arange(n_kv - n_q, n_kv)
-    o, l_se = attend(q, k, v, p, q_pos, mask, sinks)
+    o, l_se = attend_heads(q, k, v, p, np.arange(n_kv - n_q, n_kv), mask, sinks)
     out[...] = o
     if lse is not None:
         lse[...] = l_se
@@ -162,10 +168,30 @@ def paged_attention(q, k_cache, v_cache, out, p: AttnParams, block_table, seq_le
         blocks = block_table[s, : -(-n_kv // block_size)]
         k = _gather_blocks(k_cache, blocks, n_kv)
         v = _gather_blocks(v_cache, blocks, n_kv)
-        o, l_se = attend(q[rows], k, v, p, np.arange(n_kv - n_q, n_kv), None, sinks)
+        o, l_se = attend_heads(q[rows], k, v, p, np.arange(n_kv - n_q, n_kv), None, sinks)
         out[rows] = o
         if lse is not None:
             lse[rows] = l_se
+
+
+def attend_heads(q, k, v, p: AttnParams, q_pos, mask, sinks):
+    """``attend`` with the kv heads split over the cores.  Every head is computed alone by
+    the same operations (a batched matmul is one GEMM per head), so the bits do not depend on
+    the split."""
+    n_kv_heads = k.shape[1]
+    group = q.shape[1] // n_kv_heads
+    out = np.empty(q.shape[:2] + v.shape[2:], F32)
+    lse = np.empty(q.shape[:2], F32)
+    slopes = alibi_slopes(q.shape[1], p.max_bias)
+
+    def heads_part(lo: int, hi: int) -> None:
+        heads = slice(lo * group, hi * group)
+        out[:, heads], lse[:, heads] = attend(
+            q[:, heads], k[:, lo:hi], v[:, lo:hi], p, q_pos, mask,
+            None if sinks is None else sinks[heads], slopes[heads])
+
+    parallel.run_split(heads_part, n_kv_heads)
+    return out, lse
 
 
 def _gather_blocks(cache, blocks, n_kv):
@@ -197,19 +223,22 @@ def _check_paged_tables(total_q, cache_shape, block_table, seq_lens, q_start) ->
             )
 
 
-def attend(q, k, v, p: AttnParams, q_pos, mask, sinks):
+def attend(q, k, v, p: AttnParams, q_pos, mask, sinks, slopes=None):
     """Attention of one sequence -> (out [n_q, H, Dv], lse [n_q, H]).  With causal or window
     masking, queries go in blocks: an early block of a prefill skips the keys after it."""
+    if slopes is None:
+        slopes = alibi_slopes(q.shape[1], p.max_bias)
     if not (p.causal or p.window > 0) or len(q) <= ATTN_Q_BLOCK:
-        return _attend_block(q, k, v, p, q_pos, mask, sinks)
+        return _attend_block(q, k, v, p, q_pos, mask, sinks, slopes)
     parts = [
-        _attend_block(q[rows], k, v, p, q_pos[rows], None if mask is None else mask[rows], sinks)
+        _attend_block(q[rows], k, v, p, q_pos[rows], None if mask is None else mask[rows], sinks,
+                      slopes)
         for rows in (slice(i, i + ATTN_Q_BLOCK) for i in range(0, len(q), ATTN_Q_BLOCK))
     ]
     return np.concatenate([o for o, _ in parts]), np.concatenate([lse for _, lse in parts])
 
 
-def _attend_block(q, k, v, p: AttnParams, q_pos, mask, sinks):
+def _attend_block(q, k, v, p: AttnParams, q_pos, mask, sinks, slopes):
     """Blocked online-softmax attention of a block of queries.
 
     Query heads are grouped per kv head (GQA) so each tile is one batched matmul
@@ -220,7 +249,7 @@ def _attend_block(q, k, v, p: AttnParams, q_pos, mask, sinks):
     qg = as_f32(q).reshape(n_q, n_kv_heads, group, -1).transpose(1, 2, 0, 3)
     qg = qg.reshape(n_kv_heads, group * n_q, -1)
     state = _SoftmaxState(n_kv_heads, group, n_q, d_v, sinks)
-    slopes = alibi_slopes(n_heads, p.max_bias).reshape(n_kv_heads, group, 1, 1)
+    slopes = slopes.reshape(n_kv_heads, group, 1, 1)  # ALiBi slopes of these heads
     lo, hi = _visible_key_range(p, q_pos, n_kv)
     for start in range(lo, hi, ATTN_TILE):
         keys = np.arange(start, min(hi, start + ATTN_TILE))
@@ -316,6 +345,10 @@ def kv_rotate(key_cache, block_indices, deltas, lut, layout: str) -> None:
     """Re-rotate whole blocks in place: gather them in float32, rotate by LUT rows, store."""
     num_blocks, block_size, _, d = key_cache.shape
     _check_rotate_indices(block_indices, deltas, num_blocks, len(lut))
+    if jit.handles(key_cache) and lut.dtype == F32 and key_cache.flags.c_contiguous:
+        jit.kv_rotate(key_cache, block_indices, deltas.reshape(len(block_indices), -1),
+                      np.ascontiguousarray(lut), layout != "rotate_half")
+        return
     rows = np.broadcast_to(deltas, (len(block_indices), block_size))
     cos = lut[rows, None, : d // 2]  # [R, B, 1, D/2]
     sin = lut[rows, None, d // 2 :]
@@ -351,46 +384,37 @@ def set_rows(dst, src, slots) -> None:
     if len(np.unique(slots[keep])) != int(keep.sum()):
         # two rows racing for one slot have no defined result in a parallel kernel
         raise ValueError(f"slots must be distinct apart from -1; got {slots.tolist()[:16]}")
-    dst[slots[keep]] = convert(src[keep], dst.dtype)
+    if jit.handles(dst, src) and dst.flags.c_contiguous:
+        jit.scatter_rows(dst, np.ascontiguousarray(src), slots)
+    else:
+        dst[slots[keep]] = convert(src[keep], dst.dtype)
 
 
 def get_rows(src, rows, out) -> None:
     if np.any((rows < 0) | (rows >= len(src))):
         raise ValueError(f"rows must lie in [0, {len(src)}); got {rows.tolist()[:16]}")
-    out[...] = convert(src[rows], out.dtype)
+    if jit.handles(src, out) and out.flags.c_contiguous:
+        jit.gather_rows(np.ascontiguousarray(src), rows, out)
+    else:
+        out[...] = convert(src[rows], out.dtype)
 
 
 def cpy(src, out, perm, step: int, use_jit: bool = True) -> None:
     view = src.transpose(perm)[::step]
-    if out.nbytes < PARALLEL_COPY_BYTES or out.shape[0] < 2 or _COPY_THREADS < 2:
+    if out.nbytes < PARALLEL_COPY_BYTES or out.ndim == 0:
         _cpy_rows(view, out, use_jit)
         return
-    # NumPy and the numba loops release the GIL: large copies use every core, as ggml does
-    bounds = np.linspace(0, out.shape[0], _COPY_THREADS + 1).astype(int)
-    parts = [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
-    futures = [_copy_pool().submit(_cpy_rows, view[p], out[p], use_jit) for p in parts[1:]]
-    _cpy_rows(view[parts[0]], out[parts[0]], use_jit)
-    for future in futures:
-        future.result()
+    # NumPy's copies and the numba loops release the GIL: large copies use every core, as
+    # ggml does; parts are rows of out, so the bits do not depend on the split
+    parallel.run_split(lambda lo, hi: _cpy_rows(view[lo:hi], out[lo:hi], use_jit), len(out))
 
 
-PARALLEL_COPY_BYTES = 4 << 20
-_COPY_THREADS = os.cpu_count() or 1
-_POOL: ThreadPoolExecutor | None = None
-
-
-def _copy_pool() -> ThreadPoolExecutor:
-    global _POOL
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=max(1, _COPY_THREADS - 1),
-                                   thread_name_prefix="opbench-cpu-copy")
-    return _POOL
+PARALLEL_COPY_BYTES = 1 << 20  # below this a second thread's wake-up costs more than it saves
 
 
 def _cpy_rows(view, out, use_jit: bool) -> None:
-    if (use_jit and view.dtype == F32 and out.dtype == np.float16 and out.flags.c_contiguous
-            and jit.available()):
-        jit.f32_to_f16(np.ascontiguousarray(view), out)  # NumPy's f16 cast: ~1 GB/s
+    if use_jit and view.dtype != out.dtype and out.flags.c_contiguous and jit.handles(view, out):
+        jit.convert(np.ascontiguousarray(view), out)  # NumPy's f16 casts: ~1 GB/s
     elif view.dtype == out.dtype or view.dtype == F32:
         with np.errstate(over="ignore", invalid="ignore"):  # overflow to +-inf: correct
             np.copyto(out, view, casting="unsafe")  # f32 -> f16/bf16 rounds to nearest even

@@ -1,0 +1,198 @@
+"""The cpu backend's numba kernels.  Imported only by ``jit._compile`` (it imports numba).
+
+``jit`` hands each kernel one part of its outermost independent axis (a slice of tokens,
+rows or blocks), so ``parallel.run_split`` can spread one
+call over the cores; each output element is computed by one part with the same operations in
+the same order, whatever the split.  (Loops run over ``range(len)``, not ``range(lo, hi)``:
+numba cannot prove ``lo`` non-negative, and the index checks that follow stop LLVM from
+vectorizing the loop, 10x slower on the conversions.)  float16 arrays
+arrive as their uint16 bit patterns (numba has no CPU float16 type); ``to_f32`` / ``from_f32``
+pick the conversion from the element type when the kernel is compiled, so one kernel body
+serves float32 and float16 storage.  No fastmath: the loops keep the float32 operations of
+the NumPy kernels (in kernels.py), which the precision rule judges.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic, overload
+
+F32 = np.float32
+
+
+# -- float16 <-> float32, on bit patterns ------------------------------------------------------
+@intrinsic
+def _fptrunc_half_bits(typingctx, x):
+    """IEEE round-to-nearest-even float32 -> binary16 bits (one F16C instruction on x86)."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+    return types.uint16(types.float32), codegen
+
+
+@intrinsic
+def _fpext_half_bits(typingctx, h):
+    """binary16 bits -> float32 bits, exact (hardware quiets a signalling NaN)."""
+    if h != types.uint16:
+        return None
+
+    def codegen(context, builder, signature, args):
+        value = builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+        return builder.bitcast(value, ir.IntType(32))
+
+    return types.uint32(types.uint16), codegen
+
+
+@intrinsic
+def _f32_from_bits(typingctx, bits):
+    """The float32 whose bit pattern is the low 32 bits of an integer."""
+    if not isinstance(bits, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        low = args[0] if bits.bitwidth == 32 else builder.trunc(args[0], ir.IntType(32))
+        return builder.bitcast(low, ir.FloatType())
+
+    return types.float32(bits), codegen
+
+
+@numba.njit
+def f32_to_f16_bits(x):
+    """The one float32 -> float16 rounding of the backend (NaN: quiet, top payload bits)."""
+    return _fptrunc_half_bits(x)
+
+
+@numba.njit
+def f16_bits_to_f32(h):
+    """Exact float16 -> float32, NaN payloads kept as NumPy keeps them (a signalling NaN stays
+    signalling: the quiet bit the hardware sets is cleared again)."""
+    wide = np.uint32(h)
+    signalling = ((wide & 0x7C00) == 0x7C00) & ((wide & 0x3FF) != 0) & ((wide & 0x200) == 0)
+    quiet_bit = np.uint32(signalling) << np.uint32(22)  # branch-free: the loop vectorizes
+    return _f32_from_bits(_fpext_half_bits(h) & ~quiet_bit)
+
+
+def to_f32(v):  # pragma: no cover - typed by the overload below
+    """An element of a float32 or float16-bits array as float32."""
+
+
+@overload(to_f32)
+def _to_f32(v):
+    if v == types.uint16:
+        return lambda v: f16_bits_to_f32(v)
+    if v == types.float32:
+        return lambda v: v
+    return None
+
+
+def from_f32(v, out):  # pragma: no cover - typed by the overload below
+    """float32 v as an element of ``out`` (float32, or float16 bits: rounded once)."""
+
+
+@overload(from_f32)
+def _from_f32(v, out):
+    if out.dtype == types.uint16:
+        return lambda v, out: _fptrunc_half_bits(v)
+    if out.dtype == types.float32:
+        return lambda v, out: v
+    return None
+
+
+def move(v, out):  # pragma: no cover - typed by the overload below
+    """An element moved into ``out``'s type: unchanged bits when the types match."""
+
+
+@overload(move)
+def _move(v, out):
+    if v == out.dtype:
+        return lambda v, out: v
+    if v == types.uint16 and out.dtype == types.float32:
+        return lambda v, out: f16_bits_to_f32(v)
+    if v == types.float32 and out.dtype == types.uint16:
+        return lambda v, out: _fptrunc_half_bits(v)
+    return None
+
+
+# -- data movement -----------------------------------------------------------------------------
+@numba.njit(nogil=True, cache=True)
+def convert_flat(src, dst):
+    for i in range(src.size):
+        dst[i] = move(src[i], dst)
+
+
+@numba.njit(nogil=True, cache=True)
+def gather_rows(src, rows, out):
+    """out[r] = src[rows[r]] (2-D, rows of equal width), converted to out's type."""
+    for r in range(len(rows)):
+        row = rows[r]
+        for c in range(out.shape[1]):
+            out[r, c] = move(src[row, c], out)
+
+
+@numba.njit(nogil=True, cache=True)
+def scatter_rows(dst, src, slots):
+    """dst[slots[r]] = src[r] where slots[r] >= 0, converted to dst's type."""
+    for r in range(len(slots)):
+        slot = slots[r]
+        if slot >= 0:
+            for c in range(src.shape[1]):
+                dst[slot, c] = move(src[r, c], dst)
+
+
+# -- ROPE --------------------------------------------------------------------------------------
+@numba.njit(nogil=True, cache=True)
+def rope_halves(x, cos, sin, out):
+    """neox/mrope: pairs (i, i + n/2) of [tokens, heads, n]; out must not alias x."""
+    half = x.shape[2] // 2
+    for t in range(x.shape[0]):
+        for h in range(x.shape[1]):
+            for i in range(half):
+                a = to_f32(x[t, h, i])
+                b = to_f32(x[t, h, i + half])
+                c = cos[t, i]
+                s = sin[t, i]
+                out[t, h, i] = from_f32(a * c - b * s, out)
+                out[t, h, i + half] = from_f32(b * c + a * s, out)
+
+
+@numba.njit(nogil=True, cache=True)
+def rope_adjacent(x, cos, sin, out):
+    """normal mode: pairs (2i, 2i + 1), the complex product (a + ib)(c + is)."""
+    for t in range(x.shape[0]):
+        for h in range(x.shape[1]):
+            for i in range(x.shape[2] // 2):
+                a = to_f32(x[t, h, 2 * i])
+                b = to_f32(x[t, h, 2 * i + 1])
+                c = cos[t, i]
+                s = sin[t, i]
+                out[t, h, 2 * i] = from_f32(a * c - b * s, out)
+                out[t, h, 2 * i + 1] = from_f32(a * s + b * c, out)
+
+
+@numba.njit(nogil=True, cache=True)
+def kv_rotate(cache, blocks, deltas, lut, interleaved):
+    """In place: rotate every key of the blocks by LUT row deltas[r, token or 0];
+    pairs (i, i + D/2) or, interleaved, (2i, 2i + 1)."""
+    block_size, n_heads, d = cache.shape[1], cache.shape[2], cache.shape[3]
+    half = d // 2
+    step, other = (2, 1) if interleaved else (1, half)
+    per_token = deltas.shape[1] > 1
+    for r in range(len(blocks)):
+        block = blocks[r]
+        for t in range(block_size):
+            row = deltas[r, t if per_token else 0]
+            for h in range(n_heads):
+                for i in range(half):
+                    ia = i * step
+                    a = to_f32(cache[block, t, h, ia])
+                    b = to_f32(cache[block, t, h, ia + other])
+                    c = lut[row, i]
+                    s = lut[row, half + i]
+                    cache[block, t, h, ia] = from_f32(a * c - b * s, cache)
+                    cache[block, t, h, ia + other] = from_f32(b * c + a * s, cache)

@@ -1,0 +1,100 @@
+"""The cpu backend's kernels split over threads: the bits must not depend on the thread count."""
+
+import numpy as np
+import pytest
+
+from opbench.backends.cpu import jit, kernels, parallel
+from opbench.protocol import AttnParams, RopeParams
+
+pytestmark = pytest.mark.skipif(not jit.available(), reason="numba not installed")
+
+
+def test_split_covers_the_range_once():
+    for n, parts in [(10, 3), (2, 5), (0, 2), (7, 1)]:
+        covered = [i for lo, hi in parallel.split(n, parts) for i in range(lo, hi)]
+        assert covered == list(range(n))
+
+
+def _rope_outputs(dtype, mode):
+    rng = np.random.default_rng(5)
+    x = rng.uniform(-1, 1, (37, 3, 64)).astype(dtype)
+    pos = rng.integers(0, 5000, 37).astype(np.int32)
+    out = np.full(x.shape, np.nan, dtype)
+    kernels.rope(x, pos, out, RopeParams(n_dims=48, mode=mode), None, None, use_jit=True)
+    return out
+
+
+def _attention_outputs(dtype, n_q, window=0, softcap=0.0):
+    rng = np.random.default_rng(9)
+    q = rng.uniform(-1, 1, (n_q, 8, 32)).astype(dtype)
+    k = rng.uniform(-1, 1, (70, 2, 32)).astype(dtype)
+    v = rng.uniform(-1, 1, (70, 2, 16)).astype(dtype)
+    out = np.full((n_q, 8, 16), np.nan, dtype)
+    lse = np.full((n_q, 8), np.nan, np.float32)
+    p = AttnParams(scale=0.2, causal=True, window=window, softcap=softcap)
+    kernels.attention(q, k, v, out, p, lse=lse)
+    return out, lse
+
+
+def _row_outputs():
+    rng = np.random.default_rng(4)
+    src = rng.uniform(-70000, 70000, (50, 3, 8)).astype(np.float32)
+    cache = np.full((64, 3, 8), np.nan, np.float16)
+    kernels.set_rows(cache, src, rng.permutation(64)[:50])
+    back = np.full((40, 3, 8), np.nan, np.float32)
+    kernels.get_rows(cache, rng.integers(0, 64, 40), back)
+    keys = rng.uniform(-1, 1, (12, 4, 2, 16)).astype(np.float16)
+    lut = rng.uniform(-1, 1, (9, 16)).astype(np.float32)
+    kernels.kv_rotate(keys, np.array([3, 0, 7, 11]), rng.integers(0, 9, (4, 4)), lut,
+                      "interleaved")
+    return cache, back, keys
+
+
+CALLS = {
+    "rope f32 neox": lambda: _rope_outputs(np.float32, "neox"),
+    "rope f16 normal": lambda: _rope_outputs(np.float16, "normal"),
+    "attn f32 prefill": lambda: _attention_outputs(np.float32, 40, window=9, softcap=5.0),
+    "attn f16 decode": lambda: _attention_outputs(np.float16, 1),
+    "rows and kv_rotate": _row_outputs,
+}
+
+
+def _bits(result):
+    arrays = result if isinstance(result, tuple) else (result,)
+    return [a.view(np.uint8).copy() for a in arrays]
+
+
+@pytest.mark.parametrize("name", sorted(CALLS))
+def test_results_do_not_depend_on_the_thread_count(monkeypatch, name):
+    monkeypatch.setattr(jit, "PARALLEL_ELEMENTS", 1)  # split even these small calls
+    by_threads = {}
+    for threads in ("1", "2", "3"):
+        monkeypatch.setenv("NUMBA_NUM_THREADS", threads)
+        by_threads[threads] = _bits(CALLS[name]())
+    for threads in ("2", "3"):
+        for one, many in zip(by_threads["1"], by_threads[threads]):
+            assert np.array_equal(one, many), f"{name}: {threads} threads differ from 1"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_attention_split_by_kv_heads_equals_one_batch(monkeypatch, dtype):
+    """Each part gets its own heads' ALiBi slopes and sinks: the split result is the
+    one-batch result, bit for bit."""
+    monkeypatch.setenv("NUMBA_NUM_THREADS", "3")
+    rng = np.random.default_rng(2)
+    q = rng.uniform(-1, 1, (20, 12, 16)).astype(dtype)
+    k = rng.uniform(-1, 1, (50, 4, 16)).astype(dtype)
+    v = rng.uniform(-1, 1, (50, 4, 8)).astype(dtype)
+    sinks = rng.uniform(-1, 1, 12).astype(np.float32)
+    p = AttnParams(scale=0.3, causal=True, max_bias=8.0)
+    q_pos = np.arange(30, 50)
+    split_out, split_lse = kernels.attend_heads(q, k, v, p, q_pos, None, sinks)
+    whole_out, whole_lse = kernels.attend(q, k, v, p, q_pos, None, sinks)
+    assert np.array_equal(split_out.view(np.uint32), whole_out.view(np.uint32))
+    assert np.array_equal(split_lse.view(np.uint32), whole_lse.view(np.uint32))
+
+
+def test_f16_to_f32_keeps_every_nan_payload_as_numpy_does():
+    halves = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    assert np.array_equal(jit.f16_to_f32(halves).view(np.uint32),
+                          halves.astype(np.float32).view(np.uint32))
