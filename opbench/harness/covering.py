@@ -211,11 +211,12 @@ class Table:
 def cached_table(generate: Callable[[], Table], spec_class: type) -> Table:
     """``generate()``, memoised on disk: a table of strength 3 or 4 takes seconds to build.
 
-    The key is the source of the spec's module and of this module, so any edit to the
-    declaration or the generator builds the table afresh; a cache that cannot be read or
-    written is simply not used."""
-    sources = inspect.getsource(inspect.getmodule(spec_class)) + inspect.getsource(
-        inspect.getmodule(cached_table))
+    The key is the source of the modules of the spec's classes (its own and OpSpec's) and of
+    this module, so any edit to the declaration or the generator builds the table afresh; a
+    cache that cannot be read or written is simply not used."""
+    modules = {inspect.getmodule(c) for c in spec_class.__mro__ if c is not object}
+    modules.add(inspect.getmodule(cached_table))
+    sources = "".join(sorted(inspect.getsource(m) for m in modules))
     key = hashlib.sha256(f"{spec_class.__qualname__}\0{sources}".encode()).hexdigest()[:24]
     path = cache_dir() / f"{spec_class.__name__}-{key}.json"
     try:
@@ -230,6 +231,9 @@ def cached_table(generate: Callable[[], Table], spec_class: type) -> Table:
         with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False) as handle:
             json.dump({"rows": table.rows, "n_pairwise": table.n_pairwise}, handle)
         os.replace(handle.name, path)
+        for stale in path.parent.glob(f"{spec_class.__name__}-*.json"):
+            if stale != path:  # built from sources since edited
+                stale.unlink(missing_ok=True)
     except OSError:
         pass
     return table

@@ -105,6 +105,13 @@ def test_isolate_records_crash_and_timeout_and_goes_on(tmp_path, capsys):
     assert "CRASH" in out and "TIMEOUT" in out
 
 
+def test_list_coverage_prints_axes_pairs_and_reasons(capsys):
+    code, out, _ = run(capsys, "list", "--coverage", "-o", "SET_ROWS")
+    assert code == 0 and "axes (values): type=3" in out
+    assert "covered: full 100.0%" in out and "--quick 100.0%" in out
+    assert "impossible: nslots {40000, 70000} with row" in out
+
+
 def test_list_and_support(capsys):
     code, out, _ = run(capsys, "list")
     assert code == 0 and "ROPE" in out and "total" in out

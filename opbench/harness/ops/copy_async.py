@@ -18,7 +18,7 @@ from ..cases import Axis, Case, Impossible, OpSpec
 # cpu backend (payload set-up alone outlasts the 5 s hold valve), so they are not in the
 # default table
 SIZES = (1, 7, 4099, 1 << 20)
-RACE_DELAY_SEEDS = (0, 1, 2, 3, 4, 5)
+RACE_DELAY_SEEDS = (0, 1, 2)
 GATED = ("source", "dest_read", "host", "sync", "many")
 
 
