@@ -24,7 +24,9 @@ def common_options() -> argparse.ArgumentParser:
     common = Parser(add_help=False)
     common.add_argument("-b", "--backend", default="cpu",
                         help="backends, comma separated: a registered name, package.module:Class"
-                             " or path/file.py:Class (default: cpu)")
+                             " or path/file.py:Class, each optionally with options"
+                             " (cpu:rope_cache=off,jit=off; opbench doctor lists them)"
+                             " (default: cpu)")
     common.add_argument("-o", "--op", default=None, help="ops, comma separated (default: all)")
     common.add_argument("-p", "--pattern", default=None,
                         help="regular expression matched against case ids")
