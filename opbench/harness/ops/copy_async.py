@@ -78,13 +78,12 @@ class CopyAsyncSpec(OpSpec):
         """Ungated trials under several delay seeds: on a backend with a delay knob each seed
         runs on a sibling backend with delays on; otherwise on ``backend`` as it is."""
         sizes = _sizes_up_to(min(case["n"], 1 << 16))
-        knobs = {getattr(o, "name", o) for o in getattr(type(backend), "OPTIONS", ())}
+        knobs = {option.name for option in backend.OPTIONS}
         if not {"delay", "delay_seed"} <= knobs:
             return contracts.check_random_trials(backend, seed, n_devices=case["ndev"],
                                                  sizes=sizes)
         for delay_seed in RACE_DELAY_SEEDS:
-            options = {**getattr(backend, "options", {}), "delay": True,
-                       "delay_seed": delay_seed}
+            options = {**backend.options, "delay": True, "delay_seed": delay_seed}
             sibling = type(backend)(**options)
             try:
                 contracts.check_random_trials(sibling, seed, n_devices=case["ndev"],
