@@ -114,11 +114,13 @@ class TritonBf16Truncates(_MutantBackend):
     def launch_cpy(self, src, out, perm, step) -> None:
         from opbench.backends.triton import kernels_common
 
-        kernel = self.mutant(kernels_common, "store_f32",
-                             "rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16",
-                             "rounded = bits >> 16")
-        cpy = self.mutant(self.k_copy, "cpy_kernel", "store_f32(", "store_truncating(")
-        cpy.fn.__globals__["store_truncating"] = kernel
+        store = self.mutant(kernels_common, "store_f32",
+                            "rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16",
+                            "rounded = bits >> 16")
+        copy = self.mutant(kernels_common, "copy_elements", "store_f32(", "store_truncating(")
+        copy.fn.__globals__["store_truncating"] = store
+        cpy = self.mutant(self.k_copy, "cpy_kernel", "copy_elements(", "copy_truncating(")
+        cpy.fn.__globals__["copy_truncating"] = copy
         self.k_copy.launch_cpy(src, out, perm, step, kernel=cpy)
 
 
