@@ -69,12 +69,20 @@ class CaseWork:
         return base_record(name, case, f"{name}:0", self.run_id, status, reason)
 
 
+#: what a worker sends when it begins an item: the item's --timeout counts from here, so a
+#: worker's start-up (spawn, imports, backend set-up) on a loaded machine is not charged to it
+BEGUN = "begun"
+#: the start-up allowance before BEGUN, on top of --timeout (a hang in start-up is still caught)
+STARTUP_S = 120.0
+
+
 def _worker(conn, work: Work) -> None:
     work.start()
     while True:
         item = conn.recv()
         if item is None:
             break
+        conn.send(BEGUN)
         conn.send(work.run(item))
     work.stop()
 
@@ -102,6 +110,7 @@ class _Slot:
         self.ctx, self.work = ctx, work
         self.case: Any = None
         self.started = 0.0
+        self.begun = False
         self.start()
 
     def start(self) -> None:
@@ -112,8 +121,12 @@ class _Slot:
         child.close()
 
     def give(self, item: Any) -> None:
-        self.case, self.started = item, time.monotonic()
+        self.case, self.started, self.begun = item, time.monotonic(), False
         self.conn.send(item)
+
+    def overdue(self, timeout: float) -> bool:
+        allowed = timeout if self.begun else timeout + STARTUP_S
+        return time.monotonic() - self.started > allowed
 
     def restart(self) -> None:
         self.process.kill()
@@ -174,14 +187,18 @@ def run_items_in_workers(work: Work, items: list, jobs: int, timeout: float | No
 def _collect(slot: _Slot, ready, timeout: float | None):
     if slot.conn in ready:
         try:
-            return slot.conn.recv()
+            message = slot.conn.recv()
+            if message == BEGUN:
+                slot.started, slot.begun = time.monotonic(), True
+                return None
+            return message
         except (EOFError, OSError):
             code = slot.process.exitcode
             record = slot.work.lost(slot.case, "CRASH",
                                     f"worker process died (exit code {code})")
             slot.restart()
             return record
-    if timeout and time.monotonic() - slot.started > timeout:
+    if timeout and slot.overdue(timeout):
         record = slot.work.lost(slot.case, "TIMEOUT", f"no result after {timeout:g} s")
         slot.restart()
         return record

@@ -112,6 +112,28 @@ def test_list_coverage_prints_axes_pairs_and_reasons(capsys):
     assert "impossible: nslots {40000, 70000} with row" in out
 
 
+SLOW_TO_START = textwrap.dedent("""
+    import time
+    from opbench.backends.cpu import CpuBackend
+
+    class SlowStart(CpuBackend):
+        name = "slowstart"
+
+        def __init__(self, **options):
+            time.sleep(4)            # a backend that takes a while to set up (a GPU context)
+            super().__init__(**options)
+""")
+
+
+def test_timeout_counts_from_the_case_not_the_worker_start_up(tmp_path, capsys):
+    backend_file = tmp_path / "slow.py"
+    backend_file.write_text(SLOW_TO_START)
+    code, out, _ = run(capsys, "test", "-b", f"{backend_file}:SlowStart", "-o", "CPY", "-p",
+                       r"type_src=f32,type=f32,ne=\[5,3,64\],perm=\[0,1,2\],step=1",
+                       "--isolate", "--timeout", "2")
+    assert code == 0 and "TIMEOUT" not in out and "1/1 tests passed" in out
+
+
 def test_list_and_support(capsys):
     code, out, _ = run(capsys, "list")
     assert code == 0 and "ROPE" in out and "total" in out

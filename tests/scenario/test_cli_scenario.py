@@ -113,8 +113,10 @@ def test_matrix_records_a_crashed_and_a_hung_scenario_and_goes_on(tmp_path, caps
     results = tmp_path / "r.jsonl"
     pattern = (r"split=(none,devices=1|layer,devices=[23]|ring,devices=2),rope_cache=on,"
                r"graph_reuse=off,evict=off,delay=off,model=gemma3,")
+    # --timeout counts from the moment a worker begins a scenario: 20 s is ample for one step
+    # of 4 layers even on a loaded machine, and is what the hung scenario costs
     code = main(["scenario", "--matrix", "-p", pattern, "-b", f"{module}:Crashy", "-j", "2",
-                 "--timeout", "10", "--steps", "1", "--results", str(results)])
+                 "--timeout", "20", "--steps", "1", "--layers", "4", "--results", str(results)])
     out = capsys.readouterr().out
     records = {r["case_id"].split(",rope_cache")[0]: r
                for r in map(json.loads, results.read_text().splitlines())}
