@@ -128,7 +128,7 @@ def test_one_query_per_sequence_reads_the_query_starts():
 
 ONE_CASE_PER_OP = {
     "ROPE": "ROPE(type=bf16,ne=[80,4,9],n_dims=32,mode=neox",
-    "ATTN": "ATTN(type=f16,hs=[64,64],nh=6,nkvh=2,nq=5,nkv=37",
+    "ATTN": "ATTN(type=f16,hs=[64,64],nh=12,nkvh=4,nq=5,nkv=37",
     "KV_ROTATE": "KV_ROTATE(type=bf16,layout=interleaved,delta=token,bs=8,hs=80",
     "SET_ROWS": "SET_ROWS(type=bf16,type_src=f32",
     "GET_ROWS": "GET_ROWS(type=f16,type_src=bf16",
