@@ -196,7 +196,11 @@ def attend_heads(q, k, v, p: AttnParams, q_pos, mask, sinks):
 
 def _gather_blocks(cache, blocks, n_kv):
     """The sequence's keys (or values) [n_kv, Hkv, D] in float32, gathered per block."""
-    gathered = as_f32(cache[blocks])
+    if jit.handles(cache) and cache.flags.c_contiguous:  # gather and convert in one pass
+        gathered = np.empty((len(blocks),) + cache.shape[1:], F32)
+        jit.gather_rows(cache, blocks, gathered)
+    else:
+        gathered = as_f32(cache[blocks])
     return gathered.reshape((-1,) + cache.shape[2:])[:n_kv]
 
 
