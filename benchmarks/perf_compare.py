@@ -75,14 +75,15 @@ def measure(sides: dict, budget_ms: float, pattern: str | None) -> dict[str, dic
     """case id -> side -> median ns, every case timed on all sides interleaved."""
     import re
 
-    from opbench.perf.run import PerfOptions, perf_cases, run_ab_case
+    from opbench.perf.run import PerfOptions, perf_cases, refusal, run_ab_case
 
     options = PerfOptions(budget_ms=budget_ms, min_samples=10, epochs=2)
     table: dict[str, dict[str, float]] = {}
     for case in perf_cases("full"):
         if case.op not in OPS or (pattern and not re.search(pattern, case.id)):
             continue
-        records = run_ab_case(sides, case, options, run_id="perf-compare")
+        able = {label: b for label, b in sides.items() if refusal(b, case) is None}
+        records = run_ab_case(able, case, options, run_id="perf-compare")
         table[case.id] = {label: r["perf"]["median_ns"] for label, r in records.items()
                           if r["status"] == "OK"}
         print(_row(case.id, table[case.id]), flush=True)
@@ -91,8 +92,10 @@ def measure(sides: dict, budget_ms: float, pattern: str | None) -> dict[str, dic
 
 def _row(case_id: str, times: dict[str, float]) -> str:
     peers = {p: times[p] for p in PEERS if p in times}
-    if "cpu" not in times or not peers:
-        return f"{'-':>10} {'-':>16} {'-':>7} {'-':>7}  {case_id}"
+    if "cpu" not in times or not peers:  # no peer has the op: cpu alone, and the old time
+        old = f"{times['cpu-base'] / times['cpu']:7.2f}" if "cpu-base" in times else "-"
+        cpu = f"{times['cpu'] / 1e3:10.1f}" if "cpu" in times else f"{'-':>10}"
+        return f"{cpu} {'(no peer)':>16} {'-':>7} {'-':>7}  {case_id}  new/old speed {old}"
     best = min(peers, key=peers.get)
     new = peers[best] / times["cpu"]
     old = f"{peers[best] / times['cpu-base']:7.2f}" if "cpu-base" in times else f"{'-':>7}"
