@@ -50,11 +50,13 @@ def rope(x, pos, out, p: RopeParams, freq_factors, cache: RopeCache | None,
     if np.may_share_memory(x, out):
         x = x.copy()  # the rotation reads both halves after writing the first
     rotated_x, rotated_out = x[..., : p.n_dims], out[..., : p.n_dims]
-    if use_jit and jit.handles(x, out):  # one fused pass, split over the cores
+    # f32 normal mode stays with NumPy's SIMD complex multiply: in the interleaved perf runs
+    # it was 15-40% faster than the numba loop over adjacent pairs
+    if use_jit and jit.handles(x, out) and not (p.mode == "normal" and x.dtype == F32):
         jit.rope(rotated_x, cos, sin, rotated_out, adjacent=p.mode == "normal")
         _pass_through(x, out, p.n_dims)
         return
-    # without numba (or bfloat16): NumPy passes over L2-sized chunks of tokens
+    # NumPy passes over L2-sized chunks of tokens, the chunks split over the cores
     rotate = _rotate_adjacent if p.mode == "normal" else _rotate_halves
     step = max(1, ROPE_CHUNK_BYTES // (n_heads * head_dim * 4))
     chunks = [slice(start, start + step) for start in range(0, n_tokens, step)]
@@ -97,13 +99,15 @@ def _cos_sin_for(positions, p, freq_factors, cache):
 
 
 def _rotate_adjacent(x, cos, sin, out) -> None:
-    """normal mode, pairs (2i, 2i+1): the complex product (a + ib)(c + is) written out, with
-    the numba kernel's float32 operations (NumPy's complex multiply may fuse them)."""
+    """normal mode, pairs (2i, 2i+1): one complex multiply by cos + i*sin is the rotation."""
     xf = as_f32(x)
-    direct = out.dtype == F32
+    if xf.strides[-1] != 4:
+        xf = np.ascontiguousarray(xf)
+    direct = out.dtype == F32 and out.strides[-1] == 4
     target = out if direct else np.empty(x.shape, F32)
-    c, s = cos[:, None, :], sin[:, None, :]
-    rotate_pairs(xf[..., 0::2], xf[..., 1::2], c, s, target[..., 0::2], target[..., 1::2])
+    w = np.empty(cos.shape, np.complex64)
+    w.real, w.imag = cos, sin
+    np.multiply(xf.view(np.complex64), w[:, None, :], out=target.view(np.complex64))
     if not direct:
         store(out, target)  # the single rounding to the storage dtype
 
