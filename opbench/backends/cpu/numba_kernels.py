@@ -98,7 +98,7 @@ def from_f32(v, out):  # pragma: no cover - typed by the overload below
 @overload(from_f32)
 def _from_f32(v, out):
     if out.dtype == types.uint16:
-        return lambda v, out: _fptrunc_half_bits(v)
+        return lambda v, out: f32_to_f16_bits(v)
     if out.dtype == types.float32:
         return lambda v, out: v
     return None
@@ -115,7 +115,7 @@ def _move(v, out):
     if v == types.uint16 and out.dtype == types.float32:
         return lambda v, out: f16_bits_to_f32(v)
     if v == types.float32 and out.dtype == types.uint16:
-        return lambda v, out: _fptrunc_half_bits(v)
+        return lambda v, out: f32_to_f16_bits(v)
     return None
 
 
