@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import xml.etree.ElementTree as ET
 
 import numpy as np
@@ -135,9 +136,55 @@ def test_markdown_summary_lists_each_category_and_escapes():
 def test_junit_has_a_failure_per_fatal_finding():
     suite = ET.fromstring(gate_junit(gate(*base_and_new())))
     failed = {case.get("name") for case in suite if case.find("failure") is not None}
-    assert failed == {"ROPE(breaks)", "ATTN(dropped)", "CPY(slow)"}
-    assert suite.get("failures") == "3" and suite.get("skipped") == "1"
+    assert failed == {"ROPE(breaks)", "ATTN(dropped)", "CPY(slow)", "CPY(gone)"}
+    assert suite.get("failures") == "4" and suite.get("skipped") == "0"
     assert int(suite.get("tests")) == len(suite) == 9
+
+
+def test_junit_with_allow_missing_skips_the_missing_case():
+    suite = ET.fromstring(gate_junit(gate(*base_and_new(), allow_missing=True)))
+    skipped = [case.get("name") for case in suite if case.find("skipped") is not None]
+    assert skipped == ["CPY(gone)"] and suite.get("failures") == "3"
+
+
+# -- completeness: the gate fails what it cannot see -----------------------------------------
+def test_an_empty_new_fails():
+    base, _ = base_and_new()
+    result = gate(base, [])
+    assert result.new_empty and result.failed
+    assert gate(base, [], allow_missing=True).failed  # nothing to judge is never a pass
+
+
+def test_missing_cases_fail_unless_allowed():
+    base = [_rec("ROPE(a)"), _rec("ROPE(b)")]
+    new = [_rec("ROPE(a)")]
+    result = gate(base, new)
+    assert ids(result.missing_cases) == ["ROPE(b)"] and result.failed
+    assert not gate(base, new, allow_missing=True).failed
+
+
+def test_a_missing_backend_or_device_fails_even_with_allow_missing():
+    base = [_rec("ROPE(a)"), {**_rec("ROPE(a)"), "backend": "torch"},
+            {**_rec("ROPE(a)"), "device": "cpu:1"}]
+    new = [_rec("ROPE(a)")]
+    result = gate(base, new, allow_missing=True)
+    assert result.missing_backends == [("test", "torch")]
+    assert result.missing_devices == [("test", "cpu", "cpu:1")]
+    assert result.missing_cases == [] and result.failed
+
+
+@pytest.mark.parametrize("status", ["CRASH", "TIMEOUT", "ERROR"])
+def test_a_broken_record_in_new_fails_even_when_base_lacks_the_case(status):
+    base = [_rec("ROPE(a)")]
+    new = [_rec("ROPE(a)"), _rec("ROPE(new)", status, reason="worker died")]
+    result = gate(base, new)
+    assert ids(result.broken) == ["ROPE(new)"] and result.failed
+
+
+def test_a_failing_case_new_in_new_fails():
+    result = gate([_rec("ROPE(a)")], [_rec("ROPE(a)"), _rec("CPY(new)", "FAIL")])
+    assert ids(result.newly_failing) == ["CPY(new)"] and result.failed
+    assert not gate([_rec("ROPE(a)")], [_rec("ROPE(a)"), _rec("CPY(new)")]).failed
 
 
 # -- the CLI ---------------------------------------------------------------------------------
@@ -157,9 +204,35 @@ def test_cli_gate_exit_codes_and_files(tmp_path, capsys, monkeypatch):
                  "--junit", str(junit)])
     assert code == 1
     assert "Perf regressions" in summary.read_text()
-    assert ET.parse(junit).getroot().get("failures") == "3"
+    assert ET.parse(junit).getroot().get("failures") == "4"
     assert "opbench gate FAILED" in capsys.readouterr().out
     assert main(["gate", b, b, "--summary", str(summary)]) == 0
+
+
+def _gate_lines(capsys, *argv) -> tuple[int, list[str]]:
+    code = main(["gate", *argv, "--summary", os.devnull])
+    return code, capsys.readouterr().out.splitlines()
+
+
+def test_cli_gate_prints_a_line_per_kind_of_gap(tmp_path, capsys):
+    base = [_rec("ROPE(a)"), _rec("ROPE(b)"), {**_rec("ROPE(a)"), "backend": "torch"}]
+    new = [_rec("ROPE(a)"), _rec("CPY(x)", "CRASH", reason="SIGSEGV")]
+    b, n = _write(tmp_path / "b.jsonl", base), _write(tmp_path / "n.jsonl", new)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    code, lines = _gate_lines(capsys, b, n)
+    assert code == 1
+    assert any(line.startswith("FAIL: NEW lacks 1 backend(s)") and "torch" in line
+               for line in lines)
+    assert any(line.startswith("FAIL: NEW lacks 1 case(s)") and "ROPE(b)" in line
+               for line in lines)
+    assert any(line.startswith("FAIL: NEW holds 1 CRASH/TIMEOUT/ERROR") for line in lines)
+    code, lines = _gate_lines(capsys, b, str(empty))
+    assert code == 1 and lines[0].startswith("FAIL: NEW holds no records")
+    only_cases = _write(tmp_path / "b2.jsonl", [_rec("ROPE(a)"), _rec("ROPE(b)")])
+    subset = _write(tmp_path / "n2.jsonl", [_rec("ROPE(a)")])
+    code, lines = _gate_lines(capsys, only_cases, subset, "--allow-missing")
+    assert code == 0 and lines[0].startswith("warning: NEW lacks 1 case(s)")
 
 
 def test_cli_gate_appends_to_github_step_summary(tmp_path, monkeypatch):

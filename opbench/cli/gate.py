@@ -19,8 +19,10 @@ def _register_gate(subparsers) -> None:
     p = subparsers.add_parser(
         "gate", help="compare two result files; exit 1 on a regression",
         description="Compare NEW results with BASE.  Exit 1 when a case that passed now fails, "
-        "a supported case is now unsupported, or a timed case is slower beyond --threshold "
-        "with confidence (bootstrap interval of the ratio of --quantile); 0 otherwise.",
+        "a supported case is now unsupported, a timed case is slower beyond --threshold "
+        "with confidence (bootstrap interval of the ratio of --quantile), NEW holds a "
+        "CRASH/TIMEOUT/ERROR record, or NEW is empty or lacks a backend, device or case of "
+        "BASE; 0 otherwise.",
     )
     p.add_argument("base", metavar="BASE", help="baseline result file")
     p.add_argument("new", metavar="NEW", help="new result file")
@@ -36,6 +38,9 @@ def _register_gate(subparsers) -> None:
     p.add_argument("--new-backend", metavar="NAME",
                    help="... with this backend's records of NEW; BASE and NEW may be one "
                    "file, e.g. the output of `opbench perf --ab A B`")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="cases of BASE missing from NEW are a warning, not a failure (e.g. NEW "
+                   "ran a subset); a missing backend or device, or an empty NEW, still fails")
     p.add_argument("--summary", metavar="FILE",
                    help="write the markdown summary here (default: append to "
                    "$GITHUB_STEP_SUMMARY when set, else print it)")
@@ -81,7 +86,7 @@ def _paired(base: list[dict], new: list[dict], args: argparse.Namespace):
 
 def run_gate(args: argparse.Namespace) -> int:
     from opbench.perf.gate import gate
-    from opbench.reports.gate_summary import gate_junit, gate_markdown, headline
+    from opbench.reports.gate_summary import gate_junit, gate_markdown, headline, problem_lines
 
     threshold = parse_threshold(args.threshold)
     if not 0 < args.confidence < 1:
@@ -92,7 +97,8 @@ def run_gate(args: argparse.Namespace) -> int:
     base, new = _read(args.base), _read(args.new)
     if args.base_backend or args.new_backend:
         base, new = _paired(base, new, args)
-    result = gate(base, new, threshold, confidence=args.confidence, quantile=quantile)
+    result = gate(base, new, threshold, confidence=args.confidence, quantile=quantile,
+                  allow_missing=args.allow_missing)
     summary = gate_markdown(result, args.base, args.new)
     step_summary = os.environ.get("GITHUB_STEP_SUMMARY")
     if args.summary:
@@ -103,5 +109,7 @@ def run_gate(args: argparse.Namespace) -> int:
         print(summary)
     if args.junit:
         _write_text(args.junit, gate_junit(result), "--junit")
+    for line in problem_lines(result):
+        print(line)
     print(headline(result))
     return result.exit_code

@@ -1,10 +1,12 @@
 """The regression gate: compare a BASE run's records with a NEW run's.
 
-Fatal: a case that passed and now fails; a case that was supported and now is not; a perf
-regression (``stats.compare_samples``: the whole confidence interval of the NEW/BASE ratio of a
-sample quantile past the threshold).  Everything else is listed -- fixed cases, improvements,
-unchanged, not significant, cases missing from NEW and cases new in NEW -- so a reviewer sees the
-whole picture.
+Fatal: a case that passed and now fails (or a case new in NEW that fails); a case that was
+supported and now is not; a perf regression (``stats.compare_samples``: the whole confidence
+interval of the NEW/BASE ratio of a sample quantile past the threshold); and what the gate cannot
+see -- an empty NEW, a NEW without a backend, device or case that BASE has (``allow_missing``
+makes missing cases a warning), and any CRASH/TIMEOUT/ERROR record in NEW.  Everything else is
+listed -- fixed cases, improvements, unchanged, not significant, cases new in NEW -- so a
+reviewer sees the whole picture.
 
 Records are matched on (kind, backend, device, case_id).  When a file holds several records of one
 case (runs appended to the same file), the last one wins.
@@ -21,6 +23,7 @@ import numpy as np
 from opbench.harness.records import FAILING, PASSING
 from opbench.perf import stats
 
+BROKEN = frozenset({"ERROR", "CRASH", "TIMEOUT"})  # the run, not the kernel, went wrong
 UNSUPPORTED = "UNSUPPORTED"
 
 
@@ -67,10 +70,30 @@ class GateResult:
     missing: list[CaseKey] = field(default_factory=list)
     new_cases: list[CaseKey] = field(default_factory=list)
     compared: int = 0
+    new_empty: bool = False
+    allow_missing: bool = False
+    missing_backends: list[tuple[str, str]] = field(default_factory=list)  # (kind, backend)
+    missing_devices: list[tuple[str, str, str]] = field(default_factory=list)
+    broken: list[StatusChange] = field(default_factory=list)  # CRASH/TIMEOUT/ERROR in NEW
+
+    @property
+    def missing_cases(self) -> list[CaseKey]:
+        """Missing cases whose backend and device NEW does have (the others are counted in
+        ``missing_backends`` / ``missing_devices``)."""
+        gone_backends, gone_devices = set(self.missing_backends), set(self.missing_devices)
+        return [k for k in self.missing if (k.kind, k.backend) not in gone_backends
+                and (k.kind, k.backend, k.device) not in gone_devices]
+
+    @property
+    def incomplete(self) -> bool:
+        """NEW cannot stand in for BASE: the gate would judge what it did not see."""
+        return bool(self.new_empty or self.missing_backends or self.missing_devices
+                    or (self.missing_cases and not self.allow_missing))
 
     @property
     def failed(self) -> bool:
-        return bool(self.newly_failing or self.newly_unsupported or self.regressions)
+        return bool(self.newly_failing or self.newly_unsupported or self.regressions
+                    or self.broken or self.incomplete)
 
     @property
     def exit_code(self) -> int:
@@ -126,6 +149,29 @@ def _perf_change(key: CaseKey, base: dict, new: dict, options: dict) -> PerfChan
     )
 
 
+def _coverage_gaps(base: dict[CaseKey, dict], new: dict[CaseKey, dict], result) -> None:
+    """Backends of BASE that NEW lacks entirely, then devices of backends NEW does have."""
+    new_backends = {(k.kind, k.backend) for k in new}
+    new_devices = {(k.kind, k.backend, k.device) for k in new}
+    result.missing_backends = sorted({(k.kind, k.backend) for k in base} - new_backends)
+    result.missing_devices = sorted(
+        d for d in {(k.kind, k.backend, k.device) for k in base} - new_devices
+        if (d[0], d[1]) in new_backends
+    )
+
+
+def _broken_and_new_failures(base: dict[CaseKey, dict], new: dict[CaseKey, dict],
+                             result) -> None:
+    """CRASH/TIMEOUT/ERROR anywhere in NEW, and cases new in NEW that fail."""
+    for key, record in sorted(new.items()):
+        status = record["status"]
+        before = base[key]["status"] if key in base else "absent"
+        if status in BROKEN:
+            result.broken.append(StatusChange(key, before, status, record.get("reason")))
+        elif status in FAILING and key not in base:
+            result.newly_failing.append(StatusChange(key, before, status, record.get("reason")))
+
+
 _PERF_LISTS = {
     stats.REGRESSION: "regressions",
     stats.IMPROVEMENT: "improvements",
@@ -143,17 +189,21 @@ def gate(
     alpha: float = stats.DEFAULT_ALPHA,
     quantile: float = stats.DEFAULT_QUANTILE,
     seed: int = 0,
+    allow_missing: bool = False,
 ) -> GateResult:
     """Classify every case of BASE and NEW; ``result.exit_code`` is what the CLI returns."""
     if threshold < 0:
         raise ValueError(f"threshold={threshold} must be >= 0")
     base, new = latest_by_case(base_records), latest_by_case(new_records)
-    result = GateResult(threshold=threshold, confidence=confidence, quantile=quantile)
+    result = GateResult(threshold=threshold, confidence=confidence, quantile=quantile,
+                        new_empty=not new, allow_missing=allow_missing)
     options = dict(
         threshold=threshold, confidence=confidence, alpha=alpha, quantile=quantile, seed=seed
     )
     result.missing = sorted(set(base) - set(new))
     result.new_cases = sorted(set(new) - set(base))
+    _coverage_gaps(base, new, result)
+    _broken_and_new_failures(base, new, result)
     for key in sorted(set(base) & set(new)):
         result.compared += 1
         change = _status_change(key, base[key], new[key])

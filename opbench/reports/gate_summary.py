@@ -16,9 +16,50 @@ def headline(result: GateResult) -> str:
         f"{len(result.newly_unsupported)} newly unsupported, "
         f"{len(result.regressions)} perf regressions"
     )
+    if result.broken:
+        counts += f", {len(result.broken)} crashed/timed out/errored"
+    if result.incomplete:
+        counts += ", NEW incomplete"
     verdict = "FAILED" if result.failed else "passed"
     mark = "❌" if result.failed else "✅"
     return f"{mark} opbench gate {verdict}: {counts} ({result.compared} cases compared)"
+
+
+def _examples(items: list, limit: int = 3) -> str:
+    shown = ", ".join(str(i) for i in items[:limit])
+    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+def problem_lines(result: GateResult) -> list[str]:
+    """One line per kind of finding that fails the gate (or, with --allow-missing, warns)."""
+    lines = []
+    if result.new_empty:
+        lines.append("FAIL: NEW holds no records (did its run crash or write elsewhere?)")
+    if result.missing_backends:
+        names = [f"{backend} ({kind})" for kind, backend in result.missing_backends]
+        lines.append(f"FAIL: NEW lacks {len(names)} backend(s) present in BASE: "
+                     + _examples(names))
+    if result.missing_devices:
+        names = [f"{backend}/{device} ({kind})" for kind, backend, device
+                 in result.missing_devices]
+        lines.append(f"FAIL: NEW lacks {len(names)} device(s) present in BASE: "
+                     + _examples(names))
+    cases = result.missing_cases
+    if cases and not result.new_empty:
+        level = "warning" if result.allow_missing else "FAIL"
+        hint = "" if result.allow_missing else " (--allow-missing makes this a warning)"
+        lines.append(f"{level}: NEW lacks {len(cases)} case(s) present in BASE{hint}: "
+                     + _examples([k.label() for k in cases]))
+    if result.broken:
+        lines.append(f"FAIL: NEW holds {len(result.broken)} CRASH/TIMEOUT/ERROR record(s): "
+                     + _examples([f"{c.key.label()} {c.new_status}" for c in result.broken]))
+    for title, changes in (("newly failing", result.newly_failing),
+                           ("newly unsupported", result.newly_unsupported),
+                           ("perf regression(s)", result.regressions)):
+        if changes:
+            lines.append(f"FAIL: {len(changes)} {title}: "
+                         + _examples([c.key.label() for c in changes]))
+    return lines
 
 
 def _status_rows(changes: list[StatusChange]) -> list[list[str]]:
@@ -77,7 +118,11 @@ def gate_markdown(result: GateResult, base_name: str = "BASE", new_name: str = "
         "a regression needs the whole interval past the threshold.",
         "",
     ]
+    problems = problem_lines(result)
+    if problems:
+        lines += [f"- {md_escape(line)}" for line in problems] + [""]
     sections = [
+        ("Crashed, timed out or errored in new", STATUS_HEADER, _status_rows(result.broken)),
         ("Newly failing", STATUS_HEADER, _status_rows(result.newly_failing)),
         ("Newly unsupported", STATUS_HEADER, _status_rows(result.newly_unsupported)),
         ("Perf regressions", perf_cols, _perf_rows(result.regressions)),
@@ -104,6 +149,10 @@ def gate_junit(result: GateResult) -> str:
              for c in result.newly_failing}
     fatal.update({c.key: f"newly unsupported: {c.reason or ''}" for c in result.newly_unsupported})
     fatal.update({c.key: _perf_message(c) for c in result.regressions})
+    fatal.update({c.key: f"{c.new_status} in new: {c.reason or ''}" for c in result.broken})
+    tolerated = set(result.missing_cases) if result.allow_missing else set()
+    fatal.update({k: "missing from the new results" for k in result.missing
+                  if k not in tolerated})
     passed = {c.key for group in (result.fixed, result.other_status_changes)
               for c in group} | {c.key for group in (result.improvements, result.unchanged,
                                                       result.not_significant) for c in group}
@@ -113,13 +162,14 @@ def gate_junit(result: GateResult) -> str:
         if key in fatal:
             failures += 1
             ET.SubElement(case, "failure", message=fatal[key].strip()).text = fatal[key]
-    for key in result.missing:
+    skipped = [k for k in result.missing if k not in fatal]
+    for key in skipped:
         case = ET.SubElement(suite, "testcase", classname=f"{key.kind}.{key.backend}",
                              name=key.case_id)
         ET.SubElement(case, "skipped", message="missing from the new results")
     suite.set("tests", str(len(suite)))
     suite.set("failures", str(failures))
-    suite.set("skipped", str(len(result.missing)))
+    suite.set("skipped", str(len(skipped)))
     return ET.tostring(suite, encoding="unicode", xml_declaration=True) + "\n"
 
 
