@@ -19,10 +19,19 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+class _GivenBackends(argparse.Action):
+    """-b that remembers it was given: a backend named on purpose must run (see
+    ``unavailable_fails``), one chosen by default may skip."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.backend_given = True
+
+
 def common_options() -> argparse.ArgumentParser:
     """Options every verb that runs cases shares."""
     common = Parser(add_help=False)
-    common.add_argument("-b", "--backend", default="cpu",
+    common.add_argument("-b", "--backend", default="cpu", action=_GivenBackends,
                         help="backends, comma separated: a registered name, package.module:Class"
                              " or path/file.py:Class, each optionally with options"
                              " (cpu:rope_cache=off,jit=off; opbench doctor lists them)"
@@ -101,6 +110,27 @@ def option_flags(args) -> dict:
     if getattr(args, "rope_cache", None):
         options["rope_cache"] = args.rope_cache
     return options
+
+
+def add_allow_unavailable(parser) -> None:
+    parser.add_argument("--allow-unavailable", action="store_true",
+                        help="a backend named with -b that cannot run here (not installed, no"
+                             " device) is skipped with its reason instead of failing the run")
+
+
+def unavailable_fails(args) -> bool:
+    """A backend the user named with -b that cannot run fails the run (a CI job whose optional
+    install broke must not go green); a default one, or --allow-unavailable, only skips."""
+    return getattr(args, "backend_given", False) and not getattr(args, "allow_unavailable", False)
+
+
+def report_unavailable(report, args, name: str, why: str) -> bool:
+    """Print why a backend cannot run; True when that fails the run."""
+    if unavailable_fails(args):
+        report.unavailable_backend(name, why)
+        return True
+    report.skipped_backend(name, why)
+    return False
 
 
 def check_common(args) -> None:

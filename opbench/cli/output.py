@@ -72,6 +72,10 @@ class ConsoleReporter:
     def skipped_backend(self, name: str, why: str) -> None:
         self._line(f"Backend {name}: SKIPPED ({why})", "yellow")
 
+    def unavailable_backend(self, name: str, why: str) -> None:
+        self.err.print(markup_escape(f"Backend {name}: FAIL (unavailable: {why}; "
+                                     "--allow-unavailable skips it)"), style="bold red")
+
     def backend_summary(self, name: str, counts: Counter) -> bool:
         passed, judged, failed = summarize(counts)
         extras = [f"{counts[s]} {s.lower()}" for s in ("XFAIL", "UNSUPPORTED") if counts[s]]

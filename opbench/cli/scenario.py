@@ -11,11 +11,13 @@ from opbench.harness.scenario.splits import SPLITS
 
 from . import output
 from .common import (
+    add_allow_unavailable,
     compile_pattern,
     isolation_options,
     open_writer,
     parse_backends,
     record_backend_run,
+    report_unavailable,
 )
 
 EPILOG = """examples:
@@ -63,6 +65,7 @@ def register(subparsers, common) -> None:
                              " record's perf block): what the report's speedup and device"
                              " scaling plots draw; timings under -j share the cores")
     parser.add_argument("-q", "--quiet", action="store_true", help="print only problems")
+    add_allow_unavailable(parser)
     parser.set_defaults(func=cmd_scenario)
 
 
@@ -117,8 +120,7 @@ def _run_backend(name, specs, args, run_id, writer, report) -> bool:
     cls = backend_class(name)
     ok, why = cls.available()
     if not ok:
-        report.skipped_backend(cls.name, why)
-        return False
+        return report_unavailable(report, args, cls.name, why)
     env = environment({"name": cls.name})
     specs = specs_for(name, specs)
     records = run_specs(name, specs, run_id, args.jobs, args.isolate, args.timeout,

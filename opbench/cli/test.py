@@ -12,6 +12,7 @@ from opbench.harness.registry import backend_class
 
 from . import output
 from .common import (
+    add_allow_unavailable,
     backend_info,
     check_common,
     isolation_options,
@@ -19,6 +20,7 @@ from .common import (
     option_flags,
     parse_backends,
     record_backend_run,
+    report_unavailable,
     select_cases,
 )
 
@@ -32,6 +34,7 @@ def register(subparsers, common) -> None:
     test.add_argument("-v", "--verbose", action="store_true",
                       help="also print unsupported cases")
     test.add_argument("-q", "--quiet", action="store_true", help="print only problems")
+    add_allow_unavailable(test)
     test.add_argument("--rope-cache", choices=["on", "off"], default=None,
                       help="backend option rope_cache (backends that have one)")
     test.set_defaults(func=cmd_test)
@@ -70,8 +73,7 @@ def _test_backend(name, args, cases, run_id, writer, report) -> bool:
     cls = backend_class(name)
     ok, why = cls.available()
     if not ok:
-        report.skipped_backend(cls.name, why)
-        return False
+        return report_unavailable(report, args, cls.name, why)
     env = environment(backend_info(name, option_flags(args)))
     return record_backend_run(report, cls.name, len(cases),
                               iter_records(name, args, cases, run_id), writer, env)
