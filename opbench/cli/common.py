@@ -4,12 +4,14 @@ the per-backend record loop.  Verb modules import from here, never from each oth
 from __future__ import annotations
 
 import argparse
+import math
 import re
 from collections import Counter
 
-from opbench.errors import UsageError
+from opbench.errors import BackendSetupError, UsageError
 from opbench.harness.cases import Case, filter_cases
 from opbench.harness.ops import SPECS
+from opbench.harness.pool import setup_failure
 from opbench.harness.registry import backend_options, open_backend, parse_ref, split_backend_list
 from opbench.harness.store import ResultWriter
 
@@ -55,16 +57,35 @@ def isolation_options(parser: argparse.ArgumentParser, item: str, timeout: float
     parser.add_argument("--isolate", action="store_true",
                         help="run each backend in child processes: a crash or hang becomes a"
                              f" CRASH/TIMEOUT record for that {item} and the run goes on")
-    parser.add_argument("--timeout", type=float, default=timeout,
-                        help=f"per-{item} limit in seconds with --isolate or -j"
-                             f" (default {timeout:g})")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help=f"per-{item} limit in seconds, > 0 (default {timeout:g} with"
+                             " --isolate or -j; given alone it implies --isolate: only a child"
+                             f" process can be stopped when a {item} hangs)")
+    parser.set_defaults(default_timeout=timeout)
+
+
+def check_timeout(args) -> float:
+    """--timeout in seconds: > 0 and finite (0 used to mean no limit, and a hang then hung)."""
+    if args.timeout is None:
+        return args.default_timeout
+    if not math.isfinite(args.timeout) or args.timeout <= 0:
+        raise UsageError(f"--timeout {args.timeout:g}: needs a number of seconds > 0")
+    return args.timeout
+
+
+def isolated(args) -> bool:
+    """Items run in worker processes: -j N, --isolate, or a --timeout to enforce."""
+    return args.jobs > 1 or args.isolate or args.timeout is not None
 
 
 # -- selection -------------------------------------------------------------------------------
 def parse_ops(value: str | None) -> list[str]:
-    if not value:
+    if value is None:
         return list(SPECS)
     ops = [op.strip().upper() for op in value.split(",") if op.strip()]
+    if not ops:
+        raise UsageError(f"no op given to -o; choose from {', '.join(SPECS)} (or leave -o out"
+                         " for all)")
     unknown = [op for op in ops if op not in SPECS]
     if unknown:
         raise UsageError(f"unknown op {', '.join(unknown)}; choose from {', '.join(SPECS)}")
@@ -85,8 +106,10 @@ def parse_backends(value: str, extra: dict | None = None) -> list[str]:
 
 def compile_pattern(pattern: str | None) -> re.Pattern | None:
     """The -p regular expression, or a usage error naming what is wrong with it."""
-    if not pattern:
+    if pattern is None:
         return None
+    if not pattern:
+        raise UsageError("-p '' is empty; leave -p out to select every case")
     try:
         return re.compile(pattern)
     except re.error as exc:
@@ -133,6 +156,20 @@ def report_unavailable(report, args, name: str, why: str) -> bool:
     return False
 
 
+#: the common options as (flag, attribute): a verb that does not use one refuses it
+COMMON_FLAGS = {"-b": "backend", "-o": "op", "-p": "pattern", "--devices": "devices",
+                "--seed": "seed", "-j": "jobs", "--results": "results", "--output": "output"}
+
+
+def refuse_unused(args, verb: str, flags: list[str], why: str = "") -> None:
+    """A common option the verb would silently ignore is a usage error, not a surprise."""
+    defaults = vars(common_options().parse_args([]))
+    for flag in flags:
+        attribute = COMMON_FLAGS[flag]
+        if getattr(args, attribute) != defaults[attribute]:
+            raise UsageError(f"`opbench {verb}` does not use {flag}{why}; drop it")
+
+
 def check_common(args) -> None:
     if args.jobs < 1:
         raise UsageError(f"-j {args.jobs}: needs at least 1 worker")
@@ -176,11 +213,30 @@ def record_backend_run(report, backend_name: str, total: int, records, writer, e
     return report.backend_summary(backend_name, counts)
 
 
-def backend_info(name: str, options: dict) -> dict:
+def probe_backend(name: str, options: dict) -> tuple[dict, str | None]:
+    """(the backend's info, None), or ({...}, why it cannot be constructed): a constructor
+    that raises is reported once, in one line, before any case runs."""
     try:
         backend = open_backend(name, options)
+    except Exception as exc:
+        return {"name": name}, setup_failure(name, exc)
+    try:
         info = {"name": backend.name, **backend.info()}
-        backend.close()
-        return info
     except Exception as exc:  # info is best effort; the run itself reports real errors
-        return {"name": name, "info_error": str(exc)}
+        info = {"name": backend.name, "info_error": str(exc)}
+    backend.close()
+    return info, None
+
+
+def backend_info(name: str, options: dict) -> dict:
+    return probe_backend(name, options)[0]
+
+
+def run_backend_guarded(report, backend_name: str, run) -> bool:
+    """``run()`` records one backend's cases; a backend that cannot be constructed (in this
+    process or in a worker) fails that backend with one line, and the next backend runs."""
+    try:
+        return run()
+    except BackendSetupError as exc:
+        report.broken_backend(backend_name, str(exc))
+        return True

@@ -5,7 +5,7 @@ from __future__ import annotations
 from opbench.harness.cases import format_value
 from opbench.harness.ops import SPECS
 
-from .common import parse_ops, select_cases
+from .common import parse_ops, refuse_unused, select_cases
 
 
 def register(subparsers, common) -> None:
@@ -19,6 +19,11 @@ def register(subparsers, common) -> None:
 
 
 def cmd_list(args) -> int:
+    refuse_unused(args, "list", ["-b", "--devices", "-j", "--results", "--output"],
+                  " (it lists case ids, which are the same for every backend)")
+    if not args.quick:
+        refuse_unused(args, "list", ["--seed"], " without --quick (only the quick subset is"
+                      " seeded)")
     if args.coverage:
         return print_coverage(args)
     if args.op or args.pattern or args.quick:

@@ -73,8 +73,14 @@ class ConsoleReporter:
         self._line(f"Backend {name}: SKIPPED ({why})", "yellow")
 
     def unavailable_backend(self, name: str, why: str) -> None:
-        self.err.print(markup_escape(f"Backend {name}: FAIL (unavailable: {why}; "
-                                     "--allow-unavailable skips it)"), style="bold red")
+        self._problem(f"Backend {name}: FAIL (unavailable: {why}; --allow-unavailable skips"
+                      " it)")
+
+    def broken_backend(self, name: str, why: str) -> None:
+        self._problem(f"Backend {name}: FAIL ({why})")
+
+    def _problem(self, text: str) -> None:
+        self.err.print(markup_escape(text), style="bold red", soft_wrap=True)
 
     def backend_summary(self, name: str, counts: Counter) -> bool:
         passed, judged, failed = summarize(counts)
@@ -93,7 +99,8 @@ class PerfConsoleReporter(ConsoleReporter):
     """perf's console: one test-backend-ops style line per record, as it arrives."""
 
     def case(self, record: dict, side: str = "") -> None:
-        self._line(perf_line(record, side))
+        if not (self.quiet and record["status"] == "OK"):  # -q: only problems
+            self._line(perf_line(record, side))
 
 
 def perf_line(record: dict, side: str = "") -> str:

@@ -46,6 +46,8 @@ def register(subparsers, common) -> None:
     p.add_argument("--pin-cpu", default=None, metavar="N|auto|none",
                    help="run this process and every thread it starts on one CPU (default: auto"
                         " with --ab, none otherwise); see docs/perf.md")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="print only problems (cases that did not time OK) and the A/B table")
     p.add_argument("--no-calibrate", action="store_true",
                    help="do not measure the machine's ceilings when none are cached")
     p.set_defaults(func=cmd_perf)
@@ -129,7 +131,8 @@ def cmd_perf(args) -> int:
         raise UsageError("perf times one case at a time on one device: drop -j/--devices")
     if args.output == "junit":
         raise UsageError("perf has no junit output; use console, csv or json")
-    show = output.make_reporter(args.output, console=output.PerfConsoleReporter)
+    show = output.make_reporter(args.output, quiet=args.quiet,
+                                console=output.PerfConsoleReporter)
     cases = select_perf_cases(args)
     # unknown names and options are usage errors before any timing
     refs = [parse_ref(ref).text for ref in args.ab] if args.ab else parse_backends(args.backend)

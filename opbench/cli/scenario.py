@@ -12,11 +12,14 @@ from opbench.harness.scenario.splits import SPLITS
 from . import output
 from .common import (
     add_allow_unavailable,
+    check_timeout,
     compile_pattern,
+    isolated,
     isolation_options,
     open_writer,
     parse_backends,
     record_backend_run,
+    refuse_unused,
     report_unavailable,
 )
 
@@ -101,6 +104,11 @@ def _filtered(specs: list[ScenarioSpec], pattern: str | None) -> list[ScenarioSp
 def cmd_scenario(args) -> int:
     if args.jobs < 1:
         raise UsageError(f"-j {args.jobs}: needs at least 1 worker")
+    check_timeout(args)
+    refuse_unused(args, "scenario", ["-o"], " (a scenario runs every op of a decode step)")
+    if not args.matrix:
+        refuse_unused(args, "scenario", ["-p"], " without --matrix (the axis flags pick the"
+                      " one scenario)")
     specs = selected_specs(args)
     names = parse_backends(args.backend)  # unknown names: a usage error before anything runs
     writer = open_writer(args.results)
@@ -123,6 +131,6 @@ def _run_backend(name, specs, args, run_id, writer, report) -> bool:
         return report_unavailable(report, args, cls.name, why)
     env = environment({"name": cls.name})
     specs = specs_for(name, specs)
-    records = run_specs(name, specs, run_id, args.jobs, args.isolate, args.timeout,
+    records = run_specs(name, specs, run_id, args.jobs, isolated(args), check_timeout(args),
                         timed=args.time)
     return record_backend_run(report, cls.name, len(specs), records, writer, env)

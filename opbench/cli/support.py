@@ -8,7 +8,7 @@ from opbench.harness.ops import support
 from opbench.harness.registry import backend_class, open_backend
 
 from . import output
-from .common import parse_backends, parse_ops, select_cases
+from .common import parse_backends, parse_ops, refuse_unused, select_cases
 
 
 def register(subparsers, common) -> None:
@@ -18,6 +18,8 @@ def register(subparsers, common) -> None:
 
 
 def cmd_support(args) -> int:
+    refuse_unused(args, "support", ["--devices", "--seed", "-j", "--results", "--output"],
+                  " (it asks each backend which cases it supports; nothing runs)")
     names = parse_backends(args.backend)
     cases = select_cases(args)
     rows = []

@@ -13,14 +13,17 @@ from opbench.harness.registry import backend_class
 from . import output
 from .common import (
     add_allow_unavailable,
-    backend_info,
     check_common,
+    check_timeout,
+    isolated,
     isolation_options,
     open_writer,
     option_flags,
     parse_backends,
+    probe_backend,
     record_backend_run,
     report_unavailable,
+    run_backend_guarded,
     select_cases,
 )
 
@@ -42,15 +45,16 @@ def register(subparsers, common) -> None:
 
 def iter_records(name: str, args, cases: list[Case], run_id: str) -> Iterator[dict]:
     options = option_flags(args)
-    if args.jobs > 1 or getattr(args, "isolate", False):
+    if isolated(args):
         yield from run_in_workers(name, backend_class(name).name, options, cases, args.seed,
-                                  run_id, args.jobs, args.timeout)
+                                  run_id, args.jobs, check_timeout(args))
     else:
         yield from run_inline(name, options, cases, args.seed, run_id)
 
 
 def cmd_test(args) -> int:
     check_common(args)
+    check_timeout(args)
     names = parse_backends(args.backend, option_flags(args))
     cases = select_cases(args, quick=args.quick)
     if not cases:
@@ -74,6 +78,10 @@ def _test_backend(name, args, cases, run_id, writer, report) -> bool:
     ok, why = cls.available()
     if not ok:
         return report_unavailable(report, args, cls.name, why)
-    env = environment(backend_info(name, option_flags(args)))
-    return record_backend_run(report, cls.name, len(cases),
-                              iter_records(name, args, cases, run_id), writer, env)
+    info, broken = probe_backend(name, option_flags(args))
+    if broken:
+        report.broken_backend(cls.name, broken)
+        return True
+    env = environment(info)
+    return run_backend_guarded(report, cls.name, lambda: record_backend_run(
+        report, cls.name, len(cases), iter_records(name, args, cases, run_id), writer, env))

@@ -8,12 +8,18 @@ TIMEOUT for it, starts a fresh worker and goes on.
 
 from __future__ import annotations
 
+import faulthandler
 import multiprocessing as mp
 import os
+import signal
+import sys
+import tempfile
 import time
 from collections import deque
 from multiprocessing.connection import wait
 from typing import Any, Iterator, Protocol
+
+from opbench.errors import BackendSetupError
 
 from .cases import Case
 from .registry import backend_class, device_label, first_device, open_backend
@@ -76,20 +82,56 @@ BEGUN = "begun"
 STARTUP_S = 120.0
 
 
-def _worker(conn, work: Work) -> None:
-    work.start()
-    while True:
-        item = conn.recv()
-        if item is None:
-            break
-        conn.send(BEGUN)
-        conn.send(work.run(item))
+SETUP_FAILED = "opbench-backend-setup-failed"  # the first message of a worker that has none
+STDERR_TAIL_LINES = 8
+
+
+def setup_failure(backend_ref: str, exc: BaseException) -> str:
+    return f"backend {backend_ref!r} could not be constructed: {type(exc).__name__}: {exc}"
+
+
+def _start(work: Work) -> None:
+    """``work.start()``; a backend that cannot be constructed is BackendSetupError (the CLI
+    reports it once for the backend, instead of once per item)."""
+    try:
+        work.start()
+    except Exception as exc:
+        ref = getattr(work, "backend_ref", "backend")
+        raise BackendSetupError(setup_failure(ref, exc)) from None
+
+
+def _quiet_worker_signals(stderr_path: str | None) -> None:
+    """Ctrl-C in a terminal reaches the whole process group: the parent handles it (keeps the
+    records, exits 130), so workers ignore it instead of printing KeyboardInterrupt tracebacks.
+    Stderr goes to a file the parent reads back when the worker dies, and faulthandler puts
+    the Python stack of a SIGSEGV/SIGABRT there."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if stderr_path:
+        log = open(stderr_path, "w", buffering=1, encoding="utf-8", errors="replace")
+        os.dup2(log.fileno(), 2)
+        sys.stderr = log
+        faulthandler.enable(log, all_threads=False)  # the crashing thread is the one to see
+
+
+def _worker(conn, work: Work, stderr_path: str | None = None) -> None:
+    _quiet_worker_signals(stderr_path)
+    try:
+        _start(work)
+    except BackendSetupError as exc:
+        conn.send((SETUP_FAILED, str(exc)))
+        return
+    try:
+        while (item := conn.recv()) is not None:
+            conn.send(BEGUN)
+            conn.send(work.run(item))
+    except (EOFError, OSError):
+        return  # the parent is gone (killed): nothing to report to, end quietly
     work.stop()
 
 
 def run_items_inline(work: Work, items: list) -> Iterator[dict]:
     """In this process: fastest, but a crash or hang of the backend ends the run."""
-    work.start()
+    _start(work)
     try:
         for item in items:
             yield work.run(item)
@@ -111,18 +153,39 @@ class _Slot:
         self.case: Any = None
         self.started = 0.0
         self.begun = False
+        fd, self.stderr_path = tempfile.mkstemp(prefix="opbench-worker-", suffix=".log")
+        os.close(fd)
         self.start()
 
     def start(self) -> None:
         parent, child = self.ctx.Pipe()
         self.conn = parent
-        self.process = self.ctx.Process(target=_worker, args=(child, self.work), daemon=True)
+        self.process = self.ctx.Process(target=_worker, args=(child, self.work,
+                                                              self.stderr_path), daemon=True)
         self.process.start()
         child.close()
 
     def give(self, item: Any) -> None:
         self.case, self.started, self.begun = item, time.monotonic(), False
-        self.conn.send(item)
+        try:
+            self.conn.send(item)
+        except OSError:
+            pass  # the worker already ended; _collect reads why (setup failure or death)
+
+    def death(self) -> str:
+        """Why the worker died: reap it first (before that its exit code is None), then the
+        signal name or exit code and the last lines it wrote to stderr."""
+        self.process.join(timeout=5)
+        code = self.process.exitcode
+        if code is not None and code < 0:
+            try:
+                cause = f"killed by {signal.Signals(-code).name}"
+            except ValueError:
+                cause = f"killed by signal {-code}"
+        else:
+            cause = f"exit code {code}"
+        tail = _tail(self.stderr_path, STDERR_TAIL_LINES)
+        return f"worker process died ({cause})" + (f"; its stderr ends:\n{tail}" if tail else "")
 
     def overdue(self, timeout: float) -> bool:
         allowed = timeout if self.begun else timeout + STARTUP_S
@@ -143,6 +206,29 @@ class _Slot:
         self.process.join(timeout=2)
         if self.process.is_alive():
             self.process.kill()
+            self.process.join(timeout=2)
+        try:
+            os.unlink(self.stderr_path)
+        except OSError:
+            pass
+
+
+# faulthandler's frames of the harness itself and its module list: noise next to the user's
+# frames and messages
+_PLUMBING = ("/multiprocessing/", '"<string>"', "Extension modules:", "/opbench/harness/")
+
+
+def _tail(path: str, lines: int) -> str:
+    """The last ``lines`` lines the worker wrote to stderr, without the process-start frames
+    and module list of faulthandler's dump (the user's frames and messages are what tells)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return ""
+    kept = [line for line in text.splitlines()
+            if line.strip() and not any(noise in line for noise in _PLUMBING)]
+    return "\n".join(kept[-lines:])
 
 
 def run_in_workers(backend_ref: str, backend_name: str, options: dict, cases: list[Case],
@@ -188,16 +274,16 @@ def _collect(slot: _Slot, ready, timeout: float | None):
     if slot.conn in ready:
         try:
             message = slot.conn.recv()
-            if message == BEGUN:
-                slot.started, slot.begun = time.monotonic(), True
-                return None
-            return message
         except (EOFError, OSError):
-            code = slot.process.exitcode
-            record = slot.work.lost(slot.case, "CRASH",
-                                    f"worker process died (exit code {code})")
+            record = slot.work.lost(slot.case, "CRASH", slot.death())
             slot.restart()
             return record
+        if message == BEGUN:
+            slot.started, slot.begun = time.monotonic(), True
+            return None
+        if isinstance(message, tuple) and message[:1] == (SETUP_FAILED,):
+            raise BackendSetupError(message[1])  # every worker would fail alike: stop once
+        return message
     if timeout and slot.overdue(timeout):
         record = slot.work.lost(slot.case, "TIMEOUT", f"no result after {timeout:g} s")
         slot.restart()

@@ -200,6 +200,11 @@ def record_problem(record: Any) -> str | None:
             f"schema={schema} is newer than this opbench reads (schema {SCHEMA_VERSION}); "
             "upgrade opbench"
         )
+    wrong = [name for name in ("kind", "run_id", "backend", "op", "case_id", "status")
+             if not isinstance(record[name], str) or not record[name]]
+    if wrong:
+        return ", ".join(f"{name}={record[name]!r}" for name in wrong) + " must be a non-empty" \
+            " string"
     if record["kind"] not in KINDS:
         return f"kind={record['kind']!r} must be one of {', '.join(KINDS)}"
     if record["status"] not in STATUSES:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
+import traceback
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib.metadata import entry_points
@@ -155,8 +156,27 @@ def _load_file_class(path: str, class_name: str) -> type:
     spec = importlib.util.spec_from_file_location(module_name, file)
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module  # dataclasses and pickling look modules up by name
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:  # the user's file is bad input: one line naming where, exit 2
+        del sys.modules[module_name]
+        raise UsageError(f"cannot load backend file {import_failure(exc, file)}") from None
     return _class_from(module, class_name, path)
+
+
+def import_failure(exc: BaseException, file: Path | None = None) -> str:
+    """'path:line: ExcType: message' for an exception raised while importing user code: the
+    line of ``file`` (or of the innermost frame) where it went wrong."""
+    summary = "".join(traceback.format_exception_only(type(exc), exc)).strip().splitlines()[-1]
+    if isinstance(exc, SyntaxError) and exc.filename:
+        return f"{exc.filename}:{exc.lineno}: {summary}"
+    frames = traceback.extract_tb(exc.__traceback__)
+    if file is not None:
+        ours = [f for f in frames if Path(f.filename).resolve() == file.resolve()]
+        frames = ours or frames
+    if not frames:
+        return summary
+    return f"{frames[-1].filename}:{frames[-1].lineno}: {summary}"
 
 
 def _class_from(module, class_name: str, where: str) -> type:
@@ -175,7 +195,13 @@ def _load_reference(ref: str) -> type:
     try:
         module = importlib.import_module(target)
     except ImportError as exc:
-        raise UsageError(f"cannot import backend module {target!r}: {exc}") from None
+        if exc.name and target.startswith(exc.name):  # the module itself is not there
+            raise UsageError(f"cannot import backend module {target!r}: {exc}") from None
+        raise UsageError(f"cannot import backend module {target!r}: "
+                         f"{import_failure(exc)}") from None
+    except Exception as exc:
+        raise UsageError(f"cannot import backend module {target!r}: "
+                         f"{import_failure(exc)}") from None
     return _class_from(module, class_name, target)
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -73,20 +74,33 @@ class ResultWriter:
 
 
 # -- reading -------------------------------------------------------------------------------------
-def read_records(path: str | Path) -> list[dict]:
-    """Every record of one file, with optional fields defaulted; ResultFileError on bad input."""
+def warn_on_stderr(message: str) -> None:
+    print(f"opbench: warning: {message}", file=sys.stderr)
+
+
+def read_records(path: str | Path, warn: Callable[[str], None] = warn_on_stderr) -> list[dict]:
+    """Every record of one file, with optional fields defaulted; ResultFileError on bad input.
+
+    A last line cut short (no newline, not JSON: the writer was killed mid-line) is skipped
+    with a warning naming it; every record before it is whole, since each is written as one
+    line.  A bad line anywhere else is an error."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ResultFileError(f"cannot read results file {path}: {e}") from None
     records = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    lines = text.splitlines()
+    for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
+            if lineno == len(lines) and not text.endswith("\n"):
+                warn(f"{path}:{lineno}: skipped a truncated last line ({e.msg}); the"
+                     f" {len(records)} record(s) before it are used")
+                break
             raise ResultFileError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
         problem = record_problem(record)
         if problem:
@@ -132,6 +146,11 @@ def records_frame(records: Iterable[dict], source: str = ""):
 
     rows = [record_row(r, source) for r in records]
     return pd.DataFrame(rows)
+
+
+def record_key(record: dict) -> tuple:
+    """What makes records the same case: a later one of the same key supersedes it."""
+    return (record["kind"], record["backend"], record.get("device") or "", record["case_id"])
 
 
 def load_results(paths: str | Path | Iterable[str | Path]):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from opbench.protocol import AttnParams, RopeParams
 
-from .splits import check_split, head_split, layer_split
+from .splits import SEQUENCE_SPLITS, check_split, head_split, layer_split
 
 
 @dataclass(frozen=True)
@@ -104,6 +104,11 @@ class ScenarioSpec:
             layer_split(cfg.n_layers, self.devices)
         if self.split == "head":
             head_split(cfg.n_heads, cfg.n_kv_heads, self.devices)
+        shortest = min(cfg.prompt_lens)
+        if self.split in SEQUENCE_SPLITS and self.devices > shortest:
+            # more devices than tokens: a device holds nothing of a sequence and tests nothing
+            raise ValueError(f"devices={self.devices} must be <= {shortest} (tokens in the "
+                             f"shortest prompt) for split={self.split!r}")
 
     def config(self) -> ModelConfig:
         return model_config(self.model, n_layers=self.layers, steps=self.steps, seed=self.seed)
