@@ -24,11 +24,15 @@ def cmd_doctor(args) -> int:
         if not ok:
             print(f"{name:8s} unavailable: {why}")
         else:
-            backend = open_backend(name)
-            info = backend.info()
-            backend.close()
-            details = ", ".join(f"{k}={v}" for k, v in info.items())
-            print(f"{name:8s} available  {details}")
+            try:
+                backend = open_backend(name)
+                info = backend.info()
+                backend.close()
+            except Exception as exc:  # doctor reports what is wrong, it never stops at it
+                print(f"{name:8s} broken: {type(exc).__name__}: {exc}")
+            else:
+                details = ", ".join(f"{k}={v}" for k, v in info.items())
+                print(f"{name:8s} available  {details}")
         print_options(cls)
     return 0
 

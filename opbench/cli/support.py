@@ -6,6 +6,7 @@ from collections import Counter
 
 from opbench.harness.ops import support
 from opbench.harness.registry import backend_class, open_backend
+from opbench.harness.pool import setup_failure
 
 from . import output
 from .common import parse_backends, parse_ops, refuse_unused, select_cases
@@ -22,18 +23,30 @@ def cmd_support(args) -> int:
                   " (it asks each backend which cases it supports; nothing runs)")
     names = parse_backends(args.backend)
     cases = select_cases(args)
-    rows = []
+    rows, broken = [], False
     for name in names:
         cls = backend_class(name)
-        ok, why = cls.available()
-        backend = open_backend(name) if ok else None
+        backend, why = _open(name)
+        broken |= backend is None and cls.available()[0]
         for op in parse_ops(args.op):
             op_cases = [c for c in cases if c.op == op]
             rows.append(_support_row(cls.name, op, op_cases, backend, why))
         if backend:
             backend.close()
     output.print_support(rows)
-    return 0
+    return 1 if broken else 0
+
+
+def _open(name: str):
+    """(backend, None), or (None, why not): not available here, or a constructor that raised
+    (then the matrix still prints, and the exit code is 1)."""
+    ok, why = backend_class(name).available()
+    if not ok:
+        return None, why
+    try:
+        return open_backend(name), None
+    except Exception as exc:
+        return None, setup_failure(name, exc)
 
 
 def _support_row(backend_name, op, cases, backend, unavailable_reason) -> dict:

@@ -91,6 +91,14 @@ def test_a_constructor_raising_only_in_workers_fails_once_not_per_case(tmp_path,
     assert "CRASH" not in out and "Traceback" not in err
 
 
+def test_support_reports_a_raising_constructor_in_the_matrix(tmp_path, capsys):
+    ref = backend_file(tmp_path, CONSTRUCTOR_RAISES) + ":Always"
+    code, out, err = run(capsys, "support", "-b", f"{ref},cpu", "-o", "CPY")
+    assert code == 1 and "Traceback" not in err
+    assert "ctorboom CPY: 216 unsupported: unavailable: backend" in out
+    assert "could not be constructed: ValueError: constructor boom" in out
+
+
 @pytest.mark.parametrize("source, where, what", [
     ("import os\n\nclass X(object)\n    pass\n", 3, "SyntaxError"),
     ("import os\nimport opbench_no_such_module\n", 2, "ModuleNotFoundError"),
