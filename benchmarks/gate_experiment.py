@@ -130,6 +130,69 @@ def experiment(args) -> dict:
     return tally
 
 
+# -- separate invocations, as the README's CI recipe runs them ----------------------------------
+def perf_invocation(results: Path, ref: str, seed: int, args) -> None:
+    """One ``opbench perf`` process, as CI would start it."""
+    import subprocess
+
+    results.unlink(missing_ok=True)
+    argv = [sys.executable, "-m", "opbench", "perf", "-b", ref, "--sizes", "small",
+            "--budget-ms", str(args.budget_ms), "--min-samples", str(args.min_samples),
+            "--repeat", str(args.repeat), "--seed", str(seed), "--results", str(results),
+            "--no-calibrate", "-q"]
+    if args.op:
+        argv += ["-o", args.op]
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+
+
+def gate_separate(base: Path, new: Path, new_ref: str, tag: str, out: Path, args) -> dict:
+    """``opbench gate BASE NEW`` (backends paired: NEW's may be the slowed one); what it said."""
+    from opbench.harness import store
+    from opbench.perf import gate
+
+    pairing = ["--base-backend", "cpu", "--new-backend", new_ref] if new_ref != "cpu" else []
+    code = quiet_main(["gate", str(base), str(new), "--threshold", args.threshold,
+                       "--summary", str(out / f"{tag}.md"), *pairing])
+    base_records, new_records = store.read_records(base), store.read_records(new)
+    if pairing:
+        base_records, new_records = gate.pair_backends(base_records, new_records, "cpu", new_ref)
+    result = gate.gate(base_records, new_records, gate.parse_threshold(args.threshold))
+    return {"exit": code, "flagged": [c.key.case_id for c in result.regressions],
+            "ambiguous": [c.key.case_id for c in result.ambiguous],
+            "ratios": {c.key.case_id: c.comparison.ratio for group in (
+                result.regressions, result.ambiguous, result.unchanged,
+                result.not_significant, result.improvements) for c in group}}
+
+
+def separate_experiment(args) -> dict:
+    """Per trial: BASE, an A/A NEW and a slowed NEW, three separate perf processes, then two
+    gates (BASE vs each NEW)."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    slow_ref = f"{HERE}:SlowRopeCpu"
+    tally = {"aa_alarms": 0, "slow_detected": 0, "slow_other_alarms": 0, "runs": args.runs,
+             "aa_ambiguous": 0, "slow_ambiguous": 0}
+    for i in range(args.runs):
+        files = {tag: out / f"{tag}_{i:02d}.jsonl" for tag in ("base", "aa", "slow")}
+        for tag, ref in (("base", "cpu"), ("aa", "cpu"), ("slow", slow_ref)):
+            perf_invocation(files[tag], ref, i, args)
+        aa = gate_separate(files["base"], files["aa"], "cpu", f"aa_{i:02d}", out, args)
+        slow = gate_separate(files["base"], files["slow"], slow_ref, f"slow_{i:02d}", out, args)
+        rope = [c for c in slow["flagged"] if c.startswith(SLOW_OP + "(")]
+        others = [c for c in slow["flagged"] if not c.startswith(SLOW_OP + "(")]
+        tally["aa_alarms"] += aa["exit"] == 1
+        tally["aa_ambiguous"] += bool(aa["ambiguous"])
+        tally["slow_detected"] += slow["exit"] == 1 and bool(rope)
+        tally["slow_ambiguous"] += bool([c for c in slow["ambiguous"] if c.startswith(SLOW_OP)])
+        tally["slow_other_alarms"] += bool(others)
+        slow_ratios = [f"{r:.3f}" for c, r in slow["ratios"].items() if c.startswith(SLOW_OP)]
+        print(f"trial {i:2d}: A/A gate exit {aa['exit']} {aa['flagged'] or ''} ambiguous "
+              f"{len(aa['ambiguous'])} | slowed gate exit {slow['exit']}, {SLOW_OP} ratios "
+              f"{slow_ratios}, flagged {len(rope)} {SLOW_OP} + {len(others)} other, ambiguous "
+              f"{len(slow['ambiguous'])}", flush=True)
+    return tally
+
+
 @contextlib.contextmanager
 def background_load(processes: int):
     """``processes`` busy-looping children: a neighbour's job on a small CI machine."""
@@ -154,6 +217,11 @@ def parse_args(argv=None):
     p.add_argument("--out", default="/tmp/opbench-gate-experiment")
     p.add_argument("--load", type=int, default=0,
                    help="busy-looping processes to run alongside (default: 0)")
+    p.add_argument("--separate", action="store_true",
+                   help="the README's CI recipe: separate perf processes (each --repeat R "
+                        "runs), then `opbench gate BASE NEW`, instead of one --ab process")
+    p.add_argument("--repeat", type=int, default=5, help="with --separate: perf --repeat")
+    p.add_argument("--min-samples", type=int, default=10, help="with --separate")
     p.add_argument("--pin-cpu", default=None,
                    help="passed to opbench perf (default: its own, one CPU with --ab); 'none'"
                         " shows what the pinning is for")
@@ -164,7 +232,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     started = time.time()
     with background_load(args.load):
-        tally = experiment(args)
+        tally = separate_experiment(args) if args.separate else experiment(args)
+    if args.separate:
+        print(f"separate invocations, --repeat {args.repeat}, --budget-ms {args.budget_ms:g}: "
+              f"ambiguous verdicts in {tally['aa_ambiguous']} A/A and "
+              f"{tally['slow_ambiguous']} slowed trials")
     print(f"A/A false alarms: {tally['aa_alarms']}/{tally['runs']}; 15% {SLOW_OP} slowdown "
           f"detected: {tally['slow_detected']}/{tally['runs']}; slowed runs with another case "
           f"flagged: {tally['slow_other_alarms']}/{tally['runs']} "

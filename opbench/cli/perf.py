@@ -46,6 +46,10 @@ def register(subparsers, common) -> None:
     p.add_argument("--pin-cpu", default=None, metavar="N|auto|none",
                    help="run this process and every thread it starts on one CPU (default: auto"
                         " with --ab, none otherwise); see docs/perf.md")
+    p.add_argument("--repeat", type=int, default=1, metavar="R",
+                   help="R independent runs, each in a fresh process, one record per case "
+                   "with each run's samples kept apart: what `opbench gate` needs to compare "
+                   "two separate invocations (default: %(default)s)")
     p.add_argument("-q", "--quiet", action="store_true",
                    help="print only problems (cases that did not time OK) and the A/B table")
     p.add_argument("--no-calibrate", action="store_true",
@@ -140,6 +144,11 @@ def cmd_perf(args) -> int:
     if args.ab and not 0 < args.quantile < 1:
         raise UsageError(f"--quantile {args.quantile} must be between 0 and 1")
     options = perf_options(args)
+    if args.repeat < 1:
+        raise UsageError(f"--repeat {args.repeat} must be >= 1")
+    if args.repeat > 1 and args.ab:
+        raise UsageError("--repeat and --ab do not mix: --ab interleaves its two sides in one"
+                         " process, which already shares every run-to-run shift")
     affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     pin_cpu(args.pin_cpu, default="auto" if args.ab else "none")
     writer = open_writer(args.results)
@@ -148,6 +157,8 @@ def cmd_perf(args) -> int:
         if args.ab:
             failed = _run_ab(refs, cases, options, run_id, writer, show, threshold,
                              args.quantile)
+        elif args.repeat > 1:
+            failed = _run_repeated(refs, cases, options, run_id, writer, show, args.repeat)
         else:
             failed = any([_run_backend(ref, cases, options, run_id, writer, show)
                           for ref in refs])
@@ -181,6 +192,23 @@ def _run_backend(ref, cases, options, run_id, writer, show) -> bool:
             failed |= _emit(record, writer, show)
     finally:
         backend.close()
+    return failed
+
+
+def _run_repeated(refs, cases, options, run_id, writer, show, repeat: int) -> bool:
+    from .perf_repeat import repeated_records
+
+    available = []
+    for ref in refs:
+        ok, why = backend_class(split_ref(ref)[0]).available()
+        if ok:
+            available.append(ref)
+        else:
+            show.header(f"Backend {ref}: skipped ({why})")
+    progress = show.header if not show.quiet else (lambda text: None)
+    failed = False
+    for record in repeated_records(available, cases, options, run_id, repeat, progress):
+        failed |= _emit(record, writer, show)
     return failed
 
 

@@ -67,6 +67,7 @@ class GateResult:
     improvements: list[PerfChange] = field(default_factory=list)
     unchanged: list[PerfChange] = field(default_factory=list)
     not_significant: list[PerfChange] = field(default_factory=list)
+    ambiguous: list[PerfChange] = field(default_factory=list)  # needs more runs to tell
     missing: list[CaseKey] = field(default_factory=list)
     new_cases: list[CaseKey] = field(default_factory=list)
     compared: int = 0
@@ -133,13 +134,30 @@ def _status_change(key: CaseKey, base: dict, new: dict) -> tuple[str, StatusChan
     return "other_status_changes", change
 
 
+def perf_runs(record: dict) -> list[list]:
+    """The samples of each independent run (``perf --repeat``); one run for older records."""
+    perf = record.get("perf") or {}
+    return perf.get("runs_ns") or [perf.get("samples_ns") or []]
+
+
+def _compare(base: dict, new: dict, options: dict) -> stats.Comparison:
+    """Samples of one interleaved process (``perf --ab``) share every run-to-run shift: compare
+    them directly.  Separate invocations differ by more than their samples show: compare runs
+    (``stats.compare_runs``), and a change the runs cannot back is AMBIGUOUS."""
+    base_runs, new_runs = perf_runs(base), perf_runs(new)
+    one_process = base["run_id"] == new["run_id"] and len(base_runs) == len(new_runs) == 1
+    if one_process:
+        return stats.compare_samples(perf_samples(base), perf_samples(new), **options)
+    return stats.compare_runs(base_runs, new_runs, **options)
+
+
 def _perf_change(key: CaseKey, base: dict, new: dict, options: dict) -> PerfChange | None:
     base_samples, new_samples = perf_samples(base), perf_samples(new)
     if base_samples is None or new_samples is None:
         return None
     if base["status"] in FAILING or new["status"] in FAILING:
         return None  # a failed run's timing means nothing
-    comparison = stats.compare_samples(base_samples, new_samples, **options)
+    comparison = _compare(base, new, options)
     quantile = comparison.quantile
     return PerfChange(
         key,
@@ -177,6 +195,7 @@ _PERF_LISTS = {
     stats.IMPROVEMENT: "improvements",
     stats.UNCHANGED: "unchanged",
     stats.NOT_SIGNIFICANT: "not_significant",
+    stats.AMBIGUOUS: "ambiguous",
 }
 
 

@@ -186,3 +186,124 @@ def compare_samples(
     verdict = classify(low, high, p_slower, p_faster, threshold=threshold, alpha=alpha)
     return Comparison(ratio, low, high, p_slower, p_faster, base.size, new.size, verdict,
                       quantile)
+
+
+# -- separate runs: run-to-run variance ------------------------------------------------------------
+AMBIGUOUS = "ambiguous"
+MIN_RUNS = 3  # below this a side's run-to-run spread is not measured
+MAX_RUNS_NEEDED = 1000
+
+
+@dataclass(frozen=True)
+class RunsComparison(Comparison):
+    """A comparison of separate invocations: ``n_base``/``n_new`` count runs, not samples;
+    ``spread`` is the measured run-to-run standard deviation of log(time); ``runs_needed``
+    (per side) is set when the verdict is AMBIGUOUS."""
+
+    spread: float = math.nan
+    runs_needed: int = 0
+
+
+def _runs(runs, name: str) -> list[np.ndarray]:
+    arrays = [_as_samples(run, f"{name} run {i + 1}") for i, run in enumerate(runs)]
+    if not arrays:
+        raise ValueError(f"{name} has no runs")
+    return arrays
+
+
+def hierarchical_quantiles(runs: list[np.ndarray], quantile: float, resamples: int,
+                           rng: np.random.Generator) -> np.ndarray:
+    """Bootstrap of the statistic of a side -- the geometric mean over runs of each run's
+    ``quantile`` -- that resamples runs, then samples within each run: the interval then holds
+    the run-to-run spread, which one run's samples cannot show."""
+    per_run = np.stack([bootstrap_quantiles(run, quantile, resamples, rng) for run in runs])
+    picked_runs = rng.integers(0, len(runs), size=(resamples, len(runs)))
+    picked_draws = rng.integers(0, resamples, size=(resamples, len(runs)))
+    return np.exp(np.log(per_run[picked_runs, picked_draws]).mean(axis=1))
+
+
+def runs_needed(spread: float, log_ratio: float, threshold: float,
+                alpha: float = DEFAULT_ALPHA) -> int:
+    """Runs a side needs before a change of ``log_ratio`` stands clear of ``threshold`` given a
+    run-to-run spread (SD of log time): the smallest n with
+    t(1 - alpha, 2n - 2) * spread * sqrt(2 / n) < |log_ratio| - log(1 + threshold)."""
+    from scipy import stats as scipy_stats
+
+    margin = abs(log_ratio) - math.log1p(threshold)
+    if margin <= 0 or not math.isfinite(spread):
+        return MIN_RUNS
+    for n in range(MIN_RUNS, MAX_RUNS_NEEDED):
+        if scipy_stats.t.ppf(1 - alpha, 2 * n - 2) * spread * math.sqrt(2 / n) < margin:
+            return n
+    return MAX_RUNS_NEEDED
+
+
+def _welch_p(log_base: np.ndarray, log_new: np.ndarray) -> tuple[float, float]:
+    """One-sided Welch t-test p-values (slower, faster) on per-run log times."""
+    from scipy import stats as scipy_stats
+
+    if min(log_base.size, log_new.size) < 2:
+        return 1.0, 1.0
+    if np.ptp(np.concatenate([log_base, log_new])) == 0:
+        return 1.0, 1.0
+    slower = scipy_stats.ttest_ind(log_new, log_base, equal_var=False, alternative="greater")
+    faster = scipy_stats.ttest_ind(log_new, log_base, equal_var=False, alternative="less")
+    return float(slower.pvalue), float(faster.pvalue)
+
+
+def pooled_spread(log_base: np.ndarray, log_new: np.ndarray) -> float:
+    """Run-to-run SD of log time, pooled over both sides (nan with fewer than 2 runs a side)."""
+    if min(log_base.size, log_new.size) < 2:
+        return math.nan
+    dof = log_base.size + log_new.size - 2
+    squares = ((log_base - log_base.mean()) ** 2).sum() + ((log_new - log_new.mean()) ** 2).sum()
+    return float(math.sqrt(squares / dof))
+
+
+def compare_runs(
+    base_runs,
+    new_runs,
+    *,
+    threshold: float = DEFAULT_THRESHOLD,
+    confidence: float = DEFAULT_CONFIDENCE,
+    alpha: float = DEFAULT_ALPHA,
+    resamples: int = DEFAULT_RESAMPLES,
+    quantile: float = DEFAULT_QUANTILE,
+    seed: int = 0,
+) -> RunsComparison:
+    """NEW vs BASE from separate invocations, each side a list of runs (lists of samples).
+
+    The interval is a hierarchical bootstrap (runs, then samples within runs) of the ratio of
+    the sides' geometric-mean run quantiles; the second opinion is a one-sided Welch t-test on
+    the runs' log quantiles.  A change the interval sees but the runs cannot back -- fewer than
+    ``MIN_RUNS`` a side, or fewer than the measured run-to-run spread needs -- is AMBIGUOUS with
+    the runs needed, not a regression."""
+    if threshold < 0:
+        raise ValueError(f"threshold={threshold} must be >= 0")
+    _check_quantile(quantile)
+    base, new = _runs(base_runs, "base"), _runs(new_runs, "new")
+    log_base = np.log([np.quantile(run, quantile) for run in base])
+    log_new = np.log([np.quantile(run, quantile) for run in new])
+    log_ratio = float(log_new.mean() - log_base.mean())
+    rng = np.random.default_rng(seed)
+    ratios = (hierarchical_quantiles(new, quantile, resamples, rng)
+              / hierarchical_quantiles(base, quantile, resamples, rng))
+    tail = (1 - confidence) / 2 * 100
+    low, high = (float(v) for v in np.percentile(ratios, [tail, 100 - tail]))
+    p_slower, p_faster = _welch_p(log_base, log_new)
+    spread = pooled_spread(log_base, log_new)
+    verdict, needed = _runs_verdict(low, high, p_slower, p_faster, spread, log_ratio,
+                                    min(len(base), len(new)), threshold, alpha)
+    return RunsComparison(math.exp(log_ratio), low, high, p_slower, p_faster, len(base),
+                          len(new), verdict, quantile, spread, needed)
+
+
+def _runs_verdict(low, high, p_slower, p_faster, spread, log_ratio, runs, threshold, alpha):
+    verdict = classify(low, high, 0.0, 0.0, threshold=threshold, alpha=alpha)  # interval only
+    if verdict not in (REGRESSION, IMPROVEMENT):
+        return verdict, 0
+    needed = runs_needed(spread, log_ratio, threshold, alpha)
+    p_value = p_slower if verdict == REGRESSION else p_faster
+    if runs < needed or p_value >= alpha:
+        return AMBIGUOUS, max(needed, runs + 1)
+    return verdict, 0

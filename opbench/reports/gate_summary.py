@@ -5,6 +5,7 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 
 from opbench.perf.gate import CaseKey, GateResult, PerfChange, StatusChange
+from opbench.perf.stats import RunsComparison
 from opbench.reports.markup import md_escape
 
 MAX_ROWS = 100  # per list: a summary a reviewer can read, not a dump
@@ -53,6 +54,12 @@ def problem_lines(result: GateResult) -> list[str]:
     if result.broken:
         lines.append(f"FAIL: NEW holds {len(result.broken)} CRASH/TIMEOUT/ERROR record(s): "
                      + _examples([f"{c.key.label()} {c.new_status}" for c in result.broken]))
+    if result.ambiguous:
+        most = max(c.comparison.runs_needed for c in result.ambiguous)
+        lines.append(f"note: {len(result.ambiguous)} timing change(s) the run-to-run spread "
+                     f"cannot confirm (ambiguous, not a regression); to tell, rerun both sides"
+                     f" with --repeat {most}: "
+                     + _examples([c.key.label() for c in result.ambiguous]))
     for title, changes in (("newly failing", result.newly_failing),
                            ("newly unsupported", result.newly_unsupported),
                            ("perf regression(s)", result.regressions)):
@@ -81,6 +88,12 @@ def _perf_rows(changes: list[PerfChange]) -> list[list[str]]:
     return rows
 
 
+def _ambiguous_rows(changes: list[PerfChange]) -> list[list[str]]:
+    return [row + [f"{c.comparison.n_base}/{c.comparison.n_new}",
+                   str(c.comparison.runs_needed)]
+            for row, c in zip(_perf_rows(changes), changes)]
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(md_escape(v) for v in row) + " |" for row in rows[:MAX_ROWS]]
@@ -95,7 +108,7 @@ STATUS_HEADER = ["case", "base", "new", "reason"]
 def perf_header(quantile: float) -> list[str]:
     name = "median" if quantile == 0.5 else f"p{quantile * 100:g}"
     return ["case", f"base {name} (µs)", f"new {name} (µs)", "ratio new/base", "CI",
-            "Mann-Whitney p (one-sided)"]
+            "p (one-sided; Mann-Whitney on samples, Welch t on runs)"]
 
 
 def _key_rows(keys: list[CaseKey]) -> list[list[str]]:
@@ -129,6 +142,8 @@ def gate_markdown(result: GateResult, base_name: str = "BASE", new_name: str = "
         ("Fixed", STATUS_HEADER, _status_rows(result.fixed)),
         ("Other status changes", STATUS_HEADER, _status_rows(result.other_status_changes)),
         ("Improvements", perf_cols, _perf_rows(result.improvements)),
+        ("Ambiguous: more runs needed", perf_cols + ["runs", "runs needed"],
+         _ambiguous_rows(result.ambiguous)),
         ("Not significant", perf_cols, _perf_rows(result.not_significant)),
         ("Unchanged", perf_cols, _perf_rows(result.unchanged)),
         ("Missing from new", ["case"], _key_rows(result.missing)),
@@ -155,7 +170,8 @@ def gate_junit(result: GateResult) -> str:
                   if k not in tolerated})
     passed = {c.key for group in (result.fixed, result.other_status_changes)
               for c in group} | {c.key for group in (result.improvements, result.unchanged,
-                                                      result.not_significant) for c in group}
+                                                      result.not_significant,
+                                                      result.ambiguous) for c in group}
     for key in sorted(set(fatal) | passed):
         case = ET.SubElement(suite, "testcase", classname=f"{key.kind}.{key.backend}",
                              name=key.case_id)
@@ -175,5 +191,7 @@ def gate_junit(result: GateResult) -> str:
 
 def _perf_message(change: PerfChange) -> str:
     cmp = change.comparison
-    return (f"perf regression: {cmp.ratio:.3f}x slower, {cmp.n_new}/{cmp.n_base} samples, "
-            f"CI [{cmp.ci_low:.3f}, {cmp.ci_high:.3f}], Mann-Whitney p={cmp.p_slower:.2g}")
+    unit, test = ("runs", "Welch t") if isinstance(cmp, RunsComparison) else ("samples",
+                                                                             "Mann-Whitney")
+    return (f"perf regression: {cmp.ratio:.3f}x slower, {cmp.n_new}/{cmp.n_base} {unit}, "
+            f"CI [{cmp.ci_low:.3f}, {cmp.ci_high:.3f}], {test} p={cmp.p_slower:.2g}")
