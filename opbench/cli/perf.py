@@ -200,7 +200,7 @@ def _run_repeated(refs, cases, options, run_id, writer, show, repeat: int) -> bo
 
     available = []
     for ref in refs:
-        ok, why = backend_class(split_ref(ref)[0]).available()
+        ok, why = parse_ref(ref).cls.available()
         if ok:
             available.append(ref)
         else:

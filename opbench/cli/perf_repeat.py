@@ -19,12 +19,12 @@ from opbench.perf.runs import merge_runs
 
 def one_run(refs: list[str], cases: list, options, run_id: str, path: str) -> None:
     """The body of one run's process: every backend, every case, records to ``path``."""
-    from .perf import open_backend  # the child imports the verb afresh: its own first run
+    from .perf import open_for_timing  # the child imports the verb afresh: its own first run
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
     with ResultWriter(path) as writer:
         for ref in refs:
-            backend, _ = open_backend(ref)
+            backend, _ = open_for_timing(ref)
             if backend is None:
                 continue  # the parent reports unavailable backends once
             env = perf_mode.backend_env(backend)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections import Counter
 
 from opbench.harness.ops import support
-from opbench.harness.registry import backend_class, open_backend
 from opbench.harness.pool import setup_failure
+from opbench.harness.registry import backend_class, open_backend
 
 from . import output
 from .common import parse_backends, parse_ops, refuse_unused, select_cases
