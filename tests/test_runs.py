@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from opbench.cli.main import main
-from opbench.harness import store
+from opbench.harness import records, store
 from opbench.perf import stats
 from opbench.perf.gate import gate
 from opbench.perf.runs import merge_runs
@@ -55,7 +55,7 @@ def _perf_record(run_id: str, run_samples: list, status: str = "OK") -> dict:
     pooled = [int(x) for run in run_samples for x in run]
     perf = {"samples_ns": pooled, "median_ns": float(np.median(pooled)), "n": len(pooled),
             "runs_ns": [[int(x) for x in run] for run in run_samples]}
-    return store.make_record(kind="perf", backend="cpu", op="ROPE", case_id="ROPE(x)",
+    return records.make_record(kind="perf", backend="cpu", op="ROPE", case_id="ROPE(x)",
                              status=status, run_id=run_id, device="cpu:0", perf=perf, env={})
 
 
