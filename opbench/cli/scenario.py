@@ -18,6 +18,7 @@ from .common import (
     isolation_options,
     open_writer,
     parse_backends,
+    probe_backend,
     record_backend_run,
     refuse_unused,
     report_unavailable,
@@ -129,6 +130,10 @@ def _run_backend(name, specs, args, run_id, writer, report) -> bool:
     ok, why = cls.available()
     if not ok:
         return report_unavailable(report, args, cls.name, why)
+    _, broken = probe_backend(name, {})
+    if broken:  # one line, not a traceback per scenario; the next backend still runs
+        report.broken_backend(cls.name, broken)
+        return True
     env = environment({"name": cls.name})
     specs = specs_for(name, specs)
     records = run_specs(name, specs, run_id, args.jobs, isolated(args), check_timeout(args),

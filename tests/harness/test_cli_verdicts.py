@@ -82,6 +82,13 @@ def test_a_raising_constructor_fails_its_backend_once_and_the_others_run(tmp_pat
     assert "Backend cpu: OK" in out
 
 
+def test_a_raising_constructor_fails_its_scenario_backend_in_one_line(tmp_path, capsys):
+    ref = backend_file(tmp_path, CONSTRUCTOR_RAISES) + ":Always"
+    code, out, err = run(capsys, "scenario", "--steps", "1", "-b", f"{ref},cpu")
+    assert code == 1 and err.count("Backend ctorboom: FAIL") == 1
+    assert "Traceback" not in err and "Backend cpu: OK" in out
+
+
 def test_a_constructor_raising_only_in_workers_fails_once_not_per_case(tmp_path, capsys):
     ref = backend_file(tmp_path, CONSTRUCTOR_RAISES) + ":InWorkers"
     code, out, err = run(capsys, "test", "-b", ref, "-o", "CPY", "--quick", "-j", "2")
