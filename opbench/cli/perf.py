@@ -46,6 +46,9 @@ def register(subparsers, common) -> None:
     p.add_argument("--pin-cpu", default=None, metavar="N|auto|none",
                    help="run this process and every thread it starts on one CPU (default: auto"
                         " with --ab, none otherwise); see docs/perf.md")
+    p.add_argument("--fresh-inputs", action="store_true",
+                   help="new random inputs before every sample (untimed): a backend cannot "
+                   "answer from a cache keyed on its inputs")
     p.add_argument("--repeat", type=int, default=1, metavar="R",
                    help="R independent runs, each in a fresh process, one record per case "
                    "with each run's samples kept apart: what `opbench gate` needs to compare "
@@ -92,7 +95,8 @@ def perf_options(args) -> perf_mode.PerfOptions:
         raise UsageError(f"--epochs {args.epochs} must be >= 1")
     return perf_mode.PerfOptions(budget_ms=args.budget_ms, min_samples=args.min_samples,
                                  warmup=args.warmup, cold=args.cold, seed=args.seed,
-                                 ceilings=_ceilings(args), epochs=args.epochs)
+                                 ceilings=_ceilings(args), epochs=args.epochs,
+                                 fresh_inputs=args.fresh_inputs)
 
 
 def _ceilings(args):

@@ -24,7 +24,7 @@ from opbench.harness.cases import PERF_SIZES, Case, Inputs
 from opbench.harness.ops import SPECS, support
 from opbench.harness.records import case_record, environment
 from opbench.harness.registry import device_label, first_device
-from opbench.harness.runner import place
+from opbench.harness.runner import KnownFailures, judge, place, references
 
 from . import timing
 
@@ -55,6 +55,8 @@ class Prepared:
     buffers: dict
     nbytes: int
     flops: int
+    inputs: Inputs | None = None  # what the last timed call read: its output is judged on it
+    args: dict | None = None  # the device arrays ``fn`` passes (fresh inputs replace them)
 
 
 def device_of(backend) -> Any:
@@ -74,7 +76,43 @@ def prepare(backend, case: Case, seed: int = 0) -> Prepared:
     args, buffers = place(backend, spec, case, inputs, device)
     stream = backend.stream(device)
     nbytes, flops = work(case, inputs, {name: buf.spec for name, buf in buffers.items()})
-    return Prepared(case, lambda: spec.call(backend, case, args, stream), buffers, nbytes, flops)
+    return Prepared(case, lambda: spec.call(backend, case, args, stream), buffers, nbytes, flops,
+                    inputs, args)
+
+
+def refresh_inputs(backend, prepared: Prepared, rng: np.random.Generator) -> None:
+    """New random inputs of the same shapes into the arrays ``fn`` passes (``--fresh-inputs``:
+    a backend that caches results by address cannot replay an old answer).  Untimed."""
+    spec = SPECS[prepared.case.op]
+    inputs = spec.make_inputs(prepared.case, rng)
+    device = device_of(backend)
+    for name, array in inputs.arrays.items():
+        prepared.args[name] = backend.to_device(array, device)
+    prepared.inputs = inputs
+
+
+def output_judged(backend, prepared: Prepared) -> bool:
+    in_place = any(buf.spec.init_from for buf in prepared.buffers.values())
+    known = KnownFailures(backend.known_failures()).match(prepared.case.id)
+    return not in_place and known is None
+
+
+def timed_output_problem(backend, prepared: Prepared) -> str | None:
+    """Judge what the timed calls left in the outputs against the float64 oracle of the
+    inputs they read, as ``opbench test`` judges: a backend that returns stale, cached or
+    garbage results while timed gets an ERROR, not a speed.  Not judged: known failures, and
+    in-place outputs (KV_ROTATE's cache: every timed call rotated it once more)."""
+    if not output_judged(backend, prepared):
+        return None
+    spec = SPECS[prepared.case.op]
+    backend.synchronize(device_of(backend))
+    expected, low = references(spec, prepared.case, prepared.inputs)
+    for name, buf in prepared.buffers.items():
+        actual = buf.split(backend.to_host(buf.device_flat))[1].reshape(buf.spec.shape)
+        verdict = judge(spec, prepared.case, name, expected[name], low[name], actual)
+        if not verdict.ok:
+            return f"the output of the timed calls is wrong: {verdict.describe(name)}"
+    return None
 
 
 def nan_problem(backend, prepared: Prepared) -> str | None:
@@ -99,6 +137,8 @@ class PerfOptions:
     ceilings: Mapping[str, float] | None = None
     #: A/B only: fresh buffers this many times, the budget split between them (see run_ab_case)
     epochs: int = 1
+    #: new random inputs before every sample (untimed), see refresh_inputs
+    fresh_inputs: bool = False
 
 
 def perf_record(label: str, backend, case: Case, status: str, run_id: str, *,
@@ -149,13 +189,34 @@ def run_perf_case(backend, case: Case, options: PerfOptions, run_id: str, *,
     subject = subject_for(backend, prepared, options)
     try:
         samples = timing.measure(subject.fn, sync=subject.sync, timer=subject.timer,
-                                 flush=subject.flush, warmup=options.warmup,
-                                 budget_ms=options.budget_ms, min_samples=options.min_samples)
+                                 flush=_between_samples(backend, prepared, options, subject),
+                                 warmup=options.warmup, budget_ms=options.budget_ms,
+                                 min_samples=options.min_samples)
+        wrong = timed_output_problem(backend, prepared)
     except Exception as exc:
         return perf_record(label, backend, case, "ERROR", run_id,
                            reason=f"{type(exc).__name__}: {exc}", env=env)
-    return perf_record(label, backend, case, "OK", run_id, env=env,
-                       perf=block(samples, prepared, options))
+    perf = {**block(samples, prepared, options),
+            "output_judged": output_judged(backend, prepared),
+            "fresh_inputs": options.fresh_inputs}
+    if wrong:
+        return perf_record(label, backend, case, "ERROR", run_id, reason=wrong, env=env)
+    return perf_record(label, backend, case, "OK", run_id, env=env, perf=perf)
+
+
+def _between_samples(backend, prepared: Prepared, options: PerfOptions, subject):
+    """The untimed step before each sample: the L2 flush of --cold, new inputs with
+    --fresh-inputs, both, or nothing."""
+    if not options.fresh_inputs:
+        return subject.flush
+    rng = np.random.default_rng(prepared.case.seed(options.seed) + 1)
+
+    def step() -> None:
+        backend.synchronize(device_of(backend))  # the last call has read its inputs
+        refresh_inputs(backend, prepared, rng)
+        if subject.flush:
+            subject.flush()
+    return step
 
 
 def run_ab_case(sides: Mapping[str, Any], case: Case, options: PerfOptions, run_id: str,
