@@ -43,9 +43,10 @@ def register(subparsers, common) -> None:
     p.add_argument("--epochs", type=int, default=4,
                    help="--ab: re-allocate both sides' buffers this many times, splitting the"
                         " budget (default: %(default)s; see docs/perf.md)")
-    p.add_argument("--pin-cpu", default=None, metavar="N|auto|none",
-                   help="run this process and every thread it starts on one CPU (default: auto"
-                        " with --ab, none otherwise); see docs/perf.md")
+    p.add_argument("--pin-cpu", default=None, metavar="N[,M..]|auto|none",
+                   help="run this process and every thread it starts on these CPUs (default: "
+                        "auto with --ab: as many CPUs as the more threaded side computes with;"
+                        " none otherwise); see docs/perf.md")
     p.add_argument("--fresh-inputs", action="store_true",
                    help="new random inputs before every sample (untimed): a backend cannot "
                    "answer from a cache keyed on its inputs")
@@ -154,13 +155,14 @@ def cmd_perf(args) -> int:
         raise UsageError("--repeat and --ab do not mix: --ab interleaves its two sides in one"
                          " process, which already shares every run-to-run shift")
     affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
-    pin_cpu(args.pin_cpu, default="auto" if args.ab else "none")
+    if not args.ab:  # --ab pins once its sides are open: the set depends on their threads
+        pin_cpu(args.pin_cpu, default="none")
     writer = open_writer(args.results)
     run_id = new_run_id()
     try:
         if args.ab:
             failed = _run_ab(refs, cases, options, run_id, writer, show, threshold,
-                             args.quantile)
+                             args.quantile, args.pin_cpu)
         elif args.repeat > 1:
             failed = _run_repeated(refs, cases, options, run_id, writer, show, args.repeat)
         else:
@@ -221,7 +223,10 @@ def ab_labels(ref_a: str, ref_b: str) -> tuple[str, str]:
     return (ref_a, ref_b) if ref_a != ref_b else (f"{ref_a}#A", f"{ref_b}#B")
 
 
-def _run_ab(refs, cases, options, run_id, writer, show, threshold, quantile) -> bool:
+def _run_ab(refs, cases, options, run_id, writer, show, threshold, quantile,
+            pin_choice) -> bool:
+    from .pinning import compute_threads, pin_for_ab
+
     labels = ab_labels(*refs)
     sides = {}
     try:
@@ -230,14 +235,20 @@ def _run_ab(refs, cases, options, run_id, writer, show, threshold, quantile) -> 
             if backend is None:
                 raise UsageError(f"--ab: backend {ref} is unavailable: {why}")
             sides[label] = backend
+        threads = {label: compute_threads(backend) for label, backend in sides.items()}
+        cpus = pin_for_ab(pin_choice, threads)
+        show.header(f"CPU set {cpus if cpus is not None else 'unpinned'}; threads: "
+                    + ", ".join(f"{label} {n}" for label, n in threads.items()))
+        placement = {label: {"cpu_set": cpus, "threads": n} for label, n in threads.items()}
         return _time_ab(sides, labels, cases, options, run_id, writer, show, threshold,
-                        quantile)
+                        quantile, placement)
     finally:
         for backend in sides.values():
             backend.close()
 
 
-def _time_ab(sides, labels, cases, options, run_id, writer, show, threshold, quantile) -> bool:
+def _time_ab(sides, labels, cases, options, run_id, writer, show, threshold, quantile,
+             placement=None) -> bool:
     envs = {label: perf_mode.backend_env(b) for label, b in sides.items()}
     show.header(f"A/B interleaved: A = {labels[0]}, B = {labels[1]}")
     failed = False
@@ -245,6 +256,8 @@ def _time_ab(sides, labels, cases, options, run_id, writer, show, threshold, qua
     for case in cases:
         records = perf_mode.run_ab_case(sides, case, options, run_id, envs)
         for side, (label, record) in zip("AB", records.items()):
+            if record.get("perf") and placement:  # where it ran: CPU set, its threads
+                record["perf"].update(placement[label])
             failed |= _emit(record, writer, show, side)
             by_side[label].append(record)
     rows = perf_mode.ratio_rows(by_side[labels[0]], by_side[labels[1]], threshold=threshold,
