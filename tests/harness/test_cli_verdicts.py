@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -102,7 +103,7 @@ def test_support_reports_a_raising_constructor_in_the_matrix(tmp_path, capsys):
     ref = backend_file(tmp_path, CONSTRUCTOR_RAISES) + ":Always"
     code, out, err = run(capsys, "support", "-b", f"{ref},cpu", "-o", "CPY")
     assert code == 1 and "Traceback" not in err
-    assert "ctorboom CPY: 216 unsupported: unavailable: backend" in out
+    assert re.search(r"ctorboom CPY: \d+ unsupported: unavailable: backend", out)
     assert "could not be constructed: ValueError: constructor boom" in out
 
 
@@ -146,7 +147,7 @@ CRASHING = textwrap.dedent("""
         def cpy(self, src, out, perm, step=1, stream=None):
             time.sleep(60)
 """)
-ONE_CPY = ["-o", "CPY", "--quick", "-p", r"type_src=f32,type=f32,.*perm=\[1,0,2\],step=1"]
+ONE_CPY = ["-o", "CPY", "--quick", "-p", r"type_src=f16,type=f16,ne=\[5,3,64\],perm=\[1,0,2\]"]
 
 
 def _records(path) -> list[dict]:
@@ -221,21 +222,23 @@ def test_report_counts_a_case_rerun_into_the_same_file_once(tmp_path, capsys):
     results = tmp_path / "twice.jsonl"
     _quick_cpy_into(capsys, results)
     _quick_cpy_into(capsys, results)
+    cases = len(results.read_text().splitlines()) // 2
     code, out, _ = run(capsys, "report", str(results), "--out", str(tmp_path / "rep"))
     assert code == 0
-    assert "30 record(s) of cases run again later in the same file are superseded" in out
-    assert "30 records (30 test)" in (tmp_path / "rep" / "report.md").read_text()
+    report = (tmp_path / "rep" / "report.md").read_text()
+    assert f"{cases} records" in report and f"{2 * cases} records" not in report
 
 
 def test_a_truncated_last_line_is_skipped_with_a_warning(tmp_path, capsys):
     results = tmp_path / "cut.jsonl"
     _quick_cpy_into(capsys, results)
     whole = results.read_text()
+    lines = len(whole.splitlines())
     results.write_text(whole[:-40])  # the writer was killed mid-line
     code, _, err = run(capsys, "report", str(results), "--out", str(tmp_path / "rep"))
     assert code == 0
-    assert f"opbench: warning: {results}:30: skipped a truncated last line" in err
-    assert "29 records" in (tmp_path / "rep" / "report.md").read_text()
+    assert f"opbench: warning: {results}:{lines}: skipped a truncated last line" in err
+    assert f"{lines - 1} records" in (tmp_path / "rep" / "report.md").read_text()
     code, out, err = run(capsys, "gate", str(results), str(results), "--summary", os.devnull)
     assert code == 0 and "skipped a truncated last line" in err
 
