@@ -6,12 +6,14 @@ from typing import Iterator
 
 from opbench.errors import UsageError
 from opbench.harness.cases import Case
-from opbench.harness.pool import run_in_workers, run_inline
+from opbench.harness.executors import parse_executor, run_cases
+from opbench.harness.pool import run_inline
 from opbench.harness.records import environment, new_run_id
 from opbench.harness.registry import backend_class
 
 from . import output
 from .common import (
+    add_shard_option,
     backend_info,
     check_common,
     isolation_options,
@@ -20,6 +22,7 @@ from .common import (
     parse_backends,
     record_backend_run,
     select_cases,
+    shard_arg,
 )
 
 
@@ -34,26 +37,41 @@ def register(subparsers, common) -> None:
     test.add_argument("-q", "--quiet", action="store_true", help="print only problems")
     test.add_argument("--rope-cache", choices=["on", "off"], default=None,
                       help="backend option rope_cache (backends that have one)")
+    test.add_argument("--executor", default="local", metavar="local|ray|ray://HOST:PORT|ray:auto",
+                      help="where -j workers run: local processes (default) or Ray actors (a"
+                           " new local Ray instance with -j CPUs, a Ray client address, or"
+                           " ray:auto / ray:HOST:PORT to join a running cluster)")
+    add_shard_option(test)
     test.set_defaults(func=cmd_test)
 
 
 def iter_records(name: str, args, cases: list[Case], run_id: str) -> Iterator[dict]:
     options = option_flags(args)
-    if args.jobs > 1 or getattr(args, "isolate", False):
-        yield from run_in_workers(name, backend_class(name).name, options, cases, args.seed,
-                                  run_id, args.jobs, args.timeout)
+    executor = executor_arg(args)
+    if args.jobs > 1 or args.isolate or executor.kind != "local":
+        yield from run_cases(executor, name, backend_class(name).name, options, cases,
+                             args.seed, run_id, args.jobs, args.timeout)
     else:
         yield from run_inline(name, options, cases, args.seed, run_id)
 
 
+def executor_arg(args):
+    try:
+        return parse_executor(args.executor)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def cmd_test(args) -> int:
     check_common(args)
+    executor_arg(args)
     names = parse_backends(args.backend, option_flags(args))
     cases = select_cases(args, quick=args.quick)
     if not cases:
-        raise UsageError("no case matches the given -o/-p")
+        raise UsageError("no case matches the given -o/-p" + (" in this --shard" if args.shard
+                                                                 else ""))
     run_id = new_run_id()
-    writer = open_writer(args.results)
+    writer = open_writer(args.results, shard_arg(args))
     report = output.make_reporter(args.output, verbose=args.verbose, quiet=args.quiet)
     failed = False
     try:
