@@ -138,12 +138,12 @@ ENGINE_BUGS = [StaleReplayPositions, ZigzagWrongOrder, EvictDeltasInBlocks, Rota
 
 # -- communication bugs (devices as ranks) ---------------------------------------------------------
 # Concrete classes, not made by engine_with: the rank processes unpickle them by name.
-from opbench.backends.cpu.ranks import RankCpuBackend  # noqa: E402
+from opbench.backends.runtimes.ranks import RankRuntime  # noqa: E402
 from opbench.harness.scenario.engine import PagedEngine  # noqa: E402
 from opbench.harness.scenario.ring import SequenceEngine  # noqa: E402
 
 
-class SendBeforeSourceDone(RankCpuBackend):
+class SendBeforeSourceDone(RankRuntime):
     """The send is posted as soon as the host asks, not after the work queued on the source:
     the message carries whatever the source held then (the host runs layers ahead of the
     device, so that is the poison the buffers were made with)."""
@@ -161,7 +161,7 @@ class SendBeforeSourceDone(RankCpuBackend):
         compute.submit(lambda: posted[0]())
 
 
-class ReceiveIntoWrongBuffer(RankCpuBackend):
+class ReceiveIntoWrongBuffer(RankRuntime):
     """Receive buffers rotated wrongly: a message lands in the buffer of the previous receive
     from the same peer, the new destination keeps its poison (or the old data)."""
 

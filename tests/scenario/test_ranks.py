@@ -19,7 +19,7 @@ import pytest
 pytest.importorskip("torch.distributed", reason="--ranks needs torch (pip install opbench[torch])")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bugzoo"))
-from scenario_bugs import RANK_BUGS, RankCpuBackend  # noqa: E402
+from scenario_bugs import RANK_BUGS, RankRuntime  # noqa: E402
 
 from opbench.cli.main import main  # noqa: E402
 from opbench.harness.ranks.driver import Fault, RankJob, in_process_steps  # noqa: E402
@@ -42,8 +42,8 @@ def _bug_jobs(devices: int) -> list[RankJob]:
     jobs = []
     for bug, (split, _) in RANK_BUGS.items():
         spec = S(split=split, devices=devices, steps=STEPS, layers=LAYERS)
-        if issubclass(bug, RankCpuBackend):
-            jobs.append(RankJob(spec, backend_cls=bug, label=bug.__name__))
+        if issubclass(bug, RankRuntime):
+            jobs.append(RankJob(spec, runtime_cls=bug, label=bug.__name__))
         else:
             jobs.append(RankJob(spec, engine_cls=bug, label=bug.__name__))
     return jobs
@@ -123,16 +123,18 @@ def test_delay_on_one_rank_only_passes(rank_records):
     assert record["status"] == "OK", record["errors"]
 
 
-def _children() -> set[int]:
-    """Live child processes of this test process (from /proc: any launcher, not only ours)."""
+def _rank_children() -> set[int]:
+    """Live (or unreaped) spawned child processes of this test process, from /proc: the rank
+    processes, not multiprocessing's long-lived resource tracker."""
     me, found = os.getpid(), set()
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                command = (entry / "cmdline").read_bytes()
             except OSError:
                 continue
-            if int(fields[1]) == me and fields[0] != "Z":
+            if int(fields[1]) == me and b"spawn_main" in command:
                 found.add(int(entry.name))
     return found
 
@@ -143,12 +145,12 @@ def _children() -> set[int]:
     ("hang", "TIMEOUT", "hung: rank 1 at step 1 (no progress in 3 s"),
 ])
 def test_a_faulty_rank_ends_the_run_with_one_record(kind, status, words):
-    before = _children()
+    before = _rank_children()
     spec = S(split="layer", devices=2, steps=STEPS, layers=LAYERS)
     records = list(run_ranks([spec], "test", timeout=3, fault=Fault(kind, 1, 1)))
     assert [r["status"] for r in records] == [status]
     assert words in records[0]["reason"]
-    assert _children() <= before  # every rank process was ended and reaped
+    assert _rank_children() <= before  # every rank process was ended and reaped
 
 
 def test_cli_ranks_writes_records(tmp_path, capsys):
@@ -165,8 +167,8 @@ def test_torchrun_env_rendezvous(tmp_path):
     """The same command under torchrun: this machine as one node of two processes."""
     results = tmp_path / "r.jsonl"
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node",
-         "2", "--master-port", "0", "-m", "opbench", "scenario", "--split", "layer",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+         "2", "-m", "opbench", "scenario", "--split", "layer",
          "--devices", "2", "--steps", "1", "--layers", "2", "--ranks", "-q",
          "--results", str(results)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]

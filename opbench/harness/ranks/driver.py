@@ -1,5 +1,6 @@
 """One rank of a devices-as-ranks scenario run: the same engine and judge as in-process, on
-``RankCpuBackend`` (this rank runs only its own device's work), plus the message check.
+the cpu backend given a ``RankRuntime`` (this rank runs only its own device's work), plus the
+message check.
 
 Every rank runs every step; after each step the ranks exchange (all-gather) their message
 check, so all of them stop at the same step.  Readbacks are broadcast from the owner, so every
@@ -15,12 +16,13 @@ import time
 import traceback
 from dataclasses import dataclass
 
-from opbench.backends.cpu.ranks import RankCpuBackend, Transport
+from opbench.backends.cpu import CpuBackend
+from opbench.backends.runtimes.ranks import RankRuntime, Transport
 
 from ..records import make_record
 from ..scenario.config import ScenarioSpec
 from ..scenario.engine import Readout
-from ..scenario.judge import ENGINES, backend_options, judge_step, oracle_run
+from ..scenario.judge import ENGINES, judge_step, oracle_run, scenario_options
 from .plan import counted, describe_difference, step_plan
 
 FAULTS = ("raise", "exit", "hang")
@@ -30,13 +32,13 @@ WAITING_ALL = -2  # status waiting_on: in a collective with every rank
 
 @dataclass(frozen=True)
 class RankJob:
-    """One scenario of a rank run.  ``engine_cls`` / ``backend_cls`` replace the split's engine
-    or ``RankCpuBackend`` (the bug zoo's broken parts); ``delay_ranks``: with ``spec.delay``,
+    """One scenario of a rank run.  ``engine_cls`` / ``runtime_cls`` replace the split's engine
+    or ``RankRuntime`` (the bug zoo's broken parts); ``delay_ranks``: with ``spec.delay``,
     only these ranks' streams are delayed (None: every rank's)."""
 
     spec: ScenarioSpec
     engine_cls: type | None = None
-    backend_cls: type | None = None
+    runtime_cls: type | None = None
     delay_ranks: frozenset | None = None
     label: str = ""
 
@@ -98,11 +100,9 @@ def readout_digest(readout: Readout) -> str:
 def in_process_steps(spec: ScenarioSpec, engine_cls=None) -> list[dict]:
     """The same scenario with every device in this process (the cpu backend): per step, the
     readback digest and the step's seconds, to set beside a rank run."""
-    from opbench.backends.cpu import CpuBackend
-
     cfg = spec.config()
     weights, plans, _ = oracle_run(cfg, spec.evict)
-    backend = CpuBackend(**backend_options(spec))
+    backend = CpuBackend(**scenario_options(spec))  # the worker-thread runtime
     try:
         engine = (engine_cls or ENGINES[spec.split])(backend, spec, cfg, weights)
         steps = []
@@ -117,7 +117,7 @@ def in_process_steps(spec: ScenarioSpec, engine_cls=None) -> list[dict]:
         backend.close()
 
 
-def run_rank_scenario(backend: RankCpuBackend, spec: ScenarioSpec, status: Status,
+def run_rank_scenario(backend: CpuBackend, spec: ScenarioSpec, status: Status,
                       fault: Fault | None, engine_cls=None) -> dict:
     """Run every step on this rank; the judgement every rank agrees on, as a dict."""
     import torch.distributed as dist
@@ -125,23 +125,24 @@ def run_rank_scenario(backend: RankCpuBackend, spec: ScenarioSpec, status: Statu
     cfg = spec.config()
     weights, plans, expected = oracle_run(cfg, spec.evict)
     engine = (engine_cls or ENGINES[spec.split])(backend, spec, cfg, weights)
+    runtime = backend.runtime
     steps: list[dict] = []
     worst = {"nmse": 0.0, "max_rel": 0.0}
     divergence, problems = None, []
     for plan, want in zip(plans, expected):
         status.set(step=plan.step)
         if fault:
-            fault.strike(backend.rank, plan.step)
+            fault.strike(runtime.rank, plan.step)
         start = time.perf_counter()
         readout = engine.step(plan)
         backend.synchronize()
         seconds = time.perf_counter() - start
-        got = counted(backend.take_log())
-        mine = describe_difference(plan.step, backend.rank,
-                                   step_plan(spec, cfg, plan.n_q)[backend.rank], got)
-        per_rank: list = [None] * backend.world
+        got = counted(runtime.take_log())
+        mine = describe_difference(plan.step, runtime.rank,
+                                   step_plan(spec, cfg, plan.n_q)[runtime.rank], got)
+        per_rank: list = [None] * runtime.world
         status.waiting(WAITING_ALL)
-        dist.all_gather_object(per_rank, (mine, _totals(got)), group=backend.transport
+        dist.all_gather_object(per_rank, (mine, _totals(got)), group=runtime.transport
                                .readback_group)
         status.waiting(None)
         divergence, step_worst = judge_step(plan.step, readout, want)
@@ -223,9 +224,12 @@ def rank_main(rank: int, world: int, init_method: str, jobs: list[RankJob], sink
 
 def _run_one(rank, world, job: RankJob, readback, status, fault, run_id):
     transport = Transport(rank, world, readback, on_wait=status.waiting)
-    backend = (job.backend_cls or RankCpuBackend)(rank, world, transport,
-                                                  delay_ranks=job.delay_ranks,
-                                                  **backend_options(job.spec))
+    options = scenario_options(job.spec)
+    delayed = options.pop("delay", False) and (job.delay_ranks is None or rank in job.delay_ranks)
+    runtime = (job.runtime_cls or RankRuntime)(
+        rank, world, transport, delayed, options.pop("delay_seed", 0),
+        options.pop("delay_max_ms", 2.0))
+    backend = CpuBackend(runtime=runtime, **options)
     try:
         result = run_rank_scenario(backend, job.spec, status, fault, job.engine_cls)
     finally:

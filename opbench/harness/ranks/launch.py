@@ -22,6 +22,9 @@ from .driver import NOT_STARTED, WAITING_ALL, Fault, RankJob, Status, fault_reco
 
 START_TIMEOUT_S = 300.0  # importing torch and compiling kernels in N fresh processes
 POLL_S = 0.1
+FAULT_SETTLE_S = 1.0  # after a first fault, how long the other ranks' reports may take
+#: what a rank's error says when it is only the consequence of a peer that died
+LOST_PEER = ("Connection reset by peer", "Connection closed by peer", "Broken pipe")
 
 
 def under_torchrun() -> bool:
@@ -109,13 +112,14 @@ class _World:
         last, last_change = None, time.monotonic()
         while len(self.done) < self.devices:
             message = self._next_message()
+            if message is not None and message[0] == "error":
+                yield self._first_fault([message])
+                return
             if message is not None:
                 last_change = time.monotonic()
                 record = self._handle(message)
                 if record is not None:
                     yield record
-                if message[0] == "error":
-                    return
                 continue
             snapshot = list(self.cells)
             if snapshot != last:
@@ -147,18 +151,29 @@ class _World:
         base = rank * Status.FIELDS
         return tuple(self.cells[base:base + Status.FIELDS])
 
-    def _dead_rank(self) -> dict | None:
+    def _first_fault(self, errors: list) -> dict:
+        """One fault ends the group; its peers then fail too (a receive from a dead rank raises
+        "connection reset").  Wait a moment for every report, then name the cause: a rank that
+        died without reporting, else a rank whose error is not a lost connection."""
+        deadline = time.monotonic() + FAULT_SETTLE_S
+        while time.monotonic() < deadline:
+            message = self._next_message()
+            if message is not None and message[0] == "error":
+                errors.append(message)
+        reported = {message[1] for message in errors}
         for rank, proc in enumerate(self.procs):
-            if proc.exitcode not in (None, 0) and rank not in self.done:
-                time.sleep(POLL_S)  # its own error report, if any, comes first
-                message = self._next_message()
-                if message is not None and message[0] == "error":
-                    return self._handle(message)
+            if proc.exitcode not in (None, 0) and rank not in reported | self.done:
                 index, step, _ = self._state(rank)
                 self.next_spec = index + 1
                 return fault_record(self.specs[index], self.run_id, "CRASH",
                                     f"rank {rank} died (exit code {proc.exitcode}) at step "
                                     f"{_step(step)}")
+        causes = [m for m in errors if not any(w in m[4] for w in LOST_PEER)] or errors
+        return self._handle(causes[0])
+
+    def _dead_rank(self) -> dict | None:
+        if any(proc.exitcode not in (None, 0) for proc in self.procs):
+            return self._first_fault([])
         return None
 
     def _hung(self, idle: float, timeout: float) -> dict | None:

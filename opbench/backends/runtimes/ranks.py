@@ -1,11 +1,12 @@
-"""The cpu backend with every logical device in its own process: devices as torch.distributed
-ranks.
+"""The rank runtime: every logical device in its own process, a torch.distributed rank.
 
-``RankCpuBackend`` is made in each of N processes (one rank of a torch.distributed process
-group).  Every rank sees the same N logical devices and the same host program (the scenario
-engine), validates every op on the host as the in-process backend does, but runs only the
-kernels of its own device ``rank`` (the cpu backend's kernels, unchanged).  Arrays of other
-devices exist as placeholders that are never written.
+``RankRuntime`` is made in each of N processes (one rank of a torch.distributed process group)
+and given to a backend whose kernels run on host arrays (the cpu backend: its kernels run
+unchanged).  Every rank sees the same N logical devices and runs the same host program (the
+scenario engine); the backend validates every op on the host as in-process, but the runtime
+runs only the work of its own device ``rank``.  Arrays of other devices exist as placeholders
+that are never written.  Streams, events, graphs and fault injection (``delay``) are the
+worker-thread runtime's, which this one extends.
 
 copy_async between devices becomes point-to-point messages with copy_async's contract:
 
@@ -39,8 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from .backend import CpuBackend
-from .runtime import Device, DeviceArray, Stream, plain
+from .threads import Device, DeviceArray, Stream, ThreadRuntime, plain
 
 
 @dataclass
@@ -118,16 +118,16 @@ class _Pending:
         self.finish()
 
 
-class RankCpuBackend(CpuBackend):
-    """One rank of a devices-as-ranks run; ``devices(n)`` needs n == world size."""
+class RankRuntime(ThreadRuntime):
+    """One rank of a devices-as-ranks run; ``devices(n)`` needs n == world size.  ``delay``
+    and its seed and bound are the worker-thread runtime's (per rank: a run may delay only
+    some ranks)."""
 
-    name = "cpu"
+    name = "ranks"
 
-    def __init__(self, rank: int, world: int, transport: Transport, delay_ranks=None,
-                 **options: Any) -> None:
-        if delay_ranks is not None and rank not in delay_ranks:
-            options = {**options, "delay": False}  # the delay knob per rank
-        super().__init__(**options)
+    def __init__(self, rank: int, world: int, transport: Transport, delay: bool = False,
+                 delay_seed: int = 0, delay_max_ms: float = 2.0) -> None:
+        super().__init__(delay, delay_seed, delay_max_ms)
         self.rank, self.world, self.transport = rank, world, transport
         self.log: list[Message] = []
         self._tags: dict[tuple[str, int], int] = {}
@@ -136,7 +136,8 @@ class RankCpuBackend(CpuBackend):
         self.recv_stream: Stream | None = None
 
     def info(self) -> dict:
-        return {**super().info(), "rank": self.rank, "world": self.world}
+        return {**super().info(), "rank": self.rank, "world": self.world,
+                "transport": "nccl" if self.transport.nccl else "gloo"}
 
     def devices(self, n: int = 1) -> list[Device]:
         if n != self.world:
@@ -151,9 +152,9 @@ class RankCpuBackend(CpuBackend):
         return device.index == self.rank
 
     # -- running only this rank's work -----------------------------------------------------------
-    def _submit(self, device: Device, stream, work) -> None:
+    def submit(self, device: Device, stream, work) -> None:
         if self.local(device):
-            super()._submit(device, stream, work)
+            super().submit(device, stream, work)
 
     def _comm_streams(self) -> list[Stream]:
         return [s for s in (self.send_stream, self.recv_stream) if s is not None]
@@ -171,7 +172,7 @@ class RankCpuBackend(CpuBackend):
 
     def to_host(self, arr: DeviceArray) -> np.ndarray:
         """Collective: every rank calls it in the same order; the owner's values come back."""
-        owner = self._owner("arr", arr)
+        owner = self.owner("arr", arr)
         if self.local(owner):
             self.synchronize(owner)
         host = np.ascontiguousarray(np.array(plain(arr), copy=True))
@@ -180,7 +181,7 @@ class RankCpuBackend(CpuBackend):
 
     # -- copies as messages --------------------------------------------------------------------
     def copy_async(self, src: DeviceArray, dst_device: Any, stream: Stream | None = None):
-        source_device = self._owner("src", src)
+        source_device = self.owner("src", src)
         dst = self.empty(src.shape, src.dtype, dst_device)
         if source_device == dst.device:  # on one device: the in-process copy, if it is ours
             return super().copy_async(src, dst_device, stream) if self.local(dst.device) else dst
@@ -243,7 +244,7 @@ class RankCpuBackend(CpuBackend):
         streams = list(streams) if isinstance(streams, (list, tuple)) else [streams]
         return streams + self._comm_streams()
 
-    def _own_stream(self, stream: Any) -> Stream:
+    def own_stream(self, stream: Any) -> Stream:
         if stream is not None and stream in self._comm_streams():
             return stream
-        return super()._own_stream(stream)
+        return super().own_stream(stream)
