@@ -13,6 +13,7 @@ from opbench.harness.cases import Case, filter_cases
 from opbench.harness.ops import SPECS
 from opbench.harness.pool import setup_failure
 from opbench.harness.registry import backend_options, open_backend, parse_ref, split_backend_list
+from opbench.harness.shards import Shard, parse_shard, take_shard
 from opbench.harness.store import ResultWriter
 
 
@@ -123,7 +124,24 @@ def select_cases(args, quick: bool = False) -> list[Case]:
         spec = SPECS[op]
         cases = spec.quick_cases(seed=args.seed) if quick else spec.cases()
         selected += filter_cases(cases, args.pattern)
-    return selected
+    return take_shard(selected, shard_arg(args))
+
+
+def add_shard_option(parser) -> None:
+    parser.add_argument("--shard", default=None, metavar="I/N",
+                        help="run only shard I of N (1-based; a stable split by case id: the N"
+                             " shards are disjoint and together the whole selection); records"
+                             " carry it for `opbench merge`")
+
+
+def shard_arg(args) -> Shard | None:
+    text = getattr(args, "shard", None)
+    if text is None:
+        return None
+    try:
+        return parse_shard(text)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def option_flags(args) -> dict:
@@ -187,10 +205,10 @@ def parse_threshold(text: str, option: str = "--threshold") -> float:
 
 
 # -- records ---------------------------------------------------------------------------------
-def open_writer(path: str | None) -> ResultWriter | None:
+def open_writer(path: str | None, shard: Shard | None = None) -> ResultWriter | None:
     if not path:
         return None
-    writer = ResultWriter(path)
+    writer = ResultWriter(path, stamp={"shard": str(shard)} if shard else None)
     try:
         writer.open()
     except OSError as exc:

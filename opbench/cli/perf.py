@@ -12,11 +12,20 @@ from opbench.errors import UsageError
 from opbench.harness.cases import filter_cases
 from opbench.harness.records import FAILING, new_run_id
 from opbench.harness.registry import open_backend, parse_ref
+from opbench.harness.shards import take_shard
 from opbench.perf import run as perf_mode
 from opbench.perf import timing
 
 from . import output
-from .common import compile_pattern, open_writer, parse_backends, parse_ops, parse_threshold
+from .common import (
+    add_shard_option,
+    compile_pattern,
+    open_writer,
+    parse_backends,
+    parse_ops,
+    parse_threshold,
+    shard_arg,
+)
 
 
 def register(subparsers, common) -> None:
@@ -58,6 +67,7 @@ def register(subparsers, common) -> None:
                    help="print only problems (cases that did not time OK) and the A/B table")
     p.add_argument("--no-calibrate", action="store_true",
                    help="do not measure the machine's ceilings when none are cached")
+    add_shard_option(p)
     p.set_defaults(func=cmd_perf)
 
 
@@ -79,9 +89,10 @@ def select_perf_cases(args) -> list:
     ops = parse_ops(args.op)
     compile_pattern(args.pattern)
     cases = [c for c in perf_mode.perf_cases(args.sizes) if c.op in ops]
-    cases = filter_cases(cases, args.pattern)
+    cases = take_shard(filter_cases(cases, args.pattern), shard_arg(args))
     if not cases:
-        raise UsageError("no perf case matches the given -o/-p")
+        raise UsageError("no perf case matches the given -o/-p" + (" in this --shard"
+                                                                    if args.shard else ""))
     return cases
 
 
@@ -157,7 +168,7 @@ def cmd_perf(args) -> int:
     affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     if not args.ab:  # --ab pins once its sides are open: the set depends on their threads
         pin_cpu(args.pin_cpu, default="none")
-    writer = open_writer(args.results)
+    writer = open_writer(args.results, shard_arg(args))
     run_id = new_run_id()
     try:
         if args.ab:

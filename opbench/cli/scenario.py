@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from opbench.errors import UsageError
 from opbench.harness.records import environment, new_run_id
 from opbench.harness.registry import backend_class
 from opbench.harness.scenario.config import ScenarioSpec
 from opbench.harness.scenario.matrix import matrix, run_specs, specs_for
-from opbench.harness.scenario.splits import SPLITS
+from opbench.harness.scenario.splits import SEQUENCE_SPLITS, SPLITS
+from opbench.harness.shards import take_shard
 
 from . import output
 from .common import (
     add_allow_unavailable,
+    add_shard_option,
     check_timeout,
     compile_pattern,
     isolated,
@@ -22,6 +26,7 @@ from .common import (
     record_backend_run,
     refuse_unused,
     report_unavailable,
+    shard_arg,
 )
 
 EPILOG = """examples:
@@ -31,6 +36,9 @@ EPILOG = """examples:
   opbench scenario --matrix -p 'split=zigzag.*evict=on'
   opbench scenario --matrix -j 2 --timeout 120 -b my_backend.py:Mine  (a crash or hang of one
       scenario becomes its CRASH/TIMEOUT record; the others go on)
+  opbench scenario --split ring --devices 4 --ranks          each device its own process
+  torchrun --nnodes 2 --nproc-per-node 2 ... -m opbench scenario --split ring --devices 4 --ranks
+  opbench scenario --sweep devices=1..8 --results sweep.jsonl
 exit codes: 0 every step matched the float64 oracle, 1 a divergence (the first diverging step,
 layer, device and metric are printed), 2 a usage error"""
 
@@ -68,8 +76,21 @@ def register(subparsers, common) -> None:
                         help="record each decode step's time (median, IQR, samples in the"
                              " record's perf block): what the report's speedup and device"
                              " scaling plots draw; timings under -j share the cores")
+    parser.add_argument("--sweep", default=None, metavar="devices=A..B",
+                        help="every device count A..B for the sequence splits (ring, zigzag,"
+                             " stripe; or the --split given): error per step vs world size")
+    parser.add_argument("--ranks", action="store_true",
+                        help="each logical device is its own process, a torch.distributed rank"
+                             " (gloo); started here on a free port, or this process is one"
+                             " rank when launched by torchrun (env:// rendezvous)")
+    parser.add_argument("--inject-fault", default=None, metavar="raise|exit|hang:RANK:STEP",
+                        help="--ranks fault injection: that rank raises, dies or hangs at the"
+                             " start of that step")
+    parser.add_argument("--delay-ranks", default=None, metavar="R[,R..]",
+                        help="--ranks with --delay on: only these ranks' streams are delayed")
     parser.add_argument("-q", "--quiet", action="store_true", help="print only problems")
     add_allow_unavailable(parser)
+    add_shard_option(parser)
     parser.set_defaults(func=cmd_scenario)
 
 
@@ -82,6 +103,8 @@ def selected_specs(args) -> list[ScenarioSpec]:
         except ValueError as exc:  # e.g. fewer layers than the matrix's layer split has devices
             raise UsageError(f"--matrix with --layers {args.layers}: {exc}") from None
         return _filtered(specs, args.pattern)
+    if args.sweep:
+        return _sweep(args)
     try:
         return [ScenarioSpec(split=args.split, devices=args.devices, layers=args.layers,
                              steps=args.steps, seed=args.seed, model=args.model,
@@ -90,6 +113,20 @@ def selected_specs(args) -> list[ScenarioSpec]:
                              delay=_on_off(args.delay))]
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+
+
+def _sweep(args) -> list[ScenarioSpec]:
+    axis, _, span = args.sweep.partition("=")
+    low, _, high = span.partition("..")
+    if axis != "devices" or not low.isdigit() or not high.isdigit() or not 1 <= int(low) <= int(
+            high):
+        raise UsageError(f"--sweep {args.sweep!r} must be devices=A..B with 1 <= A <= B")
+    splits = [args.split] if args.split in SEQUENCE_SPLITS else list(SEQUENCE_SPLITS)
+    return [ScenarioSpec(split=split, devices=n, layers=args.layers, steps=args.steps,
+                         seed=args.seed, model=args.model, rope_cache=_on_off(args.rope_cache),
+                         graph_reuse=_on_off(args.graph_reuse), evict=_on_off(args.evict),
+                         delay=_on_off(args.delay))
+            for split in splits for n in range(int(low), int(high) + 1)]
 
 
 def _filtered(specs: list[ScenarioSpec], pattern: str | None) -> list[ScenarioSpec]:
@@ -110,13 +147,21 @@ def cmd_scenario(args) -> int:
     if not args.matrix:
         refuse_unused(args, "scenario", ["-p"], " without --matrix (the axis flags pick the"
                       " one scenario)")
-    specs = selected_specs(args)
+    specs = take_shard(selected_specs(args), shard_arg(args))
+    if not specs:
+        raise UsageError(f"no scenario in --shard {args.shard}")
     names = parse_backends(args.backend)  # unknown names: a usage error before anything runs
-    writer = open_writer(args.results)
+    ranks = rank_options(args, names)
+    if ranks is not None and ranks.torchrun_rank not in (None, 0):
+        return _run_silent_rank(specs, ranks)
+    writer = open_writer(args.results, shard_arg(args))
     report = output.make_reporter(args.output, quiet=args.quiet)
     run_id, failed = new_run_id(), False
     try:
         for name in names:
+            if ranks is not None:
+                failed |= _run_ranks(specs, ranks, run_id, writer, report)
+                continue
             failed |= _run_backend(name, specs, args, run_id, writer, report)
     finally:
         if writer:
@@ -139,3 +184,71 @@ def _run_backend(name, specs, args, run_id, writer, report) -> bool:
     records = run_specs(name, specs, run_id, args.jobs, isolated(args), check_timeout(args),
                         timed=args.time)
     return record_backend_run(report, cls.name, len(specs), records, writer, env)
+
+
+# -- devices as ranks ---------------------------------------------------------------------------
+@dataclass
+class RankOptions:
+    timeout: float
+    fault: object
+    delay_ranks: set | None
+    torchrun_rank: int | None  # this process's rank under torchrun, else None
+
+
+def rank_options(args, names: list[str]) -> RankOptions | None:
+    """--ranks and its options, checked; None without --ranks."""
+    extras = [opt for opt, value in (("--inject-fault", args.inject_fault),
+                                     ("--delay-ranks", args.delay_ranks)) if value]
+    if not args.ranks:
+        if extras:
+            raise UsageError(f"{extras[0]} needs --ranks")
+        return None
+    if names != ["cpu"]:
+        raise UsageError("--ranks runs the cpu backend's kernels in every rank: use -b cpu")
+    if args.jobs != 1:
+        raise UsageError("--ranks: every scenario already runs one process per device; drop -j")
+    try:
+        import torch.distributed  # noqa: F401
+    except ImportError:
+        raise UsageError("--ranks needs torch.distributed: pip install 'opbench[torch]'") from None
+    from opbench.harness.ranks.driver import Fault
+    from opbench.harness.ranks.launch import under_torchrun
+
+    try:
+        fault = Fault.parse(args.inject_fault) if args.inject_fault else None
+        delay = {int(r) for r in args.delay_ranks.split(",")} if args.delay_ranks else None
+    except ValueError as exc:
+        raise UsageError(str(exc) if "inject" in str(exc) else
+                         f"--delay-ranks {args.delay_ranks!r} must be rank numbers, e.g. 1,3"
+                         ) from None
+    if args.timeout <= 0:
+        raise UsageError(f"--timeout {args.timeout:g} must be > 0")
+    import os
+
+    return RankOptions(args.timeout, fault, delay,
+                       int(os.environ["RANK"]) if under_torchrun() else None)
+
+
+def _rank_records(specs, ranks: RankOptions, run_id: str):
+    from opbench.harness.ranks.launch import check_torchrun_world, run_as_torchrun_rank, run_ranks
+
+    if ranks.torchrun_rank is not None:
+        try:
+            check_torchrun_world(specs)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        return run_as_torchrun_rank(specs, run_id, ranks.fault, ranks.delay_ranks)
+    return run_ranks(specs, run_id, ranks.timeout, ranks.fault, ranks.delay_ranks)
+
+
+def _run_ranks(specs, ranks: RankOptions, run_id, writer, report) -> bool:
+    env = environment({"name": "cpu", "ranks": True})
+    return record_backend_run(report, "cpu", len(specs), _rank_records(specs, ranks, run_id),
+                              writer, env)
+
+
+def _run_silent_rank(specs, ranks: RankOptions) -> int:
+    """A torchrun rank other than 0: runs its part, rank 0 reports."""
+    for _record in _rank_records(specs, ranks, new_run_id()):
+        pass
+    return 0

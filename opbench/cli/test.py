@@ -6,13 +6,15 @@ from typing import Iterator
 
 from opbench.errors import UsageError
 from opbench.harness.cases import Case
-from opbench.harness.pool import run_in_workers, run_inline
+from opbench.harness.executors import parse_executor, run_cases
+from opbench.harness.pool import run_inline
 from opbench.harness.records import environment, new_run_id
 from opbench.harness.registry import backend_class
 
 from . import output
 from .common import (
     add_allow_unavailable,
+    add_shard_option,
     check_common,
     check_timeout,
     isolated,
@@ -25,6 +27,7 @@ from .common import (
     report_unavailable,
     run_backend_guarded,
     select_cases,
+    shard_arg,
 )
 
 
@@ -40,27 +43,42 @@ def register(subparsers, common) -> None:
     add_allow_unavailable(test)
     test.add_argument("--rope-cache", choices=["on", "off"], default=None,
                       help="backend option rope_cache (backends that have one)")
+    test.add_argument("--executor", default="local", metavar="local|ray|ray://HOST:PORT|ray:auto",
+                      help="where -j workers run: local processes (default) or Ray actors (a"
+                           " new local Ray instance with -j CPUs, a Ray client address, or"
+                           " ray:auto / ray:HOST:PORT to join a running cluster)")
+    add_shard_option(test)
     test.set_defaults(func=cmd_test)
 
 
 def iter_records(name: str, args, cases: list[Case], run_id: str) -> Iterator[dict]:
     options = option_flags(args)
-    if isolated(args):
-        yield from run_in_workers(name, backend_class(name).name, options, cases, args.seed,
-                                  run_id, args.jobs, check_timeout(args))
+    executor = executor_arg(args)
+    if isolated(args) or executor.kind != "local":
+        yield from run_cases(executor, name, backend_class(name).name, options, cases,
+                             args.seed, run_id, args.jobs, check_timeout(args))
     else:
         yield from run_inline(name, options, cases, args.seed, run_id)
+
+
+def executor_arg(args):
+    try:
+        return parse_executor(args.executor)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def cmd_test(args) -> int:
     check_common(args)
     check_timeout(args)
+    executor_arg(args)
     names = parse_backends(args.backend, option_flags(args))
     cases = select_cases(args, quick=args.quick)
     if not cases:
-        raise UsageError("no case matches the given -o/-p")
+        raise UsageError("no case matches the given -o/-p" + (" in this --shard" if args.shard
+                                                                 else ""))
     run_id = new_run_id()
-    writer = open_writer(args.results)
+    writer = open_writer(args.results, shard_arg(args))
     report = output.make_reporter(args.output, verbose=args.verbose, quiet=args.quiet)
     failed = False
     try:

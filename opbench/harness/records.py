@@ -36,6 +36,7 @@ DEFAULTS: dict[str, Any] = {
     "perf": None,
     "scenario": None,
     "env": {},
+    "shard": None,  # "I/N" when the run was one shard of a suite (``--shard``)
 }
 
 

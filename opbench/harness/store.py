@@ -37,9 +37,11 @@ class ResultWriter:
     ``with ResultWriter(path) as w: w.write(record)``.  ``fsync=True`` also forces each line to
     disk (survives a power cut, costs a few ms per record)."""
 
-    def __init__(self, path: str | Path, *, fsync: bool = False) -> None:
+    def __init__(self, path: str | Path, *, fsync: bool = False,
+                 stamp: dict | None = None) -> None:
         self.path = Path(path)
         self.fsync = fsync
+        self.stamp = dict(stamp or {})  # fields every record gets, e.g. {"shard": "1/3"}
         self._file = None
         self.count = 0
 
@@ -57,6 +59,7 @@ class ResultWriter:
     def write(self, record: dict) -> None:
         if self._file is None:
             raise RuntimeError(f"ResultWriter({self.path}) is not open; use it in a with block")
+        record = {**record, **self.stamp}
         problem = record_problem(record)
         if problem:
             raise ValueError(f"refusing to write a bad record to {self.path}: {problem}")

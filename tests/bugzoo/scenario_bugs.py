@@ -136,6 +136,100 @@ BACKEND_BUGS = [RopeCacheLayerZero, RopeCacheKeyWithoutBase, CopiesNotAwaited,
 ENGINE_BUGS = [StaleReplayPositions, ZigzagWrongOrder, EvictDeltasInBlocks, RotateValuesToo]
 
 
+# -- communication bugs (devices as ranks) ---------------------------------------------------------
+# Concrete classes, not made by engine_with: the rank processes unpickle them by name.
+from opbench.backends.runtimes.ranks import RankRuntime  # noqa: E402
+from opbench.harness.scenario.engine import PagedEngine  # noqa: E402
+from opbench.harness.scenario.ring import SequenceEngine  # noqa: E402
+
+
+class SendBeforeSourceDone(RankRuntime):
+    """The send is posted as soon as the host asks, not after the work queued on the source:
+    the message carries whatever the source held then (the host runs layers ahead of the
+    device, so that is the poison the buffers were made with)."""
+
+    def _send(self, source, device, peer) -> None:
+        compute = self.stream(device)
+        posted: list = []
+
+        def post() -> None:
+            self._log("send", peer, source.nbytes)
+            posted[:] = [self.transport.isend(source, peer, self._next_tag("send", peer))]
+
+        self.send_stream.submit(post)  # missing: send_stream.wait(compute.record())
+        compute.wait(self.send_stream.record())
+        compute.submit(lambda: posted[0]())
+
+
+class ReceiveIntoWrongBuffer(RankRuntime):
+    """Receive buffers rotated wrongly: a message lands in the buffer of the previous receive
+    from the same peer, the new destination keeps its poison (or the old data)."""
+
+    def _receive(self, target, device, peer) -> None:
+        previous = self.__dict__.setdefault("_last_target", {})
+        wrong = previous.get(peer, np.empty_like(target))
+        previous[peer] = target
+        if wrong.shape != target.shape:
+            wrong = np.empty_like(target)
+        super()._receive(wrong, device, peer)
+
+
+class RingHopSkipped(SequenceEngine):
+    """The ring's last device does not pass its chunk on in round 0: device 0 attends to its
+    own chunk twice and never sees the last device's."""
+
+    def _layer(self, layer, xs, buf):
+        n_dev = len(self.devices)
+        qs, chunks = zip(*(self._project(layer, d, xs[d], buf) for d in range(n_dev)))
+        accs = [None] * n_dev
+        for r in range(n_dev):
+            for d in range(n_dev):
+                accs[d] = self._round(d, qs[d], chunks[d], buf[f"mask{r}"][d], accs[d])
+            if r + 1 < n_dev:
+                chunks = [chunks[0] if (r == 0 and d == 0) else
+                          self._send(chunks[(d - 1) % n_dev], d) for d in range(n_dev)]
+        return [self._residual(layer, d, xs[d], accs[d][0], buf) for d in range(n_dev)]
+
+
+class BlockSentTwice(SequenceEngine):
+    """Every ring hop ships its KV block twice and uses the second copy: the numbers are right,
+    the traffic is doubled."""
+
+    def _send(self, chunk, device):
+        super()._send(chunk, device)
+        return super()._send(chunk, device)
+
+
+class GatherToWrongRank(PagedEngine):
+    """Head split: the partial outputs are gathered on device 1 and the sum sent home after,
+    instead of gathering on the home device (same sums in the same order: right numbers)."""
+
+    def _layer(self, layer, x, buf):
+        home, x_out = self.home(layer), buf["x"][layer]
+        x = self.on(x, home)
+        parts = [self._attend(layer, d, s, self.on(x, d), buf) for d, s in
+                 self.layer_shards(layer)]
+        collector = 1 if len(parts) > 1 else home
+        gathered = [self.on(y, collector) for y in parts]
+        total = gathered[0]
+        for y in gathered[1:]:
+            summed = self.poisoned(total.shape, collector)
+            self.b.add(total, y, summed)
+            total = summed
+        self.b.add(x, self.on(total, home), x_out)
+        return x_out
+
+
+#: bug -> (split, what catches it: "oracle" (the numbers) or "pattern" (the message check))
+RANK_BUGS = {
+    SendBeforeSourceDone: ("ring", "oracle"),
+    ReceiveIntoWrongBuffer: ("layer", "oracle"),
+    RingHopSkipped: ("ring", "pattern"),
+    BlockSentTwice: ("zigzag", "pattern"),
+    GatherToWrongRank: ("head", "pattern"),
+}
+
+
 def engine_with(bug, split: str):
     """The engine class ``split`` uses, with the engine-part ``bug`` mixed in front."""
     from opbench.harness.scenario.judge import ENGINES

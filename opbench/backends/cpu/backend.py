@@ -97,9 +97,10 @@ class CpuBackend(NumpyModelOps, RuntimeBackend):
         return self._caches[index]
 
     def to_host(self, arr: Any) -> np.ndarray:
-        # waits through self.synchronize, so a subclass's synchronize governs every read
+        # waits through self.synchronize, so a subclass's synchronize governs every read; the
+        # copy is the runtime's (the rank runtime's is a broadcast from the owning rank)
         self.synchronize(self.runtime.owner("arr", arr))
-        return np.array(self.runtime.kernel_view(arr), copy=True)
+        return self.runtime.to_host(arr)
 
     # -- ops ----------------------------------------------------------------------------------
     def rope(self, x, pos, out, p: RopeParams, freq_factors=None, stream=None) -> None:

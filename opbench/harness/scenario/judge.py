@@ -38,6 +38,7 @@ class ScenarioResult:
     steps: int = 0
     error: str | None = None
     step_ns: list[int] = field(default_factory=list)  # wall time of each step, readback included
+    per_step: list = field(default_factory=list)  # per step: {"step", "nmse", "max_rel"}
 
     @property
     def ok(self) -> bool:
@@ -116,12 +117,15 @@ def run_scenario(backend, spec: ScenarioSpec, engine_cls: type[Engine] | None = 
     engine = (engine_cls or ENGINES[spec.split])(backend, spec, cfg, weights)
     worst = {"nmse": 0.0, "max_rel": 0.0}
     step_ns = []
+    per_step: list = []
     for plan, want in zip(plans, expected):
         start = time.perf_counter_ns()
         readout = engine.step(plan)  # ends with the copy to the host: the step has finished
         step_ns.append(time.perf_counter_ns() - start)
         divergence, step_worst = judge_step(plan.step, readout, want, tol)
         worst = {k: max(worst[k], step_worst[k]) for k in worst}
+        per_step.append({"step": plan.step, **step_worst})
         if divergence:
-            return ScenarioResult(spec, divergence, worst, plan.step + 1, step_ns=step_ns)
-    return ScenarioResult(spec, None, worst, len(plans), step_ns=step_ns)
+            return ScenarioResult(spec, divergence, worst, plan.step + 1, step_ns=step_ns,
+                                  per_step=per_step)
+    return ScenarioResult(spec, None, worst, len(plans), step_ns=step_ns, per_step=per_step)

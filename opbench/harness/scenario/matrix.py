@@ -126,7 +126,7 @@ def _run_record(backend, spec: ScenarioSpec, fields: dict, engine_cls, timed=Fal
         return make_record(status="ERROR", reason=summary, errors=[summary],
                            scenario={**spec.as_dict(), "divergence": None}, **fields)
     div = result.divergence
-    scenario = {**spec.as_dict(), "steps_run": result.steps,
+    scenario = {**spec.as_dict(), "steps_run": result.steps, "per_step": result.per_step,
                 "seconds": round(time.perf_counter() - start, 3),
                 "divergence": None if div is None else div.__dict__,
                 "step_ns": result.step_ns}

@@ -1,0 +1,133 @@
+"""The case pool on Ray: one actor per worker, each owning its backend instance.
+
+Each actor runs one case at a time (as the local pool does), so a worker that dies costs
+exactly its case: that case becomes a CRASH record, a fresh actor takes its place and the run
+goes on.  A case over ``timeout`` becomes TIMEOUT and its actor is killed and replaced.
+Records are yielded as they finish (``ray.wait``), so they stream into the results file.
+Ctrl-C (or closing the generator) cancels the outstanding work and kills the actors; a Ray
+instance this run started is shut down again.
+
+GPU workers: backends that run on a CUDA device ask Ray for ``num_gpus=1`` each when the
+cluster has GPUs, so Ray places one worker per GPU.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+#: backends whose kernels run on a CUDA device when one is present
+GPU_BACKENDS = ("cupy", "triton", "torch")
+POLL_S = 0.5
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError:
+        from opbench.errors import UsageError
+
+        raise UsageError("--executor ray needs Ray: pip install 'opbench[ray]'") from None
+    return ray
+
+
+def connect(ray, address: str | None, jobs: int) -> bool:
+    """Join ``address`` or start a local instance with ``jobs`` CPUs; True if we started it."""
+    if ray.is_initialized():
+        return False
+    if address is None:
+        ray.init(num_cpus=jobs, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+    else:
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+    return True
+
+
+def gpus_per_worker(ray, backend_name: str) -> int:
+    wants_gpu = backend_name in GPU_BACKENDS
+    return 1 if wants_gpu and ray.cluster_resources().get("GPU", 0) >= 1 else 0
+
+
+class WorkActor:
+    """A Ray actor body: starts one ``pool.Work`` (e.g. a backend instance) and runs items on
+    it one by one."""
+
+    def __init__(self, work) -> None:
+        self.work = work
+        work.start()
+
+    def run(self, item) -> dict:
+        return self.work.run(item)
+
+
+def run_in_ray(address: str | None, work, items: list, jobs: int,
+               timeout: float | None) -> Iterator[dict]:
+    ray = _import_ray()
+    started = connect(ray, address, jobs)
+    gpus = gpus_per_worker(ray, getattr(work, "backend_name", ""))
+    actor_cls = ray.remote(num_cpus=1, num_gpus=gpus)(WorkActor)
+    pool = _ActorPool(ray, lambda: actor_cls.remote(work), max(1, min(jobs, len(items))))
+    try:
+        yield from pool.run(items, work, timeout)
+    finally:
+        pool.cancel()
+        if started:
+            ray.shutdown()
+
+
+class _ActorPool:
+    def __init__(self, ray, make_actor, size: int) -> None:
+        self.ray, self.make_actor = ray, make_actor
+        self.actors = [make_actor() for _ in range(size)]
+        self.running: dict = {}  # object ref -> (actor index, case, start time)
+
+    def submit(self, index: int, case) -> None:
+        ref = self.actors[index].run.remote(case)
+        self.running[ref] = (index, case, time.monotonic())
+
+    def run(self, items: list, work, timeout: float | None) -> Iterator[dict]:
+        queue = list(reversed(items))
+        for index in range(len(self.actors)):
+            if queue:
+                self.submit(index, queue.pop())
+        while self.running:
+            done, _ = self.ray.wait(list(self.running), num_returns=1, timeout=POLL_S)
+            finished = [(ref, self._result(ref, work)) for ref in done]
+            finished += self._expired(work, timeout)
+            for ref, record in finished:
+                index, _case, _start = self.running.pop(ref)
+                yield record
+                if queue:
+                    self.submit(index, queue.pop())
+
+    def _result(self, ref, work) -> dict:
+        index, item, _ = self.running[ref]
+        try:
+            return self.ray.get(ref)
+        except self.ray.exceptions.RayActorError as exc:
+            self.actors[index] = self.make_actor()  # the worker died: replace it, go on
+            return work.lost(item, "CRASH", f"Ray worker died ({type(exc).__name__})")
+        except self.ray.exceptions.RayTaskError as exc:
+            return work.lost(item, "ERROR", str(exc.cause or exc))
+
+    def _expired(self, work, timeout: float | None) -> list:
+        if not timeout:
+            return []
+        now, lost = time.monotonic(), []
+        for ref, (index, case, start) in self.running.items():
+            if now - start > timeout:
+                self.ray.kill(self.actors[index])
+                self.actors[index] = self.make_actor()
+                lost.append((ref, work.lost(case, "TIMEOUT", f"no result after {timeout:g} s")))
+        return lost
+
+    def cancel(self) -> None:
+        """Ctrl-C or an early stop: cancel what is still running, kill every actor."""
+        for ref in list(self.running):
+            try:
+                self.ray.cancel(ref)  # actor tasks: cancel without force; the kill below ends it
+            except Exception:  # noqa: BLE001 - already finished or gone: nothing to cancel
+                pass
+        for actor in self.actors:
+            self.ray.kill(actor)
+        self.running.clear()

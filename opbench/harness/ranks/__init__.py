@@ -1,0 +1,2 @@
+"""Devices as torch.distributed ranks: the plan of messages per split, the per-rank driver
+and the launcher (local processes, or torchrun's env:// rendezvous)."""
