@@ -1,17 +1,27 @@
 """The size thresholds the built-in backends declare (``Backend.THRESHOLDS``), for the tables.
 
-torch and ggml run third-party kernels whose internal cut-offs opbench does not own: they
-declare none.  A plugged-in backend's thresholds are read the same way (``declared_by``)."""
+The built-in backends are the registered ones (``opbench.backends`` entry points) that live in
+this package: a plugged-in backend does not change the default tables, whose ids must be the
+same on every machine for the gate to compare runs.  torch and ggml run third-party kernels whose
+internal cut-offs opbench does not own: they declare none.  A plugged-in backend's thresholds are
+read the same way (``declared_by``)."""
 
 from __future__ import annotations
 
-from opbench.backends.cpu import CpuBackend
-from opbench.backends.cupy import CupyBackend
-from opbench.backends.triton import TritonBackend
+import functools
+
 from opbench.protocol import Backend, SizeThreshold
 
-BUILTIN_WITH_THRESHOLDS: dict[str, type[Backend]] = {
-    "cpu": CpuBackend, "triton": TritonBackend, "cupy": CupyBackend}
+from .registry import backend_class, registered
+
+BUILTIN_PACKAGE = "opbench.backends."
+
+
+@functools.cache
+def builtin_classes() -> dict[str, type[Backend]]:
+    """Name -> class of every registered backend shipped in this package, in registry order."""
+    return {name: backend_class(name) for name, target in registered().items()
+            if target.startswith(BUILTIN_PACKAGE)}
 
 
 def declared_by(classes, op: str) -> list[SizeThreshold]:
@@ -26,5 +36,6 @@ def declared_by(classes, op: str) -> list[SizeThreshold]:
 
 def declared(op: str, backends: tuple[str, ...] | None = None) -> list[SizeThreshold]:
     """Thresholds of ``op`` declared by the named built-in backends (all of them by default)."""
-    names = backends or tuple(BUILTIN_WITH_THRESHOLDS)
-    return declared_by([BUILTIN_WITH_THRESHOLDS[n] for n in names], op)
+    classes = builtin_classes()
+    names = backends or tuple(classes)
+    return declared_by([classes[n] for n in names], op)
