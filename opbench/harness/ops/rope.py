@@ -22,7 +22,7 @@ YARN_CTX = 4096
 #: [2^18, 2^24]; an int P starts at P (just past a backend's cos/sin cache)
 POSITION_RANGES = ["neg", "long", "huge"]
 POSITION_VARIANTS = [("f32", "neox"), ("f32", "normal"), ("f16", "neox")]
-SIZE_VARIANTS = [("f32", "normal"), ("f16", "neox"), ("bf16", "normal")]
+SIZE_VARIANTS = [("f16", "neox"), ("f32", "normal"), ("bf16", "normal")]
 
 
 def _plain_case(dtype: str, mode: str, ne: list[int], **extra) -> Case:
