@@ -112,11 +112,21 @@ def enumerate_mutants() -> list[Mutant]:
         for name, fn in _op_functions(tree):
             for node in ast.walk(fn):
                 owner[id(node)] = name  # inner functions overwrite: innermost wins
+        skip = _annotation_nodes(tree)
         for index, node in enumerate(ast.walk(tree)):
-            if id(node) in owner and not _docstring(node):
+            if id(node) in owner and id(node) not in skip and not _docstring(node):
                 mutants += [Mutant(module, owner[id(node)], node.lineno, kind, index)
                             for kind in _points(node)]
     return mutants
+
+
+def _annotation_nodes(tree: ast.Module) -> set[int]:
+    """Nodes inside type annotations: never evaluated here (postponed annotations)."""
+    roots = [n.annotation for n in ast.walk(tree) if isinstance(n, (ast.arg, ast.AnnAssign))
+             and n.annotation is not None]
+    roots += [n.returns for n in ast.walk(tree)
+              if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.returns]
+    return {id(sub) for root in roots for sub in ast.walk(root)}
 
 
 def _docstring(node) -> bool:
