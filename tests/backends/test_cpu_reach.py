@@ -29,6 +29,9 @@ EXCLUDED = {
     ("kernels.py", "if n_q == 0:"):
         "a paged sequence without queries: the tables give every sequence at least one (gap)",
     ("kernels.py", "if len(q_pos) == 0:"): "defensive: attend never gets an empty block",
+    ("kernels.py", "if slopes is None:"):
+        "attend's default for callers without precomputed ALiBi slopes (the bug zoo's patched "
+        "kernels); the backend's own call always passes them",
     ("kernels.py", "if q_start[0] != 0 or q_start[-1] != total_q or np.any(np.diff(q_start) "
                    "< 0):"): _ARGUMENT_CHECK,
     ("kernels.py", "if np.any(seq_lens < 0) or np.any(seq_lens > block_table.shape[1] * "

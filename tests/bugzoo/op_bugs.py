@@ -97,7 +97,7 @@ class MropeSectorNotWrapped(PatchedKernels):
 
 
 # -- ATTN ---------------------------------------------------------------------------------------
-def _gqa_modulo_attend(q, k, v, p, q_pos, mask, sinks):
+def _gqa_modulo_attend(q, k, v, p, q_pos, mask, sinks, slopes=None):
     """Query head h reads kv head h % Hkv instead of h // (H/Hkv)."""
     n_heads, n_kv_heads = q.shape[1], k.shape[1]
     group = n_heads // n_kv_heads
@@ -105,16 +105,17 @@ def _gqa_modulo_attend(q, k, v, p, q_pos, mask, sinks):
     slot = (heads % n_kv_heads) * group + heads // n_kv_heads  # where head h must sit
     order = np.argsort(slot)
     out, lse = _original["attend"](q[:, order], k, v, p, q_pos, mask,
-                                   None if sinks is None else sinks[order])
+                                   None if sinks is None else sinks[order],
+                                   None if slopes is None else slopes[order])
     return out[:, slot], lse[:, slot]
 
 
-def _causal_off_by_one_attend(q, k, v, p, q_pos, mask, sinks):
-    return _original["attend"](q, k, v, p, q_pos + 1, mask, sinks)
+def _causal_off_by_one_attend(q, k, v, p, q_pos, mask, sinks, slopes=None):
+    return _original["attend"](q, k, v, p, q_pos + 1, mask, sinks, slopes)
 
 
-def _sinks_ignored_attend(q, k, v, p, q_pos, mask, sinks):
-    return _original["attend"](q, k, v, p, q_pos, mask, None)
+def _sinks_ignored_attend(q, k, v, p, q_pos, mask, sinks, slopes=None):
+    return _original["attend"](q, k, v, p, q_pos, mask, None, slopes)
 
 
 def _softcap_after_mask_scores(qg, k, keys, p, q_pos, mask, slopes, group):
@@ -242,13 +243,16 @@ class F16OverflowSaturates(CpuBackend):
         super().cpy(src, out, perm, step, stream)
 
 
-def _query_blocks_restart_positions(q, k, v, p, q_pos, mask, sinks):
+def _query_blocks_restart_positions(q, k, v, p, q_pos, mask, sinks, slopes=None):
     """Every query block reuses the first block's positions (past 128 queries only)."""
     block = kernels.ATTN_Q_BLOCK
     if not (p.causal or p.window > 0) or len(q) <= block:
-        return _original["attend"](q, k, v, p, q_pos, mask, sinks)
+        return _original["attend"](q, k, v, p, q_pos, mask, sinks, slopes)
+    if slopes is None:
+        slopes = kernels.alibi_slopes(q.shape[1], p.max_bias)
     parts = [_original["_attend_block"](q[i:i + block], k, v, p, q_pos[: len(q[i:i + block])],
-                                        None if mask is None else mask[i:i + block], sinks)
+                                        None if mask is None else mask[i:i + block], sinks,
+                                        slopes)
              for i in range(0, len(q), block)]
     return np.concatenate([o for o, _ in parts]), np.concatenate([lse for _, lse in parts])
 
