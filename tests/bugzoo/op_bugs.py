@@ -14,8 +14,9 @@ import numpy as np
 
 from opbench.backends.cpu import CpuBackend, kernels
 
-_original = {name: getattr(kernels, name)
-             for name in ("attend", "_tile_scores", "set_rows", "get_rows", "_rope_cos_sin")}
+_original = {name: getattr(kernels, name) for name in (
+    "attend", "_tile_scores", "set_rows", "get_rows", "_rope_cos_sin", "_attend_block",
+    "_visible_key_range")}
 
 
 class PatchedKernels(CpuBackend):
@@ -96,7 +97,7 @@ class MropeSectorNotWrapped(PatchedKernels):
 
 
 # -- ATTN ---------------------------------------------------------------------------------------
-def _gqa_modulo_attend(q, k, v, p, q_pos, mask, sinks):
+def _gqa_modulo_attend(q, k, v, p, q_pos, mask, sinks, slopes=None):
     """Query head h reads kv head h % Hkv instead of h // (H/Hkv)."""
     n_heads, n_kv_heads = q.shape[1], k.shape[1]
     group = n_heads // n_kv_heads
@@ -104,16 +105,17 @@ def _gqa_modulo_attend(q, k, v, p, q_pos, mask, sinks):
     slot = (heads % n_kv_heads) * group + heads // n_kv_heads  # where head h must sit
     order = np.argsort(slot)
     out, lse = _original["attend"](q[:, order], k, v, p, q_pos, mask,
-                                   None if sinks is None else sinks[order])
+                                   None if sinks is None else sinks[order],
+                                   None if slopes is None else slopes[order])
     return out[:, slot], lse[:, slot]
 
 
-def _causal_off_by_one_attend(q, k, v, p, q_pos, mask, sinks):
-    return _original["attend"](q, k, v, p, q_pos + 1, mask, sinks)
+def _causal_off_by_one_attend(q, k, v, p, q_pos, mask, sinks, slopes=None):
+    return _original["attend"](q, k, v, p, q_pos + 1, mask, sinks, slopes)
 
 
-def _sinks_ignored_attend(q, k, v, p, q_pos, mask, sinks):
-    return _original["attend"](q, k, v, p, q_pos, mask, None)
+def _sinks_ignored_attend(q, k, v, p, q_pos, mask, sinks, slopes=None):
+    return _original["attend"](q, k, v, p, q_pos, mask, None, slopes)
 
 
 def _softcap_after_mask_scores(qg, k, keys, p, q_pos, mask, slopes, group):
@@ -224,6 +226,71 @@ class WritesOneRowPastOutput(CpuBackend):
         past[-1] = past[-2]
 
 
+# -- bugs only the special-value, size-threshold and position cases reach ----------------------
+class SignallingNanFromConversion(PatchedKernels):
+    """Conversions keep NumPy's NaN bits: bf16 0x7f81 -> f16 gives the signalling 0x7c08."""
+
+    patches = {"quiet_nans": lambda converted: converted}
+
+
+class F16OverflowSaturates(CpuBackend):
+    """f32 -> f16 clamps to +-65504 instead of rounding to +-Inf past the largest value."""
+
+    def cpy(self, src, out, perm, step=1, stream=None):
+        if src.dtype == np.float32 and out.dtype == np.float16:
+            clamped = np.clip(np.asarray(src), -65504.0, 65504.0)  # NaN stays NaN
+            src = self.to_device(clamped.astype(np.float32), src.device)
+        super().cpy(src, out, perm, step, stream)
+
+
+def _query_blocks_restart_positions(q, k, v, p, q_pos, mask, sinks, slopes=None):
+    """Every query block reuses the first block's positions (past 128 queries only)."""
+    block = kernels.ATTN_Q_BLOCK
+    if not (p.causal or p.window > 0) or len(q) <= block:
+        return _original["attend"](q, k, v, p, q_pos, mask, sinks, slopes)
+    if slopes is None:
+        slopes = kernels.alibi_slopes(q.shape[1], p.max_bias)
+    parts = [_original["_attend_block"](q[i:i + block], k, v, p, q_pos[: len(q[i:i + block])],
+                                        None if mask is None else mask[i:i + block], sinks,
+                                        slopes)
+             for i in range(0, len(q), block)]
+    return np.concatenate([o for o, _ in parts]), np.concatenate([lse for _, lse in parts])
+
+
+class QueryBlocksRestartPositions(PatchedKernels):
+    patches = {"attend": _query_blocks_restart_positions}
+
+
+def _window_start_mirrored(p, q_pos, n_kv):
+    """The window's first key as abs(q - window + 1): right once every query is past the
+    window's length, wrong for a prefill from position 0 (keys 0..window-2 skipped)."""
+    lo, hi = _original["_visible_key_range"](p, q_pos, n_kv)
+    if p.window > 0 and len(q_pos):
+        lo = abs(int(q_pos.min()) - p.window + 1)
+    return lo, max(lo, hi)
+
+
+class WindowStartMirrored(PatchedKernels):
+    patches = {"_visible_key_range": _window_start_mirrored}
+
+
+class RopeNegativePositionsClamped(CpuBackend):
+    """Positions read as unsigned-style indices: negative K-shift deltas become 0."""
+
+    def rope(self, x, pos, out, p, freq_factors=None, stream=None):
+        clamped = np.maximum(np.asarray(pos), 0).astype(np.asarray(pos).dtype)
+        super().rope(x, self.to_device(clamped, pos.device), out, p, freq_factors, stream)
+
+
+#: bug -> (op, regex of the case ids of the new input kind that alone catches it)
+NEW_INPUT_BUGS = {
+    SignallingNanFromConversion: ("CPY", r"vals=special"),
+    F16OverflowSaturates: ("CPY", r"vals=special"),
+    QueryBlocksRestartPositions: ("ATTN", r"nq=(129|1[3-9]\d|[2-9]\d\d)\b"),
+    WindowStartMirrored: ("ATTN", r"nq=(\d+),nkv=\1,.*win=1"),
+    RopeNegativePositionsClamped: ("ROPE", r"pos=neg"),
+}
+
 #: bug class -> the op whose default table must catch it
 OP_BUGS = {
     RopePairingSwapped: "ROPE",
@@ -242,6 +309,7 @@ OP_BUGS = {
     GetRowsUint16Rows: "GET_ROWS",
     F16Truncating: "CPY",
     WritesOneRowPastOutput: "GET_ROWS",
+    **{bug: op for bug, (op, _) in NEW_INPUT_BUGS.items()},
 }
 
 #: bug class -> (case-id pattern of the cases the bug can touch at all, pattern of the new

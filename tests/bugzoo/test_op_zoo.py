@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from op_bugs import ONLY_NEW_CASES_CATCH, OP_BUGS
+from op_bugs import NEW_INPUT_BUGS, ONLY_NEW_CASES_CATCH, OP_BUGS
 
 from opbench.backends.cpu import CpuBackend
 from opbench.harness.ops import SPECS
@@ -62,3 +62,29 @@ def test_new_cases_alone_catch_bug(bug):
     old = {i: s for i, s in statuses.items() if not new.search(i)}
     assert set(old.values()) == {"OK"}, [i for i, s in old.items() if s != "OK"][:3]
     assert any(s == "FAIL" for i, s in statuses.items() if new.search(i))
+
+
+@pytest.mark.parametrize("bug", list(NEW_INPUT_BUGS), ids=lambda cls: cls.__name__)
+def test_new_input_kinds_alone_catch_their_bug(bug):
+    """The bug passes the op's --quick cases of the older kinds and fails one of the new kind
+    (the full older tables were checked the same way when the bug was added)."""
+    op, new_kind = NEW_INPUT_BUGS[bug]
+    spec = SPECS[op]
+    new = [c for c in spec.cases() if re.search(new_kind, c.id)]
+    old = [c for c in spec.quick_cases() if c not in set(new) and not _new_kind(c)]
+    assert new and old
+    backend = bug()
+    backend.devices(1)
+    try:
+        failed_old = [c.id for c in old if run_case(backend, c)["status"] != "OK"]
+        caught = next((c for c in new if run_case(backend, c)["status"] == "FAIL"), None)
+    finally:
+        backend.close()
+    assert not failed_old, f"{bug.__name__} already fails older cases: {failed_old[:3]}"
+    assert caught is not None, f"{bug.__name__}: no case of the new kind catches it"
+
+
+def _new_kind(case) -> bool:
+    """Cases added for special values, positions and sizes past backend thresholds."""
+    return bool(re.search(r"vals=|pos=", case.id)) or case in set(
+        SPECS[case.op].threshold_cases())

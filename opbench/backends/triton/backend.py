@@ -215,7 +215,7 @@ class TritonBackend(RuntimeBackend):
 
     def launch_cpy(self, src, out, perm, step) -> None:
         # the interpreter pays per program, not per element: big copies get big blocks
-        block = INTERPRETER_COPY_BLOCK if self.is_interpreter and out.numel() > 1 << 20 else None
+        block = INTERPRETER_COPY_BLOCK if self.is_interpreter and out.numel() > 1 << 16 else None
         self.k_copy.launch_cpy(src, out, perm, step, block=block)
 
     # -- ops: validate on the caller's thread, launch on the device's stream ---------------------

@@ -232,9 +232,9 @@ class CpySpec(_CopySpec):
         out = []
         for src, dst, perm in (("f16", "f32", (0, 1, 2)), ("f32", "f16", (0, 1, 2)),
                                ("bf16", "bf16", (1, 0, 2))):
-            row = 1024 * 512  # elements of one [1024, 512] slab
+            row = 64 * 512  # elements of one [64, 512] slab
             rows = threshold.value // (row * DTYPE_BYTES[dst]) + 1
-            shape = [rows, 1024, 512] if perm[0] == 0 else [1024, rows, 512]
+            shape = [rows, 64, 512] if perm[0] == 0 else [64, rows, 512]
             out.append(Case.make("CPY", type_src=src, type=dst, ne=shape, perm=list(perm),
                                  step=1))
         return out

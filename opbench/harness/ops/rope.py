@@ -22,7 +22,7 @@ YARN_CTX = 4096
 #: [2^18, 2^24]; an int P starts at P (just past a backend's cos/sin cache)
 POSITION_RANGES = ["neg", "long", "huge"]
 POSITION_VARIANTS = [("f32", "neox"), ("f32", "normal"), ("f16", "neox")]
-SIZE_VARIANTS = [("f32", "normal"), ("f16", "neox"), ("bf16", "normal")]
+SIZE_VARIANTS = [("f16", "neox"), ("f32", "normal"), ("bf16", "normal")]
 
 
 def _plain_case(dtype: str, mode: str, ne: list[int], **extra) -> Case:
@@ -132,7 +132,9 @@ class RopeSpec(OpSpec):
 
     def extra_cases(self) -> list[Case]:
         return [_plain_case(dtype, mode, [128, 4, 33], pos=pos)
-                for pos in POSITION_RANGES for dtype, mode in POSITION_VARIANTS]
+                for pos in POSITION_RANGES for dtype, mode in POSITION_VARIANTS] + [
+            _plain_case(dtype, mode, [128, 4, 9], inplace=1)  # out aliases x, as ggml allows
+            for dtype, mode in POSITION_VARIANTS]
 
     def sizes(self, case: Case) -> dict[str, int]:
         head_dim, heads, tokens = case["ne"]
@@ -171,10 +173,12 @@ class RopeSpec(OpSpec):
         return Inputs(arrays)
 
     def outputs(self, case: Case, inputs: Inputs) -> dict[str, OutputSpec]:
-        return {"out": OutputSpec(inputs.arrays["x"].shape, case.dtype)}
+        init = "x" if case.get("inplace") else None
+        return {"out": OutputSpec(inputs.arrays["x"].shape, case.dtype, init_from=init)}
 
     def call(self, backend, case, args, stream) -> None:
-        backend.rope(args["x"], args["pos"], args["out"], rope_params(case),
+        x = args["out"] if case.get("inplace") else args["x"]  # in place: out starts as x
+        backend.rope(x, args["pos"], args["out"], rope_params(case),
                      freq_factors=args.get("freq_factors"), stream=stream)
 
     def reference(self, case: Case, inputs: Inputs, dtype) -> dict[str, np.ndarray]:
