@@ -21,7 +21,7 @@ from ..reference import copies as copy_ref
 from .cases import Case, Inputs, OpSpec, OutputSpec
 from .compare import Verdict, compare_close, compare_exact
 from .ops import SPECS, support
-from .records import case_record
+from .records import case_record, new_run_id
 
 GUARD_SENTINEL = -1234.0
 
@@ -149,9 +149,11 @@ def execute(backend: Backend, spec: OpSpec, case: Case, inputs: Inputs, device: 
 
 
 def run_case(backend: Backend, case: Case, *, run_seed: int = 0, device: Any = None,
-             device_name: str = "cpu:0", run_id: str = "", known: KnownFailures | None = None
-             ) -> dict:
-    """Run one case on one backend and return its result record."""
+             device_name: str = "cpu:0", run_id: str | None = None,
+             known: KnownFailures | None = None) -> dict:
+    """Run one case on one backend and return its result record (``run_id``: the run it
+    belongs to; a fresh one when the caller has none, e.g. a test calling it directly)."""
+    run_id = run_id or new_run_id()
     spec = SPECS[case.op]
     record = base_record(backend.name, case, device_name, run_id)
     try:
