@@ -221,11 +221,9 @@ def rank_options(args, names: list[str]) -> RankOptions | None:
         raise UsageError(str(exc) if "inject" in str(exc) else
                          f"--delay-ranks {args.delay_ranks!r} must be rank numbers, e.g. 1,3"
                          ) from None
-    if args.timeout <= 0:
-        raise UsageError(f"--timeout {args.timeout:g} must be > 0")
     import os
 
-    return RankOptions(args.timeout, fault, delay,
+    return RankOptions(check_timeout(args), fault, delay,
                        int(os.environ["RANK"]) if under_torchrun() else None)
 
 

@@ -19,6 +19,9 @@ from collections.abc import Iterator
 #: backends whose kernels run on a CUDA device when one is present
 GPU_BACKENDS = ("cupy", "triton", "torch")
 POLL_S = 0.5
+#: how long an actor may take to start (process, imports, backend) before its first case's
+#: clock starts; a start that takes longer is that case's TIMEOUT (as in the local pool)
+STARTUP_S = 120.0
 
 
 def _import_ray():
@@ -78,8 +81,29 @@ def run_in_ray(address: str | None, work, items: list, jobs: int,
 class _ActorPool:
     def __init__(self, ray, make_actor, size: int) -> None:
         self.ray, self.make_actor = ray, make_actor
-        self.actors = [make_actor() for _ in range(size)]
-        self.running: dict = {}  # object ref -> (actor index, case, start time)
+        self.actors: list = []
+        self.ready: list = []  # per actor: the ref that resolves once it is constructed
+        self.ready_at: dict[int, float] = {}
+        for index in range(size):
+            self.actors.append(None)
+            self.ready.append(None)
+            self.replace(index)
+        self.running: dict = {}  # object ref -> (actor index, case, time submitted)
+
+    def replace(self, index: int) -> None:
+        self.actors[index] = self.make_actor()
+        self.ready[index] = self.actors[index].__ray_ready__.remote()
+        self.ready_at.pop(index, None)
+
+    def _begun(self, index: int, now: float) -> float | None:
+        """When actor ``index`` was first seen constructed; None while it is still starting:
+        a case's clock starts then, not while Ray starts the process and the backend."""
+        if index not in self.ready_at:
+            done, _ = self.ray.wait([self.ready[index]], timeout=0)
+            if not done:
+                return None
+            self.ready_at[index] = now
+        return self.ready_at[index]
 
     def submit(self, index: int, case) -> None:
         ref = self.actors[index].run.remote(case)
@@ -105,7 +129,7 @@ class _ActorPool:
         try:
             return self.ray.get(ref)
         except self.ray.exceptions.RayActorError as exc:
-            self.actors[index] = self.make_actor()  # the worker died: replace it, go on
+            self.replace(index)  # the worker died: replace it, go on
             return work.lost(item, "CRASH", f"Ray worker died ({type(exc).__name__})")
         except self.ray.exceptions.RayTaskError as exc:
             return work.lost(item, "ERROR", str(exc.cause or exc))
@@ -114,10 +138,13 @@ class _ActorPool:
         if not timeout:
             return []
         now, lost = time.monotonic(), []
-        for ref, (index, case, start) in self.running.items():
-            if now - start > timeout:
+        for ref, (index, case, submitted) in self.running.items():
+            begun = self._begun(index, now)
+            late = (now - submitted > timeout + STARTUP_S if begun is None
+                    else now - max(submitted, begun) > timeout)
+            if late:
                 self.ray.kill(self.actors[index])
-                self.actors[index] = self.make_actor()
+                self.replace(index)
                 lost.append((ref, work.lost(case, "TIMEOUT", f"no result after {timeout:g} s")))
         return lost
 
