@@ -6,10 +6,14 @@ from __future__ import annotations
 import argparse
 import math
 import re
+import sys
 from collections import Counter
 
 from opbench.errors import BackendSetupError, UsageError
+from opbench.harness import models
 from opbench.harness.cases import Case, filter_cases
+from opbench.harness.models import Model
+from opbench.harness.models import cases as models_cases
 from opbench.harness.ops import SPECS
 from opbench.harness.pool import setup_failure
 from opbench.harness.registry import backend_options, open_backend, parse_ref, split_backend_list
@@ -117,10 +121,44 @@ def compile_pattern(pattern: str | None) -> re.Pattern | None:
         raise UsageError(f"bad regular expression -p {pattern!r}: {exc}") from None
 
 
+def model_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, metavar="NAME|config.json",
+                        help="instead of the default tables: ROPE, ATTN, KV_ROTATE, SET_ROWS and"
+                             " GET_ROWS cases at one model's parameters (a preset of `opbench"
+                             " models` or a Hugging Face config.json)")
+
+
+def load_model(ref: str) -> Model:
+    """The parsed model; a config it cannot use is a usage error naming the field."""
+    try:
+        return models.load(ref)
+    except models.ModelError as exc:
+        raise UsageError(f"--model {ref}: {exc}") from None
+
+
+def model_cases(ref: str) -> list[Case]:
+    """A model's cases; says on stderr which config fields go unused and why ROPE cases are
+    missing, if they are."""
+    model = load_model(ref)
+    if model.unused:
+        print(f"opbench: --model {ref}: fields not used: {', '.join(model.unused)}",
+              file=sys.stderr)
+    why = models.rope_ready(model)
+    if why:
+        print(f"opbench: --model {ref}: no ROPE or KV_ROTATE cases: {why}", file=sys.stderr)
+    return models_cases.model_cases(ref)
+
+
 def select_cases(args, quick: bool = False) -> list[Case]:
     compile_pattern(args.pattern)
+    ops = parse_ops(args.op)
+    if getattr(args, "model", None):
+        if quick:
+            raise UsageError("--model builds its own cases; drop --quick")
+        cases = [c for c in model_cases(args.model) if c.op in ops]
+        return take_shard(filter_cases(cases, args.pattern), shard_arg(args))
     selected: list[Case] = []
-    for op in parse_ops(args.op):
+    for op in ops:
         spec = SPECS[op]
         cases = spec.quick_cases(seed=args.seed) if quick else spec.cases()
         selected += filter_cases(cases, args.pattern)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from opbench.harness.cases import format_value
 from opbench.harness.ops import SPECS
 
-from .common import parse_ops, refuse_unused, select_cases
+from .common import model_option, parse_ops, refuse_unused, select_cases
 
 
 def register(subparsers, common) -> None:
@@ -15,6 +15,7 @@ def register(subparsers, common) -> None:
                          help="per op: axes, values per axis, value pairs possible and "
                               "declared impossible, and the share the full and --quick "
                               "tables cover")
+    model_option(listing)
     listing.set_defaults(func=cmd_list)
 
 
@@ -26,7 +27,7 @@ def cmd_list(args) -> int:
                       " seeded)")
     if args.coverage:
         return print_coverage(args)
-    if args.op or args.pattern or args.quick:
+    if args.op or args.pattern or args.quick or args.model:
         for case in select_cases(args, quick=args.quick):
             print(case.id)
         return 0

@@ -19,7 +19,7 @@ from opbench.errors import UsageError
 from .common import Parser, common_options
 
 VERB_MODULES = ["test", "support", "listing", "doctor", "scenario", "perf", "report", "gate",
-                "calibrate", "db", "history", "merge"]
+                "calibrate", "db", "history", "merge", "models"]
 
 EPILOG = """examples:
   opbench test                         every op on the cpu backend

@@ -19,6 +19,7 @@ from .common import (
     check_timeout,
     isolated,
     isolation_options,
+    model_option,
     open_writer,
     option_flags,
     parse_backends,
@@ -36,6 +37,7 @@ def register(subparsers, common) -> None:
                                  " float64 oracles")
     test.add_argument("--quick", action="store_true",
                       help="a seeded subset covering every op and variant (seconds)")
+    model_option(test)
     isolation_options(test, "case", 60.0)
     test.add_argument("-v", "--verbose", action="store_true",
                       help="also print unsupported cases")
@@ -75,8 +77,8 @@ def cmd_test(args) -> int:
     names = parse_backends(args.backend, option_flags(args))
     cases = select_cases(args, quick=args.quick)
     if not cases:
-        raise UsageError("no case matches the given -o/-p" + (" in this --shard" if args.shard
-                                                                 else ""))
+        raise UsageError("no case matches the given -o/-p/--model" + (" in this --shard"
+                                                                        if args.shard else ""))
     run_id = new_run_id()
     writer = open_writer(args.results, shard_arg(args))
     report = output.make_reporter(args.output, verbose=args.verbose, quiet=args.quiet)

@@ -63,6 +63,9 @@ def _case(dtype, hs, gqa, n_q, n_kv, flags) -> Case:
 
 
 def window_size(case: Case) -> int:
+    """A model case's own window (``window=``), else a quarter of the keys when ``win``."""
+    if case.get("window") is not None:
+        return case["window"]
     return max(1, case["nkv"] // 4) if case["win"] else 0
 
 
@@ -199,7 +202,8 @@ class AttnSpec(OpSpec):
         return outs
 
     def params(self, case: Case) -> AttnParams:
-        return AttnParams(scale=1.0 / math.sqrt(case["hs"][0]), causal=bool(case["causal"]),
+        scale = case.get("scale") or 1.0 / math.sqrt(case["hs"][0])  # model cases: their own
+        return AttnParams(scale=scale, causal=bool(case["causal"]),
                           window=window_size(case), softcap=float(case["sc"]),
                           max_bias=float(case["mb"]))
 

@@ -39,7 +39,7 @@ class KvRotateSpec(OpSpec):
         blocks = rng.choice(n_blocks, size=case["nrot"], replace=False).astype(np.int32)
         width = 1 if case["delta"] == "block" else bs
         deltas = rng.integers(1, LUT_ROWS, size=(case["nrot"], width)).astype(np.int32)
-        lut = kv_ref.rotation_lut(LUT_ROWS, case["hs"], bs, BASE)
+        lut = kv_ref.rotation_lut(LUT_ROWS, case["hs"], bs, case.get("base", BASE))
         return Inputs({"key_cache": cache, "block_indices": blocks, "deltas": deltas,
                        "lut": lut})
 

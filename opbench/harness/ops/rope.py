@@ -11,6 +11,7 @@ from opbench.protocol import RopeParams
 from ...reference import rope as rope_ref
 from ..cases import Axis, Case, Impossible, Inputs, OpSpec, OutputSpec, uniform
 from ..compare import Tolerance
+from ..models import load as load_model
 
 # (head_dim, n_dims): full and partial rotation of the head sizes real models use
 HEAD_DIMS = ((64, 64), (64, 32), (80, 80), (80, 32), (96, 96), (128, 128), (128, 64),
@@ -45,6 +46,13 @@ def positions(case: Case, rng: np.random.Generator, rows: int, tokens: int) -> n
     return int(where) + rng.integers(0, 2 * tokens, size=(rows, tokens))
 
 
+def largest_position(case: Case) -> int:
+    """The largest position ``positions`` can draw for the case."""
+    where, tokens = case.get("pos"), case["ne"][2]
+    largest = {None: 2999, "neg": 2999, "long": 1 << 18, "huge": 1 << 24}.get(where)
+    return largest if largest is not None else int(where) + 2 * tokens - 1
+
+
 def mrope_sections(layout: str, n_dims: int) -> tuple[int, int, int, int]:
     """mrope pair counts per position stream.  ``qwen2vl``: Qwen2-VL's [16, 24, 24] scaled to
     n_dims (sum = n_dims/2); ``short`` sums to less than n_dims/2 and ``long`` to more, so
@@ -63,7 +71,18 @@ def mrope_sections(layout: str, n_dims: int) -> tuple[int, int, int, int]:
     raise ValueError(f"sec={layout!r} must be one of qwen2vl, short, long, four")
 
 
+def model_rope(case: Case) -> tuple[RopeParams, np.ndarray | None]:
+    """A model case's RoPE: its layer kind's params and freq_factors, computed (like
+    transformers' dynamic and longrope types) for a sequence reaching the largest position."""
+    model = load_model(case["model"])
+    kind = {"sliding": "sliding_attention", "full": "full_attention"}[case["layer"]]
+    largest = largest_position(case)
+    return model.rope_params(kind, seq_len=largest + 1)
+
+
 def rope_params(case: Case) -> RopeParams:
+    if case.get("model"):
+        return model_rope(case)[0]
     mode = case["mode"]
     return RopeParams(
         n_dims=case["n_dims"], mode=mode, freq_base=case["fb"], freq_scale=case["fs"],
@@ -138,10 +157,8 @@ class RopeSpec(OpSpec):
 
     def sizes(self, case: Case) -> dict[str, int]:
         head_dim, heads, tokens = case["ne"]
-        where = case.get("pos")
-        largest = {None: 2999, "neg": 2999, "long": 1 << 18, "huge": 1 << 24}.get(where)
         return {"elems": head_dim * heads * tokens, "row": head_dim * heads,
-                "pos": largest if largest is not None else int(where) + 2 * tokens - 1}
+                "pos": largest_position(case)}
 
     def past(self, threshold) -> list[Case]:
         """Just past a size threshold: more elements (tokens), wider rows (heads) or a
@@ -167,7 +184,11 @@ class RopeSpec(OpSpec):
         rows = 4 if case["mode"] == "mrope" else 1
         pos = positions(case, rng, rows, tokens).astype(np.int32)
         arrays = {"x": x, "pos": pos if rows == 4 else pos[0]}
-        if case["ff"]:
+        if case.get("model"):
+            freq_factors = model_rope(case)[1]
+            if freq_factors is not None:
+                arrays["freq_factors"] = freq_factors.astype(np.float32)
+        elif case["ff"]:
             arrays["freq_factors"] = rng.uniform(0.5, 4.0, case["n_dims"] // 2).astype(
                 np.float32)
         return Inputs(arrays)
