@@ -152,6 +152,15 @@ class SoftcapAfterMask(PatchedKernels):
     patches = {"_tile_scores": _softcap_after_mask_scores}
 
 
+class AttnScaleFromHeadSize(CpuBackend):
+    """Softmax scale recomputed as head_size**-0.5 instead of the one passed: right for most
+    models, wrong for DeepSeek-V2's YaRN (scale times mscale**2)."""
+
+    def attention(self, q, k, v, out, params, **kwargs):
+        params = dataclasses.replace(params, scale=q.shape[-1] ** -0.5)
+        super().attention(q, k, v, out, params, **kwargs)
+
+
 # -- KV_ROTATE ----------------------------------------------------------------------------------
 class RotateSignFlipped(CpuBackend):
     """Rotates by +delta (the LUT's sin half negated back)."""
@@ -319,4 +328,9 @@ ONLY_NEW_CASES_CATCH = {
     GetRowsUint16Rows: (r"", r"nsrc=70000"),
     MropeSectorNotWrapped: (r"mode=mrope", r"sec=short"),
     WindowOnlyWhenCausal: (r"win=1", r"causal=0,win=1"),
+}
+
+#: bug class -> (op, model preset): the default tables pass the bug, the model's cases catch it
+MODEL_BUGS = {
+    AttnScaleFromHeadSize: ("ATTN", "deepseek-v2-lite"),
 }

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
-from op_bugs import NEW_INPUT_BUGS, ONLY_NEW_CASES_CATCH, OP_BUGS
+from op_bugs import MODEL_BUGS, NEW_INPUT_BUGS, ONLY_NEW_CASES_CATCH, OP_BUGS
 
 from opbench.backends.cpu import CpuBackend
+from opbench.harness.models.cases import model_cases
 from opbench.harness.ops import SPECS
 from opbench.harness.runner import run_case
 
@@ -88,3 +90,21 @@ def _new_kind(case) -> bool:
     """Cases added for special values, positions and sizes past backend thresholds."""
     return bool(re.search(r"vals=|pos=", case.id)) or case in set(
         SPECS[case.op].threshold_cases())
+
+
+@pytest.mark.parametrize("bug", list(MODEL_BUGS), ids=lambda cls: cls.__name__)
+def test_model_cases_alone_catch_bug(bug):
+    """The bug passes its op's quick table (a covering array of the default one) and fails a
+    case of its model.  Why no default case can catch it: each one passes head_size**-0.5."""
+    op, model = MODEL_BUGS[bug]
+    spec = SPECS[op]
+    assert all(math.isclose(spec.params(c).scale, c["hs"][0] ** -0.5) for c in spec.cases())
+    backend = bug()
+    backend.devices(1)
+    try:
+        default = {c.id: run_case(backend, c)["status"] for c in spec.quick_cases()}
+        at_model = [run_case(backend, c)["status"] for c in model_cases(model) if c.op == op]
+    finally:
+        backend.close()
+    assert set(default.values()) == {"OK"}, [i for i, s in default.items() if s != "OK"][:3]
+    assert "FAIL" in at_model
