@@ -60,8 +60,11 @@ def register(subparsers, common) -> None:
     parser.add_argument("--layers", type=int, default=6, help="transformer layers (default 6)")
     parser.add_argument("--steps", type=int, default=4, help="decode steps after the prefill"
                         " (default 4)")
-    parser.add_argument("--model", choices=["gemma3", "gemma3-1b"], default="gemma3",
-                        help="per-layer RoPE pattern (default gemma3: global layers scaled x8)")
+    parser.add_argument("--model", default="gemma3", metavar="NAME|config.json",
+                        help="per-layer RoPE pattern: gemma3 (default: global layers scaled x8),"
+                             " gemma3-1b, or a preset of `opbench models` or a Hugging Face"
+                             " config.json (its head size, head ratio and per-layer RoPE;"
+                             " fewer heads, narrower, --layers layers)")
     for toggle, default, what in (("rope-cache", "on", "the backend's sin/cos cache"),
                                   ("graph-reuse", "off", "build the decode step once, replay it"),
                                   ("evict", "off", "KV eviction + key re-rotation"),

@@ -1,7 +1,9 @@
 """Scenario configuration: the model, the run's axes, and the one tolerance table.
 
 The model is a small attention-only transformer with Gemma-3-style per-layer RoPE: every
-``global_every``-th layer is global (freq_base 1e6, linear scaling), the rest local (1e4).
+``global_every``-th layer is global (freq_base 1e6, linear scaling), the rest local (1e4).  A
+model preset or ``config.json`` (``--model``) gives instead its own per-layer RoPE pattern, head
+size and query/KV head ratio, with fewer heads, a narrower model and fewer layers.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from dataclasses import dataclass
 
 from opbench.protocol import AttnParams, RopeParams
 
+from ..models import load as load_model
 from .splits import SEQUENCE_SPLITS, check_split, head_split, layer_split
 
 
@@ -34,6 +37,9 @@ class ModelConfig:
     start_size: int = 4
     recent_size: int = 4
     max_cache_size: int = 12
+    #: RoPE per layer from a real model's config (cycled over the layers); empty: the
+    #: local/global pattern above
+    layer_ropes: tuple[RopeParams, ...] = ()
 
     def __post_init__(self) -> None:
         if self.n_heads % self.n_kv_heads:
@@ -57,6 +63,8 @@ class ModelConfig:
         return (layer + 1) % self.global_every == 0
 
     def rope_params(self, layer: int) -> RopeParams:
+        if self.layer_ropes:
+            return self.layer_ropes[layer % len(self.layer_ropes)]
         # neox pairing (i, i + D/2) matches KV_ROTATE's rotate_half layout
         if self.is_global(layer):
             return RopeParams(n_dims=self.head_dim, mode="neox", freq_base=self.global_base,
@@ -77,9 +85,36 @@ PRESETS = {
 
 
 def model_config(preset: str = "gemma3", **overrides) -> ModelConfig:
-    if preset not in PRESETS:
-        raise ValueError(f"model={preset!r} must be one of {sorted(PRESETS)}")
-    return ModelConfig(**{**PRESETS[preset], **overrides})
+    """A named scenario model, else a model preset of ``opbench models`` or a config.json."""
+    if preset in PRESETS:
+        return ModelConfig(**{**PRESETS[preset], **overrides})
+    return _from_real_model(preset, **overrides)
+
+
+def _from_real_model(ref: str, **overrides) -> ModelConfig:
+    """Same head size, query/KV head ratio and per-layer RoPE as the model; at most 2 KV heads
+    (one when the ratio is above 4).  RoPE the scenario's rotations cannot express yet is
+    refused by name: freq_factors (llama3, longrope, untruncated yarn), YaRN's ramp and mscale
+    (the key re-rotation LUT would scale keys), mrope and interleaved pairs."""
+    model = load_model(ref)  # ModelError is a ValueError: the CLI's usage error
+    if model.alibi or model.mode != "neox" or model.rope_dim != model.head_dim:
+        raise ValueError(f"model {ref!r}: scenarios need full rotate_half RoPE, not "
+                         f"{'ALiBi' if model.alibi else model.mode}"
+                         f"{' partial' if model.rope_dim != model.head_dim else ''}")
+    ropes = {}
+    for kind in dict.fromkeys(model.layers):
+        params, freq_factors = model.rope_params(kind)
+        if freq_factors is not None or params.ext_factor or params.attn_factor != 1.0:
+            raise ValueError(f"model {ref!r}: rope type {model.kinds[kind].rope['rope_type']!r}"
+                             " needs freq_factors or YaRN scaling, which scenarios do not run")
+        ropes[kind] = params
+    layers = overrides.get("n_layers", ModelConfig.n_layers)
+    ratio = model.n_heads // model.n_kv_heads
+    kv_heads = min(model.n_kv_heads, 2 if ratio <= 4 else 1)
+    return ModelConfig(**{"n_heads": kv_heads * ratio, "n_kv_heads": kv_heads,
+                          "head_dim": model.head_dim,
+                          "layer_ropes": tuple(ropes[model.layers[i % len(model.layers)]]
+                                               for i in range(layers)), **overrides})
 
 
 @dataclass(frozen=True)
