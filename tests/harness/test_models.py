@@ -189,3 +189,17 @@ def test_phi35_longrope_structure_matches_transformers(seq_len):
     ours, our_scaling = model.hf_rope("full_attention", seq_len=seq_len)
     np.testing.assert_allclose(ours.astype(np.float32), theirs.numpy(), rtol=F32_ULPS)
     assert our_scaling == pytest.approx(float(their_scaling), rel=F32_ULPS)
+
+
+@pytest.mark.parametrize("name", ["gemma-3-4b", "gpt-oss-20b", "deepseek-v2-lite"])
+def test_config_json_as_transformers_writes_it_parses_like_the_preset(name):
+    """transformers 5 writes rope_parameters (per layer type for Gemma 3) and layer_types: the
+    parser reads that form to the same layer kinds and RoPE as the preset's."""
+    written = _hf_config(name).to_dict()
+    ours, theirs = models.load(name), models.parse(written, name=name)
+    assert theirs.layers == ours.layers
+    for kind in ours.kinds:
+        assert theirs.kinds[kind].theta == ours.kinds[kind].theta
+        assert theirs.kinds[kind].window == ours.kinds[kind].window
+        np.testing.assert_array_equal(theirs.hf_rope(kind)[0], ours.hf_rope(kind)[0])
+    assert theirs.attn_scale == ours.attn_scale
