@@ -102,8 +102,10 @@ def test_model_cases_alone_catch_bug(bug):
     backend = bug()
     backend.devices(1)
     try:
-        default = {c.id: run_case(backend, c)["status"] for c in spec.quick_cases()}
-        at_model = [run_case(backend, c)["status"] for c in model_cases(model) if c.op == op]
+        default = {c.id: run_case(backend, c, run_id="zoo")["status"]
+                   for c in spec.quick_cases()}
+        at_model = [run_case(backend, c, run_id="zoo")["status"]
+                    for c in model_cases(model) if c.op == op]
     finally:
         backend.close()
     assert set(default.values()) == {"OK"}, [i for i, s in default.items() if s != "OK"][:3]
