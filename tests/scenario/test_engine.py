@@ -201,6 +201,7 @@ def test_backend_attention_mass_matches_the_oracles(spec):
     backend = CpuBackend(**scenario_options(spec))
     try:
         engine = ENGINES[spec.split](backend, spec, cfg, weights)
+        engine.collect_mass = True
         for plan, want in zip(plans, scheduler_mass):
             got = engine.step(plan).mass
             for s in range(cfg.n_seqs):

@@ -67,6 +67,9 @@ class Engine:
         self._luts_on_device: dict = {}
         # (layer, shard or device) -> (rotated queries, lse) of the step: what the mass needs
         self._mass_parts: dict = {}
+        # set by the judge (with eviction on): the mass reads every device's cache from one
+        # host, which a run with devices as separate ranks cannot
+        self.collect_mass = False
 
     # -- helpers ---------------------------------------------------------------------------------
     def put(self, host: np.ndarray, device: int):
@@ -110,7 +113,7 @@ class Engine:
             self.write_inputs(buffers, inputs, first=True)
             self.enqueue(buffers)
         readout = self.read(buffers, plan, inputs)
-        if self.spec.evict:  # before the eviction re-rotates the keys the step attended to
+        if self.collect_mass:  # before the eviction re-rotates the keys the step attended to
             readout.mass = self.attention_mass(plan)
         for eviction in plan.evictions:
             self.evict(eviction)

@@ -169,6 +169,7 @@ def run_scenario(backend, spec: ScenarioSpec, engine_cls: type[Engine] | None = 
     cfg = spec.config()
     weights, plans, expected = oracle_run(cfg, spec.evict)
     engine = (engine_cls or ENGINES[spec.split])(backend, spec, cfg, weights)
+    engine.collect_mass = spec.evict
     lows = low_precision_run(cfg, spec.evict, spec.kv_dtype) or [None] * len(plans)
     worst = {"nmse": 0.0, "max_rel": 0.0}
     step_ns = []
