@@ -129,7 +129,7 @@ def _sweep(args) -> list[ScenarioSpec]:
     return [ScenarioSpec(split=split, devices=n, layers=args.layers, steps=args.steps,
                          seed=args.seed, model=args.model, rope_cache=_on_off(args.rope_cache),
                          graph_reuse=_on_off(args.graph_reuse), evict=_on_off(args.evict),
-                         delay=_on_off(args.delay))
+                         delay=_on_off(args.delay), kv_dtype=args.kv_dtype)
             for split in splits for n in range(int(low), int(high) + 1)]
 
 

@@ -270,3 +270,18 @@ def test_low_precision_cache_is_judged_by_the_precision_rule(kv_dtype):
     result = _run_engine(spec, None)
     assert result.ok, result.divergence and result.divergence.describe()
     assert result.worst["nmse"] > 1e-9 and result.worst["max_rel"] > 1e-4
+
+
+def test_ring_messages_carry_chunks_in_the_cache_dtype():
+    """Devices as ranks: the chunks the ring ships are cache rows, half the bytes in f16/bf16;
+    the residual stream (layer, head) stays f32."""
+    from opbench.harness.ranks.plan import step_plan
+
+    def sent_bytes(**axes):
+        spec = ScenarioSpec(devices=2, **axes)
+        return sorted(key[2] for key in step_plan(spec, spec.config(), 3)[0])
+
+    f32 = sent_bytes(split="ring")
+    assert sent_bytes(split="ring", kv_dtype="f16") == [n // 2 for n in f32]
+    assert sent_bytes(split="ring", kv_dtype="bf16") == [n // 2 for n in f32]
+    assert sent_bytes(split="layer", kv_dtype="f16") == sent_bytes(split="layer")
