@@ -1,9 +1,9 @@
 """The scenario matrix as pytest tests: ``pytest suites/test_scenarios.py --backend cpu [--full]``.
 
 Without ``--full`` a small subset runs (every split and device count at least once, every
-toggle on and off at least once, seconds on the cpu backend); ``--full`` runs the whole matrix
-of ``opbench scenario --matrix``.  Each backend instance is made per scenario, because the
-scenario's toggles are backend options (rope_cache, delay).
+toggle on and off at least once, each KV cache dtype, seconds on the cpu backend); ``--full``
+runs the whole matrix of ``opbench scenario --matrix``.  Each backend instance is made per
+scenario, because the scenario's toggles are backend options (rope_cache, delay).
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ QUICK = [
     ScenarioSpec(split="zigzag", devices=3, delay=True, rope_cache=False),
     ScenarioSpec(split="stripe", devices=4, evict=True, graph_reuse=True, delay=True),
     ScenarioSpec(split="ring", devices=1),
+    ScenarioSpec(split="layer", devices=3, evict=True, kv_dtype="f16"),
+    ScenarioSpec(split="zigzag", devices=2, evict=True, graph_reuse=True, kv_dtype="bf16"),
 ]
 
 RUN_ID = new_run_id()

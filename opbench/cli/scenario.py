@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from opbench.errors import UsageError
 from opbench.harness.records import environment, new_run_id
 from opbench.harness.registry import backend_class
-from opbench.harness.scenario.config import ScenarioSpec
+from opbench.harness.scenario.config import KV_DTYPES, ScenarioSpec
 from opbench.harness.scenario.matrix import matrix, run_specs, specs_for
 from opbench.harness.scenario.splits import SEQUENCE_SPLITS, SPLITS
 from opbench.harness.shards import take_shard
@@ -34,6 +34,7 @@ EPILOG = """examples:
   opbench scenario --split zigzag --devices 4 --graph-reuse on --delay on --steps 6
   opbench scenario --matrix -j 2 --results runs/scenarios.jsonl
   opbench scenario --matrix -p 'split=zigzag.*evict=on'
+  opbench scenario --split ring --devices 2 --evict on --kv-dtype bf16
   opbench scenario --matrix -j 2 --timeout 120 -b my_backend.py:Mine  (a crash or hang of one
       scenario becomes its CRASH/TIMEOUT record; the others go on)
   opbench scenario --split ring --devices 4 --ranks          each device its own process
@@ -71,6 +72,9 @@ def register(subparsers, common) -> None:
                                   ("delay", "off", "random stream delays (fault injection)")):
         parser.add_argument(f"--{toggle}", choices=["on", "off"], default=default,
                             help=f"{what} (default {default})")
+    parser.add_argument("--kv-dtype", choices=KV_DTYPES, default="f32",
+                        help="the K/V caches' dtype; f16 / bf16 are judged by the precision"
+                             " rule (default f32)")
     parser.add_argument("--matrix", action="store_true",
                         help="every split x devices 1..4 x every toggle (ignores the axis flags;"
                              " -p REGEX picks scenarios by id)")
@@ -113,7 +117,7 @@ def selected_specs(args) -> list[ScenarioSpec]:
                              steps=args.steps, seed=args.seed, model=args.model,
                              rope_cache=_on_off(args.rope_cache),
                              graph_reuse=_on_off(args.graph_reuse), evict=_on_off(args.evict),
-                             delay=_on_off(args.delay))]
+                             delay=_on_off(args.delay), kv_dtype=args.kv_dtype)]
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
@@ -128,7 +132,7 @@ def _sweep(args) -> list[ScenarioSpec]:
     return [ScenarioSpec(split=split, devices=n, layers=args.layers, steps=args.steps,
                          seed=args.seed, model=args.model, rope_cache=_on_off(args.rope_cache),
                          graph_reuse=_on_off(args.graph_reuse), evict=_on_off(args.evict),
-                         delay=_on_off(args.delay))
+                         delay=_on_off(args.delay), kv_dtype=args.kv_dtype)
             for split in splits for n in range(int(low), int(high) + 1)]
 
 

@@ -15,8 +15,10 @@ import numpy as np
 from opbench.backends.common.arrays import plain
 from opbench.backends.cpu import CpuBackend, kernels
 from opbench.backends.cpu.rope_cache import RopeCache, _Table, rope_frequencies
+from opbench.harness.scenario.model import cfg_scale
 from opbench.harness.scenario.splits import SequenceSplit
 from opbench.protocol import RopeParams
+from opbench.reference.copies import round_to
 
 
 # -- broken backends ------------------------------------------------------------------------------
@@ -91,6 +93,20 @@ class RingMergeIgnoresLse(CpuBackend):
         self._submit(device, stream, lambda: np.copyto(a, (a + b) / 2))
 
 
+class F16CacheAsBf16(CpuBackend):
+    """SET_ROWS into an f16 cache rounds the values to bf16 first (the conversion kernel picked
+    for the wrong 16-bit type): an f16 cache with bf16's 8-bit mantissa.  f32 and bf16 caches
+    are right."""
+
+    def set_rows(self, dst, src, slots, stream=None) -> None:
+        if plain(dst).dtype != np.float16:
+            return super().set_rows(dst, src, slots, stream)
+        device = self._same_device("set_rows", dst=dst, src=src, slots=slots)
+        target, source, where = plain(dst), plain(src), plain(slots)
+        self._submit(device, stream, lambda: kernels.set_rows(
+            target, round_to(source, "bf16").astype(np.float32), where))
+
+
 # -- broken engine parts (mixed in front of the engine a split uses) ------------------------------
 class StaleReplayPositions:
     """Graph replay keeps the positions of the step it was captured on."""
@@ -131,9 +147,22 @@ class RotateValuesToo:
         self.b.kv_rotate(v_cache, blocks, deltas, lut, "rotate_half")
 
 
+class ScoresFromLogits:
+    """Eviction scores accumulate the pre-softmax logits scale*q.k instead of the attention
+    probabilities: every number the model computes is right, the blocks it evicts are not."""
+
+    def token_mass(self, q, keys, lse, q_pos):
+        q, keys = np.asarray(q, np.float64), np.asarray(keys, np.float64)
+        k = np.repeat(keys, q.shape[1] // keys.shape[1], axis=1)
+        logits = cfg_scale(self.cfg) * np.einsum("qhd,khd->qhk", q, k)
+        visible = np.arange(len(keys))[None, None, :] <= np.asarray(q_pos)[:, None, None]
+        return np.where(visible, logits, 0.0).sum(axis=(0, 1))
+
+
 BACKEND_BUGS = [RopeCacheLayerZero, RopeCacheKeyWithoutBase, CopiesNotAwaited,
-                RingMergeIgnoresLse]
-ENGINE_BUGS = [StaleReplayPositions, ZigzagWrongOrder, EvictDeltasInBlocks, RotateValuesToo]
+                RingMergeIgnoresLse, F16CacheAsBf16]
+ENGINE_BUGS = [StaleReplayPositions, ZigzagWrongOrder, EvictDeltasInBlocks, RotateValuesToo,
+               ScoresFromLogits]
 
 
 # -- communication bugs (devices as ranks) ---------------------------------------------------------
@@ -276,7 +305,8 @@ def main(delay: bool = False) -> None:
         for spec, _ in caught:
             axes.update([f"split={spec.split}", f"devices={spec.devices}",
                          f"rope_cache={spec.rope_cache}", f"graph_reuse={spec.graph_reuse}",
-                         f"evict={spec.evict}", f"model={spec.model}"])
+                         f"evict={spec.evict}", f"model={spec.model}",
+                         f"kv_dtype={spec.kv_dtype}"])
         first = caught[0][1].describe() if caught else "-"
         print(f"{name}: caught by {len(caught)}/{len(specs)} (delay {'on' if delay else 'off'});"
               f" e.g. {first}")

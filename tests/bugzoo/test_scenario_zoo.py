@@ -7,10 +7,12 @@ import pytest
 from scenario_bugs import (
     CopiesNotAwaited,
     EvictDeltasInBlocks,
+    F16CacheAsBf16,
     RingMergeIgnoresLse,
     RopeCacheKeyWithoutBase,
     RopeCacheLayerZero,
     RotateValuesToo,
+    ScoresFromLogits,
     StaleReplayPositions,
     ZigzagWrongOrder,
     run_bug,
@@ -52,6 +54,17 @@ ZOO = {
         [(S(split="head", devices=2, evict=True), (1, "0")),
          (S(split="ring", devices=2, evict=True, graph_reuse=True), (1, "0"))],
         [S(split="head", devices=2)]),
+    # the numbers stay right; the eviction decision after the prefill is wrong
+    ScoresFromLogits: (
+        [(S(split="none", evict=True), (0, "eviction")),
+         (S(split="ring", devices=2, evict=True, graph_reuse=True), (0, "eviction")),
+         (S(split="head", devices=3, evict=True, kv_dtype="bf16"), (0, "eviction"))],
+        [S(split="none"), S(split="ring", devices=2, graph_reuse=True)]),
+    F16CacheAsBf16: (
+        [(S(split="none", kv_dtype="f16"), (0, "0")),
+         (S(split="stripe", devices=3, evict=True, kv_dtype="f16"), (0, "0"))],
+        [S(split="none"), S(split="none", kv_dtype="bf16"),
+         S(split="stripe", devices=3, evict=True)]),
 }
 
 

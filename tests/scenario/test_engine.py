@@ -12,7 +12,7 @@ from opbench.backends.cpu import CpuBackend
 from opbench.harness.scenario.config import ScenarioSpec
 from opbench.harness.scenario.engine import Readout
 from opbench.harness.scenario.judge import judge_step, run_scenario, scenario_options
-from opbench.harness.scenario.matrix import matrix, unsupported
+from opbench.harness.scenario.matrix import matrix, split_devices, unsupported
 from opbench.harness.scenario.model import StepResult
 from opbench.protocol import Backend
 
@@ -145,8 +145,12 @@ def test_judge_passes_float32_noise():
 
 def test_matrix_covers_every_split_device_count_and_toggle():
     specs = matrix()
-    assert len(specs) == (1 + 5 * 4) * (16 + 2)
+    assert len(specs) == (1 + 5 * 4) * (16 + 2 + 2)
     assert len({s.id for s in specs}) == len(specs)
+    low = [s for s in specs if s.kv_dtype != "f32"]
+    assert {(s.split, s.devices, s.kv_dtype) for s in low} == {
+        (split, n, kv) for split, n in split_devices() for kv in ("f16", "bf16")}
+    assert all(s.evict for s in low)
     assert {(s.split, s.devices) for s in specs if s.split == "zigzag"} == {
         ("zigzag", n) for n in range(1, 5)}
 
@@ -156,6 +160,8 @@ def test_unsupported_names_what_a_backend_lacks():
         name = "bare"
 
     assert "capture_begin" in unsupported(Bare(), ScenarioSpec(graph_reuse=True))
+    assert "cpy" in unsupported(Bare(), ScenarioSpec(kv_dtype="f16"))
+    assert "cpy" not in unsupported(Bare(), ScenarioSpec())
     assert unsupported(CpuBackend(), ScenarioSpec(split="ring", devices=2, evict=True,
                                                   graph_reuse=True)) is None
 
@@ -176,3 +182,106 @@ def test_rotation_lut_row_d_moves_a_key_back_by_d_positions(layer):
                         layout="rotate_half")
     want = rope(k, np.array([5, 6, 7, 8]), **kw)
     np.testing.assert_allclose(moved[0], want, atol=1e-6)
+
+
+# -- eviction from the backend's attention, and low-precision caches ----------------------------
+@pytest.mark.parametrize("spec", [
+    ScenarioSpec(split="head", devices=2, evict=True),
+    ScenarioSpec(split="zigzag", devices=3, evict=True, graph_reuse=True),
+    ScenarioSpec(split="layer", devices=2, evict=True, kv_dtype="bf16"),
+], ids=lambda s: s.id)
+def test_backend_attention_mass_matches_the_oracles(spec):
+    """The mass the engine computes from the backend's queries, keys and lse is the oracle's
+    float64 mass to the cache dtype's precision, at every step (eviction included)."""
+    from opbench.harness.scenario.judge import ENGINES, oracle_run
+
+    cfg = spec.config()
+    weights, plans, _ = oracle_run(cfg, True)
+    scheduler_mass = _oracle_masses(cfg, weights, plans)
+    backend = CpuBackend(**scenario_options(spec))
+    try:
+        engine = ENGINES[spec.split](backend, spec, cfg, weights)
+        engine.collect_mass = True
+        for plan, want in zip(plans, scheduler_mass):
+            got = engine.step(plan).mass
+            for s in range(cfg.n_seqs):
+                rtol = 1e-4 if spec.kv_dtype == "f32" else 5e-2
+                np.testing.assert_allclose(got[s], want[s], rtol=rtol, atol=rtol)
+    finally:
+        backend.close()
+
+
+def _oracle_masses(cfg, weights, plans):
+    from opbench.harness.scenario.model import OracleModel
+
+    oracle = OracleModel(cfg, weights)
+    masses = []
+    for plan in plans:
+        oracle.step(plan)
+        masses.append(oracle.step_mass)
+    return masses
+
+
+class _ReversedMass:
+    """An engine whose eviction scores are upside down: it evicts what the oracle keeps."""
+
+    def token_mass(self, q, keys, lse, q_pos):
+        return -super().token_mass(q, keys, lse, q_pos)
+
+
+def test_a_wrong_eviction_decision_is_a_divergence_named_as_such():
+    from opbench.harness.scenario.engine import PagedEngine
+
+    spec = ScenarioSpec(split="none", evict=True)
+    engine = type("Reversed", (_ReversedMass, PagedEngine), {})
+    result = _run_engine(spec, engine)
+    assert result.divergence.layer == "eviction" and result.divergence.step == 0
+    assert "evicts tokens" in result.divergence.describe()
+    assert result.worst["nmse"] < 1e-9  # the numbers themselves were right
+
+
+def test_a_near_tie_is_reported_not_judged():
+    """With a tie margin above the oracle's, a different decision is an error that says
+    near-tie, neither a pass nor a divergence."""
+    from opbench.harness.scenario.config import ScenarioTolerance
+    from opbench.harness.scenario.engine import PagedEngine
+
+    spec = ScenarioSpec(split="none", evict=True)
+    engine = type("Reversed", (_ReversedMass, PagedEngine), {})
+    wide = ScenarioTolerance(tie_margins=(("f32", 1.0), ("f16", 1.0), ("bf16", 1.0)))
+    result = _run_engine(spec, engine, wide)
+    assert not result.ok and result.divergence is None
+    assert "near-tie" in result.error and "step 0" in result.error
+
+
+def _run_engine(spec, engine_cls, *tol):
+    backend = CpuBackend(**scenario_options(spec))
+    try:
+        return run_scenario(backend, spec, engine_cls, *tol)
+    finally:
+        backend.close()
+
+
+@pytest.mark.parametrize("kv_dtype", ["f16", "bf16"])
+def test_low_precision_cache_is_judged_by_the_precision_rule(kv_dtype):
+    """A low-precision cache passes with bounds from the low-precision evaluation and fails
+    the f32 bounds (so the rule, not a loose constant, lets it pass)."""
+    spec = ScenarioSpec(split="ring", devices=2, evict=True, kv_dtype=kv_dtype)
+    result = _run_engine(spec, None)
+    assert result.ok, result.divergence and result.divergence.describe()
+    assert result.worst["nmse"] > 1e-9 and result.worst["max_rel"] > 1e-4
+
+
+def test_ring_messages_carry_chunks_in_the_cache_dtype():
+    """Devices as ranks: the chunks the ring ships are cache rows, half the bytes in f16/bf16;
+    the residual stream (layer, head) stays f32."""
+    from opbench.harness.ranks.plan import step_plan
+
+    def sent_bytes(**axes):
+        spec = ScenarioSpec(devices=2, **axes)
+        return sorted(key[2] for key in step_plan(spec, spec.config(), 3)[0])
+
+    f32 = sent_bytes(split="ring")
+    assert sent_bytes(split="ring", kv_dtype="f16") == [n // 2 for n in f32]
+    assert sent_bytes(split="ring", kv_dtype="bf16") == [n // 2 for n in f32]
+    assert sent_bytes(split="layer", kv_dtype="f16") == sent_bytes(split="layer")

@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 
 from opbench.harness.scenario.config import model_config
-from opbench.harness.scenario.model import make_weights, rms_norm, run_oracle
+from opbench.harness.scenario.model import (
+    make_weights,
+    rms_norm,
+    run_oracle,
+    scheduled_oracle,
+)
 from opbench.harness.scenario.schedule import build_schedule
 from opbench.reference.attention import attention
 from opbench.reference.rope import rope
@@ -64,8 +69,7 @@ def test_global_layers_use_their_own_rope_parameters(cfg):
 def test_eviction_changes_later_steps_only(cfg):
     w = make_weights(cfg)
     kept = run_oracle(cfg, w, build_schedule(cfg, evict=False))
-    evicted_plans = build_schedule(cfg, evict=True)
-    evicted = run_oracle(cfg, w, evicted_plans)
+    evicted_plans, evicted = scheduled_oracle(cfg, w, evict=True)
     np.testing.assert_array_equal(kept[0].output, evicted[0].output)  # evictions come after
     seq = evicted_plans[0].evictions[0].seq
     rows = slice(evicted_plans[1].q_start[seq], evicted_plans[1].q_start[seq + 1])
@@ -77,8 +81,7 @@ def test_evicted_keys_are_recomputed_at_their_compacted_positions(cfg):
     pass over just the kept tokens, positions = their index among the kept ones: StreamingLLM
     positions.  (Deeper layers differ: kept tokens once attended to the evicted ones.)"""
     w = make_weights(cfg)
-    plans = build_schedule(cfg, evict=True)
-    results = run_oracle(cfg, w, plans)
+    plans, results = scheduled_oracle(cfg, w, evict=True)
     e = plans[0].evictions[0]
     seq, last = e.seq, plans[1]
     kept = last.cache_tokens[seq]  # kept prompt tokens then the first decoded token
@@ -95,3 +98,18 @@ def test_weights_are_seeded():
     np.testing.assert_array_equal(a.wq[2], b.wq[2])
     assert not np.array_equal(a.wq[2], c.wq[2])
     assert a.wq[0].dtype == np.float32
+
+
+@pytest.mark.parametrize("kv_dtype,lo,hi", [("f16", 1e-5, 2e-3), ("bf16", 1e-4, 2e-2)])
+def test_low_precision_evaluation_rounds_the_cache(cfg, kv_dtype, lo, hi):
+    """The precision rule's low-precision evaluation: off the float64 model by about the cache
+    dtype's rounding, never exact; an f32 "cache" is the oracle itself."""
+    w = make_weights(cfg)
+    plans = build_schedule(cfg)
+    exact = run_oracle(cfg, w, plans)
+    low = run_oracle(cfg, w, plans, kv_dtype=kv_dtype)
+    rel = max(np.abs(a.output - b.output).max() / np.abs(b.output).max()
+              for a, b in zip(low, exact))
+    assert lo < rel < hi
+    same = run_oracle(cfg, w, plans, kv_dtype="f32")
+    np.testing.assert_array_equal(same[-1].output, exact[-1].output)

@@ -22,7 +22,13 @@ from opbench.backends.runtimes.ranks import RankRuntime, Transport
 from ..records import make_record
 from ..scenario.config import ScenarioSpec
 from ..scenario.engine import Readout
-from ..scenario.judge import ENGINES, judge_step, oracle_run, scenario_options
+from ..scenario.judge import (
+    ENGINES,
+    judge_step,
+    low_precision_run,
+    oracle_run,
+    scenario_options,
+)
 from .plan import counted, describe_difference, step_plan
 
 FAULTS = ("raise", "exit", "hang")
@@ -124,12 +130,13 @@ def run_rank_scenario(backend: CpuBackend, spec: ScenarioSpec, status: Status,
 
     cfg = spec.config()
     weights, plans, expected = oracle_run(cfg, spec.evict)
+    lows = low_precision_run(cfg, spec.evict, spec.kv_dtype) or [None] * len(plans)
     engine = (engine_cls or ENGINES[spec.split])(backend, spec, cfg, weights)
     runtime = backend.runtime
     steps: list[dict] = []
     worst = {"nmse": 0.0, "max_rel": 0.0}
     divergence, problems = None, []
-    for plan, want in zip(plans, expected):
+    for plan, want, low in zip(plans, expected, lows):
         status.set(step=plan.step)
         if fault:
             fault.strike(runtime.rank, plan.step)
@@ -145,7 +152,7 @@ def run_rank_scenario(backend: CpuBackend, spec: ScenarioSpec, status: Status,
         dist.all_gather_object(per_rank, (mine, _totals(got)), group=runtime.transport
                                .readback_group)
         status.waiting(None)
-        divergence, step_worst = judge_step(plan.step, readout, want)
+        divergence, step_worst = judge_step(plan.step, readout, want, low=low)
         worst = {k: max(worst[k], step_worst[k]) for k in worst}
         problems = [p for p, _ in per_rank if p]
         steps.append({"step": plan.step, "seconds": round(seconds, 6), **step_worst,
@@ -167,7 +174,7 @@ def _totals(messages) -> dict:
 
 def scenario_fields(spec: ScenarioSpec, run_id: str) -> dict:
     return dict(kind="scenario", backend="cpu", op="SCENARIO", case_id=spec.id, run_id=run_id,
-                params={**spec.as_dict(), "ranks": True}, dtype="f32",
+                params={**spec.as_dict(), "ranks": True}, dtype=spec.kv_dtype,
                 device=f"{spec.devices} rank(s)")
 
 

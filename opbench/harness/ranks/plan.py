@@ -6,7 +6,7 @@
 - head: per layer the home device (0) sends the residual stream to every other device and
   gathers each one's attention output back (same size);
 - ring / zigzag / stripe: per layer N-1 rounds, every device passes the KV chunk it holds to
-  the next one, d -> (d + 1) mod N ([kv capacity, 2, kv heads, head dim] f32).
+  the next one, d -> (d + 1) mod N ([kv capacity, 2, kv heads, head dim] in the cache dtype).
 
 A plan is, per rank, the multiset of (direction, peer, bytes).  A split that sends a block
 twice, skips a hop or gathers to the wrong rank differs from it even when its numbers come
@@ -16,6 +16,8 @@ out right.
 from __future__ import annotations
 
 from collections import Counter
+
+from opbench.protocol import numpy_dtype
 
 from ..scenario.config import ModelConfig, ScenarioSpec
 from ..scenario.splits import SEQUENCE_SPLITS, layer_split
@@ -36,7 +38,8 @@ def step_plan(spec: ScenarioSpec, cfg: ModelConfig, n_new_tokens: int) -> list[M
         _head(plan, cfg, n, n_new_tokens * cfg.d_model * F32_BYTES)
     elif spec.split in SEQUENCE_SPLITS:
         kv_rows = cfg.n_seqs * cfg.capacity
-        _ring(plan, cfg, n, kv_rows * 2 * cfg.n_kv_heads * cfg.head_dim * F32_BYTES)
+        kv_bytes = numpy_dtype(spec.kv_dtype).itemsize  # the chunks are cache rows
+        _ring(plan, cfg, n, kv_rows * 2 * cfg.n_kv_heads * cfg.head_dim * kv_bytes)
     return plan
 
 

@@ -4,11 +4,15 @@ Every step: host prepares the step's inputs (positions, slots, block tables, mas
 schedule; the step is built (buffers allocated, ops enqueued on every device's stream) -- or,
 with graph reuse, built once for the decode shape, captured, and replayed with the new inputs
 written into its buffers; the host reads back the residual stream after every layer and the
-output; then evictions re-rotate the kept keys with KV_ROTATE (outside the graph).
+output; with eviction on, the host also reads the step's rotated queries, the attention's lse
+and the cached keys, and computes the attention probability mass every cached token received
+(``attention_mass``: what the backend's attention gave it, the input of the eviction decision);
+then evictions re-rotate the kept keys with KV_ROTATE (outside the graph).
 
 ``PagedEngine`` serves splits none/layer/head (paged KV cache, paged ATTN);
 ``ring.SequenceEngine`` serves ring/zigzag/stripe.  Methods named as engine "parts"
-(``lut_rows``, ``rotate_cache``, ``write_inputs``) are what the bug zoo overrides.
+(``lut_rows``, ``rotate_cache``, ``write_inputs``, ``token_mass``) are what the bug zoo
+overrides.
 """
 
 from __future__ import annotations
@@ -18,12 +22,12 @@ from typing import Any
 
 import numpy as np
 
-from opbench.protocol import PagedKV
+from opbench.protocol import PagedKV, numpy_dtype
 from opbench.reference.rope import rope_angles
 
 from ..ops.rope import oracle_kwargs
 from .config import ModelConfig, ScenarioSpec
-from .model import StepResult, Weights, step_inputs
+from .model import StepResult, Weights, attention_mass, cfg_scale, step_inputs
 from .schedule import StepPlan, cache_blocks
 from .splits import HeadShard, head_split, layer_owner, layer_split
 
@@ -44,6 +48,7 @@ class Readout:
 
     result: StepResult
     layer_devices: list[Any]  # per layer: device index, or an int array per packed row
+    mass: list[np.ndarray] | None = None  # per sequence and cache position (eviction on)
 
 
 class Engine:
@@ -57,8 +62,14 @@ class Engine:
         self.streams = [backend.stream(d) for d in self.devices]
         self.graph = None
         self.graph_buffers = None
+        self.kv = numpy_dtype(spec.kv_dtype)  # the caches' dtype
         self.luts = [rotation_lut(cfg, layer) for layer in range(cfg.n_layers)]
         self._luts_on_device: dict = {}
+        # (layer, shard or device) -> (rotated queries, lse) of the step: what the mass needs
+        self._mass_parts: dict = {}
+        # set by the judge (with eviction on): the mass reads every device's cache from one
+        # host, which a run with devices as separate ranks cannot
+        self.collect_mass = False
 
     # -- helpers ---------------------------------------------------------------------------------
     def put(self, host: np.ndarray, device: int):
@@ -70,8 +81,18 @@ class Engine:
                 for name, per_device in inputs.items()}
 
     def poisoned(self, shape, device: int, dtype=F32):
-        fill = np.nan if np.dtype(dtype).kind == "f" else -1
+        fill = -1 if np.dtype(dtype).kind in "iu" else np.nan
         return self.put(np.full(shape, fill, dtype), device)
+
+    def convert(self, x, dtype, device: int):
+        """x in ``dtype`` (CPY); x itself when the cache is f32, as nothing then converts.
+        A cache in f16 / bf16 is attended in its dtype: the queries are converted to it and
+        the attention's output back to f32 (as llama.cpp's flash attention over an f16 cache)."""
+        if self.spec.kv_dtype == "f32":
+            return x
+        out = self.poisoned(x.shape, device, dtype)
+        self.b.cpy(x, out, tuple(range(len(x.shape))), 1)
+        return out
 
     def on(self, arr, device: int):
         """arr on ``device``: itself, or an async copy (ordered by copy_async's contract)."""
@@ -92,6 +113,8 @@ class Engine:
             self.write_inputs(buffers, inputs, first=True)
             self.enqueue(buffers)
         readout = self.read(buffers, plan, inputs)
+        if self.collect_mass:  # before the eviction re-rotates the keys the step attended to
+            readout.mass = self.attention_mass(plan)
         for eviction in plan.evictions:
             self.evict(eviction)
         return readout
@@ -115,6 +138,10 @@ class Engine:
                 self.b.write(target, host)
 
     # -- eviction ----------------------------------------------------------------------------------
+    def token_mass(self, q, keys, lse, q_pos) -> np.ndarray:
+        """Per key, the probability mass of the backend's attention: exp(scale*q.k - lse)."""
+        return attention_mass(q, keys, lse, q_pos, cfg_scale(self.cfg))
+
     def lut_rows(self, deltas_in_tokens: np.ndarray) -> np.ndarray:
         """KV_ROTATE deltas are LUT rows; our LUT has one row per token."""
         return deltas_in_tokens
@@ -175,8 +202,8 @@ class PagedEngine(Engine):
             for device, s in self.layer_shards(layer):
                 shape = (self.num_blocks, cfg.block_size, len(self.shards[s].kv_heads),
                          cfg.head_dim)
-                self.caches[layer, s] = (self.poisoned(shape, device),
-                                         self.poisoned(shape, device))
+                self.caches[layer, s] = (self.poisoned(shape, device, self.kv),
+                                         self.poisoned(shape, device, self.kv))
 
     # -- per step --------------------------------------------------------------------------------
     def prepare(self, plan: StepPlan) -> dict:
@@ -233,11 +260,14 @@ class PagedEngine(Engine):
         flat = (self.num_blocks * cfg.block_size, n_kv, hd)
         b.set_rows(k_cache.reshape(flat), k_rot, buf["slots"][device])
         b.set_rows(v_cache.reshape(flat), v.reshape(n_q, n_kv, hd), buf["slots"][device])
-        att = self.poisoned((n_q, n_h, hd), device)
+        q_kv, att = self.convert(q_rot, self.kv, device), self.poisoned((n_q, n_h, hd), device,
+                                                                        self.kv)
         paged = PagedKV(buf["block_table"][device], buf["seq_lens"][device], buf["q_start"][device])
-        b.attention(q_rot, k_cache, v_cache, att, cfg.attn_params(), paged=paged)
+        lse = self.poisoned((n_q, n_h), device) if self.spec.evict else None
+        b.attention(q_kv, k_cache, v_cache, att, cfg.attn_params(), lse=lse, paged=paged)
+        self._mass_parts[layer, s] = (q_kv, lse)
         y = self.poisoned((n_q, cfg.d_model), device)
-        b.matmul(att.reshape(n_q, n_h * hd), w["wo"], y)
+        b.matmul(self.convert(att, F32, device).reshape(n_q, n_h * hd), w["wo"], y)
         return y
 
     def read(self, buf: dict, plan: StepPlan, inputs: dict) -> Readout:
@@ -245,6 +275,22 @@ class PagedEngine(Engine):
         output = self.b.to_host(buf["out"][0]).astype(np.float64)
         return Readout(StepResult(layers, output),
                        [self.home(layer) for layer in range(self.cfg.n_layers)])
+
+    def attention_mass(self, plan: StepPlan) -> list[np.ndarray]:
+        cfg = self.cfg
+        mass = [np.zeros(len(cached)) for cached in plan.cache_tokens]
+        for (layer, s), (q_rot, lse) in self._mass_parts.items():
+            q, lse_host = self.b.to_host(q_rot), self.b.to_host(lse)
+            k_cache = self.b.to_host(self.caches[layer, s][0])
+            keys = k_cache.reshape((-1,) + k_cache.shape[2:])
+            for seq in range(cfg.n_seqs):
+                rows = slice(int(plan.q_start[seq]), int(plan.q_start[seq + 1]))
+                cache_pos = np.arange(int(plan.seq_lens[seq]))
+                slots = (plan.block_table[seq, cache_pos // cfg.block_size] * cfg.block_size
+                         + cache_pos % cfg.block_size)
+                mass[seq] += self.token_mass(q[rows], keys[slots], lse_host[rows],
+                                             plan.positions[rows])
+        return mass
 
     def evict(self, eviction) -> None:
         deltas = self.lut_rows(eviction.block_deltas)[:, None].astype(I32)

@@ -16,7 +16,7 @@ from opbench.protocol import Backend
 from ..pool import run_items_in_workers, run_items_inline
 from ..records import make_record
 from ..registry import backend_options, open_backend, parse_ref
-from .config import ScenarioSpec
+from .config import KV_DTYPES, ScenarioSpec
 from .judge import run_scenario, scenario_options
 from .splits import SPLITS
 
@@ -32,8 +32,11 @@ def split_devices() -> list[tuple[str, int]]:
 
 
 def matrix(seed: int = 0, layers: int = 6, steps: int = 4) -> list[ScenarioSpec]:
-    """Every split x devices 1..4 x every toggle; plus, per split, device count and delay, the
-    gemma3-1b model (local and global layers differ only in freq_base) with the RoPE cache on."""
+    """Every split x devices 1..4 x every toggle with an f32 KV cache; plus, per split, device
+    count and delay, the gemma3-1b model (local and global layers differ only in freq_base)
+    with the RoPE cache on; plus, per split and device count, an f16 and a bf16 cache with
+    eviction on (graph reuse on with bf16): the low-precision caches through KV_ROTATE and the
+    eviction decisions, without multiplying the whole matrix by three."""
     common = dict(layers=layers, steps=steps, seed=seed)
     specs = []
     for split, devices in split_devices():
@@ -44,6 +47,11 @@ def matrix(seed: int = 0, layers: int = 6, steps: int = 4) -> list[ScenarioSpec]
         for delay in (False, True):
             specs.append(ScenarioSpec(split=split, devices=devices, model="gemma3-1b",
                                       delay=delay, **common))
+    for split, devices in split_devices():
+        for kv_dtype in KV_DTYPES[1:]:
+            specs.append(ScenarioSpec(split=split, devices=devices, evict=True,
+                                      graph_reuse=kv_dtype == "bf16", kv_dtype=kv_dtype,
+                                      **common))
     return specs
 
 
@@ -58,13 +66,15 @@ def unsupported(backend: Backend, spec: ScenarioSpec) -> str | None:
         needed.append("copy_async")
     if spec.graph_reuse:
         needed += ["capture_begin", "capture_end", "replay"]
+    if spec.kv_dtype != "f32":
+        needed.append("cpy")
     missing = [m for m in needed if not backend.implements(m)]
     return f"{backend.name} does not implement {', '.join(missing)}" if missing else None
 
 
 def _record_fields(backend_name: str, spec: ScenarioSpec, run_id: str) -> dict:
     return dict(kind="scenario", backend=backend_name, op="SCENARIO", case_id=spec.id,
-                run_id=run_id, params=spec.as_dict(), dtype="f32")
+                run_id=run_id, params=spec.as_dict(), dtype=spec.kv_dtype)
 
 
 def scenario_record(backend_ref: str, spec: ScenarioSpec, run_id: str, engine_cls=None,
@@ -124,6 +134,9 @@ def _run_record(backend, spec: ScenarioSpec, fields: dict, engine_cls, timed=Fal
     except Exception as exc:  # a crashing backend is a result, not a crash of the run
         summary = "".join(traceback.format_exception_only(type(exc), exc)).strip()
         return make_record(status="ERROR", reason=summary, errors=[summary],
+                           scenario={**spec.as_dict(), "divergence": None}, **fields)
+    if result.error:  # a near-tie: the run could not be judged
+        return make_record(status="ERROR", reason=result.error, errors=[result.error],
                            scenario={**spec.as_dict(), "divergence": None}, **fields)
     div = result.divergence
     scenario = {**spec.as_dict(), "steps_run": result.steps, "per_step": result.per_step,

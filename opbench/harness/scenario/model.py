@@ -3,6 +3,7 @@
 Per layer l: h = rms_norm(x) * g_l; q, k, v = h Wq, h Wk, h Wv; x += Attn(RoPE_l(q),
 RoPE_l(k), v) Wo.  Output = rms_norm(x_L) * g_out.  The oracle keeps raw (un-rotated) keys and
 recomputes every key at its current cache position each step: no caches, no splits, no reuse.
+Its attention probabilities drive the eviction decisions of the schedule (``scheduled_oracle``).
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from opbench.reference.attention import attention
+from opbench.reference.copies import round_to
 from opbench.reference.rope import rope
 
 from ..ops.rope import oracle_kwargs
 from .config import ModelConfig
-from .schedule import StepPlan
+from .schedule import Scheduler, StepPlan, step_q_lens
 
 
 @dataclass(frozen=True)
@@ -71,14 +73,45 @@ class StepResult:
     output: np.ndarray
 
 
+def attention_mass(q: np.ndarray, keys: np.ndarray, lse: np.ndarray, q_pos: np.ndarray,
+                   scale: float) -> np.ndarray:
+    """Per key: the attention probability mass it received, summed over the queries and heads.
+    q ``[n_q, H, D]`` at positions q_pos; keys ``[n_kv, Hkv, D]`` (GQA) at positions 0..n_kv-1;
+    lse ``[n_q, H]`` the softmax's log-denominator: p = exp(scale*q.k - lse), 0 for future keys.
+    The oracle passes its own lse, an engine the backend's."""
+    q, keys = np.asarray(q, np.float64), np.asarray(keys, np.float64)
+    k = np.repeat(keys, q.shape[1] // keys.shape[1], axis=1)
+    logits = scale * np.einsum("qhd,khd->qhk", q, k) - np.asarray(lse, np.float64)[..., None]
+    visible = np.arange(len(keys))[None, None, :] <= np.asarray(q_pos)[:, None, None]
+    with np.errstate(over="ignore"):
+        return np.exp(np.where(visible, logits, -np.inf)).sum(axis=(0, 1))
+
+
+def causal_lse(q: np.ndarray, keys: np.ndarray, q_pos: np.ndarray, scale: float) -> np.ndarray:
+    """float64 log-sum-exp of the visible logits, ``[n_q, H]``."""
+    k = np.repeat(keys, q.shape[1] // keys.shape[1], axis=1)
+    logits = scale * np.einsum("qhd,khd->qhk", q, k)
+    visible = np.arange(len(keys))[None, None, :] <= np.asarray(q_pos)[:, None, None]
+    logits = np.where(visible, logits, -np.inf)
+    top = logits.max(axis=-1, keepdims=True)
+    return (top + np.log(np.exp(logits - top).sum(axis=-1, keepdims=True)))[..., 0]
+
+
 class OracleModel:
-    def __init__(self, cfg: ModelConfig, weights: Weights) -> None:
+    """``kv_dtype`` f16 / bf16: the low-precision evaluation (the precision rule's error
+    bound): still float64, but the cached keys and values, the queries and the attention's
+    output rounded to that dtype, where an engine with such a cache rounds them."""
+
+    def __init__(self, cfg: ModelConfig, weights: Weights, kv_dtype: str = "f32") -> None:
         self.cfg, self.w = cfg, weights
+        self.kv_dtype = kv_dtype
         shape = (cfg.n_layers, cfg.n_seqs, cfg.capacity, cfg.n_kv_heads, cfg.head_dim)
         self.raw_k = np.full(shape, np.nan)  # keys before RoPE, by token index
         self.v = np.full(shape, np.nan)
+        self.step_mass: list[np.ndarray] = []  # per sequence, per cache position: this step's
 
     def step(self, plan: StepPlan) -> StepResult:
+        self.step_mass = [np.zeros(len(cached)) for cached in plan.cache_tokens]
         x = step_inputs(self.w, plan).astype(np.float64)
         layers = []
         for layer in range(self.cfg.n_layers):
@@ -102,10 +135,19 @@ class OracleModel:
     def _sequence(self, layer: int, s: int, q: np.ndarray, plan: StepPlan) -> np.ndarray:
         params = _rope_kwargs(self.cfg, layer)
         cached = plan.cache_tokens[s]  # token at each cache position = its position
-        keys = rope(self.raw_k[layer, s, cached], np.arange(len(cached)), **params)
+        keys = self._kv(rope(self.raw_k[layer, s, cached], np.arange(len(cached)), **params))
         q_pos = plan.positions[plan.q_start[s]:plan.q_start[s + 1]]
-        return attention(rope(q, q_pos, **params), keys, self.v[layer, s, cached],
-                         scale=cfg_scale(self.cfg), causal=True)
+        q_rot, scale = self._kv(rope(q, q_pos, **params)), cfg_scale(self.cfg)
+        lse = causal_lse(q_rot, keys, q_pos, scale)
+        self.step_mass[s] += attention_mass(q_rot, keys, lse, q_pos, scale)
+        return self._kv(attention(q_rot, keys, self._kv(self.v[layer, s, cached]), scale=scale,
+                                  causal=True))
+
+    def _kv(self, x: np.ndarray) -> np.ndarray:
+        """x as the cache dtype holds it (exact for f32: the oracle rounds nothing)."""
+        if self.kv_dtype == "f32":
+            return x
+        return round_to(x, self.kv_dtype).astype(np.float64)
 
 
 def cfg_scale(cfg: ModelConfig) -> float:
@@ -116,6 +158,22 @@ def _rope_kwargs(cfg: ModelConfig, layer: int) -> dict:
     return oracle_kwargs(cfg.rope_params(layer))
 
 
-def run_oracle(cfg: ModelConfig, weights: Weights, plans: list[StepPlan]) -> list[StepResult]:
-    oracle = OracleModel(cfg, weights)
+def run_oracle(cfg: ModelConfig, weights: Weights, plans: list[StepPlan],
+               kv_dtype: str = "f32") -> list[StepResult]:
+    """The oracle along a given schedule (``kv_dtype``: the low-precision evaluation)."""
+    oracle = OracleModel(cfg, weights, kv_dtype)
     return [oracle.step(plan) for plan in plans]
+
+
+def scheduled_oracle(cfg: ModelConfig, weights: Weights, evict: bool
+                     ) -> tuple[list[StepPlan], list[StepResult]]:
+    """The schedule and the oracle together: after each step, the oracle's float64 attention
+    mass decides the evictions (the reference decisions every engine must reach)."""
+    scheduler, oracle = Scheduler(cfg, evict), OracleModel(cfg, weights)
+    plans, results = [], []
+    for step in range(cfg.steps + 1):
+        plan = scheduler.step(step, step_q_lens(cfg, step))
+        results.append(oracle.step(plan))
+        scheduler.evict_after(plan, oracle.step_mass)
+        plans.append(plan)
+    return plans, results

@@ -64,7 +64,7 @@ class SequenceEngine(Engine):
             self.weights["out_norm", d] = self.put(w.out_norm, d)
 
     def _store(self, shape, device: int):
-        store = np.full(shape, np.nan, F32)
+        store = np.full(shape, np.nan, self.kv)
         store[-1] = 0.0  # the padding row: read under a -inf mask, so it must be finite
         return self.put(store, device)
 
@@ -135,6 +135,8 @@ class SequenceEngine(Engine):
                 accs[d] = self._round(d, qs[d], chunks[d], buf[f"mask{r}"][d], accs[d])
             if r + 1 < n_dev:  # every device passes the chunk it holds to the next one
                 chunks = [self._send(chunks[(d - 1) % n_dev], d) for d in range(n_dev)]
+        for d in range(n_dev):  # the merged lse: the softmax over every chunk
+            self._mass_parts[layer, d] = (qs[d], accs[d][1])
         return [self._residual(layer, d, xs[d], accs[d][0], buf) for d in range(n_dev)]
 
     def _project(self, layer: int, d: int, x, buf: dict):
@@ -152,16 +154,17 @@ class SequenceEngine(Engine):
         store = self.stores_kv[layer, d]
         b.set_rows(store[:, 0], k_rot, buf["slots"][d])
         b.set_rows(store[:, 1], v.reshape(n, n_kv, hd), buf["slots"][d])
-        chunk = self.poisoned((self.kv_cap, 2, n_kv, hd), d)
+        chunk = self.poisoned((self.kv_cap, 2, n_kv, hd), d, self.kv)
         b.get_rows(store, buf["kv_rows"][d], chunk)
-        return q_rot, chunk
+        return self.convert(q_rot, self.kv, d), chunk
 
     def _round(self, d: int, q, chunk, mask, acc):
         """Attend to one chunk; the first round's partial is the accumulator, later ones merge."""
-        out = self.poisoned(q.shape, d)
+        out = self.poisoned(q.shape, d, self.kv)
         lse = self.poisoned(q.shape[:2], d)
         self.b.attention(q, chunk[:, 0], chunk[:, 1], out, self.cfg.attn_params(causal=False),
                          mask=mask, lse=lse)
+        out = self.convert(out, F32, d)  # partials merge in f32
         if acc is None:
             return out, lse
         self.b.attn_merge(acc[0], acc[1], out, lse)
@@ -193,6 +196,25 @@ class SequenceEngine(Engine):
 
         layers = [gather(buf["x"][layer]) for layer in range(self.cfg.n_layers)]
         return Readout(StepResult(layers, gather(buf["out"])), [owner] * self.cfg.n_layers)
+
+    def attention_mass(self, plan: StepPlan) -> list[np.ndarray]:
+        mass = [np.zeros(len(cached)) for cached in plan.cache_tokens]
+        for layer in range(self.cfg.n_layers):
+            stores = [self.b.to_host(self.stores_kv[layer, d]) for d in range(len(self.devices))]
+            for d, rows in enumerate(self._rows_of_step):
+                q_rot, lse = self._mass_parts[layer, d]
+                q, lse_host = self.b.to_host(q_rot), self.b.to_host(lse)
+                for s, cached in enumerate(plan.cache_tokens):
+                    mine = [i for i, row in enumerate(rows) if row[1] == s]
+                    if mine:
+                        keys = np.stack([self._key(stores, layer, s, int(t)) for t in cached])
+                        q_pos = np.array([rows[i][2] for i in mine])
+                        mass[s] += self.token_mass(q[mine], keys, lse_host[mine], q_pos)
+        return mass
+
+    def _key(self, stores: list, layer: int, s: int, token: int) -> np.ndarray:
+        owner = self.split.owner(token)
+        return stores[owner][self.stores[owner].row_of[(s, token)], 0]
 
     def evict(self, eviction: Eviction) -> None:
         s = eviction.seq

@@ -1,6 +1,9 @@
 """The host-side schedule of a scenario: which tokens each step adds, where they go in the paged
-cache, and what eviction does after each step.  No numerics: both the engine (driving a backend)
-and the float64 oracle follow the same schedule, so they agree on every decision.
+cache, and what eviction does after each step.  Eviction decisions come from attention: every
+step adds, per cached token, the attention probability mass it received (``ScoreBook``), and
+the policy evicts the lowest-scoring blocks.  The float64 oracle's probabilities make the
+schedule both sides run; the engine's own book, fed with the backend's probabilities, must
+reach the same decisions (``judge.check_evictions``).
 
 Positions follow StreamingLLM: a token's position is its index in the (compacted) cache; after
 an eviction the kept tokens move towards the front (their keys are re-rotated by the number of
@@ -13,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from opbench.reference.kv_cache import EvictionPlan, block_scores
 from opbench.reference.kv_cache import evict as evict_plan
 
 from .config import ModelConfig
@@ -30,6 +34,7 @@ class Eviction:
     token_deltas: dict[int, int]  # token index -> tokens evicted before it (kept tokens, > 0)
     freed_blocks: tuple[int, ...]
     evicted_tokens: tuple[int, ...]
+    margin: float = np.inf  # score gap between the kept and evicted blocks (``decision_margin``)
 
 
 @dataclass
@@ -56,8 +61,62 @@ class _Sequence:
         self.appended = 0
 
 
+class ScoreBook:
+    """Per sequence and token (by token index): the attention probability mass it has received,
+    summed over layers, query heads and the queries of every step it was cached for, and its
+    lifetime (the number of queries that could see it; a prompt token t of n gets n - t, as
+    OpenVINO GenAI counts a prompt "as if added one by one", then one per decode step).
+    OpenVINO keeps one book per layer and evicts per layer; the scenario's layers share one
+    block table, so the book sums the layers."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        self.cfg = cfg
+        self.mass: list[dict[int, float]] = [{} for _ in range(cfg.n_seqs)]
+        self.life: list[dict[int, int]] = [{} for _ in range(cfg.n_seqs)]
+
+    def add(self, plan: StepPlan, step_mass: list[np.ndarray]) -> None:
+        """``step_mass[s]``: this step's mass per cache position of sequence s."""
+        for s, (tokens, mass) in enumerate(zip(plan.cache_tokens, step_mass)):
+            q_pos = plan.positions[plan.q_start[s]:plan.q_start[s + 1]]
+            seen = (q_pos[None, :] >= np.arange(len(tokens))[:, None]).sum(axis=1)
+            for token, m, n in zip(tokens.tolist(), mass, seen):
+                self.mass[s][token] = self.mass[s].get(token, 0.0) + float(m)
+                self.life[s][token] = self.life[s].get(token, 0) + int(n)
+
+    def decide(self, s: int, tokens: list[int]) -> tuple[EvictionPlan, float]:
+        """The policy's plan for sequence s holding ``tokens``, and its ``decision_margin``."""
+        cfg = self.cfg
+        scores = np.array([self.mass[s][t] for t in tokens])
+        counts = np.array([self.life[s][t] for t in tokens])
+        sizes = dict(start_size=cfg.start_size, recent_size=cfg.recent_size,
+                     max_cache_size=cfg.max_cache_size, block_size=cfg.block_size)
+        plan = evict_plan(scores, aggregation=cfg.score_aggregation, token_counts=counts,
+                          **sizes)
+        blocks = block_scores(scores, block_size=cfg.block_size,
+                              aggregation=cfg.score_aggregation, token_counts=counts)
+        return plan, decision_margin(blocks, plan, cfg, len(tokens))
+
+
+def decision_margin(blocks: np.ndarray, plan: EvictionPlan, cfg: ModelConfig,
+                    n_tokens: int) -> float:
+    """How far the decision is from flipping: (lowest kept evictable block score - highest
+    evicted one) / highest block score; inf when nothing is evicted.  A small margin is a
+    near-tie: a backend whose probabilities differ by rounding may decide otherwise."""
+    if len(plan.evicted_blocks) == 0:
+        return np.inf
+    first = cfg.start_size // cfg.block_size
+    end = n_tokens // cfg.block_size - cfg.recent_size // cfg.block_size
+    evictable = np.arange(first, end)
+    kept = np.setdiff1d(evictable, plan.evicted_blocks)
+    if len(kept) == 0:
+        return np.inf
+    gap = blocks[kept].min() - blocks[plan.evicted_blocks].max()
+    return float(gap / max(blocks.max(), 1e-300))
+
+
 class Scheduler:
-    """Allocates paged-cache blocks (lowest free first, freed blocks reused) and evicts."""
+    """Allocates paged-cache blocks (lowest free first, freed blocks reused) and evicts: after
+    each step, ``evict_after`` with the step's attention mass."""
 
     def __init__(self, cfg: ModelConfig, evict: bool) -> None:
         self.cfg, self.evict = cfg, evict
@@ -66,9 +125,7 @@ class Scheduler:
         self.num_blocks = per_seq * cfg.n_seqs
         self.free = list(range(self.num_blocks))
         self.seqs = [_Sequence() for _ in range(cfg.n_seqs)]
-        # a token's eviction score: seeded, fixed per (sequence, token) like accumulated attention
-        self.scores = [np.random.default_rng((cfg.seed, 7, s)).random(cfg.capacity)
-                       for s in range(cfg.n_seqs)]
+        self.book = ScoreBook(cfg)
 
     def step(self, step: int, q_lens: list[int]) -> StepPlan:
         new, positions, slots = [], [], []
@@ -78,10 +135,13 @@ class Scheduler:
             for token in range(start, start + n_new):
                 positions.append(len(seq.tokens))
                 slots.append(self._append(seq, token))
-        plan = self._plan(step, new, positions, slots, q_lens)
+        return self._plan(step, new, positions, slots, q_lens)
+
+    def evict_after(self, plan: StepPlan, step_mass: list[np.ndarray]) -> None:
+        """Add the step's attention mass to the book and set ``plan.evictions``."""
         if self.evict:
+            self.book.add(plan, step_mass)
             plan.evictions = [e for s in range(len(self.seqs)) if (e := self._evict(s))]
-        return plan
 
     def _append(self, seq: _Sequence, token: int) -> int:
         bs = self.cfg.block_size
@@ -105,9 +165,7 @@ class Scheduler:
 
     def _evict(self, s: int) -> Eviction | None:
         cfg, seq = self.cfg, self.seqs[s]
-        plan = evict_plan(self.scores[s][seq.tokens], start_size=cfg.start_size,
-                          recent_size=cfg.recent_size, max_cache_size=cfg.max_cache_size,
-                          block_size=cfg.block_size)
+        plan, margin = self.book.decide(s, seq.tokens)
         if len(plan.evicted_blocks) == 0:
             return None
         bs = cfg.block_size
@@ -121,20 +179,25 @@ class Scheduler:
             block_deltas=plan.deltas[moved].astype(np.int32), token_deltas=token_deltas,
             freed_blocks=tuple(seq.blocks[b] for b in plan.evicted_blocks),
             evicted_tokens=tuple(t for b in plan.evicted_blocks
-                                 for t in seq.tokens[b * bs:(b + 1) * bs]))
+                                 for t in seq.tokens[b * bs:(b + 1) * bs]), margin=margin)
         seq.tokens = [t for b in plan.kept_blocks for t in seq.tokens[b * bs:(b + 1) * bs]]
         seq.blocks = [seq.blocks[b] for b in plan.kept_blocks]
         self.free = sorted(self.free + list(eviction.freed_blocks))
         return eviction
 
 
-def build_schedule(cfg: ModelConfig, evict: bool) -> list[StepPlan]:
-    """The prefill (every prompt at once) then ``cfg.steps`` decode steps of one token each."""
-    scheduler = Scheduler(cfg, evict)
-    plans = [scheduler.step(0, list(cfg.prompt_lens))]
-    for step in range(1, cfg.steps + 1):
-        plans.append(scheduler.step(step, [1] * cfg.n_seqs))
-    return plans
+def step_q_lens(cfg: ModelConfig, step: int) -> list[int]:
+    """The prefill (every prompt at once) then decode steps of one token per sequence."""
+    return list(cfg.prompt_lens) if step == 0 else [1] * cfg.n_seqs
+
+
+def build_schedule(cfg: ModelConfig, evict: bool = False) -> list[StepPlan]:
+    """The schedule without eviction (with it, the decisions need the run's attention:
+    ``model.scheduled_oracle``)."""
+    if evict:
+        raise ValueError("an evicting schedule follows the attention: use scheduled_oracle")
+    scheduler = Scheduler(cfg, False)
+    return [scheduler.step(step, step_q_lens(cfg, step)) for step in range(cfg.steps + 1)]
 
 
 def cache_blocks(cfg: ModelConfig) -> tuple[int, int]:
