@@ -30,21 +30,21 @@ def _zoo():
 CATCHES = {
     # n_kv = 37 in one 128-key tile: the padded keys of the partial tile, non-causal
     "TritonAttnTailUnmasked": (
-        "ATTN(type=f32,hs=[64,64],nh=4,nkvh=4,nq=5,nkv=37,causal=0,win=0,mask=0,sc=0,mb=0,"
+        "ATTN(type=f32,hs=[128,128],nh=4,nkvh=1,nq=5,nkv=37,causal=0,win=0,mask=0,sc=0,mb=0,"
         "sinks=0,lse=0,paged=0)", {}),
     # three sequences: the second and third read the first one's blocks
     "TritonBlockTableStride": (
-        "ATTN(type=f32,hs=[64,64],nh=4,nkvh=4,nq=5,nkv=37,causal=1,win=0,mask=0,sc=0,mb=0,"
-        "sinks=0,lse=0,paged=3)", {}),
+        "ATTN(type=f32,hs=[64,64],nh=6,nkvh=2,nq=3,nkv=113,causal=1,win=1,mask=0,sc=1,mb=8,"
+        "sinks=1,lse=1,paged=3)", {}),
     # a query tile taller than the key tile leaves fully masked causal tiles after visible ones
     "TritonSoftmaxForgetsMax": (
-        "ATTN(type=f32,hs=[64,64],nh=4,nkvh=4,nq=5,nkv=37,causal=1,win=1,mask=0,sc=1,mb=0,"
-        "sinks=0,lse=1,paged=0)", {"block_m": 16, "block_n": 4}),
+        "ATTN(type=f32,hs=[128,128],nh=5,nkvh=1,nq=3,nkv=113,causal=1,win=1,mask=1,sc=0,mb=0,"
+        "sinks=1,lse=1,paged=0)", {"block_m": 16, "block_n": 4}),
     # 113 keys in splits of 32: four partials, the sink counted four times
     "TritonSplitSinksPerSplit": (
-        "ATTN(type=f32,hs=[64,64],nh=4,nkvh=4,nq=1,nkv=113,causal=1,win=0,mask=0,sc=0,mb=0,"
+        "ATTN(type=f32,hs=[96,96],nh=8,nkvh=1,nq=1,nkv=113,causal=1,win=0,mask=1,sc=0,mb=0,"
         "sinks=1,lse=0,paged=0)", {"block_n": 16, "split_len": 32}),
-    "TritonBf16Truncates": ("CPY(type_src=f32,type=bf16,ne=[5,3,64],perm=[1,0,2],step=2)", {}),
+    "TritonBf16Truncates": ("CPY(type_src=f32,type=bf16,ne=[17,4,128],perm=[1,0,2],step=2)", {}),
 }
 
 
