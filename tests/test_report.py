@@ -396,3 +396,25 @@ def test_scenario_time_records_draw_the_scenario_plots(tmp_path, capsys):
         assert record["perf"]["n"] == 3 and record["perf"]["median_ns"] > 0
     files = build_report([results], tmp_path / "out")
     assert {p.name for p in files.images} == {"toggle_speedups.png", "device_scaling.png"}
+
+
+def test_sweep_records_draw_error_against_world_size(tmp_path):
+    """`opbench scenario --sweep` records plot worst error per device count for each sequence
+    split; a report of the same scenarios at one device count has no such plot."""
+    from opbench.cli.main import main
+
+    sweep = tmp_path / "sweep.jsonl"
+    assert main(["scenario", "--sweep", "devices=1..2", "--layers", "2", "--steps", "1", "-q",
+                 "--results", str(sweep)]) == 0
+    table = tables.error_vs_world_size(store.records_frame(store.read_records(sweep)))
+    assert sorted(table["split"].unique()) == ["ring", "stripe", "zigzag"]
+    assert list(table["devices"]) == [1, 2] * 3 and (table["nmse"] > 0).all()
+    files = build_report([sweep], tmp_path / "swept")
+    assert "error_vs_world_size.png" in {p.name for p in files.images}
+
+    one_count = tmp_path / "one.jsonl"
+    one_count.write_text("".join(line for line in sweep.read_text().splitlines(keepends=True)
+                                 if '"devices": 1,' in line))
+    files = build_report([one_count], tmp_path / "single")
+    assert "error_vs_world_size.png" not in {p.name for p in files.images}
+    assert "Not plotted: needs ring/zigzag/stripe" in files.markdown.read_text()

@@ -233,6 +233,27 @@ def device_scaling(df: pd.DataFrame) -> Figure | None:
     return fig
 
 
+def error_vs_world_size(df: pd.DataFrame) -> Figure | None:
+    """Worst error over a scenario's steps against the device count, one line per sequence
+    split: how ring attention's error grows with the world size."""
+    table = tables.error_vs_world_size(df)
+    if table.empty:
+        return None
+    fig, (ax,) = _panels(1, "Error against world size (worst step per scenario)")
+    fig.set_size_inches(7.0, 4.4)
+    colors = _colors(table["split"])
+    for split, group in table.groupby("split"):
+        # an exact 0 has no place on a log axis: drawn at the axis floor instead of dropped
+        ax.plot(group["devices"], group["nmse"].clip(lower=1e-20), marker="o",
+                color=colors[split], label=split)
+    ax.set_yscale("log")
+    ax.set_xticks(sorted(table["devices"].unique()))
+    ax.set_xlabel("logical devices (world size)")
+    ax.set_ylabel("worst NMSE against the oracle")
+    ax.legend(title="split")
+    return fig
+
+
 #: (file stem, title, builder, what is needed) in report order
 PLOTS = (
     ("throughput_vs_size", "Throughput vs size", throughput_vs_size,
@@ -244,6 +265,9 @@ PLOTS = (
      "timed scenario records with rope_cache or graph_reuse both on and off"),
     ("device_scaling", "Scaling with devices per split", device_scaling,
      "timed scenario records with a device count"),
+    ("error_vs_world_size", "Error against world size", error_vs_world_size,
+     "ring/zigzag/stripe scenario records at two or more device counts "
+     "(`opbench scenario --sweep devices=1..8`)"),
 )
 
 

@@ -171,7 +171,8 @@ def body_sections(df: pd.DataFrame, baseline: str | None) -> list[Section]:
                figures=_figures(df, ("throughput_vs_size", "fraction_of_ceiling"))),
         _table("Scenarios", scenarios, "no scenario records",
                classes=id_classes(scenarios, "case", "reason"),
-               figures=_figures(df, ("toggle_speedups", "device_scaling"))),
+               figures=_figures(df, ("toggle_speedups", "device_scaling",
+                                         "error_vs_world_size"))),
     ]
 
 

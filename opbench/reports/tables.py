@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 
 from opbench.harness.records import FAILING, PASSING
+from opbench.harness.scenario.splits import SEQUENCE_SPLITS
 from opbench.reports.frame import (
     column,
     devices_of,
@@ -229,6 +230,26 @@ def device_scaling(df: pd.DataFrame) -> pd.DataFrame:
         return table
     best = table.groupby(["backend", "split", "devices"], as_index=False)["median_ms"].min()
     return best.sort_values(["backend", "split", "devices"]).reset_index(drop=True)
+
+
+def error_vs_world_size(df: pd.DataFrame) -> pd.DataFrame:
+    """Worst per-step error (``scenario.per_step``) per split and device count, for the
+    sequence splits (ring, zigzag, stripe) recorded at two or more device counts: what
+    ``opbench scenario --sweep devices=A..B`` writes."""
+    scen = of_kind(df, "scenario")
+    if scen.empty or "scenario.per_step" not in scen.columns:
+        return pd.DataFrame()
+    rows = [{"split": split, "devices": devices,
+             "nmse": max(step["nmse"] for step in steps),
+             "max_rel": max(step["max_rel"] for step in steps)}
+            for split, devices, steps in zip(split_of(scen), devices_of(scen),
+                                             scen["scenario.per_step"])
+            if split in SEQUENCE_SPLITS and isinstance(steps, list) and steps
+            and not pd.isna(devices)]
+    table = pd.DataFrame(rows, columns=["split", "devices", "nmse", "max_rel"])
+    swept = table.groupby("split")["devices"].transform("nunique") >= 2
+    worst = table[swept].groupby(["split", "devices"], as_index=False)[["nmse", "max_rel"]].max()
+    return worst.sort_values(["split", "devices"]).reset_index(drop=True)
 
 
 # -- number formatting: one unit and precision per column --------------------------------------
