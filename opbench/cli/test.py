@@ -50,6 +50,10 @@ def register(subparsers, common) -> None:
                            " new local Ray instance with -j CPUs, a Ray client address, or"
                            " ray:auto / ray:HOST:PORT to join a running cluster)")
     add_shard_option(test)
+    test.add_argument("--ranks", action="store_true",
+                      help="-o COPY_ASYNC on the cpu backend: every logical device its own"
+                           " process, a torch.distributed rank (gloo on 127.0.0.1); copy_async"
+                           " between devices is send/receive")
     test.set_defaults(func=cmd_test)
 
 
@@ -75,6 +79,8 @@ def cmd_test(args) -> int:
     check_timeout(args)
     executor_arg(args)
     names = parse_backends(args.backend, option_flags(args))
+    if args.ranks:
+        check_ranks(args, names)
     cases = select_cases(args, quick=args.quick)
     if not cases:
         raise UsageError("no case matches the given -o/-p/--model" + (" in this --shard"
@@ -84,7 +90,9 @@ def cmd_test(args) -> int:
     report = output.make_reporter(args.output, verbose=args.verbose, quiet=args.quiet)
     failed = False
     try:
-        for name in names:
+        if args.ranks:
+            failed = _test_as_ranks(args, cases, run_id, writer, report)
+        for name in names if not args.ranks else ():
             failed |= _test_backend(name, args, cases, run_id, writer, report)
     finally:
         if writer:
@@ -105,3 +113,32 @@ def _test_backend(name, args, cases, run_id, writer, report) -> bool:
     env = environment(info)
     return run_backend_guarded(report, cls.name, lambda: record_backend_run(
         report, cls.name, len(cases), iter_records(name, args, cases, run_id), writer, env))
+
+
+# -- COPY_ASYNC across ranks -------------------------------------------------------------------
+RANK_OPS = ["COPY_ASYNC"]
+
+
+def check_ranks(args, names: list[str]) -> None:
+    """--ranks runs COPY_ASYNC's contract on the cpu backend, one process per device."""
+    if args.op is None or [op.strip().upper() for op in args.op.split(",")] != RANK_OPS:
+        raise UsageError("--ranks runs only the async-copy contract: use -o COPY_ASYNC")
+    if names != ["cpu"] or option_flags(args):
+        raise UsageError("--ranks runs the cpu backend's kernels in every rank: use -b cpu"
+                         " (no backend options)")
+    if args.jobs != 1 or args.executor != "local" or args.isolate:
+        raise UsageError("--ranks: every case already runs one process per device; drop -j,"
+                         " --executor and --isolate")
+    try:
+        import torch.distributed  # noqa: F401
+    except ImportError:
+        raise UsageError("--ranks needs torch.distributed: pip install 'opbench[torch]'") from None
+
+
+def _test_as_ranks(args, cases, run_id, writer, report) -> bool:
+    from opbench.harness.ranks.copy_cases import copy_async_jobs
+    from opbench.harness.ranks.launch import run_ranks
+
+    records = run_ranks(copy_async_jobs(cases, args.seed), run_id, check_timeout(args))
+    env = environment({"name": "cpu", "ranks": True})
+    return record_backend_run(report, "cpu", len(cases), records, writer, env)

@@ -83,8 +83,7 @@ class CopyAsyncSpec(OpSpec):
             return contracts.check_random_trials(backend, seed, n_devices=case["ndev"],
                                                  sizes=sizes)
         for delay_seed in RACE_DELAY_SEEDS:
-            options = {**backend.options, "delay": True, "delay_seed": delay_seed}
-            sibling = type(backend)(**options)
+            sibling = _delayed_sibling(backend, delay_seed)
             try:
                 contracts.check_random_trials(sibling, seed, n_devices=case["ndev"],
                                               sizes=sizes)
@@ -93,3 +92,12 @@ class CopyAsyncSpec(OpSpec):
 
     def cost(self, case: Case) -> float:
         return float(case["n"]) + (1e6 if case["check"] != "race" else 4e6)
+
+
+def _delayed_sibling(backend: Any, delay_seed: int) -> Any:
+    """``backend`` with delays on: its own ``delayed_sibling`` when it has one (a rank's
+    backend, whose sibling must be a rank of the same process group), else a new instance."""
+    own = getattr(backend, "delayed_sibling", None)
+    if own is not None:
+        return own(delay_seed)
+    return type(backend)(**{**backend.options, "delay": True, "delay_seed": delay_seed})

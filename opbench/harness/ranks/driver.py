@@ -48,6 +48,16 @@ class RankJob:
     delay_ranks: frozenset | None = None
     label: str = ""
 
+    @property
+    def devices(self) -> int:
+        return self.spec.devices
+
+    def run(self, rank: int, world: int, readback, status, fault, run_id: str) -> dict:
+        return _run_one(rank, world, self, readback, status, fault, run_id)
+
+    def fault_record(self, run_id: str, status: str, reason: str) -> dict:
+        return fault_record(self.spec, run_id, status, reason)
+
 
 @dataclass(frozen=True)
 class Fault:
@@ -194,9 +204,10 @@ def fault_record(spec: ScenarioSpec, run_id: str, status: str, reason: str) -> d
                        **scenario_fields(spec, run_id))
 
 
-def rank_main(rank: int, world: int, init_method: str, jobs: list[RankJob], sink, cells,
+def rank_main(rank: int, world: int, init_method: str, jobs: list, sink, cells,
               run_id: str, fault: Fault | None = None) -> None:
-    """A rank's process: join the group, run ``jobs``, rank 0 sends records to ``sink``.
+    """A rank's process: join the group, run ``jobs`` (RankJobs, or anything with their
+    ``run``), rank 0 sends records to ``sink``.
     An exception is reported as ("error", rank, scenario index, step, summary)."""
     for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(name, "1")
@@ -214,7 +225,7 @@ def rank_main(rank: int, world: int, init_method: str, jobs: list[RankJob], sink
         status.set(step=READY)
         for index, job in enumerate(jobs):
             status.set(spec=index, step=READY)
-            record = _run_one(rank, world, job, readback, status, fault, run_id)
+            record = job.run(rank, world, readback, status, fault, run_id)
             if rank == 0:
                 sink.put(("record", index, record))
         dist.destroy_process_group()

@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator
 
 from ..scenario.config import ScenarioSpec
-from .driver import NOT_STARTED, WAITING_ALL, Fault, RankJob, Status, fault_record, rank_main
+from .driver import NOT_STARTED, WAITING_ALL, Fault, RankJob, Status, rank_main
 
 START_TIMEOUT_S = 300.0  # importing torch and compiling kernels in N fresh processes
 POLL_S = 0.1
@@ -41,15 +41,16 @@ def free_port() -> int:
 
 def as_jobs(specs, delay_ranks=None) -> list[RankJob]:
     delay = frozenset(delay_ranks) if delay_ranks is not None else None
-    return [s if isinstance(s, RankJob) else RankJob(s, delay_ranks=delay) for s in specs]
+    return [s if hasattr(s, "fault_record") else RankJob(s, delay_ranks=delay) for s in specs]
 
 
 def run_ranks(specs: list, run_id: str, timeout: float, fault: Fault | None = None,
               delay_ranks=None) -> Iterator[dict]:
-    """Records as scenarios (ScenarioSpecs or RankJobs) finish; one process group per device
-    count, smallest first."""
-    jobs = sorted(as_jobs(specs, delay_ranks), key=lambda job: job.spec.devices)
-    for devices, group in itertools.groupby(jobs, key=lambda job: job.spec.devices):
+    """Records as jobs (ScenarioSpecs, RankJobs or other jobs with their ``devices``, ``run``
+    and ``fault_record``: copy_cases.CopyCaseJob) finish; one process group per device count,
+    smallest first."""
+    jobs = sorted(as_jobs(specs, delay_ranks), key=lambda job: job.devices)
+    for devices, group in itertools.groupby(jobs, key=lambda job: job.devices):
         remaining = list(group)
         while remaining:
             world = _World(devices, remaining, run_id, fault)
@@ -87,9 +88,9 @@ class _ListSink:
 class _World:
     """One process group of ``devices`` ranks running ``specs`` until done or a fault."""
 
-    def __init__(self, devices: int, jobs: list[RankJob], run_id: str, fault) -> None:
+    def __init__(self, devices: int, jobs: list, run_id: str, fault) -> None:
         self.devices, self.run_id = devices, run_id
-        self.specs = [job.spec for job in jobs]
+        self.jobs = jobs
         ctx = mp.get_context("spawn")
         self.queue = ctx.Queue()
         self.cells = ctx.Array("i", [0, NOT_STARTED, -1] * devices, lock=False)
@@ -144,7 +145,7 @@ class _World:
             return None
         _, rank, index, step, summary = message  # "error"
         self.next_spec = index + 1
-        return fault_record(self.specs[index], self.run_id, "ERROR",
+        return self.jobs[index].fault_record(self.run_id, "ERROR",
                             f"rank {rank} raised at step {_step(step)}: {summary}")
 
     def _state(self, rank: int) -> tuple[int, int, int]:
@@ -165,7 +166,7 @@ class _World:
             if proc.exitcode not in (None, 0) and rank not in reported | self.done:
                 index, step, _ = self._state(rank)
                 self.next_spec = index + 1
-                return fault_record(self.specs[index], self.run_id, "CRASH",
+                return self.jobs[index].fault_record(self.run_id, "CRASH",
                                     f"rank {rank} died (exit code {proc.exitcode}) at step "
                                     f"{_step(step)}")
         causes = [m for m in errors if not any(w in m[4] for w in LOST_PEER)] or errors
@@ -190,7 +191,7 @@ class _World:
                    for r, (_, _, w) in enumerate(states) if w != -1]
         where = ", ".join(f"rank {r} at step {_step(states[r][1])}" for r in suspects)
         self.next_spec = index + 1
-        return fault_record(self.specs[index], self.run_id, "TIMEOUT",
+        return self.jobs[index].fault_record(self.run_id, "TIMEOUT",
                             f"hung: {where} (no progress in {timeout:g} s"
                             + (f"; waiting: {', '.join(waiting)})" if waiting else ")"))
 
