@@ -39,7 +39,7 @@ EPILOG = """examples:
       scenario becomes its CRASH/TIMEOUT record; the others go on)
   opbench scenario --split ring --devices 4 --ranks          each device its own process
   torchrun --nnodes 2 --nproc-per-node 2 ... -m opbench scenario --split ring --devices 4 --ranks
-  opbench scenario --sweep devices=1..8 --results sweep.jsonl
+  opbench scenario --sweep devices=1..6 --results sweep.jsonl
 exit codes: 0 every step matched the float64 oracle, 1 a divergence (the first diverging step,
 layer, device and metric are printed), 2 a usage error"""
 
@@ -129,11 +129,18 @@ def _sweep(args) -> list[ScenarioSpec]:
             high):
         raise UsageError(f"--sweep {args.sweep!r} must be devices=A..B with 1 <= A <= B")
     splits = [args.split] if args.split in SEQUENCE_SPLITS else list(SEQUENCE_SPLITS)
+    try:
+        return _sweep_specs(args, splits, range(int(low), int(high) + 1))
+    except ValueError as exc:  # e.g. more devices than tokens in the shortest prompt
+        raise UsageError(f"--sweep {args.sweep}: {exc}") from None
+
+
+def _sweep_specs(args, splits: list[str], counts: range) -> list[ScenarioSpec]:
     return [ScenarioSpec(split=split, devices=n, layers=args.layers, steps=args.steps,
                          seed=args.seed, model=args.model, rope_cache=_on_off(args.rope_cache),
                          graph_reuse=_on_off(args.graph_reuse), evict=_on_off(args.evict),
                          delay=_on_off(args.delay), kv_dtype=args.kv_dtype)
-            for split in splits for n in range(int(low), int(high) + 1)]
+            for split in splits for n in counts]
 
 
 def _filtered(specs: list[ScenarioSpec], pattern: str | None) -> list[ScenarioSpec]:

@@ -30,3 +30,11 @@ def test_sweep_of_one_split_and_bad_ranges(tmp_path, capsys):
     for bad in ("devices=0..3", "devices=3..2", "layers=1..2", "devices=2"):
         assert main(["scenario", "--sweep", bad]) == 2
         assert "must be devices=A..B" in capsys.readouterr().err
+
+
+def test_sweep_past_the_shortest_prompt_is_a_usage_error(capsys):
+    """A sequence split needs a token of the shortest prompt per device: devices=1..8 names the
+    limit in one line instead of a traceback."""
+    assert main(["scenario", "--sweep", "devices=1..8"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("opbench: error: --sweep devices=1..8:") and "must be <= 6" in err
