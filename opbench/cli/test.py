@@ -14,6 +14,7 @@ from opbench.harness.registry import backend_class
 from . import output
 from .common import (
     add_allow_unavailable,
+    add_large_option,
     add_shard_option,
     check_common,
     check_timeout,
@@ -38,6 +39,7 @@ def register(subparsers, common) -> None:
     test.add_argument("--quick", action="store_true",
                       help="a seeded subset covering every op and variant (seconds)")
     model_option(test)
+    add_large_option(test, "run")
     isolation_options(test, "case", 60.0)
     test.add_argument("-v", "--verbose", action="store_true",
                       help="also print unsupported cases")

@@ -9,7 +9,17 @@ import numpy as np
 from opbench.protocol import AttnParams, PagedKV
 
 from ...reference import attention as attn_ref
-from ..cases import Axis, Case, Impossible, Inputs, OpSpec, OutputSpec, itemsize, uniform
+from ..cases import (
+    LARGE_OFFSET,
+    Axis,
+    Case,
+    Impossible,
+    Inputs,
+    OpSpec,
+    OutputSpec,
+    itemsize,
+    uniform,
+)
 from ..compare import Tolerance
 
 HEAD_SIZES = ((64, 64), (80, 80), (96, 96), (128, 128), (256, 256), (192, 128), (576, 512))
@@ -24,6 +34,9 @@ BLOCK_SIZE = 16
 # wraps; one-token blocks of one kv head at head dim 64 keep 70,000 blocks at 18 MB per cache
 BOUNDARY_BLOCKS = (40000, 70000)
 WIDE_INDEX = 32768  # the first block index an int16 cannot hold
+# --large: f16 caches of one-token blocks at head dim 64, one block past 2**31 elements
+# (4 GiB each for k and v)
+LARGE_BLOCKS = LARGE_OFFSET // 64 + 1
 MAX_WORK = 24e6  # n_q * n_kv * H * (Dk + Dv): keeps one case in the tens of milliseconds
 AXES = (
     Axis("type", ("f32", "f16", "bf16")),
@@ -155,6 +168,10 @@ class AttnSpec(OpSpec):
 
     def extra_cases(self) -> list[Case]:
         return boundary_cases()
+
+    def large_cases(self) -> list[Case]:
+        return [Case.make("ATTN", type="f16", hs=[64, 64], nh=4, nkvh=1, nq=1, nkv=37,
+                          **{**FLAGS, "causal": 1, "paged": 2}, bsz=1, nblk=LARGE_BLOCKS)]
 
     def sizes(self, case: Case) -> dict[str, int]:
         return {"nq": case["nq"], "nkv": case["nkv"]}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...reference import kv_cache as kv_ref
-from ..cases import Axis, Case, Inputs, OpSpec, OutputSpec, itemsize, uniform
+from ..cases import LARGE_OFFSET, Axis, Case, Inputs, OpSpec, OutputSpec, itemsize, uniform
 
 LUT_ROWS = 64  # deltas up to 63 blocks
 BASE = 10000.0
@@ -13,6 +13,8 @@ BASE = 10000.0
 # a tiny layout (2 tokens, 1 kv head, head dim 16) keeps 70,000 blocks at 9 MB in f32
 BOUNDARY_BLOCKS = (40000, 70000)
 WIDE_INDEX = 32768  # the first block index an int16 cannot hold
+# --large: the same 32-value blocks in f16, one block past 2**31 elements (4 GiB)
+LARGE_BLOCKS = LARGE_OFFSET // 32 + 1
 
 
 def perf_case(dtype, bs, hs, nkvh, nrot, nblk) -> Case:
@@ -54,6 +56,10 @@ class KvRotateSpec(OpSpec):
                 for n_blocks in BOUNDARY_BLOCKS
                 for dtype, layout, delta in (("f32", "rotate_half", "block"),
                                              ("f16", "interleaved", "token"))]
+
+    def large_cases(self) -> list[Case]:
+        return [Case.make("KV_ROTATE", type="f16", layout="rotate_half", delta="token", bs=2,
+                          hs=16, nkvh=1, nrot=5, nblk=LARGE_BLOCKS)]
 
     def make_inputs(self, case: Case, rng: np.random.Generator) -> Inputs:
         n_blocks, bs = case["nblk"], case["bs"]
