@@ -79,7 +79,7 @@ def cmd_test(args) -> int:
     names = parse_backends(args.backend, option_flags(args))
     cases = select_cases(args, quick=args.quick)
     if not cases:
-        raise UsageError("no case matches the given -o/-p/--model" + (" in this --shard"
+        raise UsageError("no case matches the given -o/-p/--model/--large" + (" in this --shard"
                                                                         if args.shard else ""))
     run_id = new_run_id()
     writer = open_writer(args.results, shard_arg(args))
