@@ -152,6 +152,9 @@ def model_cases(ref: str) -> list[Case]:
 def select_cases(args, quick: bool = False) -> list[Case]:
     compile_pattern(args.pattern)
     ops = parse_ops(args.op)
+    large = getattr(args, "large", False)
+    if large and (quick or getattr(args, "model", None)):
+        raise UsageError("--large is its own case set; drop --quick and --model")
     if getattr(args, "model", None):
         if quick:
             raise UsageError("--model builds its own cases; drop --quick")
@@ -160,9 +163,18 @@ def select_cases(args, quick: bool = False) -> list[Case]:
     selected: list[Case] = []
     for op in ops:
         spec = SPECS[op]
-        cases = spec.quick_cases(seed=args.seed) if quick else spec.cases()
+        if large:
+            cases = spec.large_cases()
+        else:
+            cases = spec.quick_cases(seed=args.seed) if quick else spec.cases()
         selected += filter_cases(cases, args.pattern)
     return take_shard(selected, shard_arg(args))
+
+
+def add_large_option(parser, verb: str) -> None:
+    parser.add_argument("--large", action="store_true",
+                        help=f"{verb} instead the cases whose element offsets pass 2**31 (one per"
+                             " index-taking op, 4-8 GiB of tensors each; see docs/gpu.md)")
 
 
 def add_shard_option(parser) -> None:

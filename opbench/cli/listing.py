@@ -5,7 +5,7 @@ from __future__ import annotations
 from opbench.harness.cases import format_value
 from opbench.harness.ops import SPECS
 
-from .common import model_option, parse_ops, refuse_unused, select_cases
+from .common import add_large_option, model_option, parse_ops, refuse_unused, select_cases
 
 
 def register(subparsers, common) -> None:
@@ -16,6 +16,7 @@ def register(subparsers, common) -> None:
                               "declared impossible, and the share the full and --quick "
                               "tables cover")
     model_option(listing)
+    add_large_option(listing, "list")
     listing.set_defaults(func=cmd_list)
 
 
@@ -27,7 +28,7 @@ def cmd_list(args) -> int:
                       " seeded)")
     if args.coverage:
         return print_coverage(args)
-    if args.op or args.pattern or args.quick or args.model:
+    if args.op or args.pattern or args.quick or args.model or args.large:
         for case in select_cases(args, quick=args.quick):
             print(case.id)
         return 0

@@ -14,6 +14,7 @@ from opbench.harness.registry import backend_class
 from . import output
 from .common import (
     add_allow_unavailable,
+    add_large_option,
     add_shard_option,
     check_common,
     check_timeout,
@@ -38,6 +39,7 @@ def register(subparsers, common) -> None:
     test.add_argument("--quick", action="store_true",
                       help="a seeded subset covering every op and variant (seconds)")
     model_option(test)
+    add_large_option(test, "run")
     isolation_options(test, "case", 60.0)
     test.add_argument("-v", "--verbose", action="store_true",
                       help="also print unsupported cases")
@@ -83,7 +85,7 @@ def cmd_test(args) -> int:
         check_ranks(args, names)
     cases = select_cases(args, quick=args.quick)
     if not cases:
-        raise UsageError("no case matches the given -o/-p/--model" + (" in this --shard"
+        raise UsageError("no case matches the given -o/-p/--model/--large" + (" in this --shard"
                                                                         if args.shard else ""))
     run_id = new_run_id()
     writer = open_writer(args.results, shard_arg(args))

@@ -7,6 +7,7 @@ run's ``--seed``, so a case gets the same inputs whatever table it sits in.
 
 from __future__ import annotations
 
+import math
 import re
 import zlib
 from collections.abc import Mapping
@@ -272,6 +273,11 @@ class OpSpec:
         """Cases just past one declared backend size threshold of this op (``value + 1``)."""
         return []
 
+    def large_cases(self) -> list[Case]:
+        """``--large``: cases whose element offsets pass 2**31 (a tensor of more than 2**31
+        elements, gigabytes each), kept out of the default tables."""
+        return []
+
     def threshold_cases(self, backends: tuple[str, ...] | None = None) -> list[Case]:
         """Cases past every threshold of this op the built-in ``backends`` declare (all of
         them by default): the full table holds these, --quick those of the cpu backend."""
@@ -297,10 +303,32 @@ def itemsize(dtype: str) -> int:
     return numpy_dtype(dtype).itemsize
 
 
+#: element offsets past this need 64-bit index arithmetic: the --large cases pass it
+LARGE_OFFSET = 2**31
+#: tensors with more elements repeat a random period instead of drawing every value in float64
+#: (16 GB for 2**31 values); the period is a prime, so offsets 2**31 or 2**32 apart (where a
+#: wrapped 32-bit offset lands) hold different values
+_FILL_LIMIT = 2**27
+_FILL_PERIOD = 1_000_003
+
+
 def uniform(rng: np.random.Generator, shape: Iterable[int], dtype: str, lo=-1.0, hi=1.0):
     """Seeded uniform values rounded to the storage dtype; never an all-zero array."""
-    values = rng.uniform(lo, hi, size=tuple(shape))
+    shape = tuple(shape)
+    if math.prod(shape) > _FILL_LIMIT:
+        return periodic_fill(rng.uniform(lo, hi, _FILL_PERIOD).astype(numpy_dtype(dtype)),
+                             shape)
+    values = rng.uniform(lo, hi, size=shape)
     return values.astype(numpy_dtype(dtype))
+
+
+def periodic_fill(period: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """An array of ``shape`` repeating ``period`` (in its dtype), written chunk by chunk."""
+    out = np.empty(math.prod(shape), period.dtype)
+    for start in range(0, out.size, period.size):
+        chunk = out[start:start + period.size]
+        chunk[...] = period[:chunk.size]
+    return out.reshape(shape)
 
 
 def filter_cases(cases: Iterable[Case], pattern: str | None) -> list[Case]:

@@ -16,7 +16,7 @@ import pytest
 
 from opbench.backends.cupy import CupyBackend, checks, plan
 from opbench.harness.ops import SPECS
-from opbench.harness.ops.attn import BLOCK_SIZE, sequence_lengths
+from opbench.harness.ops.attn import block_size, sequence_lengths
 from opbench.protocol import AttnParams, PagedKV, RopeParams
 from opbench.reference import attention as attn_ref
 from opbench.reference import rope as rope_ref
@@ -31,8 +31,9 @@ def _attn_plan_for(case, gpu) -> plan.AttnPlan:
     if case["paged"]:
         lengths = sequence_lengths(case)
         n_q = sum(q for _, q in lengths)
-        max_blocks = max(math.ceil(kv / BLOCK_SIZE) for kv, _ in lengths)
-        return plan.attn_plan(n_q, case["nh"], dk, dv, max_blocks * BLOCK_SIZE, len(lengths),
+        tokens = block_size(case)
+        max_blocks = max(math.ceil(kv / tokens) for kv, _ in lengths)
+        return plan.attn_plan(n_q, case["nh"], dk, dv, max_blocks * tokens, len(lengths),
                               n_q == len(lengths), **gpu)
     return plan.attn_plan(case["nq"], case["nh"], dk, dv, case["nkv"], 1, case["nq"] == 1,
                           **gpu)

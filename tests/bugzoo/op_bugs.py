@@ -16,7 +16,7 @@ from opbench.backends.cpu import CpuBackend, kernels
 
 _original = {name: getattr(kernels, name) for name in (
     "attend", "_tile_scores", "set_rows", "get_rows", "_rope_cos_sin", "_attend_block",
-    "_visible_key_range")}
+    "_visible_key_range", "kv_rotate", "_gather_blocks")}
 
 
 class PatchedKernels(CpuBackend):
@@ -173,6 +173,16 @@ class RotateSignFlipped(CpuBackend):
                           layout, stream)
 
 
+def _kv_rotate_uint16_blocks(key_cache, block_indices, deltas, lut, layout):
+    """Block indices kept in uint16 in the kernel: block 70,000 rotates block 4,464."""
+    narrow = block_indices.astype(np.uint16).astype(np.int32)
+    _original["kv_rotate"](key_cache, narrow, deltas, lut, layout)
+
+
+class RotateUint16BlockIndices(PatchedKernels):
+    patches = {"kv_rotate": _kv_rotate_uint16_blocks}
+
+
 class PerTokenDeltasReadPerBlock(CpuBackend):
     """Reads only the first delta of each block from a per-token [R, B] table."""
 
@@ -279,6 +289,18 @@ def _window_start_mirrored(p, q_pos, n_kv):
     return lo, max(lo, hi)
 
 
+def _gather_int16_blocks(cache, blocks, n_kv):
+    """Block-table entries narrowed to int16: block 40,000 becomes -25,536, a block counted
+    from the end of the cache."""
+    narrow = blocks.astype(np.int16).astype(np.int32)
+    return _original["_gather_blocks"](cache, np.where(narrow < 0, narrow + len(cache), narrow),
+                                       n_kv)
+
+
+class PagedInt16BlockTable(PatchedKernels):
+    patches = {"_gather_blocks": _gather_int16_blocks}
+
+
 class WindowStartMirrored(PatchedKernels):
     patches = {"_visible_key_range": _window_start_mirrored}
 
@@ -316,6 +338,8 @@ OP_BUGS = {
     SetRowsWritesSkippedSlot: "SET_ROWS",
     SetRowsInt16Slots: "SET_ROWS",
     GetRowsUint16Rows: "GET_ROWS",
+    RotateUint16BlockIndices: "KV_ROTATE",
+    PagedInt16BlockTable: "ATTN",
     F16Truncating: "CPY",
     WritesOneRowPastOutput: "GET_ROWS",
     **{bug: op for bug, (op, _) in NEW_INPUT_BUGS.items()},
@@ -326,6 +350,8 @@ OP_BUGS = {
 ONLY_NEW_CASES_CATCH = {
     SetRowsInt16Slots: (r"", r"nslots=(40000|70000)"),
     GetRowsUint16Rows: (r"", r"nsrc=70000"),
+    RotateUint16BlockIndices: (r"", r"nblk=70000"),
+    PagedInt16BlockTable: (r"paged=[1-9]", r"nblk=(40000|70000)"),
     MropeSectorNotWrapped: (r"mode=mrope", r"sec=short"),
     WindowOnlyWhenCausal: (r"win=1", r"causal=0,win=1"),
 }

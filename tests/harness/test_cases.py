@@ -118,3 +118,62 @@ def test_quick_tables_reach_past_every_cpu_threshold():
     for threshold in CpuBackend.THRESHOLDS:
         spec = SPECS[threshold.op]
         assert any(_just_past(spec, c, threshold) for c in spec.quick_cases()), threshold
+
+
+# -- boundary block counts and --large --------------------------------------------------------
+def _used_blocks(case, arrays) -> np.ndarray:
+    if case.op == "KV_ROTATE":
+        return arrays["block_indices"]
+    table, lens = arrays["block_table"], arrays["seq_lens"]
+    return np.concatenate([row[: -(-int(n) // case["bsz"])] for row, n in zip(table, lens)])
+
+
+@pytest.mark.parametrize("op", ["KV_ROTATE", "ATTN"])
+def test_boundary_block_cases_use_only_indices_past_int16(op):
+    """In full and quick: every block used lies past 32,767; at 70,000 blocks, also one past
+    65,535 (where a uint16 index wraps)."""
+    spec = SPECS[op]
+    boundary = [c for c in spec.cases() if c.get("nblk", 0) > 32767]
+    assert {c["nblk"] for c in boundary} == {40000, 70000}
+    assert {c["nblk"] for c in spec.quick_cases() if c.get("nblk", 0) > 32767} == {40000, 70000}
+    for case in boundary:
+        arrays = spec.make_inputs(case, np.random.default_rng(case.seed())).arrays
+        used = _used_blocks(case, arrays)
+        assert used.min() >= 32768 and used.max() == case["nblk"] - 1
+        assert len(np.unique(used)) == len(used)
+
+
+def _largest_tensor_elements(case) -> int:
+    """Elements of the op's largest tensor, from the case alone (no 4 GiB allocation)."""
+    p = case.params
+    return {"SET_ROWS": lambda: p["nslots"] * int(np.prod(p["row"])),
+            "GET_ROWS": lambda: p["nsrc"] * int(np.prod(p["row"])),
+            "KV_ROTATE": lambda: p["nblk"] * p["bs"] * p["nkvh"] * p["hs"],
+            "ATTN": lambda: p["nblk"] * p["bsz"] * p["nkvh"] * p["hs"][0],
+            "CPY": lambda: int(np.prod(p["ne"]))}[case.op]()
+
+
+def test_large_cases_pass_2_31_elements_once_per_index_taking_op():
+    large = {op: spec.large_cases() for op, spec in SPECS.items() if spec.large_cases()}
+    assert set(large) == {"SET_ROWS", "GET_ROWS", "KV_ROTATE", "ATTN", "CPY"}
+    for op, cases in large.items():
+        assert len(cases) == 1 and not set(cases) & set(SPECS[op].cases())
+        assert 2**31 < _largest_tensor_elements(cases[0]) < 2**31 + 2**17, cases[0].id
+
+
+def test_periodic_fill_differs_where_a_wrapped_offset_lands():
+    from opbench.harness import cases as case_module
+
+    period = case_module._FILL_PERIOD
+    assert 2**31 % period and 2**32 % period
+    filled = case_module.periodic_fill(np.arange(7, dtype=np.float32), (3, 5))
+    assert filled.tolist() == [[0, 1, 2, 3, 4], [5, 6, 0, 1, 2], [3, 4, 5, 6, 0]]
+
+
+def test_list_large_and_refusals(capsys):
+    from opbench.cli.main import main
+
+    assert main(["list", "--large"]) == 0
+    assert len(capsys.readouterr().out.split()) == 5
+    assert main(["test", "--large", "--quick"]) == 2
+    assert "--large is its own case set" in capsys.readouterr().err

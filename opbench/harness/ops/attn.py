@@ -9,7 +9,17 @@ import numpy as np
 from opbench.protocol import AttnParams, PagedKV
 
 from ...reference import attention as attn_ref
-from ..cases import Axis, Case, Impossible, Inputs, OpSpec, OutputSpec, itemsize, uniform
+from ..cases import (
+    LARGE_OFFSET,
+    Axis,
+    Case,
+    Impossible,
+    Inputs,
+    OpSpec,
+    OutputSpec,
+    itemsize,
+    uniform,
+)
 from ..compare import Tolerance
 
 HEAD_SIZES = ((64, 64), (80, 80), (96, 96), (128, 128), (256, 256), (192, 128), (576, 512))
@@ -20,6 +30,13 @@ GQA = ((2, 2), (4, 2), (4, 1), (8, 1), (6, 2), (12, 4), (5, 1))
 LENGTHS = ((1, 1), (1, 113), (3, 113), (5, 37), (1, 512), (3, 512), (32, 512), (16, 257),
            (1, 1023), (1, 1024), (32, 1024))
 BLOCK_SIZE = 16
+# cache block counts past 32,767 and 65,535, where a 16-bit block-table entry (signed or not)
+# wraps; one-token blocks of one kv head at head dim 64 keep 70,000 blocks at 18 MB per cache
+BOUNDARY_BLOCKS = (40000, 70000)
+WIDE_INDEX = 32768  # the first block index an int16 cannot hold
+# --large: f16 caches of one-token blocks at head dim 64, one block past 2**31 elements
+# (4 GiB each for k and v)
+LARGE_BLOCKS = LARGE_OFFSET // 64 + 1
 MAX_WORK = 24e6  # n_q * n_kv * H * (Dk + Dv): keeps one case in the tens of milliseconds
 AXES = (
     Axis("type", ("f32", "f16", "bf16")),
@@ -79,6 +96,30 @@ def sequence_lengths(case: Case) -> list[tuple[int, int]]:
     return out
 
 
+def block_size(case: Case) -> int:
+    """Tokens per cache block of a paged case: ``bsz`` in the boundary cases, else 16."""
+    return case.get("bsz") or BLOCK_SIZE
+
+
+def boundary_cases() -> list[Case]:
+    """Paged decode and a short chunk over caches of 40,000 and 70,000 one-token blocks whose
+    block tables hold only entries past 32,767 (the last block among them)."""
+    return [Case.make("ATTN", type=dtype, hs=[64, 64], nh=4, nkvh=1, nq=n_q, nkv=37,
+                      **{**FLAGS, "causal": 1, "paged": 2}, bsz=1, nblk=n_blocks)
+            for n_blocks in BOUNDARY_BLOCKS for dtype, n_q in (("f32", 1), ("f16", 3))]
+
+
+def _block_order(rng, case: Case, n_used: int) -> tuple[np.ndarray, int]:
+    """The cache's block count and a random order of the blocks the tables use (past the
+    int16 range in the boundary cases, so a narrowed entry reads another block)."""
+    n_blocks = case.get("nblk")
+    if not n_blocks:
+        n_blocks = n_used + 3  # spare blocks hold garbage no one may read
+        return rng.permutation(n_blocks).astype(np.int32), n_blocks
+    wide = WIDE_INDEX + rng.choice(n_blocks - 1 - WIDE_INDEX, size=n_used - 1, replace=False)
+    return rng.permutation(np.append(wide, n_blocks - 1)).astype(np.int32), n_blocks
+
+
 def perf_case(dtype, hs, nh, nkvh, nq, nkv, **flags) -> Case:
     return Case.make("ATTN", type=dtype, hs=list(hs), nh=nh, nkvh=nkvh, nq=nq, nkv=nkv,
                      **{**FLAGS, **flags})
@@ -125,6 +166,13 @@ class AttnSpec(OpSpec):
         return [{"type": t, "hs": hs, "gqa": gqa, "len": n, **FLAGS, **flags}
                 for t, hs, gqa, n, flags in BUNDLES]
 
+    def extra_cases(self) -> list[Case]:
+        return boundary_cases()
+
+    def large_cases(self) -> list[Case]:
+        return [Case.make("ATTN", type="f16", hs=[64, 64], nh=4, nkvh=1, nq=1, nkv=37,
+                          **{**FLAGS, "causal": 1, "paged": 2}, bsz=1, nblk=LARGE_BLOCKS)]
+
     def sizes(self, case: Case) -> dict[str, int]:
         return {"nq": case["nq"], "nkv": case["nkv"]}
 
@@ -166,9 +214,9 @@ class AttnSpec(OpSpec):
 
     def _paged_inputs(self, case, rng, dk, dv) -> dict[str, np.ndarray]:
         lengths = sequence_lengths(case)
-        blocks_per_seq = [math.ceil(kv / BLOCK_SIZE) for kv, _ in lengths]
-        num_blocks = sum(blocks_per_seq) + 3  # spare blocks hold garbage no one may read
-        order = rng.permutation(num_blocks).astype(np.int32)
+        tokens = block_size(case)
+        blocks_per_seq = [math.ceil(kv / tokens) for kv, _ in lengths]
+        order, num_blocks = _block_order(rng, case, sum(blocks_per_seq))
         table = np.full((len(lengths), max(blocks_per_seq)), -1, dtype=np.int32)
         start = 0
         for s, n_blocks in enumerate(blocks_per_seq):
@@ -178,8 +226,8 @@ class AttnSpec(OpSpec):
         kv_heads = case["nkvh"]
         return {
             "q": uniform(rng, (sum(q_lens), case["nh"], dk), case.dtype),
-            "k": uniform(rng, (num_blocks, BLOCK_SIZE, kv_heads, dk), case.dtype),
-            "v": uniform(rng, (num_blocks, BLOCK_SIZE, kv_heads, dv), case.dtype),
+            "k": uniform(rng, (num_blocks, tokens, kv_heads, dk), case.dtype),
+            "v": uniform(rng, (num_blocks, tokens, kv_heads, dv), case.dtype),
             "block_table": table,
             "seq_lens": np.array([kv for kv, _ in lengths], dtype=np.int32),
             "q_start": np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32),
@@ -256,6 +304,7 @@ class AttnSpec(OpSpec):
         n_q = sum(q for _, q in seqs)
         n_kv = sum(kv for kv, _ in seqs)
         if case["paged"]:  # whole blocks are read
-            n_kv = sum(math.ceil(kv / BLOCK_SIZE) * BLOCK_SIZE for kv, _ in seqs)
+            tokens = block_size(case)
+            n_kv = sum(math.ceil(kv / tokens) * tokens for kv, _ in seqs)
         nbytes = size * (2 * n_q * heads * dk + n_kv * kv_heads * (dk + dv))
         return nbytes, 2 * pairs * heads * (dk + dv)

@@ -9,7 +9,18 @@ import numpy as np
 from opbench.protocol import numpy_dtype
 
 from ...reference import copies as copy_ref
-from ..cases import Axis, Case, Impossible, Inputs, OpSpec, OutputSpec, itemsize, uniform
+from ..cases import (
+    LARGE_OFFSET,
+    Axis,
+    Case,
+    Impossible,
+    Inputs,
+    OpSpec,
+    OutputSpec,
+    itemsize,
+    periodic_fill,
+    uniform,
+)
 
 DTYPES = ("f32", "f16", "bf16")
 DTYPE_BYTES = {"f32": 4, "f16": 2, "bf16": 2}
@@ -20,8 +31,16 @@ BOUNDARY_REASON = ("boundary row counts use the 8-value row: the index arithmeti
                    "test, and 70,000 rows of 1,024 values are 287 MB a case")
 
 
+#: --large: f16 tables of 8-value rows, one row past 2**31 elements (4 GiB each)
+LARGE_ROWS = LARGE_OFFSET // 8 + 1
+#: --large CPY: [32769, 256, 256] f16 is 2**31 + 65,536 elements (4 GiB), moved transposed
+LARGE_CPY_SHAPE = [LARGE_OFFSET // 65536 + 1, 256, 256]
+
+
 def _wide_uniform(rng, shape, dtype):
     """Values spanning many binades, so rounding (not only truncation) is exercised."""
+    if np.prod(shape) > LARGE_ROWS // 16:  # a large table repeats a random period (cases.py)
+        return periodic_fill(_wide_uniform(rng, (1_000_003,), dtype), tuple(shape))
     mantissa = rng.uniform(-1.0, 1.0, size=shape)
     return (mantissa * np.exp2(rng.integers(-12, 12, size=shape))).astype(numpy_dtype(dtype))
 
@@ -121,6 +140,10 @@ class SetRowsSpec(_CopySpec):
     def extra_cases(self) -> list[Case]:
         return _special_cases("SET_ROWS", row=[2, 64], nr=7, nslots=19, skip=1)
 
+    def large_cases(self) -> list[Case]:
+        return [Case.make("SET_ROWS", type="f16", type_src="f32", row=[1, 8], nr=7,
+                          nslots=LARGE_ROWS, skip=0)]
+
     def make_inputs(self, case: Case, rng: np.random.Generator) -> Inputs:
         row, n_rows, n_slots = tuple(case["row"]), case["nr"], case["nslots"]
         slots = rng.choice(n_slots, size=n_rows, replace=False).astype(np.int32)
@@ -176,6 +199,10 @@ class GetRowsSpec(_CopySpec):
     def extra_cases(self) -> list[Case]:
         return _special_cases("GET_ROWS", row=[2, 64], nr=7, nsrc=16)
 
+    def large_cases(self) -> list[Case]:
+        return [Case.make("GET_ROWS", type="f32", type_src="f16", row=[1, 8], nr=7,
+                          nsrc=LARGE_ROWS)]
+
     def make_inputs(self, case, rng) -> Inputs:
         row = tuple(case["row"])
         rows = rng.integers(0, case["nsrc"], size=case["nr"]).astype(np.int32)  # repeats ok
@@ -220,6 +247,11 @@ class CpySpec(_CopySpec):
         for perm, step in (((0, 1, 2), 1), ((2, 1, 0), 2)):  # contiguous, and strided
             table += _special_cases("CPY", ne=[5, 3, 64], perm=list(perm), step=step)
         return table
+
+    def large_cases(self) -> list[Case]:
+        """A transposed f16 move whose source and destination pass 2**31 elements."""
+        return [Case.make("CPY", type_src="f16", type="f16", ne=LARGE_CPY_SHAPE,
+                          perm=[1, 0, 2], step=1)]
 
     def sizes(self, case: Case) -> dict[str, int]:
         view = np.empty(case["ne"], np.int8).transpose(case["perm"])[:: case["step"]]

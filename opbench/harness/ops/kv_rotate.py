@@ -5,15 +5,30 @@ from __future__ import annotations
 import numpy as np
 
 from ...reference import kv_cache as kv_ref
-from ..cases import Axis, Case, Inputs, OpSpec, OutputSpec, itemsize, uniform
+from ..cases import LARGE_OFFSET, Axis, Case, Inputs, OpSpec, OutputSpec, itemsize, uniform
 
 LUT_ROWS = 64  # deltas up to 63 blocks
 BASE = 10000.0
+# cache block counts past 32,767 and 65,535, where a 16-bit block index (signed or not) wraps;
+# a tiny layout (2 tokens, 1 kv head, head dim 16) keeps 70,000 blocks at 9 MB in f32
+BOUNDARY_BLOCKS = (40000, 70000)
+WIDE_INDEX = 32768  # the first block index an int16 cannot hold
+# --large: the same 32-value blocks in f16, one block past 2**31 elements (4 GiB)
+LARGE_BLOCKS = LARGE_OFFSET // 32 + 1
 
 
 def perf_case(dtype, bs, hs, nkvh, nrot, nblk) -> Case:
     return Case.make("KV_ROTATE", type=dtype, layout="rotate_half", delta="block", bs=bs, hs=hs,
                      nkvh=nkvh, nrot=nrot, nblk=nblk)
+
+
+def _rotated_blocks(rng: np.random.Generator, n_blocks: int, n_rot: int) -> np.ndarray:
+    """Distinct block indices; in a cache past the int16 range they all lie past it and
+    include the last block, so a narrowed index reads and writes another block."""
+    if n_blocks <= WIDE_INDEX:
+        return rng.choice(n_blocks, size=n_rot, replace=False).astype(np.int32)
+    wide = WIDE_INDEX + rng.choice(n_blocks - 1 - WIDE_INDEX, size=n_rot - 1, replace=False)
+    return rng.permutation(np.append(wide, n_blocks - 1)).astype(np.int32)
 
 
 class KvRotateSpec(OpSpec):
@@ -33,10 +48,23 @@ class KvRotateSpec(OpSpec):
     def make_case(self, row) -> Case:
         return Case.make("KV_ROTATE", **row, nblk=row["nrot"] + 3)
 
+    def extra_cases(self) -> list[Case]:
+        """Boundary block counts: every rotated block index is past 32,767, the last block's
+        past 65,535 as well when the cache has that many."""
+        return [Case.make("KV_ROTATE", type=dtype, layout=layout, delta=delta, bs=2, hs=16,
+                          nkvh=1, nrot=5, nblk=n_blocks)
+                for n_blocks in BOUNDARY_BLOCKS
+                for dtype, layout, delta in (("f32", "rotate_half", "block"),
+                                             ("f16", "interleaved", "token"))]
+
+    def large_cases(self) -> list[Case]:
+        return [Case.make("KV_ROTATE", type="f16", layout="rotate_half", delta="token", bs=2,
+                          hs=16, nkvh=1, nrot=5, nblk=LARGE_BLOCKS)]
+
     def make_inputs(self, case: Case, rng: np.random.Generator) -> Inputs:
         n_blocks, bs = case["nblk"], case["bs"]
         cache = uniform(rng, (n_blocks, bs, case["nkvh"], case["hs"]), case.dtype)
-        blocks = rng.choice(n_blocks, size=case["nrot"], replace=False).astype(np.int32)
+        blocks = _rotated_blocks(rng, n_blocks, case["nrot"])
         width = 1 if case["delta"] == "block" else bs
         deltas = rng.integers(1, LUT_ROWS, size=(case["nrot"], width)).astype(np.int32)
         lut = kv_ref.rotation_lut(LUT_ROWS, case["hs"], bs, case.get("base", BASE))
