@@ -152,8 +152,10 @@ def make_record(
     perf: dict | None = None,
     scenario: dict | None = None,
     env: dict | None = None,
+    shard: str | None = None,
 ) -> dict:
-    """A complete record with the schema version and the current time filled in."""
+    """A complete record with the schema version and the current time filled in: every field a
+    reader fills in (``DEFAULTS``) is there, so a record reads back exactly as written."""
     record = {
         "schema": SCHEMA_VERSION,
         "kind": kind,
@@ -172,6 +174,7 @@ def make_record(
         "perf": perf,
         "scenario": scenario,
         "env": env if env is not None else environment(),
+        "shard": shard,
     }
     problem = record_problem(record)
     if problem:
