@@ -88,12 +88,29 @@ def connect(path: str | Path = DEFAULT_DB, *, create: bool = True) -> sqlite3.Co
         raise DatabaseError(f"database {path} is a directory")
     try:
         conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
-        conn.execute("PRAGMA journal_mode=WAL")
+        _retry_while_locked(lambda: conn.execute("PRAGMA journal_mode=WAL"))
         conn.execute("PRAGMA foreign_keys=ON")
         _migrate(conn, path)
     except sqlite3.DatabaseError as e:
         raise DatabaseError(f"cannot use database {path}: {e}") from None
     return conn
+
+
+def _locked(error: sqlite3.OperationalError) -> bool:
+    return "locked" in str(error) or "busy" in str(error)
+
+
+def _retry_while_locked(action, attempts: int = 12):
+    """Switching a new file to WAL needs a lock SQLite does not wait for (no busy handler):
+    several CI jobs creating one database at once see "database is locked" at once.  Retry with
+    backoff (up to ~20 s in all), then let the error through."""
+    for attempt in range(attempts):
+        try:
+            return action()
+        except sqlite3.OperationalError as e:
+            if not _locked(e) or attempt == attempts - 1:
+                raise
+            time.sleep(min(0.05 * 2**attempt, 5.0))
 
 
 def schema_version(conn: sqlite3.Connection) -> int:
@@ -126,15 +143,7 @@ class _transaction:
         self.conn = conn
 
     def __enter__(self) -> sqlite3.Connection:
-        for attempt in range(BUSY_RETRIES):
-            try:
-                self.conn.execute("BEGIN IMMEDIATE")
-                return self.conn
-            except sqlite3.OperationalError as e:
-                if "locked" not in str(e) and "busy" not in str(e):
-                    raise
-                time.sleep(0.05 * 2**attempt)
-        self.conn.execute("BEGIN IMMEDIATE")  # last try: let its error through
+        _retry_while_locked(lambda: self.conn.execute("BEGIN IMMEDIATE"), BUSY_RETRIES + 1)
         return self.conn
 
     def __exit__(self, exc_type, *_) -> None:
