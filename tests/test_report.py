@@ -86,6 +86,13 @@ def _scenario_records(rng) -> list[dict]:
                     scenario={"split": split, "n_devices": devices, "steps": [1, 2, 3]},
                     perf=_perf(rng, ms * 1e6, 0),
                 ))
+    for devices in (1, 2, 4):  # what `opbench scenario --sweep devices=1..4 --split ring` writes
+        steps = [{"nmse": float(1e-14 * devices * rng.uniform(1, 2)), "max_rel": 1e-7}
+                 for _ in range(3)]
+        records.append(_record(
+            rng, kind="scenario", backend="cpu", op="SCENARIO", status="OK",
+            case_id=f"SCENARIO(split=ring,devices={devices},sweep=1)", params={},
+            scenario={"split": "ring", "n_devices": devices, "per_step": steps}))
     return records
 
 
@@ -224,7 +231,7 @@ def test_cli_report(tmp_path, capsys):
         for record in synthetic_records(seed=1):
             writer.write(record)
     assert main(["report", str(results), "--out", str(tmp_path / "rep")]) == 0
-    assert "(5 plots)" in capsys.readouterr().out
+    assert "(6 plots)" in capsys.readouterr().out
     assert (tmp_path / "rep" / "report.html").exists()
 
 
@@ -245,7 +252,7 @@ def test_headline_comes_first_and_counts_outcomes(report):
     text = report.markdown.read_text()
     first = text.split("\n## ")[0]
     # 38 test records (1 evil FAIL, 1 torch ATTN bf16 FAIL, 1 UNSUPPORTED) + 20 scenarios
-    assert "58 cases: 55 passed, 2 failed, 0 xfail, 1 unsupported." in first
+    assert "61 cases: 58 passed, 2 failed, 0 xfail, 1 unsupported." in first
     assert "no earlier run to compare with" in first
     page = report.html.read_text()
     assert page.index('id="headline"') < page.index("<h2>")
@@ -378,7 +385,7 @@ def test_report_in_a_real_browser(report, tmp_path):
     assert len(images) == len(plots.PLOTS)
     assert all(done and natural > 0 for done, natural in images), images
     assert width <= PAGE_WIDTH
-    assert lead.startswith("58 cases: 55 passed, 2 failed")
+    assert lead.startswith("61 cases: 58 passed, 2 failed")
 
 
 def test_scenario_time_records_draw_the_scenario_plots(tmp_path, capsys):
