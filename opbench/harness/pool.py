@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 import time
 from collections import deque
 from multiprocessing.connection import wait
@@ -113,6 +114,27 @@ def _quiet_worker_signals(stderr_path: str | None) -> None:
         faulthandler.enable(log, all_threads=False)  # the crashing thread is the one to see
 
 
+def _start_ignoring_sigint(process) -> None:
+    """Start ``process`` with SIGINT ignored from its first instruction on.
+
+    A spawned worker spends its first second importing; a Ctrl-C to the process group then
+    would end it with a KeyboardInterrupt traceback before ``_quiet_worker_signals`` runs. An
+    ignored disposition survives exec (Python keeps it), so the worker starts ignoring it. The
+    parent's main thread blocks SIGINT meanwhile: one directed at it in those milliseconds stays
+    pending and reaches the restored handler. (One the kernel hands to another thread of the
+    parent, such as a BLAS thread, is dropped: pressing Ctrl-C again then ends the run.)"""
+    if threading.current_thread() is not threading.main_thread():
+        process.start()  # signal dispositions can only be changed from the main thread
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        process.start()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def _worker(conn, work: Work, stderr_path: str | None = None) -> None:
     _quiet_worker_signals(stderr_path)
     try:
@@ -162,7 +184,7 @@ class _Slot:
         self.conn = parent
         self.process = self.ctx.Process(target=_worker, args=(child, self.work,
                                                               self.stderr_path), daemon=True)
-        self.process.start()
+        _start_ignoring_sigint(self.process)
         child.close()
 
     def give(self, item: Any) -> None:

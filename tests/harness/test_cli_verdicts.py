@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -340,3 +341,34 @@ def _group_alive(pgid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def _report_sigint_disposition(conn) -> None:
+    conn.send(signal.getsignal(signal.SIGINT))
+
+
+def test_workers_start_with_ctrl_c_ignored_so_an_early_one_prints_no_traceback():
+    # the worker ignores SIGINT from exec on, not only once its imports are done
+    import multiprocessing as mp
+
+    from opbench.harness.pool import _start_ignoring_sigint
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    process = ctx.Process(target=_report_sigint_disposition, args=(child,))
+    _start_ignoring_sigint(process)
+    assert parent.recv() == signal.SIG_IGN
+    process.join(timeout=60)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # parent restored
+
+
+class _ProcessInterruptedWhileStarting:
+    def start(self) -> None:
+        # aimed at the main thread, as a terminal's Ctrl-C usually lands
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+
+def test_a_ctrl_c_while_a_worker_starts_still_reaches_the_parent():
+    from opbench.harness.pool import _start_ignoring_sigint
+    with pytest.raises(KeyboardInterrupt):
+        _start_ignoring_sigint(_ProcessInterruptedWhileStarting())
+        time.sleep(1)  # the pending signal is delivered on unblock, before this ends
