@@ -16,7 +16,14 @@ from opbench.harness.models import Model
 from opbench.harness.models import cases as models_cases
 from opbench.harness.ops import SPECS
 from opbench.harness.pool import setup_failure
-from opbench.harness.registry import backend_options, open_backend, parse_ref, split_backend_list
+from opbench.harness.records import environment
+from opbench.harness.registry import (
+    backend_class,
+    backend_options,
+    open_backend,
+    parse_ref,
+    split_backend_list,
+)
 from opbench.harness.shards import Shard, parse_shard, take_shard
 from opbench.harness.store import ResultWriter
 
@@ -308,3 +315,23 @@ def run_backend_guarded(report, backend_name: str, run) -> bool:
     except BackendSetupError as exc:
         report.broken_backend(backend_name, str(exc))
         return True
+
+
+def run_backend(report, args, name: str, options: dict, total: int, records, writer,
+                describe: bool = True) -> bool:
+    """One backend's run, as test and scenario do it; True when it fails the run.  A backend
+    that cannot run here is skipped or fails (``report_unavailable``), one whose constructor
+    raises fails in one line; else ``records()`` is stored, printed and counted.  ``describe``:
+    the records' env carries the backend's ``info()`` under ``options`` (False: its name only,
+    when each item opens the backend with options of its own, as scenarios do)."""
+    cls = backend_class(name)
+    ok, why = cls.available()
+    if not ok:
+        return report_unavailable(report, args, cls.name, why)
+    info, broken = probe_backend(name, options)
+    if broken:  # one line, not a traceback per item; the next backend still runs
+        report.broken_backend(cls.name, broken)
+        return True
+    env = environment(info if describe else {"name": cls.name})
+    return run_backend_guarded(report, cls.name, lambda: record_backend_run(
+        report, cls.name, total, records(), writer, env))

@@ -24,10 +24,8 @@ from .common import (
     open_writer,
     option_flags,
     parse_backends,
-    probe_backend,
     record_backend_run,
-    report_unavailable,
-    run_backend_guarded,
+    run_backend,
     select_cases,
     shard_arg,
 )
@@ -104,17 +102,8 @@ def cmd_test(args) -> int:
 
 
 def _test_backend(name, args, cases, run_id, writer, report) -> bool:
-    cls = backend_class(name)
-    ok, why = cls.available()
-    if not ok:
-        return report_unavailable(report, args, cls.name, why)
-    info, broken = probe_backend(name, option_flags(args))
-    if broken:
-        report.broken_backend(cls.name, broken)
-        return True
-    env = environment(info)
-    return run_backend_guarded(report, cls.name, lambda: record_backend_run(
-        report, cls.name, len(cases), iter_records(name, args, cases, run_id), writer, env))
+    return run_backend(report, args, name, option_flags(args), len(cases),
+                       lambda: iter_records(name, args, cases, run_id), writer)
 
 
 # -- COPY_ASYNC across ranks -------------------------------------------------------------------
