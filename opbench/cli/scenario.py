@@ -6,9 +6,8 @@ from dataclasses import dataclass
 
 from opbench.errors import UsageError
 from opbench.harness.records import environment, new_run_id
-from opbench.harness.registry import backend_class
 from opbench.harness.scenario.config import KV_DTYPES, ScenarioSpec
-from opbench.harness.scenario.matrix import matrix, run_specs, specs_for
+from opbench.harness.scenario.matrix import matrix, run_specs, specs_for, sweep_prompt_lens
 from opbench.harness.scenario.splits import SEQUENCE_SPLITS, SPLITS
 from opbench.harness.shards import take_shard
 
@@ -22,10 +21,9 @@ from .common import (
     isolation_options,
     open_writer,
     parse_backends,
-    probe_backend,
     record_backend_run,
     refuse_unused,
-    report_unavailable,
+    run_backend,
     shard_arg,
 )
 
@@ -39,7 +37,7 @@ EPILOG = """examples:
       scenario becomes its CRASH/TIMEOUT record; the others go on)
   opbench scenario --split ring --devices 4 --ranks          each device its own process
   torchrun --nnodes 2 --nproc-per-node 2 ... -m opbench scenario --split ring --devices 4 --ranks
-  opbench scenario --sweep devices=1..6 --results sweep.jsonl
+  opbench scenario --sweep devices=1..8 --results sweep.jsonl
 exit codes: 0 every step matched the float64 oracle, 1 a divergence (the first diverging step,
 layer, device and metric are printed), 2 a usage error"""
 
@@ -131,15 +129,18 @@ def _sweep(args) -> list[ScenarioSpec]:
     splits = [args.split] if args.split in SEQUENCE_SPLITS else list(SEQUENCE_SPLITS)
     try:
         return _sweep_specs(args, splits, range(int(low), int(high) + 1))
-    except ValueError as exc:  # e.g. more devices than tokens in the shortest prompt
+    except ValueError as exc:  # e.g. a model config.json the scenarios cannot run
         raise UsageError(f"--sweep {args.sweep}: {exc}") from None
 
 
 def _sweep_specs(args, splits: list[str], counts: range) -> list[ScenarioSpec]:
+    """Every split at every count, all with the prompts that fit the largest count."""
+    prompts = sweep_prompt_lens(args.model, counts[-1])
     return [ScenarioSpec(split=split, devices=n, layers=args.layers, steps=args.steps,
                          seed=args.seed, model=args.model, rope_cache=_on_off(args.rope_cache),
                          graph_reuse=_on_off(args.graph_reuse), evict=_on_off(args.evict),
-                         delay=_on_off(args.delay), kv_dtype=args.kv_dtype)
+                         delay=_on_off(args.delay), kv_dtype=args.kv_dtype,
+                         prompt_lens=prompts)
             for split in splits for n in counts]
 
 
@@ -185,19 +186,10 @@ def cmd_scenario(args) -> int:
 
 
 def _run_backend(name, specs, args, run_id, writer, report) -> bool:
-    cls = backend_class(name)
-    ok, why = cls.available()
-    if not ok:
-        return report_unavailable(report, args, cls.name, why)
-    _, broken = probe_backend(name, {})
-    if broken:  # one line, not a traceback per scenario; the next backend still runs
-        report.broken_backend(cls.name, broken)
-        return True
-    env = environment({"name": cls.name})
     specs = specs_for(name, specs)
-    records = run_specs(name, specs, run_id, args.jobs, isolated(args), check_timeout(args),
-                        timed=args.time)
-    return record_backend_run(report, cls.name, len(specs), records, writer, env)
+    return run_backend(report, args, name, {}, len(specs), lambda: run_specs(
+        name, specs, run_id, args.jobs, isolated(args), check_timeout(args), timed=args.time),
+        writer, describe=False)  # each scenario opens the backend with its own toggles
 
 
 # -- devices as ranks ---------------------------------------------------------------------------

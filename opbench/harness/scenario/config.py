@@ -136,6 +136,9 @@ class ScenarioSpec:
     steps: int = 4
     seed: int = 0
     kv_dtype: str = "f32"  # storage of the K/V caches (and the attention's q and out)
+    #: the sequences' prompt lengths; None: the model's (a sweep past its shortest prompt
+    #: lengthens them, ``matrix.sweep_prompt_lens``)
+    prompt_lens: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.kv_dtype not in KV_DTYPES:
@@ -153,7 +156,9 @@ class ScenarioSpec:
                              f"shortest prompt) for split={self.split!r}")
 
     def config(self) -> ModelConfig:
-        return model_config(self.model, n_layers=self.layers, steps=self.steps, seed=self.seed)
+        prompts = {"prompt_lens": tuple(self.prompt_lens)} if self.prompt_lens else {}
+        return model_config(self.model, n_layers=self.layers, steps=self.steps, seed=self.seed,
+                            **prompts)
 
     @property
     def id(self) -> str:
@@ -161,7 +166,9 @@ class ScenarioSpec:
         return (f"SCENARIO(split={self.split},devices={self.devices},"
                 f"rope_cache={onoff[self.rope_cache]},graph_reuse={onoff[self.graph_reuse]},"
                 f"evict={onoff[self.evict]},delay={onoff[self.delay]},model={self.model},"
-                f"layers={self.layers},steps={self.steps},kv_dtype={self.kv_dtype})")
+                f"layers={self.layers},steps={self.steps},kv_dtype={self.kv_dtype}"
+                + (f",prompts={'-'.join(map(str, self.prompt_lens))}" if self.prompt_lens
+                   else "") + ")")
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

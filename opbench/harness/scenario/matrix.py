@@ -16,7 +16,7 @@ from opbench.protocol import Backend
 from ..pool import run_items_in_workers, run_items_inline
 from ..records import make_record
 from ..registry import backend_options, open_backend, parse_ref
-from .config import KV_DTYPES, ScenarioSpec
+from .config import KV_DTYPES, ScenarioSpec, model_config
 from .judge import run_scenario, scenario_options
 from .splits import SPLITS
 
@@ -53,6 +53,19 @@ def matrix(seed: int = 0, layers: int = 6, steps: int = 4) -> list[ScenarioSpec]
                                       graph_reuse=kv_dtype == "bf16", kv_dtype=kv_dtype,
                                       **common))
     return specs
+
+
+def sweep_prompt_lens(model: str, max_devices: int) -> tuple[int, ...] | None:
+    """The prompts of a device sweep up to ``max_devices``: None (the model's own) while its
+    shortest prompt has a token per device; else every prompt lengthened by the same number of
+    tokens, so the shortest has two per device (zigzag cuts the sequence into two chunks per
+    device) and the sequences keep their different lengths.  One set of prompts for every
+    device count of the sweep: the error is compared at the same sequences."""
+    prompts = model_config(model).prompt_lens
+    if min(prompts) >= max_devices:
+        return None
+    extra = 2 * max_devices - min(prompts)
+    return tuple(length + extra for length in prompts)
 
 
 def unsupported(backend: Backend, spec: ScenarioSpec) -> str | None:
