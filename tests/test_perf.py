@@ -183,6 +183,7 @@ def test_nan_output_is_an_error_not_a_fast_time(tmp_path, capsys):
     (["-j", "2"], "one case at a time"),
     (["--epochs", "0"], "--epochs"),
     (["--pin-cpu", "4096"], "not one of this process's CPUs"),
+    (["--executor", "ray"], "this machine's measured ceilings"),
 ])
 def test_usage_errors_exit_2_with_one_line(capsys, argv, message):
     code, out, err = perf_main(capsys, "-o", "CPY", *argv)

@@ -12,6 +12,7 @@ from collections import Counter
 from opbench.errors import BackendSetupError, UsageError
 from opbench.harness import models
 from opbench.harness.cases import Case, filter_cases
+from opbench.harness.executors import ExecutorChoice, parse_executor
 from opbench.harness.models import Model
 from opbench.harness.models import cases as models_cases
 from opbench.harness.ops import SPECS
@@ -76,6 +77,20 @@ def isolation_options(parser: argparse.ArgumentParser, item: str, timeout: float
     parser.set_defaults(default_timeout=timeout)
 
 
+def add_executor_option(parser: argparse.ArgumentParser, item: str) -> None:
+    parser.add_argument("--executor", default="local", metavar="local|ray|ray://HOST:PORT|ray:auto",
+                        help=f"where the {item}s' -j workers run: local processes (default) or"
+                             " Ray actors (a new local Ray instance with -j CPUs, a Ray client"
+                             " address, or ray:auto / ray:HOST:PORT to join a running cluster)")
+
+
+def executor_arg(args) -> ExecutorChoice:
+    try:
+        return parse_executor(args.executor)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def check_timeout(args) -> float:
     """--timeout in seconds: > 0 and finite (0 used to mean no limit, and a hang then hung)."""
     if args.timeout is None:
@@ -86,8 +101,9 @@ def check_timeout(args) -> float:
 
 
 def isolated(args) -> bool:
-    """Items run in worker processes: -j N, --isolate, or a --timeout to enforce."""
-    return args.jobs > 1 or args.isolate or args.timeout is not None
+    """Items run in workers: -j N, --isolate, a --timeout to enforce, or a Ray executor."""
+    return (args.jobs > 1 or args.isolate or args.timeout is not None
+            or getattr(args, "executor", "local") != "local")
 
 
 # -- selection -------------------------------------------------------------------------------

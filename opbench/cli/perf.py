@@ -67,6 +67,8 @@ def register(subparsers, common) -> None:
                    help="print only problems (cases that did not time OK) and the A/B table")
     p.add_argument("--no-calibrate", action="store_true",
                    help="do not measure the machine's ceilings when none are cached")
+    p.add_argument("--executor", default="local", metavar="local",
+                   help="local only: perf times on this machine (see the refusal of ray)")
     add_shard_option(p)
     p.set_defaults(func=cmd_perf)
 
@@ -145,10 +147,20 @@ def pin_cpu(choice: str | None, default: str) -> int | None:
 
 
 # -- the verb --------------------------------------------------------------------------------------
+#: why perf stays on this machine: its verdicts compare times with this machine's measured
+#: ceilings (docs/perf.md) and --ab pins this process's CPUs; a Ray worker elsewhere has neither
+EXECUTOR_REFUSED = ("perf --executor {}: perf times one case at a time against this machine's"
+                    " measured ceilings, which a Ray worker on another machine does not have;"
+                    " run `opbench perf --shard I/N` on each machine and `opbench merge` the"
+                    " results")
+
+
 def cmd_perf(args) -> int:
     if args.jobs != 1 or args.devices != 1:
         # timings of cases running side by side would measure their contention
         raise UsageError("perf times one case at a time on one device: drop -j/--devices")
+    if args.executor != "local":
+        raise UsageError(EXECUTOR_REFUSED.format(args.executor))
     if args.output == "junit":
         raise UsageError("perf has no junit output; use console, csv or json")
     show = output.make_reporter(args.output, quiet=args.quiet,

@@ -14,9 +14,11 @@ from opbench.harness.shards import take_shard
 from . import output
 from .common import (
     add_allow_unavailable,
+    add_executor_option,
     add_shard_option,
     check_timeout,
     compile_pattern,
+    executor_arg,
     isolated,
     isolation_options,
     open_writer,
@@ -31,6 +33,7 @@ EPILOG = """examples:
   opbench scenario --split layer --devices 3 --evict on
   opbench scenario --split zigzag --devices 4 --graph-reuse on --delay on --steps 6
   opbench scenario --matrix -j 2 --results runs/scenarios.jsonl
+  opbench scenario --matrix -j 2 --executor ray    the scenarios as Ray actors
   opbench scenario --matrix -p 'split=zigzag.*evict=on'
   opbench scenario --split ring --devices 2 --evict on --kv-dtype bf16
   opbench scenario --matrix -j 2 --timeout 120 -b my_backend.py:Mine  (a crash or hang of one
@@ -77,6 +80,7 @@ def register(subparsers, common) -> None:
                         help="every split x devices 1..4 x every toggle (ignores the axis flags;"
                              " -p REGEX picks scenarios by id)")
     isolation_options(parser, "scenario", 600.0)
+    add_executor_option(parser, "scenario")
     parser.add_argument("--time", action="store_true",
                         help="record each decode step's time (median, IQR, samples in the"
                              " record's perf block): what the report's speedup and device"
@@ -158,6 +162,7 @@ def cmd_scenario(args) -> int:
     if args.jobs < 1:
         raise UsageError(f"-j {args.jobs}: needs at least 1 worker")
     check_timeout(args)
+    executor_arg(args)
     refuse_unused(args, "scenario", ["-o"], " (a scenario runs every op of a decode step)")
     if not args.matrix:
         refuse_unused(args, "scenario", ["-p"], " without --matrix (the axis flags pick the"
@@ -188,7 +193,8 @@ def cmd_scenario(args) -> int:
 def _run_backend(name, specs, args, run_id, writer, report) -> bool:
     specs = specs_for(name, specs)
     return run_backend(report, args, name, {}, len(specs), lambda: run_specs(
-        name, specs, run_id, args.jobs, isolated(args), check_timeout(args), timed=args.time),
+        name, specs, run_id, args.jobs, isolated(args), check_timeout(args), timed=args.time,
+        executor=executor_arg(args)),
         writer, describe=False)  # each scenario opens the backend with its own toggles
 
 
@@ -211,8 +217,9 @@ def rank_options(args, names: list[str]) -> RankOptions | None:
         return None
     if names != ["cpu"]:
         raise UsageError("--ranks runs the cpu backend's kernels in every rank: use -b cpu")
-    if args.jobs != 1:
-        raise UsageError("--ranks: every scenario already runs one process per device; drop -j")
+    if args.jobs != 1 or args.executor != "local":
+        raise UsageError("--ranks: every scenario already runs one process per device; drop -j"
+                         " and --executor")
     try:
         import torch.distributed  # noqa: F401
     except ImportError:

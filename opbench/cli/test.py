@@ -6,7 +6,7 @@ from typing import Iterator
 
 from opbench.errors import UsageError
 from opbench.harness.cases import Case
-from opbench.harness.executors import parse_executor, run_cases
+from opbench.harness.executors import run_cases
 from opbench.harness.pool import run_inline
 from opbench.harness.records import environment, new_run_id
 from opbench.harness.registry import backend_class
@@ -14,10 +14,12 @@ from opbench.harness.registry import backend_class
 from . import output
 from .common import (
     add_allow_unavailable,
+    add_executor_option,
     add_large_option,
     add_shard_option,
     check_common,
     check_timeout,
+    executor_arg,
     isolated,
     isolation_options,
     model_option,
@@ -45,10 +47,7 @@ def register(subparsers, common) -> None:
     add_allow_unavailable(test)
     test.add_argument("--rope-cache", choices=["on", "off"], default=None,
                       help="backend option rope_cache (backends that have one)")
-    test.add_argument("--executor", default="local", metavar="local|ray|ray://HOST:PORT|ray:auto",
-                      help="where -j workers run: local processes (default) or Ray actors (a"
-                           " new local Ray instance with -j CPUs, a Ray client address, or"
-                           " ray:auto / ray:HOST:PORT to join a running cluster)")
+    add_executor_option(test, "case")
     add_shard_option(test)
     test.add_argument("--ranks", action="store_true",
                       help="-o COPY_ASYNC on the cpu backend: every logical device its own"
@@ -59,19 +58,11 @@ def register(subparsers, common) -> None:
 
 def iter_records(name: str, args, cases: list[Case], run_id: str) -> Iterator[dict]:
     options = option_flags(args)
-    executor = executor_arg(args)
-    if isolated(args) or executor.kind != "local":
-        yield from run_cases(executor, name, backend_class(name).name, options, cases,
+    if isolated(args):
+        yield from run_cases(executor_arg(args), name, backend_class(name).name, options, cases,
                              args.seed, run_id, args.jobs, check_timeout(args))
     else:
         yield from run_inline(name, options, cases, args.seed, run_id)
-
-
-def executor_arg(args):
-    try:
-        return parse_executor(args.executor)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
 
 
 def cmd_test(args) -> int:

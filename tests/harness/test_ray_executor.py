@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +16,9 @@ from opbench.harness.executors import ExecutorChoice, parse_executor, run_cases
 from opbench.harness.ops import SPECS
 from opbench.harness.pool import run_inline
 from opbench.harness.records import new_run_id
+from opbench.harness.scenario.config import ScenarioSpec
+from opbench.harness.scenario.matrix import run_specs
+from opbench.harness.scenario.splits import SPLITS
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'opbench[ray]')")
 
@@ -107,3 +111,50 @@ def test_missing_ray_is_a_usage_error(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray now raises ImportError
     code = main(["test", "-o", "CPY", "--quick", "--executor", "ray"])
     assert code == 2 and "pip install 'opbench[ray]'" in capsys.readouterr().err
+
+
+# -- scenarios on Ray ---------------------------------------------------------------------------
+ZOO = Path(__file__).resolve().parents[1] / "bugzoo" / "scenario_bugs.py"
+
+
+@pytest.fixture
+def ray_items(monkeypatch):
+    """The items that went to Ray: proof that a run took the Ray executor, not the local pool."""
+    from opbench.harness.executors import ray as ray_executor
+
+    sent: list = []
+    original = ray_executor.run_in_ray
+
+    def counting(address, work, items, jobs, timeout):
+        sent.extend(items)
+        return original(address, work, items, jobs, timeout)
+
+    monkeypatch.setattr(ray_executor, "run_in_ray", counting)
+    return sent
+
+
+def _quick_scenarios() -> list[ScenarioSpec]:
+    """Every split at 2 devices (none at 1), one decode step through 2 layers."""
+    return [ScenarioSpec(split=split, devices=1 if split == "none" else 2, layers=2, steps=1)
+            for split in SPLITS]
+
+
+@pytest.mark.parametrize("backend", ["cpu", f"{ZOO}:RingMergeIgnoresLse"],
+                         ids=["cpu", "ring-merge-bug"])
+def test_quick_scenarios_give_the_local_verdicts(local_ray, ray_items, backend):
+    specs = _quick_scenarios()
+    local = {r["case_id"]: r["status"] for r in run_specs(backend, specs, "r")}
+    on_ray = {r["case_id"]: r["status"]
+              for r in run_specs(backend, specs, "r", jobs=2, timeout=300, executor=RAY)}
+    assert len(on_ray) == len(specs) and on_ray == local and ray_items == specs
+    failing = {spec.split for spec in specs if local[spec.id] != "OK"}
+    assert failing == (set() if backend == "cpu" else {"ring", "zigzag", "stripe"})
+
+
+def test_scenario_verb_takes_the_ray_executor(local_ray, ray_items, tmp_path):
+    results = tmp_path / "r.jsonl"
+    assert main(["scenario", "--split", "zigzag", "--devices", "2", "--steps", "1",
+                 "--layers", "2", "--executor", "ray", "-q", "--results", str(results)]) == 0
+    records = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [(r["params"]["split"], r["status"]) for r in records] == [("zigzag", "OK")]
+    assert [spec.id for spec in ray_items] == [records[0]["case_id"]]

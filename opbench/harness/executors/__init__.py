@@ -22,11 +22,14 @@ class ExecutorChoice:
     address: str | None = None  # ray: None = a new local instance; else ray.init's address
 
 
+LOCAL = ExecutorChoice("local")
+
+
 def parse_executor(text: str) -> ExecutorChoice:
     """``local``, ``ray`` (a local Ray instance), ``ray://HOST:PORT`` (Ray client),
     ``ray:auto`` or ``ray:HOST:PORT`` (join a running cluster's GCS)."""
     if text == "local":
-        return ExecutorChoice("local")
+        return LOCAL
     if text == "ray":
         return ExecutorChoice("ray")
     if text.startswith("ray://") and len(text) > len("ray://"):

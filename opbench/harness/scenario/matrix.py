@@ -13,7 +13,8 @@ import numpy as np
 
 from opbench.protocol import Backend
 
-from ..pool import run_items_in_workers, run_items_inline
+from ..executors import LOCAL, ExecutorChoice, run_items
+from ..pool import run_items_inline
 from ..records import make_record
 from ..registry import backend_options, open_backend, parse_ref
 from .config import KV_DTYPES, ScenarioSpec, model_config
@@ -186,12 +187,12 @@ class ScenarioWork:
 
 
 def run_specs(backend_ref: str, specs: list[ScenarioSpec], run_id: str, jobs: int = 1,
-              isolate: bool = False, timeout: float | None = None,
-              timed: bool = False) -> Iterator[dict]:
+              isolate: bool = False, timeout: float | None = None, timed: bool = False,
+              executor: ExecutorChoice = LOCAL) -> Iterator[dict]:
     """Records of ``specs``: in this process in spec order, or (``jobs`` > 1 or ``isolate``) in
-    worker processes as they finish, a crashed or hung scenario becoming a CRASH or TIMEOUT
-    record while the others go on."""
+    workers of ``executor`` (local processes, Ray actors) as they finish, a crashed or hung
+    scenario becoming a CRASH or TIMEOUT record while the others go on."""
     work = ScenarioWork(backend_ref, run_id, timed)
     if jobs > 1 or isolate:
-        return run_items_in_workers(work, specs, jobs, timeout)
+        return run_items(executor, work, specs, jobs, timeout)
     return run_items_inline(work, specs)
