@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Iterator
 
 from opbench.errors import UsageError
@@ -73,9 +75,13 @@ def cmd_test(args) -> int:
     if args.ranks:
         check_ranks(args, names)
     cases = select_cases(args, quick=args.quick)
+    if args.ranks:
+        cases = torchrun_cases(cases)
     if not cases:
         raise UsageError("no case matches the given -o/-p/--model/--large" + (" in this --shard"
                                                                         if args.shard else ""))
+    if args.ranks and torchrun_rank() not in (None, 0):
+        return _run_silent_rank(args, cases)
     run_id = new_run_id()
     writer = open_writer(args.results, shard_arg(args))
     report = output.make_reporter(args.output, verbose=args.verbose, quiet=args.quiet)
@@ -117,10 +123,45 @@ def check_ranks(args, names: list[str]) -> None:
         raise UsageError("--ranks needs torch.distributed: pip install 'opbench[torch]'") from None
 
 
-def _test_as_ranks(args, cases, run_id, writer, report) -> bool:
-    from opbench.harness.ranks.copy_cases import copy_async_jobs
-    from opbench.harness.ranks.launch import run_ranks
+def torchrun_rank() -> int | None:
+    """This process's rank when torchrun (env:// rendezvous) started it, else None."""
+    from opbench.harness.ranks.launch import under_torchrun
 
-    records = run_ranks(copy_async_jobs(cases, args.seed), run_id, check_timeout(args))
+    return int(os.environ["RANK"]) if under_torchrun() else None
+
+
+def torchrun_cases(cases: list[Case]) -> list[Case]:
+    """Under torchrun, the cases on WORLD_SIZE ranks (a case's ranks are the job's ranks); the
+    others are named on stderr by count, not run.  Without torchrun, every case."""
+    if torchrun_rank() is None:
+        return cases
+    world = int(os.environ["WORLD_SIZE"])
+    fitting = [case for case in cases if int(case["ndev"]) == world]
+    if len(fitting) < len(cases) and torchrun_rank() == 0:
+        print(f"opbench: under torchrun with WORLD_SIZE={world}: {len(cases) - len(fitting)} of"
+              f" {len(cases)} cases need another number of ranks and do not run (-p"
+              f" 'ndev={world}' selects those that do)", file=sys.stderr)
+    return fitting
+
+
+def _copy_rank_records(args, cases, run_id):
+    from opbench.harness.ranks.copy_cases import copy_async_jobs
+    from opbench.harness.ranks.launch import run_as_torchrun_rank, run_ranks
+
+    jobs = copy_async_jobs(cases, args.seed)
+    if torchrun_rank() is not None:  # this process is one rank; rank 0 gets the records
+        return run_as_torchrun_rank(jobs, run_id)
+    return run_ranks(jobs, run_id, check_timeout(args))
+
+
+def _test_as_ranks(args, cases, run_id, writer, report) -> bool:
     env = environment({"name": "cpu", "ranks": True})
-    return record_backend_run(report, "cpu", len(cases), records, writer, env)
+    return record_backend_run(report, "cpu", len(cases), _copy_rank_records(args, cases, run_id),
+                              writer, env)
+
+
+def _run_silent_rank(args, cases) -> int:
+    """A torchrun rank other than 0: runs its part of every case, rank 0 reports."""
+    for _record in _copy_rank_records(args, cases, new_run_id()):
+        pass
+    return 0

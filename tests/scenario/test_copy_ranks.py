@@ -5,7 +5,9 @@ cannot run."""
 
 from __future__ import annotations
 
+import json
 import multiprocessing
+import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from scenario_bugs import ReceiveIntoWrongBuffer, SendBeforeSourceDone  # noqa: 
 
 from opbench.cli.main import main  # noqa: E402
 from opbench.harness.cases import Case  # noqa: E402
+from opbench.harness.ops import SPECS  # noqa: E402
 from opbench.harness.ranks.copy_cases import CopyCaseJob  # noqa: E402
 from opbench.harness.ranks.driver import Fault  # noqa: E402
 from opbench.harness.ranks.launch import run_ranks  # noqa: E402
@@ -79,3 +82,22 @@ def test_a_hung_rank_is_one_timeout_record_and_the_run_goes_on():
 def test_ranks_refuses_other_ops_and_backends(capsys, argv, says):
     assert main(["test", "--ranks", *argv]) == 2
     assert says in capsys.readouterr().err
+
+
+def test_torchrun_env_rendezvous(tmp_path):
+    """The same command under torchrun: two processes of one job are the two ranks of every
+    case on 2 devices; the cases on 3 or 4 devices are left out, said on stderr."""
+    results = tmp_path / "r.jsonl"
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+         "2", "-m", "opbench", "test", "-o", "COPY_ASYNC", "--ranks", "-p", "check=chain|source",
+         "-q", "--results", str(results)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    records = [json.loads(line) for line in results.read_text().splitlines()]
+    chain_and_source = [c for c in SPECS["COPY_ASYNC"].cases() if c["check"] in ("chain",
+                                                                                 "source")]
+    on_two = sorted(c.id for c in chain_and_source if c["ndev"] == 2)
+    assert sorted(r["case_id"] for r in records) == on_two  # rank 0 writes; rank 1 computes
+    assert {(r["status"], r["device"]) for r in records} == {("OK", "2 rank(s)")}
+    left_out = len(chain_and_source) - len(on_two)
+    assert left_out and f"{left_out} of {len(chain_and_source)} cases need another" in done.stderr
