@@ -154,7 +154,7 @@ class RotateValuesToo:
 
     def rotate_cache(self, k_cache, v_cache, blocks, deltas, lut):
         super().rotate_cache(k_cache, v_cache, blocks, deltas, lut)
-        self.b.kv_rotate(v_cache, blocks, deltas, lut, "rotate_half")
+        self.b.kv_rotate(v_cache, blocks, deltas, lut, self.cfg.kv_layout)
 
 
 class ScoresFromLogits:

@@ -187,10 +187,12 @@ def test_rotation_lut_row_d_moves_a_key_back_by_d_positions(layer):
     np.testing.assert_allclose(moved[0], want, atol=1e-6)
 
 
-@pytest.mark.parametrize("model", ["phi-3.5-mini", "gpt-oss-20b", "llama-3.1-8b"])
+@pytest.mark.parametrize("model", ["phi-3.5-mini", "gpt-oss-20b", "llama-3.1-8b",
+                                   "deepseek-v2-lite"])
 def test_rotation_lut_moves_a_scaled_key_without_scaling_it_again(model):
     """A key RoPE'd at p with freq_factors and an attention factor (longrope, YaRN), turned
-    by LUT row d, is the key RoPE gives at p - d: same frequencies, one attention factor."""
+    by LUT row d, is the key RoPE gives at p - d: same frequencies, one attention factor
+    (DeepSeek: interleaved pairs, 64 of 192 dims rotated, the rest kept)."""
     from opbench.harness.scenario.config import model_config
     from opbench.harness.scenario.engine import rotation_lut
     from opbench.harness.scenario.model import _rope_kwargs
@@ -202,7 +204,7 @@ def test_rotation_lut_moves_a_scaled_key_without_scaling_it_again(model):
     k = np.random.default_rng(0).uniform(-1, 1, (4, 2, cfg.head_dim))
     at_old = rope(k, np.array([9, 10, 11, 12]), **kw).reshape(1, 4, 2, -1)
     moved = rotate_keys(at_old, np.array([0]), np.array([[4]]), rotation_lut(cfg, 0),
-                        layout="rotate_half")
+                        layout=cfg.kv_layout)
     np.testing.assert_allclose(moved[0], rope(k, np.array([5, 6, 7, 8]), **kw), atol=1e-6)
 
 

@@ -54,7 +54,7 @@ def test_freq_factors_and_attention_factor_reach_the_layers(model):
 
 
 @pytest.mark.parametrize("model", ["gemma-2-9b", "gemma-3-4b", "llama-3.1-8b", "phi-3.5-mini",
-                                   "gpt-oss-20b"])
+                                   "gpt-oss-20b", "deepseek-v2-lite"])
 def test_scenario_runs_at_a_preset(model, capsys):
     argv = ["scenario", "--model", model, "--split", "head", "--devices", "2", "--evict", "on",
             "-q"]
@@ -73,8 +73,31 @@ def test_yarn_with_its_ramp_runs_from_a_config_json(tmp_path, capsys):
     assert main(argv) == 0, capsys.readouterr().out[-2000:]
 
 
+def test_deepseek_keys_are_re_rotated_in_its_interleaved_layout(capsys):
+    """DeepSeek-V2-Lite: interleaved pairs over 64 of 192 dims; a re-rotation in the
+    rotate_half layout (the scenario's layout for every other model) fails at the first step
+    after an eviction."""
+    from opbench.backends.cpu import CpuBackend
+    from opbench.harness.scenario.config import ScenarioSpec
+    from opbench.harness.scenario.judge import ENGINES, run_scenario, scenario_options
+
+    cfg = model_config("deepseek-v2-lite")
+    assert (cfg.kv_layout, cfg.rope_params(0).n_dims, cfg.head_dim) == ("interleaved", 64, 192)
+
+    class RotateHalfLayout:
+        def rotate_cache(self, k_cache, v_cache, blocks, deltas, lut):
+            self.b.kv_rotate(k_cache, blocks, deltas, lut, "rotate_half")
+
+    spec = ScenarioSpec(model="deepseek-v2-lite", split="ring", devices=2, evict=True)
+    backend = CpuBackend(**scenario_options(spec))
+    try:
+        result = run_scenario(backend, spec, type("E", (RotateHalfLayout, ENGINES["ring"]), {}))
+    finally:
+        backend.close()
+    assert not result.ok and result.divergence.step == 1
+
+
 @pytest.mark.parametrize("model, message", [
-    ("deepseek-v2-lite", "not interleaved pairs"),
     ("qwen2-vl-7b", "not mrope"),
     ("bloom-560m", "not ALiBi"),
     ("no-such-model", "neither a preset"),
@@ -83,3 +106,11 @@ def test_unsupported_models_exit_2_naming_why(model, message, capsys):
     assert main(["scenario", "--model", model]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_partial_rotate_half_rope_is_refused_naming_the_dims(tmp_path, capsys):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**YARN, "partial_rotary_factor": 0.5}))
+    assert main(["scenario", "--model", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "not partial rotation (32 of 64 dims" in err and len(err.strip().splitlines()) == 1

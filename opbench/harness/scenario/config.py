@@ -77,6 +77,12 @@ class ModelConfig:
                               freq_scale=1.0 / self.global_scale)
         return RopeParams(n_dims=self.head_dim, mode="neox", freq_base=self.local_base)
 
+    @property
+    def kv_layout(self) -> str:
+        """KV_ROTATE's pair layout of the cached keys: RoPE's pairing (neox: rotate_half;
+        normal: interleaved (2i, 2i+1), DeepSeek's)."""
+        return "interleaved" if self.rope_params(0).mode == "normal" else "rotate_half"
+
     def freq_factors(self, layer: int) -> np.ndarray | None:
         """float32 ``[n_dims // 2]`` freq_factors of ``layer``'s RoPE, or None."""
         if not self.layer_freq_factors:
@@ -130,21 +136,19 @@ def _from_real_model(ref: str, **overrides) -> ModelConfig:
 
 
 def scenario_refusal(model) -> str | None:
-    """Why the scenario cannot run ``model``, or None.  Its keys are re-rotated by KV_ROTATE in
-    the rotate_half layout over the whole head, so it needs full rotate_half RoPE: not ALiBi
-    (no rotation), not mrope (positions per section: one delta does not move a key), not
-    interleaved pairs (DeepSeek) and not partial rotation (the LUT spans the head)."""
+    """Why the scenario cannot run ``model``, or None.  Its keys are re-rotated by KV_ROTATE,
+    one position delta per key, in the rotate_half layout over the whole head or in the
+    interleaved layout (pairs past the rotary dims turned by angle 0): not ALiBi (no rotation),
+    not mrope (a position per section), not partial rotate_half RoPE (its pairs (i, i + n/2)
+    are not the LUT's (j, j + D/2))."""
     if model.alibi:
         return "scenarios need rotary embeddings, not ALiBi (nothing for the re-rotation to turn)"
     if model.mode == "mrope":
-        return ("scenarios need full rotate_half RoPE, not mrope (a position per section: one "
-                "delta does not move a key)")
-    if model.mode != "neox":
-        return ("scenarios need full rotate_half RoPE, not interleaved pairs (the scenario "
-                "re-rotates keys in the rotate_half layout)")
-    if model.rope_dim != model.head_dim:
-        return (f"scenarios need RoPE over the whole head, not partial rotation ({model.rope_dim}"
-                f" of {model.head_dim} dims: the re-rotation LUT spans the head)")
+        return ("scenarios need rotate_half or interleaved RoPE, not mrope (a position per "
+                "section: one delta does not move a key)")
+    if model.mode == "neox" and model.rope_dim != model.head_dim:
+        return (f"scenarios need rotate_half RoPE over the whole head, not partial rotation "
+                f"({model.rope_dim} of {model.head_dim} dims: the re-rotation pairs j, j + D/2)")
     return None
 
 

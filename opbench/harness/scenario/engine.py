@@ -46,6 +46,8 @@ def rotation_lut(cfg: ModelConfig, layer: int) -> np.ndarray:
     kwargs = oracle_kwargs(cfg.rope_params(layer), angles_only=True)
     del kwargs["sections"]
     omega, _mscale = rope_frequencies(**kwargs, freq_factors=cfg.freq_factors(layer))
+    # partial (interleaved) rotation: the pairs past the rotary dims turn by angle 0
+    omega = np.pad(omega, (0, cfg.head_dim // 2 - len(omega)))
     angles = np.arange(cfg.capacity + 1, dtype=np.float64)[:, None] * omega
     return np.concatenate([np.cos(angles), -np.sin(angles)], axis=1).astype(F32)
 
@@ -165,7 +167,7 @@ class Engine:
 
     def rotate_cache(self, k_cache, v_cache, blocks, deltas, lut) -> None:
         """Re-rotate the kept keys.  Values carry no position: they are never rotated."""
-        self.b.kv_rotate(k_cache, blocks, deltas, lut, "rotate_half")
+        self.b.kv_rotate(k_cache, blocks, deltas, lut, self.cfg.kv_layout)
 
     def _upload_lut(self, layer: int, device: int):
         key = (layer, device)
