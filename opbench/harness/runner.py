@@ -179,26 +179,55 @@ def run_case(backend: Backend, case: Case, *, run_seed: int = 0, device: Any = N
         record.update(status="ERROR", reason=f"{type(exc).__name__}: {exc}",
                       errors=traceback.format_exc(limit=4).splitlines()[-6:])
         return record
-    _judge_outputs(spec, case, buffers, hosts, expected, low, record)
+    _judge_outputs(spec, case, buffers, hosts, expected, low, record,
+                   spec.judged_rows(case, inputs))
     record["metrics"]["seconds"] = round(time.perf_counter() - started, 6)
     _apply_known(record, known)
     return record
 
 
 def judge_output(spec: OpSpec, case: Case, buf: DeviceBuffer, host_after: np.ndarray,
-                 expected, low) -> tuple[Verdict, list[str]]:
-    """One output judged: its verdict, and its problems (an out-of-bounds write, a failed
-    verdict).  An output passes when it has no problem: the one definition of passed, used by
-    ``run_case`` and by the kernel-level tests (``triton_testing``)."""
+                 expected, low, rows: np.ndarray | None = None) -> tuple[Verdict, list[str]]:
+    """One output judged: its verdict, and its problems (an out-of-bounds write, a write
+    outside ``rows``, a failed verdict).  An output passes when it has no problem: the one
+    definition of passed, used by ``run_case`` and by the kernel-level tests
+    (``triton_testing``).  ``rows`` (``OpSpec.judged_rows``): the leading-dim rows ``expected``
+    holds; every other row must be unchanged."""
     problems = []
     guard_problem = check_guards(buf, host_after)
     if guard_problem:
         problems.append(guard_problem)
     actual = buf.split(host_after)[1].reshape(buf.spec.shape)
+    if rows is not None:
+        stray = rows_changed_outside(buf, actual, rows)
+        if stray:
+            problems.append(stray)
+        actual = actual[rows]
     verdict = judge(spec, case, buf.name, expected, low, actual)
     if not verdict.ok:
         problems.append(verdict.describe(buf.name))
     return verdict, problems
+
+
+CHANGE_SCAN_ELEMENTS = 1 << 24  # rows compared per pass: bounded temporaries on huge outputs
+
+
+def rows_changed_outside(buf: DeviceBuffer, actual: np.ndarray, rows: np.ndarray) -> str | None:
+    """Leading-dim rows of ``actual`` outside ``rows`` whose bits differ from the output's
+    initial contents, scanned in passes of a few MiB (no float or full-size copy)."""
+    before = buf.split(buf.host_before)[1].reshape(actual.shape)
+    per_row = max(1, actual[:1].size)
+    step = max(1, CHANGE_SCAN_ELEMENTS // per_row)
+    changed = []
+    for start in range(0, len(actual), step):
+        a, b = actual[start:start + step], before[start:start + step]
+        differs = (_bits(a.reshape(-1)) != _bits(b.reshape(-1))).reshape(len(a), -1)
+        changed.append(np.flatnonzero(differs.any(axis=1)) + start)
+    stray = np.setdiff1d(np.concatenate(changed), rows) if changed else np.array([], int)
+    if stray.size:
+        return (f"{buf.name}: {stray.size} rows outside the {len(rows)} the op writes changed "
+                f"(first: row {int(stray[0])})")
+    return None
 
 
 def _run_self_judging(backend, spec, case, run_seed, record) -> None:
@@ -218,10 +247,11 @@ def _run_self_judging(backend, spec, case, run_seed, record) -> None:
                       errors=traceback.format_exc(limit=4).splitlines()[-6:])
 
 
-def _judge_outputs(spec, case, buffers, hosts, expected, low, record) -> None:
+def _judge_outputs(spec, case, buffers, hosts, expected, low, record, rows) -> None:
     errors = []
     for name, buf in buffers.items():
-        verdict, problems = judge_output(spec, case, buf, hosts[name], expected[name], low[name])
+        verdict, problems = judge_output(spec, case, buf, hosts[name], expected[name], low[name],
+                                         rows.get(name))
         record["metrics"][name] = {"metric": verdict.metric, "value": verdict.value,
                                    "threshold": verdict.threshold, "n_bad": verdict.n_bad}
         errors += problems

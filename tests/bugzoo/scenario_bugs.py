@@ -15,10 +15,12 @@ import numpy as np
 from opbench.backends.common.arrays import plain
 from opbench.backends.cpu import CpuBackend, kernels
 from opbench.backends.cpu.rope_cache import RopeCache, _Table, rope_frequencies
+from opbench.harness.ops.rope import oracle_kwargs
 from opbench.harness.scenario.model import cfg_scale
 from opbench.harness.scenario.splits import SequenceSplit
 from opbench.protocol import RopeParams
 from opbench.reference.copies import round_to
+from opbench.reference.rope import rope_angles
 
 
 # -- broken backends ------------------------------------------------------------------------------
@@ -107,6 +109,14 @@ class F16CacheAsBf16(CpuBackend):
             target, round_to(source, "bf16").astype(np.float32), where))
 
 
+class RopeDropsFreqFactors(CpuBackend):
+    """The per-layer RoPE entry point forgets to pass freq_factors on: llama3 and longrope
+    layers (and YaRN without truncation) rotate with the plain frequencies."""
+
+    def rope_for_layer(self, x, pos, out, p, layer, freq_factors=None, stream=None) -> None:
+        self.rope(x, pos, out, p, stream=stream)
+
+
 # -- broken engine parts (mixed in front of the engine a split uses) ------------------------------
 class StaleReplayPositions:
     """Graph replay keeps the positions of the step it was captured on."""
@@ -144,7 +154,7 @@ class RotateValuesToo:
 
     def rotate_cache(self, k_cache, v_cache, blocks, deltas, lut):
         super().rotate_cache(k_cache, v_cache, blocks, deltas, lut)
-        self.b.kv_rotate(v_cache, blocks, deltas, lut, "rotate_half")
+        self.b.kv_rotate(v_cache, blocks, deltas, lut, self.cfg.kv_layout)
 
 
 class ScoresFromLogits:
@@ -159,10 +169,21 @@ class ScoresFromLogits:
         return np.where(visible, logits, 0.0).sum(axis=(0, 1))
 
 
+class LutWithAttentionFactor:
+    """The re-rotation LUT is taken from the layer's RoPE cos/sin table, attention factor
+    included (YaRN's mscale, longrope's scaling): every eviction scales the kept keys again."""
+
+    def rotation_lut(self, layer):
+        cos, sin = rope_angles(np.arange(self.cfg.capacity + 1),
+                               freq_factors=self.cfg.freq_factors(layer),
+                               **oracle_kwargs(self.cfg.rope_params(layer), angles_only=True))
+        return np.concatenate([cos, -sin], axis=1).astype(np.float32)
+
+
 BACKEND_BUGS = [RopeCacheLayerZero, RopeCacheKeyWithoutBase, CopiesNotAwaited,
-                RingMergeIgnoresLse, F16CacheAsBf16]
+                RingMergeIgnoresLse, F16CacheAsBf16, RopeDropsFreqFactors]
 ENGINE_BUGS = [StaleReplayPositions, ZigzagWrongOrder, EvictDeltasInBlocks, RotateValuesToo,
-               ScoresFromLogits]
+               ScoresFromLogits, LutWithAttentionFactor]
 
 
 # -- communication bugs (devices as ranks) ---------------------------------------------------------

@@ -8,9 +8,11 @@ from scenario_bugs import (
     CopiesNotAwaited,
     EvictDeltasInBlocks,
     F16CacheAsBf16,
+    LutWithAttentionFactor,
     RingMergeIgnoresLse,
     RopeCacheKeyWithoutBase,
     RopeCacheLayerZero,
+    RopeDropsFreqFactors,
     RotateValuesToo,
     ScoresFromLogits,
     StaleReplayPositions,
@@ -65,6 +67,15 @@ ZOO = {
          (S(split="stripe", devices=3, evict=True, kv_dtype="f16"), (0, "0"))],
         [S(split="none"), S(split="none", kv_dtype="bf16"),
          S(split="stripe", devices=3, evict=True)]),
+    # model presets whose RoPE carries freq_factors (llama3, longrope) or an attention factor
+    RopeDropsFreqFactors: (
+        [(S(split="none", model="llama-3.1-8b"), (0, "0")),
+         (S(split="zigzag", devices=3, model="phi-3.5-mini"), (0, "0"))],
+        [S(split="none"), S(split="none", model="gemma-3-4b")]),
+    LutWithAttentionFactor: (
+        [(S(split="none", evict=True, model="gpt-oss-20b"), (1, "0")),
+         (S(split="stripe", devices=2, evict=True, model="phi-3.5-mini"), (1, "0"))],
+        [S(split="none", model="gpt-oss-20b"), S(split="none", evict=True, model="llama-3.1-8b")]),
 }
 
 

@@ -61,3 +61,21 @@ def test_backend_without_hold_skips_gated_checks_with_the_reason():
     case = next(c for c in SPEC.cases() if c["check"] == "source")
     record = _run(NoHold, [case])[case.id]
     assert record["status"] == "UNSUPPORTED" and "hold()" in record["reason"]
+
+
+def test_64_mib_cases_are_in_the_full_table_not_quick():
+    largest = [c for c in SPEC.cases() if c["n"] == 1 << 24]
+    assert {c["check"] for c in largest} == {"source", "dest_read", "host", "sync", "many",
+                                             "chain"}
+    assert not [c for c in SPEC.quick_cases() if c["n"] == 1 << 24]
+
+
+@pytest.mark.parametrize("backend_class, check, status", [
+    (CpuBackend, "many", "OK"),  # every size from one element to 64 MiB in flight at once
+    (CopyIgnoresSourceQueue, "source", "FAIL"),
+    (DestinationDoesNotWait, "dest_read", "FAIL"),
+])
+def test_64_mib_gated_cases(backend_class, check, status):
+    case = next(c for c in SPEC.cases() if c["check"] == check and c["n"] == 1 << 24)
+    record = _run(backend_class, [case])[case.id]
+    assert record["status"] == status, record

@@ -171,22 +171,27 @@ def test_preset_rope_matches_transformers(name):
         assert tuple(layer_types) == model.layers
 
 
-@pytest.mark.parametrize("seq_len", [None, 8192])
-def test_phi35_longrope_structure_matches_transformers(seq_len):
-    """The Phi-3.5-mini preset leaves out its 48-value factor lists; with synthetic (seeded,
-    not the model's) lists of that length the longrope path still meets transformers', short
-    factors within the original 4096 positions, long ones past them."""
-    rng = np.random.default_rng(0)
-    factors = {"short_factor": rng.uniform(1.0, 2.0, 48).tolist(),
-               "long_factor": rng.uniform(1.0, 64.0, 48).tolist()}
-    raw = _raw("phi-3.5-mini")
-    raw["rope_scaling"] = {**raw["rope_scaling"], **factors}
-    model = models.parse(raw, name="phi-3.5-synthetic")
-    cfg = _hf_config_of(raw)
+def test_phi35_preset_holds_its_48_value_factor_lists():
+    rope = models.load("phi-3.5-mini").kinds["full_attention"].rope
+    assert rope["original_max_position_embeddings"] == 4096
+    assert models.load("phi-3.5-mini").max_ctx == 131072
+    for key, first, last in (("short_factor", 1.0, 2.8399994373321533),
+                             ("long_factor", 1.0800000429153442, 64.83999633789062)):
+        factors = rope[key]
+        assert len(factors) == 48 and (factors[0], factors[-1]) == (first, last)
+        # the checkpoint's float32 values, non-decreasing from the highest frequency
+        assert all(float(np.float32(f)) == f for f in factors) and factors == sorted(factors)
+
+
+@pytest.mark.parametrize("seq_len", [None, 4096, 4097, 131072])
+def test_phi35_longrope_matches_transformers_on_both_sides_of_4096(seq_len):
+    """Short factors up to the original 4096 positions, long ones past them: the preset's
+    inv_freq and attention scaling meet transformers' at sequence lengths on either side."""
+    cfg = _hf_config("phi-3.5-mini")
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     theirs, their_scaling = ROPE_INIT_FUNCTIONS["longrope"](cfg, "cpu", seq_len=seq_len)
-    ours, our_scaling = model.hf_rope("full_attention", seq_len=seq_len)
+    ours, our_scaling = models.load("phi-3.5-mini").hf_rope("full_attention", seq_len=seq_len)
     np.testing.assert_allclose(ours.astype(np.float32), theirs.numpy(), rtol=F32_ULPS)
     assert our_scaling == pytest.approx(float(their_scaling), rel=F32_ULPS)
 

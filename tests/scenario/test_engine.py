@@ -145,8 +145,11 @@ def test_judge_passes_float32_noise():
 
 def test_matrix_covers_every_split_device_count_and_toggle():
     specs = matrix()
-    assert len(specs) == (1 + 5 * 4) * (16 + 2 + 2)
+    assert len(specs) == (1 + 5 * 4) * (16 + 2 + 2 + 1)
     assert len({s.id for s in specs}) == len(specs)
+    real = [s for s in specs if s.model == "phi-3.5-mini"]
+    assert {(s.split, s.devices) for s in real} == set(split_devices())
+    assert all(s.evict for s in real)
     low = [s for s in specs if s.kv_dtype != "f32"]
     assert {(s.split, s.devices, s.kv_dtype) for s in low} == {
         (split, n, kv) for split, n in split_devices() for kv in ("f16", "bf16")}
@@ -182,6 +185,27 @@ def test_rotation_lut_row_d_moves_a_key_back_by_d_positions(layer):
                         layout="rotate_half")
     want = rope(k, np.array([5, 6, 7, 8]), **kw)
     np.testing.assert_allclose(moved[0], want, atol=1e-6)
+
+
+@pytest.mark.parametrize("model", ["phi-3.5-mini", "gpt-oss-20b", "llama-3.1-8b",
+                                   "deepseek-v2-lite"])
+def test_rotation_lut_moves_a_scaled_key_without_scaling_it_again(model):
+    """A key RoPE'd at p with freq_factors and an attention factor (longrope, YaRN), turned
+    by LUT row d, is the key RoPE gives at p - d: same frequencies, one attention factor
+    (DeepSeek: interleaved pairs, 64 of 192 dims rotated, the rest kept)."""
+    from opbench.harness.scenario.config import model_config
+    from opbench.harness.scenario.engine import rotation_lut
+    from opbench.harness.scenario.model import _rope_kwargs
+    from opbench.reference.kv_cache import rotate_keys
+    from opbench.reference.rope import rope
+
+    cfg = model_config(model)
+    kw = _rope_kwargs(cfg, 0)
+    k = np.random.default_rng(0).uniform(-1, 1, (4, 2, cfg.head_dim))
+    at_old = rope(k, np.array([9, 10, 11, 12]), **kw).reshape(1, 4, 2, -1)
+    moved = rotate_keys(at_old, np.array([0]), np.array([[4]]), rotation_lut(cfg, 0),
+                        layout=cfg.kv_layout)
+    np.testing.assert_allclose(moved[0], rope(k, np.array([5, 6, 7, 8]), **kw), atol=1e-6)
 
 
 # -- eviction from the backend's attention, and low-precision caches ----------------------------

@@ -14,10 +14,16 @@ from typing import Any
 from .. import contracts
 from ..cases import Axis, Case, Impossible, OpSpec
 
-# elements: one element .. 4 MiB of f32.  64 MiB copies take 8-18 s per gated check on the
-# cpu backend (payload set-up alone outlasts the 5 s hold valve), so they are not in the
-# default table
+# elements: one element .. 4 MiB of f32 on the axis (in every pair, and in --quick)
 SIZES = (1, 7, 4099, 1 << 20)
+#: 64 MiB of f32: one case per gated check and the chain, in the full table (not --quick).
+#: A gated check at this size costs about as much as at any size (its settle and probe waits,
+#: 0.5-1.2 s) plus ~0.5 s of payload and copies on the cpu backend
+LARGEST = 1 << 24
+#: (check, dtype, devices) of the 64 MiB cases; ``race`` draws sizes per copy up to 64 Ki
+#: elements (its trials repeat under several delay seeds), so it has none
+LARGEST_CASES = (("source", "f32", 2), ("dest_read", "bf16", 2), ("host", "f16", 2),
+                 ("sync", "f32", 2), ("many", "f32", 2), ("chain", "f16", 4))
 RACE_DELAY_SEEDS = (0, 1, 2)
 GATED = ("source", "dest_read", "host", "sync", "many")
 
@@ -46,6 +52,10 @@ class CopyAsyncSpec(OpSpec):
     def validate(self, case: Case) -> None:
         if case["check"] not in self.axis_values()["check"]:
             raise ValueError(f"check={case['check']} is not a COPY_ASYNC contract check")
+
+    def extra_cases(self) -> list[Case]:
+        return [Case.make(self.name, check=check, type=dtype, n=LARGEST, ndev=ndev)
+                for check, dtype, ndev in LARGEST_CASES]
 
     def unsupported(self, backend: Any, case: Case) -> str | None:
         """Why ``backend`` cannot run ``case`` (None: it can)."""

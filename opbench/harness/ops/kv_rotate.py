@@ -79,9 +79,16 @@ class KvRotateSpec(OpSpec):
         backend.kv_rotate(args["key_cache"], args["block_indices"], args["deltas"], args["lut"],
                           case["layout"], stream=stream)
 
+    def judged_rows(self, case: Case, inputs: Inputs) -> dict[str, np.ndarray]:
+        """The rotated blocks; the rest of the cache must stay as it was, bit for bit."""
+        return {"key_cache": np.sort(inputs.arrays["block_indices"])}
+
     def reference(self, case: Case, inputs: Inputs, dtype) -> dict[str, np.ndarray]:
+        """The rotated blocks only (``judged_rows`` order), rotated in a copy of just them."""
         a = inputs.arrays
-        out = kv_ref.rotate_keys(a["key_cache"], a["block_indices"], a["deltas"], a["lut"],
+        rows = self.judged_rows(case, inputs)["key_cache"]
+        local = np.searchsorted(rows, a["block_indices"]).astype(np.int32)
+        out = kv_ref.rotate_keys(a["key_cache"][rows], local, a["deltas"], a["lut"],
                                  layout=case["layout"], dtype=dtype)
         return {"key_cache": out}
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import numpy as np
+
 from opbench.protocol import AttnParams, RopeParams
 
 from ..models import load as load_model
@@ -40,6 +42,9 @@ class ModelConfig:
     #: RoPE per layer from a real model's config (cycled over the layers); empty: the
     #: local/global pattern above
     layer_ropes: tuple[RopeParams, ...] = ()
+    #: per entry of ``layer_ropes``: the freq_factors (float32 values; llama3, longrope and
+    #: untruncated YaRN divide theta by them), or None
+    layer_freq_factors: tuple[tuple[float, ...] | None, ...] = ()
     score_aggregation: str = "NORM_SUM"  # OpenVINO GenAI's SUM or NORM_SUM (mass / lifetime)
 
     def __post_init__(self) -> None:
@@ -72,6 +77,19 @@ class ModelConfig:
                               freq_scale=1.0 / self.global_scale)
         return RopeParams(n_dims=self.head_dim, mode="neox", freq_base=self.local_base)
 
+    @property
+    def kv_layout(self) -> str:
+        """KV_ROTATE's pair layout of the cached keys: RoPE's pairing (neox: rotate_half;
+        normal: interleaved (2i, 2i+1), DeepSeek's)."""
+        return "interleaved" if self.rope_params(0).mode == "normal" else "rotate_half"
+
+    def freq_factors(self, layer: int) -> np.ndarray | None:
+        """float32 ``[n_dims // 2]`` freq_factors of ``layer``'s RoPE, or None."""
+        if not self.layer_freq_factors:
+            return None
+        factors = self.layer_freq_factors[layer % len(self.layer_freq_factors)]
+        return None if factors is None else np.array(factors, np.float32)
+
     def attn_params(self, causal: bool = True) -> AttnParams:
         return AttnParams(scale=self.head_dim ** -0.5, causal=causal)
 
@@ -93,29 +111,45 @@ def model_config(preset: str = "gemma3", **overrides) -> ModelConfig:
 
 
 def _from_real_model(ref: str, **overrides) -> ModelConfig:
-    """Same head size, query/KV head ratio and per-layer RoPE as the model; at most 2 KV heads
-    (one when the ratio is above 4).  RoPE the scenario's rotations cannot express yet is
-    refused by name: freq_factors (llama3, longrope, untruncated yarn), YaRN's ramp and mscale
-    (the key re-rotation LUT would scale keys), mrope and interleaved pairs."""
+    """Same head size, query/KV head ratio and per-layer RoPE (frequencies, freq_factors, YaRN
+    ramp and attention factor) as the model; at most 2 KV heads (4 without GQA, 1 when the
+    ratio is above 4).
+    What the scenario's model cannot express is refused by name (``scenario_refusal``)."""
     model = load_model(ref)  # ModelError is a ValueError: the CLI's usage error
-    if model.alibi or model.mode != "neox" or model.rope_dim != model.head_dim:
-        raise ValueError(f"model {ref!r}: scenarios need full rotate_half RoPE, not "
-                         f"{'ALiBi' if model.alibi else model.mode}"
-                         f"{' partial' if model.rope_dim != model.head_dim else ''}")
-    ropes = {}
+    refusal = scenario_refusal(model)
+    if refusal:
+        raise ValueError(f"model {ref!r}: {refusal}")
+    kinds = {}
     for kind in dict.fromkeys(model.layers):
-        params, freq_factors = model.rope_params(kind)
-        if freq_factors is not None or params.ext_factor or params.attn_factor != 1.0:
-            raise ValueError(f"model {ref!r}: rope type {model.kinds[kind].rope['rope_type']!r}"
-                             " needs freq_factors or YaRN scaling, which scenarios do not run")
-        ropes[kind] = params
+        params, factors = model.rope_params(kind)
+        kinds[kind] = (params, None if factors is None
+                       else tuple(float(f) for f in np.float32(factors)))
     layers = overrides.get("n_layers", ModelConfig.n_layers)
+    per_layer = [kinds[model.layers[i % len(model.layers)]] for i in range(layers)]
     ratio = model.n_heads // model.n_kv_heads
-    kv_heads = min(model.n_kv_heads, 2 if ratio <= 4 else 1)
+    # at least 4 query heads (a head split over up to 4 devices) where the model has them
+    kv_heads = min(model.n_kv_heads, 4 if ratio == 1 else 2 if ratio <= 4 else 1)
     return ModelConfig(**{"n_heads": kv_heads * ratio, "n_kv_heads": kv_heads,
                           "head_dim": model.head_dim,
-                          "layer_ropes": tuple(ropes[model.layers[i % len(model.layers)]]
-                                               for i in range(layers)), **overrides})
+                          "layer_ropes": tuple(p for p, _ in per_layer),
+                          "layer_freq_factors": tuple(f for _, f in per_layer), **overrides})
+
+
+def scenario_refusal(model) -> str | None:
+    """Why the scenario cannot run ``model``, or None.  Its keys are re-rotated by KV_ROTATE,
+    one position delta per key, in the rotate_half layout over the whole head or in the
+    interleaved layout (pairs past the rotary dims turned by angle 0): not ALiBi (no rotation),
+    not mrope (a position per section), not partial rotate_half RoPE (its pairs (i, i + n/2)
+    are not the LUT's (j, j + D/2))."""
+    if model.alibi:
+        return "scenarios need rotary embeddings, not ALiBi (nothing for the re-rotation to turn)"
+    if model.mode == "mrope":
+        return ("scenarios need rotate_half or interleaved RoPE, not mrope (a position per "
+                "section: one delta does not move a key)")
+    if model.mode == "neox" and model.rope_dim != model.head_dim:
+        return (f"scenarios need rotate_half RoPE over the whole head, not partial rotation "
+                f"({model.rope_dim} of {model.head_dim} dims: the re-rotation pairs j, j + D/2)")
+    return None
 
 
 KV_DTYPES = ("f32", "f16", "bf16")

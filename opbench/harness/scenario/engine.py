@@ -11,8 +11,8 @@ then evictions re-rotate the kept keys with KV_ROTATE (outside the graph).
 
 ``PagedEngine`` serves splits none/layer/head (paged KV cache, paged ATTN);
 ``ring.SequenceEngine`` serves ring/zigzag/stripe.  Methods named as engine "parts"
-(``lut_rows``, ``rotate_cache``, ``write_inputs``, ``token_mass``) are what the bug zoo
-overrides.
+(``rotation_lut``, ``lut_rows``, ``rotate_cache``, ``write_inputs``, ``token_mass``) are what
+the bug zoo overrides.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from opbench.protocol import PagedKV, numpy_dtype
-from opbench.reference.rope import rope_angles
+from opbench.reference.rope import rope_frequencies
 
 from ..ops.rope import oracle_kwargs
 from .config import ModelConfig, ScenarioSpec
@@ -35,11 +35,21 @@ F32, I32 = np.float32, np.int32
 
 
 def rotation_lut(cfg: ModelConfig, layer: int) -> np.ndarray:
-    """KV_ROTATE's LUT for a layer, one row per token of shift: [cos | -sin] at that layer's
-    RoPE parameters (so scaled global layers rotate back by their own angles)."""
-    cos, sin = rope_angles(np.arange(cfg.capacity + 1),
-                           **oracle_kwargs(cfg.rope_params(layer), angles_only=True))
-    return np.concatenate([cos, -sin], axis=1).astype(F32)
+    """KV_ROTATE's LUT for a layer, one row per token of shift: [cos | -sin] of d * omega_i at
+    that layer's RoPE frequencies (freq_scale, freq_factors and the YaRN ramp included, so
+    scaled layers rotate back by their own angles).
+
+    No magnitude: a cached key is mscale * R(p * omega) k, and R(-d * omega) turns it into
+    mscale * R((p - d) * omega) k, the key RoPE gives at p - d.  The attention factor (YaRN's
+    mscale, longrope's scaling) belongs to that first rotation; a LUT carrying it would scale
+    the key again at every eviction."""
+    kwargs = oracle_kwargs(cfg.rope_params(layer), angles_only=True)
+    del kwargs["sections"]
+    omega, _mscale = rope_frequencies(**kwargs, freq_factors=cfg.freq_factors(layer))
+    # partial (interleaved) rotation: the pairs past the rotary dims turn by angle 0
+    omega = np.pad(omega, (0, cfg.head_dim // 2 - len(omega)))
+    angles = np.arange(cfg.capacity + 1, dtype=np.float64)[:, None] * omega
+    return np.concatenate([np.cos(angles), -np.sin(angles)], axis=1).astype(F32)
 
 
 @dataclass
@@ -63,8 +73,13 @@ class Engine:
         self.graph = None
         self.graph_buffers = None
         self.kv = numpy_dtype(spec.kv_dtype)  # the caches' dtype
-        self.luts = [rotation_lut(cfg, layer) for layer in range(cfg.n_layers)]
+        self.luts = [self.rotation_lut(layer) for layer in range(cfg.n_layers)]
         self._luts_on_device: dict = {}
+        # (layer, device) -> the layer's freq_factors on that device, uploaded before any
+        # capture (a graph replays the buffers it was captured with)
+        self.freq_factors = {(layer, d): self.put(cfg.freq_factors(layer), d)
+                             for layer in range(cfg.n_layers) for d in range(len(self.devices))
+                             if cfg.freq_factors(layer) is not None}
         # (layer, shard or device) -> (rotated queries, lse) of the step: what the mass needs
         self._mass_parts: dict = {}
         # set by the judge (with eviction on): the mass reads every device's cache from one
@@ -142,13 +157,17 @@ class Engine:
         """Per key, the probability mass of the backend's attention: exp(scale*q.k - lse)."""
         return attention_mass(q, keys, lse, q_pos, cfg_scale(self.cfg))
 
+    def rotation_lut(self, layer: int) -> np.ndarray:
+        """KV_ROTATE's LUT of ``layer`` (module ``rotation_lut``)."""
+        return rotation_lut(self.cfg, layer)
+
     def lut_rows(self, deltas_in_tokens: np.ndarray) -> np.ndarray:
         """KV_ROTATE deltas are LUT rows; our LUT has one row per token."""
         return deltas_in_tokens
 
     def rotate_cache(self, k_cache, v_cache, blocks, deltas, lut) -> None:
         """Re-rotate the kept keys.  Values carry no position: they are never rotated."""
-        self.b.kv_rotate(k_cache, blocks, deltas, lut, "rotate_half")
+        self.b.kv_rotate(k_cache, blocks, deltas, lut, self.cfg.kv_layout)
 
     def _upload_lut(self, layer: int, device: int):
         key = (layer, device)
@@ -254,8 +273,9 @@ class PagedEngine(Engine):
             b.matmul(h, weight, out)
         p, pos = cfg.rope_params(layer), buf["pos"][device]
         q_rot, k_rot = self.poisoned((n_q, n_h, hd), device), self.poisoned((n_q, n_kv, hd), device)
-        b.rope_for_layer(q.reshape(n_q, n_h, hd), pos, q_rot, p, layer)
-        b.rope_for_layer(k.reshape(n_q, n_kv, hd), pos, k_rot, p, layer)
+        ff = self.freq_factors.get((layer, device))
+        b.rope_for_layer(q.reshape(n_q, n_h, hd), pos, q_rot, p, layer, freq_factors=ff)
+        b.rope_for_layer(k.reshape(n_q, n_kv, hd), pos, k_rot, p, layer, freq_factors=ff)
         k_cache, v_cache = self.caches[layer, s]
         flat = (self.num_blocks * cfg.block_size, n_kv, hd)
         b.set_rows(k_cache.reshape(flat), k_rot, buf["slots"][device])

@@ -24,6 +24,7 @@ from .splits import SPLITS
 TOGGLES = ("rope_cache", "graph_reuse", "evict", "delay")
 SCENARIO_OPS = ("matmul", "rms_norm", "add", "write")
 MAX_DEVICES = 4
+REAL_MODEL = "phi-3.5-mini"  # the matrix's model preset: RoPE with freq_factors and mscale
 
 
 def split_devices() -> list[tuple[str, int]]:
@@ -37,7 +38,9 @@ def matrix(seed: int = 0, layers: int = 6, steps: int = 4) -> list[ScenarioSpec]
     count and delay, the gemma3-1b model (local and global layers differ only in freq_base)
     with the RoPE cache on; plus, per split and device count, an f16 and a bf16 cache with
     eviction on (graph reuse on with bf16): the low-precision caches through KV_ROTATE and the
-    eviction decisions, without multiplying the whole matrix by three."""
+    eviction decisions, without multiplying the whole matrix by three; plus, per split and device
+    count, the phi-3.5-mini preset with eviction on (longrope: freq_factors and an attention
+    factor through ROPE and the re-rotation LUT)."""
     common = dict(layers=layers, steps=steps, seed=seed)
     specs = []
     for split, devices in split_devices():
@@ -53,6 +56,9 @@ def matrix(seed: int = 0, layers: int = 6, steps: int = 4) -> list[ScenarioSpec]
             specs.append(ScenarioSpec(split=split, devices=devices, evict=True,
                                       graph_reuse=kv_dtype == "bf16", kv_dtype=kv_dtype,
                                       **common))
+    for split, devices in split_devices():
+        specs.append(ScenarioSpec(split=split, devices=devices, evict=True,
+                                  model=REAL_MODEL, **common))
     return specs
 
 

@@ -155,7 +155,7 @@ def cfg_scale(cfg: ModelConfig) -> float:
 
 
 def _rope_kwargs(cfg: ModelConfig, layer: int) -> dict:
-    return oracle_kwargs(cfg.rope_params(layer))
+    return {**oracle_kwargs(cfg.rope_params(layer)), "freq_factors": cfg.freq_factors(layer)}
 
 
 def run_oracle(cfg: ModelConfig, weights: Weights, plans: list[StepPlan],

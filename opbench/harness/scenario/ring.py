@@ -149,8 +149,9 @@ class SequenceEngine(Engine):
             b.matmul(h, weight, out)
         p, pos = cfg.rope_params(layer), buf["pos"][d]
         q_rot, k_rot = self.poisoned((n, n_h, hd), d), self.poisoned((n, n_kv, hd), d)
-        b.rope_for_layer(q.reshape(n, n_h, hd), pos, q_rot, p, layer)
-        b.rope_for_layer(k.reshape(n, n_kv, hd), pos, k_rot, p, layer)
+        ff = self.freq_factors.get((layer, d))
+        b.rope_for_layer(q.reshape(n, n_h, hd), pos, q_rot, p, layer, freq_factors=ff)
+        b.rope_for_layer(k.reshape(n, n_kv, hd), pos, k_rot, p, layer, freq_factors=ff)
         store = self.stores_kv[layer, d]
         b.set_rows(store[:, 0], k_rot, buf["slots"][d])
         b.set_rows(store[:, 1], v.reshape(n, n_kv, hd), buf["slots"][d])
