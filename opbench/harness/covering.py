@@ -16,6 +16,7 @@ instead of being drawn apart from it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import itertools
@@ -221,22 +222,43 @@ def cached_table(generate: Callable[[], Table], spec_class: type) -> Table:
     path = cache_dir() / f"{spec_class.__name__}-{key}.json"
     try:
         saved = json.loads(path.read_text())
-        return Table([{k: _key(v) for k, v in row.items()} for row in saved["rows"]],
-                     int(saved["n_pairwise"]))
+        table = Table([{k: _key(v) for k, v in row.items()} for row in saved["rows"]],
+                      int(saved["n_pairwise"]))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass
+    else:
+        with contextlib.suppress(OSError):
+            os.utime(path)  # most recently used: _forget_old_tables deletes it last
+        return table
     table = generate()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False) as handle:
             json.dump({"rows": table.rows, "n_pairwise": table.n_pairwise}, handle)
         os.replace(handle.name, path)
-        for stale in path.parent.glob(f"{spec_class.__name__}-*.json"):
-            if stale != path:  # built from sources since edited
-                stale.unlink(missing_ok=True)
+        _forget_old_tables(path.parent, spec_class.__name__)
     except OSError:
         pass
     return table
+
+
+# Tables of other source versions are kept a while: two checkouts side by side (a cross-commit
+# A/B, a worktree per branch) each need their own and would otherwise rebuild every time.
+TABLES_KEPT_PER_OP = 8
+
+
+def _forget_old_tables(folder: Path, spec_name: str) -> None:
+    """Delete all but the ``TABLES_KEPT_PER_OP`` most recently used tables of one op."""
+    tables = sorted(folder.glob(f"{spec_name}-*.json"), key=_mtime, reverse=True)
+    for stale in tables[TABLES_KEPT_PER_OP:]:
+        stale.unlink(missing_ok=True)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 @dataclass

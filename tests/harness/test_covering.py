@@ -84,3 +84,27 @@ def test_table_cache_round_trips_and_survives_a_bad_file(tmp_path, monkeypatch):
     for path in tmp_path.rglob("*.json"):
         path.write_text("{not json")
     assert covering.cached_table(generate, Spec) == first and len(calls) == 2
+
+
+def test_table_cache_keeps_the_tables_of_other_checkouts(tmp_path, monkeypatch):
+    # two source versions used in turn (base and head of a cross-commit A/B) build once each
+    monkeypatch.setenv("OPBENCH_CACHE", str(tmp_path))
+    calls = []
+
+    def generate():
+        calls.append(1)
+        return covering.Table([{"x": len(calls)}], 1)
+
+    class Spec:
+        pass
+
+    version = {"source": ""}
+    monkeypatch.setattr(covering.inspect, "getsource", lambda module: version["source"])
+    for source in ("base", "head", "base", "head"):
+        version["source"] = source
+        covering.cached_table(generate, Spec)
+    assert len(calls) == 2
+    for index in range(20):  # many versions later, only the most recently used few are kept
+        version["source"] = f"v{index}"
+        covering.cached_table(generate, Spec)
+    assert len(list(tmp_path.rglob("Spec-*.json"))) == covering.TABLES_KEPT_PER_OP
