@@ -169,3 +169,21 @@ def test_default_quantile_still_sees_a_slowdown_under_load():
 def test_quantile_must_be_inside_0_1(quantile):
     with pytest.raises(ValueError, match=f"quantile={quantile}"):
         stats.compare_samples([1.0] * 10, [1.0] * 10, quantile=quantile)
+
+
+def test_options_are_one_dataclass_shared_by_both_comparisons():
+    rng = np.random.default_rng(3)
+    base, new = rng.normal(100, 3, 60), rng.normal(118, 3, 60)
+    options = stats.CompareOptions(threshold=0.1, quantile=0.5, resamples=300, seed=4)
+    assert stats.compare_samples(base, new, options) == stats.compare_samples(
+        base, new, threshold=0.1, quantile=0.5, resamples=300, seed=4)
+    runs = [rng.normal(100, 3, 30) for _ in range(3)]
+    assert stats.compare_runs(runs, runs, options) == stats.compare_runs(
+        runs, runs, threshold=0.1, quantile=0.5, resamples=300, seed=4)
+    for compare, a, b in ((stats.compare_samples, base, new), (stats.compare_runs, runs, runs)):
+        with pytest.raises(ValueError, match="threshold=-1"):
+            compare(a, b, threshold=-1)
+        with pytest.raises(TypeError):
+            compare(a, b, thresold=0.1)  # a misspelt option is not silently dropped
+        with pytest.raises(TypeError, match="not both"):
+            compare(a, b, options, seed=1)

@@ -158,34 +158,50 @@ def classify(
     return NOT_SIGNIFICANT
 
 
-def compare_samples(
-    base,
-    new,
-    *,
-    threshold: float = DEFAULT_THRESHOLD,
-    confidence: float = DEFAULT_CONFIDENCE,
-    alpha: float = DEFAULT_ALPHA,
-    resamples: int = DEFAULT_RESAMPLES,
-    quantile: float = DEFAULT_QUANTILE,
-    seed: int = 0,
-) -> Comparison:
-    """Classify NEW against BASE: regression, improvement, unchanged or not significant."""
-    if threshold < 0:
-        raise ValueError(f"threshold={threshold} must be >= 0")
-    _check_quantile(quantile)
+@dataclass(frozen=True)
+class CompareOptions:
+    """How two sides are compared (``compare_samples``, ``compare_runs``), checked once here."""
+
+    threshold: float = DEFAULT_THRESHOLD
+    confidence: float = DEFAULT_CONFIDENCE
+    alpha: float = DEFAULT_ALPHA
+    resamples: int = DEFAULT_RESAMPLES
+    quantile: float = DEFAULT_QUANTILE
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.threshold < 0:
+            raise ValueError(f"threshold={self.threshold} must be >= 0")
+        _check_quantile(self.quantile)
+
+    @classmethod
+    def of(cls, options: CompareOptions | None, keywords: dict) -> CompareOptions:
+        """``options``, or one made of the keyword arguments (an unknown one is a TypeError)."""
+        if options is not None and keywords:
+            raise TypeError(f"give CompareOptions or keywords, not both: {sorted(keywords)}")
+        return options if options is not None else cls(**keywords)
+
+
+def compare_samples(base, new, options: CompareOptions | None = None, **keywords
+                    ) -> Comparison:
+    """Classify NEW against BASE: regression, improvement, unchanged or not significant.
+    ``options`` (or the same as keywords: threshold, confidence, alpha, resamples, quantile,
+    seed) are ``CompareOptions``."""
+    o = CompareOptions.of(options, keywords)
     base = _as_samples(base, "base")
     new = _as_samples(new, "new")
     if min(base.size, new.size) < MIN_SAMPLES:
-        ratio = float(np.quantile(new, quantile) / np.quantile(base, quantile))
+        ratio = float(np.quantile(new, o.quantile) / np.quantile(base, o.quantile))
         return Comparison(ratio, 0.0, math.inf, 1.0, 1.0, base.size, new.size, NOT_SIGNIFICANT,
-                          quantile)
+                          o.quantile)
     ratio, low, high = ratio_ci(
-        base, new, quantile=quantile, confidence=confidence, resamples=resamples, seed=seed
+        base, new, quantile=o.quantile, confidence=o.confidence, resamples=o.resamples,
+        seed=o.seed
     )
     _, p_slower, p_faster = mann_whitney(new, base)
-    verdict = classify(low, high, p_slower, p_faster, threshold=threshold, alpha=alpha)
+    verdict = classify(low, high, p_slower, p_faster, threshold=o.threshold, alpha=o.alpha)
     return Comparison(ratio, low, high, p_slower, p_faster, base.size, new.size, verdict,
-                      quantile)
+                      o.quantile)
 
 
 # -- separate runs: run-to-run variance ------------------------------------------------------------
@@ -260,17 +276,8 @@ def pooled_spread(log_base: np.ndarray, log_new: np.ndarray) -> float:
     return float(math.sqrt(squares / dof))
 
 
-def compare_runs(
-    base_runs,
-    new_runs,
-    *,
-    threshold: float = DEFAULT_THRESHOLD,
-    confidence: float = DEFAULT_CONFIDENCE,
-    alpha: float = DEFAULT_ALPHA,
-    resamples: int = DEFAULT_RESAMPLES,
-    quantile: float = DEFAULT_QUANTILE,
-    seed: int = 0,
-) -> RunsComparison:
+def compare_runs(base_runs, new_runs, options: CompareOptions | None = None, **keywords
+                 ) -> RunsComparison:
     """NEW vs BASE from separate invocations, each side a list of runs (lists of samples).
 
     The interval is a hierarchical bootstrap (runs, then samples within runs) of the ratio of
@@ -278,24 +285,22 @@ def compare_runs(
     the runs' log quantiles.  A change the interval sees but the runs cannot back -- fewer than
     ``MIN_RUNS`` a side, or fewer than the measured run-to-run spread needs -- is AMBIGUOUS with
     the runs needed, not a regression."""
-    if threshold < 0:
-        raise ValueError(f"threshold={threshold} must be >= 0")
-    _check_quantile(quantile)
+    o = CompareOptions.of(options, keywords)
     base, new = _runs(base_runs, "base"), _runs(new_runs, "new")
-    log_base = np.log([np.quantile(run, quantile) for run in base])
-    log_new = np.log([np.quantile(run, quantile) for run in new])
+    log_base = np.log([np.quantile(run, o.quantile) for run in base])
+    log_new = np.log([np.quantile(run, o.quantile) for run in new])
     log_ratio = float(log_new.mean() - log_base.mean())
-    rng = np.random.default_rng(seed)
-    ratios = (hierarchical_quantiles(new, quantile, resamples, rng)
-              / hierarchical_quantiles(base, quantile, resamples, rng))
-    tail = (1 - confidence) / 2 * 100
+    rng = np.random.default_rng(o.seed)
+    ratios = (hierarchical_quantiles(new, o.quantile, o.resamples, rng)
+              / hierarchical_quantiles(base, o.quantile, o.resamples, rng))
+    tail = (1 - o.confidence) / 2 * 100
     low, high = (float(v) for v in np.percentile(ratios, [tail, 100 - tail]))
     p_slower, p_faster = _welch_p(log_base, log_new)
     spread = pooled_spread(log_base, log_new)
     verdict, needed = _runs_verdict(low, high, p_slower, p_faster, spread, log_ratio,
-                                    min(len(base), len(new)), threshold, alpha)
+                                    min(len(base), len(new)), o.threshold, o.alpha)
     return RunsComparison(math.exp(log_ratio), low, high, p_slower, p_faster, len(base),
-                          len(new), verdict, quantile, spread, needed)
+                          len(new), verdict, o.quantile, spread, needed)
 
 
 def _runs_verdict(low, high, p_slower, p_faster, spread, log_ratio, runs, threshold, alpha):
