@@ -17,6 +17,7 @@ import tempfile
 import threading
 import time
 from collections import deque
+from multiprocessing import reduction
 from multiprocessing.connection import wait
 from typing import Any, Iterator, Protocol
 
@@ -101,17 +102,44 @@ def _start(work: Work) -> None:
         raise BackendSetupError(setup_failure(ref, exc)) from None
 
 
-def _quiet_worker_signals(stderr_path: str | None) -> None:
+class WorkerLog:
+    """A worker's stderr: a file without a name (unlinked from the start), so nothing is left
+    in the temp folder however the parent ends -- even SIGKILLed.  The parent keeps it open
+    and reads it back with pread; the worker gets the same open file as a descriptor,
+    handed over by multiprocessing when the worker is spawned (see ``__reduce__``)."""
+
+    def __init__(self) -> None:
+        self.file = tempfile.TemporaryFile()  # O_TMPFILE on Linux, else unlinked at once
+        self.fd = self.file.fileno()
+
+    def __reduce__(self):
+        # pickled for the spawned child: DupFd passes the descriptor to it
+        return _worker_log_fd, (reduction.DupFd(self.fd),)
+
+    def text(self) -> str:
+        size = os.fstat(self.fd).st_size
+        return os.pread(self.fd, size, 0).decode("utf-8", errors="replace")
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _worker_log_fd(dup) -> int:
+    return dup.detach()
+
+
+def _quiet_worker_signals(stderr_fd: int | None) -> None:
     """Ctrl-C in a terminal reaches the whole process group: the parent handles it (keeps the
     records, exits 130), so workers ignore it instead of printing KeyboardInterrupt tracebacks.
     Stderr goes to a file the parent reads back when the worker dies, and faulthandler puts
     the Python stack of a SIGSEGV/SIGABRT there."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if stderr_path:
-        log = open(stderr_path, "w", buffering=1, encoding="utf-8", errors="replace")
-        os.dup2(log.fileno(), 2)
-        sys.stderr = log
-        faulthandler.enable(log, all_threads=False)  # the crashing thread is the one to see
+    if stderr_fd is not None:
+        os.dup2(stderr_fd, 2)
+        os.close(stderr_fd)
+        sys.stderr = open(2, "w", buffering=1, encoding="utf-8", errors="replace",
+                          closefd=False)
+        faulthandler.enable(sys.stderr, all_threads=False)  # the crashing thread's stack
 
 
 def _start_ignoring_sigint(process) -> None:
@@ -135,8 +163,8 @@ def _start_ignoring_sigint(process) -> None:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
-def _worker(conn, work: Work, stderr_path: str | None = None) -> None:
-    _quiet_worker_signals(stderr_path)
+def _worker(conn, work: Work, stderr_fd: int | None = None) -> None:
+    _quiet_worker_signals(stderr_fd)
     try:
         _start(work)
     except BackendSetupError as exc:
@@ -175,17 +203,23 @@ class _Slot:
         self.case: Any = None
         self.started = 0.0
         self.begun = False
-        fd, self.stderr_path = tempfile.mkstemp(prefix="opbench-worker-", suffix=".log")
-        os.close(fd)
+        self.log: WorkerLog | None = None
         self.start()
 
     def start(self) -> None:
         parent, child = self.ctx.Pipe()
         self.conn = parent
-        self.process = self.ctx.Process(target=_worker, args=(child, self.work,
-                                                              self.stderr_path), daemon=True)
+        self._close_log()
+        self.log = WorkerLog()  # a fresh one: a restarted worker's tail is its own
+        self.process = self.ctx.Process(target=_worker, args=(child, self.work, self.log),
+                                        daemon=True)
         _start_ignoring_sigint(self.process)
         child.close()
+
+    def _close_log(self) -> None:
+        if self.log is not None:
+            self.log.close()
+            self.log = None
 
     def give(self, item: Any) -> None:
         self.case, self.started, self.begun = item, time.monotonic(), False
@@ -206,7 +240,7 @@ class _Slot:
                 cause = f"killed by signal {-code}"
         else:
             cause = f"exit code {code}"
-        tail = _tail(self.stderr_path, STDERR_TAIL_LINES)
+        tail = _tail(self.log.text() if self.log else "", STDERR_TAIL_LINES)
         return f"worker process died ({cause})" + (f"; its stderr ends:\n{tail}" if tail else "")
 
     def overdue(self, timeout: float) -> bool:
@@ -229,10 +263,7 @@ class _Slot:
         if self.process.is_alive():
             self.process.kill()
             self.process.join(timeout=2)
-        try:
-            os.unlink(self.stderr_path)
-        except OSError:
-            pass
+        self._close_log()
 
 
 # faulthandler's frames of the harness itself and its module list: noise next to the user's
@@ -240,14 +271,10 @@ class _Slot:
 _PLUMBING = ("/multiprocessing/", '"<string>"', "Extension modules:", "/opbench/harness/")
 
 
-def _tail(path: str, lines: int) -> str:
-    """The last ``lines`` lines the worker wrote to stderr, without the process-start frames
-    and module list of faulthandler's dump (the user's frames and messages are what tells)."""
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            text = f.read()
-    except OSError:
-        return ""
+def _tail(text: str, lines: int) -> str:
+    """The last ``lines`` lines of what the worker wrote to stderr, without the process-start
+    frames and module list of faulthandler's dump (the user's frames and messages are what
+    tells)."""
     kept = [line for line in text.splitlines()
             if line.strip() and not any(noise in line for noise in _PLUMBING)]
     return "\n".join(kept[-lines:])

@@ -301,10 +301,10 @@ def test_a_closed_pipe_ends_quietly():
         assert "Traceback" not in err and "Error" not in err, argv
 
 
-def _run_until_records(results, *extra, sig, to_group: bool):
+def _run_until_records(results, *extra, sig, to_group: bool, env=None):
     """Start `test -j 2`, wait for records, send ``sig``; (exit code, stderr)."""
     proc = _opbench("test", "-o", "ATTN", "-j", "2", "-q", "--results", str(results),
-                    *extra, stdout=subprocess.DEVNULL, start_new_session=True)
+                    *extra, stdout=subprocess.DEVNULL, start_new_session=True, env=env)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and (
             not results.exists() or results.read_text().count("\n") < 4):
@@ -324,15 +324,18 @@ def test_ctrl_c_under_jobs_ends_quietly_with_130_and_keeps_records(tmp_path):
     assert len(records) >= 4 and all(r["status"] == "OK" for r in records)
 
 
-def test_killing_the_parent_leaves_no_worker_and_no_traceback(tmp_path):
-    results = tmp_path / "r.jsonl"
-    proc, err = _run_until_records(results, sig=signal.SIGKILL, to_group=False)
+def test_killing_the_parent_leaves_no_worker_no_log_and_no_traceback(tmp_path):
+    results, temp = tmp_path / "r.jsonl", tmp_path / "tmp"
+    temp.mkdir()
+    proc, err = _run_until_records(results, sig=signal.SIGKILL, to_group=False,
+                                   env={**os.environ, "TMPDIR": str(temp)})
     assert proc.returncode == -signal.SIGKILL and err == ""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and _group_alive(proc.pid):
         time.sleep(0.2)
     assert not _group_alive(proc.pid)  # the workers saw the pipe close and ended
     assert all(r["status"] == "OK" for r in _records(results))
+    assert list(temp.iterdir()) == []  # no worker's stderr log outlives the run
 
 
 def _group_alive(pgid: int) -> bool:
