@@ -23,6 +23,30 @@ BACKENDS = textwrap.dedent("""
             super().cpy(src, out, perm, step, stream)
             self.done = True
 
+    class Tired(CpuBackend):
+        name = "tired"  # rotates the cache for its first calls, then leaves it as it is
+
+        def kv_rotate(self, key_cache, block_indices, deltas, lut, layout, stream=None):
+            self.calls = getattr(self, "calls", 0) + 1
+            if self.calls <= 3:
+                super().kv_rotate(key_cache, block_indices, deltas, lut, layout, stream)
+
+    class TiredNoWrite(Tired):
+        name = "tired-no-write"  # cannot write into a buffer: perf restores into fresh ones
+
+        def implements(self, method):
+            return method != "write" and super().implements(method)
+
+    class Replay(CpuBackend):
+        name = "replay"  # rotates once, then writes that first answer back on every call
+
+        def kv_rotate(self, key_cache, block_indices, deltas, lut, layout, stream=None):
+            if hasattr(self, "answer"):
+                self.write(key_cache, self.answer, stream)
+                return
+            super().kv_rotate(key_cache, block_indices, deltas, lut, layout, stream)
+            self.answer = self.to_host(key_cache)
+
     class Garbage(CpuBackend):
         name = "garbage"  # right the first (untimed, NaN-checked) time, zeros while timed
 
@@ -34,11 +58,11 @@ ONE_CASE = ["-o", "CPY", "--sizes", "small", "-p", r"type=f16", "--budget-ms", "
             "--min-samples", "3", "--warmup", "1", "--no-calibrate"]
 
 
-def perf_status(tmp_path, cls: str, *extra) -> dict:
+def perf_status(tmp_path, cls: str, *extra, case=ONE_CASE) -> dict:
     path = tmp_path / "lazy_backends.py"
     path.write_text(BACKENDS)
     results = tmp_path / f"{cls}{len(extra)}.jsonl"
-    main(["perf", "-b", f"{path}:{cls}", *ONE_CASE, "--results", str(results), *extra])
+    main(["perf", "-b", f"{path}:{cls}", *case, "--results", str(results), *extra])
     [record] = store.read_records(results)
     return record
 
@@ -61,9 +85,32 @@ def test_a_correct_backend_times_ok_with_fresh_inputs(tmp_path):
     assert record["status"] == "OK" and record["perf"]["n"] >= 3
 
 
-def test_in_place_outputs_are_timed_but_not_judged(tmp_path):
-    # every timed call rotates the cache once more: the one-call oracle does not apply
-    main(["perf", "-o", "KV_ROTATE", "--sizes", "small", "--budget-ms", "1", "--min-samples",
-          "3", "--warmup", "1", "--no-calibrate", "--results", str(tmp_path / "kv.jsonl")])
-    [record] = store.read_records(tmp_path / "kv.jsonl")
-    assert record["status"] == "OK" and record["perf"]["output_judged"] is False
+IN_PLACE = ["--sizes", "small", "--budget-ms", "1", "--min-samples", "3", "--warmup", "1",
+            "--no-calibrate"]
+
+
+@pytest.mark.parametrize("fresh", [[], ["--fresh-inputs"]])
+def test_in_place_outputs_are_judged_after_timing(tmp_path, fresh):
+    # every timed call rotates the cache once more: the input is restored and one more call
+    # judged, so a correct in-place op is OK however many times it was timed
+    results = tmp_path / "in_place.jsonl"
+    main(["perf", "-o", "KV_ROTATE,SET_ROWS", *IN_PLACE, "--results", str(results), *fresh])
+    records = store.read_records(results)
+    assert {r["op"] for r in records} == {"KV_ROTATE", "SET_ROWS"}
+    assert all(r["status"] == "OK" and r["perf"]["output_judged"] for r in records), [
+        r.get("reason") for r in records]
+
+
+@pytest.mark.parametrize("cls", ["Tired", "TiredNoWrite"])
+def test_an_in_place_op_that_stops_working_while_timed_is_an_error(tmp_path, cls):
+    record = perf_status(tmp_path, cls, case=["-o", "KV_ROTATE", *IN_PLACE])
+    assert record["status"] == "ERROR"
+    assert record["reason"].startswith("the output of a call on restored inputs after the "
+                                       "timed calls is wrong: key_cache:")
+
+
+@pytest.mark.parametrize("fresh, status", [([], "OK"), (["--fresh-inputs"], "ERROR")])
+def test_fresh_inputs_catch_an_in_place_op_that_replays_its_first_answer(tmp_path, fresh,
+                                                                        status):
+    record = perf_status(tmp_path, "Replay", *fresh, case=["-o", "KV_ROTATE", *IN_PLACE])
+    assert record["status"] == status, record.get("reason")

@@ -6,8 +6,9 @@ correctness tables and are counted by the op's ``OpSpec.work``; only the shapes 
 (Llama/Qwen/Gemma/Phi-class: prefill 512 tokens, decode against 4k-32k of context, 16-64 MiB
 copies).  ``--sizes small`` keeps the structure with tiny shapes (tests, CI, the gate experiment).
 
-Perf does not judge values against the oracle, but every output is checked for NaN after one
-untimed call: outputs start poisoned with NaN, so a kernel that skips work cannot post a fast time.
+Every output is checked for NaN after one untimed call (outputs start poisoned with NaN, so a
+kernel that skips work cannot post a fast time), and after timing the output of the timed calls
+is judged against the oracle (``timed_output_problem``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from opbench.harness.cases import PERF_SIZES, Case, Inputs
 from opbench.harness.ops import SPECS, support
 from opbench.harness.records import case_record, environment
 from opbench.harness.registry import device_label, first_device
-from opbench.harness.runner import KnownFailures, judge, place, references
+from opbench.harness.runner import KnownFailures, allocate_output, judge, place, references
 
 from . import timing
 
@@ -87,31 +88,65 @@ def refresh_inputs(backend, prepared: Prepared, rng: np.random.Generator) -> Non
     inputs = spec.make_inputs(prepared.case, rng)
     device = device_of(backend)
     for name, array in inputs.arrays.items():
-        prepared.args[name] = backend.to_device(array, device)
+        if name not in prepared.buffers:  # an in-place output keeps its buffer: restored below
+            prepared.args[name] = backend.to_device(array, device)
     prepared.inputs = inputs
+    restore_in_place(backend, prepared)
+
+
+def in_place(prepared: Prepared) -> list[str]:
+    """The outputs that start as an input (KV_ROTATE's cache, SET_ROWS' dst, in-place ROPE)."""
+    return [name for name, buf in prepared.buffers.items() if buf.spec.init_from]
+
+
+def restore_in_place(backend, prepared: Prepared) -> None:
+    """Put ``prepared.inputs`` back into the in-place outputs, so the next call starts from
+    the state the oracle judges.  Into the same buffers where the backend can ``write`` (a
+    backend that answers from a cache keyed on the address still sees its old address),
+    else into fresh ones."""
+    device = device_of(backend)
+    for name in in_place(prepared):
+        buf = prepared.buffers[name]
+        initial = prepared.inputs.arrays[buf.spec.init_from].reshape(buf.spec.shape)
+        if backend.implements("write"):
+            backend.write(buf.device_view, initial, backend.stream(device))
+            continue
+        fresh = allocate_output(backend, device, name, buf.spec, prepared.inputs)
+        prepared.buffers[name] = fresh
+        prepared.args[name] = fresh.device_view
+    backend.synchronize(device)  # the copy is done before the next (perhaps timed) call
 
 
 def output_judged(backend, prepared: Prepared) -> bool:
-    in_place = any(buf.spec.init_from for buf in prepared.buffers.values())
-    known = KnownFailures(backend.known_failures()).match(prepared.case.id)
-    return not in_place and known is None
+    return KnownFailures(backend.known_failures()).match(prepared.case.id) is None
 
 
 def timed_output_problem(backend, prepared: Prepared) -> str | None:
     """Judge what the timed calls left in the outputs against the float64 oracle of the
     inputs they read, as ``opbench test`` judges: a backend that returns stale, cached or
-    garbage results while timed gets an ERROR, not a speed.  Not judged: known failures, and
-    in-place outputs (KV_ROTATE's cache: every timed call rotated it once more)."""
+    garbage results while timed gets an ERROR, not a speed.  Known failures are not judged.
+
+    An in-place output (KV_ROTATE's cache) holds the input rotated once per timed call, which
+    no one-call oracle describes (and composing the oracle that many times would cost more than
+    the timing and drift in low precision); so its input is restored into the buffers and one
+    more call -- on the timed buffers, after the timed calls -- is judged."""
     if not output_judged(backend, prepared):
         return None
     spec = SPECS[prepared.case.op]
-    backend.synchronize(device_of(backend))
+    device = device_of(backend)
+    backend.synchronize(device)
+    what = "the output of the timed calls"
+    if in_place(prepared):
+        restore_in_place(backend, prepared)
+        prepared.fn()
+        backend.synchronize(device)
+        what = "the output of a call on restored inputs after the timed calls"
     expected, low = references(spec, prepared.case, prepared.inputs)
     for name, buf in prepared.buffers.items():
         actual = buf.split(backend.to_host(buf.device_flat))[1].reshape(buf.spec.shape)
         verdict = judge(spec, prepared.case, name, expected[name], low[name], actual)
         if not verdict.ok:
-            return f"the output of the timed calls is wrong: {verdict.describe(name)}"
+            return f"{what} is wrong: {verdict.describe(name)}"
     return None
 
 
