@@ -420,7 +420,9 @@ class Backend:
         return True, ""
 
     def info(self) -> dict:
-        """Facts for result records and ``opbench doctor``: mode, versions, device names."""
+        """Facts for result records and ``opbench doctor``: mode, versions, device names, and
+        ``threads``: how many threads a call computes with (an int), or ``"cpus"`` when it
+        splits over every CPU the process may run on; perf picks the ceiling by it."""
         return {}
 
     def known_failures(self) -> list[tuple]:

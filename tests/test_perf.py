@@ -27,7 +27,8 @@ from opbench.perf import run as perf
 
 FAST = ["--sizes", "small", "--budget-ms", "2", "--min-samples", "3", "--warmup", "1"]
 LINE = re.compile(r"^  [A-Z_]+\(.*\): \d+ runs - \d+\.\d\d us/run - \d+ kB/run - \d+\.\d\d "
-                  r"(GB/s|GFLOP/s)( \(\d+% of (copy bandwidth|matmul rate)\))?$")
+                  r"(GB/s|GFLOP/s)( \(\d+% of (copy bandwidth|matmul rate), \d+ cores?\)"
+                  r"|, cache-resident \(working set [\d.]+ MiB\))?$")
 
 
 @pytest.fixture(autouse=True)
@@ -66,14 +67,74 @@ def test_perf_writes_every_sample_and_prints_test_backend_ops_lines(tmp_path, ca
     assert all(LINE.match(line) for line in lines), lines
 
 
-def test_perf_line_names_the_ceiling_when_calibrated(tmp_path, capsys):
+def write_calibration(tmp_path, calibration: dict) -> None:
     cache = tmp_path / "cache"
     cache.mkdir()
-    (cache / "ceilings.json").write_text(json.dumps(
-        {cpu_model(): {"copy_gbps": 10.0, "matmul_gflops": 50.0}}))
-    code, out, _ = perf_main(capsys, "-o", "CPY", "-p", "type=f16")
+    (cache / "ceilings.json").write_text(json.dumps({cpu_model(): calibration}))
+
+
+#: ceilings far above what a small case reaches, so none counts as cache-resident
+HIGH = {"copy_gbps": 1500.0, "matmul_gflops": 5000.0,
+        "one_core": {"copy_gbps": 1000.0, "matmul_gflops": 2500.0},
+        "all_cores": {"copy_gbps": 1500.0, "matmul_gflops": 5000.0, "threads": 2}}
+THREADED = """
+    class OneThread(CpuBackend):
+        name = "one-thread"
+
+        def info(self):
+            return {**super().info(), "threads": 1}
+
+    class TwoThreads(CpuBackend):
+        name = "two-threads"
+
+        def info(self):
+            return {**super().info(), "threads": 2}
+"""
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs to run 2 threads")
+@pytest.mark.parametrize("cls, ceiling, cores", [("OneThread", 1000.0, "1 core"),
+                                                 ("TwoThreads", 1500.0, "2 cores")])
+def test_perf_line_uses_the_ceiling_of_the_backends_threads(tmp_path, capsys, cls, ceiling,
+                                                            cores):
+    write_calibration(tmp_path, HIGH)
+    results = tmp_path / "r.jsonl"
+    ref = backend_file(tmp_path, THREADED) + ":" + cls
+    code, out, _ = perf_main(capsys, "-b", ref, "-o", "CPY", "-p", "type=f16",
+                             "--results", str(results))
     assert code == 0
-    assert re.search(r"GB/s \(\d+% of copy bandwidth\)$", out.strip().splitlines()[-1])
+    assert re.search(rf"GB/s \(\d+% of copy bandwidth, {cores}\)$", out.strip().splitlines()[-1])
+    for record in read_records(results):
+        assert record["perf"]["ceiling"] == ceiling
+        assert record["perf"]["ceiling_threads"] == int(cores[0])
+
+
+def test_the_cpu_backend_splits_over_every_cpu_and_gets_their_ceiling(tmp_path, capsys):
+    write_calibration(tmp_path, HIGH)
+    results = tmp_path / "r.jsonl"
+    assert perf_main(capsys, "-o", "CPY", "-p", "type=f16", "--results", str(results))[0] == 0
+    cpus = min(len(os.sched_getaffinity(0)), HIGH["all_cores"]["threads"])
+    assert {r["perf"]["ceiling_threads"] for r in read_records(results)} == {cpus}
+    with pytest.MonkeyPatch.context() as patch:  # told one thread: one core's ceiling
+        patch.setenv("NUMBA_NUM_THREADS", "1")
+        assert perf_main(capsys, "-o", "CPY", "-p", "type=f16", "--results",
+                         str(tmp_path / "one.jsonl"))[0] == 0
+    assert {r["perf"]["ceiling"] for r in read_records(tmp_path / "one.jsonl")} == {1000.0}
+
+
+def test_a_figure_above_the_ceiling_prints_cache_resident(tmp_path, capsys):
+    low = {"copy_gbps": 1e-3, "matmul_gflops": 1e-3, "one_core": {"copy_gbps": 1e-3,
+           "matmul_gflops": 1e-3}, "all_cores": {"copy_gbps": 1e-3, "matmul_gflops": 1e-3,
+                                                 "threads": 2}}
+    write_calibration(tmp_path, low)  # every case beats it: no impossible percentage
+    results = tmp_path / "r.jsonl"
+    code, out, _ = perf_main(capsys, "-o", "CPY", "-p", "type=f16", "--results", str(results))
+    assert code == 0 and "%" not in out
+    [record] = [r for r in read_records(results)][-1:]
+    size = record["perf"]["bytes"] / 2**20
+    assert out.strip().splitlines()[-1].endswith(f"GB/s, cache-resident (working set "
+                                                 f"{size:.2g} MiB)")
+    assert record["perf"]["cache_resident"] and record["perf"]["fraction_of_ceiling"] is None
 
 
 def test_attention_counts_flops_and_is_compute_bound_at_prefill():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -133,29 +134,53 @@ def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("OPBENCH_CACHE_DIR", str(tmp_path / "cache"))
     calls = []
 
-    def fake_measure(copy_bytes=calibrate.COPY_BYTES, matmul_n=calibrate.MATMUL_N):
+    def fake_measure(threads, copy_bytes, matmul_n, budget_ms=1000.0):
         calls.append((copy_bytes, matmul_n))
-        return {"copy_gbps": 10.0 + len(calls), "matmul_gflops": 100.0}
+        return {"copy_gbps": 10.0 + len(calls), "matmul_gflops": 100.0 * threads,
+                "threads": threads}
 
-    monkeypatch.setattr(calibrate, "measure_ceilings", fake_measure)
+    monkeypatch.setattr(calibrate, "measure_with_threads", fake_measure)
+    monkeypatch.setattr(calibrate, "cpu_count", lambda: 2)
     return calls
 
 
 def test_ceilings_are_measured_once_and_cached_per_cpu(cache, tmp_path):
     assert calibrate.load_ceilings(measure_if_missing=False) is None
     first = calibrate.load_ceilings()
-    assert first["copy_gbps"] == 11.0 and calibrate.load_ceilings() == first and len(cache) == 1
+    # one core, then all (2) cores; the top-level rates are all cores'
+    assert first["one_core"]["copy_gbps"] == 11.0 and first["all_cores"]["copy_gbps"] == 12.0
+    assert first["copy_gbps"] == 12.0 and first["all_cores"]["threads"] == 2
+    assert calibrate.load_ceilings() == first and len(cache) == 2
     stored = json.loads((tmp_path / "cache" / "ceilings.json").read_text())
     assert list(stored) == [calibrate.records.cpu_model()]
-    assert calibrate.calibrate(force=True)["copy_gbps"] == 12.0 and len(cache) == 2
+    assert stored[calibrate.records.cpu_model()]["one_core"]["matmul_gflops"] == 100.0
+    assert calibrate.calibrate(force=True)["one_core"]["copy_gbps"] == 13.0 and len(cache) == 4
+
+
+def test_an_older_one_core_cache_entry_is_measured_again(cache, tmp_path, capsys):
+    path = tmp_path / "cache" / "ceilings.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps({calibrate.records.cpu_model(): {"copy_gbps": 27.6,
+                                                                "matmul_gflops": 76.4}}))
+    assert calibrate.load_ceilings(measure_if_missing=False) is None
+    assert calibrate.stale_entry()
+    assert main(["perf", "--sizes", "small", "-o", "CPY", "-p", "type=f16", "--budget-ms",
+                 "1", "--min-samples", "3", "--warmup", "1", "--no-calibrate"]) == 0
+    assert capsys.readouterr().err == (
+        "opbench: the ceilings cache holds an older opbench's one-core figures; run "
+        "`opbench calibrate` for fractions of the ceilings\n")
+    assert calibrate.load_ceilings()["one_core"]["copy_gbps"] == 11.0 and len(cache) == 2
+    assert not calibrate.stale_entry()
 
 
 def test_cli_calibrate(cache, tmp_path, capsys):
     assert main(["calibrate", "--copy-mib", "8", "--matmul-n", "128"]) == 0
-    assert cache == [(8 * 2**20, 128)]
-    assert "copy bandwidth: 11.00 GB/s" in capsys.readouterr().out
-    assert main(["calibrate", "--json"]) == 0 and len(cache) == 1  # cached
-    assert json.loads(capsys.readouterr().out)["matmul_gflops"] == 100.0
+    assert cache == [(8 * 2**20, 128)] * 2
+    out = capsys.readouterr().out
+    assert "copy bandwidth: 11.00 GB/s on 1 core, 12.00 GB/s on 2 cores" in out
+    assert "matmul rate:    100.00 GFLOP/s on 1 core, 200.00 GFLOP/s on 2 cores" in out
+    assert main(["calibrate", "--json"]) == 0 and len(cache) == 2  # cached
+    assert json.loads(capsys.readouterr().out)["matmul_gflops"] == 200.0
 
 
 def test_corrupt_cache_is_a_usage_error_until_forced(cache, tmp_path, capsys):
@@ -165,13 +190,64 @@ def test_corrupt_cache_is_a_usage_error_until_forced(cache, tmp_path, capsys):
     assert main(["calibrate"]) == 2
     assert "run `opbench calibrate --force`" in capsys.readouterr().err
     assert main(["calibrate", "--force"]) == 0
-    assert calibrate.load_ceilings(measure_if_missing=False)["copy_gbps"] == 11.0
+    assert calibrate.load_ceilings(measure_if_missing=False)["copy_gbps"] == 12.0
 
 
 def test_real_measurements_are_positive_rates():
     # tiny sizes: checks the arithmetic runs end to end, not the machine's speed
     assert np.isfinite(calibrate.measure_copy_bandwidth(2**20, budget_ms=5)) > 0
+    assert calibrate.measure_copy_bandwidth(2**20, budget_ms=5, threads=3) > 0
     assert calibrate.measure_matmul_rate(64, budget_ms=5) > 0
+    measured = calibrate.measure_with_threads(2, 2**20, 64, budget_ms=5)  # a fresh interpreter
+    assert measured["threads"] == 2 and all(measured[rate] > 0 for rate in calibrate.RATES)
+
+
+def test_the_last_level_cache_is_read_from_the_os():
+    llc = calibrate.last_level_cache_bytes()
+    if os.path.isdir("/sys/devices/system/cpu/cpu0/cache/index0"):
+        assert llc is not None and llc >= 2**16
+    assert calibrate.last_level_cache_bytes(cpu=10**6) is None  # no such CPU: unknown
+
+
+CALIBRATION = {"one_core": {"copy_gbps": 10.0, "matmul_gflops": 50.0},
+               "all_cores": {"copy_gbps": 16.0, "matmul_gflops": 180.0, "threads": 4},
+               "llc_bytes": 2**20}
+
+
+@pytest.mark.parametrize("threads, copy, matmul", [
+    (1, 10.0, 50.0),  # one thread: one core's
+    (2, 16.0, 100.0),  # no more than two cores' worth, nor than all cores'
+    (4, 16.0, 180.0), (64, 16.0, 180.0),  # all cores, however many threads
+])
+def test_the_ceiling_follows_the_backends_threads(threads, copy, matmul):
+    ceilings = calibrate.ceilings_for(CALIBRATION, threads)
+    assert (ceilings["copy_gbps"], ceilings["matmul_gflops"]) == (copy, matmul)
+    assert ceilings["threads"] == min(threads, 4) and ceilings["llc_bytes"] == 2**20
+
+
+def test_a_noisy_all_core_figure_below_one_core_is_no_tighter_bound():
+    noisy = {**CALIBRATION, "all_cores": {"copy_gbps": 8.0, "matmul_gflops": 40.0, "threads": 2}}
+    assert calibrate.ceilings_for(noisy, 2)["copy_gbps"] == 10.0
+    assert calibrate.ceilings_for({"copy_gbps": 3.0}, 8) == {"copy_gbps": 3.0}  # flat: as is
+    assert calibrate.ceilings_for(None, 8) is None
+
+
+def test_beyond_the_copy_ceiling_or_within_the_cache_is_cache_resident():
+    ceilings = calibrate.ceilings_for(CALIBRATION, 1)
+    # 2 MiB (above the 1 MiB cache) in 100 us: 21 GB/s, above the 10 GB/s ceiling
+    above = timing.throughput(100_000, nbytes=2 * 2**20, ceilings=ceilings)
+    assert above["cache_resident"] and above["fraction_of_ceiling"] is None
+    # 512 kB fits the cache: from cache, however slow
+    small = timing.throughput(10**6, nbytes=2**19, ceilings=ceilings)
+    assert small["cache_resident"] and small["fraction_of_ceiling"] is None
+    # 8 MiB at 8.4 GB/s: from memory, 84% of the one-core ceiling
+    memory = timing.throughput(10**6, nbytes=8 * 2**20, ceilings=ceilings)
+    assert not memory["cache_resident"] and memory["fraction_of_ceiling"] == pytest.approx(
+        0.839, abs=1e-3)
+    assert memory["ceiling_threads"] == 1
+    # compute-bound calls are never called cache-resident
+    compute = timing.throughput(10**6, nbytes=2**19, flops=10**9, ceilings=ceilings)
+    assert compute["bound"] == "compute" and not compute["cache_resident"]
 
 
 def test_backend_subject_uses_the_backends_sync_timer_and_flush():

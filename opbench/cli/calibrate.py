@@ -41,7 +41,18 @@ def run_calibrate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(ceilings, indent=2, sort_keys=True))
     else:
-        print(f"copy bandwidth: {ceilings['copy_gbps']:.2f} GB/s (read + write)")
-        print(f"matmul rate:    {ceilings['matmul_gflops']:.2f} GFLOP/s (float32 GEMM)")
+        print_ceilings(ceilings)
         print(f"cached in {calibrate.cache_path()}")
     return 0
+
+
+def print_ceilings(ceilings: dict) -> None:
+    one, every = ceilings["one_core"], ceilings["all_cores"]
+    cores = f"{every['threads']} core{'s' if every['threads'] > 1 else ''}"
+    print(f"copy bandwidth: {one['copy_gbps']:.2f} GB/s on 1 core, "
+          f"{every['copy_gbps']:.2f} GB/s on {cores} (read + write)")
+    print(f"matmul rate:    {one['matmul_gflops']:.2f} GFLOP/s on 1 core, "
+          f"{every['matmul_gflops']:.2f} GFLOP/s on {cores} (float32 GEMM)")
+    if ceilings.get("llc_bytes"):
+        print(f"last-level cache: {ceilings['llc_bytes'] / 2**20:g} MiB (a working set that fits"
+              " is reported cache-resident)")

@@ -7,6 +7,7 @@ A backend reference for ``--ab`` (and ``-b``, as in every verb) may carry option
 from __future__ import annotations
 
 import os
+import sys
 
 from opbench.errors import UsageError
 from opbench.harness.cases import filter_cases
@@ -114,10 +115,14 @@ def perf_options(args) -> perf_mode.PerfOptions:
 
 
 def _ceilings(args):
-    from opbench.perf.calibrate import CeilingsError, load_ceilings
+    from opbench.perf.calibrate import CeilingsError, load_ceilings, stale_entry
 
     try:
-        return load_ceilings(measure_if_missing=not args.no_calibrate)
+        ceilings = load_ceilings(measure_if_missing=not args.no_calibrate)
+        if ceilings is None and stale_entry():
+            print("opbench: the ceilings cache holds an older opbench's one-core figures; run "
+                  "`opbench calibrate` for fractions of the ceilings", file=sys.stderr)
+        return ceilings
     except CeilingsError as exc:
         raise UsageError(str(exc)) from None
 

@@ -10,15 +10,9 @@ from __future__ import annotations
 import os
 
 from opbench.errors import UsageError
+from opbench.perf.run import compute_threads
 
-
-def compute_threads(backend) -> int:
-    """Threads a backend computes with, as its ``info()`` declares them (1 when it does not)."""
-    try:
-        threads = backend.info().get("threads")
-    except Exception:  # info is best effort
-        return 1
-    return threads if isinstance(threads, int) and threads > 0 else 1
+__all__ = ["compute_threads", "pin_for_ab"]
 
 
 def _cpus_of(choice: str, allowed: list[int]) -> list[int]:

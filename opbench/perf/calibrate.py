@@ -1,9 +1,17 @@
-"""This machine's performance ceilings: large-copy bandwidth and float32 GEMM rate.
+"""This machine's performance ceilings: large-copy bandwidth and float32 GEMM rate, each on one
+core and on all cores.
+
+A ceiling is measured the way the fastest peer reaches it: the copy split over one thread per
+CPU, the GEMM through NumPy's BLAS with one thread per CPU; and again with one thread, since a
+single-threaded backend cannot use the other cores.  Each runs in a fresh interpreter, because
+BLAS reads its thread count from the environment once, when it loads.  Perf results are
+reported as a fraction of the ceiling that bounds them, for the threads the backend computes
+with (``ceilings_for``, ``timing.throughput``).
 
 Measured once and cached as JSON (``$OPBENCH_CACHE_DIR/ceilings.json``, else
 ``$XDG_CACHE_HOME/opbench`` or ``~/.cache/opbench``), keyed by CPU model so a cache on a shared
-home directory serves several machines.  Perf results are reported as a fraction of the ceiling
-that bounds them (see ``timing.throughput``).
+home directory serves several machines.  An entry of an older opbench (one core only) counts
+as missing: it is measured again.
 
 A ceiling is an upper bound, so each is taken from the *fastest* sample (best of N), not the
 median: the median of a noisy machine would make ordinary results look better than possible.
@@ -13,6 +21,10 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +35,10 @@ from opbench.perf import timing
 COPY_BYTES = 256 * 2**20
 MATMUL_N = 1024
 CACHE_FILE = "ceilings.json"
+#: how BLAS libraries (OpenBLAS, MKL, BLIS, OpenMP builds) are told their thread count
+BLAS_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                         "BLIS_NUM_THREADS")
+RATES = ("copy_gbps", "matmul_gflops")
 
 
 class CeilingsError(Exception):
@@ -40,16 +56,35 @@ def cache_path() -> Path:
     return cache_dir() / CACHE_FILE
 
 
-def measure_copy_bandwidth(nbytes: int = COPY_BYTES, budget_ms: float = 1000.0) -> float:
-    """GB/s of np.copyto on ``nbytes`` buffers, counting the read and the write."""
+def cpu_count() -> int:
+    """The CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def measure_copy_bandwidth(nbytes: int = COPY_BYTES, budget_ms: float = 1000.0,
+                           threads: int = 1) -> float:
+    """GB/s of np.copyto on ``nbytes`` buffers, counting the read and the write, split in
+    ``threads`` parts copied at once (NumPy releases the GIL while it copies)."""
     if nbytes < 2**20:
         raise ValueError(f"nbytes={nbytes} must be >= 1 MiB to measure memory, not cache")
+    if threads < 1:
+        raise ValueError(f"threads={threads} must be >= 1")
     src = np.ones(nbytes // 4, dtype=np.float32)
     dst = np.zeros_like(src)  # touched now, so page faults stay out of the samples
-    samples = timing.measure(
-        lambda: np.copyto(dst, src), sync=lambda: None, warmup=1, budget_ms=budget_ms,
-        min_samples=5,
-    )
+    parts = list(zip(np.array_split(dst, threads), np.array_split(src, threads)))
+    with ThreadPoolExecutor(threads, thread_name_prefix="opbench-calibrate") as pool:
+
+        def copy() -> None:
+            if threads == 1:
+                np.copyto(dst, src)
+            else:
+                list(pool.map(lambda part: np.copyto(*part), parts))
+
+        samples = timing.measure(copy, sync=lambda: None, warmup=1, budget_ms=budget_ms,
+                                 min_samples=5)
     return 2 * src.nbytes / samples.ns.min()  # bytes per ns == GB/s
 
 
@@ -68,15 +103,76 @@ def measure_matmul_rate(n: int = MATMUL_N, budget_ms: float = 1000.0) -> float:
     return 2 * n**3 / samples.ns.min()  # flops per ns == GFLOP/s
 
 
+def measure_here(threads: int, copy_bytes: int, matmul_n: int, budget_ms: float) -> dict:
+    """Both rates in this process: the copy on ``threads`` threads, the GEMM on as many as
+    this process's BLAS was started with."""
+    return {"copy_gbps": measure_copy_bandwidth(copy_bytes, budget_ms, threads),
+            "matmul_gflops": measure_matmul_rate(matmul_n, budget_ms), "threads": threads}
+
+
+def measure_with_threads(threads: int, copy_bytes: int = COPY_BYTES, matmul_n: int = MATMUL_N,
+                         budget_ms: float = 1000.0) -> dict:
+    """``measure_here`` in a fresh interpreter whose BLAS runs ``threads`` threads."""
+    env = {**os.environ, **dict.fromkeys(BLAS_THREAD_VARIABLES, str(threads))}
+    package_root = str(Path(__file__).resolve().parents[2])  # the child imports this opbench
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    code = ("import json, sys; from opbench.perf.calibrate import measure_here; "
+            "t, c, n, b = sys.argv[1:]; "
+            "print(json.dumps(measure_here(int(t), int(c), int(n), float(b))))")
+    argv = [str(threads), str(copy_bytes), str(matmul_n), str(budget_ms)]
+    done = subprocess.run([sys.executable, "-c", code, *argv], env=env, capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+        raise CeilingsError(f"measuring the ceilings on {threads} thread(s) failed: {last}")
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def last_level_cache_bytes(cpu: int = 0) -> int | None:
+    """The size of the largest (last-level) cache of ``cpu``, from Linux's sysfs; None where
+    it cannot be read."""
+    sizes = []
+    for index in Path(f"/sys/devices/system/cpu/cpu{cpu}/cache").glob("index*"):
+        try:
+            level = int((index / "level").read_text())
+            size = (index / "size").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        units = {"K": 2**10, "M": 2**20, "G": 2**30}
+        if size[:-1].isdigit() and size[-1] in units:
+            sizes.append((level, int(size[:-1]) * units[size[-1]]))
+    return max(sizes)[1] if sizes else None
+
+
 def measure_ceilings(copy_bytes: int = COPY_BYTES, matmul_n: int = MATMUL_N) -> dict:
+    """One-core and all-core ceilings; the top-level rates are the all-core ones (the
+    machine's ceiling, and what an older opbench reads)."""
+    one = measure_with_threads(1, copy_bytes, matmul_n)
+    cpus = cpu_count()
+    every = measure_with_threads(cpus, copy_bytes, matmul_n) if cpus > 1 else one
     return {
-        "copy_gbps": measure_copy_bandwidth(copy_bytes),
-        "matmul_gflops": measure_matmul_rate(matmul_n),
+        **{rate: every[rate] for rate in RATES},
+        "one_core": one,
+        "all_cores": every,
+        "llc_bytes": last_level_cache_bytes(),
         "copy_bytes": copy_bytes,
         "matmul_n": matmul_n,
         "measured_at": records.utc_now(),
         "numpy": np.__version__,
     }
+
+
+def ceilings_for(calibration: Mapping | None, threads: int) -> dict | None:
+    """The ceilings that bound a backend computing with ``threads`` threads: each thread moves
+    or computes at most what one core does, all of them together at most what all cores do
+    (and never less than one core: a noisy all-core measurement is no tighter bound).  A flat
+    mapping of rates (no per-core figures) is used as it is."""
+    if not calibration or "one_core" not in calibration:
+        return dict(calibration) if calibration else None
+    one, every = calibration["one_core"], calibration["all_cores"]
+    threads = max(1, min(threads, every["threads"]))
+    bound = {rate: max(one[rate], min(every[rate], threads * one[rate])) for rate in RATES}
+    return {**bound, "threads": threads, "llc_bytes": calibration.get("llc_bytes")}
 
 
 def read_cache(path: Path | None = None) -> dict:
@@ -95,12 +191,24 @@ def read_cache(path: Path | None = None) -> dict:
     return data
 
 
+def _rates(entry: object) -> bool:
+    return isinstance(entry, dict) and all(
+        isinstance(entry.get(k), (int, float)) and entry[k] > 0 for k in RATES)
+
+
 def _valid(entry: object) -> bool:
-    return (
-        isinstance(entry, dict)
-        and all(isinstance(entry.get(k), (int, float)) and entry[k] > 0
-                for k in ("copy_gbps", "matmul_gflops"))
-    )
+    """Rates for one core and for all cores (an older opbench's entry has one core only)."""
+    return (_rates(entry) and _rates(entry.get("one_core")) and _rates(entry.get("all_cores"))
+            and isinstance(entry["all_cores"].get("threads"), int))
+
+
+def stale_entry(key: str | None = None) -> bool:
+    """Whether the cache holds this machine's ceilings in an older opbench's form."""
+    try:
+        entry = read_cache().get(key or records.cpu_model())
+    except CeilingsError:
+        return False
+    return _rates(entry) and not _valid(entry)
 
 
 def calibrate(force: bool = False, key: str | None = None, **sizes: int) -> dict:

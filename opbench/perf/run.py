@@ -14,6 +14,7 @@ is judged against the oracle (``timed_output_problem``).
 from __future__ import annotations
 
 import math
+import os
 import traceback
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from opbench.harness.registry import device_label, first_device
 from opbench.harness.runner import KnownFailures, allocate_output, judge, place, references
 
 from . import timing
+from .calibrate import ceilings_for
 
 SIZES = PERF_SIZES
 INTERPRETER_REASON = "interpreter mode: timings would measure Python, not the kernel"
@@ -58,6 +60,36 @@ class Prepared:
     flops: int
     inputs: Inputs | None = None  # what the last timed call read: its output is judged on it
     args: dict | None = None  # the device arrays ``fn`` passes (fresh inputs replace them)
+    threads: int = 1  # that compute it at once: picks the ceiling (see compute_threads)
+
+
+#: ``info()["threads"]`` of a backend that splits its work over whatever CPUs it may run on
+FOLLOWS_CPUS = "cpus"
+
+
+def compute_threads(backend) -> int:
+    """Threads a backend needs CPUs for, as its ``info()`` declares them: 1 when it declares
+    none, or when it follows the CPUs it is given (``FOLLOWS_CPUS``)."""
+    threads = _declared_threads(backend)
+    return threads if isinstance(threads, int) and threads > 0 else 1
+
+
+def running_threads(backend) -> int:
+    """Threads of the backend that run at once here: no more than this process's CPUs."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    if _declared_threads(backend) == FOLLOWS_CPUS:
+        return cpus
+    return min(compute_threads(backend), cpus)
+
+
+def _declared_threads(backend):
+    try:
+        return backend.info().get("threads")
+    except Exception:  # info is best effort
+        return None
 
 
 def device_of(backend) -> Any:
@@ -78,7 +110,7 @@ def prepare(backend, case: Case, seed: int = 0) -> Prepared:
     stream = backend.stream(device)
     nbytes, flops = work(case, inputs, {name: buf.spec for name, buf in buffers.items()})
     return Prepared(case, lambda: spec.call(backend, case, args, stream), buffers, nbytes, flops,
-                    inputs, args)
+                    inputs, args, running_threads(backend))
 
 
 def refresh_inputs(backend, prepared: Prepared, rng: np.random.Generator) -> None:
@@ -169,7 +201,8 @@ class PerfOptions:
     warmup: int = timing.DEFAULT_WARMUP
     cold: bool = False
     seed: int = 0
-    ceilings: Mapping[str, float] | None = None
+    #: the machine's calibration (``calibrate.load_ceilings``), or flat ceilings
+    ceilings: Mapping[str, Any] | None = None
     #: A/B only: fresh buffers this many times, the budget split between them (see run_ab_case)
     epochs: int = 1
     #: new random inputs before every sample (untimed), see refresh_inputs
@@ -206,8 +239,10 @@ def subject_for(backend, prepared: Prepared, options: PerfOptions) -> timing.Sub
 
 
 def block(samples: timing.Samples, prepared: Prepared, options: PerfOptions) -> dict:
+    """The record's perf block, against the ceilings for the threads the backend runs."""
     return timing.perf_block(samples, nbytes=prepared.nbytes or None,
-                             flops=prepared.flops or None, ceilings=options.ceilings)
+                             flops=prepared.flops or None,
+                             ceilings=ceilings_for(options.ceilings, prepared.threads))
 
 
 def run_perf_case(backend, case: Case, options: PerfOptions, run_id: str, *,

@@ -11,9 +11,10 @@ import numpy as np
 from opbench.harness.store import record_key
 
 from . import timing
+from .calibrate import ceilings_for
 
 
-def merge_runs(runs: Sequence[Sequence[dict]], ceilings: Mapping[str, float] | None = None
+def merge_runs(runs: Sequence[Sequence[dict]], ceilings: Mapping | None = None
                ) -> list[dict]:
     """One record per case, in the first run's order.  A case that did not time OK in some run
     keeps that run's record (its status and reason, with the run named): a flaky case is a
@@ -37,6 +38,8 @@ def _merge(records: list[dict], repeat: int, ceilings) -> dict:
     summary = timing.summarize(pooled)
     perf = {**last["perf"], "samples_ns": [int(x) for x in pooled], "runs_ns": runs_ns,
             "repeat": len(records), **summary}
+    threads = perf.get("ceiling_threads") or 1
     perf.update(timing.throughput(summary["median_ns"], nbytes=perf.get("bytes"),
-                                  flops=perf.get("flops"), ceilings=ceilings))
+                                  flops=perf.get("flops"),
+                                  ceilings=ceilings_for(ceilings, threads)))
     return {**last, "perf": perf}

@@ -181,27 +181,39 @@ def throughput(
     """GB/s and GFLOP/s at ``median_ns`` per call, and the fraction of the ceiling that bounds it.
 
     The bound is the roofline's: whichever of bytes/bandwidth and flops/peak is the longer
-    minimum time.  ``ceilings`` holds ``copy_gbps`` and ``matmul_gflops`` (see calibrate)."""
+    minimum time.  ``ceilings`` holds ``copy_gbps`` and ``matmul_gflops``, and optionally the
+    ``threads`` they are for and the machine's ``llc_bytes`` (see ``calibrate.ceilings_for``).
+    A memory-bound call that moves no more than the last-level cache holds, or beats the copy
+    ceiling, ran from cache: it is ``cache_resident`` and gets no fraction of a memory ceiling
+    it was never bound by."""
     if median_ns <= 0:
         raise ValueError(f"median_ns={median_ns} must be > 0")
     seconds = median_ns * 1e-9
     gbps = nbytes / seconds / 1e9 if nbytes else None
     gflops = flops / seconds / 1e9 if flops else None
     bound = _bound(nbytes, flops, ceilings)
-    ceiling = None
-    fraction = None
+    ceiling = fraction = None
     if ceilings and bound is not None:
         ceiling = ceilings.get("copy_gbps" if bound == "memory" else "matmul_gflops")
         achieved = gbps if bound == "memory" else gflops
         if ceiling and achieved is not None:
             fraction = achieved / ceiling
+    resident = bound == "memory" and _cache_resident(nbytes, fraction, ceilings)
     return {
         "gbps": gbps,
         "gflops": gflops,
         "bound": bound,
         "ceiling": ceiling,
-        "fraction_of_ceiling": fraction,
+        "ceiling_threads": (ceilings or {}).get("threads"),
+        "fraction_of_ceiling": None if resident else fraction,
+        "cache_resident": resident,
     }
+
+
+def _cache_resident(nbytes: int | None, fraction: float | None,
+                    ceilings: Mapping[str, float] | None) -> bool:
+    llc = (ceilings or {}).get("llc_bytes")
+    return bool((fraction is not None and fraction > 1.0) or (llc and nbytes and nbytes <= llc))
 
 
 def _bound(nbytes: int | None, flops: int | None, ceilings: Mapping[str, float] | None):

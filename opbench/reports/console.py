@@ -7,9 +7,29 @@ def _size(nbytes: float) -> str:
     return f"{nbytes / 1024:.0f} kB/run"
 
 
+def _mib(nbytes: float) -> str:
+    mib = nbytes / 2**20
+    return f"{mib:.0f} MiB" if mib >= 10 else f"{mib:.2g} MiB"
+
+
+def _ceiling_part(perf: dict, ceiling_name: str | None) -> str:
+    """`` (41% of copy bandwidth, 2 cores)``; ``, cache-resident (working set 4 MiB)`` for a
+    call that ran from cache, where a fraction of the memory ceiling would mean nothing."""
+    if perf.get("cache_resident"):
+        return f", cache-resident (working set {_mib(perf['bytes'])})"
+    if perf.get("fraction_of_ceiling") is None:
+        return ""
+    name = ceiling_name or ("matmul rate" if perf.get("bound") == "compute" else
+                            "copy bandwidth")
+    threads = perf.get("ceiling_threads")
+    if threads:
+        name += f", {threads} core{'s' if threads > 1 else ''}"
+    return f" ({perf['fraction_of_ceiling']:.0%} of {name})"
+
+
 def format_perf_line(case_id: str, perf: dict, ceiling_name: str | None = None) -> str:
     """``OP(...): 2304 runs - 445.61 us/run - 32770 kB/run - 70.27 GB/s (41% of copy
-    bandwidth)``; the parts whose data is missing are left out."""
+    bandwidth, 2 cores)``; the parts whose data is missing are left out."""
     parts = [f"{perf['n']} runs", f"{perf['median_ns'] / 1e3:.2f} us/run"]
     if perf.get("bytes"):
         parts.append(_size(perf["bytes"]))
@@ -20,9 +40,6 @@ def format_perf_line(case_id: str, perf: dict, ceiling_name: str | None = None) 
         rate = f"{perf['gbps']:.2f} GB/s"
     else:
         rate = ""
-    if rate and perf.get("fraction_of_ceiling") is not None:
-        name = ceiling_name or ("matmul rate" if bound == "compute" else "copy bandwidth")
-        rate += f" ({perf['fraction_of_ceiling']:.0%} of {name})"
     if rate:
-        parts.append(rate)
+        parts.append(rate + _ceiling_part(perf, ceiling_name))
     return f"{case_id}: " + " - ".join(parts)

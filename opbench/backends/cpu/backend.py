@@ -26,7 +26,7 @@ from ..common.arg_checks import ArgChecks
 from ..common.arrays import plain
 from ..common.numpy_model import NumpyModelOps
 from ..runtimes.threads import ThreadRuntime
-from . import jit, kernels
+from . import jit, kernels, parallel
 from .rope_cache import RopeCache
 
 #: the host-side argument checks; the NumPy kernels read int32 and int64 indices alike
@@ -76,6 +76,8 @@ class CpuBackend(NumpyModelOps, RuntimeBackend):
             "rope_cache": self.rope_cache,
             "jit": self.jit and jit.installed(),
             "delay": self.delay,
+            # its kernels split over the CPUs it may run on (perf's FOLLOWS_CPUS) unless told
+            "threads": parallel.configured_threads() or "cpus",
             **self.runtime.info(),
         }
 

@@ -22,10 +22,16 @@ _POOL: ThreadPoolExecutor | None = None
 _state = threading.local()  # .inside: this thread is running a part
 
 
-def thread_count() -> int:
+def configured_threads() -> int | None:
+    """``NUMBA_NUM_THREADS`` when set to a count, else None (every CPU this process may use)."""
     configured = os.environ.get("NUMBA_NUM_THREADS", "")
-    if configured.isdigit() and int(configured) > 0:
-        return int(configured)
+    return int(configured) if configured.isdigit() and int(configured) > 0 else None
+
+
+def thread_count() -> int:
+    configured = configured_threads()
+    if configured:
+        return configured
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
