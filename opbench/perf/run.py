@@ -14,7 +14,6 @@ is judged against the oracle (``timed_output_problem``).
 from __future__ import annotations
 
 import math
-import os
 import traceback
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from opbench.harness.registry import device_label, first_device
 from opbench.harness.runner import KnownFailures, allocate_output, judge, place, references
 
 from . import timing
-from .calibrate import ceilings_for
+from .calibrate import ceilings_for, cpu_count
 
 SIZES = PERF_SIZES
 INTERPRETER_REASON = "interpreter mode: timings would measure Python, not the kernel"
@@ -60,7 +59,7 @@ class Prepared:
     flops: int
     inputs: Inputs | None = None  # what the last timed call read: its output is judged on it
     args: dict | None = None  # the device arrays ``fn`` passes (fresh inputs replace them)
-    threads: int = 1  # that compute it at once: picks the ceiling (see compute_threads)
+    threads: int = 1  # of the backend, running at once: picks the ceiling (running_threads)
 
 
 #: ``info()["threads"]`` of a backend that splits its work over whatever CPUs it may run on
@@ -76,10 +75,7 @@ def compute_threads(backend) -> int:
 
 def running_threads(backend) -> int:
     """Threads of the backend that run at once here: no more than this process's CPUs."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cpus = os.cpu_count() or 1
+    cpus = cpu_count()
     if _declared_threads(backend) == FOLLOWS_CPUS:
         return cpus
     return min(compute_threads(backend), cpus)
