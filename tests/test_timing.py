@@ -237,9 +237,11 @@ def test_beyond_the_copy_ceiling_or_within_the_cache_is_cache_resident():
     # 2 MiB (above the 1 MiB cache) in 100 us: 21 GB/s, above the 10 GB/s ceiling
     above = timing.throughput(100_000, nbytes=2 * 2**20, ceilings=ceilings)
     assert above["cache_resident"] and above["fraction_of_ceiling"] is None
-    # 512 kB fits the cache: from cache, however slow
+    # 512 kB fits half the cache: from cache, however slow
     small = timing.throughput(10**6, nbytes=2**19, ceilings=ceilings)
     assert small["cache_resident"] and small["fraction_of_ceiling"] is None
+    # 768 kB does not: a fraction of the memory ceiling
+    assert not timing.throughput(10**6, nbytes=3 * 2**18, ceilings=ceilings)["cache_resident"]
     # 8 MiB at 8.4 GB/s: from memory, 84% of the one-core ceiling
     memory = timing.throughput(10**6, nbytes=8 * 2**20, ceilings=ceilings)
     assert not memory["cache_resident"] and memory["fraction_of_ceiling"] == pytest.approx(

@@ -54,5 +54,5 @@ def print_ceilings(ceilings: dict) -> None:
     print(f"matmul rate:    {one['matmul_gflops']:.2f} GFLOP/s on 1 core, "
           f"{every['matmul_gflops']:.2f} GFLOP/s on {cores} (float32 GEMM)")
     if ceilings.get("llc_bytes"):
-        print(f"last-level cache: {ceilings['llc_bytes'] / 2**20:g} MiB (a working set that fits"
-              " is reported cache-resident)")
+        print(f"last-level cache: {ceilings['llc_bytes'] / 2**20:g} MiB (perf reports a working"
+              " set within half of it cache-resident)")

@@ -183,9 +183,9 @@ def throughput(
     The bound is the roofline's: whichever of bytes/bandwidth and flops/peak is the longer
     minimum time.  ``ceilings`` holds ``copy_gbps`` and ``matmul_gflops``, and optionally the
     ``threads`` they are for and the machine's ``llc_bytes`` (see ``calibrate.ceilings_for``).
-    A memory-bound call that moves no more than the last-level cache holds, or beats the copy
-    ceiling, ran from cache: it is ``cache_resident`` and gets no fraction of a memory ceiling
-    it was never bound by."""
+    A memory-bound call that moves no more than half the last-level cache (the rest holds other
+    data: code, other cores' and processes' lines), or beats the copy ceiling, ran from cache:
+    it is ``cache_resident`` and gets no fraction of a memory ceiling it was never bound by."""
     if median_ns <= 0:
         raise ValueError(f"median_ns={median_ns} must be > 0")
     seconds = median_ns * 1e-9
@@ -213,7 +213,8 @@ def throughput(
 def _cache_resident(nbytes: int | None, fraction: float | None,
                     ceilings: Mapping[str, float] | None) -> bool:
     llc = (ceilings or {}).get("llc_bytes")
-    return bool((fraction is not None and fraction > 1.0) or (llc and nbytes and nbytes <= llc))
+    fits = bool(llc and nbytes and nbytes <= llc / 2)
+    return fits or (fraction is not None and fraction > 1.0)
 
 
 def _bound(nbytes: int | None, flops: int | None, ceilings: Mapping[str, float] | None):
