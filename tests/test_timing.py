@@ -179,6 +179,7 @@ def test_cli_calibrate(cache, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "copy bandwidth: 11.00 GB/s on 1 core, 12.00 GB/s on 2 cores" in out
     assert "matmul rate:    100.00 GFLOP/s on 1 core, 200.00 GFLOP/s on 2 cores" in out
+    assert "busy" not in out
     assert main(["calibrate", "--json"]) == 0 and len(cache) == 2  # cached
     assert json.loads(capsys.readouterr().out)["matmul_gflops"] == 200.0
 
@@ -191,6 +192,14 @@ def test_corrupt_cache_is_a_usage_error_until_forced(cache, tmp_path, capsys):
     assert "run `opbench calibrate --force`" in capsys.readouterr().err
     assert main(["calibrate", "--force"]) == 0
     assert calibrate.load_ceilings(measure_if_missing=False)["copy_gbps"] == 12.0
+
+
+def test_cli_calibrate_says_when_all_cores_measured_below_one(cache, monkeypatch, capsys):
+    monkeypatch.setattr(calibrate, "measure_with_threads", lambda threads, *sizes: {
+        "copy_gbps": 10.0 / threads, "matmul_gflops": 50.0, "threads": threads})
+    assert main(["calibrate"]) == 0
+    assert "note: 2 cores measured below one core: the machine was busy" in (
+        capsys.readouterr().out)
 
 
 def test_real_measurements_are_positive_rates():

@@ -53,6 +53,9 @@ def print_ceilings(ceilings: dict) -> None:
           f"{every['copy_gbps']:.2f} GB/s on {cores} (read + write)")
     print(f"matmul rate:    {one['matmul_gflops']:.2f} GFLOP/s on 1 core, "
           f"{every['matmul_gflops']:.2f} GFLOP/s on {cores} (float32 GEMM)")
+    if any(every[rate] < one[rate] for rate in ("copy_gbps", "matmul_gflops")):
+        print(f"note: {cores} measured below one core: the machine was busy (perf then uses the"
+              " one-core figure); `opbench calibrate --force` when it is quiet")
     if ceilings.get("llc_bytes"):
         print(f"last-level cache: {ceilings['llc_bytes'] / 2**20:g} MiB (perf reports a working"
               " set within half of it cache-resident)")
