@@ -64,7 +64,8 @@ def run_report(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     except OSError as e:
         raise UsageError(f"cannot write the report to {out}: {e.strerror or e}") from None
-    print(f"wrote {files.markdown} and {files.html} ({len(files.images)} plots)")
+    plots = len(files.images)
+    print(f"wrote {files.markdown} and {files.html} ({plots} plot{'' if plots == 1 else 's'})")
     return 0
 
 

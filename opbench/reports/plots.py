@@ -259,7 +259,8 @@ PLOTS = (
     ("throughput_vs_size", "Throughput vs size", throughput_vs_size,
      "perf records with bytes per call"),
     ("fraction_of_ceiling", "Fraction of ceiling", fraction_of_ceiling,
-     "perf records with calibrated ceilings (run `opbench calibrate`)"),
+     "perf records with calibrated ceilings (run `opbench calibrate`) that ran from memory,"
+     " not cache-resident"),
     ("error_vs_dtype", "Error vs dtype", error_vs_dtype, "test records with an NMSE metric"),
     ("toggle_speedups", "Speedup of rope_cache and graph_reuse", toggle_speedups,
      "timed scenario records with rope_cache or graph_reuse both on and off"),
