@@ -200,6 +200,7 @@ def test_cli_calibrate_says_when_all_cores_measured_below_one(cache, monkeypatch
     assert main(["calibrate"]) == 0
     assert "note: 2 cores measured below one core: the machine was busy" in (
         capsys.readouterr().out)
+    assert calibrate.load_ceilings()["copy_gbps"] == 10.0  # the machine's: the higher
 
 
 def test_real_measurements_are_positive_rates():
