@@ -221,6 +221,13 @@ def test_perf_line_in_test_backend_ops_format():
     line = format_perf_line("CPY(type=f32)", perf)
     assert line == ("CPY(type=f32): 2304 runs - 445.61 us/run - 32770 kB/run - 70.27 GB/s "
                     "(41% of copy bandwidth)")
+    threads = format_perf_line("CPY(type=f32)", {**perf, "ceiling_threads": 2})
+    assert threads.endswith("70.27 GB/s (41% of copy bandwidth, 2 cores)")
+    for nbytes, size in ((32770 * 1024, "32 MiB"), (3 * 2**20, "3 MiB"), (98304, "96 kB")):
+        resident = {**perf, "bytes": nbytes, "cache_resident": True,
+                    "fraction_of_ceiling": None}
+        assert format_perf_line("CPY(type=f32)", resident).endswith(
+            f"70.27 GB/s, cache-resident (working set {size})")
 
 
 def test_cli_report(tmp_path, capsys):

@@ -7,8 +7,10 @@ def _size(nbytes: float) -> str:
     return f"{nbytes / 1024:.0f} kB/run"
 
 
-def _mib(nbytes: float) -> str:
+def _working_set(nbytes: float) -> str:
     mib = nbytes / 2**20
+    if mib < 1:
+        return f"{nbytes / 1024:.0f} kB"
     return f"{mib:.0f} MiB" if mib >= 10 else f"{mib:.2g} MiB"
 
 
@@ -16,7 +18,7 @@ def _ceiling_part(perf: dict, ceiling_name: str | None) -> str:
     """`` (41% of copy bandwidth, 2 cores)``; ``, cache-resident (working set 4 MiB)`` for a
     call that ran from cache, where a fraction of the memory ceiling would mean nothing."""
     if perf.get("cache_resident"):
-        return f", cache-resident (working set {_mib(perf['bytes'])})"
+        return f", cache-resident (working set {_working_set(perf['bytes'])})"
     if perf.get("fraction_of_ceiling") is None:
         return ""
     name = ceiling_name or ("matmul rate" if perf.get("bound") == "compute" else
