@@ -339,3 +339,22 @@ def test_perf_and_test_share_one_emitter(capsys):
     assert main(["test", "-o", "CPY", "-p", "f32.*f16", "--quick", "--output", "json"]) == 0
     (test_row, *_) = json.loads(capsys.readouterr().out)
     assert set(perf_row) == set(test_row) | {"perf"}
+
+
+class Declares:
+    def __init__(self, threads):
+        self.threads = threads
+
+    def info(self):
+        if self.threads == "broken":
+            raise RuntimeError("info is best effort")
+        return {"threads": self.threads}
+
+
+@pytest.mark.parametrize("declared, running, needs", [
+    (8, 3, 8), (2, 2, 2), ("cpus", 3, 1), (None, 1, 1), (0, 1, 1), ("broken", 1, 1)])
+def test_running_threads_follow_the_declaration_within_the_cpus(monkeypatch, declared,
+                                                               running, needs):
+    monkeypatch.setattr(perf, "cpu_count", lambda: 3)
+    assert perf.running_threads(Declares(declared)) == running
+    assert perf.compute_threads(Declares(declared)) == needs  # what --ab pins CPUs for
