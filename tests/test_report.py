@@ -228,6 +228,10 @@ def test_perf_line_in_test_backend_ops_format():
                     "fraction_of_ceiling": None}
         assert format_perf_line("CPY(type=f32)", resident).endswith(
             f"70.27 GB/s, cache-resident (working set {size})")
+    above = {**perf, "above_ceiling": True, "fraction_of_ceiling": None}
+    assert format_perf_line("CPY(type=f32)", above).endswith(
+        "70.27 GB/s, above the calibrated ceiling (run `opbench calibrate --force` on a quiet "
+        "machine)")
 
 
 def test_cli_report(tmp_path, capsys):

@@ -141,7 +141,7 @@ def make_reporter(fmt: str, verbose: bool = False, quiet: bool = False,
 CSV_FIELDS = ["backend", "device", "op", "case_id", "dtype", "status", "reason"]
 #: a perf record's statistics, as CSV columns (the samples stay in --results)
 PERF_FIELDS = ["n", "median_ns", "iqr_ns", "bytes", "flops", "gbps", "gflops", "bound",
-               "fraction_of_ceiling", "ceiling_threads", "cache_resident"]
+               "fraction_of_ceiling", "ceiling_threads", "cache_resident", "above_ceiling"]
 
 
 def emit(records: list[dict], fmt: str, stream=None) -> None:

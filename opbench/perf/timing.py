@@ -184,8 +184,10 @@ def throughput(
     minimum time.  ``ceilings`` holds ``copy_gbps`` and ``matmul_gflops``, and optionally the
     ``threads`` they are for and the machine's ``llc_bytes`` (see ``calibrate.ceilings_for``).
     A memory-bound call that moves no more than half the last-level cache (the rest holds other
-    data: code, other cores' and processes' lines), or beats the copy ceiling, ran from cache:
-    it is ``cache_resident`` and gets no fraction of a memory ceiling it was never bound by."""
+    data: code, other cores' and processes' lines), or beats the copy ceiling while moving no
+    more than the cache holds, ran from cache: it is ``cache_resident`` and gets no fraction of
+    a memory ceiling it was never bound by.  Any other call beyond its ceiling is
+    ``above_ceiling`` (a ceiling measured on a busy machine), also without a fraction."""
     if median_ns <= 0:
         raise ValueError(f"median_ns={median_ns} must be > 0")
     seconds = median_ns * 1e-9
@@ -199,22 +201,27 @@ def throughput(
         if ceiling and achieved is not None:
             fraction = achieved / ceiling
     resident = bound == "memory" and _cache_resident(nbytes, fraction, ceilings)
+    above = not resident and fraction is not None and fraction > 1.0
     return {
         "gbps": gbps,
         "gflops": gflops,
         "bound": bound,
         "ceiling": ceiling,
         "ceiling_threads": (ceilings or {}).get("threads"),
-        "fraction_of_ceiling": None if resident else fraction,
+        "fraction_of_ceiling": None if resident or above else fraction,
         "cache_resident": resident,
+        "above_ceiling": above,
     }
 
 
 def _cache_resident(nbytes: int | None, fraction: float | None,
                     ceilings: Mapping[str, float] | None) -> bool:
     llc = (ceilings or {}).get("llc_bytes")
-    fits = bool(llc and nbytes and nbytes <= llc / 2)
-    return fits or (fraction is not None and fraction > 1.0)
+    if not nbytes:
+        return False
+    if llc and nbytes <= llc / 2:
+        return True
+    return fraction is not None and fraction > 1.0 and (not llc or nbytes <= llc)
 
 
 def _bound(nbytes: int | None, flops: int | None, ceilings: Mapping[str, float] | None):

@@ -16,9 +16,12 @@ def _working_set(nbytes: float) -> str:
 
 def _ceiling_part(perf: dict, ceiling_name: str | None) -> str:
     """`` (41% of copy bandwidth, 2 cores)``; ``, cache-resident (working set 4 MiB)`` for a
-    call that ran from cache, where a fraction of the memory ceiling would mean nothing."""
+    call that ran from cache, where a fraction of the memory ceiling would mean nothing; and
+    no impossible percentage for a call beyond a ceiling measured on a busy machine."""
     if perf.get("cache_resident"):
         return f", cache-resident (working set {_working_set(perf['bytes'])})"
+    if perf.get("above_ceiling"):
+        return ", above the calibrated ceiling (run `opbench calibrate --force` on a quiet machine)"
     if perf.get("fraction_of_ceiling") is None:
         return ""
     name = ceiling_name or ("matmul rate" if perf.get("bound") == "compute" else
