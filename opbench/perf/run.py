@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import traceback
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -25,7 +25,13 @@ from opbench.harness.cases import PERF_SIZES, Case, Inputs
 from opbench.harness.ops import SPECS, support
 from opbench.harness.records import case_record, environment
 from opbench.harness.registry import device_label, first_device
-from opbench.harness.runner import KnownFailures, allocate_output, judge, place, references
+from opbench.harness.runner import (
+    KnownFailures,
+    allocate_output,
+    judge_output,
+    place,
+    references,
+)
 
 from . import timing
 from .calibrate import ceilings_for, cpu_count
@@ -138,6 +144,9 @@ def restore_in_place(backend, prepared: Prepared) -> None:
         initial = prepared.inputs.arrays[buf.spec.init_from].reshape(buf.spec.shape)
         if backend.implements("write"):
             backend.write(buf.device_view, initial, backend.stream(device))
+            before = buf.host_before.copy()  # what rows the op must not touch are judged on
+            before[buf.guard: buf.guard + initial.size] = initial.reshape(-1)
+            prepared.buffers[name] = replace(buf, host_before=before)
             continue
         fresh = allocate_output(backend, device, name, buf.spec, prepared.inputs)
         prepared.buffers[name] = fresh
@@ -170,11 +179,12 @@ def timed_output_problem(backend, prepared: Prepared) -> str | None:
         backend.synchronize(device)
         what = "the output of a call on restored inputs after the timed calls"
     expected, low = references(spec, prepared.case, prepared.inputs)
+    rows = spec.judged_rows(prepared.case, prepared.inputs)
     for name, buf in prepared.buffers.items():
-        actual = buf.split(backend.to_host(buf.device_flat))[1].reshape(buf.spec.shape)
-        verdict = judge(spec, prepared.case, name, expected[name], low[name], actual)
-        if not verdict.ok:
-            return f"{what} is wrong: {verdict.describe(name)}"
+        _, problems = judge_output(spec, prepared.case, buf, backend.to_host(buf.device_flat),
+                                   expected[name], low[name], rows.get(name))
+        if problems:
+            return f"{what} is wrong: {problems[0]}"
     return None
 
 
