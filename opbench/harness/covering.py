@@ -197,8 +197,12 @@ def _sparse(enc: _Encoded, combo: Sequence[int]) -> list[int]:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("OPBENCH_CACHE") or os.environ.get("XDG_CACHE_HOME")
-    return Path(root or Path.home() / ".cache") / "opbench" / "tables"
+    """``tables`` in opbench's cache folder: $OPBENCH_CACHE_DIR, else $XDG_CACHE_HOME/opbench,
+    else ~/.cache/opbench (the same folder the ceilings and built emulator kernels use)."""
+    if os.environ.get("OPBENCH_CACHE_DIR"):
+        return Path(os.environ["OPBENCH_CACHE_DIR"]) / "tables"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "opbench" / "tables"
 
 
 @dataclass

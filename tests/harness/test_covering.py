@@ -68,7 +68,7 @@ def test_coverage_counts_possible_impossible_and_covered():
 
 
 def test_table_cache_round_trips_and_survives_a_bad_file(tmp_path, monkeypatch):
-    monkeypatch.setenv("OPBENCH_CACHE", str(tmp_path))
+    monkeypatch.setenv("OPBENCH_CACHE_DIR", str(tmp_path))
     calls = []
 
     def generate():
@@ -88,7 +88,7 @@ def test_table_cache_round_trips_and_survives_a_bad_file(tmp_path, monkeypatch):
 
 def test_table_cache_keeps_the_tables_of_other_checkouts(tmp_path, monkeypatch):
     # two source versions used in turn (base and head of a cross-commit A/B) build once each
-    monkeypatch.setenv("OPBENCH_CACHE", str(tmp_path))
+    monkeypatch.setenv("OPBENCH_CACHE_DIR", str(tmp_path))
     calls = []
 
     def generate():
