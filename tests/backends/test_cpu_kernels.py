@@ -182,6 +182,20 @@ def test_rope_cache_grows_on_demand(backend):
         assert_close(run_rope(backend, x, pos, p), oracle_rope(x, pos, p), "f32")
 
 
+def test_rope_cache_computes_few_far_positions_directly():
+    """A few tokens far out must not fill the table up to there; the rows computed directly
+    are bit-identical to the cache-off path."""
+    rng = np.random.default_rng(23)
+    p = RopeParams(n_dims=16, mode="neox", freq_base=555.0)
+    x = stored(rng, (6, 2, 16), "f32")
+    pos = np.array([0, 1, 2, 3, 150_000, 200_000], np.int32)
+    with CpuBackend(rope_cache=True) as on, CpuBackend(rope_cache=False) as off:
+        a, b = run_rope(on, x, pos, p), run_rope(off, x, pos, p)
+        (table,) = on._caches[0]._tables.values()
+        assert len(table.cos) == 256, "the table grew towards the far positions"
+    assert np.array_equal(bits(a), bits(b))
+
+
 def test_rope_in_place(backend):
     rng = np.random.default_rng(11)
     x, pos, _ = rope_inputs(rng, "neox", 64, 64, "f32")

@@ -219,3 +219,55 @@ def test_timer_runs_the_call_and_returns_device_nanoseconds(backend):
     elapsed = backend.timer()(lambda: backend.cpy(src, out, (0,)))
     assert isinstance(elapsed, float) and elapsed > 0
     np.testing.assert_array_equal(backend.to_host(out), np.arange(1000, dtype=np.float16))
+
+
+# -- the single-device fast path -----------------------------------------------------------------
+def thread_of_next_item(be, device=0) -> threading.Thread:
+    ran_on: list[threading.Thread] = []
+    be.stream(device).submit(lambda: ran_on.append(threading.current_thread()))
+    be.synchronize(device)
+    return ran_on[0]
+
+
+def test_one_device_runs_inline_until_a_second_device_exists():
+    with CpuBackend() as be:
+        be.devices(1)
+        assert thread_of_next_item(be) is threading.current_thread()
+        be.devices(2)  # another stream could now observe the order: back to the workers
+        assert thread_of_next_item(be) is be.stream(0)._thread
+        assert thread_of_next_item(be, 1) is be.stream(1)._thread
+
+
+def test_a_held_stream_runs_on_its_worker_until_released_and_drained():
+    with CpuBackend() as be:
+        x, pos, out = rope_args(be, 0)
+        gate = be.hold(be.stream(0))
+        be.rope(x, pos, out, RopeParams(n_dims=8))  # queued behind the gate, host not blocked
+        assert np.isnan(plain(out)).all()
+        gate.release()
+        be.synchronize()
+        assert not np.isnan(plain(out)).any()
+        assert thread_of_next_item(be) is threading.current_thread()  # drained: inline again
+
+
+def test_delay_and_the_timer_keep_the_worker_threads():
+    with CpuBackend(delay=True, delay_max_ms=0.1) as be:
+        be.devices(1)
+        assert thread_of_next_item(be) is be.stream(0)._thread
+    with CpuBackend() as be:
+        be.devices(1)
+        ran_on: list[threading.Thread] = []
+        be.timer()(lambda: be.stream(0).submit(
+            lambda: ran_on.append(threading.current_thread())))
+        assert ran_on == [be.stream(0)._thread]
+
+
+def test_inline_kernel_error_surfaces_at_next_synchronize():
+    with CpuBackend() as be:
+        be.devices(1)
+        dst = be.empty((3, 2), np.float32)
+        src = be.to_device(np.ones((2, 2), np.float32))
+        be.set_rows(dst, src, be.to_device(np.array([0, 7], np.int32)))  # returns: no raise
+        with pytest.raises(ValueError, match="slots must lie in"):
+            be.synchronize()
+        be.synchronize()  # reported once

@@ -5,7 +5,10 @@ contents of freq_factors -- because the classic bug is a key that leaves one out
 per-layer freq_base, or a layer's freq_factors) and hands one layer another layer's angles.
 A table holds rows for positions 0..n-1, grows on demand and is gathered by position.
 Negative positions and positions past the size cap are computed directly, with the very same
-function, so cache on and cache off give bit-identical results.
+function, so cache on and cache off give bit-identical results.  So are positions whose rows
+would make the table grow by more than it already holds and more than a few times the rows
+this call asks for (a few tokens at position 200k): filling every row up to there costs far
+more than the call, and a later call that reuses them grows the table by doubling.
 """
 
 from __future__ import annotations
@@ -69,6 +72,9 @@ class _Table:
 class RopeCache:
     """LRU of cos/sin tables, one per distinct parameter set.  One per logical device."""
 
+    #: a call may grow a table by up to this many times its own row count (or the table's size)
+    GROWTH_PER_ROW = 4
+
     def __init__(self, max_tables: int = 64, max_rows: int = 1 << 18) -> None:
         self.max_tables, self.max_rows = max_tables, max_rows
         self._tables: OrderedDict[tuple, _Table] = OrderedDict()
@@ -98,11 +104,21 @@ class RopeCache:
         in_table = (positions >= 0) & (positions < self.max_rows)
         needed = int(positions[in_table].max(initial=-1)) + 1
         if needed > len(table.cos):
-            with self._lock:
-                table.grow(min(self.max_rows, max(needed, 2 * len(table.cos), 256)))
+            self._grow(table, positions[in_table], len(positions))
+            in_table &= positions < len(table.cos)  # far rows: computed directly
         if in_table.all():
             return table.cos[positions], table.sin[positions]
         return self._lookup_mixed(table, positions, in_table)
+
+    def _grow(self, table: _Table, positions: np.ndarray, asked: int) -> None:
+        """Grow by doubling, but by at most the table's size or GROWTH_PER_ROW rows per row
+        asked; positions past that reach stay outside."""
+        rows = len(table.cos)
+        reach = min(self.max_rows, rows + max(rows, 256, self.GROWTH_PER_ROW * asked))
+        needed = int(positions[positions < reach].max(initial=-1)) + 1
+        if needed > rows:
+            with self._lock:
+                table.grow(min(reach, max(needed, 2 * rows, 256)))
 
     @staticmethod
     def _lookup_mixed(table: _Table, positions: np.ndarray, in_table: np.ndarray):

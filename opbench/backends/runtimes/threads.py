@@ -7,6 +7,13 @@ exceptions are caught on the worker and re-raised by the next ``synchronize`` (a
 asynchronous errors), and an optional seeded random sleep before every queued item (fault
 injection) widens every race window.
 
+Fast path: while the runtime has one device, no delay, no held stream and no capture, there is
+nothing another thread could observe out of order, so a stream runs its work inline on the
+calling thread (errors are still kept for the next ``synchronize``); handing every kernel to a
+worker and waiting for it cost more than the kernel on small cases.  A second device, ``hold``
+(also the timer's), ``delay`` or a wait on another stream's pending event switches the streams
+to their worker threads; a full ``synchronize`` switches them back when nothing of that is left.
+
 ``ThreadRuntime`` is the ``opbench.protocol.Runtime`` of the cpu backend and of the Triton
 backend's interpreter mode.  Graph capture swaps a stream's ``submit`` for a recorder, so
 everything queued on it -- kernels, event records and waits, copies -- is kept instead of run;
@@ -131,6 +138,8 @@ class Stream:
     def __init__(self, device: Device, delay: StreamDelay | None = None) -> None:
         self.device = device
         self._delay = delay
+        #: run submitted work on the calling thread (set by the runtime; see the module doc)
+        self.inline = False
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._error: BaseException | None = None
         self._error_lock = threading.Lock()
@@ -147,7 +156,16 @@ class Stream:
     def submit(self, work: Callable[[], None]) -> None:
         if self._closed:
             raise RuntimeError(f"stream of {self.device.name} is closed")
-        self._queue.put(work)
+        if self.inline:
+            self._run_inline(work)
+        else:
+            self._queue.put(work)
+
+    def _run_inline(self, work: Callable[[], None]) -> None:
+        try:
+            work()
+        except Exception as error:  # noqa: BLE001 - reported at the next synchronize
+            self._keep_first(error)
 
     def record(self) -> Event:
         event = Event(self)
@@ -155,16 +173,20 @@ class Stream:
         return event
 
     def wait(self, event: Event) -> None:
+        if event.stream is not self and not event.query():
+            self.inline = False  # the host must not block on another stream's work
         self.submit(event._done.wait)
 
     def hold(self) -> Gate:
+        self.inline = False  # the host runs on while the stream is held
         gate = Gate(self)
         self.submit(gate._block)
         return gate
 
     def synchronize(self) -> None:
         """Wait until everything queued so far has run; re-raise the first kernel error."""
-        self.record().synchronize()
+        if not self.inline:  # inline work has run already
+            self.record().synchronize()
         self.raise_pending()
 
     def raise_pending(self) -> None:
@@ -227,6 +249,8 @@ class ThreadRuntime(Runtime):
     0..``delay_max_ms`` before every queued item (per device seed ``(delay_seed, N)``)."""
 
     name = "threads"
+    #: whether a lone device's stream may run its work inline (see the module doc)
+    INLINE_SINGLE_DEVICE = True
     #: the options a backend on this runtime declares for it (``from_options`` reads them)
     OPTIONS = (
         Option("delay", bool, False, "fault injection: a seeded random sleep before every"
@@ -259,7 +283,16 @@ class ThreadRuntime(Runtime):
         with self._lock:
             while len(self._devices) < n:
                 self._start_device(len(self._devices))
+            self._set_inline()
         return self._devices[:n]
+
+    def _set_inline(self) -> None:
+        """Streams run inline only where no other thread could see the difference; called
+        when every stream has drained (each inline stream's queue is empty by construction)."""
+        inline = (self.INLINE_SINGLE_DEVICE and not self.delay and len(self._streams) == 1
+                  and all(gate.released for gate in self._gates) and not self.capturing)
+        for stream in self._streams:
+            stream.inline = inline
 
     def _start_device(self, index: int) -> None:
         device = Device(index)
@@ -319,7 +352,10 @@ class ThreadRuntime(Runtime):
     def synchronize(self, device: Any = None) -> None:
         streams = self._streams if device is None else [self.stream(device)]
         for stream in streams:
-            stream.record().synchronize()
+            if not stream.inline:
+                stream.record().synchronize()
+        if len(streams) == len(self._streams):  # all drained: the fast path may resume
+            self._set_inline()
         for stream in streams:
             stream.raise_pending()
 
@@ -397,6 +433,7 @@ class ThreadRuntime(Runtime):
             if "submit" in vars(stream):
                 raise RuntimeError(f"{stream} is already capturing")
             recorded: list = []
+            stream.inline = False  # replay may run while another capture is open
             stream.submit = recorded.append  # instance attribute shadows Stream.submit
             stream._recorded = recorded
 
