@@ -17,6 +17,8 @@ Arrays are torch tensors; CPU here, CUDA devices/streams/events when ``torch.cud
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import math
 from typing import Any, Sequence
 
@@ -26,12 +28,26 @@ from opbench.protocol import AttnParams, Backend, Option, RopeParams
 
 from .common.yarn import yarn_corr_dims
 
-try:  # optional: the module must import without torch
-    import torch
-    import torch.nn.functional as F
-except ImportError:  # pragma: no cover - exercised only where torch is missing
-    torch = None
-    F = None
+
+class _OnFirstUse:
+    """A module imported on its first attribute access, which then takes this stand-in's
+    global name.  Every run that builds the default tables imports this module (for the
+    backends' declared thresholds), and importing torch costs seconds that only a run of this
+    backend needs."""
+
+    def __init__(self, name: str, binding: str) -> None:
+        self._name, self._binding = name, binding
+
+    def __getattr__(self, attr: str) -> Any:
+        module = importlib.import_module(self._name)
+        globals()[self._binding] = module
+        return getattr(module, attr)
+
+
+# optional: the module must import without torch
+_FOUND = importlib.util.find_spec("torch") is not None
+torch = _OnFirstUse("torch", "torch") if _FOUND else None
+F = _OnFirstUse("torch.nn.functional", "F") if _FOUND else None
 
 INSTALL_HINT = "pip install 'opbench[torch]'"
 
@@ -201,6 +217,10 @@ class TorchBackend(Backend):
     def available(cls) -> tuple[bool, str]:
         if torch is None:
             return False, INSTALL_HINT
+        try:
+            torch.__version__  # noqa: B018 - the deferred import, which may fail
+        except ImportError as exc:  # found but broken
+            return False, f"{INSTALL_HINT} (import torch: {exc})"
         return True, ""
 
     def __init__(self, **options: Any) -> None:
