@@ -170,8 +170,10 @@ def paged_attention(q, k_cache, v_cache, out, p: AttnParams, block_table, seq_le
         if n_q == 0:
             continue
         blocks = block_table[s, : -(-n_kv // block_size)]
-        k = _gather_blocks(k_cache, blocks, n_kv)
-        v = _gather_blocks(v_cache, blocks, n_kv)
+        if n_q <= ATTN_Q_BLOCK:  # one pass over the keys: read each tile from the cache
+            k, v = PagedRows(k_cache, blocks, n_kv), PagedRows(v_cache, blocks, n_kv)
+        else:  # query blocks pass over the keys again: convert them once
+            k, v = _gather_blocks(k_cache, blocks, n_kv), _gather_blocks(v_cache, blocks, n_kv)
         o, l_se = attend_heads(q[rows], k, v, p, np.arange(n_kv - n_q, n_kv), None, sinks)
         out[rows] = o
         if lse is not None:
@@ -196,6 +198,36 @@ def attend_heads(q, k, v, p: AttnParams, q_pos, mask, sinks):
 
     parallel.run_split(heads_part, n_kv_heads)
     return out, lse
+
+
+class PagedRows:
+    """A sequence's keys (or values) in a paged cache, seen as rows ``[n_kv, Hkv, D]``:
+    ``[start:stop]`` gathers just the blocks holding those rows, in float32, and ``[:, lo:hi]``
+    narrows the kv heads.  A decode thus reads each key tile once, straight from the cache,
+    instead of first copying the whole sequence to float32 (at 32k keys that copy moved the
+    cache three times).  The values are the same float32 numbers, so the same bits result."""
+
+    def __init__(self, cache: np.ndarray, blocks: np.ndarray, n_kv: int,
+                 heads: range | None = None) -> None:
+        self.cache, self.blocks, self.n_kv = cache, blocks, n_kv
+        self.heads = range(cache.shape[2]) if heads is None else heads
+        self.shape = (n_kv, len(self.heads), cache.shape[3])
+
+    def __getitem__(self, index):
+        if isinstance(index, tuple):  # [:, lo:hi]
+            rows, heads = index
+            if rows != slice(None):
+                raise IndexError("PagedRows takes [start:stop] or [:, heads]")
+            return PagedRows(self.cache, self.blocks, self.n_kv, self.heads[heads])
+        start, stop, step = index.indices(self.n_kv)
+        if step != 1:
+            raise IndexError("PagedRows takes contiguous rows")
+        size = self.cache.shape[1]
+        first, last = start // size, -(-stop // size)
+        heads = slice(self.heads.start, self.heads.stop)
+        tile = self.cache[self.blocks[first:last], :, heads]  # [blocks, size, heads, D] copy
+        tile = tile.reshape((-1,) + tile.shape[2:])[start - first * size : stop - first * size]
+        return as_f32(tile)
 
 
 def _gather_blocks(cache, blocks, n_kv):
