@@ -229,13 +229,17 @@ def thread_of_next_item(be, device=0) -> threading.Thread:
     return ran_on[0]
 
 
-def test_one_device_runs_inline_until_a_second_device_exists():
+def test_device_0_runs_inline_while_no_other_device_holds_arrays():
     with CpuBackend() as be:
-        be.devices(1)
+        be.devices(2)
         assert thread_of_next_item(be) is threading.current_thread()
-        be.devices(2)  # another stream could now observe the order: back to the workers
+        assert thread_of_next_item(be, 1) is be.stream(1)._thread  # never inline
+        remote = be.empty((4,), np.float32, 1)[1:]  # a view keeps the array alive
+        # another device holds data: device 0's order could be observed, the worker runs it
         assert thread_of_next_item(be) is be.stream(0)._thread
-        assert thread_of_next_item(be, 1) is be.stream(1)._thread
+        del remote
+        be.synchronize(0)  # freed and drained: inline again
+        assert thread_of_next_item(be) is threading.current_thread()
 
 
 def test_a_held_stream_runs_on_its_worker_until_released_and_drained():

@@ -124,7 +124,7 @@ class RankRuntime(ThreadRuntime):
     some ranks)."""
 
     name = "ranks"
-    INLINE_SINGLE_DEVICE = False  # the send and receive streams are threads of their own
+    INLINE_FAST_PATH = False  # the send and receive streams are threads of their own
 
     def __init__(self, rank: int, world: int, transport: Transport, delay: bool = False,
                  delay_seed: int = 0, delay_max_ms: float = 2.0) -> None:

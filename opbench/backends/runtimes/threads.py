@@ -7,12 +7,15 @@ exceptions are caught on the worker and re-raised by the next ``synchronize`` (a
 asynchronous errors), and an optional seeded random sleep before every queued item (fault
 injection) widens every race window.
 
-Fast path: while the runtime has one device, no delay, no held stream and no capture, there is
-nothing another thread could observe out of order, so a stream runs its work inline on the
-calling thread (errors are still kept for the next ``synchronize``); handing every kernel to a
-worker and waiting for it cost more than the kernel on small cases.  A second device, ``hold``
-(also the timer's), ``delay`` or a wait on another stream's pending event switches the streams
-to their worker threads; a full ``synchronize`` switches them back when nothing of that is left.
+Fast path: while only device 0 holds arrays and there is no delay, no held stream and no
+capture, no other stream has work whose order against device 0's could be observed, so device
+0's stream runs its work inline on the calling thread (errors are still kept for the next
+``synchronize``); handing every kernel to a worker and waiting for it cost more than the kernel
+on small cases.  An array made on another device, ``hold`` (also the timer's), ``delay`` or a
+wait on another stream's pending event switches to the worker thread at once (the inline
+stream has nothing queued, so the order is kept); a ``synchronize`` of device 0 switches back
+when none of that is left (the other devices' arrays freed: a multi-device case that ran before
+does not slow down the single-device cases after it).
 
 ``ThreadRuntime`` is the ``opbench.protocol.Runtime`` of the cpu backend and of the Triton
 backend's interpreter mode.  Graph capture swaps a stream's ``submit`` for a recorder, so
@@ -27,6 +30,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -249,8 +253,8 @@ class ThreadRuntime(Runtime):
     0..``delay_max_ms`` before every queued item (per device seed ``(delay_seed, N)``)."""
 
     name = "threads"
-    #: whether a lone device's stream may run its work inline (see the module doc)
-    INLINE_SINGLE_DEVICE = True
+    #: whether device 0's stream may run its work inline (see the module doc)
+    INLINE_FAST_PATH = True
     #: the options a backend on this runtime declares for it (``from_options`` reads them)
     OPTIONS = (
         Option("delay", bool, False, "fault injection: a seeded random sleep before every"
@@ -272,6 +276,7 @@ class ThreadRuntime(Runtime):
         self._streams: list[Stream] = []
         self._gates: list[Gate] = []
         self._lock = threading.Lock()
+        self._other_arrays = 0  # live arrays on devices other than 0 (see the module doc)
 
     def info(self) -> dict:
         return {"devices": [d.name for d in self._devices]}
@@ -287,12 +292,26 @@ class ThreadRuntime(Runtime):
         return self._devices[:n]
 
     def _set_inline(self) -> None:
-        """Streams run inline only where no other thread could see the difference; called
-        when every stream has drained (each inline stream's queue is empty by construction)."""
-        inline = (self.INLINE_SINGLE_DEVICE and not self.delay and len(self._streams) == 1
+        """Device 0's stream runs inline only where no other thread could see the difference;
+        called when device 0's stream has drained (an inline stream's queue is empty anyway;
+        work queued on other devices holds their arrays, so it counts in ``_other_arrays``)."""
+        inline = (self.INLINE_FAST_PATH and not self.delay and self._other_arrays == 0
                   and all(gate.released for gate in self._gates) and not self.capturing)
         for stream in self._streams:
-            stream.inline = inline
+            stream.inline = inline and stream is self._streams[0]
+
+    def _new_array(self, host: np.ndarray, device: Device) -> DeviceArray:
+        arr = device_array(host, device)
+        if device.index != 0:
+            with self._lock:
+                self._other_arrays += 1
+            self._streams[0].inline = False  # device 0's work may now be observed from there
+            weakref.finalize(arr.base, self._array_freed)  # views keep the base alive
+        return arr
+
+    def _array_freed(self) -> None:
+        with self._lock:
+            self._other_arrays -= 1
 
     def _start_device(self, index: int) -> None:
         device = Device(index)
@@ -329,12 +348,12 @@ class ThreadRuntime(Runtime):
     def to_device(self, host: np.ndarray, device: Any = None) -> DeviceArray:
         if isinstance(host, DeviceArray):  # another device's array: wait for its queued work
             host = self.to_host(host)
-        return device_array(np.asarray(host), self.device(device))
+        return self._new_array(np.asarray(host), self.device(device))
 
     def empty(self, shape: Sequence[int], dtype: Any, device: Any = None) -> DeviceArray:
         dt = np.dtype(dtype)
         fill = np.nan if dt.kind == "f" or dt in FLOAT_DTYPES else -1
-        return device_array(np.full(tuple(shape), fill, dt), self.device(device))
+        return self._new_array(np.full(tuple(shape), fill, dt), self.device(device))
 
     def to_host(self, arr: DeviceArray) -> np.ndarray:
         device = self.owner("arr", arr)
@@ -354,7 +373,7 @@ class ThreadRuntime(Runtime):
         for stream in streams:
             if not stream.inline:
                 stream.record().synchronize()
-        if len(streams) == len(self._streams):  # all drained: the fast path may resume
+        if self._streams[0] in streams:  # device 0 drained: its fast path may resume
             self._set_inline()
         for stream in streams:
             stream.raise_pending()
