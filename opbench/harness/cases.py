@@ -7,6 +7,7 @@ run's ``--seed``, so a case gets the same inputs whatever table it sits in.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import zlib
@@ -50,13 +51,18 @@ class Case:
     def params(self) -> dict[str, Any]:
         return dict(self.items)
 
+    # the id and the lookup table are read many times per case run: computed once per case
+    @functools.cached_property
+    def _values(self) -> dict[str, Any]:
+        return dict(self.items)
+
     def __getitem__(self, name: str) -> Any:
-        return self.params[name]
+        return self._values[name]
 
     def get(self, name: str, default: Any = None) -> Any:
-        return self.params.get(name, default)
+        return self._values.get(name, default)
 
-    @property
+    @functools.cached_property
     def id(self) -> str:
         body = ",".join(f"{k}={format_value(v)}" for k, v in self.items)
         return f"{self.op}({body})"
