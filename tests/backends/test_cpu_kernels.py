@@ -313,8 +313,8 @@ def test_paged_attention_matches_oracle(backend, dtype, params):
 
 @pytest.mark.parametrize("dtype", ["f32", "f16"])
 def test_paged_decode_reads_tiles_with_the_bits_of_the_full_gather(dtype):
-    """A decode reads the cache a key tile at a time (PagedRows); the result must be the same
-    bits as converting the whole sequence first, for every kv-head split."""
+    """Paged attention reads the cache a key tile at a time (PagedRows); the result must be the
+    same bits as converting the whole sequence first, for every kv-head split."""
     rng = np.random.default_rng(8)
     n_kv, block_size, hkv, d = 700, 16, 4, 32  # tiles of 256 keys cross block boundaries
     blocks = rng.permutation(64)[: -(-n_kv // block_size)].astype(np.int32)
@@ -322,9 +322,13 @@ def test_paged_decode_reads_tiles_with_the_bits_of_the_full_gather(dtype):
     q = stored(rng, (1, 8, d), dtype)
     p, q_pos = AttnParams(scale=0.3, causal=True, softcap=5.0), np.array([n_kv - 1])
     tiled = [cpu_kernels.PagedRows(c, blocks, n_kv) for c in (kc, vc)]
-    whole = [cpu_kernels._gather_blocks(c, blocks, n_kv) for c in (kc, vc)]
+    whole = [c[blocks].astype(np.float32).reshape(-1, hkv, d)[:n_kv] for c in (kc, vc)]
     assert np.array_equal(tiled[0][250:520], whole[0][250:520])
     assert np.array_equal(tiled[1][:, 1:3][3:300], whole[1][:, 1:3][3:300])
+    with pytest.raises(IndexError):
+        tiled[0][::2]
+    with pytest.raises(IndexError):
+        tiled[0][1:, 1:3]
     for heads in (slice(0, 4), slice(1, 3)):
         got = cpu_kernels.attend(q[:, 2 * heads.start : 2 * heads.stop], tiled[0][:, heads],
                                  tiled[1][:, heads], p, q_pos, None, None)

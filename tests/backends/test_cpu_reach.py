@@ -29,6 +29,12 @@ EXCLUDED = {
     ("kernels.py", "if n_q == 0:"):
         "a paged sequence without queries: the tables give every sequence at least one (gap)",
     ("kernels.py", "if len(q_pos) == 0:"): "defensive: attend never gets an empty block",
+    ("kernels.py", "if rows != slice(None):"):
+        "defensive: attend narrows PagedRows' heads only as [:, lo:hi] (test_cpu_kernels.py "
+        "feeds it other indices)",
+    ("kernels.py", "if step != 1:"):
+        "defensive: attend reads PagedRows' keys in contiguous tiles (test_cpu_kernels.py "
+        "feeds it a step)",
     ("kernels.py", "if slopes is None:"):
         "attend's default for callers without precomputed ALiBi slopes (the bug zoo's patched "
         "kernels); the backend's own call always passes them",

@@ -170,10 +170,9 @@ def paged_attention(q, k_cache, v_cache, out, p: AttnParams, block_table, seq_le
         if n_q == 0:
             continue
         blocks = block_table[s, : -(-n_kv // block_size)]
-        if n_q <= ATTN_Q_BLOCK:  # one pass over the keys: read each tile from the cache
-            k, v = PagedRows(k_cache, blocks, n_kv), PagedRows(v_cache, blocks, n_kv)
-        else:  # query blocks pass over the keys again: convert them once
-            k, v = _gather_blocks(k_cache, blocks, n_kv), _gather_blocks(v_cache, blocks, n_kv)
+        # key tiles read straight from the cache (a prefill's query blocks each convert the
+        # tiles they see again: a few percent of their matmuls)
+        k, v = _gather_blocks(k_cache, blocks, n_kv), _gather_blocks(v_cache, blocks, n_kv)
         o, l_se = attend_heads(q[rows], k, v, p, np.arange(n_kv - n_q, n_kv), None, sinks)
         out[rows] = o
         if lse is not None:
@@ -205,7 +204,8 @@ class PagedRows:
     ``[start:stop]`` gathers just the blocks holding those rows, in float32, and ``[:, lo:hi]``
     narrows the kv heads.  A decode thus reads each key tile once, straight from the cache,
     instead of first copying the whole sequence to float32 (at 32k keys that copy moved the
-    cache three times).  The values are the same float32 numbers, so the same bits result."""
+    cache three times).  The values are the same float32 numbers as a whole-sequence gather's,
+    so the same bits result."""
 
     def __init__(self, cache: np.ndarray, blocks: np.ndarray, n_kv: int,
                  heads: range | None = None) -> None:
@@ -230,14 +230,9 @@ class PagedRows:
         return as_f32(tile)
 
 
-def _gather_blocks(cache, blocks, n_kv):
-    """The sequence's keys (or values) [n_kv, Hkv, D] in float32, gathered per block."""
-    if jit.handles(cache) and cache.flags.c_contiguous:  # gather and convert in one pass
-        gathered = np.empty((len(blocks),) + cache.shape[1:], F32)
-        jit.gather_rows(cache, blocks, gathered)
-    else:
-        gathered = as_f32(cache[blocks])
-    return gathered.reshape((-1,) + cache.shape[2:])[:n_kv]
+def _gather_blocks(cache, blocks, n_kv) -> PagedRows:
+    """The sequence's keys (or values) [n_kv, Hkv, D] in float32, read a tile at a time."""
+    return PagedRows(cache, blocks, n_kv)
 
 
 def _check_paged_tables(total_q, cache_shape, block_table, seq_lens, q_start) -> None:
