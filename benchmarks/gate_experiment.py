@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import os
 import sys
 import time
 from pathlib import Path
@@ -145,17 +146,20 @@ def perf_invocation(results: Path, ref: str, seed: int, args) -> None:
     subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
 
 
-def gate_separate(base: Path, new: Path, new_ref: str, tag: str, out: Path, args) -> dict:
+def gate_separate(base: Path, new: Path, new_ref: str, tag: str, out: Path, args,
+                  base_ref: str = "cpu") -> dict:
     """``opbench gate BASE NEW`` (backends paired: NEW's may be the slowed one); what it said."""
     from opbench.harness import store
     from opbench.perf import gate
 
-    pairing = ["--base-backend", "cpu", "--new-backend", new_ref] if new_ref != "cpu" else []
+    paired = new_ref != base_ref
+    pairing = ["--base-backend", base_ref, "--new-backend", new_ref] if paired else []
     code = quiet_main(["gate", str(base), str(new), "--threshold", args.threshold,
                        "--summary", str(out / f"{tag}.md"), *pairing])
     base_records, new_records = store.read_records(base), store.read_records(new)
-    if pairing:
-        base_records, new_records = gate.pair_backends(base_records, new_records, "cpu", new_ref)
+    if paired:
+        base_records, new_records = gate.pair_backends(base_records, new_records, base_ref,
+                                                       new_ref)
     result = gate.gate(base_records, new_records, gate.parse_threshold(args.threshold))
     return {"exit": code, "flagged": [c.key.case_id for c in result.regressions],
             "ambiguous": [c.key.case_id for c in result.ambiguous],
@@ -193,6 +197,112 @@ def separate_experiment(args) -> dict:
     return tally
 
 
+# -- cross-commit: --ab with each side from its own checkout, as docs/ci.md runs it ----------------
+SLOW_PATCH = f"""
+
+# gate experiment: this checkout's ROPE kernel does {SLOWDOWN:.0%} more work (a spin for that
+# fraction of each call's own duration, inside the queued work)
+def _experiment_slow_rope():
+    import time as _time
+
+    rope, submit = CpuBackend.rope, CpuBackend._submit
+
+    def slow_rope(self, *args, **kwargs):
+        self._experiment_slow_next = True
+        try:
+            rope(self, *args, **kwargs)
+        finally:
+            self._experiment_slow_next = False
+
+    def slow_submit(self, device, stream, work):
+        if getattr(self, "_experiment_slow_next", False):
+            inner = work
+
+            def work():
+                start = _time.perf_counter_ns()
+                inner()
+                end = start + (_time.perf_counter_ns() - start) * (1 + {SLOWDOWN})
+                while _time.perf_counter_ns() < end:
+                    pass
+        submit(self, device, stream, work)
+
+    CpuBackend.rope, CpuBackend._submit = slow_rope, slow_submit
+
+
+_experiment_slow_rope()
+"""
+
+
+def checkouts(out: Path) -> dict[str, Path]:
+    """base, same (a second checkout of the same commit) and slow (the same commit with the
+    cpu ROPE kernel patched to do SLOWDOWN more work), cloned from this repository's HEAD."""
+    import subprocess
+
+    repo = HERE.parents[1]
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, check=True, text=True,
+                            capture_output=True).stdout.strip()
+    trees = {}
+    for name in ("base", "same", "slow"):
+        tree = out / "trees" / name
+        if not tree.exists():
+            subprocess.run(["git", "clone", "--quiet", "--shared", str(repo), str(tree)],
+                           check=True)
+        subprocess.run(["git", "checkout", "--quiet", "--force", "--detach", commit], cwd=tree,
+                       check=True)
+        trees[name] = tree
+    kernel = trees["slow"] / "opbench" / "backends" / "cpu" / "backend.py"
+    kernel.write_text(kernel.read_text() + SLOW_PATCH)
+    print(f"checkouts of {commit[:12]} under {out / 'trees'}; {kernel} patched", flush=True)
+    return trees
+
+
+def cross_run(out: Path, tag: str, base: Path, head: Path, seed: int, args) -> dict:
+    """``opbench perf --ab cpu@BASE cpu@HEAD`` in its own process, then the gate on its file."""
+    import subprocess
+
+    results = out / f"{tag}.jsonl"
+    results.unlink(missing_ok=True)
+    side_a, side_b = f"cpu@{base}", f"cpu@{head}"
+    argv = [sys.executable, "-m", "opbench", "perf", "--sizes", "small", "--ab", side_a,
+            side_b, "--budget-ms", str(args.budget_ms), "--seed", str(seed), "--results",
+            str(results), "--no-calibrate", "-q"]
+    if args.op:
+        argv += ["-o", args.op]
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+    return gate_separate(results, results, side_b, tag, out, args, base_ref=side_a)
+
+
+def cross_experiment(args) -> dict:
+    """Per trial: A/A (two checkouts of one commit) and slowed (base against the patched
+    checkout), each one cross-commit ``perf --ab`` process, then the gate."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    trees = checkouts(out)
+    tally = {"aa_alarms": 0, "slow_detected": 0, "slow_other_alarms": 0, "runs": args.runs,
+             "aa_ambiguous": 0, "slow_ambiguous": 0, "load": []}
+    for i in range(args.runs):
+        tally["load"].append(os.getloadavg()[0])
+        aa = cross_run(out, f"cross_aa_{i:02d}", trees["base"], trees["same"], i, args)
+        slow = cross_run(out, f"cross_slow_{i:02d}", trees["base"], trees["slow"], i, args)
+        _tally_trial(tally, i, aa, slow)
+    return tally
+
+
+def _tally_trial(tally: dict, i: int, aa: dict, slow: dict) -> None:
+    rope = [c for c in slow["flagged"] if c.startswith(SLOW_OP + "(")]
+    others = [c for c in slow["flagged"] if not c.startswith(SLOW_OP + "(")]
+    tally["aa_alarms"] += aa["exit"] == 1
+    tally["aa_ambiguous"] += bool(aa["ambiguous"])
+    tally["slow_detected"] += slow["exit"] == 1 and bool(rope)
+    tally["slow_ambiguous"] += bool([c for c in slow["ambiguous"] if c.startswith(SLOW_OP)])
+    tally["slow_other_alarms"] += bool(others)
+    slow_ratios = [f"{r:.3f}" for c, r in slow["ratios"].items() if c.startswith(SLOW_OP)]
+    print(f"trial {i:2d}: A/A gate exit {aa['exit']} {aa['flagged'] or ''} ambiguous "
+          f"{len(aa['ambiguous'])} | slowed gate exit {slow['exit']}, {SLOW_OP} ratios "
+          f"{slow_ratios}, flagged {len(rope)} {SLOW_OP} + {len(others)} other, ambiguous "
+          f"{len(slow['ambiguous'])} | load {os.getloadavg()[0]:.1f}", flush=True)
+
+
 @contextlib.contextmanager
 def background_load(processes: int):
     """``processes`` busy-looping children: a neighbour's job on a small CI machine."""
@@ -220,6 +330,10 @@ def parse_args(argv=None):
     p.add_argument("--separate", action="store_true",
                    help="the README's CI recipe: separate perf processes (each --repeat R "
                         "runs), then `opbench gate BASE NEW`, instead of one --ab process")
+    p.add_argument("--cross", action="store_true",
+                   help="docs/ci.md's recipe: per trial one `perf --ab cpu@BASE cpu@HEAD` "
+                        "process with each side from its own checkout (A/A: two checkouts of "
+                        "one commit; slowed: one with its ROPE kernel patched), then the gate")
     p.add_argument("--repeat", type=int, default=5, help="with --separate: perf --repeat")
     p.add_argument("--min-samples", type=int, default=10, help="with --separate")
     p.add_argument("--pin-cpu", default=None,
@@ -232,7 +346,15 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     started = time.time()
     with background_load(args.load):
-        tally = separate_experiment(args) if args.separate else experiment(args)
+        if args.cross:
+            tally = cross_experiment(args)
+        else:
+            tally = separate_experiment(args) if args.separate else experiment(args)
+    if args.cross:
+        print(f"cross-commit --ab, --budget-ms {args.budget_ms:g}: ambiguous verdicts in "
+              f"{tally['aa_ambiguous']} A/A and {tally['slow_ambiguous']} slowed trials; 1-min "
+              f"load average at the trials' starts {min(tally['load']):.1f}-"
+              f"{max(tally['load']):.1f} on {os.cpu_count()} CPUs")
     if args.separate:
         print(f"separate invocations, --repeat {args.repeat}, --budget-ms {args.budget_ms:g}: "
               f"ambiguous verdicts in {tally['aa_ambiguous']} A/A and "

@@ -16,6 +16,7 @@ from opbench.harness.registry import open_backend, parse_ref
 from opbench.harness.shards import take_shard
 from opbench.perf import run as perf_mode
 from opbench.perf import timing
+from opbench.perf.cross_ab import split_source
 
 from . import output
 from .common import (
@@ -45,7 +46,9 @@ def register(subparsers, common) -> None:
     p.add_argument("--cold", action="store_true",
                    help="flush the device cache before every sample (the backend's flush_l2)")
     p.add_argument("--ab", nargs=2, metavar=("A", "B"),
-                   help="interleave backend refs A and B (NAME[:opt=val,...]); replaces -b")
+                   help="interleave backend refs A and B (NAME[:opt=val,...]); replaces -b."
+                   " A side written REF@PATH runs from the opbench source tree at PATH, each"
+                   " side in its own process: base and head of a change in one job (docs/ci.md)")
     p.add_argument("--threshold", default="5%",
                    help="--ab verdict threshold, e.g. 5%% or 0.05 (default: %(default)s)")
     p.add_argument("--quantile", type=float, default=0.5,
@@ -172,7 +175,11 @@ def cmd_perf(args) -> int:
                                 console=output.PerfConsoleReporter)
     cases = select_perf_cases(args)
     # unknown names and options are usage errors before any timing
-    refs = [parse_ref(ref).text for ref in args.ab] if args.ab else parse_backends(args.backend)
+    cross = args.ab and any(split_source(text)[1] is not None for text in args.ab)
+    if cross:  # a side's ref is its own tree's to parse: its backends and options may differ
+        refs = list(args.ab)
+    else:
+        refs = [parse_ref(r).text for r in args.ab] if args.ab else parse_backends(args.backend)
     threshold = parse_threshold(args.threshold) if args.ab else None
     if args.ab and not 0 < args.quantile < 1:
         raise UsageError(f"--quantile {args.quantile} must be between 0 and 1")
@@ -188,7 +195,10 @@ def cmd_perf(args) -> int:
     writer = open_writer(args.results, shard_arg(args))
     run_id = new_run_id()
     try:
-        if args.ab:
+        if cross:
+            failed = _run_cross_ab(refs, cases, options, run_id, writer, show, threshold,
+                                   args.quantile, args.pin_cpu, args.sizes)
+        elif args.ab:
             failed = _run_ab(refs, cases, options, run_id, writer, show, threshold,
                              args.quantile, args.pin_cpu)
         elif args.repeat > 1:
@@ -253,7 +263,7 @@ def ab_labels(ref_a: str, ref_b: str) -> tuple[str, str]:
 
 def _run_ab(refs, cases, options, run_id, writer, show, threshold, quantile,
             pin_choice) -> bool:
-    from .pinning import compute_threads, pin_for_ab
+    from .pinning import compute_threads
 
     labels = ab_labels(*refs)
     sides = {}
@@ -264,32 +274,80 @@ def _run_ab(refs, cases, options, run_id, writer, show, threshold, quantile,
                 raise UsageError(f"--ab: backend {ref} is unavailable: {why}")
             sides[label] = backend
         threads = {label: compute_threads(backend) for label, backend in sides.items()}
-        cpus = pin_for_ab(pin_choice, threads)
-        show.header(f"CPU set {cpus if cpus is not None else 'unpinned'}; threads: "
-                    + ", ".join(f"{label} {n}" for label, n in threads.items()))
-        placement = {label: {"cpu_set": cpus, "threads": n} for label, n in threads.items()}
-        return _time_ab(sides, labels, cases, options, run_id, writer, show, threshold,
-                        quantile, placement)
+        placement = _placement(pin_choice, threads, show)
+        envs = {label: perf_mode.backend_env(b) for label, b in sides.items()}
+        return _time_ab(lambda case: perf_mode.run_ab_case(sides, case, options, run_id, envs),
+                        labels, cases, writer, show, threshold, quantile, options.seed,
+                        placement)
     finally:
         for backend in sides.values():
             backend.close()
 
 
-def _time_ab(sides, labels, cases, options, run_id, writer, show, threshold, quantile,
+def _placement(pin_choice, threads: dict[str, int], show) -> dict[str, dict]:
+    """Pin this process (and so each side) to one fair CPU set; what each record says of it."""
+    from .pinning import pin_for_ab
+
+    cpus = pin_for_ab(pin_choice, threads)
+    show.header(f"CPU set {cpus if cpus is not None else 'unpinned'}; threads: "
+                + ", ".join(f"{label} {n}" for label, n in threads.items()))
+    return {label: {"cpu_set": cpus, "threads": n} for label, n in threads.items()}
+
+
+def _run_cross_ab(texts, cases, options, run_id, writer, show, threshold, quantile,
+                  pin_choice, sizes) -> bool:
+    """--ab with a side from another source tree: each side in its own worker process."""
+    from opbench.perf import cross_ab
+
+    labels = ab_labels(*texts)
+    sides = cross_ab.start_sides(dict(zip(labels, map(split_source, texts))), sizes)
+    try:
+        for side in sides.values():
+            show.header(f"{side.label}: {side.name} from {side.source.short()}")
+        placement = _placement(pin_choice, {label: s.threads for label, s in sides.items()},
+                               show)
+        for side in sides.values():
+            side.pin(placement[side.label]["cpu_set"])
+        return _time_ab(_cross_case_runner(sides, options, run_id, placement, show), labels,
+                        cases, writer, show, threshold, quantile, options.seed)
+    finally:
+        for side in sides.values():
+            side.close()
+
+
+def _cross_case_runner(sides, options, run_id, placement, show):
+    """One case on both workers; after a worker died, that case's records say CRASH and the
+    remaining cases are not timed (their records say why)."""
+    from opbench.perf import cross_ab
+
+    gone: list[str] = []
+
+    def run(case) -> dict:
+        if gone:
+            return cross_ab.not_timed(sides, case, run_id, gone[0])
+        try:
+            return cross_ab.run_cross_case(sides, case, options, run_id, placement)
+        except cross_ab.WorkerDied as died:
+            gone.append(f"not timed: {died}")
+            show.header(f"--ab: {died}")
+            return cross_ab.crash_records(sides, case, run_id, died)
+    return run
+
+
+def _time_ab(run_case, labels, cases, writer, show, threshold, quantile, seed,
              placement=None) -> bool:
-    envs = {label: perf_mode.backend_env(b) for label, b in sides.items()}
     show.header(f"A/B interleaved: A = {labels[0]}, B = {labels[1]}")
     failed = False
     by_side: dict[str, list] = {label: [] for label in labels}
     for case in cases:
-        records = perf_mode.run_ab_case(sides, case, options, run_id, envs)
+        records = run_case(case)
         for side, (label, record) in zip("AB", records.items()):
             if record.get("perf") and placement:  # where it ran: CPU set, its threads
                 record["perf"].update(placement[label])
             failed |= _emit(record, writer, show, side)
             by_side[label].append(record)
     rows = perf_mode.ratio_rows(by_side[labels[0]], by_side[labels[1]], threshold=threshold,
-                                quantile=quantile, seed=options.seed)
+                                quantile=quantile, seed=seed)
     if show.fmt == "console":
         print_ratio_table(rows, labels, threshold, quantile)
     return failed

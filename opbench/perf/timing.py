@@ -45,6 +45,9 @@ class Subject:
             return float(self.timer(self.fn))
         return wall_clock_ns(self.fn, self.sync)
 
+    def time_batch(self, samples: int) -> list[float]:
+        return [self.time_once() for _ in range(samples)]
+
     def warm_up(self, calls: int) -> None:
         for _ in range(calls):
             self.fn()
@@ -126,7 +129,8 @@ def measure_interleaved(
     seed: int = 0,
 ) -> dict[str, Samples]:
     """Time several subjects in alternating rounds of ``per_round`` samples each, in a seeded
-    random order per round; ``budget_ms`` is per subject, like ``measure``'s."""
+    random order per round; ``budget_ms`` is per subject, like ``measure``'s.  A subject takes
+    a round's samples with ``time_batch`` (one request for a subject in a worker process)."""
     _check_limits(budget_ms, min_samples, max_samples)
     if per_round < 1:
         raise ValueError(f"per_round={per_round} must be >= 1")
@@ -140,7 +144,7 @@ def measure_interleaved(
         for index in rng.permutation(len(names)):
             name = names[index]
             room = max_samples - len(taken[name])
-            taken[name].extend(subjects[name].time_once() for _ in range(min(per_round, room)))
+            taken[name].extend(subjects[name].time_batch(min(per_round, room)))
         fewest = min(len(v) for v in taken.values())
         if fewest >= max_samples:
             break
