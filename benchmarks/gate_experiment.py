@@ -251,7 +251,8 @@ def checkouts(out: Path) -> dict[str, Path]:
                        check=True)
         trees[name] = tree
     kernel = trees["slow"] / "opbench" / "backends" / "cpu" / "backend.py"
-    kernel.write_text(kernel.read_text() + SLOW_PATCH)
+    if SLOW_PATCH not in kernel.read_text():  # checkout --force restored it; once more
+        kernel.write_text(kernel.read_text() + SLOW_PATCH)
     print(f"checkouts of {commit[:12]} under {out / 'trees'}; {kernel} patched", flush=True)
     return trees
 
