@@ -13,6 +13,12 @@ Each run times the small perf table twice, interleaved round by round in one pro
   0.15x that).  A run detects it when the gate exits 1 with the ROPE cases among the regressions;
   any other case flagged in those runs is a false alarm too.
 
+``--separate`` runs the README's separate-invocations variant (``perf --repeat R`` twice, then
+the gate); ``--cross`` runs docs/ci.md's cross-commit recipe: per trial one ``opbench perf --ab
+cpu@BASE cpu@HEAD`` process, each side from its own checkout (clones of this repository's HEAD
+under ``--out``: A/A against a second checkout of the same commit, slowed against a third whose
+cpu ROPE kernel is patched to spin for 15% of each call's duration), then the gate on its file.
+
 The file doubles as the backend module: ``benchmarks/gate_experiment.py:SlowRopeCpu``.
 """
 
@@ -182,18 +188,7 @@ def separate_experiment(args) -> dict:
             perf_invocation(files[tag], ref, i, args)
         aa = gate_separate(files["base"], files["aa"], "cpu", f"aa_{i:02d}", out, args)
         slow = gate_separate(files["base"], files["slow"], slow_ref, f"slow_{i:02d}", out, args)
-        rope = [c for c in slow["flagged"] if c.startswith(SLOW_OP + "(")]
-        others = [c for c in slow["flagged"] if not c.startswith(SLOW_OP + "(")]
-        tally["aa_alarms"] += aa["exit"] == 1
-        tally["aa_ambiguous"] += bool(aa["ambiguous"])
-        tally["slow_detected"] += slow["exit"] == 1 and bool(rope)
-        tally["slow_ambiguous"] += bool([c for c in slow["ambiguous"] if c.startswith(SLOW_OP)])
-        tally["slow_other_alarms"] += bool(others)
-        slow_ratios = [f"{r:.3f}" for c, r in slow["ratios"].items() if c.startswith(SLOW_OP)]
-        print(f"trial {i:2d}: A/A gate exit {aa['exit']} {aa['flagged'] or ''} ambiguous "
-              f"{len(aa['ambiguous'])} | slowed gate exit {slow['exit']}, {SLOW_OP} ratios "
-              f"{slow_ratios}, flagged {len(rope)} {SLOW_OP} + {len(others)} other, ambiguous "
-              f"{len(slow['ambiguous'])}", flush=True)
+        _tally_trial(tally, i, aa, slow)
     return tally
 
 
@@ -269,6 +264,8 @@ def cross_run(out: Path, tag: str, base: Path, head: Path, seed: int, args) -> d
             str(results), "--no-calibrate", "-q"]
     if args.op:
         argv += ["-o", args.op]
+    if args.pin_cpu:
+        argv += ["--pin-cpu", args.pin_cpu]
     subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
     return gate_separate(results, results, side_b, tag, out, args, base_ref=side_a)
 

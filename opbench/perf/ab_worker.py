@@ -1,13 +1,13 @@
 """One side of a cross-commit ``opbench perf --ab`` (``--ab cpu@../base cpu``), as its own process.
 
-The parent (``opbench.perf.cross_ab``) starts this file with the side's source tree first on
-``PYTHONPATH``, so ``import opbench`` here loads that tree -- possibly an older opbench than the
-parent's.  What runs from that tree is kept to the entry points in ``ENTRY_POINTS`` (backend
-lookup, the perf case table, one prepared call, the NaN check and the oracle judge of the timed
-outputs); the protocol, the timing loop and the records are this file's and the parent's, the
-same code for both sides.  Only the standard library and NumPy are imported before the tree's
-opbench, so this file runs against any tree that has those entry points (docs/ci.md says which
-opbench that is).
+The parent (``opbench.perf.cross_ab``) starts this file with the side's source tree as its
+argument (and first on ``PYTHONPATH``), so ``import opbench`` here loads that tree -- possibly an
+older opbench than the parent's -- and nothing of opbench from anywhere else.  What runs from
+that tree is kept to the entry points in ``ENTRY_POINTS`` (backend lookup, the perf case table,
+one prepared call, the NaN check and the oracle judge of the timed outputs); the protocol, the
+timing loop and the records are this file's and the parent's, the same code for both sides.
+Only the standard library and NumPy are imported before the tree's opbench, so this file runs
+against any tree that has those entry points (docs/ci.md says which opbench that is).
 
 Protocol, version ``PROTOCOL``: JSON lines.  The worker speaks first, unasked, with
 ``{"protocol", "opbench", "file", "missing"}`` (``error`` instead when the tree's opbench does not
@@ -189,10 +189,32 @@ def serve(worker: Worker, requests, send) -> None:
             return
 
 
+class TreeOnly:
+    """Finds ``opbench`` and its modules in the side's tree and nowhere else: an installed
+    opbench (an editable install's finder, say) must not fill in what the tree lacks."""
+
+    def __init__(self, tree: str) -> None:
+        self.tree = tree
+
+    def find_spec(self, fullname: str, path=None, target=None):
+        from importlib.machinery import PathFinder
+
+        if fullname != "opbench" and not fullname.startswith("opbench."):
+            return None
+        spec = PathFinder.find_spec(fullname, [self.tree] if fullname == "opbench" else path)
+        if spec is None:
+            raise ModuleNotFoundError(f"No module named {fullname!r} in {self.tree}",
+                                      name=fullname)
+        return spec
+
+
 def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     here = os.path.dirname(os.path.abspath(__file__))
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]  # not perf/*.py
+    tree = os.path.abspath(sys.argv[1])
+    sys.path.insert(0, tree)
+    sys.meta_path.insert(0, TreeOnly(tree))
     channel = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
     os.dup2(2, 1)  # a backend's own prints must not corrupt the protocol
 

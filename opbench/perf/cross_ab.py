@@ -105,13 +105,21 @@ class WorkerSide:
         env["PYTHONPATH"] = os.pathsep.join(
             [str(source.path)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
         self.process = subprocess.Popen(
-            [sys.executable, str(WORKER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=self.stderr, env=env, text=True, encoding="utf-8")
+            [sys.executable, str(WORKER), str(source.path)], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=self.stderr, env=env, text=True, encoding="utf-8")
+        self.sizes = sizes
+        self.opened = False
+
+    def start(self) -> None:
+        """Check the worker's hello, then open the backend (the worker's imports ran
+        meanwhile, both sides' at once)."""
         self._handshake()
-        opened = self.request("open", ref=ref, sizes=sizes)
+        opened = self.request("open", ref=self.ref, sizes=self.sizes)
         self.name, self.device, self.threads = opened["name"], opened["device"], opened["threads"]
         self.cases = set(opened["cases"])
-        self.env = {**opened["env"], "git_commit": source.commit, "source": source.describe()}
+        self.env = {**opened["env"], "git_commit": self.source.commit,
+                    "source": self.source.describe()}
+        self.opened = True
 
     def _handshake(self) -> None:
         hello = self._read()
@@ -176,7 +184,10 @@ class WorkerSide:
                 pass  # a thread that ended meanwhile
 
     def close(self) -> None:
-        if self.process.poll() is None:
+        if self.process.poll() is None and not self.opened:
+            self.process.kill()  # still importing, or refused: nothing of it to keep
+            self.process.wait()
+        elif self.process.poll() is None:
             try:
                 self.request("close")
                 self.process.wait(timeout=30)
@@ -193,6 +204,8 @@ def start_sides(specs: Mapping[str, tuple[str, str | None]], sizes: str) -> dict
     try:
         for label, (ref, _) in specs.items():
             sides[label] = WorkerSide(label, ref, sources[label], sizes)
+        for side in sides.values():
+            side.start()
     except BaseException:
         for side in sides.values():
             side.close()
