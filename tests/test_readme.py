@@ -1,6 +1,9 @@
 """The README's commands work as shown: every ``$ opbench ...`` line of its ```console blocks
 runs (smaller time budgets, fewer repeats), exits as the block shows (1 when it shows a FAIL) and
-prints every output line the block shows (lines with an elision ``...`` are not compared)."""
+prints every output line the block shows (lines with an elision ``...`` are not compared).  The
+same holds for docs/ci.md, and the opbench steps of its workflow (docs/ci/perf-gate.yml) run on
+the small table.  Commands run in a folder where ``base`` and ``head`` are checkouts (links to
+this one), as in that workflow."""
 
 from __future__ import annotations
 
@@ -16,6 +19,8 @@ from opbench.harness.registry import parse_ref
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
+CI_DOC = (ROOT / "docs" / "ci.md").read_text(encoding="utf-8")
+WORKFLOW = (ROOT / "docs" / "ci" / "perf-gate.yml").read_text(encoding="utf-8")
 
 #: only the clock changes: a shown timing command runs with a small budget and two runs a side
 FASTER = {"perf": ["--budget-ms", "5", "--min-samples", "3", "--warmup", "1"]}
@@ -68,18 +73,31 @@ def missing_backend(argv: list[str]) -> str | None:
 
 
 BLOCKS = console_blocks(README)
+CI_BLOCKS = console_blocks(CI_DOC)
 
 
 def test_the_readme_has_console_blocks_with_commands():
     assert len(BLOCKS) >= 4 and all(BLOCKS)
+    assert CI_BLOCKS and all(CI_BLOCKS)
 
 
-@pytest.mark.parametrize("block", BLOCKS, ids=[b[0][0] for b in BLOCKS])
-def test_readme_console_block_works_as_shown(block, tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def workspace(tmp_path, monkeypatch):
+    """A folder like the README's and the workflow's: base and head checkouts, tests, a
+    user backend file."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
+    for name in ("base", "head"):
+        (tmp_path / name).symlink_to(ROOT)
     (tmp_path / "tests").symlink_to(ROOT / "tests")
     (tmp_path / "my_backend.py").write_text(python_file(README, "my_backend.py"))
+    yield tmp_path
+    assert os.getcwd() == str(tmp_path)
+
+
+@pytest.mark.parametrize("block", BLOCKS + CI_BLOCKS,
+                         ids=[b[0][0] for b in BLOCKS] + [f"ci.md: {b[0][0]}" for b in CI_BLOCKS])
+def test_readme_console_block_works_as_shown(block, workspace, capsys):
     for command, shown in block:
         argv = argv_of(command)
         why = missing_backend(argv)
@@ -93,4 +111,23 @@ def test_readme_console_block_works_as_shown(block, tmp_path, monkeypatch, capsy
         for line in shown:
             if line.strip() and "..." not in line:
                 assert line.strip() in printed, f"{command}: no line {line.strip()!r}"
-    assert os.getcwd() == str(tmp_path)
+
+
+def workflow_commands() -> list[str]:
+    return re.findall(r"^\s*run: (opbench .*)$", WORKFLOW, flags=re.M)
+
+
+def test_the_workflow_checks_out_base_and_head_and_gates():
+    assert re.search(r"path: head\n", WORKFLOW)
+    assert re.search(r"ref: \$\{\{ github.event.pull_request.base.sha \}\}\s+path: base\n",
+                     WORKFLOW)
+    assert [c.split()[1] for c in workflow_commands()] == ["perf", "gate"]
+
+
+def test_the_workflow_steps_run_here_on_the_small_table(workspace, capsys):
+    for command in workflow_commands():
+        argv = argv_of(command)
+        if argv[0] == "perf":
+            argv += ["--sizes", "small", "-o", "ROPE,CPY"]
+        assert main(argv) == 0, f"{command}\n{capsys.readouterr()}"
+    assert "opbench gate passed" in capsys.readouterr().out

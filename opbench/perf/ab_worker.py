@@ -18,7 +18,8 @@ which it keeps to itself (whatever a backend prints to stdout goes to stderr).  
 ``prepare {case, seed, cold, fresh_inputs}`` -> ``{status, reason, errors, bytes, flops,
                                 output_judged}`` (new buffers; the previous ones stay allocated)
 ``warmup {calls}``            -> ``{}``
-``time {samples}``            -> ``{ns}``: that many samples of the prepared call
+``time {samples, slice_ms, limit}`` -> ``{ns}``: samples of the prepared call, at least
+                                ``samples``, more until ``slice_ms`` passed, at most ``limit``
 ``judge``                     -> ``{problem}``: the timed calls' outputs against the oracle
 ``release``                   -> ``{}``: drop the case's buffers
 ``close``                     -> ``{}``, then the worker ends
@@ -126,11 +127,15 @@ class Worker:
         self.backend.synchronize(self.device)
         return {}
 
-    def time(self, samples: int) -> dict:
+    def time(self, samples: int, slice_ms: float = 0.0, limit: int | None = None) -> dict:
+        """At least ``samples`` samples, and more until ``slice_ms`` have passed (never more
+        than ``limit``): one request then carries enough work that its round trip is small."""
         prepared = self.kept[-1]
         timer = self.backend.timer()
         ns = []
-        for _ in range(samples):
+        end = time.perf_counter_ns() + int(slice_ms * 1e6)
+        limit = max(samples, limit or samples)
+        while len(ns) < limit and (len(ns) < samples or time.perf_counter_ns() < end):
             self._between_samples(prepared)
             if timer is not None:
                 ns.append(int(timer(prepared.fn)))

@@ -214,17 +214,24 @@ def start_sides(specs: Mapping[str, tuple[str, str | None]], sizes: str) -> dict
 
 
 # -- timing one case -------------------------------------------------------------------------------
+#: a worker's batch of samples lasts at least this long: a round trip to a process on a busy
+#: machine can wait for a time slice (milliseconds), and 5 samples of a 20 us kernel would
+#: leave the budget to the waits; 5 ms keeps many rounds per case for drift to hit both sides
+SLICE_MS = 5.0
+
+
 class RemoteSubject:
     """A ``timing.Subject`` whose calls run in a worker: a batch of samples per round trip."""
 
-    def __init__(self, side: WorkerSide) -> None:
-        self.side = side
+    def __init__(self, side: WorkerSide, limit: int) -> None:
+        self.side, self.limit = side, limit
 
     def warm_up(self, calls: int) -> None:
         self.side.request("warmup", calls=calls)
 
     def time_batch(self, samples: int) -> list[int]:
-        return self.side.request("time", samples=samples)["ns"]
+        return self.side.request("time", samples=samples, slice_ms=SLICE_MS,
+                                 limit=self.limit)["ns"]
 
 
 def run_cross_case(sides: Mapping[str, WorkerSide], case, options, run_id: str,
@@ -257,7 +264,8 @@ def _timed_case(sides, case, options, run_id, placement) -> dict[str, dict]:
         if failed:
             return _failures(sides, case, run_id, failed)
         samples = timing.measure_interleaved(
-            {label: RemoteSubject(side) for label, side in sides.items()},
+            {label: RemoteSubject(side, timing.DEFAULT_MAX_SAMPLES // epochs)
+             for label, side in sides.items()},
             warmup=options.warmup, budget_ms=options.budget_ms / epochs,
             min_samples=math.ceil(options.min_samples / epochs), seed=options.seed + epoch)
         for label in sides:

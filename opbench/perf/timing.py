@@ -150,8 +150,9 @@ def measure_interleaved(
             break
         if fewest >= min_samples and time.perf_counter_ns() >= deadline:
             break
-    return {
-        name: Samples(np.asarray(v, dtype=np.int64), warmup, budget_ms) for name, v in taken.items()
+    return {  # a batch may overshoot max_samples
+        name: Samples(np.asarray(v[:max_samples], dtype=np.int64), warmup, budget_ms)
+        for name, v in taken.items()
     }
 
 
