@@ -5,6 +5,7 @@ checkout), some with the cpu ROPE kernel patched: garbage, stale or crashing."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -200,3 +201,21 @@ def test_the_worker_protocol_is_json_lines_and_versioned(base_checkout):
     assert hello["protocol"] == ab_worker.PROTOCOL and hello["missing"] == []
     assert Path(hello["file"]).resolve() == (base_checkout / "opbench" / "__init__.py").resolve()
     assert answer == {"ok": True}
+
+
+def test_pinning_reaches_every_thread_of_a_worker():
+    """The CPU set is the workers' -- the backend's own threads included -- not only this
+    process's."""
+    from opbench.perf.cross_ab import WorkerSide, source_tree
+
+    side = WorkerSide("A", CPU, source_tree(None, "A"), "small")
+    try:
+        side.start()
+        cpu = max(os.sched_getaffinity(0))
+        side.pin([cpu])
+        threads = [int(tid) for tid in os.listdir(f"/proc/{side.process.pid}/task")]
+        assert len(threads) >= 2  # the worker's main thread and the cpu device's stream
+        assert all(os.sched_getaffinity(tid) == {cpu} for tid in threads)
+    finally:
+        side.close()
+    assert side.process.returncode == 0

@@ -187,8 +187,10 @@ def serve(worker: Worker, requests, send) -> None:
         command = request.pop("cmd")
         try:
             answer = {"ok": True, **getattr(worker, command)(**request)}
-        except Exception as exc:
-            answer = {"ok": False, "error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
+        except Exception as exc:  # the tree's usage errors are already one clear line
+            name = type(exc).__name__
+            text = str(exc) if name == "UsageError" else f"{name}: {exc}"
+            answer = {"ok": False, "error": text.splitlines()[0] if text else name}
         send(answer)
         if command == "close":
             return
