@@ -51,6 +51,19 @@ def rope(x, pos, out, params, *rest):
         _rope_done.add(address)
 """
 
+#: from the second call on (the timed ones) ROPE raises
+RAISES = """
+_rope_calls = [0]
+_true_rope = rope
+
+
+def rope(*args):
+    _rope_calls[0] += 1
+    if _rope_calls[0] > 1:
+        raise RuntimeError("the kernel gave up")
+    _true_rope(*args)
+"""
+
 #: the worker process dies in ROPE's first call
 CRASH = """
 def rope(*args):
@@ -156,6 +169,16 @@ def test_fresh_inputs_catch_a_stale_kernel_across_trees(tmp_path):
     assert {r["status"] for r in sides[f"{CPU}@{stale}"]} == {"ERROR"}
     assert {r["status"] for r in sides[CPU]} == {"OK"}
     assert all(r["perf"]["fresh_inputs"] for r in sides[CPU])
+
+
+def test_a_kernel_that_raises_while_timed_gives_an_error_record(tmp_path):
+    raising = copy_tree(tmp_path / "raises", RAISES)
+    code, records = run_ab(tmp_path, f"{CPU}@{raising}", CPU)
+    assert code == 1
+    sides = by_backend(records)
+    first = sides[f"{CPU}@{raising}"][0]
+    assert first["status"] == "ERROR" and "the kernel gave up" in first["reason"]
+    assert len(records) == 4  # the run went on to the second case
 
 
 def test_a_worker_that_dies_gives_a_crash_record_with_the_signal(tmp_path, capsys):

@@ -38,6 +38,14 @@ class WorkerDied(RuntimeError):
     """A side's worker process ended in the middle of the run (its kernel crashed it)."""
 
 
+class SideError(RuntimeError):
+    """A side's worker answered a request with an error (its kernel raised while timed)."""
+
+    def __init__(self, label: str, error: str) -> None:
+        super().__init__(error)
+        self.label = label
+
+
 # -- source trees ----------------------------------------------------------------------------------
 def split_source(text: str) -> tuple[str, str | None]:
     """``cpu:opt=1@../base`` -> (``cpu:opt=1``, ``../base``); no ``@``: (text, None)."""
@@ -114,7 +122,10 @@ class WorkerSide:
         """Check the worker's hello, then open the backend (the worker's imports ran
         meanwhile, both sides' at once)."""
         self._handshake()
-        opened = self.request("open", ref=self.ref, sizes=self.sizes)
+        try:
+            opened = self.request("open", ref=self.ref, sizes=self.sizes)
+        except SideError as exc:  # an unknown backend or option, as that tree sees it
+            raise UsageError(f"--ab {self.label}: {exc}") from None
         self.name, self.device, self.threads = opened["name"], opened["device"], opened["threads"]
         self.cases = set(opened["cases"])
         self.env = {**opened["env"], "git_commit": self.source.commit,
@@ -156,7 +167,7 @@ class WorkerSide:
             raise WorkerDied(f"the worker of {self.label} ended during '{command}': "
                              f"{self.cause()}")
         if not answer["ok"]:
-            raise UsageError(f"--ab {self.label}: {answer['error']}")
+            raise SideError(self.label, answer["error"])
         return answer
 
     def cause(self) -> str:
@@ -245,6 +256,8 @@ def run_cross_case(sides: Mapping[str, WorkerSide], case, options, run_id: str,
         return _failures(sides, case, run_id, absent)
     try:
         return _timed_case(sides, case, options, run_id, placement or {})
+    except SideError as exc:  # e.g. the kernel raised while timed: that side's ERROR
+        return _failures(sides, case, run_id, {exc.label: ("ERROR", str(exc), [])})
     finally:
         for side in sides.values():
             if side.process.poll() is None:
