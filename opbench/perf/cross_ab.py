@@ -202,10 +202,14 @@ class WorkerSide:
             try:
                 self.request("close")
                 self.process.wait(timeout=30)
-            except (WorkerDied, UsageError, subprocess.TimeoutExpired, OSError, ValueError):
+            except (WorkerDied, SideError, subprocess.TimeoutExpired, OSError, ValueError):
                 self.process.kill()
                 self.process.wait()
-        self.stderr.close()
+        for stream in (self.process.stdin, self.process.stdout, self.stderr):
+            try:
+                stream.close()
+            except OSError:
+                pass  # a pipe whose reader is gone
 
 
 def start_sides(specs: Mapping[str, tuple[str, str | None]], sizes: str) -> dict[str, WorkerSide]:
