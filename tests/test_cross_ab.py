@@ -242,3 +242,14 @@ def test_pinning_reaches_every_thread_of_a_worker():
     finally:
         side.close()
     assert side.process.returncode == 0
+
+
+def test_the_ceiling_follows_the_cpus_a_side_computes_with():
+    from types import SimpleNamespace
+
+    from opbench.perf.cross_ab import _ceiling_threads
+    follower = SimpleNamespace(follows_cpus=True, threads=1)  # the cpu backend: all its CPUs
+    fixed = SimpleNamespace(follows_cpus=False, threads=3)
+    assert _ceiling_threads(follower, {"cpu_set": [0, 1]}) == 2
+    assert _ceiling_threads(fixed, {"cpu_set": [0, 1]}) == 3
+    assert _ceiling_threads(follower, {}) == 1

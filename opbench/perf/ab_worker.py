@@ -14,7 +14,8 @@ Protocol, version ``PROTOCOL``: JSON lines.  The worker speaks first, unasked, w
 import); then it answers each request read from stdin with one line on its original stdout,
 which it keeps to itself (whatever a backend prints to stdout goes to stderr).  Requests:
 
-``open {ref, sizes}``         -> ``{name, device, threads, env, cases}`` (the perf case ids)
+``open {ref, sizes}``         -> ``{name, device, threads, follows_cpus, env, cases}``
+                                (cases: the perf case ids)
 ``prepare {case, seed, cold, fresh_inputs}`` -> ``{status, reason, errors, bytes, flops,
                                 output_judged}`` (new buffers; the previous ones stay allocated)
 ``warmup {calls}``            -> ``{}``
@@ -96,6 +97,7 @@ class Worker:
         self.cases = {case.id: case for case in self.api["perf_cases"](sizes)}
         return {"name": self.backend.name, "device": self.api["device_label"](self.backend),
                 "threads": threads if isinstance(threads, int) and threads > 0 else 1,
+                "follows_cpus": threads == "cpus",
                 "env": environment({"name": self.backend.name, **info}),
                 "cases": list(self.cases)}
 

@@ -28,6 +28,7 @@ from opbench.errors import UsageError
 from opbench.harness.records import case_record
 
 from . import ab_worker, timing
+from .calibrate import ceilings_for
 
 WORKER = Path(ab_worker.__file__).resolve()
 #: the oldest opbench commit whose tree a worker can run (it has ab_worker.ENTRY_POINTS)
@@ -127,6 +128,7 @@ class WorkerSide:
         except SideError as exc:  # an unknown backend or option, as that tree sees it
             raise UsageError(f"--ab {self.label}: {exc}") from None
         self.name, self.device, self.threads = opened["name"], opened["device"], opened["threads"]
+        self.follows_cpus = bool(opened.get("follows_cpus"))
         self.cases = set(opened["cases"])
         self.env = {**opened["env"], "git_commit": self.source.commit,
                     "source": self.source.describe()}
@@ -299,10 +301,19 @@ def _record(side: WorkerSide, case, run_id, parts, facts, problem, options, plac
     samples = timing.Samples(np.concatenate(parts).astype(np.int64), options.warmup,
                              options.budget_ms)
     perf = {**timing.perf_block(samples, nbytes=facts["bytes"] or None,
-                                flops=facts["flops"] or None, ceilings=options.ceilings),
+                                flops=facts["flops"] or None,
+                                ceilings=ceilings_for(options.ceilings,
+                                                      _ceiling_threads(side, placement))),
             "output_judged": facts["output_judged"], "fresh_inputs": options.fresh_inputs,
             **placement}
     return _side_record(side, case, "OK", run_id, perf=perf)
+
+
+def _ceiling_threads(side: WorkerSide, placement: Mapping) -> int:
+    """Threads the side computes with: a backend that follows its CPUs uses all of its set."""
+    if side.follows_cpus and placement.get("cpu_set"):
+        return len(placement["cpu_set"])
+    return side.threads
 
 
 def _side_record(side: WorkerSide, case, status: str, run_id: str, **fields) -> dict:
