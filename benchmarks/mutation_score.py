@@ -209,20 +209,47 @@ def _env(extra: dict | None = None) -> dict:
 
 
 # -- running one mutant ----------------------------------------------------------------------
-def _opbench(ops: list[str], quick: bool, env: dict, timeout: float, seed: int):
-    cmd = [sys.executable, "-m", "opbench", "test", "-b", "cpu", "-o", ",".join(ops), "-j", "1",
-           "--seed", str(seed), "--output", "csv"] + (["--quick"] if quick else [])
+JUDGED = """
+import json, sys
+from opbench.backends.cpu import CpuBackend
+from opbench.harness.ops import SPECS
+from opbench.harness.runner import KnownFailures, run_case
+ops, quick, seed = sys.argv[1].split(","), sys.argv[2] == "quick", int(sys.argv[3])
+backend = CpuBackend(); backend.devices(1)
+known = KnownFailures(backend.known_failures())
+first, count = None, 0
+for op in ops:
+    cases = SPECS[op].quick_cases(seed=seed) if quick else SPECS[op].cases()
+    for case in cases:
+        record = run_case(backend, case, run_seed=seed, known=known)
+        count += 1
+        if record["status"] not in ("OK", "XFAIL", "UNSUPPORTED"):
+            first = f"{case.id}: {record['status']} {record.get('reason', '')}"
+            break
+    if first:
+        break
+backend.close()
+print(json.dumps({"failed": first, "cases": count}))
+"""
+
+
+def _judged(ops: list[str], quick: bool, env: dict, timeout: float, seed: int):
+    """The --quick (or full) table of ``ops`` on the cpu backend, judged case by case as
+    ``opbench test -b cpu`` judges them (run_case, the backend's known failures), stopping at
+    the first case that does not pass: a caught mutant needs no more."""
+    cmd = [sys.executable, "-c", JUDGED, ",".join(ops), "quick" if quick else "full", str(seed)]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env,
                              timeout=timeout)
     except subprocess.TimeoutExpired:
         return "timeout", "no result within the timeout (a hang counts as caught)"
-    if out.returncode == 0:
+    try:
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        return "failed", "the run died: " + (out.stderr.strip().splitlines() or ["?"])[-1]
+    if result["failed"] is None:
         return "passed", ""
-    failing = [line for line in out.stdout.splitlines()
-               if any(s in line for s in (",FAIL,", ",ERROR,", ",CRASH,", ",TIMEOUT,"))]
-    first = failing[0][:300] if failing else (out.stderr.strip().splitlines() or ["?"])[-1]
-    return "failed", f"{len(failing)} cases; first: {first}"
+    return "failed", f"case {result['cases']} of the table fails: {result['failed'][:300]}"
 
 
 def output_hashes(ops: list[str], env: dict, timeout: float, seed: int) -> dict[str, str]:
@@ -268,7 +295,7 @@ def run_mutant(mutant: Mutant, ops: list[str], workdir: Path, args, baseline) ->
     mutant_file.write_text(source)
     env = _env({"OPBENCH_MUTANT_MODULE": mutant.module, "OPBENCH_MUTANT_FILE": str(mutant_file),
                 "PYTHONPATH": f"{workdir}{os.pathsep}{ROOT}"})
-    result, detail = _opbench(ops, True, env, args.timeout, args.seed)
+    result, detail = _judged(ops, True, env, args.timeout, args.seed)
     if result != "passed":
         mutant.status, mutant.detail = "caught-quick", detail
         return mutant
@@ -281,7 +308,7 @@ def run_mutant(mutant: Mutant, ops: list[str], workdir: Path, args, baseline) ->
         mutant.status = "equivalent"
         mutant.detail = "identical output bits on every case of the full table"
         return mutant
-    result, detail = _opbench(ops, False, env, args.timeout * 10, args.seed)
+    result, detail = _judged(ops, False, env, args.timeout * 10, args.seed)
     if result != "passed":
         mutant.status, mutant.detail = "caught-full", detail
         return mutant
@@ -306,6 +333,14 @@ def summary(mutants: list[Mutant]) -> str:
             lines += [f"\n{m.status.upper()}: {m.module.rsplit('.', 1)[1]}.{m.function} line "
                       f"{m.line} ({m.kind}): {m.detail}", m.diff]
     return "\n".join(lines)
+
+
+def _key(mutant: Mutant) -> tuple:
+    return mutant.module, mutant.index, mutant.kind
+
+
+def _read(path: Path) -> list[Mutant]:
+    return [Mutant(**json.loads(line)) for line in path.read_text().splitlines() if line]
 
 
 def run_sample(sample: list[Mutant], reach: dict, tmp: Path, args, baseline) -> list[Mutant]:
@@ -352,11 +387,22 @@ def main(argv=None) -> int:
     parser.add_argument("--function", help="only mutants in functions matching this name")
     parser.add_argument("-j", "--jobs", type=int, default=1,
                         help="mutants run side by side (each in its own directory)")
+    parser.add_argument("--resume", action="store_true",
+                        help="mutants already in --out are not run again (a stopped run goes "
+                             "on); the summary counts them")
+    parser.add_argument("--rerun", type=Path, metavar="JSONL",
+                        help="instead of a sample: the survivors recorded in JSONL, run again "
+                             "(after adding cases)")
     args = parser.parse_args(argv)
     mutants = enumerate_mutants()
     if args.function:
         mutants = [m for m in mutants if args.function in m.function]
     sample = random.Random(args.seed).sample(mutants, min(args.sample, len(mutants)))
+    if args.rerun:
+        survivors = {_key(m) for m in _read(args.rerun) if m.status == "survived"}
+        sample = [m for m in mutants if _key(m) in survivors]
+    previous = _read(args.out) if args.resume and args.out and args.out.exists() else []
+    sample = [m for m in sample if _key(m) not in {_key(p) for p in previous}]
     print(f"{len(mutants)} mutation points; running {len(sample)}", file=sys.stderr)
     reach = reach_map(args.seed)
     cache: dict[tuple, dict] = {}
@@ -371,7 +417,7 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         done = run_sample(sample, reach, Path(tmp), args, baseline)
-    print(summary(done))
+    print(summary(previous + done))
     return 0
 
 
