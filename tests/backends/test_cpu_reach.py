@@ -26,8 +26,6 @@ _ARGUMENT_CHECK = ("a data-dependent argument check: the tables feed valid indic
 EXCLUDED = {
     ("kernels.py", "if xf.strides[-1] != 4:"):
         "defensive: the runner hands every backend contiguous inputs",
-    ("kernels.py", "if n_q == 0:"):
-        "a paged sequence without queries: the tables give every sequence at least one (gap)",
     ("kernels.py", "if len(q_pos) == 0:"): "defensive: attend never gets an empty block",
     ("kernels.py", "if rows != slice(None):"):
         "defensive: attend narrows PagedRows' heads only as [:, lo:hi] (test_cpu_kernels.py "

@@ -16,7 +16,7 @@ from opbench.backends.cpu import CpuBackend, kernels
 
 _original = {name: getattr(kernels, name) for name in (
     "attend", "_tile_scores", "set_rows", "get_rows", "_rope_cos_sin", "_attend_block",
-    "_visible_key_range", "kv_rotate", "_gather_blocks")}
+    "_visible_key_range", "kv_rotate", "_gather_blocks", "paged_attention")}
 
 
 class PatchedKernels(CpuBackend):
@@ -313,6 +313,24 @@ class RopeNegativePositionsClamped(CpuBackend):
         super().rope(x, self.to_device(clamped, pos.device), out, p, freq_factors, stream)
 
 
+def _rows_searched_from_the_left(q, k_cache, v_cache, out, p, block_table, seq_lens, q_start,
+                                 sinks=None, lse=None):
+    """Each query row's sequence found as the q_start entry equal to the row, else the one
+    before it (a left search): right while q_start rises strictly, but a sequence without
+    queries repeats its entry and takes the first row of the sequence after it."""
+    rows = np.arange(q.shape[0])
+    left = np.searchsorted(q_start, rows, side="left")
+    hit = q_start[np.minimum(left, len(q_start) - 1)] == rows
+    seq_of_row = np.where(hit, left, left - 1)
+    rebuilt = np.searchsorted(seq_of_row, np.arange(len(seq_lens) + 1), side="left")
+    _original["paged_attention"](q, k_cache, v_cache, out, p, block_table, seq_lens,
+                                 rebuilt.astype(q_start.dtype), sinks, lse)
+
+
+class PagedRowsToWrongSequence(PatchedKernels):
+    patches = {"paged_attention": _rows_searched_from_the_left}
+
+
 #: bug -> (op, regex of the case ids of the new input kind that alone catches it)
 NEW_INPUT_BUGS = {
     SignallingNanFromConversion: ("CPY", r"vals=special"),
@@ -320,6 +338,7 @@ NEW_INPUT_BUGS = {
     QueryBlocksRestartPositions: ("ATTN", r"nq=(129|1[3-9]\d|[2-9]\d\d)\b"),
     WindowStartMirrored: ("ATTN", r"nq=(\d+),nkv=\1,.*win=1"),
     RopeNegativePositionsClamped: ("ROPE", r"pos=neg"),
+    PagedRowsToWrongSequence: ("ATTN", r"idle=1"),
 }
 
 #: bug class -> the op whose default table must catch it

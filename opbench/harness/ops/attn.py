@@ -87,12 +87,15 @@ def window_size(case: Case) -> int:
 
 
 def sequence_lengths(case: Case) -> list[tuple[int, int]]:
-    """(kv_len, q_len) per sequence: paged cases hold several sequences of different lengths."""
+    """(kv_len, q_len) per sequence: paged cases hold several sequences of different lengths;
+    with ``idle`` the second one has no queries this step (its cache is kept, its q_start
+    entry repeats), so the sequences after it start their rows at its start."""
     n_seqs = case["paged"] or 1
     out = []
     for s in range(n_seqs):
         kv_len = max(1, case["nkv"] - s * (case["nkv"] // (n_seqs + 1)) - 3 * s)
-        out.append((kv_len, min(case["nq"], kv_len)))
+        n_q = 0 if case.get("idle") and s == 1 else min(case["nq"], kv_len)
+        out.append((kv_len, n_q))
     return out
 
 
@@ -107,6 +110,15 @@ def boundary_cases() -> list[Case]:
     return [Case.make("ATTN", type=dtype, hs=[64, 64], nh=4, nkvh=1, nq=n_q, nkv=37,
                       **{**FLAGS, "causal": 1, "paged": 2}, bsz=1, nblk=n_blocks)
             for n_blocks in BOUNDARY_BLOCKS for dtype, n_q in (("f32", 1), ("f16", 3))]
+
+
+def idle_sequence_cases() -> list[Case]:
+    """A paged batch whose middle sequence has no queries (q_start repeats an entry): a
+    sequence left out of one step, or a batch padded to a fixed size; decode and a short
+    chunk, the chunk with lse (ggml has none, so it runs the decode)."""
+    return [Case.make("ATTN", type=dtype, hs=[64, 64], nh=4, nkvh=2, nq=n_q, nkv=37,
+                      **{**FLAGS, "causal": 1, "lse": lse, "paged": 3}, idle=1)
+            for dtype, n_q, lse in (("f32", 1, 0), ("f16", 3, 1))]
 
 
 def _block_order(rng, case: Case, n_used: int) -> tuple[np.ndarray, int]:
@@ -167,7 +179,7 @@ class AttnSpec(OpSpec):
                 for t, hs, gqa, n, flags in BUNDLES]
 
     def extra_cases(self) -> list[Case]:
-        return boundary_cases()
+        return boundary_cases() + idle_sequence_cases()
 
     def large_cases(self) -> list[Case]:
         return [Case.make("ATTN", type="f16", hs=[64, 64], nh=4, nkvh=1, nq=1, nkv=37,
