@@ -312,9 +312,10 @@ def run_mutant(mutant: Mutant, ops: list[str], workdir: Path, args, baseline) ->
     if result != "passed":
         mutant.status, mutant.detail = "caught-full", detail
         return mutant
+    differing = sorted(k for k, v in reference.items() if mine.get(k) != v)
     mutant.status = "survived"
-    mutant.detail = (f"{sum(mine.get(k) != v for k, v in reference.items())} cases give "
-                     "other bits, every one within the judge's rules")
+    mutant.detail = (f"{len(differing)} cases give other bits, every one within the judge's "
+                     f"rules: {', '.join(differing[:3])}{', ...' if len(differing) > 3 else ''}")
     return mutant
 
 
