@@ -210,11 +210,28 @@ def _env(extra: dict | None = None) -> dict:
 
 # -- running one mutant ----------------------------------------------------------------------
 JUDGED = """
-import json, sys
+import hashlib, json, os, pickle, sys
+import opbench.harness.runner as runner
 from opbench.backends.cpu import CpuBackend
 from opbench.harness.ops import SPECS
 from opbench.harness.runner import KnownFailures, run_case
 ops, quick, seed = sys.argv[1].split(","), sys.argv[2] == "quick", int(sys.argv[3])
+computed = runner.references
+
+def cached_references(spec, case, inputs):
+    # the oracles import nothing of the backends, so every mutant shares one copy of them
+    path = os.path.join(os.environ["OPBENCH_ORACLE_CACHE"],
+                        hashlib.sha1(f"{case.id}|{seed}".encode()).hexdigest())
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            return pickle.load(f)
+    result = computed(spec, case, inputs)
+    with open(f"{path}.{os.getpid()}", "wb") as f:
+        pickle.dump(result, f)
+    os.replace(f"{path}.{os.getpid()}", path)
+    return result
+
+runner.references = cached_references
 backend = CpuBackend(); backend.devices(1)
 known = KnownFailures(backend.known_failures())
 first, count = None, 0
@@ -294,7 +311,8 @@ def run_mutant(mutant: Mutant, ops: list[str], workdir: Path, args, baseline) ->
     mutant_file = workdir / "mutant.py"
     mutant_file.write_text(source)
     env = _env({"OPBENCH_MUTANT_MODULE": mutant.module, "OPBENCH_MUTANT_FILE": str(mutant_file),
-                "PYTHONPATH": f"{workdir}{os.pathsep}{ROOT}"})
+                "PYTHONPATH": f"{workdir}{os.pathsep}{ROOT}",
+                "OPBENCH_ORACLE_CACHE": str(workdir.parent / "oracle")})
     result, detail = _judged(ops, True, env, args.timeout, args.seed)
     if result != "passed":
         mutant.status, mutant.detail = "caught-quick", detail
@@ -349,6 +367,7 @@ def run_sample(sample: list[Mutant], reach: dict, tmp: Path, args, baseline) -> 
     own directory under ``tmp``: the source tree is never touched); progress to stderr and
     ``args.out`` as each finishes, results in sample order."""
     write_lock, free_dirs = threading.Lock(), []
+    (tmp / "oracle").mkdir()
     for job in range(max(1, args.jobs)):
         workdir = tmp / f"job{job}"
         workdir.mkdir()
