@@ -179,7 +179,10 @@ class AttnSpec(OpSpec):
                 for t, hs, gqa, n, flags in BUNDLES]
 
     def extra_cases(self) -> list[Case]:
-        return boundary_cases() + idle_sequence_cases()
+        # ALiBi with max_bias in (0, 1] (slopes just below one): a backend that takes
+        # max_bias <= 1 for "no ALiBi" passes every case at the axis' 8.0
+        small_bias = _case("f32", (64, 64), (4, 2), 3, 37, {"causal": 1, "mb": 0.5})
+        return boundary_cases() + idle_sequence_cases() + [small_bias]
 
     def large_cases(self) -> list[Case]:
         return [Case.make("ATTN", type="f16", hs=[64, 64], nh=4, nkvh=1, nq=1, nkv=37,
