@@ -23,6 +23,15 @@ BACKENDS = textwrap.dedent("""
             super().cpy(src, out, perm, step, stream)
             self.done = True
 
+    class LazyPerBuffer(CpuBackend):
+        name = "lazy-per-buffer"  # works once per output buffer, then leaves its answer there
+
+        def cpy(self, src, out, perm, step=1, stream=None):
+            seen = self.__dict__.setdefault("seen", set())
+            if id(out) not in seen:
+                super().cpy(src, out, perm, step, stream)
+                seen.add(id(out))
+
     class Tired(CpuBackend):
         name = "tired"  # rotates the cache for its first calls, then leaves it as it is
 
@@ -114,3 +123,26 @@ def test_fresh_inputs_catch_an_in_place_op_that_replays_its_first_answer(tmp_pat
                                                                         status):
     record = perf_status(tmp_path, "Replay", *fresh, case=["-o", "KV_ROTATE", *IN_PLACE])
     assert record["status"] == status, record.get("reason")
+
+
+@pytest.mark.parametrize("fresh, status", [([], "OK"), (["--fresh-inputs"], "ERROR")])
+def test_an_in_process_ab_judges_each_side_and_refreshes_its_inputs(tmp_path, fresh, status):
+    path = tmp_path / "lazy_backends.py"
+    path.write_text(BACKENDS)
+    results = tmp_path / "ab.jsonl"
+    main(["perf", "--ab", "cpu", f"{path}:LazyPerBuffer", *ONE_CASE, "--epochs", "1",
+          "--results", str(results), *fresh])
+    records = {r["backend"]: r for r in store.read_records(results)}
+    assert records["cpu"]["status"] == "OK" and records["cpu"]["perf"]["output_judged"]
+    assert records[f"{path}:LazyPerBuffer"]["status"] == status
+
+
+def test_an_in_process_ab_side_that_leaves_garbage_is_an_error(tmp_path):
+    path = tmp_path / "lazy_backends.py"
+    path.write_text(BACKENDS)
+    results = tmp_path / "ab.jsonl"
+    main(["perf", "--ab", "cpu", f"{path}:Garbage", *ONE_CASE, "--results", str(results)])
+    records = {r["backend"]: r for r in store.read_records(results)}
+    assert records["cpu"]["status"] == "OK"
+    assert records[f"{path}:Garbage"]["status"] == "ERROR"
+    assert records[f"{path}:Garbage"]["reason"].startswith("the output of the timed calls is")

@@ -13,6 +13,7 @@ is judged against the oracle (``timed_output_problem``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import traceback
 from collections.abc import Callable, Iterable, Mapping
@@ -317,16 +318,37 @@ def run_ab_case(sides: Mapping[str, Any], case: Case, options: PerfOptions, run_
         if failed:
             return _ab_failures(sides, case, run_id, envs, failed)
         kept.append(prepared)
-        subjects = {label: subject_for(sides[label], prepared[label], options) for label in sides}
+        subjects = {label: _judged_subject(sides[label], prepared[label], options)
+                    for label in sides}
         samples = timing.measure_interleaved(
             subjects, warmup=options.warmup, budget_ms=options.budget_ms / epochs,
             min_samples=math.ceil(options.min_samples / epochs), seed=options.seed + epoch)
         for label in sides:
             taken[label].append(samples[label].ns)
-    return {label: perf_record(label, sides[label], case, "OK", run_id, env=envs.get(label),
-                               perf=block(_merged(taken[label], options), kept[0][label],
-                                          options))
+    return {label: _ab_record(label, sides[label], case, kept, taken[label], options, run_id,
+                              envs.get(label))
             for label in sides}
+
+
+def _judged_subject(backend, prepared: Prepared, options: PerfOptions) -> timing.Subject:
+    """The subject of one A/B side, with new inputs before each sample under --fresh-inputs."""
+    subject = subject_for(backend, prepared, options)
+    return dataclasses.replace(subject, flush=_between_samples(backend, prepared, options,
+                                                               subject))
+
+
+def _ab_record(label, backend, case, kept, taken, options, run_id, env) -> dict:
+    """One side's record: ERROR when the output of its last epoch's timed calls is wrong."""
+    last = kept[-1][label]
+    try:
+        wrong = timed_output_problem(backend, last)
+    except Exception as exc:
+        wrong = f"{type(exc).__name__}: {exc}"
+    if wrong:
+        return perf_record(label, backend, case, "ERROR", run_id, reason=wrong, env=env)
+    perf = {**block(_merged(taken, options), kept[0][label], options),
+            "output_judged": output_judged(backend, last), "fresh_inputs": options.fresh_inputs}
+    return perf_record(label, backend, case, "OK", run_id, env=env, perf=perf)
 
 
 def _prepare_sides(sides, case, options) -> tuple[dict[str, Prepared], dict]:
