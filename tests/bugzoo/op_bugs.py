@@ -331,6 +331,23 @@ class PagedRowsToWrongSequence(PatchedKernels):
     patches = {"paged_attention": _rows_searched_from_the_left}
 
 
+def _empty_slots_compacted(q, k_cache, v_cache, out, p, block_table, seq_lens, q_start,
+                           sinks=None, lse=None):
+    """Empty slots (seq_len 0) dropped from the batch before the launch, but the block table
+    left as it was: every sequence after an empty slot reads the block-table row before its
+    own, whose unused entries (-1) index from the end of the cache as a negative offset does."""
+    keep = np.asarray(seq_lens) > 0
+    starts = np.append(np.asarray(q_start)[:-1][keep], q_start[-1]).astype(q_start.dtype)
+    table = np.array(block_table[:int(keep.sum())])
+    table[table < 0] += k_cache.shape[0]
+    _original["paged_attention"](q, k_cache, v_cache, out, p, table.astype(block_table.dtype),
+                                 seq_lens[keep], starts, sinks, lse)
+
+
+class PagedEmptySlotsCompacted(PatchedKernels):
+    patches = {"paged_attention": _empty_slots_compacted}
+
+
 #: bug -> (op, regex of the case ids of the new input kind that alone catches it)
 NEW_INPUT_BUGS = {
     SignallingNanFromConversion: ("CPY", r"vals=special"),
@@ -338,7 +355,8 @@ NEW_INPUT_BUGS = {
     QueryBlocksRestartPositions: ("ATTN", r"nq=(129|1[3-9]\d|[2-9]\d\d)\b"),
     WindowStartMirrored: ("ATTN", r"nq=(\d+),nkv=\1,.*win=1"),
     RopeNegativePositionsClamped: ("ROPE", r"pos=neg"),
-    PagedRowsToWrongSequence: ("ATTN", r"idle=1"),
+    PagedRowsToWrongSequence: ("ATTN", r"idle=[12]"),
+    PagedEmptySlotsCompacted: ("ATTN", r"idle=2"),
 }
 
 #: bug class -> the op whose default table must catch it

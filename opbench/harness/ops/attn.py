@@ -89,12 +89,15 @@ def window_size(case: Case) -> int:
 def sequence_lengths(case: Case) -> list[tuple[int, int]]:
     """(kv_len, q_len) per sequence: paged cases hold several sequences of different lengths;
     with ``idle`` the second one has no queries this step (its cache is kept, its q_start
-    entry repeats), so the sequences after it start their rows at its start."""
+    entry repeats), so the sequences after it start their rows at its start; with ``idle=2``
+    it has no keys either (a padding slot of a batch of fixed size: seq_len 0)."""
     n_seqs = case["paged"] or 1
     out = []
     for s in range(n_seqs):
         kv_len = max(1, case["nkv"] - s * (case["nkv"] // (n_seqs + 1)) - 3 * s)
         n_q = 0 if case.get("idle") and s == 1 else min(case["nq"], kv_len)
+        if case.get("idle") == 2 and s == 1:
+            kv_len = 0
         out.append((kv_len, n_q))
     return out
 
@@ -115,10 +118,11 @@ def boundary_cases() -> list[Case]:
 def idle_sequence_cases() -> list[Case]:
     """A paged batch whose middle sequence has no queries (q_start repeats an entry): a
     sequence left out of one step, or a batch padded to a fixed size; decode and a short
-    chunk, the chunk with lse (ggml has none, so it runs the decode)."""
+    chunk, the chunk with lse (ggml has none, so it runs the decode); and a decode whose middle
+    sequence is an empty padding slot (no queries, no keys)."""
     return [Case.make("ATTN", type=dtype, hs=[64, 64], nh=4, nkvh=2, nq=n_q, nkv=37,
-                      **{**FLAGS, "causal": 1, "lse": lse, "paged": 3}, idle=1)
-            for dtype, n_q, lse in (("f32", 1, 0), ("f16", 3, 1))]
+                      **{**FLAGS, "causal": 1, "lse": lse, "paged": 3}, idle=idle)
+            for dtype, n_q, lse, idle in (("f32", 1, 0, 1), ("f16", 3, 1, 1), ("f32", 1, 0, 2))]
 
 
 def _block_order(rng, case: Case, n_used: int) -> tuple[np.ndarray, int]:
