@@ -346,21 +346,23 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
-def _report_sigint_disposition(conn) -> None:
-    conn.send(signal.getsignal(signal.SIGINT))
+class _PythonReportingItsSigint:
+    """A process (as ``_start_ignoring_sigint`` starts one) that prints whether SIGINT is
+    ignored at its first line: the disposition a spawned worker has while it imports."""
+
+    def start(self) -> None:
+        self.popen = subprocess.Popen(
+            [sys.executable, "-c", "import signal; print(signal.getsignal(signal.SIGINT))"],
+            stdout=subprocess.PIPE, text=True)
 
 
 def test_workers_start_with_ctrl_c_ignored_so_an_early_one_prints_no_traceback():
     # the worker ignores SIGINT from exec on, not only once its imports are done
-    import multiprocessing as mp
-
     from opbench.harness.pool import _start_ignoring_sigint
-    ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe()
-    process = ctx.Process(target=_report_sigint_disposition, args=(child,))
+    process = _PythonReportingItsSigint()
     _start_ignoring_sigint(process)
-    assert parent.recv() == signal.SIG_IGN
-    process.join(timeout=60)
+    out, _ = process.popen.communicate(timeout=60)
+    assert out.strip() == str(signal.SIG_IGN)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # parent restored
 
 
