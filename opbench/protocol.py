@@ -321,6 +321,17 @@ class Runtime:
         """Block ``stream`` here until the returned gate's ``release()`` (fault injection)."""
         raise NotImplementedError(f"the {self.name} runtime cannot hold a stream")
 
+    def stalled(self, device: Any) -> bool:
+        """Optional, with ``hold``: True when ``device``'s stream can run nothing more until a
+        held gate is released.  False: it may still progress, or the runtime cannot tell (the
+        COPY_ASYNC checks then wait a fixed settling time instead)."""
+        return False
+
+    def host_blocked(self) -> bool:
+        """Optional, with ``hold``: True when a host thread waits in a synchronize that cannot
+        return before a held gate is released.  False: it may return, or cannot tell."""
+        return False
+
     def submit(self, device: Any, stream: Any, work: Callable[[], None]) -> None:
         """Enqueue ``work()`` on ``stream`` (None: the device's), which must be the device's."""
         raise NotImplementedError
@@ -496,6 +507,16 @@ class Backend:
         known length, for the COPY_ASYNC contract checks.  Optional."""
         raise NotImplementedError(f"{self.name} cannot hold a stream")
 
+    def stalled(self, device: Any) -> bool:
+        """Optional, with ``hold``: True when ``device`` can run nothing more until a held gate
+        is released (False: it may progress, or the backend cannot tell)."""
+        return False
+
+    def host_blocked(self) -> bool:
+        """Optional, with ``hold``: True when a host thread waits in a synchronize that cannot
+        return before a held gate is released (False: it may, or the backend cannot tell)."""
+        return False
+
     def timer(self) -> Callable[[Callable[[], None]], float] | None:
         """Optional: a function timing one synchronized call, returning nanoseconds."""
         return None
@@ -627,6 +648,12 @@ class RuntimeBackend(Backend):
 
     def hold(self, stream: Any) -> Any:
         return self.runtime.hold(stream)
+
+    def stalled(self, device: Any) -> bool:
+        return self.runtime.stalled(device)
+
+    def host_blocked(self) -> bool:
+        return self.runtime.host_blocked()
 
     def copy_async(self, src: Any, dst_device: Any, stream: Any = None) -> Any:
         return self.runtime.copy_async(src, dst_device, stream)

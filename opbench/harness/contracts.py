@@ -10,6 +10,10 @@ work under test behind it, then releases.  A missing wait therefore always reads
 (NaN) the arrays were made with, never depends on luck.  Besides protocol.py's methods the
 checks need one fault-injection hook on the backend: ``hold(stream) -> gate`` with
 ``gate.release()`` (the cpu backend has it; a CUDA backend can spin on a host-mapped flag).
+Two more hooks are optional and only save time: ``stalled(device)`` and ``host_blocked()`` say
+when a stream, or a host thread in a synchronize, cannot move until the hold is released --
+the moment a check may release it; without them it waits SETTLE_S / SYNC_PROBE_S, and a
+stream that is *not* stalled (a missing wait) is never cut short either way.
 ``check_random_trials`` adds seeded, ungated trials for backends run with delays on.
 
 Only protocol ops move data: the payload is written on the source by a queued ``cpy`` and read
@@ -30,6 +34,7 @@ from opbench.protocol import numpy_dtype
 HOLD_TIMEOUT_S = 5.0  # safety valve: a host-blocking implementation must not hang the check
 SYNC_PROBE_S = 0.3  # how long a synchronize is watched for returning while work is held
 SETTLE_S = 0.5  # how long unheld streams get to run what they can before a hold is released
+POLL_S = 0.001  # how often a backend's stalled()/host_blocked() is asked meanwhile
 SIZES = (1, 7, 4099, 1 << 16, 1 << 20)  # elements: 1 element .. 4 MiB of f32
 
 
@@ -85,14 +90,34 @@ def _remote(backend: Any, device: Any) -> bool:
     return hasattr(runtime, "local") and not runtime.local(runtime.device(device))
 
 
+def _asks(backend: Any, hook: str, *args: Any) -> bool:
+    """An optional hook's answer; a backend without it cannot tell (False)."""
+    method = getattr(backend, hook, None)
+    return bool(method(*args)) if method is not None else False
+
+
+def _wait_until(done: threading.Event, blocked: Callable[[], bool], limit: float) -> str:
+    """Wait for ``done``: "done" once it is set, "blocked" once ``blocked()`` says it cannot
+    be set before the hold is released, "timeout" after ``limit`` seconds."""
+    deadline = time.monotonic() + limit
+    while not done.wait(POLL_S):
+        if blocked():
+            return "done" if done.is_set() else "blocked"
+        if time.monotonic() >= deadline:
+            return "done" if done.is_set() else "timeout"
+    return "done"
+
+
 def _release_after_settling(backend: Any, hold: _Hold, device: Any) -> None:
     """Let ``device`` run everything that does not depend on the held work, then release.
 
-    A correct backend's ``device`` is blocked (it waits for the held source), so this costs
-    SETTLE_S; a missing wait lets it run at once -- reading poison, every time.  When
-    ``device`` runs in another process (ranks), the hold is kept for the whole SETTLE_S."""
+    A correct backend's ``device`` is blocked (it waits for the held source): released as soon
+    as the backend reports it stalled behind the hold (``stalled``), else after SETTLE_S.  A
+    missing wait lets ``device`` run at once -- reading poison, every time: a stream that is
+    not stalled is never cut short.  When ``device`` runs in another process (ranks), the hold
+    is kept for the whole SETTLE_S."""
     settle = _Background(lambda: backend.synchronize(device))
-    settle.done.wait(SETTLE_S)
+    _wait_until(settle.done, lambda: _asks(backend, "stalled", device), SETTLE_S)
     if _remote(backend, device):
         time.sleep(SETTLE_S)
     hold.release()
@@ -225,7 +250,8 @@ def _expect_blocks(backend: Any, call: Callable[[], None], hold: _Hold, what: st
     """``call`` (run on a helper thread) must not return while ``hold`` is held (``judged``:
     False on a rank that does not run the held or the synchronized device)."""
     probe = _Background(call)
-    returned_early = probe.done.wait(SYNC_PROBE_S)
+    returned_early = _wait_until(probe.done, lambda: _asks(backend, "host_blocked"),
+                                 SYNC_PROBE_S) == "done"
     hold.release()
     probe.finish()
     backend.synchronize()

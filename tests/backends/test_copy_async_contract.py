@@ -111,3 +111,57 @@ def test_run_reports_each_check_by_name():
         results = contracts.run_copy_async_contract(backend)
     assert set(results) == set(COPY_ASYNC_CHECKS)
     assert "destination" in results["destination_waits_for_copy"]
+
+
+class WithoutStallHooks:
+    """Mixin: a backend that cannot tell when a stream is stalled (the hooks' defaults), so
+    the checks fall back to their fixed settle and probe times."""
+
+    def stalled(self, device):
+        return False
+
+    def host_blocked(self):
+        return False
+
+
+@pytest.mark.parametrize("broken,clause", BROKEN[:4], ids=[b.__name__ for b, _ in BROKEN[:4]])
+def test_broken_variant_fails_without_the_stall_hooks_too(broken, clause):
+    hookless = type(f"{broken.__name__}WithoutHooks", (WithoutStallHooks, broken), {})
+    with hookless() as backend:
+        with pytest.raises(ContractViolation):
+            COPY_ASYNC_CHECKS[clause](backend)
+
+
+GATED_WAITS = ["copy_waits_for_source", "destination_waits_for_copy", "synchronize_waits"]
+
+
+@pytest.mark.parametrize("clause", GATED_WAITS)
+def test_the_cpu_backend_ends_every_settle_and_probe_through_its_hooks(monkeypatch, clause):
+    outcomes = spy_on_waits(monkeypatch)
+    with CpuBackend() as backend:
+        COPY_ASYNC_CHECKS[clause](backend)
+    assert outcomes and "timeout" not in outcomes, outcomes  # never the fixed wait
+
+
+@pytest.mark.parametrize("clause", GATED_WAITS)
+def test_without_hooks_a_correct_backend_waits_the_fixed_time(monkeypatch, clause):
+    monkeypatch.setattr(contracts, "SETTLE_S", 0.05)
+    monkeypatch.setattr(contracts, "SYNC_PROBE_S", 0.05)
+    outcomes = spy_on_waits(monkeypatch)
+    hookless = type("CpuWithoutHooks", (WithoutStallHooks, CpuBackend), {})
+    with hookless() as backend:
+        COPY_ASYNC_CHECKS[clause](backend)
+    assert outcomes and set(outcomes) == {"timeout"}, outcomes
+
+
+def spy_on_waits(monkeypatch) -> list[str]:
+    """Record how each of the checks' bounded waits ended ("done", "blocked", "timeout")."""
+    outcomes: list[str] = []
+    real = contracts._wait_until
+
+    def recording(*args):
+        outcomes.append(real(*args))
+        return outcomes[-1]
+
+    monkeypatch.setattr(contracts, "_wait_until", recording)
+    return outcomes

@@ -275,3 +275,57 @@ def test_inline_kernel_error_surfaces_at_next_synchronize():
         with pytest.raises(ValueError, match="slots must lie in"):
             be.synchronize()
         be.synchronize()  # reported once
+
+
+# -- stalled / host_blocked: when a held gate is all that keeps work from running ------------
+def test_a_held_stream_and_one_waiting_on_it_are_stalled_until_release(backend):
+    d0, d1 = backend.devices(2)
+    gate = backend.hold(backend.stream(d0))
+    assert gate_entered(gate)
+    backend.wait_event(backend.stream(d1), backend.record_event(backend.stream(d0)))
+    assert wait_for(lambda: backend.stalled(d1))
+    assert backend.stalled(d0)
+    gate.release()
+    backend.synchronize()
+    assert not backend.stalled(d0) and not backend.stalled(d1)
+
+
+def test_a_stream_running_work_or_waiting_on_a_set_event_is_not_stalled(backend):
+    d0, d1 = backend.devices(2)
+    done = backend.record_event(backend.stream(d0))
+    backend.synchronize(d0)
+    running, leave = threading.Event(), threading.Event()
+    backend.wait_event(backend.stream(d1), done)
+    backend.runtime.submit(d1, None, lambda: (running.set(), leave.wait(WAIT_S)))
+    assert running.wait(WAIT_S)
+    assert not backend.stalled(d1)  # busy, not stalled: it may finish on its own
+    leave.set()
+    backend.synchronize()
+
+
+def test_host_blocked_only_while_a_synchronize_waits_behind_a_hold(backend):
+    d0, d1 = backend.devices(2)
+    gate = backend.hold(backend.stream(d0))
+    backend.synchronize(d1)  # an idle device's synchronize returns at once
+    assert not backend.host_blocked()
+    waiter = threading.Thread(target=backend.synchronize, args=(d0,))
+    waiter.start()
+    assert wait_for(backend.host_blocked)
+    assert waiter.is_alive()  # what host_blocked promised: it cannot return before release
+    gate.release()
+    waiter.join(WAIT_S)
+    assert not waiter.is_alive() and not backend.host_blocked()
+
+
+def gate_entered(gate) -> bool:
+    return gate.entered.wait(WAIT_S)
+
+
+def wait_for(condition) -> bool:
+    """Poll ``condition`` until true (True) or WAIT_S passes (False)."""
+    done = threading.Event()
+    for _ in range(int(WAIT_S / 0.001)):
+        if condition():
+            return True
+        done.wait(0.001)
+    return False

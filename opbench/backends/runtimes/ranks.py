@@ -152,6 +152,12 @@ class RankRuntime(ThreadRuntime):
     def local(self, device: Device) -> bool:
         return device.index == self.rank
 
+    def stalled(self, device: Any) -> bool:
+        return False  # a stream may wait on another rank's message: progress unseen from here
+
+    def host_blocked(self) -> bool:
+        return False
+
     # -- running only this rank's work -----------------------------------------------------------
     def submit(self, device: Device, stream, work) -> None:
         if self.local(device):

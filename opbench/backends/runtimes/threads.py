@@ -92,7 +92,25 @@ class Event:
         return self._done.is_set()
 
     def synchronize(self, timeout: float | None = None) -> bool:
-        return self._done.wait(timeout)
+        waiting = self.stream._host_waits
+        waiting.add(self)  # seen by ThreadRuntime.host_blocked while the host waits here
+        try:
+            return self._done.wait(timeout)
+        finally:
+            waiting.discard(self)
+
+
+class _WaitFor:
+    """A queued wait for another stream's event, kept as an object (not a bound method) so
+    ``Stream.stalled`` can see which stream the waiting one depends on."""
+
+    __slots__ = ("event",)
+
+    def __init__(self, event: Event) -> None:
+        self.event = event
+
+    def __call__(self) -> None:
+        self.event._done.wait()
 
 
 class Gate:
@@ -148,6 +166,10 @@ class Stream:
         self._error: BaseException | None = None
         self._error_lock = threading.Lock()
         self._closed = False
+        #: the item the worker has taken and not finished (None between items)
+        self._current: Callable[[], None] | None = None
+        #: events the host is waiting for in ``Event.synchronize`` (see ``host_blocked``)
+        self._host_waits: set[Event] = set()
         self._thread = threading.Thread(
             target=self._run, name=f"opbench-{device.name}-stream", daemon=True
         )
@@ -179,7 +201,7 @@ class Stream:
     def wait(self, event: Event) -> None:
         if event.stream is not self and not event.query():
             self.inline = False  # the host must not block on another stream's work
-        self.submit(event._done.wait)
+        self.submit(_WaitFor(event))
 
     def hold(self) -> Gate:
         self.inline = False  # the host runs on while the stream is held
@@ -210,18 +232,35 @@ class Stream:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
+    def stalled(self, seen: frozenset = frozenset()) -> bool:
+        """True when this stream cannot run anything more until a held gate is released: its
+        worker sits in an unreleased ``hold`` or waits for an unset event of a stream that is
+        itself stalled.  False whenever it may still progress (idle, between items, running
+        work), so a caller that polls this never mistakes "not yet" for "never"."""
+        if self in seen:
+            return True  # streams waiting on each other in a ring: none can move
+        current = self._current
+        if isinstance(getattr(current, "__self__", None), Gate):
+            return not current.__self__.released
+        if isinstance(current, _WaitFor):
+            event = current.event
+            return not event.query() and event.stream.stalled(seen | {self})
+        return False
+
     # -- worker side ----------------------------------------------------------------------
     def _run(self) -> None:
         while True:
             work = self._queue.get()
             if work is _STOP:
                 return
+            self._current = work
             if self._delay is not None:
                 self._delay.sleep()
             try:
                 work()
             except BaseException as error:  # noqa: BLE001 - reported at the next synchronize
                 self._keep_first(error)
+            self._current = None
 
     def _keep_first(self, error: BaseException) -> None:
         with self._error_lock:
@@ -401,6 +440,18 @@ class ThreadRuntime(Runtime):
         gate = self.own_stream(stream).hold()
         self._gates = [g for g in self._gates if not g.released] + [gate]  # close() frees these
         return gate
+
+    def stalled(self, device: Any) -> bool:
+        """True when ``device``'s stream can run nothing more until a held gate is released
+        (see ``Stream.stalled``): the COPY_ASYNC checks release a hold at that moment instead
+        of after a fixed settling time."""
+        return self.stream(device).stalled()
+
+    def host_blocked(self) -> bool:
+        """True when a host thread waits (in a synchronize) for an event that cannot be set
+        until a held gate is released: that call cannot return before the release."""
+        return any(not event.query() and event.stream.stalled()
+                   for stream in self._streams for event in list(stream._host_waits))
 
     def submit(self, device: Device, stream: Stream | None, work) -> None:
         target = self.stream(device) if stream is None else self.own_stream(stream)
