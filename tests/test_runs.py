@@ -40,8 +40,24 @@ def test_a_wide_spread_asks_for_more_runs():
     rng = np.random.default_rng(3)
     comparison = stats.compare_runs(runs(rng, 1e5, 3, shift_sd=0.15),
                                     runs(rng, 1.3e5, 3, shift_sd=0.15))
-    if comparison.verdict != stats.NOT_SIGNIFICANT:
-        assert comparison.verdict == stats.AMBIGUOUS and comparison.runs_needed > 3
+    assert comparison.verdict == stats.AMBIGUOUS and comparison.runs_needed > 3
+
+
+def test_an_estimate_past_the_threshold_that_the_runs_cannot_back_is_ambiguous():
+    # the interval reaches below the threshold (not significant), the estimate is 12% slower:
+    # "run more" with how many, not a silent pass
+    rng = np.random.default_rng(6)
+    shifts = np.array([-0.1, 0.0, 0.1, -0.05, 0.05])  # run levels 10% apart, as measured here
+
+    def levels(median_ns, order):
+        return [median_ns * np.exp(shift) * rng.lognormal(0, 0.03, 40) for shift in order]
+
+    comparison = stats.compare_runs(levels(1e5, shifts), levels(1.12e5, shifts[::-1]))
+    assert comparison.ci_low < 1.05 < comparison.ratio, comparison
+    assert comparison.verdict == stats.AMBIGUOUS and comparison.runs_needed > 5
+    same = stats.compare_runs(levels(1e5, shifts), levels(1.01e5, shifts[::-1]))
+    assert abs(np.log(same.ratio)) < np.log(1.05)
+    assert same.verdict == stats.NOT_SIGNIFICANT  # within the threshold: nothing to resolve
 
 
 def test_runs_needed_grows_with_the_spread_and_shrinks_with_the_change():

@@ -305,6 +305,10 @@ def compare_runs(base_runs, new_runs, options: CompareOptions | None = None, **k
 
 def _runs_verdict(low, high, p_slower, p_faster, spread, log_ratio, runs, threshold, alpha):
     verdict = classify(low, high, 0.0, 0.0, threshold=threshold, alpha=alpha)  # interval only
+    if verdict == NOT_SIGNIFICANT and abs(log_ratio) > math.log1p(threshold):
+        # the estimate is past the threshold but the runs' spread hides it: a 12% slowdown
+        # read from 5 noisy runs is "run more", not a silent pass
+        return AMBIGUOUS, max(runs_needed(spread, log_ratio, threshold, alpha), runs + 1)
     if verdict not in (REGRESSION, IMPROVEMENT):
         return verdict, 0
     needed = runs_needed(spread, log_ratio, threshold, alpha)
