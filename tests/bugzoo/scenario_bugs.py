@@ -16,9 +16,10 @@ from opbench.backends.common.arrays import plain
 from opbench.backends.cpu import CpuBackend, kernels
 from opbench.backends.cpu.rope_cache import RopeCache, _Table, rope_frequencies
 from opbench.harness.ops.rope import oracle_kwargs
-from opbench.harness.scenario.model import cfg_scale
+from opbench.harness.scenario.model import attention_mass, cfg_scale
 from opbench.harness.scenario.splits import SequenceSplit
 from opbench.protocol import RopeParams
+from opbench.reference.attention import attention
 from opbench.reference.copies import round_to
 from opbench.reference.rope import rope_angles
 
@@ -117,6 +118,59 @@ class RopeDropsFreqFactors(CpuBackend):
         self.rope(x, pos, out, p, stream=stream)
 
 
+class MropePositionsTokenMajor(CpuBackend):
+    """mrope reads its positions token-major, ``pos[4 * token + section]`` (the layout of one
+    position quadruple per token), instead of ggml's section-major ``[4, n_tokens]`` rows: the
+    sections of a token turn by other tokens' positions (or by the fourth row's 0).  Text
+    tokens give every row the same position, which hides a mix-up between the t, h and w rows
+    but not this one."""
+
+    def rope(self, x, pos, out, p, freq_factors=None, stream=None) -> None:
+        if p.mode != "mrope":
+            return super().rope(x, pos, out, p, freq_factors, stream)
+        device = self._same_device("rope", x=x, pos=pos, out=out)
+        cache = self._cache(device) if self.rope_cache else None
+        ff = None if freq_factors is None else plain(freq_factors)
+        token_major = plain(pos).reshape(-1, 4).T  # a view: read when the kernel runs
+        args = (plain(x), token_major, plain(out))
+        self._submit(device, stream, lambda: kernels.rope(*args, p, ff, cache))
+
+
+class AlibiBiasFromCacheSlot(CpuBackend):
+    """Paged ATTN takes ALiBi's positions from the cache slots of the keys and the queries
+    (block * block_size + offset, the index it just computed to read the key) instead of
+    their positions in the sequence.  While a sequence's blocks are contiguous and in order
+    the slots are the positions plus one offset, which cancels in slope * (k - q); once a
+    sequence grows into a later free block, or an eviction compacts its block table, the
+    bias is wrong."""
+
+    def attention(self, q, k, v, out, p, mask=None, sinks=None, lse=None, paged=None,
+                  stream=None) -> None:
+        if paged is None or p.max_bias == 0:
+            return super().attention(q, k, v, out, p, mask, sinks, lse, paged, stream)
+        device = self._same_device("attention", q=q, k=k, v=v, out=out)
+        arrays = [None if a is None else plain(a) for a in (
+            q, k, v, out, lse, paged.block_table, paged.seq_lens, paged.q_start)]
+        self._submit(device, stream, lambda: _slot_alibi_attention(*arrays, p))
+
+
+def _slot_alibi_attention(q, k_cache, v_cache, out, lse, table, seq_lens, q_start, p):
+    block = k_cache.shape[1]
+    keys, values = (c.reshape((-1,) + c.shape[2:]).astype(np.float64) for c in (k_cache, v_cache))
+    for s in range(len(seq_lens)):
+        rows, n_kv = slice(int(q_start[s]), int(q_start[s + 1])), int(seq_lens[s])
+        n_q = rows.stop - rows.start
+        positions = np.arange(n_kv)
+        slots = table[s, positions // block] * block + positions % block
+        future = positions[None, :] > positions[n_kv - n_q:, None]  # causal by position
+        o, l_se = attention(q[rows], keys[slots], values[slots], scale=p.scale,
+                            mask=np.where(future, -np.inf, 0.0), max_bias=p.max_bias,
+                            q_pos=slots[n_kv - n_q:], k_pos=slots, return_lse=True)
+        out[rows] = o
+        if lse is not None:
+            lse[rows] = l_se
+
+
 # -- broken engine parts (mixed in front of the engine a split uses) ------------------------------
 class StaleReplayPositions:
     """Graph replay keeps the positions of the step it was captured on."""
@@ -180,10 +234,33 @@ class LutWithAttentionFactor:
         return np.concatenate([cos, -sin], axis=1).astype(np.float32)
 
 
+class MropeTextPositionInOneRow:
+    """The engine writes a text token's position into the temporal row of mrope's ``[4, n]``
+    positions only (a port from a one-row position API), leaving the height and width rows
+    0: Qwen2-VL's text tokens need the position in all three."""
+
+    def write_inputs(self, buffers, inputs, first):
+        if self.cfg.mrope:
+            inputs = {**inputs, "pos": [np.concatenate([p[:1], np.zeros_like(p[1:])])
+                                        for p in inputs["pos"]]}
+        super().write_inputs(buffers, inputs, first)
+
+
+class MassWithoutAlibi:
+    """The eviction scores leave ALiBi's bias out of the logits, exp(scale*q.k - lse), while
+    the backend's lse has it: the probabilities of a rotary model's formula, wrong for ALiBi
+    (every number the model computes is right, the blocks it evicts are not)."""
+
+    def token_mass(self, q, keys, lse, q_pos):
+        return attention_mass(q, keys, lse, q_pos, cfg_scale(self.cfg))
+
+
 BACKEND_BUGS = [RopeCacheLayerZero, RopeCacheKeyWithoutBase, CopiesNotAwaited,
-                RingMergeIgnoresLse, F16CacheAsBf16, RopeDropsFreqFactors]
+                RingMergeIgnoresLse, F16CacheAsBf16, RopeDropsFreqFactors,
+                MropePositionsTokenMajor, AlibiBiasFromCacheSlot]
 ENGINE_BUGS = [StaleReplayPositions, ZigzagWrongOrder, EvictDeltasInBlocks, RotateValuesToo,
-               ScoresFromLogits, LutWithAttentionFactor]
+               ScoresFromLogits, LutWithAttentionFactor, MropeTextPositionInOneRow,
+               MassWithoutAlibi]
 
 
 # -- communication bugs (devices as ranks) ---------------------------------------------------------

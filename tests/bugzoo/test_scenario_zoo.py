@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import pytest
 from scenario_bugs import (
+    AlibiBiasFromCacheSlot,
     CopiesNotAwaited,
     EvictDeltasInBlocks,
     F16CacheAsBf16,
     LutWithAttentionFactor,
+    MassWithoutAlibi,
+    MropePositionsTokenMajor,
+    MropeTextPositionInOneRow,
     RingMergeIgnoresLse,
     RopeCacheKeyWithoutBase,
     RopeCacheLayerZero,
@@ -76,6 +80,28 @@ ZOO = {
         [(S(split="none", evict=True, model="gpt-oss-20b"), (1, "0")),
          (S(split="stripe", devices=2, evict=True, model="phi-3.5-mini"), (1, "0"))],
         [S(split="none", model="gpt-oss-20b"), S(split="none", evict=True, model="llama-3.1-8b")]),
+    # mrope (Qwen2-VL): text positions hide a mix-up of the t, h, w rows, not this layout bug
+    MropePositionsTokenMajor: (
+        [(S(split="none", model="qwen2-vl-7b"), (0, "0")),
+         (S(split="zigzag", devices=2, evict=True, graph_reuse=True, model="qwen2-vl-7b"),
+          (0, "0"))],
+        [S(split="none", model="qwen2.5-7b"), S(split="zigzag", devices=2, model="llama-3.1-8b")]),
+    # ALiBi (BLOOM): right while every sequence's blocks are contiguous; wrong once sequence 0
+    # grows into a later free block (step 3) or an eviction compacts a block table (step 1)
+    AlibiBiasFromCacheSlot: (
+        [(S(split="none", model="bloom-560m"), (3, "0")),
+         (S(split="layer", devices=2, evict=True, model="bloom-560m"), (1, "0"))],
+        [S(split="none", model="bloom-560m", steps=2), S(split="none", evict=True)]),
+    MropeTextPositionInOneRow: (  # engine part: only a scenario can catch it
+        [(S(split="none", model="qwen2-vl-7b"), (0, "0")),
+         (S(split="stripe", devices=2, evict=True, graph_reuse=True, model="qwen2-vl-7b"),
+          (0, "0"))],
+        [S(split="none", model="qwen2.5-7b"), S(split="none", model="bloom-560m")]),
+    MassWithoutAlibi: (  # engine part: the numbers stay right, the eviction decision is wrong
+        [(S(split="none", evict=True, model="bloom-560m"), (0, "eviction")),
+         (S(split="layer", devices=2, evict=True, graph_reuse=True, model="bloom-560m"),
+          (0, "eviction"))],
+        [S(split="none", model="bloom-560m"), S(split="none", evict=True)]),
 }
 
 

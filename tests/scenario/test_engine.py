@@ -145,7 +145,14 @@ def test_judge_passes_float32_noise():
 
 def test_matrix_covers_every_split_device_count_and_toggle():
     specs = matrix()
-    assert len(specs) == (1 + 5 * 4) * (16 + 2 + 2 + 1)
+    assert len(specs) == (1 + 5 * 4) * (16 + 2 + 2 + 1) + 6 + 6
+    mrope = [s for s in specs if s.model == "qwen2-vl-7b"]
+    assert {(s.split, s.devices) for s in mrope} == {("none", 1)} | {
+        (split, 2) for split in ("layer", "head", "ring", "zigzag", "stripe")}
+    alibi = [s for s in specs if s.model == "bloom-560m"]
+    assert {(s.split, s.devices) for s in alibi} == {("none", 1), ("head", 1)} | {
+        ("layer", n) for n in range(1, 5)}
+    assert all(s.evict for s in mrope + alibi)
     assert len({s.id for s in specs}) == len(specs)
     real = [s for s in specs if s.model == "phi-3.5-mini"]
     assert {(s.split, s.devices) for s in real} == set(split_devices())
@@ -188,24 +195,24 @@ def test_rotation_lut_row_d_moves_a_key_back_by_d_positions(layer):
 
 
 @pytest.mark.parametrize("model", ["phi-3.5-mini", "gpt-oss-20b", "llama-3.1-8b",
-                                   "deepseek-v2-lite"])
+                                   "deepseek-v2-lite", "qwen2-vl-7b"])
 def test_rotation_lut_moves_a_scaled_key_without_scaling_it_again(model):
     """A key RoPE'd at p with freq_factors and an attention factor (longrope, YaRN), turned
     by LUT row d, is the key RoPE gives at p - d: same frequencies, one attention factor
-    (DeepSeek: interleaved pairs, 64 of 192 dims rotated, the rest kept)."""
+    (DeepSeek: interleaved pairs, 64 of 192 dims rotated, the rest kept; Qwen2-VL: mrope of
+    text tokens, every section moved by the same d)."""
     from opbench.harness.scenario.config import model_config
     from opbench.harness.scenario.engine import rotation_lut
-    from opbench.harness.scenario.model import _rope_kwargs
+    from opbench.harness.scenario.model import _rotate
     from opbench.reference.kv_cache import rotate_keys
-    from opbench.reference.rope import rope
 
     cfg = model_config(model)
-    kw = _rope_kwargs(cfg, 0)
     k = np.random.default_rng(0).uniform(-1, 1, (4, 2, cfg.head_dim))
-    at_old = rope(k, np.array([9, 10, 11, 12]), **kw).reshape(1, 4, 2, -1)
+    at_old = _rotate(cfg, 0, k, np.array([9, 10, 11, 12])).reshape(1, 4, 2, -1)
     moved = rotate_keys(at_old, np.array([0]), np.array([[4]]), rotation_lut(cfg, 0),
                         layout=cfg.kv_layout)
-    np.testing.assert_allclose(moved[0], rope(k, np.array([5, 6, 7, 8]), **kw), atol=1e-6)
+    np.testing.assert_allclose(moved[0], _rotate(cfg, 0, k, np.array([5, 6, 7, 8])),
+                               atol=1e-6)
 
 
 # -- eviction from the backend's attention, and low-precision caches ----------------------------
@@ -213,6 +220,7 @@ def test_rotation_lut_moves_a_scaled_key_without_scaling_it_again(model):
     ScenarioSpec(split="head", devices=2, evict=True),
     ScenarioSpec(split="zigzag", devices=3, evict=True, graph_reuse=True),
     ScenarioSpec(split="layer", devices=2, evict=True, kv_dtype="bf16"),
+    ScenarioSpec(split="layer", devices=2, evict=True, model="bloom-560m"),  # ALiBi's bias
 ], ids=lambda s: s.id)
 def test_backend_attention_mass_matches_the_oracles(spec):
     """The mass the engine computes from the backend's queries, keys and lse is the oracle's

@@ -97,15 +97,113 @@ def test_deepseek_keys_are_re_rotated_in_its_interleaved_layout(capsys):
     assert not result.ok and result.divergence.step == 1
 
 
-@pytest.mark.parametrize("model, message", [
-    ("qwen2-vl-7b", "not mrope"),
-    ("bloom-560m", "not ALiBi"),
-    ("no-such-model", "neither a preset"),
-])
-def test_unsupported_models_exit_2_naming_why(model, message, capsys):
-    assert main(["scenario", "--model", model]) == 2
+def test_unknown_model_exits_2_naming_why(capsys):
+    assert main(["scenario", "--model", "no-such-model"]) == 2
     err = capsys.readouterr().err
-    assert message in err and len(err.strip().splitlines()) == 1
+    assert "neither a preset" in err and len(err.strip().splitlines()) == 1
+
+
+# -- mrope (Qwen2-VL) ---------------------------------------------------------------------------
+def test_qwen2_vl_layers_are_mrope_with_its_sections_and_text_positions():
+    cfg = model_config("qwen2-vl-7b", n_layers=2)
+    p = cfg.rope_params(1)
+    assert (p.mode, p.sections, p.n_dims, p.freq_base) == ("mrope", (16, 24, 24, 0), 128, 1e6)
+    assert (cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.kv_layout) == (
+        128, 7, 1, "rotate_half")  # ratio 7 as 28/4
+    np.testing.assert_array_equal(cfg.rope_positions(np.array([3, 0, 9])),
+                                  [[3, 0, 9], [3, 0, 9], [3, 0, 9], [0, 0, 0]])
+    assert model_config("qwen2.5-7b").rope_positions(np.array([3, 9])).shape == (2,)
+
+
+def test_oracle_rotates_by_the_references_mrope_which_equals_neox_at_equal_positions(
+        monkeypatch):
+    """The oracle calls the reference's mrope with ggml's [4, n] positions, not neox; with
+    the temporal, height and width positions equal (text) both give the same numbers, so
+    KV_ROTATE's rotate_half LUT re-rotates mrope keys."""
+    from opbench.harness.scenario.config import ModelConfig
+    from opbench.harness.scenario.model import _rotate
+    from opbench.reference.rope import rope
+
+    cfg = model_config("qwen2-vl-7b")
+    x = np.random.default_rng(1).uniform(-1, 1, (6, 2, 128))
+    pos = np.array([0, 5, 17, 300, 4095, 32767])
+    p = cfg.rope_params(0)
+    mrope = rope(x, np.stack([pos, pos, pos, 0 * pos]), n_dims=128, mode="mrope",
+                 freq_base=p.freq_base, sections=p.sections)
+    np.testing.assert_array_equal(_rotate(cfg, 0, x, pos), mrope)
+    neox = rope(x, pos, n_dims=128, mode="neox", freq_base=p.freq_base)
+    np.testing.assert_allclose(mrope, neox, rtol=0, atol=1e-12)
+    # unequal rows (an image token) differ: the oracle's rope really is the mrope path
+    image = rope(x, np.stack([pos, pos + 1, pos, 0 * pos]), n_dims=128, mode="mrope",
+                 freq_base=p.freq_base, sections=p.sections)
+    assert np.abs(image - neox).max() > 1e-3
+    monkeypatch.setattr(ModelConfig, "rope_positions",
+                        lambda self, p: np.stack([p, p + 1, p, 0 * p]))
+    np.testing.assert_array_equal(_rotate(cfg, 0, x, pos), image)
+
+
+@pytest.mark.parametrize("split, devices", [("none", 1), ("layer", 2), ("head", 2),
+                                            ("ring", 2), ("zigzag", 2), ("stripe", 2)])
+def test_qwen2_vl_runs_on_every_split(split, devices):
+    _assert_runs(split, devices, "qwen2-vl-7b", graph_reuse=split in ("none", "zigzag"))
+
+
+# -- ALiBi (BLOOM) ------------------------------------------------------------------------------
+def test_bloom_keeps_the_models_first_alibi_slopes_and_has_no_rope():
+    from opbench.reference.attention import alibi_slopes
+
+    cfg = model_config("bloom-560m")
+    assert (cfg.head_dim, cfg.n_heads, cfg.n_kv_heads, cfg.max_bias) == (64, 4, 4, 2.0)
+    np.testing.assert_allclose(alibi_slopes(4, cfg.max_bias), alibi_slopes(16, 8.0)[:4])
+    assert not cfg.rotary and cfg.attn_params().max_bias == 2.0
+    with pytest.raises(ValueError, match="no RoPE"):
+        cfg.rope_params(0)
+
+
+@pytest.mark.parametrize("split, devices", [("none", 1), ("layer", 2), ("layer", 3),
+                                            ("head", 1)])
+def test_bloom_runs_where_attn_expresses_alibi(split, devices):
+    _assert_runs(split, devices, "bloom-560m", graph_reuse=devices == 2)
+
+
+def test_bloom_record_says_kv_rotate_is_skipped():
+    from opbench.harness.scenario.config import ScenarioSpec
+
+    params = ScenarioSpec(model="bloom-560m", evict=True).as_dict()
+    assert params["kv_rotate"].startswith("skipped: ALiBi") and "ALiBi" in params["positions"]
+    assert "kv_rotate" not in ScenarioSpec(model="bloom-560m").as_dict()
+    assert "mrope" in ScenarioSpec(model="qwen2-vl-7b").as_dict()["positions"]
+    assert "positions" not in ScenarioSpec(model="qwen2.5-7b").as_dict()
+
+
+@pytest.mark.parametrize("split, devices, reason", [
+    ("head", 2, "shard of heads starts at 0"),
+    ("ring", 1, "ring chunk holds keys of several sequences"),
+    ("zigzag", 2, "ring chunk"), ("stripe", 3, "ring chunk"),
+])
+def test_alibi_on_a_split_attn_cannot_express_exits_2_naming_why(split, devices, reason,
+                                                                   capsys):
+    argv = ["scenario", "--model", "bloom-560m", "--split", split, "--devices", str(devices)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"(ALiBi) cannot run split={split!r}" in err and reason in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def _assert_runs(split: str, devices: int, model: str, graph_reuse: bool) -> None:
+    """Eviction on, 3 layers and 3 decode steps (the second eviction comes after step 3)."""
+    from opbench.backends.cpu import CpuBackend
+    from opbench.harness.scenario.config import ScenarioSpec
+    from opbench.harness.scenario.judge import run_scenario, scenario_options
+
+    spec = ScenarioSpec(model=model, split=split, devices=devices, evict=True, layers=3,
+                        steps=3, graph_reuse=graph_reuse)
+    backend = CpuBackend(**scenario_options(spec))
+    try:
+        result = run_scenario(backend, spec)
+    finally:
+        backend.close()
+    assert result.ok and result.steps == 4, result.divergence and result.divergence.describe()
 
 
 def test_partial_rotate_half_rope_is_refused_naming_the_dims(tmp_path, capsys):

@@ -2,13 +2,14 @@
 
 The model is a small attention-only transformer with Gemma-3-style per-layer RoPE: every
 ``global_every``-th layer is global (freq_base 1e6, linear scaling), the rest local (1e4).  A
-model preset or ``config.json`` (``--model``) gives instead its own per-layer RoPE pattern, head
-size and query/KV head ratio, with fewer heads, a narrower model and fewer layers.
+model preset or ``config.json`` (``--model``) gives instead its own per-layer RoPE pattern (or
+ALiBi), head size and query/KV head ratio, with fewer heads, a narrower model and fewer layers.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,6 +47,8 @@ class ModelConfig:
     #: untruncated YaRN divide theta by them), or None
     layer_freq_factors: tuple[tuple[float, ...] | None, ...] = ()
     score_aggregation: str = "NORM_SUM"  # OpenVINO GenAI's SUM or NORM_SUM (mass / lifetime)
+    #: ALiBi instead of RoPE when > 0: ggml's max_bias of the attention (slopes per head)
+    max_bias: float = 0.0
 
     def __post_init__(self) -> None:
         if self.n_heads % self.n_kv_heads:
@@ -68,7 +71,14 @@ class ModelConfig:
     def is_global(self, layer: int) -> bool:
         return (layer + 1) % self.global_every == 0
 
+    @property
+    def rotary(self) -> bool:
+        """Whether the keys carry RoPE (False: ALiBi, no ROPE and no re-rotation)."""
+        return self.max_bias == 0
+
     def rope_params(self, layer: int) -> RopeParams:
+        if not self.rotary:
+            raise ValueError("an ALiBi model has no RoPE parameters")
         if self.layer_ropes:
             return self.layer_ropes[layer % len(self.layer_ropes)]
         # neox pairing (i, i + D/2) matches KV_ROTATE's rotate_half layout
@@ -78,10 +88,26 @@ class ModelConfig:
         return RopeParams(n_dims=self.head_dim, mode="neox", freq_base=self.local_base)
 
     @property
+    def mrope(self) -> bool:
+        return self.rotary and self.rope_params(0).mode == "mrope"
+
+    def rope_positions(self, positions: np.ndarray) -> np.ndarray:
+        """ROPE's ``pos`` for tokens at ``positions``: themselves, or for mrope the ggml layout
+        ``[4, n]`` of a text token, as Qwen2-VL and llama.cpp give it: the temporal, height and
+        width rows all hold the position (so every section turns by the same angle as
+        neox would, and an eviction's one delta moves every section alike), the fourth row 0
+        (no section of Qwen2-VL reads it)."""
+        positions = np.asarray(positions, np.int32)
+        if not self.mrope:
+            return positions
+        return np.stack([positions] * 3 + [np.zeros_like(positions)])
+
+    @property
     def kv_layout(self) -> str:
         """KV_ROTATE's pair layout of the cached keys: RoPE's pairing (neox: rotate_half;
         normal: interleaved (2i, 2i+1), DeepSeek's)."""
-        return "interleaved" if self.rope_params(0).mode == "normal" else "rotate_half"
+        rotary = self.rotary and self.rope_params(0).mode == "normal"
+        return "interleaved" if rotary else "rotate_half"
 
     def freq_factors(self, layer: int) -> np.ndarray | None:
         """float32 ``[n_dims // 2]`` freq_factors of ``layer``'s RoPE, or None."""
@@ -91,7 +117,7 @@ class ModelConfig:
         return None if factors is None else np.array(factors, np.float32)
 
     def attn_params(self, causal: bool = True) -> AttnParams:
-        return AttnParams(scale=self.head_dim ** -0.5, causal=causal)
+        return AttnParams(scale=self.head_dim ** -0.5, causal=causal, max_bias=self.max_bias)
 
 
 #: Named models.  gemma3 = Gemma 3 4B+ (global layers scaled x8); gemma3-1b = Gemma 3 1B (no
@@ -112,13 +138,21 @@ def model_config(preset: str = "gemma3", **overrides) -> ModelConfig:
 
 def _from_real_model(ref: str, **overrides) -> ModelConfig:
     """Same head size, query/KV head ratio and per-layer RoPE (frequencies, freq_factors, YaRN
-    ramp and attention factor) as the model; at most 2 KV heads (4 without GQA, 1 when the
-    ratio is above 4).
+    ramp and attention factor; mrope with its sections) or ALiBi as the model; at most 2 KV
+    heads (4 without GQA, 1 when the ratio is above 4).
     What the scenario's model cannot express is refused by name (``scenario_refusal``)."""
     model = load_model(ref)  # ModelError is a ValueError: the CLI's usage error
     refusal = scenario_refusal(model)
     if refusal:
         raise ValueError(f"model {ref!r}: {refusal}")
+    ratio = model.n_heads // model.n_kv_heads
+    # at least 4 query heads (a head split over up to 4 devices) where the model has them
+    kv_heads = min(model.n_kv_heads, 4 if ratio == 1 else 2 if ratio <= 4 else 1)
+    heads = {"n_heads": kv_heads * ratio, "n_kv_heads": kv_heads, "head_dim": model.head_dim}
+    if model.alibi:
+        max_bias = alibi_max_bias(model.attn_params(model.layers[0]).max_bias, model.n_heads,
+                                  kv_heads * ratio)
+        return ModelConfig(**{**heads, "max_bias": max_bias, **overrides})
     kinds = {}
     for kind in dict.fromkeys(model.layers):
         params, factors = model.rope_params(kind)
@@ -126,30 +160,42 @@ def _from_real_model(ref: str, **overrides) -> ModelConfig:
                        else tuple(float(f) for f in np.float32(factors)))
     layers = overrides.get("n_layers", ModelConfig.n_layers)
     per_layer = [kinds[model.layers[i % len(model.layers)]] for i in range(layers)]
-    ratio = model.n_heads // model.n_kv_heads
-    # at least 4 query heads (a head split over up to 4 devices) where the model has them
-    kv_heads = min(model.n_kv_heads, 4 if ratio == 1 else 2 if ratio <= 4 else 1)
-    return ModelConfig(**{"n_heads": kv_heads * ratio, "n_kv_heads": kv_heads,
-                          "head_dim": model.head_dim,
-                          "layer_ropes": tuple(p for p, _ in per_layer),
+    return ModelConfig(**{**heads, "layer_ropes": tuple(p for p, _ in per_layer),
                           "layer_freq_factors": tuple(f for _, f in per_layer), **overrides})
+
+
+def alibi_max_bias(max_bias: float, model_heads: int, heads: int) -> float:
+    """The max_bias that gives the scenario's ``heads`` the model's first ``heads`` ALiBi
+    slopes.  ggml's slope of head h < 2^floor(log2 H) is m0^(h+1) with m0 = 2^(-max_bias /
+    2^floor(log2 H)), so scaling max_bias by heads / 2^floor(log2 H_model) keeps m0 (exact when
+    ``heads`` is a power of two no larger than that; BLOOM-560m: 16 heads, max_bias 8 -> 4
+    heads, max_bias 2, slopes 2^-0.5, 2^-1, 2^-1.5, 2^-2)."""
+    return max_bias * heads / 2 ** math.floor(math.log2(model_heads))
 
 
 def scenario_refusal(model) -> str | None:
     """Why the scenario cannot run ``model``, or None.  Its keys are re-rotated by KV_ROTATE,
     one position delta per key, in the rotate_half layout over the whole head or in the
-    interleaved layout (pairs past the rotary dims turned by angle 0): not ALiBi (no rotation),
-    not mrope (a position per section), not partial rotate_half RoPE (its pairs (i, i + n/2)
-    are not the LUT's (j, j + D/2))."""
-    if model.alibi:
-        return "scenarios need rotary embeddings, not ALiBi (nothing for the re-rotation to turn)"
-    if model.mode == "mrope":
-        return ("scenarios need rotate_half or interleaved RoPE, not mrope (a position per "
-                "section: one delta does not move a key)")
-    if model.mode == "neox" and model.rope_dim != model.head_dim:
+    interleaved layout (pairs past the rotary dims turned by angle 0).  That covers mrope
+    (Qwen2-VL): the scenario's tokens are text, whose temporal, height and width positions are
+    equal, so every section moves by the same delta; and ALiBi needs no re-rotation at all
+    (the kept keys' bias follows their compacted positions).  Refused: partial rotate_half
+    RoPE (its pairs (i, i + n/2) are not the LUT's (j, j + D/2))."""
+    if model.mode == "neox" and model.rope_dim != model.head_dim and not model.alibi:
         return (f"scenarios need rotate_half RoPE over the whole head, not partial rotation "
                 f"({model.rope_dim} of {model.head_dim} dims: the re-rotation pairs j, j + D/2)")
     return None
+
+
+#: the splits whose ATTN cannot express ALiBi, and why
+ALIBI_REFUSED_SPLITS = {
+    "head": "ATTN derives ALiBi slopes from the head index within its call, where a device's "
+            "shard of heads starts at 0, not at its global index",
+    **{split: "a ring chunk holds keys of several sequences at scattered positions, and the "
+              "contiguous ATTN takes ALiBi key positions from row indices (the additive mask, "
+              "shared by the heads, cannot carry a per-head slope)"
+       for split in SEQUENCE_SPLITS},
+}
 
 
 KV_DTYPES = ("f32", "f16", "bf16")
@@ -179,6 +225,10 @@ class ScenarioSpec:
             raise ValueError(f"kv_dtype={self.kv_dtype!r} must be one of {KV_DTYPES}")
         check_split(self.split, self.devices)
         cfg = self.config()
+        if not cfg.rotary and self.split in ALIBI_REFUSED_SPLITS and (
+                self.split != "head" or self.devices > 1):
+            raise ValueError(f"model {self.model!r} (ALiBi) cannot run split={self.split!r}: "
+                             f"{ALIBI_REFUSED_SPLITS[self.split]}")
         if self.split == "layer":
             layer_split(cfg.n_layers, self.devices)
         if self.split == "head":
@@ -205,7 +255,18 @@ class ScenarioSpec:
                    else "") + ")")
 
     def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The axes; for mrope and ALiBi models also how positions act (and, with eviction
+        on, that an ALiBi run skips KV_ROTATE)."""
+        axes = dataclasses.asdict(self)
+        cfg = self.config()
+        if cfg.mrope:
+            axes["positions"] = "mrope, text tokens: the t, h and w rows equal"
+        if not cfg.rotary:
+            axes["positions"] = f"ALiBi (max_bias {cfg.max_bias:g}), no RoPE"
+            if self.evict:
+                axes["kv_rotate"] = ("skipped: ALiBi keys carry no rotation; the kept keys' "
+                                     "bias uses their compacted positions")
+        return axes
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,10 @@ written into its buffers; the host reads back the residual stream after every la
 output; with eviction on, the host also reads the step's rotated queries, the attention's lse
 and the cached keys, and computes the attention probability mass every cached token received
 (``attention_mass``: what the backend's attention gave it, the input of the eviction decision);
-then evictions re-rotate the kept keys with KV_ROTATE (outside the graph).
+then evictions re-rotate the kept keys with KV_ROTATE (outside the graph).  An ALiBi model
+(no RoPE) skips ROPE and the re-rotation: its attention's bias reads the keys' compacted
+positions, which the block table already gives.  mrope layers get ROPE's ``[4, n]`` positions
+(``ModelConfig.rope_positions``).
 
 ``PagedEngine`` serves splits none/layer/head (paged KV cache, paged ATTN);
 ``ring.SequenceEngine`` serves ring/zigzag/stripe.  Methods named as engine "parts"
@@ -73,7 +76,8 @@ class Engine:
         self.graph = None
         self.graph_buffers = None
         self.kv = numpy_dtype(spec.kv_dtype)  # the caches' dtype
-        self.luts = [self.rotation_lut(layer) for layer in range(cfg.n_layers)]
+        self.luts = ([self.rotation_lut(layer) for layer in range(cfg.n_layers)] if cfg.rotary
+                     else [])  # ALiBi: no key to re-rotate
         self._luts_on_device: dict = {}
         # (layer, device) -> the layer's freq_factors on that device, uploaded before any
         # capture (a graph replays the buffers it was captured with)
@@ -155,7 +159,7 @@ class Engine:
     # -- eviction ----------------------------------------------------------------------------------
     def token_mass(self, q, keys, lse, q_pos) -> np.ndarray:
         """Per key, the probability mass of the backend's attention: exp(scale*q.k - lse)."""
-        return attention_mass(q, keys, lse, q_pos, cfg_scale(self.cfg))
+        return attention_mass(q, keys, lse, q_pos, cfg_scale(self.cfg), self.cfg.max_bias)
 
     def rotation_lut(self, layer: int) -> np.ndarray:
         """KV_ROTATE's LUT of ``layer`` (module ``rotation_lut``)."""
@@ -168,6 +172,16 @@ class Engine:
     def rotate_cache(self, k_cache, v_cache, blocks, deltas, lut) -> None:
         """Re-rotate the kept keys.  Values carry no position: they are never rotated."""
         self.b.kv_rotate(k_cache, blocks, deltas, lut, self.cfg.kv_layout)
+
+    def rotate(self, layer: int, device: int, x, pos, shape: tuple):
+        """x ``[n, heads * D]`` through ``layer``'s ROPE into a new ``[n, heads, D]`` buffer;
+        for an ALiBi model x itself, reshaped (its positions act in the attention)."""
+        if not self.cfg.rotary:
+            return x.reshape(shape)
+        out = self.poisoned(shape, device)
+        self.b.rope_for_layer(x.reshape(shape), pos, out, self.cfg.rope_params(layer), layer,
+                              freq_factors=self.freq_factors.get((layer, device)))
+        return out
 
     def _upload_lut(self, layer: int, device: int):
         key = (layer, device)
@@ -227,7 +241,8 @@ class PagedEngine(Engine):
     # -- per step --------------------------------------------------------------------------------
     def prepare(self, plan: StepPlan) -> dict:
         n = self.spec.devices
-        host = dict(x_in=[step_inputs(self.w, plan)], pos=plan.positions, slots=plan.slots,
+        host = dict(x_in=[step_inputs(self.w, plan)], pos=self.cfg.rope_positions(plan.positions),
+                    slots=plan.slots,
                     block_table=plan.block_table, seq_lens=plan.seq_lens, q_start=plan.q_start)
         inputs = {name: [value] * n for name, value in host.items() if name != "x_in"}
         inputs["x_in"] = host["x_in"]  # only on the first layer's device
@@ -271,11 +286,9 @@ class PagedEngine(Engine):
         b.rms_norm(x, w["norm"], h, cfg.eps)
         for weight, out in ((w["wq"], q), (w["wk"], k), (w["wv"], v)):
             b.matmul(h, weight, out)
-        p, pos = cfg.rope_params(layer), buf["pos"][device]
-        q_rot, k_rot = self.poisoned((n_q, n_h, hd), device), self.poisoned((n_q, n_kv, hd), device)
-        ff = self.freq_factors.get((layer, device))
-        b.rope_for_layer(q.reshape(n_q, n_h, hd), pos, q_rot, p, layer, freq_factors=ff)
-        b.rope_for_layer(k.reshape(n_q, n_kv, hd), pos, k_rot, p, layer, freq_factors=ff)
+        pos = buf["pos"][device]
+        q_rot = self.rotate(layer, device, q, pos, (n_q, n_h, hd))
+        k_rot = self.rotate(layer, device, k, pos, (n_q, n_kv, hd))
         k_cache, v_cache = self.caches[layer, s]
         flat = (self.num_blocks * cfg.block_size, n_kv, hd)
         b.set_rows(k_cache.reshape(flat), k_rot, buf["slots"][device])
@@ -313,6 +326,8 @@ class PagedEngine(Engine):
         return mass
 
     def evict(self, eviction) -> None:
+        if not self.cfg.rotary:  # ALiBi: nothing to turn; the block table compacts the keys
+            return
         deltas = self.lut_rows(eviction.block_deltas)[:, None].astype(I32)
         for (layer, _shard), (k_cache, v_cache) in self.caches.items():
             device = self._device_index(k_cache)

@@ -25,6 +25,8 @@ TOGGLES = ("rope_cache", "graph_reuse", "evict", "delay")
 SCENARIO_OPS = ("matmul", "rms_norm", "add", "write")
 MAX_DEVICES = 4
 REAL_MODEL = "phi-3.5-mini"  # the matrix's model preset: RoPE with freq_factors and mscale
+MROPE_MODEL = "qwen2-vl-7b"  # mrope: ROPE with [4, n] positions and sections
+ALIBI_MODEL = "bloom-560m"  # ALiBi: no ROPE, no re-rotation, the attention's bias
 
 
 def split_devices() -> list[tuple[str, int]]:
@@ -40,7 +42,9 @@ def matrix(seed: int = 0, layers: int = 6, steps: int = 4) -> list[ScenarioSpec]
     eviction on (graph reuse on with bf16): the low-precision caches through KV_ROTATE and the
     eviction decisions, without multiplying the whole matrix by three; plus, per split and device
     count, the phi-3.5-mini preset with eviction on (longrope: freq_factors and an attention
-    factor through ROPE and the re-rotation LUT)."""
+    factor through ROPE and the re-rotation LUT); plus qwen2-vl-7b (mrope) with eviction and
+    graph reuse on, per split at 2 devices (none: 1); plus bloom-560m (ALiBi) with eviction on
+    at every device count of the splits ALiBi runs on (none, layer; head on one device)."""
     common = dict(layers=layers, steps=steps, seed=seed)
     specs = []
     for split, devices in split_devices():
@@ -59,6 +63,14 @@ def matrix(seed: int = 0, layers: int = 6, steps: int = 4) -> list[ScenarioSpec]
     for split, devices in split_devices():
         specs.append(ScenarioSpec(split=split, devices=devices, evict=True,
                                   model=REAL_MODEL, **common))
+    for split, devices in split_devices():
+        if devices == (1 if split == "none" else 2):
+            specs.append(ScenarioSpec(split=split, devices=devices, evict=True,
+                                      graph_reuse=True, model=MROPE_MODEL, **common))
+    for split, devices in split_devices():
+        if split == "layer" or devices == 1 and split in ("none", "head"):
+            specs.append(ScenarioSpec(split=split, devices=devices, evict=True,
+                                      model=ALIBI_MODEL, **common))
     return specs
 
 
@@ -77,8 +89,9 @@ def sweep_prompt_lens(model: str, max_devices: int) -> tuple[int, ...] | None:
 
 def unsupported(backend: Backend, spec: ScenarioSpec) -> str | None:
     """Why ``backend`` cannot run ``spec``, or None."""
-    needed = list(SCENARIO_OPS) + ["attention", "rope", "set_rows"]
-    if spec.evict:
+    rotary = spec.config().rotary  # ALiBi: neither ROPE nor KV_ROTATE
+    needed = list(SCENARIO_OPS) + ["attention", "set_rows"] + (["rope"] if rotary else [])
+    if spec.evict and rotary:
         needed.append("kv_rotate")
     if spec.split in ("ring", "zigzag", "stripe"):
         needed += ["attn_merge", "get_rows"]

@@ -4,6 +4,13 @@ Per layer l: h = rms_norm(x) * g_l; q, k, v = h Wq, h Wk, h Wv; x += Attn(RoPE_l
 RoPE_l(k), v) Wo.  Output = rms_norm(x_L) * g_out.  The oracle keeps raw (un-rotated) keys and
 recomputes every key at its current cache position each step: no caches, no splits, no reuse.
 Its attention probabilities drive the eviction decisions of the schedule (``scheduled_oracle``).
+
+mrope (Qwen2-VL) goes through the reference's mrope with the text positions ``[4, n]`` of
+``ModelConfig.rope_positions``, not a neox shortcut.  ALiBi (no RoPE): the attention adds
+slope_h * (k_pos - q_pos) with the positions the keys hold *now*, their compacted cache
+positions after an eviction, as llama.cpp does (its context shift moves the kept cells'
+positions, which its ALiBi mask reads, and rotates nothing) and as a paged attention over the
+compacted block table does.
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from opbench.reference.attention import attention
+from opbench.reference.attention import alibi_slopes, attention
 from opbench.reference.copies import round_to
 from opbench.reference.rope import rope
 
@@ -74,25 +81,35 @@ class StepResult:
 
 
 def attention_mass(q: np.ndarray, keys: np.ndarray, lse: np.ndarray, q_pos: np.ndarray,
-                   scale: float) -> np.ndarray:
+                   scale: float, max_bias: float = 0.0) -> np.ndarray:
     """Per key: the attention probability mass it received, summed over the queries and heads.
     q ``[n_q, H, D]`` at positions q_pos; keys ``[n_kv, Hkv, D]`` (GQA) at positions 0..n_kv-1;
-    lse ``[n_q, H]`` the softmax's log-denominator: p = exp(scale*q.k - lse), 0 for future keys.
+    lse ``[n_q, H]`` the softmax's log-denominator: p = exp(logit - lse), 0 for future keys,
+    logit = scale*q.k (+ the ALiBi bias when max_bias > 0).
     The oracle passes its own lse, an engine the backend's."""
+    logits = causal_logits(q, keys, q_pos, scale, max_bias) - np.asarray(lse, np.float64)[
+        ..., None]
+    with np.errstate(over="ignore"):
+        return np.exp(logits).sum(axis=(0, 1))
+
+
+def causal_logits(q: np.ndarray, keys: np.ndarray, q_pos: np.ndarray, scale: float,
+                  max_bias: float = 0.0) -> np.ndarray:
+    """float64 ``[n_q, H, n_kv]``: scale*q.k, + slope_h * (k_pos - q_pos) (ALiBi, ggml slopes)
+    when max_bias > 0, -inf for future keys."""
     q, keys = np.asarray(q, np.float64), np.asarray(keys, np.float64)
     k = np.repeat(keys, q.shape[1] // keys.shape[1], axis=1)
-    logits = scale * np.einsum("qhd,khd->qhk", q, k) - np.asarray(lse, np.float64)[..., None]
-    visible = np.arange(len(keys))[None, None, :] <= np.asarray(q_pos)[:, None, None]
-    with np.errstate(over="ignore"):
-        return np.exp(np.where(visible, logits, -np.inf)).sum(axis=(0, 1))
-
-
-def causal_lse(q: np.ndarray, keys: np.ndarray, q_pos: np.ndarray, scale: float) -> np.ndarray:
-    """float64 log-sum-exp of the visible logits, ``[n_q, H]``."""
-    k = np.repeat(keys, q.shape[1] // keys.shape[1], axis=1)
     logits = scale * np.einsum("qhd,khd->qhk", q, k)
-    visible = np.arange(len(keys))[None, None, :] <= np.asarray(q_pos)[:, None, None]
-    logits = np.where(visible, logits, -np.inf)
+    rel = np.arange(len(keys))[None, None, :] - np.asarray(q_pos)[:, None, None]
+    if max_bias > 0:
+        logits += alibi_slopes(q.shape[1], max_bias)[None, :, None] * rel
+    return np.where(rel <= 0, logits, -np.inf)
+
+
+def causal_lse(q: np.ndarray, keys: np.ndarray, q_pos: np.ndarray, scale: float,
+               max_bias: float = 0.0) -> np.ndarray:
+    """float64 log-sum-exp of the visible logits, ``[n_q, H]``."""
+    logits = causal_logits(q, keys, q_pos, scale, max_bias)
     top = logits.max(axis=-1, keepdims=True)
     return (top + np.log(np.exp(logits - top).sum(axis=-1, keepdims=True)))[..., 0]
 
@@ -133,15 +150,17 @@ class OracleModel:
         return out.reshape(len(x), -1) @ w.wo[layer].astype(np.float64)
 
     def _sequence(self, layer: int, s: int, q: np.ndarray, plan: StepPlan) -> np.ndarray:
-        params = _rope_kwargs(self.cfg, layer)
+        cfg = self.cfg
         cached = plan.cache_tokens[s]  # token at each cache position = its position
-        keys = self._kv(rope(self.raw_k[layer, s, cached], np.arange(len(cached)), **params))
+        k_pos = np.arange(len(cached))
         q_pos = plan.positions[plan.q_start[s]:plan.q_start[s + 1]]
-        q_rot, scale = self._kv(rope(q, q_pos, **params)), cfg_scale(self.cfg)
-        lse = causal_lse(q_rot, keys, q_pos, scale)
-        self.step_mass[s] += attention_mass(q_rot, keys, lse, q_pos, scale)
+        keys = self._kv(_rotate(cfg, layer, self.raw_k[layer, s, cached], k_pos))
+        q_rot, scale = self._kv(_rotate(cfg, layer, q, q_pos)), cfg_scale(cfg)
+        lse = causal_lse(q_rot, keys, q_pos, scale, cfg.max_bias)
+        self.step_mass[s] += attention_mass(q_rot, keys, lse, q_pos, scale, cfg.max_bias)
         return self._kv(attention(q_rot, keys, self._kv(self.v[layer, s, cached]), scale=scale,
-                                  causal=True))
+                                  causal=True, max_bias=cfg.max_bias, q_pos=q_pos,
+                                  k_pos=k_pos))
 
     def _kv(self, x: np.ndarray) -> np.ndarray:
         """x as the cache dtype holds it (exact for f32: the oracle rounds nothing)."""
@@ -154,8 +173,13 @@ def cfg_scale(cfg: ModelConfig) -> float:
     return cfg.head_dim ** -0.5
 
 
-def _rope_kwargs(cfg: ModelConfig, layer: int) -> dict:
-    return {**oracle_kwargs(cfg.rope_params(layer)), "freq_factors": cfg.freq_factors(layer)}
+def _rotate(cfg: ModelConfig, layer: int, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """RoPE of ``layer`` at ``positions`` (mrope: the text positions of every section);
+    x itself for an ALiBi model."""
+    if not cfg.rotary:
+        return np.asarray(x, np.float64)
+    params = {**oracle_kwargs(cfg.rope_params(layer)), "freq_factors": cfg.freq_factors(layer)}
+    return rope(x, cfg.rope_positions(positions), **params)
 
 
 def run_oracle(cfg: ModelConfig, weights: Weights, plans: list[StepPlan],

@@ -80,7 +80,8 @@ class SequenceEngine(Engine):
         inputs.update({f"mask{r}": [] for r in range(n_dev)})
         for d, rows in enumerate(queries):
             inputs["x_in"].append(_padded(x[[r[0] for r in rows]], q_cap, 0.0))
-            inputs["pos"].append(_padded(np.array([r[2] for r in rows], I32), q_cap, 0))
+            positions = _padded(np.array([r[2] for r in rows], I32), q_cap, 0)
+            inputs["pos"].append(self.cfg.rope_positions(positions))
             inputs["slots"].append(_padded(np.array([r[3] for r in rows], I32), q_cap, -1))
             inputs["kv_rows"].append(_padded(np.array([c[2] for c in chunks[d]], I32),
                                              self.kv_cap, self.stores[d].pad_row))
@@ -113,7 +114,7 @@ class SequenceEngine(Engine):
     def allocate(self, plan: StepPlan, inputs: dict) -> dict:
         cfg = self.cfg
         buffers = self.input_buffers(inputs)
-        q_cap = len(inputs["pos"][0])
+        q_cap = inputs["pos"][0].shape[-1]  # mrope: [4, q_cap]
         buffers["x"] = [[self.poisoned((q_cap, cfg.d_model), d) for d in range(len(self.devices))]
                         for _ in range(cfg.n_layers)]
         buffers["out"] = [self.poisoned((q_cap, cfg.d_model), d) for d in range(len(self.devices))]
@@ -147,11 +148,9 @@ class SequenceEngine(Engine):
         b.rms_norm(x, w["norm"], h, cfg.eps)
         for weight, out in ((w["wq"], q), (w["wk"], k), (w["wv"], v)):
             b.matmul(h, weight, out)
-        p, pos = cfg.rope_params(layer), buf["pos"][d]
-        q_rot, k_rot = self.poisoned((n, n_h, hd), d), self.poisoned((n, n_kv, hd), d)
-        ff = self.freq_factors.get((layer, d))
-        b.rope_for_layer(q.reshape(n, n_h, hd), pos, q_rot, p, layer, freq_factors=ff)
-        b.rope_for_layer(k.reshape(n, n_kv, hd), pos, k_rot, p, layer, freq_factors=ff)
+        pos = buf["pos"][d]
+        q_rot = self.rotate(layer, d, q, pos, (n, n_h, hd))
+        k_rot = self.rotate(layer, d, k, pos, (n, n_kv, hd))
         store = self.stores_kv[layer, d]
         b.set_rows(store[:, 0], k_rot, buf["slots"][d])
         b.set_rows(store[:, 1], v.reshape(n, n_kv, hd), buf["slots"][d])
@@ -222,7 +221,7 @@ class SequenceEngine(Engine):
         for d, store in enumerate(self.stores):
             moved = [(store.row_of[(s, t)], delta) for t, delta in eviction.token_deltas.items()
                      if (s, t) in store.row_of]
-            if moved:
+            if moved and self.cfg.rotary:  # ALiBi: nothing to turn
                 rows = np.array([m[0] for m in moved], I32)
                 deltas = self.lut_rows(np.array([m[1] for m in moved], I32))[:, None]
                 for layer in range(self.cfg.n_layers):
