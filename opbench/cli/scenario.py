@@ -65,7 +65,7 @@ def register(subparsers, common) -> None:
     parser.add_argument("--model", default="gemma3", metavar="NAME|config.json",
                         help="per-layer RoPE pattern: gemma3 (default: global layers scaled x8),"
                              " gemma3-1b, or a preset of `opbench models` or a Hugging Face"
-                             " config.json (its head size, head ratio and per-layer RoPE;"
+                             " config.json (its head size, head ratio and per-layer RoPE or ALiBi;"
                              " fewer heads, narrower, --layers layers)")
     for toggle, default, what in (("rope-cache", "on", "the backend's sin/cos cache"),
                                   ("graph-reuse", "off", "build the decode step once, replay it"),

@@ -18,18 +18,22 @@ from opbench.reference.rope import rope
 
 
 def dense_forward(cfg, w, seq: int, n_tokens: int) -> list[np.ndarray]:
-    """The model over tokens 0..n-1 of one sequence at once: positions = indices, causal."""
+    """The model over tokens 0..n-1 of one sequence at once: positions = indices, causal.
+    mrope as neox (text positions: equal rows); ALiBi: no RoPE, the attention's max_bias."""
     x = w.inputs[seq][:n_tokens].astype(np.float64)
     layers = []
     for layer in range(cfg.n_layers):
-        p = cfg.rope_params(layer)
-        kw = dict(n_dims=p.n_dims, mode=p.mode, freq_base=p.freq_base, freq_scale=p.freq_scale)
+        pos = np.arange(n_tokens)
         h = rms_norm(x, w.norm[layer], cfg.eps)
         q = (h @ w.wq[layer]).reshape(n_tokens, cfg.n_heads, -1)
         k = (h @ w.wk[layer]).reshape(n_tokens, cfg.n_kv_heads, -1)
         v = (h @ w.wv[layer]).reshape(n_tokens, cfg.n_kv_heads, -1)
-        pos = np.arange(n_tokens)
-        att = attention(rope(q, pos, **kw), rope(k, pos, **kw), v, causal=True)
+        if cfg.rotary:
+            p = cfg.rope_params(layer)
+            kw = dict(n_dims=p.n_dims, mode="neox" if p.mode == "mrope" else p.mode,
+                      freq_base=p.freq_base, freq_scale=p.freq_scale)
+            q, k = rope(q, pos, **kw), rope(k, pos, **kw)
+        att = attention(q, k, v, causal=True, max_bias=cfg.max_bias)
         x = x + att.reshape(n_tokens, -1) @ w.wo[layer]
         layers.append(x)
     return layers
@@ -45,7 +49,11 @@ def _rows_of(results, plans, seq: int, layer: int) -> np.ndarray:
                            for r, p in zip(results, plans)])
 
 
-def test_step_by_step_decoding_equals_one_dense_pass(cfg):
+@pytest.mark.parametrize("model", ["gemma3", "qwen2-vl-7b", "bloom-560m"])
+def test_step_by_step_decoding_equals_one_dense_pass(model):
+    """Qwen2-VL: the oracle's mrope at text positions against a neox dense pass; BLOOM:
+    ALiBi with positions = indices."""
+    cfg = model_config(model, n_layers=6, steps=3)
     w = make_weights(cfg)
     plans = build_schedule(cfg, evict=False)
     results = run_oracle(cfg, w, plans)
