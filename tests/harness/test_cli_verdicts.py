@@ -301,6 +301,16 @@ def test_a_closed_pipe_ends_quietly():
         assert "Traceback" not in err and "Error" not in err, argv
 
 
+@pytest.fixture()
+def ctrl_c_delivered():
+    """Python's own Ctrl-C handler in this process for the test: pytest started from a script
+    with ``&`` (or under nohup) inherits SIGINT ignored, and so would every child it starts --
+    a Ctrl-C test would then test nothing and fail."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def _run_until_records(results, *extra, sig, to_group: bool, env=None):
     """Start `test -j 2`, wait for records, send ``sig``; (exit code, stderr)."""
     proc = _opbench("test", "-o", "ATTN", "-j", "2", "-q", "--results", str(results),
@@ -315,7 +325,7 @@ def _run_until_records(results, *extra, sig, to_group: bool, env=None):
     return proc, err
 
 
-def test_ctrl_c_under_jobs_ends_quietly_with_130_and_keeps_records(tmp_path):
+def test_ctrl_c_under_jobs_ends_quietly_with_130_and_keeps_records(tmp_path, ctrl_c_delivered):
     results = tmp_path / "r.jsonl"
     proc, err = _run_until_records(results, sig=signal.SIGINT, to_group=True)
     assert proc.returncode == 130
@@ -356,7 +366,7 @@ class _PythonReportingItsSigint:
             stdout=subprocess.PIPE, text=True)
 
 
-def test_workers_start_with_ctrl_c_ignored_so_an_early_one_prints_no_traceback():
+def test_workers_start_with_ctrl_c_ignored_so_an_early_one_prints_no_traceback(ctrl_c_delivered):
     # the worker ignores SIGINT from exec on, not only once its imports are done
     from opbench.harness.pool import _start_ignoring_sigint
     process = _PythonReportingItsSigint()
@@ -372,7 +382,7 @@ class _ProcessInterruptedWhileStarting:
         signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
 
 
-def test_a_ctrl_c_while_a_worker_starts_still_reaches_the_parent():
+def test_a_ctrl_c_while_a_worker_starts_still_reaches_the_parent(ctrl_c_delivered):
     from opbench.harness.pool import _start_ignoring_sigint
     with pytest.raises(KeyboardInterrupt):
         _start_ignoring_sigint(_ProcessInterruptedWhileStarting())
