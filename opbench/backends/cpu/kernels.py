@@ -18,8 +18,8 @@ from .rope_cache import RopeCache, direct_cos_sin
 
 F32 = np.float32
 ATTN_TILE = 256  # keys per online-softmax tile: scores stay in L2 for typical head counts
-#: query-key multiply-adds (n_q x n_kv x heads x head_dim) below which one thread does every
-#: head: scenario-sized calls (tens of queries and keys) ran 12% slower split (the results
+#: query-key multiply-adds (n_q x n_kv x heads x head_dim) a thread's share of the heads must
+#: reach: scenario-sized calls (tens of queries and keys) ran 12% slower split (the results
 #: do not depend on it: each head is computed alone either way)
 ATTN_SPLIT_MIN_WORK = 1 << 22
 ATTN_Q_BLOCK = 128  # causal/window: queries per block, so each block skips its hidden tiles
@@ -199,10 +199,9 @@ def attend_heads(q, k, v, p: AttnParams, q_pos, mask, sinks):
             q[:, heads], k[:, lo:hi], v[:, lo:hi], p, q_pos, mask,
             None if sinks is None else sinks[heads], slopes[heads])
 
-    if q.shape[0] * k.shape[0] * q.shape[1] * q.shape[2] < ATTN_SPLIT_MIN_WORK:
-        heads_part(0, n_kv_heads)  # a small call: a second thread's hand-off costs more
-    else:
-        parallel.run_split(heads_part, n_kv_heads)
+    work_per_kv_head = q.shape[0] * k.shape[0] * group * q.shape[2]
+    parallel.run_split(heads_part, n_kv_heads,
+                       min_per_part=-(-ATTN_SPLIT_MIN_WORK // max(1, work_per_kv_head)))
     return out, lse
 
 
