@@ -221,6 +221,22 @@ def test_timer_runs_the_call_and_returns_device_nanoseconds(backend):
     np.testing.assert_array_equal(backend.to_host(out), np.arange(1000, dtype=np.float16))
 
 
+def test_a_call_that_raises_under_the_timer_leaves_no_stream_held(backend):
+    src = backend.to_device(np.arange(8, dtype=np.float32))
+    out = backend.empty((8,), np.float32)
+    backend.stream(0)  # a stream the timer holds
+
+    def failing_call():
+        raise RuntimeError("launch failed")
+    with pytest.raises(RuntimeError, match="launch failed"):
+        backend.timer()(failing_call)
+    backend.cpy(src, out, (0,))
+    finished = threading.Event()
+    threading.Thread(target=lambda: (backend.synchronize(), finished.set()), daemon=True).start()
+    assert finished.wait(10), "synchronize hung: the timer left a stream held"
+    np.testing.assert_array_equal(backend.to_host(out), np.arange(8, dtype=np.float32))
+
+
 # -- the single-device fast path -----------------------------------------------------------------
 def thread_of_next_item(be, device=0) -> threading.Thread:
     ran_on: list[threading.Thread] = []

@@ -542,13 +542,15 @@ class ThreadRuntime(Runtime):
             streams = list(self._streams)
             gates = [stream.hold() for stream in streams]
             stamps: list[int] = []
-            for stream in streams:
-                stream.submit(lambda: stamps.append(time.perf_counter_ns()))
-            call()
-            for stream in streams:
-                stream.submit(lambda: stamps.append(time.perf_counter_ns()))
-            for gate in gates:
-                gate.release()
+            try:
+                for stream in streams:
+                    stream.submit(lambda: stamps.append(time.perf_counter_ns()))
+                call()
+                for stream in streams:
+                    stream.submit(lambda: stamps.append(time.perf_counter_ns()))
+            finally:  # a call that raises must not leave every stream held for good
+                for gate in gates:
+                    gate.release()
             self.synchronize()
             return float(max(stamps) - min(stamps))
 
