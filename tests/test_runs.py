@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -11,6 +13,7 @@ from opbench.harness import records, store
 from opbench.perf import stats
 from opbench.perf.gate import gate
 from opbench.perf.runs import merge_runs
+from opbench.reports.gate_summary import gate_markdown
 
 
 def runs(rng, median_ns: float, count: int, shift_sd: float = 0.04, n: int = 40) -> list:
@@ -67,10 +70,12 @@ def test_runs_needed_grows_with_the_spread_and_shrinks_with_the_change():
                                                                              0.05)
 
 
-def _perf_record(run_id: str, run_samples: list, status: str = "OK") -> dict:
+def _perf_record(run_id: str, run_samples: list, status: str = "OK", anchors=None) -> dict:
     pooled = [int(x) for run in run_samples for x in run]
     perf = {"samples_ns": pooled, "median_ns": float(np.median(pooled)), "n": len(pooled),
             "runs_ns": [[int(x) for x in run] for run in run_samples]}
+    if anchors is not None:
+        perf["runs_anchor_ns"] = [[int(x) for x in run] for run in anchors]
     return records.make_record(kind="perf", backend="cpu", op="ROPE", case_id="ROPE(x)",
                              status=status, run_id=run_id, device="cpu:0", perf=perf, env={})
 
@@ -85,6 +90,43 @@ def test_the_gate_compares_separate_invocations_by_runs():
     new = [_perf_record("new", runs(rng, 1.25e5, 6, 0.02))]
     result = gate(base, new)
     assert [c.key.case_id for c in result.regressions] == ["ROPE(x)"] and result.failed
+
+
+def machine_runs(rng, code_ns: float, speeds: list[float], n: int = 40):
+    """Runs on a machine whose speed changes from run to run: the code's samples and the
+    anchor's, both slowed by each run's factor."""
+    case = [code_ns * speed * rng.lognormal(0, 0.02, n) for speed in speeds]
+    anchor = [50_000 * speed * rng.lognormal(0, 0.02, n) for speed in speeds]
+    return case, anchor
+
+
+def test_the_gate_divides_each_run_by_its_anchor():
+    rng = np.random.default_rng(7)
+    base_speeds, new_speeds = [1.0, 1.6, 1.1, 2.0, 1.3], [1.9, 1.2, 1.5, 1.0, 1.7]
+    base_case, base_anchor = machine_runs(rng, 1e5, base_speeds)
+    same_case, same_anchor = machine_runs(rng, 1e5, new_speeds)
+    slow_case, slow_anchor = machine_runs(rng, 1.15e5, new_speeds)
+    base = [_perf_record("base", base_case, anchors=base_anchor)]
+    raw = gate(base, [_perf_record("same", same_case)])  # NEW without anchors: raw runs
+    assert raw.ambiguous or raw.not_significant  # a 40% spread hides everything
+    same = gate(base, [_perf_record("same", same_case, anchors=same_anchor)])
+    [change] = same.unchanged
+    assert change.comparison.anchored and abs(change.comparison.ratio - 1) < 0.03
+    slow = gate(base, [_perf_record("slow", slow_case, anchors=slow_anchor)])
+    [change] = slow.regressions
+    assert change.comparison.anchored and 1.12 < change.comparison.ratio < 1.18
+    assert slow.failed and "over the anchor" in gate_markdown(slow)
+
+
+def test_anchored_runs_needs_every_run_anchored():
+    rng = np.random.default_rng(8)
+    case, anchor = machine_runs(rng, 1e5, [1.0, 2.0], n=10)
+    divided = stats.anchored_runs(case, anchor, 0.2)
+    assert np.allclose(divided[1] / divided[0], case[1] / case[0] / (
+        np.quantile(anchor[1], 0.2) / np.quantile(anchor[0], 0.2)))
+    assert stats.anchored_runs(case, anchor[:1]) is None
+    assert stats.anchored_runs(case, [anchor[0], []]) is None
+    assert stats.anchored_runs(case, None) is None
 
 
 def test_merge_runs_keeps_each_run_apart_and_a_failed_run_wins():
@@ -108,6 +150,48 @@ def test_perf_repeat_records_each_run_from_a_fresh_process(tmp_path, capsys):
     [record] = store.read_records(results)
     assert record["perf"]["repeat"] == 2 and len(record["perf"]["runs_ns"]) == 2
     assert "run 2/2 (a fresh process)" in capsys.readouterr().out
+    anchors = record["perf"]["runs_anchor_ns"]  # one anchor time per sample, in every run
+    assert [len(a) for a in anchors] == [len(r) for r in record["perf"]["runs_ns"]]
+    assert "anchor_ns" not in record["perf"]
+
+
+def test_a_repeat_run_times_its_cases_round_robin_with_the_anchor_after_each_sample():
+    from opbench.harness.registry import open_backend
+    from opbench.perf import run as perf_mode
+    from opbench.perf.anchor import Anchor
+
+    backend = open_backend("cpu")
+    cases = [c for c in perf_mode.perf_cases("small") if c.op in ("ROPE", "GET_ROWS")]
+    order, anchored = [], []
+    real_prepare = perf_mode.prepare
+    original_anchor_call = Anchor.__call__
+
+    def tracing_prepare(backend, case, seed=0):
+        prepared = real_prepare(backend, case, seed)
+        call = prepared.fn
+
+        def traced():
+            order.append(case.id)
+            call()
+        return dataclasses.replace(prepared, fn=traced)
+
+    def traced_anchor(self):
+        anchored.append(order[-1] if order else None)
+        return original_anchor_call(self)
+
+    options = perf_mode.PerfOptions(budget_ms=1, min_samples=10, warmup=1)  # 2 rounds of 5
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(perf_mode, "prepare", tracing_prepare)
+        patch.setattr(Anchor, "__call__", traced_anchor)
+        records = perf_mode.run_perf_round_robin(backend, cases, options, "r")
+    backend.close()
+    assert [r["case_id"] for r in records] == [c.id for c in cases]
+    assert all(r["status"] == "OK" for r in records)
+    for record in records:
+        assert len(record["perf"]["anchor_ns"]) == len(record["perf"]["samples_ns"])
+    assert anchored.count(cases[0].id) >= 10  # the anchor ran right after this case's samples
+    switches = sum(a != b for a, b in zip(anchored, anchored[1:]))  # of the timed samples
+    assert switches >= 2 * len(cases) - 1, "cases must take turns, not run one after another"
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -117,3 +201,35 @@ def test_perf_repeat_records_each_run_from_a_fresh_process(tmp_path, capsys):
 def test_perf_repeat_usage_errors(capsys, argv, message):
     assert main(["perf", "-o", "GET_ROWS", "--sizes", "small", "--no-calibrate", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_case_that_breaks_inside_the_rounds_gets_its_error_and_the_rest_their_times():
+    from opbench.harness.registry import open_backend
+    from opbench.perf import run as perf_mode
+
+    backend = open_backend("cpu")
+    cases = [c for c in perf_mode.perf_cases("small") if c.op in ("ROPE", "GET_ROWS")]
+    broken_id = cases[1].id
+    real_prepare = perf_mode.prepare
+
+    def prepare_breaking_one(backend, case, seed=0):
+        prepared = real_prepare(backend, case, seed)
+        if case.id != broken_id:
+            return prepared
+        calls, call = [], prepared.fn
+
+        def third_call_fails():  # the NaN check and the warm-up pass, the first sample fails
+            calls.append(1)
+            if len(calls) >= 3:
+                raise RuntimeError("kernel launch failed")
+            call()
+        return dataclasses.replace(prepared, fn=third_call_fails)
+
+    options = perf_mode.PerfOptions(budget_ms=1, min_samples=5, warmup=1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(perf_mode, "prepare", prepare_breaking_one)
+        records = perf_mode.run_perf_round_robin(backend, cases, options, "r")
+    backend.close()
+    status = {r["case_id"]: (r["status"], r.get("reason")) for r in records}
+    assert status.pop(broken_id) == ("ERROR", "RuntimeError: kernel launch failed")
+    assert {s for s, _ in status.values()} == {"OK"} and len(status) == len(cases) - 1

@@ -29,9 +29,9 @@ def one_run(refs: list[str], cases: list, options, run_id: str, path: str) -> No
                 continue  # the parent reports unavailable backends once
             env = perf_mode.backend_env(backend)
             try:
-                for case in cases:
-                    writer.write(perf_mode.run_perf_case(backend, case, options, run_id,
-                                                         label=ref, env=env))
+                for record in perf_mode.run_perf_round_robin(backend, cases, options, run_id,
+                                                             label=ref, env=env):
+                    writer.write(record)
             finally:
                 backend.close()
 

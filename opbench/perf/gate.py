@@ -14,6 +14,7 @@ case (runs appended to the same file), the last one wins.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -148,7 +149,13 @@ def _compare(base: dict, new: dict, options: dict) -> stats.Comparison:
     one_process = base["run_id"] == new["run_id"] and len(base_runs) == len(new_runs) == 1
     if one_process:
         return stats.compare_samples(perf_samples(base), perf_samples(new), **options)
-    return stats.compare_runs(base_runs, new_runs, **options)
+    quantile = options.get("quantile", stats.DEFAULT_QUANTILE)
+    base_anchored = stats.anchored_runs(base_runs, base["perf"].get("runs_anchor_ns"), quantile)
+    new_anchored = stats.anchored_runs(new_runs, new["perf"].get("runs_anchor_ns"), quantile)
+    if base_anchored is None or new_anchored is None:
+        return stats.compare_runs(base_runs, new_runs, **options)
+    return dataclasses.replace(stats.compare_runs(base_anchored, new_anchored, **options),
+                               anchored=True)
 
 
 def _perf_change(key: CaseKey, base: dict, new: dict, options: dict) -> PerfChange | None:

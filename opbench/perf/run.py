@@ -35,6 +35,7 @@ from opbench.harness.runner import (
 )
 
 from . import timing
+from .anchor import Anchor
 from .calibrate import ceilings_for, cpu_count
 
 SIZES = PERF_SIZES
@@ -296,6 +297,76 @@ def _between_samples(backend, prepared: Prepared, options: PerfOptions, subject)
     return step
 
 
+#: how many bytes the cases of one round-robin group may move (their buffers live at once)
+ROUND_ROBIN_BYTES = 1 << 30
+
+
+def run_perf_round_robin(backend, cases: Iterable[Case], options: PerfOptions, run_id: str, *,
+                         label: str | None = None, env: dict | None = None) -> list[dict]:
+    """Time ``cases`` on ``backend`` a few samples of each in turn (``perf --repeat``'s runs),
+    timing the anchor (``anchor.Anchor``) after every host-clocked sample.
+
+    Timed one after another, each case sees the machine of its own few hundred milliseconds; a
+    neighbour's burst then shifts one case and not the rest.  In rounds, every case's samples
+    spread over the whole run, and with the anchor beside each sample the gate can divide out
+    what is left (docs/ci.md).  Cases are prepared in groups moving at most
+    ``ROUND_ROBIN_BYTES``; one record per case, in the order given."""
+    label = label or backend.name
+    anchor = Anchor()
+    records: dict[str, dict] = {}
+    group: dict[str, tuple[Case, Prepared]] = {}
+    for case in cases:
+        reason = refusal(backend, case)
+        prepared, problem, errors = (None, None, []) if reason else _setup(backend, case, options)
+        if reason or prepared is None:
+            status = "UNSUPPORTED" if reason else "ERROR"
+            records[case.id] = perf_record(label, backend, case, status, run_id,
+                                           reason=reason or problem, errors=errors, env=env)
+            continue
+        if group and sum(p.nbytes for _, p in group.values()) + prepared.nbytes > \
+                ROUND_ROBIN_BYTES:
+            records.update(_time_group(backend, group, anchor, options, run_id, label, env))
+            group = {}
+        group[case.id] = (case, prepared)
+    records.update(_time_group(backend, group, anchor, options, run_id, label, env))
+    return [records[case.id] for case in cases if case.id in records]
+
+
+def _time_group(backend, group: dict, anchor, options: PerfOptions, run_id: str, label: str,
+                env) -> dict[str, dict]:
+    if not group:
+        return {}
+    on_host = device_name(backend).split(":")[0].lower() == "cpu"  # the anchor speaks for it
+    subjects = {}
+    for name, (_, prepared) in group.items():
+        subject = _judged_subject(backend, prepared, options)
+        subjects[name] = dataclasses.replace(subject, anchor=anchor) if on_host else subject
+    try:
+        samples = timing.measure_interleaved(
+            subjects, warmup=options.warmup, budget_ms=options.budget_ms,
+            min_samples=options.min_samples, seed=options.seed)
+    except Exception:  # one case broke the round: time each alone, so its record says which
+        cases = [case for case, _ in group.values()]
+        group.clear()
+        return {case.id: run_perf_case(backend, case, options, run_id, label=label, env=env)
+                for case in cases}
+    return {name: _timed_record(backend, case, prepared, samples[name], options, run_id,
+                                label, env)
+            for name, (case, prepared) in group.items()}
+
+
+def _timed_record(backend, case, prepared, samples, options, run_id, label, env) -> dict:
+    try:
+        wrong = timed_output_problem(backend, prepared)
+    except Exception as exc:
+        wrong = f"{type(exc).__name__}: {exc}"
+    if wrong:
+        return perf_record(label, backend, case, "ERROR", run_id, reason=wrong, env=env)
+    perf = {**block(samples, prepared, options), "output_judged": output_judged(backend, prepared),
+            "fresh_inputs": options.fresh_inputs}
+    return perf_record(label, backend, case, "OK", run_id, env=env, perf=perf)
+
+
 def run_ab_case(sides: Mapping[str, Any], case: Case, options: PerfOptions, run_id: str,
                 envs: Mapping[str, dict] | None = None) -> dict[str, dict]:
     """Time ``case`` on two (or more) labelled backends in interleaved rounds; one record each.
@@ -339,16 +410,8 @@ def _judged_subject(backend, prepared: Prepared, options: PerfOptions) -> timing
 
 def _ab_record(label, backend, case, kept, taken, options, run_id, env) -> dict:
     """One side's record: ERROR when the output of its last epoch's timed calls is wrong."""
-    last = kept[-1][label]
-    try:
-        wrong = timed_output_problem(backend, last)
-    except Exception as exc:
-        wrong = f"{type(exc).__name__}: {exc}"
-    if wrong:
-        return perf_record(label, backend, case, "ERROR", run_id, reason=wrong, env=env)
-    perf = {**block(_merged(taken, options), kept[0][label], options),
-            "output_judged": output_judged(backend, last), "fresh_inputs": options.fresh_inputs}
-    return perf_record(label, backend, case, "OK", run_id, env=env, perf=perf)
+    return _timed_record(backend, case, kept[-1][label], _merged(taken, options), options,
+                         run_id, label, env)
 
 
 def _prepare_sides(sides, case, options) -> tuple[dict[str, Prepared], dict]:

@@ -38,6 +38,9 @@ def _merge(records: list[dict], repeat: int, ceilings) -> dict:
     summary = timing.summarize(pooled)
     perf = {**last["perf"], "samples_ns": [int(x) for x in pooled], "runs_ns": runs_ns,
             "repeat": len(records), **summary}
+    perf.pop("anchor_ns", None)
+    if all("anchor_ns" in r["perf"] for r in records):
+        perf["runs_anchor_ns"] = [r["perf"]["anchor_ns"] for r in records]
     threads = perf.get("ceiling_threads") or 1
     perf.update(timing.throughput(summary["median_ns"], nbytes=perf.get("bytes"),
                                   flops=perf.get("flops"),

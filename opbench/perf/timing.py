@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -30,20 +30,28 @@ class Subject:
     """What to time: ``fn`` enqueues the work; ``sync`` waits for it.
 
     ``timer`` (e.g. CUDA events) replaces the default perf_counter_ns clock; ``flush`` (e.g. an
-    L2 flush) runs untimed before every sample so each sample starts cold."""
+    L2 flush) runs untimed before every sample so each sample starts cold.  ``anchor`` (see
+    ``anchor.Anchor``), timed right after every sample into ``anchor_ns``, tells how fast the
+    machine was at that moment."""
 
     fn: Callable[[], None]
     sync: Callable[[], None]
     timer: Timer | None = None
     flush: Callable[[], None] | None = None
+    anchor: Callable[[], int] | None = None
+    anchor_ns: list[int] = field(default_factory=list)
 
     def time_once(self) -> float:
         if self.flush is not None:
             self.flush()
             self.sync()
         if self.timer is not None:
-            return float(self.timer(self.fn))
-        return wall_clock_ns(self.fn, self.sync)
+            ns = float(self.timer(self.fn))
+        else:
+            ns = wall_clock_ns(self.fn, self.sync)
+        if self.anchor is not None:
+            self.anchor_ns.append(self.anchor())
+        return ns
 
     def time_batch(self, samples: int) -> list[float]:
         return [self.time_once() for _ in range(samples)]
@@ -76,6 +84,7 @@ class Samples:
     ns: np.ndarray  # int64, in the order they were taken
     warmup: int
     budget_ms: float
+    anchor_ns: np.ndarray | None = None  # the anchor timed right after each sample, if any
 
     def __len__(self) -> int:
         return len(self.ns)
@@ -151,9 +160,16 @@ def measure_interleaved(
         if fewest >= min_samples and time.perf_counter_ns() >= deadline:
             break
     return {  # a batch may overshoot max_samples
-        name: Samples(np.asarray(v[:max_samples], dtype=np.int64), warmup, budget_ms)
+        name: Samples(np.asarray(v[:max_samples], dtype=np.int64), warmup, budget_ms,
+                      _anchor_samples(subjects[name], len(v[:max_samples])))
         for name, v in taken.items()
     }
+
+
+def _anchor_samples(subject: Subject, count: int) -> np.ndarray | None:
+    if subject.anchor is None:
+        return None
+    return np.asarray(subject.anchor_ns[:count], dtype=np.int64)
 
 
 # -- statistics of one sample set ------------------------------------------------------------------
@@ -253,8 +269,11 @@ def perf_block(
 ) -> dict:
     """The ``perf`` field of a result record: every sample, its summary and its throughput."""
     stats = summarize(samples)
+    anchored = {} if samples.anchor_ns is None else {
+        "anchor_ns": [int(x) for x in samples.anchor_ns]}
     return {
         "samples_ns": [int(x) for x in samples.ns],
+        **anchored,
         **stats,
         "warmup": samples.warmup,
         "budget_ms": samples.budget_ms,

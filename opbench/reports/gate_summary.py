@@ -119,6 +119,16 @@ def statistic_name(quantile: float) -> str:
     return "medians" if quantile == 0.5 else f"{quantile * 100:g}th percentiles"
 
 
+def _anchor_note(result: GateResult) -> str:
+    changes = (result.regressions + result.improvements + result.unchanged
+               + result.not_significant + result.ambiguous)
+    anchored = sum(getattr(c.comparison, "anchored", False) for c in changes)
+    if not anchored:
+        return ""
+    return (f" {anchored} case(s) from separate runs compare each run's times over the "
+            "anchor timed in that run (the machine's speed divided out; the µs columns are raw).")
+
+
 def gate_markdown(result: GateResult, base_name: str = "BASE", new_name: str = "NEW") -> str:
     ci = f"{result.confidence:.0%}"
     statistic = statistic_name(result.quantile)
@@ -128,7 +138,7 @@ def gate_markdown(result: GateResult, base_name: str = "BASE", new_name: str = "
         "",
         f"Base: `{md_escape(base_name)}` · new: `{md_escape(new_name)}` · threshold "
         f"{result.threshold:.1%} · ratio of {statistic} with a bootstrap {ci} interval; "
-        "a regression needs the whole interval past the threshold.",
+        "a regression needs the whole interval past the threshold." + _anchor_note(result),
         "",
     ]
     problems = problem_lines(result)
@@ -193,5 +203,7 @@ def _perf_message(change: PerfChange) -> str:
     cmp = change.comparison
     unit, test = ("runs", "Welch t") if isinstance(cmp, RunsComparison) else ("samples",
                                                                              "Mann-Whitney")
+    if getattr(cmp, "anchored", False):
+        unit += " (each sample over the anchor timed beside it)"
     return (f"perf regression: {cmp.ratio:.3f}x slower, {cmp.n_new}/{cmp.n_base} {unit}, "
             f"CI [{cmp.ci_low:.3f}, {cmp.ci_high:.3f}], {test} p={cmp.p_slower:.2g}")
