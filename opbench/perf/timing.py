@@ -166,8 +166,8 @@ def measure_interleaved(
     }
 
 
-def _anchor_samples(subject: Subject, count: int) -> np.ndarray | None:
-    if subject.anchor is None:
+def _anchor_samples(subject, count: int) -> np.ndarray | None:
+    if getattr(subject, "anchor", None) is None:  # a worker's subject (cross --ab) has none
         return None
     return np.asarray(subject.anchor_ns[:count], dtype=np.int64)
 
