@@ -32,6 +32,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from opbench.backends.cpu import CpuBackend
 
 SLOWDOWN = 0.15
@@ -181,7 +183,7 @@ def separate_experiment(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     slow_ref = f"{HERE}:SlowRopeCpu"
     tally = {"aa_alarms": 0, "slow_detected": 0, "slow_other_alarms": 0, "runs": args.runs,
-             "aa_ambiguous": 0, "slow_ambiguous": 0}
+             "aa_ambiguous": 0, "slow_ambiguous": 0, "spreads": []}
     for i in range(args.runs):
         files = {tag: out / f"{tag}_{i:02d}.jsonl" for tag in ("base", "aa", "slow")}
         for tag, ref in (("base", "cpu"), ("aa", "cpu"), ("slow", slow_ref)):
@@ -189,7 +191,30 @@ def separate_experiment(args) -> dict:
         aa = gate_separate(files["base"], files["aa"], "cpu", f"aa_{i:02d}", out, args)
         slow = gate_separate(files["base"], files["slow"], slow_ref, f"slow_{i:02d}", out, args)
         _tally_trial(tally, i, aa, slow)
+        for path in files.values():
+            tally["spreads"] += run_spreads(path)
+    raw, anchored = np.median(tally["spreads"], axis=0)
+    print(f"run-to-run SD of log time, median over cases and invocations: raw {raw:.3f}, "
+          f"over the anchor {anchored:.3f}")
     return tally
+
+
+def run_spreads(path: Path) -> list[tuple[float, float]]:
+    """Per case of one ``perf --repeat`` file: the SD over its runs of the log 20th
+    percentile, raw and divided by the run's anchor (what the gate compares)."""
+    from opbench.harness import store
+    from opbench.perf import stats
+
+    spreads = []
+    for record in store.read_records(path):
+        perf = record.get("perf") or {}
+        anchored = stats.anchored_runs(perf.get("runs_ns", []), perf.get("runs_anchor_ns"))
+        if anchored is None or len(anchored) < 2:
+            continue
+        raw = np.log([np.quantile(run, 0.2) for run in perf["runs_ns"]])
+        divided = np.log([np.quantile(run, 0.2) for run in anchored])
+        spreads.append((float(raw.std(ddof=1)), float(divided.std(ddof=1))))
+    return spreads
 
 
 # -- cross-commit: --ab with each side from its own checkout, as docs/ci.md runs it ----------------
