@@ -323,8 +323,8 @@ def run_perf_round_robin(backend, cases: Iterable[Case], options: PerfOptions, r
             records[case.id] = perf_record(label, backend, case, status, run_id,
                                            reason=reason or problem, errors=errors, env=env)
             continue
-        if group and sum(p.nbytes for _, p in group.values()) + prepared.nbytes > \
-                ROUND_ROBIN_BYTES:
+        held = sum(ready.nbytes for _, ready in group.values())
+        if group and held + prepared.nbytes > ROUND_ROBIN_BYTES:
             records.update(_time_group(backend, group, anchor, options, run_id, label, env))
             group = {}
         group[case.id] = (case, prepared)
@@ -347,7 +347,7 @@ def _time_group(backend, group: dict, anchor, options: PerfOptions, run_id: str,
             min_samples=options.min_samples, seed=options.seed)
     except Exception:  # one case broke the round: time each alone, so its record says which
         cases = [case for case, _ in group.values()]
-        group.clear()
+        group.clear()  # frees the group's buffers before each case is prepared again
         return {case.id: run_perf_case(backend, case, options, run_id, label=label, env=env)
                 for case in cases}
     return {name: _timed_record(backend, case, prepared, samples[name], options, run_id,
