@@ -24,8 +24,6 @@ _ARGUMENT_CHECK = ("a data-dependent argument check: the tables feed valid indic
                    "tests/backends/test_cpu_kernels.py feeds invalid ones")
 #: (file, source line that starts the branch) -> why no table takes both ways
 EXCLUDED = {
-    ("kernels.py", "if xf.strides[-1] != 4:"):
-        "defensive: the runner hands every backend contiguous inputs",
     ("kernels.py", "if len(q_pos) == 0:"): "defensive: attend never gets an empty block",
     ("kernels.py", "if rows != slice(None):"):
         "defensive: attend narrows PagedRows' heads only as [:, lo:hi] (test_cpu_kernels.py "
