@@ -24,15 +24,22 @@ def _rope_outputs(dtype, mode):
     return out
 
 
-def _attention_outputs(dtype, n_q, window=0, softcap=0.0):
+def _attention_outputs(dtype, n_q, window=0, softcap=0.0, numba_loop=None, max_bias=0.0,
+                       extras=False):
+    """numba_loop: True / False forces the numba loop / the BLAS path (None: the size rule)."""
     rng = np.random.default_rng(9)
     q = rng.uniform(-1, 1, (n_q, 8, 32)).astype(dtype)
     k = rng.uniform(-1, 1, (70, 2, 32)).astype(dtype)
     v = rng.uniform(-1, 1, (70, 2, 16)).astype(dtype)
+    mask = rng.uniform(-1, 1, (n_q, 70)).astype(dtype) if extras else None
+    sinks = rng.uniform(-1, 1, 8).astype(np.float32) if extras else None
     out = np.full((n_q, 8, 16), np.nan, dtype)
     lse = np.full((n_q, 8), np.nan, np.float32)
-    p = AttnParams(scale=0.2, causal=True, window=window, softcap=softcap)
-    kernels.attention(q, k, v, out, p, lse=lse)
+    p = AttnParams(scale=0.2, causal=True, window=window, softcap=softcap, max_bias=max_bias)
+    with pytest.MonkeyPatch.context() as patch:
+        if numba_loop is not None:
+            patch.setattr(kernels, "ATTN_JIT_MAX_WORK", 1 << 62 if numba_loop else -1)
+        kernels.attention(q, k, v, out, p, mask=mask, sinks=sinks, lse=lse)
     return out, lse
 
 
@@ -55,6 +62,9 @@ CALLS = {
     "rope f16 normal": lambda: _rope_outputs(np.float16, "normal"),
     "attn f32 prefill": lambda: _attention_outputs(np.float32, 40, window=9, softcap=5.0),
     "attn f16 decode": lambda: _attention_outputs(np.float16, 1),
+    "attn f32 prefill, numba loop": lambda: _attention_outputs(np.float32, 40, window=9,
+                                                               softcap=5.0, numba_loop=True),
+    "attn f16 decode, BLAS": lambda: _attention_outputs(np.float16, 1, numba_loop=False),
     "rows and kv_rotate": _row_outputs,
 }
 
@@ -98,3 +108,30 @@ def test_f16_to_f32_keeps_every_nan_payload_as_numpy_does():
     halves = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
     assert np.array_equal(jit.f16_to_f32(halves).view(np.uint32),
                           halves.astype(np.float32).view(np.uint32))
+
+
+def test_attention_size_rule_takes_both_paths(monkeypatch):
+    """The default sizes above sit on both sides of ATTN_JIT_MAX_WORK (else the agreement
+    test below would compare one path with itself)."""
+    calls = []
+    monkeypatch.setattr(kernels, "_attend_jit", lambda *a: calls.append("numba"))
+    monkeypatch.setattr(kernels, "attend_heads", lambda *a: calls.append("blas") or (0, 0))
+    _attention_outputs(np.float16, 1)
+    _attention_outputs(np.float32, 40)
+    assert calls == ["numba", "blas"]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("n_q, window, softcap, max_bias, extras",
+                         [(1, 0, 0.0, 0.0, False), (40, 9, 5.0, 0.0, False),
+                          (33, 0, 0.0, 8.0, True)])
+def test_numba_attention_agrees_with_blas(dtype, n_q, window, softcap, max_bias, extras):
+    """Small calls take the numba loop, large ones BLAS: both within float32 rounding of each
+    other (the oracle judges each through the case tables)."""
+    options = dict(window=window, softcap=softcap, max_bias=max_bias, extras=extras)
+    jitted = _attention_outputs(dtype, n_q, numba_loop=True, **options)
+    blas = _attention_outputs(dtype, n_q, numba_loop=False, **options)
+    for a, b in zip(jitted, blas):
+        assert not np.isnan(a).any()
+        np.testing.assert_allclose(a.astype(np.float64), b.astype(np.float64),
+                                   rtol=2e-3 if dtype == np.float16 else 1e-5, atol=1e-5)

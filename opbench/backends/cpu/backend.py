@@ -123,13 +123,14 @@ class CpuBackend(NumpyModelOps, RuntimeBackend):
                           q_start=paged.q_start)
         device = self._same_device("attention", **arrays)
         a = {name: None if arr is None else plain(arr) for name, arr in arrays.items()}
+        use_jit = self.jit
         if paged is None:
             work = lambda: kernels.attention(  # noqa: E731
-                a["q"], a["k"], a["v"], a["out"], p, a["mask"], a["sinks"], a["lse"])
+                a["q"], a["k"], a["v"], a["out"], p, a["mask"], a["sinks"], a["lse"], use_jit)
         else:
             work = lambda: kernels.paged_attention(  # noqa: E731
                 a["q"], a["k"], a["v"], a["out"], p, a["block_table"], a["seq_lens"],
-                a["q_start"], a["sinks"], a["lse"])
+                a["q_start"], a["sinks"], a["lse"], use_jit)
         self._submit(device, stream, work)
 
     def kv_rotate(self, key_cache, block_indices, deltas, lut, layout: str, stream=None) -> None:

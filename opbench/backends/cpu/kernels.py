@@ -23,6 +23,11 @@ ATTN_TILE = 256  # keys per online-softmax tile: scores stay in L2 for typical h
 #: do not depend on it: each head is computed alone either way)
 ATTN_SPLIT_MIN_WORK = 1 << 22
 ATTN_Q_BLOCK = 128  # causal/window: queries per block, so each block skips its hidden tiles
+#: query-key multiply-adds (n_q x heads x head_dim x n_kv) up to which attention runs the numba
+#: online-softmax loop: it has no per-tile NumPy calls to pay for, so it wins on small calls
+#: (scenario attention: a few heads, tens of queries and keys); BLAS wins on large ones
+ATTN_JIT_MAX_WORK = 1 << 18
+ATTN_JIT_Q_BLOCK = 16  # numba loop: queries per unit of work (a unit's rows share a K/V tile)
 
 
 JIT_CONVERT_ELEMS = 4096  # from this size on f16 <-> f32 conversions use the numba loops
@@ -158,22 +163,32 @@ def alibi_slopes(n_heads: int, max_bias: float) -> np.ndarray:
     return np.where(h < n_log2, m0 ** (h + 1), m1 ** (2 * (h - n_log2) + 1)).astype(F32)
 
 
-def attention(q, k, v, out, p: AttnParams, mask=None, sinks=None, lse=None) -> None:
+def attention(q, k, v, out, p: AttnParams, mask=None, sinks=None, lse=None,
+              use_jit: bool = True) -> None:
     n_q, n_kv = q.shape[0], k.shape[0]
-    o, l_se = attend_heads(q, k, v, p, np.arange(n_kv - n_q, n_kv), mask, sinks)
+    q_pos = np.arange(n_kv - n_q, n_kv)
+    if _small_for_jit(use_jit, q, n_kv, k, v):  # one block of n_kv keys: table [0]
+        _attend_jit(q, k[None], v[None], np.zeros(1, np.int64), q_pos, n_kv, p,
+                    (mask, sinks), out, lse)
+        return
+    o, l_se = attend_heads(q, k, v, p, q_pos, mask, sinks)
     out[...] = o
     if lse is not None:
         lse[...] = l_se
 
 
 def paged_attention(q, k_cache, v_cache, out, p: AttnParams, block_table, seq_lens, q_start,
-                    sinks=None, lse=None) -> None:
+                    sinks=None, lse=None, use_jit: bool = True) -> None:
     _check_paged_tables(q.shape[0], k_cache.shape, block_table, seq_lens, q_start)
     block_size = k_cache.shape[1]
     for s in range(len(seq_lens)):
         rows = slice(int(q_start[s]), int(q_start[s + 1]))
         n_q, n_kv = rows.stop - rows.start, int(seq_lens[s])
         if n_q == 0:
+            continue
+        if _small_for_jit(use_jit, q[rows], n_kv, k_cache, v_cache):  # blocks read in place
+            _attend_jit(q[rows], k_cache, v_cache, block_table[s], np.arange(n_kv - n_q, n_kv),
+                        n_kv, p, (None, sinks), out[rows], None if lse is None else lse[rows])
             continue
         blocks = block_table[s, : -(-n_kv // block_size)]
         # key tiles read straight from the cache (a prefill's query blocks each convert the
@@ -183,6 +198,35 @@ def paged_attention(q, k_cache, v_cache, out, p: AttnParams, block_table, seq_le
         out[rows] = o
         if lse is not None:
             lse[rows] = l_se
+
+
+def _small_for_jit(use_jit: bool, q, n_kv: int, k, v) -> bool:
+    """The numba loop for calls of at most ATTN_JIT_MAX_WORK multiply-adds, BLAS above."""
+    return (use_jit and q.size * n_kv <= ATTN_JIT_MAX_WORK and jit.handles(k, v))
+
+
+def _attend_jit(q, k_cache, v_cache, table, q_pos, n_kv, p: AttnParams, optional, out, lse):
+    """The numba kernel over caches [blocks, block_size, Hkv, D]; float32 results, then the
+    one rounding to out's dtype."""
+    mask, sinks = optional
+    n_q, n_heads = q.shape[:2]
+    hi = np.minimum(n_kv, q_pos + 1) if p.causal else np.full(n_q, n_kv)
+    lo = np.maximum(0, q_pos - p.window + 1) if p.window > 0 else np.zeros(n_q, np.int64)
+    key_range = (lo.astype(np.int64), np.maximum(lo, hi).astype(np.int64))
+    scal = (F32(p.scale), F32(p.softcap), F32(1.0 / p.softcap if p.softcap > 0 else 0.0),
+            bool(p.causal), int(p.window))
+    empty = np.empty(0, F32)
+    extras = (np.ascontiguousarray(as_f32(mask)) if mask is not None else np.empty((0, 0), F32),
+              alibi_slopes(n_heads, p.max_bias) if p.max_bias > 0.0 else empty,
+              np.ascontiguousarray(as_f32(sinks)).reshape(-1) if sinks is not None else empty)
+    out32 = out if out.dtype == F32 and out.flags.c_contiguous else np.empty(out.shape, F32)
+    lse32 = np.empty((n_q, n_heads), F32)
+    jit.attend(np.ascontiguousarray(as_f32(q)), k_cache, v_cache, table, q_pos, key_range,
+               scal, extras, out32, lse32, ATTN_JIT_Q_BLOCK)
+    if out32 is not out:
+        store(out, out32)
+    if lse is not None:
+        lse[...] = lse32
 
 
 def attend_heads(q, k, v, p: AttnParams, q_pos, mask, sinks):

@@ -1,7 +1,7 @@
 """The cpu backend's numba kernels.  Imported only by ``jit._compile`` (it imports numba).
 
 ``jit`` hands each kernel one part of its outermost independent axis (a slice of tokens,
-rows or blocks), so ``parallel.run_split`` can spread one
+rows or blocks; ``attend`` takes a range of units), so ``parallel.run_split`` can spread one
 call over the cores; each output element is computed by one part with the same operations in
 the same order, whatever the split.  (Loops run over ``range(len)``, not ``range(lo, hi)``:
 numba cannot prove ``lo`` non-negative, and the index checks that follow stop LLVM from
@@ -14,6 +14,8 @@ the NumPy kernels (in kernels.py), which the precision rule judges.
 
 from __future__ import annotations
 
+import math
+
 import numba
 import numpy as np
 from llvmlite import ir
@@ -21,6 +23,7 @@ from numba import types
 from numba.extending import intrinsic, overload
 
 F32 = np.float32
+KEY_TILE = 32  # keys per online-softmax step: the converted K tile [Dk, 32] stays in L1
 
 
 # -- float16 <-> float32, on bit patterns ------------------------------------------------------
@@ -196,3 +199,137 @@ def kv_rotate(cache, blocks, deltas, lut, interleaved):
                     s = lut[row, half + i]
                     cache[block, t, h, ia] = from_f32(a * c - b * s, cache)
                     cache[block, t, h, ia + other] = from_f32(b * c + a * s, cache)
+
+
+# -- ATTN --------------------------------------------------------------------------------------
+@numba.njit(nogil=True, cache=True)
+def attend(q, k, v, table, q_pos, key_lo, key_hi, scal, mask, slopes, sinks, out, lse,
+           q_block, lo, hi):
+    """Online-softmax attention of one sequence, one unit per (kv head, block of q_block queries).
+
+    q float32 [n_q, H, Dk]; k, v caches [num_blocks, block_size, Hkv, D] (float32 or float16
+    bits), key j in block table[j // block_size]; key_lo/key_hi [n_q]: the visible key range
+    of each query; scal = (scale, softcap, 1/softcap, causal, window); mask [n_q, n_kv],
+    ALiBi slopes [H] and sinks [H] float32, each empty when absent (one compiled kernel, no
+    None types); out float32 [n_q, H, Dv], lse float32 [n_q, H].  Units lo..hi of
+    n_kv_heads * ceil(n_q / q_block)."""
+    n_q, n_heads, dk = q.shape
+    n_kv_heads, dv = k.shape[2], v.shape[3]
+    group = n_heads // n_kv_heads
+    n_blocks = -(-n_q // q_block)
+    kt = np.empty((dk, KEY_TILE), F32)
+    vt = np.empty((KEY_TILE, dv), F32)
+    s = np.empty((q_block * group, KEY_TILE), F32)
+    m = np.empty(q_block * group, F32)
+    l_sum = np.empty(q_block * group, F32)
+    acc = np.empty((q_block * group, dv), F32)
+    for unit in range(lo, hi):
+        kvh, q0 = unit // n_blocks, (unit % n_blocks) * q_block
+        nq = min(q_block, n_q - q0)
+        _init_rows(m, l_sum, acc, sinks, kvh * group, group, nq)
+        first, last = key_lo[q0:q0 + nq].min(), key_hi[q0:q0 + nq].max()
+        for start in range(first, last, KEY_TILE):
+            n = min(KEY_TILE, last - start)
+            _load_keys(k, table, kvh, start, n, kt)
+            _tile_scores(q, kt, q_pos, kvh * group, group, q0, nq, start, n, scal, mask,
+                         slopes, s)
+            _softmax_step(s, m, l_sum, acc, group * nq, n)
+            _load_values(v, table, kvh, start, n, vt)
+            _accumulate(s, vt, acc, group * nq, n)
+        _finish_rows(m, l_sum, acc, out, lse, kvh * group, group, q0, nq)
+
+
+@numba.njit(inline="always")
+def _init_rows(m, l_sum, acc, sinks, h0, group, nq):
+    # a sink is one extra logit with no value: m = sink, l = 1 counts it once
+    for r in range(group * nq):
+        if sinks.size == 0:
+            m[r], l_sum[r] = -np.inf, 0.0
+        else:
+            m[r], l_sum[r] = sinks[h0 + r // nq], 1.0
+        acc[r, :] = 0.0
+
+
+@numba.njit(inline="always")
+def _load_keys(k, table, kvh, start, n, kt):
+    block_size = k.shape[1]
+    for j in range(n):
+        key = start + j
+        block, slot = table[key // block_size], key % block_size
+        for d in range(k.shape[3]):
+            kt[d, j] = to_f32(k[block, slot, kvh, d])
+
+
+@numba.njit(inline="always")
+def _load_values(v, table, kvh, start, n, vt):
+    block_size = v.shape[1]
+    for j in range(n):
+        key = start + j
+        block, slot = table[key // block_size], key % block_size
+        for d in range(v.shape[3]):
+            vt[j, d] = to_f32(v[block, slot, kvh, d])
+
+
+@numba.njit(inline="always")
+def _tile_scores(q, kt, q_pos, h0, group, q0, nq, start, n, scal, mask, slopes, s):
+    """s[r, j] = masked, scaled, softcapped q.k; rows r = (head in group, query)."""
+    scale, softcap, inv_softcap, causal, window = scal
+    for r in range(group * nq):
+        h, i = h0 + r // nq, q0 + r % nq
+        s[r, :n] = 0.0
+        for d in range(kt.shape[0]):  # keys innermost: a vector loop without reassociation
+            qd = q[i, h, d]
+            for j in range(n):
+                s[r, j] += qd * kt[d, j]
+        for j in range(n):
+            x = s[r, j] * scale
+            if softcap > 0.0:
+                x = np.float32(math.tanh(x * inv_softcap)) * softcap
+            rel = start + j - q_pos[i]
+            if (causal and rel > 0) or (window > 0 and -rel >= window):
+                x = -np.inf
+            elif mask.size:
+                x += mask[i, start + j]
+            if slopes.size:
+                x += slopes[h] * np.float32(rel)
+            s[r, j] = x
+
+
+@numba.njit(inline="always")
+def _softmax_step(s, m, l_sum, acc, rows, n):
+    """Scores -> probabilities against the running max; rescale what was accumulated."""
+    for r in range(rows):
+        m_new = m[r]
+        for j in range(n):
+            m_new = max(m_new, s[r, j])
+        m_safe = np.float32(0.0) if m_new == -np.inf else m_new  # all hidden: exp(-inf) = 0
+        alpha = np.float32(math.exp(m[r] - m_safe))
+        total = np.float32(0.0)
+        for j in range(n):
+            p = np.float32(math.exp(s[r, j] - m_safe))
+            s[r, j] = p
+            total += p
+        l_sum[r] = l_sum[r] * alpha + total
+        for d in range(acc.shape[1]):
+            acc[r, d] *= alpha
+        m[r] = m_new
+
+
+@numba.njit(inline="always")
+def _accumulate(s, vt, acc, rows, n):
+    for r in range(rows):
+        for j in range(n):
+            p = s[r, j]
+            for d in range(vt.shape[1]):
+                acc[r, d] += p * vt[j, d]
+
+
+@numba.njit(inline="always")
+def _finish_rows(m, l_sum, acc, out, lse, h0, group, q0, nq):
+    for r in range(group * nq):
+        h, i = h0 + r // nq, q0 + r % nq
+        seen = l_sum[r] > 0
+        denominator = l_sum[r] if seen else np.float32(1.0)
+        for d in range(acc.shape[1]):
+            out[i, h, d] = acc[r, d] / denominator
+        lse[i, h] = m[r] + np.float32(math.log(denominator)) if seen else -np.inf
