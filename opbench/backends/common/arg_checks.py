@@ -23,13 +23,29 @@ def need(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
+#: dtype -> its name: NumPy computes ``dtype.name`` in Python (several microseconds), and the
+#: checks ask for it several times per op
+_NAMES: dict[Any, str] = {}
+
+
 def dtype_of(arr: Any) -> str | None:
     """NumPy name of ``arr``'s dtype ("bfloat16" included), None when it has none."""
     dtype = getattr(arr, "dtype", None)
+    if dtype is None:
+        return None
     try:
-        return None if dtype is None else np.dtype(dtype).name
+        return _NAMES[dtype]
+    except (KeyError, TypeError):  # TypeError: an unhashable dtype-like
+        pass
+    try:
+        name = np.dtype(dtype).name
     except TypeError:
-        return str(dtype)
+        name = str(dtype)
+    try:
+        _NAMES[dtype] = name
+    except TypeError:
+        pass
+    return name
 
 
 def _dtype_text(arr: Any) -> str:
@@ -43,13 +59,15 @@ class ArgChecks:
         self.index_dtypes = index_dtypes
 
     # -- single arrays --------------------------------------------------------------------------
+    # (the messages are built only on failure: formatting them costs more than the checks)
     @staticmethod
     def float_(name: str, arr: Any) -> None:
-        need(dtype_of(arr) in FLOAT_NAMES,
-             f"{name} dtype {_dtype_text(arr)} must be f32, f16 or bf16")
+        if dtype_of(arr) not in FLOAT_NAMES:
+            raise ValueError(f"{name} dtype {_dtype_text(arr)} must be f32, f16 or bf16")
 
     def index(self, name: str, arr: Any, shape: tuple | None = None) -> None:
-        need(dtype_of(arr) in self.index_dtypes, f"{name} dtype {_dtype_text(arr)} must be int32")
+        if dtype_of(arr) not in self.index_dtypes:
+            raise ValueError(f"{name} dtype {_dtype_text(arr)} must be int32")
         if shape is not None:
             need(tuple(arr.shape) == shape, f"{name} shape {tuple(arr.shape)} must be {shape}")
 

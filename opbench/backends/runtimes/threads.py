@@ -376,6 +376,9 @@ class ThreadRuntime(Runtime):
         return self._devices[int(index)]
 
     def owner(self, name: str, arr: Any) -> Device:
+        device = self._own_device(arr)
+        if device is not None:
+            return device
         device = getattr(arr, "device", None)
         if not isinstance(arr, DeviceArray) or device not in self._devices:
             raise TypeError(
@@ -383,6 +386,27 @@ class ThreadRuntime(Runtime):
                 f"{type(arr).__name__}"
             )
         return device
+
+    def _own_device(self, arr: Any) -> Device | None:
+        """The device of one of this runtime's arrays, by identity (cheap: every op asks for
+        each of its arrays); None for anything else, which ``owner`` then looks at in full."""
+        device = getattr(arr, "_owner", None) if isinstance(arr, DeviceArray) else None
+        devices = self._devices
+        if device is not None and device.index < len(devices) and devices[device.index] is device:
+            return device
+        return None
+
+    def same_device(self, op: str, **arrays: Any) -> Device | None:
+        first = None
+        for arr in arrays.values():
+            if arr is None:
+                continue
+            device = self._own_device(arr)
+            if device is None or (first is not None and device is not first):
+                # not plainly one device: the general check names the culprit
+                return super().same_device(op, **arrays)
+            first = device
+        return first
 
     def to_device(self, host: np.ndarray, device: Any = None) -> DeviceArray:
         if isinstance(host, DeviceArray):  # another device's array: wait for its queued work
@@ -455,7 +479,7 @@ class ThreadRuntime(Runtime):
 
     def submit(self, device: Device, stream: Stream | None, work) -> None:
         target = self.stream(device) if stream is None else self.own_stream(stream)
-        if target.device != device:
+        if target.device is not device and target.device != device:
             raise DeviceMismatchError(
                 f"stream of {target.device} cannot run an op on arrays of {device}"
             )
