@@ -102,17 +102,13 @@ def kv_rotate(cache, blocks, deltas, lut, interleaved: bool) -> None:
 
 # -- ATTN --------------------------------------------------------------------------------------
 def attend(q, k, v, table, q_pos, key_range, scal, extras, out, lse, q_block: int) -> None:
-    """See ``numba_kernels.attend``; units are (kv head, query block) pairs, split over the
-    cores when the call is large enough."""
-    n_kv_heads = k.shape[2]
-    units = n_kv_heads * -(-len(q) // q_block)
+    """See ``numba_kernels.attend``: every (kv head, query block) unit, on this thread (the
+    kernels module sends it small calls only, where waking another thread costs more than
+    the split saves)."""
+    units = k.shape[2] * -(-len(q) // q_block)
     mask, slopes, sinks = extras
-    work = q.size * max(1, int(key_range[1].max() - key_range[0].min()))
-    args = (q, bits(k), bits(v), table, q_pos, key_range[0], key_range[1], scal, mask, slopes,
-            sinks, out, lse, q_block)
-    kernel = _load().attend
-    parallel.run_split(lambda lo, hi: kernel(*args, lo, hi), units,
-                       min_per_part=max(1, PARALLEL_ELEMENTS * units // max(1, work)))
+    _load().attend(q, bits(k), bits(v), table, q_pos, key_range[0], key_range[1], scal, mask,
+                   slopes, sinks, out, lse, q_block, 0, units)
 
 
 # -- loading -------------------------------------------------------------------------------------
