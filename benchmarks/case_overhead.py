@@ -19,6 +19,7 @@ import time
 import numpy as np
 
 from opbench.harness import runner
+from opbench.harness.records import new_run_id
 from opbench.harness.registry import open_backend
 
 OPS = ("ROPE", "ATTN", "KV_ROTATE", "SET_ROWS", "GET_ROWS", "CPY")
@@ -58,11 +59,14 @@ class OpClock:
         return wrapper
 
 
+RUN_ID = new_run_id()  # one per run, as the CLI's workers pass it (not one per case)
+
+
 def run_timed(backend, clock: OpClock, case, fast: bool) -> tuple[float, float]:
     backend.runtime.INLINE_FAST_PATH = fast
     backend.synchronize()  # applies the switch (the stream is drained)
     clock.seconds, start = 0.0, time.perf_counter()
-    runner.run_case(backend, case)
+    runner.run_case(backend, case, run_id=RUN_ID)
     return time.perf_counter() - start, clock.seconds
 
 
@@ -75,7 +79,7 @@ def main(argv=None) -> int:
     cases = small_cases(args.per_op, args.max_elements)
     backend = open_backend("cpu")
     for case in cases:  # warm-up: numba loads its kernels, caches fill
-        runner.run_case(backend, case)
+        runner.run_case(backend, case, run_id=RUN_ID)
     clock = OpClock(backend)
     order = np.random.default_rng(1)
     totals = {False: np.zeros((args.rounds, 2)), True: np.zeros((args.rounds, 2))}
