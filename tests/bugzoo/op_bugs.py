@@ -20,9 +20,14 @@ _original = {name: getattr(kernels, name) for name in (
 
 
 class PatchedKernels(CpuBackend):
-    """Runs its queued work with some of the cpu kernels' helpers replaced."""
+    """Runs its queued work with some of the cpu kernels' helpers replaced, with jit off: the
+    patches replace NumPy helpers, which the numba loops (small attention calls) bypass."""
 
     patches: dict = {}
+
+    def __init__(self, **options) -> None:
+        options.setdefault("jit", False)
+        super().__init__(**options)
 
     def _submit(self, device, stream, work):
         patches = self.patches
@@ -314,7 +319,7 @@ class RopeNegativePositionsClamped(CpuBackend):
 
 
 def _rows_searched_from_the_left(q, k_cache, v_cache, out, p, block_table, seq_lens, q_start,
-                                 sinks=None, lse=None):
+                                 sinks=None, lse=None, use_jit=True):
     """Each query row's sequence found as the q_start entry equal to the row, else the one
     before it (a left search): right while q_start rises strictly, but a sequence without
     queries repeats its entry and takes the first row of the sequence after it."""
@@ -324,7 +329,7 @@ def _rows_searched_from_the_left(q, k_cache, v_cache, out, p, block_table, seq_l
     seq_of_row = np.where(hit, left, left - 1)
     rebuilt = np.searchsorted(seq_of_row, np.arange(len(seq_lens) + 1), side="left")
     _original["paged_attention"](q, k_cache, v_cache, out, p, block_table, seq_lens,
-                                 rebuilt.astype(q_start.dtype), sinks, lse)
+                                 rebuilt.astype(q_start.dtype), sinks, lse, use_jit)
 
 
 class PagedRowsToWrongSequence(PatchedKernels):
@@ -332,7 +337,7 @@ class PagedRowsToWrongSequence(PatchedKernels):
 
 
 def _empty_slots_compacted(q, k_cache, v_cache, out, p, block_table, seq_lens, q_start,
-                           sinks=None, lse=None):
+                           sinks=None, lse=None, use_jit=True):
     """Empty slots (seq_len 0) dropped from the batch before the launch, but the block table
     left as it was: every sequence after an empty slot reads the block-table row before its
     own, whose unused entries (-1) index from the end of the cache as a negative offset does."""
@@ -341,7 +346,7 @@ def _empty_slots_compacted(q, k_cache, v_cache, out, p, block_table, seq_lens, q
     table = np.array(block_table[:int(keep.sum())])
     table[table < 0] += k_cache.shape[0]
     _original["paged_attention"](q, k_cache, v_cache, out, p, table.astype(block_table.dtype),
-                                 seq_lens[keep], starts, sinks, lse)
+                                 seq_lens[keep], starts, sinks, lse, use_jit)
 
 
 class PagedEmptySlotsCompacted(PatchedKernels):
