@@ -182,6 +182,35 @@ def test_rope_cache_grows_on_demand(backend):
         assert_close(run_rope(backend, x, pos, p), oracle_rope(x, pos, p), "f32")
 
 
+@pytest.mark.parametrize("mode", ["normal", "neox", "mrope"])
+def test_rope_cache_consecutive_positions_equal_cache_off(mode):
+    """Positions p..p+n-1 (prefill, decode) take the table's rows as a slice, growing it on
+    the way; the bits must be those of the cache-off path, run after run."""
+    rng = np.random.default_rng(29)
+    extra = {"sections": (2, 3, 3, 0)} if mode == "mrope" else {}
+    p = RopeParams(n_dims=16, mode=mode, freq_base=4321.0, **extra)
+    with CpuBackend(rope_cache=True) as on, CpuBackend(rope_cache=False) as off:
+        for first, n in ((0, 40), (30, 270), (299, 1), (5000, 7)):  # the last two grow it
+            x = stored(rng, (n, 2, 16), "f32")
+            pos = np.arange(first, first + n, dtype=np.int32)
+            pos = np.stack([pos, pos + 1, pos + 2, pos]) if mode == "mrope" else pos
+            a, b = run_rope(on, x, pos, p), run_rope(off, x, pos, p)
+            assert np.array_equal(bits(a), bits(b)), f"positions {first}..{first + n - 1}"
+
+
+def test_rope_cache_hands_out_consecutive_rows_without_a_gather():
+    p = RopeParams(n_dims=16, mode="neox", freq_base=321.0)
+    cache = RopeCache()
+    table = cache.table(p, None)
+    for first, n in ((0, 40), (37, 9), (300, 1)):
+        cos, sin = cache.lookup(table, np.arange(first, first + n))
+        assert np.shares_memory(cos, table.cos) and np.shares_memory(sin, table.sin)
+        assert np.array_equal(cos, table.cos[first:first + n])
+    cos, _ = cache.lookup(table, np.array([3, 4, 6]))  # not consecutive: gathered
+    assert not np.shares_memory(cos, table.cos)
+    assert np.array_equal(cos, table.cos[[3, 4, 6]])
+
+
 def test_rope_cache_computes_few_far_positions_directly():
     """A few tokens far out must not fill the table up to there; the rows computed directly
     are bit-identical to the cache-off path."""
