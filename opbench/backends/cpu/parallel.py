@@ -48,7 +48,9 @@ def split(n: int, parts: int) -> list[tuple[int, int]]:
 def run_split(kernel: Callable[[int, int], None], n: int, *, min_per_part: int = 1) -> None:
     """kernel(lo, hi) over range(n) in parts of at least ``min_per_part`` (small calls stay on
     one thread: waking another costs tens of microseconds)."""
-    parts = split(n, min(thread_count(), max(1, n // max(1, min_per_part))))
+    min_per_part = max(1, min_per_part)
+    # fewer than two parts' worth: no split to compute (small calls are the common case)
+    parts = [] if n < 2 * min_per_part else split(n, min(thread_count(), n // min_per_part))
     if len(parts) <= 1 or getattr(_state, "inside", False):
         # one part, or called from inside a part (a pool thread waiting for the pool could
         # wait forever): run here
