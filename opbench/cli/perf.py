@@ -66,8 +66,8 @@ def register(subparsers, common) -> None:
     p.add_argument("--repeat", type=int, default=1, metavar="R",
                    help="R independent runs, each in a fresh process, one record per case "
                    "with each run's samples kept apart: what `opbench gate` needs to compare "
-                   "two separate invocations (default: %(default)s; on a 2-core machine with a busy "
-                   "neighbour 25 runs a side resolved a 15%% change)")
+                   "two separate invocations (default: %(default)s; on a 2-core machine with "
+                   "a busy neighbour 25 runs a side resolved a 15%% change)")
     p.add_argument("-q", "--quiet", action="store_true",
                    help="print only problems (cases that did not time OK) and the A/B table")
     p.add_argument("--no-calibrate", action="store_true",
