@@ -101,14 +101,27 @@ def kv_rotate(cache, blocks, deltas, lut, interleaved: bool) -> None:
 
 
 # -- ATTN --------------------------------------------------------------------------------------
-def attend(q, k, v, table, q_pos, key_range, scal, extras, out, lse, q_block: int) -> None:
-    """See ``numba_kernels.attend``: every (kv head, query block) unit, on this thread (the
-    kernels module sends it small calls only, where waking another thread costs more than
-    the split saves)."""
-    units = k.shape[2] * -(-len(q) // q_block)
-    mask, slopes, sinks = extras
-    _load().attend(q, bits(k), bits(v), table, q_pos, key_range[0], key_range[1], scal, mask,
-                   slopes, sinks, out, lse, q_block, 0, units)
+def attend(q, k, v, table, q_pos, key_range, scal, extras, out, lse, q_block: int,
+           key_chunk: int) -> None:
+    """See ``numba_kernels.attend``: its (query block, key chunk) units split over the cores
+    once a unit's multiply-adds outweigh a thread's wake-up, then ``combine`` merges each
+    block's chunks (the bits depend on neither the split nor the thread count)."""
+    n_blocks = -(-len(q) // q_block)
+    n_chunks = max(1, -(-int(np.max(key_range[1], initial=0)) // key_chunk))
+    units, rows = n_blocks * n_chunks, q.shape[1] * q_block
+    parts = (np.empty((units, rows), F32), np.empty((units, rows), F32),
+             np.empty((units, rows, out.shape[2]), F32))
+    work_per_unit = q.size * min(key_chunk, int(np.max(key_range[1] - key_range[0], initial=0)))
+    work_per_unit //= n_blocks
+    kernels = _load()
+
+    def part(lo: int, hi: int) -> None:
+        kernels.attend(q, bits(k), bits(v), table, q_pos, key_range, scal, extras, parts,
+                       q_block, key_chunk, lo, hi)
+
+    min_work = 16 * PARALLEL_ELEMENTS  # multiply-adds: about the time of that many copies
+    parallel.run_split(part, units, min_per_part=-(-min_work // max(1, work_per_unit)))
+    kernels.combine(parts, q_block, out, lse, 0, n_blocks)
 
 
 # -- loading -------------------------------------------------------------------------------------

@@ -27,7 +27,15 @@ ATTN_Q_BLOCK = 128  # causal/window: queries per block, so each block skips its 
 #: online-softmax loop: it has no per-tile NumPy calls to pay for, so it wins on small calls
 #: (scenario attention: a few heads, tens of queries and keys); BLAS wins on large ones
 ATTN_JIT_MAX_WORK = 1 << 18
+#: ... and, whatever the keys, up to this many query rows per kv head (n_q x heads per kv head):
+#: a decode's few rows make BLAS's GEMMs matrix-vector products, and the numba loop reads
+#: float16 keys without first converting a tile (a 4k-key f16 decode: 6.4 ms against 12.5;
+#: at 16 rows BLAS is ahead again, 2x on f32)
+ATTN_JIT_MAX_ROWS = 8
 ATTN_JIT_Q_BLOCK = 16  # numba loop: queries per unit of work (a unit's rows share a K/V tile)
+#: numba loop: keys per unit of work, so a decode splits over the cores (fixed: the bits depend
+#: on the chunks, never on the thread count)
+ATTN_JIT_KEY_CHUNK = 512
 
 
 JIT_CONVERT_ELEMS = 4096  # from this size on f16 <-> f32 conversions use the numba loops
@@ -201,8 +209,11 @@ def paged_attention(q, k_cache, v_cache, out, p: AttnParams, block_table, seq_le
 
 
 def _small_for_jit(use_jit: bool, q, n_kv: int, k, v) -> bool:
-    """The numba loop for calls of at most ATTN_JIT_MAX_WORK multiply-adds, BLAS above."""
-    return (use_jit and q.size * n_kv <= ATTN_JIT_MAX_WORK and jit.handles(k, v))
+    """The numba loop for calls of at most ATTN_JIT_MAX_WORK multiply-adds or at most
+    ATTN_JIT_MAX_ROWS query rows per kv head, BLAS otherwise."""
+    rows_per_kv_head = q.shape[0] * (q.shape[1] // k.shape[-2])
+    return (use_jit and (q.size * n_kv <= ATTN_JIT_MAX_WORK
+                         or rows_per_kv_head <= ATTN_JIT_MAX_ROWS) and jit.handles(k, v))
 
 
 def _attend_jit(q, k_cache, v_cache, table, q_pos, n_kv, p: AttnParams, optional, out, lse):
@@ -222,7 +233,7 @@ def _attend_jit(q, k_cache, v_cache, table, q_pos, n_kv, p: AttnParams, optional
     out32 = out if out.dtype == F32 and out.flags.c_contiguous else np.empty(out.shape, F32)
     lse32 = np.empty((n_q, n_heads), F32)
     jit.attend(np.ascontiguousarray(as_f32(q)), k_cache, v_cache, table, q_pos, key_range,
-               scal, extras, out32, lse32, ATTN_JIT_Q_BLOCK)
+               scal, extras, out32, lse32, ATTN_JIT_Q_BLOCK, ATTN_JIT_KEY_CHUNK)
     if out32 is not out:
         store(out, out32)
     if lse is not None:

@@ -8,8 +8,10 @@ numba cannot prove ``lo`` non-negative, and the index checks that follow stop LL
 vectorizing the loop, 10x slower on the conversions.)  float16 arrays
 arrive as their uint16 bit patterns (numba has no CPU float16 type); ``to_f32`` / ``from_f32``
 pick the conversion from the element type when the kernel is compiled, so one kernel body
-serves float32 and float16 storage.  No fastmath: the loops keep the float32 operations of
-the NumPy kernels (in kernels.py), which the precision rule judges.
+serves float32 and float16 storage.  No fastmath, but for attention's dot products: the loops
+keep the float32 operations of the NumPy kernels (in kernels.py), which the precision rule
+judges; attention's NumPy path sums its dot products in BLAS's order, so neither path has a
+summation order to keep.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from numba import types
 from numba.extending import intrinsic, overload
 
 F32 = np.float32
-KEY_TILE = 32  # keys per online-softmax step: the converted K tile [Dk, 32] stays in L1
+KEY_TILE = 32  # keys per online-softmax step: the scores [rows, 32] stay in L1
 
 
 # -- float16 <-> float32, on bit patterns ------------------------------------------------------
@@ -202,85 +204,146 @@ def kv_rotate(cache, blocks, deltas, lut, interleaved):
 
 
 # -- ATTN --------------------------------------------------------------------------------------
+def value(v):  # pragma: no cover - typed by the overload below
+    """An element of K or V as float32 for arithmetic (a NaN stays a NaN; its payload does not
+    matter once it enters a sum)."""
+
+
+@overload(value, inline="always")
+def _value(v):
+    if v == types.uint16:
+        return lambda v: _f32_from_bits(_fpext_half_bits(v))
+    if v == types.float32:
+        return lambda v: v
+    return None
+
+
+@numba.njit(nogil=True, fastmath={"reassoc", "contract"})
+def dot(q_row, k_row):
+    """q . k in float32.  Reassociated (the one fastmath loop): a serial chain of 128 adds
+    waits on each add's latency, the vector form is ~10x faster.  The order is fixed by the
+    compiled code, so the result does not depend on the thread count."""
+    total = np.float32(0.0)
+    for d in range(len(q_row)):
+        total += q_row[d] * value(k_row[d])
+    return total
+
+
+@numba.njit(nogil=True)
+def add_scaled(p, v_row, acc_row):
+    for d in range(len(acc_row)):
+        acc_row[d] += p * value(v_row[d])
+
+
 @numba.njit(nogil=True, cache=True)
-def attend(q, k, v, table, q_pos, key_lo, key_hi, scal, mask, slopes, sinks, out, lse,
-           q_block, lo, hi):
-    """Online-softmax attention of one sequence, one unit per (kv head, block of q_block queries).
+def attend(q, k, v, table, q_pos, key_range, scal, extras, parts, q_block, key_chunk, lo, hi):
+    """Online-softmax attention of one sequence over units (query block, key chunk).
 
     q float32 [n_q, H, Dk]; k, v caches [num_blocks, block_size, Hkv, D] (float32 or float16
-    bits), key j in block table[j // block_size]; key_lo/key_hi [n_q]: the visible key range
-    of each query; scal = (scale, softcap, 1/softcap, causal, window); mask [n_q, n_kv],
-    ALiBi slopes [H] and sinks [H] float32, each empty when absent (one compiled kernel, no
-    None types); out float32 [n_q, H, Dv], lse float32 [n_q, H].  Units lo..hi of
-    n_kv_heads * ceil(n_q / q_block)."""
-    n_q, n_heads, dk = q.shape
-    n_kv_heads, dv = k.shape[2], v.shape[3]
-    group = n_heads // n_kv_heads
-    n_blocks = -(-n_q // q_block)
-    kt = np.empty((dk, KEY_TILE), F32)
-    vt = np.empty((KEY_TILE, dv), F32)
-    s = np.empty((q_block * group, KEY_TILE), F32)
-    m = np.empty(q_block * group, F32)
-    l_sum = np.empty(q_block * group, F32)
-    acc = np.empty((q_block * group, dv), F32)
+    bits), key j in block table[j // block_size]; key_range = (lo, hi) [n_q] each: the visible
+    keys of each query; scal = (scale, softcap, 1/softcap, causal, window); extras = (mask
+    [n_q, n_kv], ALiBi slopes [H], sinks [H]) float32, each empty when absent (one compiled
+    kernel, no None types).  Units lo..hi of ceil(n_q / q_block) * n_chunks, numbered
+    block-major; each leaves its rows' running max, sum and unnormalized output in parts =
+    (m [units, H * q_block], l, acc [units, H * q_block, Dv]) for ``combine``.  A unit takes
+    every head, so each key's row of heads is read once, in memory order (a pass per kv head
+    reads rows a page apart: waiting on each page made a 4k-key decode 4x slower), and a
+    decode splits over its keys: threads splitting the heads read interleaved halves of each
+    row and went 1.1x faster than one, on key chunks 1.6x.  The chunks are fixed by the key
+    count, so the bits do not depend on the thread count."""
+    n_q = q.shape[0]
+    s = np.empty((parts[0].shape[1], KEY_TILE), F32)
+    n_chunks = parts[0].shape[0] // -(-n_q // q_block)
     for unit in range(lo, hi):
-        kvh, q0 = unit // n_blocks, (unit % n_blocks) * q_block
+        block, chunk = unit // n_chunks, unit % n_chunks
+        q0 = block * q_block
+        queries = (q0, min(q_block, n_q - q0))
+        first = max(key_range[0][q0:q0 + queries[1]].min(), chunk * key_chunk)
+        last = min(key_range[1][q0:q0 + queries[1]].max(), (chunk + 1) * key_chunk)
+        state = (s, parts[0][unit], parts[1][unit], parts[2][unit])
+        _attend_chunk(q, k, v, table, q_pos, scal, extras, queries, (first, last),
+                      chunk == 0, state)
+
+
+@numba.njit(nogil=True, cache=True)
+def combine(parts, q_block, out, lse, lo, hi):
+    """out [n_q, H, Dv] and lse [n_q, H] float32 of query blocks lo..hi from their chunks'
+    parts, merged in chunk order (one chunk: its rows as they are)."""
+    part_m, part_l, part_acc = parts
+    n_q, n_heads, dv = out.shape
+    n_chunks = part_m.shape[0] // -(-n_q // q_block)
+    for block in range(lo, hi):
+        q0 = block * q_block
         nq = min(q_block, n_q - q0)
-        _init_rows(m, l_sum, acc, sinks, kvh * group, group, nq)
-        first, last = key_lo[q0:q0 + nq].min(), key_hi[q0:q0 + nq].max()
-        for start in range(first, last, KEY_TILE):
-            n = min(KEY_TILE, last - start)
-            _load_keys(k, table, kvh, start, n, kt)
-            _tile_scores(q, kt, q_pos, kvh * group, group, q0, nq, start, n, scal, mask,
-                         slopes, s)
-            _softmax_step(s, m, l_sum, acc, group * nq, n)
-            _load_values(v, table, kvh, start, n, vt)
-            _accumulate(s, vt, acc, group * nq, n)
-        _finish_rows(m, l_sum, acc, out, lse, kvh * group, group, q0, nq)
+        units = range(block * n_chunks, (block + 1) * n_chunks)
+        for r in range(n_heads * nq):
+            h, i = r // nq, q0 + r % nq
+            m_all = -np.inf
+            for u in units:
+                m_all = max(m_all, part_m[u, r])
+            m_safe = np.float32(0.0) if m_all == -np.inf else m_all  # all hidden
+            total = np.float32(0.0)
+            out[i, h, :] = 0.0
+            for u in units:
+                weight = np.float32(math.exp(part_m[u, r] - m_safe))
+                total += part_l[u, r] * weight
+                for d in range(dv):
+                    out[i, h, d] += part_acc[u, r, d] * weight
+            seen = total > 0
+            denominator = total if seen else np.float32(1.0)
+            for d in range(dv):
+                out[i, h, d] /= denominator
+            lse[i, h] = m_all + np.float32(math.log(denominator)) if seen else -np.inf
 
 
 @numba.njit(inline="always")
-def _init_rows(m, l_sum, acc, sinks, h0, group, nq):
-    # a sink is one extra logit with no value: m = sink, l = 1 counts it once
-    for r in range(group * nq):
+def _attend_chunk(q, k, v, table, q_pos, scal, extras, queries, keys, first_chunk, state):
+    """One query block against keys [first, last): rows r = head * nq + query."""
+    mask, slopes, sinks = extras
+    s, m, l_sum, acc = state
+    nq = queries[1]
+    n_rows = q.shape[1] * nq
+    _init_rows(m, l_sum, acc, sinks if first_chunk else sinks[:0], nq, n_rows)
+    for start in range(keys[0], keys[1], KEY_TILE):
+        n = min(KEY_TILE, keys[1] - start)
+        _tile_dots(q, k, table, queries, start, n, s)
+        _finish_scores(q_pos, queries, start, n, scal, mask, slopes, s, n_rows)
+        _softmax_step(s, m, l_sum, acc, n_rows, n)
+        _accumulate(v, table, q.shape[1] // v.shape[2] * nq, start, n, s, acc, n_rows)
+
+
+@numba.njit(inline="always")
+def _init_rows(m, l_sum, acc, sinks, nq, n_rows):
+    # a sink is one extra logit with no value: m = sink, l = 1 counts it once (in one chunk)
+    for r in range(n_rows):
         if sinks.size == 0:
             m[r], l_sum[r] = -np.inf, 0.0
         else:
-            m[r], l_sum[r] = sinks[h0 + r // nq], 1.0
+            m[r], l_sum[r] = sinks[r // nq], 1.0
         acc[r, :] = 0.0
 
 
 @numba.njit(inline="always")
-def _load_keys(k, table, kvh, start, n, kt):
+def _tile_dots(q, k, table, queries, start, n, s):
+    """s[r, j] = q . k for the tile's keys, key by key."""
+    q0, nq = queries
+    group = q.shape[1] // k.shape[2]
     block_size = k.shape[1]
     for j in range(n):
         key = start + j
-        block, slot = table[key // block_size], key % block_size
-        for d in range(k.shape[3]):
-            kt[d, j] = to_f32(k[block, slot, kvh, d])
+        key_row = k[table[key // block_size], key % block_size]  # [Hkv, Dk]
+        for h in range(q.shape[1]):
+            for i in range(nq):
+                s[h * nq + i, j] = dot(q[q0 + i, h], key_row[h // group])
 
 
 @numba.njit(inline="always")
-def _load_values(v, table, kvh, start, n, vt):
-    block_size = v.shape[1]
-    for j in range(n):
-        key = start + j
-        block, slot = table[key // block_size], key % block_size
-        for d in range(v.shape[3]):
-            vt[j, d] = to_f32(v[block, slot, kvh, d])
-
-
-@numba.njit(inline="always")
-def _tile_scores(q, kt, q_pos, h0, group, q0, nq, start, n, scal, mask, slopes, s):
-    """s[r, j] = masked, scaled, softcapped q.k; rows r = (head in group, query)."""
+def _finish_scores(q_pos, queries, start, n, scal, mask, slopes, s, n_rows):
+    """Scaled, softcapped and masked scores."""
     scale, softcap, inv_softcap, causal, window = scal
-    for r in range(group * nq):
-        h, i = h0 + r // nq, q0 + r % nq
-        s[r, :n] = 0.0
-        for d in range(kt.shape[0]):  # keys innermost: a vector loop without reassociation
-            qd = q[i, h, d]
-            for j in range(n):
-                s[r, j] += qd * kt[d, j]
+    q0, nq = queries
+    for r in range(n_rows):
+        h, i = r // nq, q0 + r % nq
         for j in range(n):
             x = s[r, j] * scale
             if softcap > 0.0:
@@ -316,20 +379,11 @@ def _softmax_step(s, m, l_sum, acc, rows, n):
 
 
 @numba.njit(inline="always")
-def _accumulate(s, vt, acc, rows, n):
-    for r in range(rows):
-        for j in range(n):
-            p = s[r, j]
-            for d in range(vt.shape[1]):
-                acc[r, d] += p * vt[j, d]
-
-
-@numba.njit(inline="always")
-def _finish_rows(m, l_sum, acc, out, lse, h0, group, q0, nq):
-    for r in range(group * nq):
-        h, i = h0 + r // nq, q0 + r % nq
-        seen = l_sum[r] > 0
-        denominator = l_sum[r] if seen else np.float32(1.0)
-        for d in range(acc.shape[1]):
-            out[i, h, d] = acc[r, d] / denominator
-        lse[i, h] = m[r] + np.float32(math.log(denominator)) if seen else -np.inf
+def _accumulate(v, table, rows_per_kv_head, start, n, s, acc, n_rows):
+    """acc += p v over the tile's keys, key by key."""
+    block_size = v.shape[1]
+    for j in range(n):
+        key = start + j
+        value_row = v[table[key // block_size], key % block_size]  # [Hkv, Dv]
+        for r in range(n_rows):
+            add_scaled(s[r, j], value_row[r // rows_per_kv_head], acc[r])
