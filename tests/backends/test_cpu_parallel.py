@@ -147,3 +147,39 @@ def test_numba_attention_agrees_with_blas(dtype, n_q, window, softcap, max_bias,
         assert not np.isnan(a).any()
         np.testing.assert_allclose(a.astype(np.float64), b.astype(np.float64),
                                    rtol=2e-3 if dtype == np.float16 else 1e-5, atol=1e-5)
+
+
+def _blas_threads() -> list[int]:
+    from threadpoolctl import threadpool_info
+
+    return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+
+
+def test_split_parts_that_call_blas_run_it_on_one_thread(monkeypatch):
+    """Each part is a thread already: BLAS threads on top would oversubscribe the cores."""
+    from threadpoolctl import threadpool_limits
+
+    monkeypatch.setenv("NUMBA_NUM_THREADS", "2")
+    seen = []
+    with threadpool_limits(limits=3, user_api="blas"):
+        if not _blas_threads():
+            pytest.skip("NumPy's BLAS is not one threadpoolctl can see")
+        parallel.run_split(lambda lo, hi: seen.append(_blas_threads()), 2, calls_blas=True)
+        after = _blas_threads()
+        parallel.run_split(lambda lo, hi: seen.append(_blas_threads()), 2)
+    assert seen[:2] == [[1] * len(after)] * 2
+    assert after == [3] * len(after)  # restored when the parts are done
+    assert seen[2:] == [[3] * len(after)] * 2  # parts without BLAS leave it alone
+
+
+def test_one_blas_thread_holds_until_the_last_holder_leaves():
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=3, user_api="blas"):
+        if not _blas_threads():
+            pytest.skip("NumPy's BLAS is not one threadpoolctl can see")
+        with parallel.one_blas_thread():
+            with parallel.one_blas_thread():
+                assert set(_blas_threads()) == {1}
+            assert set(_blas_threads()) == {1}  # the outer holder still runs its parts
+        assert set(_blas_threads()) == {3}

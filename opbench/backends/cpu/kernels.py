@@ -257,7 +257,7 @@ def attend_heads(q, k, v, p: AttnParams, q_pos, mask, sinks):
             None if sinks is None else sinks[heads], slopes[heads])
 
     work_per_kv_head = q.shape[0] * k.shape[0] * group * q.shape[2]
-    parallel.run_split(heads_part, n_kv_heads,
+    parallel.run_split(heads_part, n_kv_heads, calls_blas=True,
                        min_per_part=-(-ATTN_SPLIT_MIN_WORK // max(1, work_per_kv_head)))
     return out, lse
 

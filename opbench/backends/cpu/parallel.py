@@ -13,13 +13,16 @@ every parallel loop), else the number of CPUs this process may run on.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 _POOL: ThreadPoolExecutor | None = None
 _state = threading.local()  # .inside: this thread is running a part
+_blas_lock = threading.Lock()
+_blas = {"controller": None, "holders": 0, "limit": None}
 
 
 def configured_threads() -> int | None:
@@ -45,9 +48,11 @@ def split(n: int, parts: int) -> list[tuple[int, int]]:
     return [(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
 
 
-def run_split(kernel: Callable[[int, int], None], n: int, *, min_per_part: int = 1) -> None:
+def run_split(kernel: Callable[[int, int], None], n: int, *, min_per_part: int = 1,
+              calls_blas: bool = False) -> None:
     """kernel(lo, hi) over range(n) in parts of at least ``min_per_part`` (small calls stay on
-    one thread: waking another costs tens of microseconds)."""
+    one thread: waking another costs tens of microseconds).  ``calls_blas``: the parts call
+    BLAS, which is held at one thread while they run (see ``one_blas_thread``)."""
     min_per_part = max(1, min_per_part)
     # fewer than two parts' worth: no split to compute (small calls are the common case)
     parts = [] if n < 2 * min_per_part else split(n, min(thread_count(), n // min_per_part))
@@ -57,12 +62,44 @@ def run_split(kernel: Callable[[int, int], None], n: int, *, min_per_part: int =
         if n:
             kernel(0, n)
         return
-    futures = [_pool().submit(_as_part, kernel, lo, hi) for lo, hi in parts[1:]]
+    with one_blas_thread() if calls_blas else contextlib.nullcontext():
+        futures = [_pool().submit(_as_part, kernel, lo, hi) for lo, hi in parts[1:]]
+        try:
+            _as_part(kernel, *parts[0])
+        finally:
+            for future in futures:
+                future.result()
+
+
+@contextlib.contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """BLAS (NumPy's OpenBLAS or MKL) at one thread while split parts call it: each part is a
+    thread already, and BLAS's own threads on top oversubscribe the cores (a 512-token
+    prefill took 87 ms with two BLAS threads under two parts, 57 ms with one).  The limit is
+    process-wide, so it holds from the first caller in to the last one out.  Without
+    threadpoolctl (or a BLAS it knows) nothing changes."""
+    with _blas_lock:
+        if _blas["holders"] == 0:
+            _blas["limit"] = _limit_blas()
+        _blas["holders"] += 1
     try:
-        _as_part(kernel, *parts[0])
+        yield
     finally:
-        for future in futures:
-            future.result()
+        with _blas_lock:
+            _blas["holders"] -= 1
+            if _blas["holders"] == 0 and _blas["limit"] is not None:
+                _blas["limit"].restore_original_limits()
+                _blas["limit"] = None
+
+
+def _limit_blas():
+    if _blas["controller"] is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError:
+            return None
+        _blas["controller"] = ThreadpoolController()  # scans the loaded libraries: ~2 ms once
+    return _blas["controller"].limit(limits=1, user_api="blas")
 
 
 def _as_part(kernel: Callable[[int, int], None], lo: int, hi: int) -> None:
