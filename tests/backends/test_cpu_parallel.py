@@ -155,31 +155,20 @@ def _blas_threads() -> list[int]:
     return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
 
 
-def test_split_parts_that_call_blas_run_it_on_one_thread(monkeypatch):
-    """Each part is a thread already: BLAS threads on top would oversubscribe the cores."""
+def test_split_parts_that_call_blas_hold_it_at_one_thread(monkeypatch):
+    """Each part is a thread already: BLAS threads on top would oversubscribe the cores, and
+    BLAS stays at one thread after (restoring it woke threads that spin)."""
     from threadpoolctl import threadpool_limits
 
     monkeypatch.setenv("NUMBA_NUM_THREADS", "2")
+    monkeypatch.setattr(parallel, "_blas_held", False)
     seen = []
-    with threadpool_limits(limits=3, user_api="blas"):
+    with threadpool_limits(limits=3, user_api="blas"):  # the process's limits come back after
         if not _blas_threads():
             pytest.skip("NumPy's BLAS is not one threadpoolctl can see")
+        parallel.run_split(lambda lo, hi: seen.append(_blas_threads()), 2)
         parallel.run_split(lambda lo, hi: seen.append(_blas_threads()), 2, calls_blas=True)
         after = _blas_threads()
-        parallel.run_split(lambda lo, hi: seen.append(_blas_threads()), 2)
-    assert seen[:2] == [[1] * len(after)] * 2
-    assert after == [3] * len(after)  # restored when the parts are done
-    assert seen[2:] == [[3] * len(after)] * 2  # parts without BLAS leave it alone
-
-
-def test_one_blas_thread_holds_until_the_last_holder_leaves():
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(limits=3, user_api="blas"):
-        if not _blas_threads():
-            pytest.skip("NumPy's BLAS is not one threadpoolctl can see")
-        with parallel.one_blas_thread():
-            with parallel.one_blas_thread():
-                assert set(_blas_threads()) == {1}
-            assert set(_blas_threads()) == {1}  # the outer holder still runs its parts
-        assert set(_blas_threads()) == {3}
+    assert seen[:2] == [[3] * len(after)] * 2  # parts without BLAS leave it alone
+    assert seen[2:] == [[1] * len(after)] * 2
+    assert after == [1] * len(after)

@@ -13,16 +13,15 @@ every parallel loop), else the number of CPUs this process may run on.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 _POOL: ThreadPoolExecutor | None = None
 _state = threading.local()  # .inside: this thread is running a part
 _blas_lock = threading.Lock()
-_blas = {"controller": None, "holders": 0, "limit": None}
+_blas_held = False  # see hold_blas_at_one_thread
 
 
 def configured_threads() -> int | None:
@@ -52,7 +51,7 @@ def run_split(kernel: Callable[[int, int], None], n: int, *, min_per_part: int =
               calls_blas: bool = False) -> None:
     """kernel(lo, hi) over range(n) in parts of at least ``min_per_part`` (small calls stay on
     one thread: waking another costs tens of microseconds).  ``calls_blas``: the parts call
-    BLAS, which is held at one thread while they run (see ``one_blas_thread``)."""
+    BLAS (see ``hold_blas_at_one_thread``)."""
     min_per_part = max(1, min_per_part)
     # fewer than two parts' worth: no split to compute (small calls are the common case)
     parts = [] if n < 2 * min_per_part else split(n, min(thread_count(), n // min_per_part))
@@ -62,44 +61,36 @@ def run_split(kernel: Callable[[int, int], None], n: int, *, min_per_part: int =
         if n:
             kernel(0, n)
         return
-    with one_blas_thread() if calls_blas else contextlib.nullcontext():
-        futures = [_pool().submit(_as_part, kernel, lo, hi) for lo, hi in parts[1:]]
-        try:
-            _as_part(kernel, *parts[0])
-        finally:
-            for future in futures:
-                future.result()
-
-
-@contextlib.contextmanager
-def one_blas_thread() -> Iterator[None]:
-    """BLAS (NumPy's OpenBLAS or MKL) at one thread while split parts call it: each part is a
-    thread already, and BLAS's own threads on top oversubscribe the cores (a 512-token
-    prefill took 87 ms with two BLAS threads under two parts, 57 ms with one).  The limit is
-    process-wide, so it holds from the first caller in to the last one out.  Without
-    threadpoolctl (or a BLAS it knows) nothing changes."""
-    with _blas_lock:
-        if _blas["holders"] == 0:
-            _blas["limit"] = _limit_blas()
-        _blas["holders"] += 1
+    if calls_blas:
+        hold_blas_at_one_thread()
+    futures = [_pool().submit(_as_part, kernel, lo, hi) for lo, hi in parts[1:]]
     try:
-        yield
+        _as_part(kernel, *parts[0])
     finally:
-        with _blas_lock:
-            _blas["holders"] -= 1
-            if _blas["holders"] == 0 and _blas["limit"] is not None:
-                _blas["limit"].restore_original_limits()
-                _blas["limit"] = None
+        for future in futures:
+            future.result()
 
 
-def _limit_blas():
-    if _blas["controller"] is None:
-        try:
-            from threadpoolctl import ThreadpoolController
-        except ImportError:
-            return None
-        _blas["controller"] = ThreadpoolController()  # scans the loaded libraries: ~2 ms once
-    return _blas["controller"].limit(limits=1, user_api="blas")
+def hold_blas_at_one_thread() -> None:
+    """From the first split whose parts call BLAS on, NumPy's BLAS (OpenBLAS, MKL) runs on
+    one thread for the rest of the process: each part is a thread already, and BLAS's own
+    threads on top oversubscribe the cores.  Limiting it per call was not enough: restoring
+    the thread count after each call woke BLAS's threads, which spin for a while and took the
+    cores from the next call's parts.  A 512-token prefill, interleaved in one process: 55 ms
+    with the limit kept, 68 ms limited per call, 88-120 ms not limited.  Without threadpoolctl
+    (or a BLAS it knows) nothing changes."""
+    global _blas_held
+    if _blas_held:
+        return
+    with _blas_lock:
+        if not _blas_held:
+            try:
+                from threadpoolctl import threadpool_limits
+            except ImportError:
+                pass
+            else:
+                threadpool_limits(limits=1, user_api="blas")  # kept: the result is dropped
+            _blas_held = True
 
 
 def _as_part(kernel: Callable[[int, int], None], lo: int, hi: int) -> None:
