@@ -101,27 +101,32 @@ def kv_rotate(cache, blocks, deltas, lut, interleaved: bool) -> None:
 
 
 # -- ATTN --------------------------------------------------------------------------------------
-def attend(q, k, v, table, q_pos, key_range, scal, extras, out, lse, q_block: int,
-           key_chunk: int) -> None:
-    """See ``numba_kernels.attend``: its (query block, key chunk) units split over the cores
-    once a unit's multiply-adds outweigh a thread's wake-up, then ``combine`` merges each
-    block's chunks (the bits depend on neither the split nor the thread count)."""
-    n_blocks = -(-len(q) // q_block)
-    n_chunks = max(1, -(-int(np.max(key_range[1], initial=0)) // key_chunk))
-    units, rows = n_blocks * n_chunks, q.shape[1] * q_block
-    parts = (np.empty((units, rows), F32), np.empty((units, rows), F32),
-             np.empty((units, rows, out.shape[2]), F32))
-    work_per_unit = q.size * min(key_chunk, int(np.max(key_range[1] - key_range[0], initial=0)))
-    work_per_unit //= n_blocks
-    kernels = _load()
+def attend(q, k, v, table, q_pos, key_range, n_kv: int, scal, extras, out, lse,
+           q_block: int, key_chunk: int) -> None:
+    """See ``numba_kernels.attend``: one call on this thread, or, once a unit's
+    multiply-adds outweigh a thread's wake-up, its (query block, key chunk) units split over
+    the cores and ``combine`` after (the bits depend on neither).  ``n_kv``: the keys of the
+    sequence (no query sees past it)."""
+    kernels, (key_lo, key_hi), (mask, slopes, sinks) = _load(), key_range, extras
+    k, v = bits(k), bits(v)
+    n_blocks, n_chunks = -(-len(q) // q_block), max(1, -(-n_kv // key_chunk))
+    work_per_unit = q.size * min(key_chunk, n_kv) // n_blocks
+    min_units = -(-16 * PARALLEL_ELEMENTS // max(1, work_per_unit))  # multiply-adds ~ copies
+    if n_blocks * n_chunks < 2 * min_units:
+        kernels.attend(q, k, v, table, q_pos, key_lo, key_hi, scal, mask, slopes, sinks, out,
+                       lse, q_block, key_chunk)
+        return
+    units = n_blocks * max(1, -(-int(key_hi.max()) // key_chunk))  # as kernels.attend counts
+    rows = q.shape[1] * q_block
+    part_m, part_l = np.empty((units, rows), F32), np.empty((units, rows), F32)
+    part_acc = np.empty((units, rows, out.shape[2]), F32)
 
     def part(lo: int, hi: int) -> None:
-        kernels.attend(q, bits(k), bits(v), table, q_pos, key_range, scal, extras, parts,
-                       q_block, key_chunk, lo, hi)
+        kernels.attend_units(q, k, v, table, q_pos, key_lo, key_hi, scal, mask, slopes, sinks,
+                             part_m, part_l, part_acc, q_block, key_chunk, lo, hi)
 
-    min_work = 16 * PARALLEL_ELEMENTS  # multiply-adds: about the time of that many copies
-    parallel.run_split(part, units, min_per_part=-(-min_work // max(1, work_per_unit)))
-    kernels.combine(parts, q_block, out, lse, 0, n_blocks)
+    parallel.run_split(part, units, min_per_part=min_units)
+    kernels.combine(part_m, part_l, part_acc, q_block, out, lse)
 
 
 # -- loading -------------------------------------------------------------------------------------

@@ -233,7 +233,7 @@ def _attend_jit(q, k_cache, v_cache, table, q_pos, n_kv, p: AttnParams, optional
     out32 = out if out.dtype == F32 and out.flags.c_contiguous else np.empty(out.shape, F32)
     lse32 = np.empty((n_q, n_heads), F32)
     jit.attend(np.ascontiguousarray(as_f32(q)), k_cache, v_cache, table, q_pos, key_range,
-               scal, extras, out32, lse32, ATTN_JIT_Q_BLOCK, ATTN_JIT_KEY_CHUNK)
+               n_kv, scal, extras, out32, lse32, ATTN_JIT_Q_BLOCK, ATTN_JIT_KEY_CHUNK)
     if out32 is not out:
         store(out, out32)
     if lse is not None:

@@ -219,60 +219,81 @@ def _value(v):
 
 
 @numba.njit(nogil=True, fastmath={"reassoc", "contract"})
-def dot(q_row, k_row):
-    """q . k in float32.  Reassociated (the one fastmath loop): a serial chain of 128 adds
+def dot(q, i, h, key_row, kvh):
+    """q[i, h] . key_row[kvh] in float32 (indices, not views: a view per call cost more than
+    a short dot product).  Reassociated (the one fastmath loop): a serial chain of 128 adds
     waits on each add's latency, the vector form is ~10x faster.  The order is fixed by the
     compiled code, so the result does not depend on the thread count."""
     total = np.float32(0.0)
-    for d in range(len(q_row)):
-        total += q_row[d] * value(k_row[d])
+    for d in range(q.shape[2]):
+        total += q[i, h, d] * value(key_row[kvh, d])
     return total
 
 
 @numba.njit(nogil=True)
-def add_scaled(p, v_row, acc_row):
-    for d in range(len(acc_row)):
-        acc_row[d] += p * value(v_row[d])
+def add_scaled(p, value_row, kvh, acc, r):
+    """acc[r] += p * value_row[kvh]."""
+    for d in range(acc.shape[1]):
+        acc[r, d] += p * value(value_row[kvh, d])
 
 
 @numba.njit(nogil=True, cache=True)
-def attend(q, k, v, table, q_pos, key_range, scal, extras, parts, q_block, key_chunk, lo, hi):
-    """Online-softmax attention of one sequence over units (query block, key chunk).
+def attend(q, k, v, table, q_pos, key_lo, key_hi, scal, mask, slopes, sinks, out, lse,
+           q_block, key_chunk):
+    """Online-softmax attention of one sequence, the whole call on this thread (one dispatch:
+    a small call's cost is mostly numba's argument checks).
 
     q float32 [n_q, H, Dk]; k, v caches [num_blocks, block_size, Hkv, D] (float32 or float16
-    bits), key j in block table[j // block_size]; key_range = (lo, hi) [n_q] each: the visible
-    keys of each query; scal = (scale, softcap, 1/softcap, causal, window); extras = (mask
-    [n_q, n_kv], ALiBi slopes [H], sinks [H]) float32, each empty when absent (one compiled
-    kernel, no None types).  Units lo..hi of ceil(n_q / q_block) * n_chunks, numbered
-    block-major; each leaves its rows' running max, sum and unnormalized output in parts =
-    (m [units, H * q_block], l, acc [units, H * q_block, Dv]) for ``combine``.  A unit takes
-    every head, so each key's row of heads is read once, in memory order (a pass per kv head
-    reads rows a page apart: waiting on each page made a 4k-key decode 4x slower), and a
-    decode splits over its keys: threads splitting the heads read interleaved halves of each
-    row and went 1.1x faster than one, on key chunks 1.6x.  The chunks are fixed by the key
-    count, so the bits do not depend on the thread count."""
+    bits), key j in block table[j // block_size]; key_lo/key_hi [n_q]: the visible keys of
+    each query; scal = (scale, softcap, 1/softcap, causal, window); mask [n_q, n_kv], ALiBi
+    slopes [H] and sinks [H] float32, each empty when absent (one compiled kernel, no None
+    types); out float32 [n_q, H, Dv], lse float32 [n_q, H].  The work goes in units (query
+    block of q_block, key chunk of key_chunk): see ``attend_units``."""
+    n_blocks = -(-q.shape[0] // q_block)
+    n_chunks = max(1, -(-key_hi.max() // key_chunk)) if key_hi.size else 1  # as jit.attend's
+    rows = q.shape[1] * q_block
+    units = n_blocks * n_chunks
+    part_m, part_l = np.empty((units, rows), F32), np.empty((units, rows), F32)
+    part_acc = np.empty((units, rows, out.shape[2]), F32)
+    attend_units(q, k, v, table, q_pos, key_lo, key_hi, scal, mask, slopes, sinks,
+                 part_m, part_l, part_acc, q_block, key_chunk, 0, units)
+    combine(part_m, part_l, part_acc, q_block, out, lse)
+
+
+@numba.njit(nogil=True, cache=True)
+def attend_units(q, k, v, table, q_pos, key_lo, key_hi, scal, mask, slopes, sinks,
+                 part_m, part_l, part_acc, q_block, key_chunk, lo, hi):
+    """Units lo..hi of ``attend``'s call, numbered block-major (unit u: query block
+    u // n_chunks, key chunk u % n_chunks); each leaves its rows' running max, sum and
+    unnormalized output in part_m, part_l [units, H * q_block] and part_acc [units,
+    H * q_block, Dv] for ``combine``.  A unit takes every head, so each key's row of heads is
+    read once, in memory order (a pass per kv head reads rows a page apart: waiting on each
+    page made a 4k-key decode 4x slower), and a decode splits over its keys: threads
+    splitting the heads read interleaved halves of each row and went 1.1x faster than one,
+    on key chunks 1.6x.  The chunks are fixed by the key count, so the bits do not depend on
+    the thread count."""
     n_q = q.shape[0]
-    s = np.empty((parts[0].shape[1], KEY_TILE), F32)
-    n_chunks = parts[0].shape[0] // -(-n_q // q_block)
+    s = np.empty((part_m.shape[1], KEY_TILE), F32)
+    n_chunks = part_m.shape[0] // -(-n_q // q_block)
     for unit in range(lo, hi):
         block, chunk = unit // n_chunks, unit % n_chunks
         q0 = block * q_block
         queries = (q0, min(q_block, n_q - q0))
-        first = max(key_range[0][q0:q0 + queries[1]].min(), chunk * key_chunk)
-        last = min(key_range[1][q0:q0 + queries[1]].max(), (chunk + 1) * key_chunk)
-        state = (s, parts[0][unit], parts[1][unit], parts[2][unit])
-        _attend_chunk(q, k, v, table, q_pos, scal, extras, queries, (first, last),
-                      chunk == 0, state)
+        first = max(key_lo[q0:q0 + queries[1]].min(), chunk * key_chunk)
+        last = min(key_hi[q0:q0 + queries[1]].max(), (chunk + 1) * key_chunk)
+        state = (s, part_m[unit], part_l[unit], part_acc[unit])
+        _attend_chunk(q, k, v, table, q_pos, scal, (mask, slopes, sinks), queries,
+                      (first, last), chunk == 0, state)
 
 
 @numba.njit(nogil=True, cache=True)
-def combine(parts, q_block, out, lse, lo, hi):
-    """out [n_q, H, Dv] and lse [n_q, H] float32 of query blocks lo..hi from their chunks'
-    parts, merged in chunk order (one chunk: its rows as they are)."""
-    part_m, part_l, part_acc = parts
+def combine(part_m, part_l, part_acc, q_block, out, lse):
+    """out [n_q, H, Dv] and lse [n_q, H] float32 from each query block's chunks, merged in
+    chunk order (one chunk: its rows as they are)."""
     n_q, n_heads, dv = out.shape
-    n_chunks = part_m.shape[0] // -(-n_q // q_block)
-    for block in range(lo, hi):
+    n_blocks = -(-n_q // q_block)
+    n_chunks = part_m.shape[0] // n_blocks
+    for block in range(n_blocks):
         q0 = block * q_block
         nq = min(q_block, n_q - q0)
         units = range(block * n_chunks, (block + 1) * n_chunks)
@@ -334,7 +355,7 @@ def _tile_dots(q, k, table, queries, start, n, s):
         key_row = k[table[key // block_size], key % block_size]  # [Hkv, Dk]
         for h in range(q.shape[1]):
             for i in range(nq):
-                s[h * nq + i, j] = dot(q[q0 + i, h], key_row[h // group])
+                s[h * nq + i, j] = dot(q, q0 + i, h, key_row, h // group)
 
 
 @numba.njit(inline="always")
@@ -386,4 +407,4 @@ def _accumulate(v, table, rows_per_kv_head, start, n, s, acc, n_rows):
         key = start + j
         value_row = v[table[key // block_size], key % block_size]  # [Hkv, Dv]
         for r in range(n_rows):
-            add_scaled(s[r, j], value_row[r // rows_per_kv_head], acc[r])
+            add_scaled(s[r, j], value_row, r // rows_per_kv_head, acc, r)
