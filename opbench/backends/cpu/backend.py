@@ -49,6 +49,8 @@ class CpuBackend(NumpyModelOps, RuntimeBackend):
         SizeThreshold("ATTN", "nq", kernels.ATTN_Q_BLOCK,
                       "causal/window attention goes in query blocks"),
         SizeThreshold("ATTN", "nkv", kernels.ATTN_TILE, "a second online-softmax key tile"),
+        SizeThreshold("ATTN", "nkv", kernels.ATTN_JIT_KEY_CHUNK,
+                      "the numba loop merges a second key chunk"),
         SizeThreshold("ROPE", "elems", kernels.ROPE_CHUNK_BYTES // 4,
                       "the NumPy rotation runs in several token chunks"),
         SizeThreshold("ROPE", "row", kernels.ROPE_CHUNK_BYTES // 4,
