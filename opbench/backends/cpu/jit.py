@@ -86,11 +86,13 @@ def scatter_rows(dst, src, slots) -> None:
 
 
 # -- ROPE, KV_ROTATE ------------------------------------------------------------------------------
-def rope(x, cos, sin, out, adjacent: bool) -> None:
+def rope(x, cos, sin, rows, out, adjacent: bool) -> None:
     """Rotate x [tokens, heads, n_dims] into out (must not alias x); cos/sin float32
-    [tokens, n_dims/2]; pairs (2i, 2i+1) when ``adjacent`` else (i, i + n_dims/2)."""
+    [table rows, n_dims/2], token t's in row rows[t]; pairs (2i, 2i+1) when ``adjacent`` else
+    (i, i + n_dims/2)."""
     kernel = _load().rope_adjacent if adjacent else _load().rope_halves
-    _split(kernel, len(x), x[0].size if len(x) else 1, bits(x), cos, sin, bits(out))
+    _split(kernel, len(x), x[0].size if len(x) else 1, bits(x), rows, bits(out),
+           whole=(cos, sin))
 
 
 def kv_rotate(cache, blocks, deltas, lut, interleaved: bool) -> None:

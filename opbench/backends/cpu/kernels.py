@@ -62,18 +62,23 @@ ROPE_CHUNK_BYTES = 1 << 20  # tokens per pass sized so a chunk's temporaries sta
 
 def rope(x, pos, out, p: RopeParams, freq_factors, cache: RopeCache | None,
          use_jit: bool = False) -> None:
-    cos, sin = _rope_cos_sin(pos, p, freq_factors, cache)  # [n_tokens, n_pairs] float32
     n_tokens, n_heads, head_dim = x.shape
     if np.may_share_memory(x, out):
         x = x.copy()  # the rotation reads both halves after writing the first
-    rotated_x, rotated_out = x[..., : p.n_dims], out[..., : p.n_dims]
+    # the whole arrays when every dim rotates: numba compiles a view's slice as a strided
+    # array and does not vectorize it
+    whole = p.n_dims == head_dim
+    rotated_x = x if whole else x[..., : p.n_dims]
+    rotated_out = out if whole else out[..., : p.n_dims]
     # f32 normal mode too: with two threads the numba loop over adjacent pairs took 0.7-0.8x
     # the time of NumPy's complex multiply on [512 tokens, 32 heads, 128] (interleaved, the
     # cos/sin lookup in both), as the halves loop does for neox against ggml
     if use_jit and jit.handles(x, out):
-        jit.rope(rotated_x, cos, sin, rotated_out, adjacent=p.mode == "normal")
+        cos, sin, rows = _rope_rows(pos, p, freq_factors, cache)
+        jit.rope(rotated_x, cos, sin, rows, rotated_out, adjacent=p.mode == "normal")
         _pass_through(x, out, p.n_dims)
         return
+    cos, sin = _rope_cos_sin(pos, p, freq_factors, cache)  # [n_tokens, n_pairs] float32
     # NumPy passes over L2-sized chunks of tokens, the chunks split over the cores
     rotate = _rotate_adjacent if p.mode == "normal" else _rotate_halves
     step = max(1, ROPE_CHUNK_BYTES // (n_heads * head_dim * 4))
@@ -108,6 +113,15 @@ def _rope_cos_sin(pos, p: RopeParams, freq_factors, cache: RopeCache | None):
         c, s = _cos_sin_for(positions[row], p, freq_factors, cache)
         cos[:, cols], sin[:, cols] = c[:, cols], s[:, cols]
     return cos, sin
+
+
+def _rope_rows(pos, p: RopeParams, freq_factors, cache: RopeCache | None):
+    """(cos, sin, rows) for a kernel reading row rows[t] of cos and sin for token t: the
+    cached table itself where it holds every position, else computed rows."""
+    if cache is not None and p.mode != "mrope":
+        return cache.lookup_rows(cache.table(p, freq_factors), pos.astype(np.int64))
+    cos, sin = _rope_cos_sin(pos, p, freq_factors, cache)
+    return cos, sin, np.arange(len(cos))
 
 
 def _cos_sin_for(positions, p, freq_factors, cache):

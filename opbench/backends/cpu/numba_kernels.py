@@ -152,30 +152,34 @@ def scatter_rows(dst, src, slots):
 
 # -- ROPE --------------------------------------------------------------------------------------
 @numba.njit(nogil=True, cache=True)
-def rope_halves(x, cos, sin, out):
-    """neox/mrope: pairs (i, i + n/2) of [tokens, heads, n]; out must not alias x."""
+def rope_halves(x, rows, out, cos, sin):
+    """neox/mrope: pairs (i, i + n/2) of [tokens, heads, n], token t's angles in row rows[t]
+    of cos and sin; out must not alias x."""
     half = x.shape[2] // 2
     for t in range(x.shape[0]):
+        row = rows[t]
         for h in range(x.shape[1]):
             for i in range(half):
                 a = to_f32(x[t, h, i])
                 b = to_f32(x[t, h, i + half])
-                c = cos[t, i]
-                s = sin[t, i]
+                c = cos[row, i]
+                s = sin[row, i]
                 out[t, h, i] = from_f32(a * c - b * s, out)
                 out[t, h, i + half] = from_f32(b * c + a * s, out)
 
 
 @numba.njit(nogil=True, cache=True)
-def rope_adjacent(x, cos, sin, out):
-    """normal mode: pairs (2i, 2i + 1), the complex product (a + ib)(c + is)."""
+def rope_adjacent(x, rows, out, cos, sin):
+    """normal mode: pairs (2i, 2i + 1), the complex product (a + ib)(c + is); angles as in
+    ``rope_halves``."""
     for t in range(x.shape[0]):
+        row = rows[t]
         for h in range(x.shape[1]):
             for i in range(x.shape[2] // 2):
                 a = to_f32(x[t, h, 2 * i])
                 b = to_f32(x[t, h, 2 * i + 1])
-                c = cos[t, i]
-                s = sin[t, i]
+                c = cos[row, i]
+                s = sin[row, i]
                 out[t, h, 2 * i] = from_f32(a * c - b * s, out)
                 out[t, h, 2 * i + 1] = from_f32(a * s + b * c, out)
 
