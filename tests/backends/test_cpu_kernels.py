@@ -211,6 +211,25 @@ def test_rope_cache_hands_out_consecutive_rows_without_a_gather():
     assert np.array_equal(cos, table.cos[[3, 4, 6]])
 
 
+def test_rope_cache_lets_a_kernel_read_the_table_in_place():
+    """lookup_rows hands out the table itself and each token's row (a gather apart from the
+    kernel read a table the kernel had evicted); rows the table cannot hold come computed,
+    with their own indices.  Both give lookup's rows."""
+    p = RopeParams(n_dims=16, mode="neox", freq_base=321.0)
+    cache = RopeCache()
+    table = cache.table(p, None)
+    positions = np.array([40, 3, 17, 3, 250])
+    cos, sin, rows = cache.lookup_rows(table, positions)
+    assert cos is table.cos and sin is table.sin and np.array_equal(rows, positions)
+    want_cos, want_sin = cache.lookup(table, positions)
+    assert np.array_equal(cos[rows], want_cos) and np.array_equal(sin[rows], want_sin)
+    mixed = np.array([-5, 2, 1 << 20])  # no table rows for the negative and the huge one
+    cos, sin, rows = cache.lookup_rows(table, mixed)
+    assert cos is not table.cos and np.array_equal(rows, np.arange(3))
+    want_cos, want_sin = cache.lookup(table, mixed)
+    assert np.array_equal(cos[rows], want_cos) and np.array_equal(sin[rows], want_sin)
+
+
 def test_rope_cache_computes_few_far_positions_directly():
     """A few tokens far out must not fill the table up to there; the rows computed directly
     are bit-identical to the cache-off path."""
