@@ -14,7 +14,9 @@ faster); "old" uses the base cpu's median from the same rounds.
 Threads are equal on every side: the cpu backend splits its kernels over ``NUMBA_NUM_THREADS``
 (default: the CPUs this process may use), ggml gets ``n_threads`` and torch
 ``torch.set_num_threads`` of the same count, and BLAS (the base cpu's matmuls) the same count
-through ``OPENBLAS_NUM_THREADS``, set here before NumPy loads.
+through ``OPENBLAS_NUM_THREADS``, set here before NumPy loads.  OpenMP's idle threads (ggml's
+and torch's) spin only briefly (``GOMP_SPINCOUNT=10000``), so one side's spin does not take the
+cores from the next side's samples.
 """
 
 from __future__ import annotations
@@ -116,6 +118,11 @@ def main(argv=None) -> int:
     if args.threads:
         os.environ["NUMBA_NUM_THREADS"] = str(args.threads)
     os.environ.setdefault("OPENBLAS_NUM_THREADS", str(_threads()))  # before NumPy loads
+    # ggml and torch run on GNU OpenMP, whose idle threads spin for 300,000 iterations (some
+    # ms) after each op: interleaved, the spin took a core from the next side's samples (a
+    # [4096, 8, 128] f32 copy: cpu 3.64 ms after them, 2.52 ms with this; ggml's and torch's
+    # own times no slower). 10,000 still bridge a side's own back-to-back samples.
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")  # before torch and ggml load libgomp
     print(f"threads per side: {_threads()}; CPUs {sorted(os.sched_getaffinity(0))}; "
           f"load: {os.getloadavg()[0]:.2f} (1-min average)")
     print(f"{'cpu us':>10} {'best peer us':>16} {'old':>7} {'new':>7}  case  (ratio = peer/cpu)")
