@@ -29,8 +29,8 @@ ATTN_Q_BLOCK = 128  # causal/window: queries per block, so each block skips its 
 ATTN_JIT_MAX_WORK = 1 << 18
 #: ... and, whatever the keys, up to this many query rows per kv head (n_q x heads per kv head):
 #: a decode's few rows make BLAS's GEMMs matrix-vector products, and the numba loop reads
-#: float16 keys without first converting a tile (a 4k-key f16 decode: 6.4 ms against 12.5;
-#: at 16 rows BLAS is ahead again, 2x on f32)
+#: float16 keys without first converting a tile (a 4k-key f16 decode, one thread: 5.0 ms
+#: against 12.5; at 16 rows BLAS is ahead again, 2x on f32)
 ATTN_JIT_MAX_ROWS = 8
 ATTN_JIT_Q_BLOCK = 16  # numba loop: queries per unit of work (a unit's rows share a K/V tile)
 #: numba loop: keys per unit of work, so a decode splits over the cores (fixed: the bits depend
@@ -65,11 +65,7 @@ def rope(x, pos, out, p: RopeParams, freq_factors, cache: RopeCache | None,
     n_tokens, n_heads, head_dim = x.shape
     if np.may_share_memory(x, out):
         x = x.copy()  # the rotation reads both halves after writing the first
-    # the whole arrays when every dim rotates: numba compiles a view's slice as a strided
-    # array and does not vectorize it
-    whole = p.n_dims == head_dim
-    rotated_x = x if whole else x[..., : p.n_dims]
-    rotated_out = out if whole else out[..., : p.n_dims]
+    rotated_x, rotated_out = x[..., : p.n_dims], out[..., : p.n_dims]
     # f32 normal mode too: with two threads the numba loop over adjacent pairs took 0.7-0.8x
     # the time of NumPy's complex multiply on [512 tokens, 32 heads, 128] (interleaved, the
     # cos/sin lookup in both), as the halves loop does for neox against ggml

@@ -77,19 +77,16 @@ def hold_blas_at_one_thread() -> None:
     threads on top oversubscribe the cores.  Limiting it per call was not enough: restoring
     the thread count after each call woke BLAS's threads, which spin for a while and took the
     cores from the next call's parts.  A 512-token prefill, interleaved in one process: 55 ms
-    with the limit kept, 68 ms limited per call, 88-120 ms not limited.  Without threadpoolctl
-    (or a BLAS it knows) nothing changes."""
+    with the limit kept, 68 ms limited per call, 88-120 ms not limited.  A BLAS threadpoolctl
+    does not know is left as it is."""
     global _blas_held
     if _blas_held:
         return
     with _blas_lock:
         if not _blas_held:
-            try:
-                from threadpoolctl import threadpool_limits
-            except ImportError:
-                pass
-            else:
-                threadpool_limits(limits=1, user_api="blas")  # kept: the result is dropped
+            from threadpoolctl import threadpool_limits  # imported on first use: ~10 ms
+
+            threadpool_limits(limits=1, user_api="blas")  # kept: the result is dropped
             _blas_held = True
 
 
