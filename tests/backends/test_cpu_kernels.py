@@ -490,6 +490,29 @@ def test_cpy_matches_oracle(backend, src_dtype, dst_dtype, perm, step):
     assert np.array_equal(bits(backend.to_host(out)), bits(want))
 
 
+@pytest.mark.skipif(not cpu_jit.available(), reason="numba not installed")
+@pytest.mark.parametrize("src_dtype,dst_dtype", PAIRS)
+@pytest.mark.parametrize("perm,step", [((2, 0, 1, 3), 2), ((1, 3, 0, 2), 1),
+                                       ((3, 2, 1, 0), 1)])
+def test_permuted_cpy_reads_the_source_in_its_own_order(monkeypatch, backend, src_dtype,
+                                                        dst_dtype, perm, step):
+    """Permutations that keep the last axis last go through the numba row loop (the source
+    row by row, each to its row of out, every step-th index of out's first axis kept); the
+    others through NumPy.  Both give the oracle's bits."""
+    taken = []
+    real = cpu_jit.copy_permuted_rows
+    monkeypatch.setattr(cpu_jit, "copy_permuted_rows", lambda *a: taken.append(a) or real(*a))
+    rng = np.random.default_rng(31)
+    src = wide_values(rng, (5, 3, 4, 6), src_dtype)
+    want = ref_copies.cpy(src, dst_dtype, perm=perm, step=step)
+    out = backend.empty(want.shape, numpy_dtype(dst_dtype))
+    backend.cpy(backend.to_device(src), out, perm, step)
+    backend.synchronize()
+    assert np.array_equal(bits(backend.to_host(out)), bits(want))
+    assert bool(taken) == (perm[-1] == 3 and numpy_dtype(src_dtype) != numpy_dtype("bf16")
+                           and numpy_dtype(dst_dtype) != numpy_dtype("bf16"))
+
+
 def test_copies_reject_bad_arguments(backend):
     src = backend.to_device(np.ones((4, 3), np.float32))
     with pytest.raises(ValueError, match="perm"):

@@ -61,6 +61,14 @@ def _row_outputs():
     return cache, back, keys
 
 
+def _permuted_copy():
+    rng = np.random.default_rng(6)
+    src = rng.uniform(-70000, 70000, (9, 5, 16)).astype(np.float32)
+    out = np.full((3, 9, 16), np.nan, np.float16)  # perm (1, 0, 2), every 2nd of 5 kept
+    kernels.cpy(src, out, (1, 0, 2), 2)
+    return out
+
+
 CALLS = {
     "rope f32 neox": lambda: _rope_outputs(np.float32, "neox"),
     "rope f16 normal": lambda: _rope_outputs(np.float16, "normal"),
@@ -74,6 +82,7 @@ CALLS = {
     "attn f32 prefill, numba loop, key chunks": lambda: _attention_outputs(
         np.float32, 40, window=9, max_bias=8.0, extras=True, numba_loop=True, key_chunk=16),
     "rows and kv_rotate": _row_outputs,
+    "cpy permuted, rows in source order": _permuted_copy,
 }
 
 

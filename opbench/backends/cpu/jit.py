@@ -78,6 +78,21 @@ def gather_rows(src, rows, out) -> None:
     _split(lambda r, o: gather(src2, r, o), len(out2), out2.shape[1], rows, out2)
 
 
+def copy_permuted_rows(src, out, perm, step: int) -> None:
+    """out = src.transpose(perm)[::step], converted, for C-contiguous arrays whose last axis
+    stays last.  The source is read row by row in its own order; parts are source rows, each
+    written to its one row of out, so the bits do not depend on the split."""
+    lead, out_lead = src.shape[:-1], out.shape[:-1]
+    strides = np.empty(len(lead), np.int64)  # out rows per step along each source axis
+    for k, axis in enumerate(perm[:-1]):
+        strides[axis] = int(np.prod(out_lead[k + 1:], dtype=np.int64))
+    src2, out2 = bits(src).reshape(-1, src.shape[-1]), bits(out).reshape(-1, out.shape[-1])
+    args = (src2, out2, np.array(lead, np.int64), strides, int(perm[0]), int(step))
+    kernel = _load().copy_rows_permuted
+    parallel.run_split(lambda lo, hi: kernel(*args, lo, hi), len(src2),
+                       min_per_part=max(1, PARALLEL_ELEMENTS // max(1, src.shape[-1])))
+
+
 def scatter_rows(dst, src, slots) -> None:
     """dst[slots[r]] = src[r] for slots >= 0 (distinct, already checked), converted."""
     dst2, src2 = bits(dst).reshape(len(dst), -1), bits(src).reshape(len(src), -1)

@@ -509,6 +509,9 @@ def get_rows(src, rows, out) -> None:
 
 def cpy(src, out, perm, step: int, use_jit: bool = True) -> None:
     view = src.transpose(perm)[::step]
+    if use_jit and _rows_in_source_order(src, out, perm, view):
+        jit.copy_permuted_rows(src, out, perm, step)
+        return
     if out.nbytes < PARALLEL_COPY_BYTES or out.ndim == 0:
         _cpy_rows(view, out, use_jit)
         return
@@ -518,6 +521,16 @@ def cpy(src, out, perm, step: int, use_jit: bool = True) -> None:
 
 
 PARALLEL_COPY_BYTES = 1 << 20  # below this a second thread's wake-up costs more than it saves
+
+
+def _rows_in_source_order(src, out, perm, view) -> bool:
+    """A permuted copy that keeps the last axis last, between contiguous arrays: the numba
+    loop reads the source row by row in its own order.  NumPy's copy follows out's order and
+    reads the source's rows a page apart ([4096, 8, 128] f32, perm [1, 0, 2]: 4.7 ms on two
+    threads against 2.1 ms on one)."""
+    return (out.ndim >= 2 and out.size > 0 and not view.flags.c_contiguous
+            and perm[-1] == out.ndim - 1 and src.flags.c_contiguous and out.flags.c_contiguous
+            and jit.handles(src, out))
 
 
 def _cpy_rows(view, out, use_jit: bool) -> None:

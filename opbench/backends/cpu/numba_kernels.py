@@ -141,6 +141,27 @@ def gather_rows(src, rows, out):
 
 
 @numba.njit(nogil=True, cache=True)
+def copy_rows_permuted(src, out, lead, strides, step_axis, step, lo, hi):
+    """Source rows lo..hi of src [rows, width] (C order over the source's leading dims
+    ``lead``) each into its row of out [rows', width], converted: a source index along axis k
+    moves the out row by strides[k]; along step_axis only every step-th index is kept (as
+    ``index // step``)."""
+    for r in range(lo, hi):
+        rest, row, kept = r, 0, True
+        for k in range(len(lead) - 1, -1, -1):
+            index = rest % lead[k]
+            rest //= lead[k]
+            if k == step_axis:
+                kept = index % step == 0
+                index //= step
+            row += index * strides[k]
+        if kept:
+            source, target = src[r], out[row]
+            for c in range(len(target)):
+                target[c] = move(source[c], target)
+
+
+@numba.njit(nogil=True, cache=True)
 def scatter_rows(dst, src, slots):
     """dst[slots[r]] = src[r] where slots[r] >= 0, converted to dst's type."""
     for r in range(len(slots)):
