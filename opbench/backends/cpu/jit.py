@@ -123,7 +123,7 @@ def attend(q, k, v, table, q_pos, key_range, n_kv: int, scal, extras, out, lse,
     """See ``numba_kernels.attend``: one call on this thread, or, once a unit's
     multiply-adds outweigh a thread's wake-up, its (query block, key chunk) units split over
     the cores and ``combine`` after (the bits depend on neither).  ``n_kv``: the keys of the
-    sequence (no query sees past it)."""
+    sequence (the last query sees them all), which fix the chunks."""
     kernels, (key_lo, key_hi), (mask, slopes, sinks) = _load(), key_range, extras
     k, v = bits(k), bits(v)
     n_blocks, n_chunks = -(-len(q) // q_block), max(1, -(-n_kv // key_chunk))
@@ -131,9 +131,9 @@ def attend(q, k, v, table, q_pos, key_range, n_kv: int, scal, extras, out, lse,
     min_units = -(-16 * PARALLEL_ELEMENTS // max(1, work_per_unit))  # multiply-adds ~ copies
     if n_blocks * n_chunks < 2 * min_units:
         kernels.attend(q, k, v, table, q_pos, key_lo, key_hi, scal, mask, slopes, sinks, out,
-                       lse, q_block, key_chunk)
+                       lse, q_block, key_chunk, n_chunks)
         return
-    units = n_blocks * max(1, -(-int(key_hi.max()) // key_chunk))  # as kernels.attend counts
+    units = n_blocks * n_chunks
     rows = q.shape[1] * q_block
     part_m, part_l = np.empty((units, rows), F32), np.empty((units, rows), F32)
     part_acc = np.empty((units, rows, out.shape[2]), F32)

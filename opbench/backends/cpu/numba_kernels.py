@@ -264,7 +264,7 @@ def add_scaled(p, value_row, kvh, acc, r):
 
 @numba.njit(nogil=True, cache=True)
 def attend(q, k, v, table, q_pos, key_lo, key_hi, scal, mask, slopes, sinks, out, lse,
-           q_block, key_chunk):
+           q_block, key_chunk, n_chunks):
     """Online-softmax attention of one sequence, the whole call on this thread (one dispatch:
     a small call's cost is mostly numba's argument checks).
 
@@ -273,9 +273,8 @@ def attend(q, k, v, table, q_pos, key_lo, key_hi, scal, mask, slopes, sinks, out
     each query; scal = (scale, softcap, 1/softcap, causal, window); mask [n_q, n_kv], ALiBi
     slopes [H] and sinks [H] float32, each empty when absent (one compiled kernel, no None
     types); out float32 [n_q, H, Dv], lse float32 [n_q, H].  The work goes in units (query
-    block of q_block, key chunk of key_chunk): see ``attend_units``."""
+    block of q_block, n_chunks key chunks of key_chunk): see ``attend_units``."""
     n_blocks = -(-q.shape[0] // q_block)
-    n_chunks = max(1, -(-key_hi.max() // key_chunk)) if key_hi.size else 1  # as jit.attend's
     rows = q.shape[1] * q_block
     units = n_blocks * n_chunks
     part_m, part_l = np.empty((units, rows), F32), np.empty((units, rows), F32)
