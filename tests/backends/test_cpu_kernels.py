@@ -513,6 +513,29 @@ def test_permuted_cpy_reads_the_source_in_its_own_order(monkeypatch, backend, sr
                            and numpy_dtype(dst_dtype) != numpy_dtype("bf16"))
 
 
+@pytest.mark.skipif(not cpu_jit.available(), reason="numba not installed")
+@pytest.mark.parametrize("dtype,nan_bits", [("f32", (0x7F800001, 0xFFBFFFFF, 0x7FC00001)),
+                                            ("f16", (0x7C01, 0xFDFF, 0x7E01))])
+@pytest.mark.parametrize("rows", [7, 1 << 13])  # one call, and split over the cores (>= 1 MiB)
+def test_same_type_copy_keeps_every_bit_through_the_numba_loop(monkeypatch, backend, dtype,
+                                                                 nan_bits, rows):
+    """A contiguous copy within one type is data movement: the numba loop (taken for it) must
+    hand over signalling NaNs, payloads, -0 and subnormals unchanged."""
+    taken = []
+    real = cpu_jit.convert
+    monkeypatch.setattr(cpu_jit, "convert", lambda *a: taken.append(a) or real(*a))
+    rng = np.random.default_rng(37)
+    src = wide_values(rng, (rows, 4, 16), dtype)
+    raw = src.view(np.uint32 if dtype == "f32" else np.uint16).reshape(-1)
+    raw[3:3 + len(nan_bits)] = nan_bits
+    raw[-2:] = [1 << (raw.itemsize * 8 - 1), 1]  # -0 and the smallest subnormal
+    out = backend.empty(src.shape, numpy_dtype(dtype))
+    backend.cpy(backend.to_device(src), out, (0, 1, 2), 1)
+    backend.synchronize()
+    assert np.array_equal(bits(backend.to_host(out)), bits(src))
+    assert taken
+
+
 def test_copies_reject_bad_arguments(backend):
     src = backend.to_device(np.ones((4, 3), np.float32))
     with pytest.raises(ValueError, match="perm"):
