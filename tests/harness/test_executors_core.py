@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -14,3 +15,16 @@ def test_running_cases_does_not_import_ray():
                           timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_a_finished_worker_exits_without_teardown_and_keeps_its_output():
+    """A worker ends with os._exit (the interpreter's teardown with numba loaded took ~0.5 s,
+    waited for at the end of every -j run): what it printed still arrives, the exit code is 0,
+    and exit handlers (the teardown) do not run."""
+    code = ("import atexit, multiprocessing; from opbench.harness import pool; "
+            "atexit.register(print, 'teardown ran'); print('owed output', end=''); "
+            "pool._exit_now(multiprocessing.Pipe()[0])")
+    buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, env=buffered)
+    assert (done.returncode, done.stdout) == (0, "owed output"), done.stderr
