@@ -41,6 +41,57 @@ def test_precision_rule_scales_with_low_precision_error():
     assert not verdict.ok and verdict.metric == "max_err" and verdict.n_bad == 1
 
 
+class _Asked:
+    """A float32 oracle handed over as a function, counting how often it is asked for."""
+
+    def __init__(self, values: np.ndarray) -> None:
+        self.values, self.calls = values, 0
+
+    def __call__(self) -> np.ndarray:
+        self.calls += 1
+        return self.values
+
+
+def test_the_float32_oracle_is_asked_for_only_past_the_floor():
+    """Every error within floor * scale: no element can fail, so the float32 oracle (half of
+    the oracles' time) is not computed; one error past the floor: it is, and the verdict is
+    the one the same oracle given as an array yields."""
+    b = _data()
+    low = b.astype(np.float32).astype(np.float64)
+    tol = Tolerance(nmse=1.0, k=2.0, floor=1e-6)
+    within = b + 0.5e-6 * np.cos(np.arange(b.size))
+    asked = _Asked(low)
+    assert compare_close(b, asked, within, tol).ok and asked.calls == 0
+    for past in (b + 2e-6, b + 0.1):  # within k * the float32 error, then far beyond it
+        asked = _Asked(low)
+        verdict = compare_close(b, asked, past, tol)
+        assert asked.calls == 1 and verdict == compare_close(b, low, past, tol)
+    assert not verdict.ok and verdict.metric == "max_err"
+
+
+def test_references_leave_the_float32_oracle_for_later_and_freeze_the_inputs():
+    from opbench.harness.runner import references
+
+    spec = SPECS["ROPE"]
+    case = spec.quick_cases(seed=0)[0]
+    inputs = spec.make_inputs(case, np.random.default_rng(0))
+    dtypes = []
+    real = spec.reference
+    spec_calls = lambda c, i, dtype: dtypes.append(dtype) or real(c, i, dtype)  # noqa: E731
+    try:
+        spec.reference = spec_calls
+        expected, low = references(spec, case, inputs)
+        assert dtypes == [np.float64]
+        first = {name: get() for name, get in low.items()}
+        again = {name: get() for name, get in low.items()}
+    finally:
+        del spec.reference
+    assert dtypes == [np.float64, np.float32]  # computed once, for every output
+    assert set(first) == set(expected) and all(first[n] is again[n] for n in first)
+    with pytest.raises(ValueError, match="read-only"):
+        next(iter(inputs.arrays.values()))[...] = 0
+
+
 def test_nan_fails_with_index():
     b = _data()
     a = b.copy()
