@@ -323,14 +323,14 @@ LARGE_OFFSET = 2**31
 #: (16 GB for 2**31 values); the period is a prime, so offsets 2**31 or 2**32 apart (where a
 #: wrapped 32-bit offset lands) hold different values
 _FILL_LIMIT = 2**27
-_FILL_PERIOD = 1_000_003
+FILL_PERIOD = 1_000_003
 
 
 def uniform(rng: np.random.Generator, shape: Iterable[int], dtype: str, lo=-1.0, hi=1.0):
     """Seeded uniform values rounded to the storage dtype; never an all-zero array."""
     shape = tuple(shape)
     if math.prod(shape) > _FILL_LIMIT:
-        return periodic_fill(rng.uniform(lo, hi, _FILL_PERIOD).astype(numpy_dtype(dtype)),
+        return periodic_fill(rng.uniform(lo, hi, FILL_PERIOD).astype(numpy_dtype(dtype)),
                              shape)
     values = rng.uniform(lo, hi, size=shape)
     return values.astype(numpy_dtype(dtype))

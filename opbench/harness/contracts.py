@@ -31,6 +31,8 @@ import numpy as np
 
 from opbench.protocol import numpy_dtype
 
+from .cases import FILL_PERIOD, periodic_fill
+
 HOLD_TIMEOUT_S = 5.0  # safety valve: a host-blocking implementation must not hang the check
 SYNC_PROBE_S = 0.3  # how long a synchronize is watched for returning while work is held
 SETTLE_S = 0.5  # how long unheld streams get to run what they can before a hold is released
@@ -127,8 +129,12 @@ def _release_after_settling(backend: Any, hold: _Hold, device: Any) -> None:
 def _payload(rng: np.random.Generator, n: int, dtype: str) -> np.ndarray:
     """Seeded values in [-1, -0.01] U [0.01, 1], never zero, exactly representable in dtype.
 
-    One float32 draw, shifted away from zero in place: a 64 MiB payload takes a fraction of
-    a second (two float64 draws and a product took seconds under load)."""
+    One float32 draw, shifted away from zero in place; past FILL_PERIOD values the draw
+    repeats (a 64 MiB payload: 115 ms drawn whole, a copy of the period instead).  A copy that
+    reads poison, stale data or another offset still differs: the period is a prime number of
+    elements, so only an offset that is a multiple of it would read the same values."""
+    if n > FILL_PERIOD:
+        return periodic_fill(_payload(rng, FILL_PERIOD, dtype), (n,))
     x = rng.random(n, dtype=np.float32)
     x *= np.float32(1.98)
     x -= np.float32(0.99)

@@ -165,3 +165,17 @@ def spy_on_waits(monkeypatch) -> list[str]:
 
     monkeypatch.setattr(contracts, "_wait_until", recording)
     return outcomes
+
+
+def test_a_large_payload_repeats_a_prime_period_within_its_range():
+    """Past FILL_PERIOD elements a payload repeats one seeded draw (64 MiB payloads cost a copy,
+    not a draw): the values stay away from zero, and only an offset of a whole period reads
+    the same values."""
+    from opbench.harness.cases import FILL_PERIOD
+
+    period = FILL_PERIOD
+    x = contracts._payload(np.random.default_rng(3), 2 * period + 5, "f16").astype(np.float64)
+    assert np.array_equal(x[:period], x[period:2 * period])
+    assert np.abs(x).min() >= 0.0099 and np.abs(x).max() <= 1.0
+    for offset in (1, 2, 1 << 10, 1 << 20):
+        assert not np.array_equal(x[offset:offset + 4099], x[:4099])

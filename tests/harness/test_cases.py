@@ -164,7 +164,7 @@ def test_large_cases_pass_2_31_elements_once_per_index_taking_op():
 def test_periodic_fill_differs_where_a_wrapped_offset_lands():
     from opbench.harness import cases as case_module
 
-    period = case_module._FILL_PERIOD
+    period = case_module.FILL_PERIOD
     assert 2**31 % period and 2**32 % period
     filled = case_module.periodic_fill(np.arange(7, dtype=np.float32), (3, 5))
     assert filled.tolist() == [[0, 1, 2, 3, 4], [5, 6, 0, 1, 2], [3, 4, 5, 6, 0]]
