@@ -61,10 +61,24 @@ def make_sides(base_root: Path | None) -> dict:
     sides = {"cpu": CpuBackend()}
     if base_root is not None:
         sides["cpu-base"] = load_base_cpu(base_root)()
+        _warn_if_base_lost_its_jit()
     sides.update(ggml=GgmlBackend(n_threads=threads), torch=_torch_backend())
     for backend in sides.values():
         backend.devices(1)
     return sides
+
+
+def _warn_if_base_lost_its_jit() -> None:
+    """A base whose numba kernels do not load runs its NumPy paths: its "old" column would then
+    compare against code no user of the base ran (seen once, with a worktree another loader had
+    used first).  Say so before the table."""
+    from opbench.backends.cpu import jit
+
+    base_jit = sys.modules.get("opbench.backends.base_cpu.jit")
+    if base_jit is not None and jit.available() and not base_jit.available():
+        print("warning: the base checkout's numba kernels did not load (its cache may have been "
+              "written under another module name): its column times its NumPy paths; use a "
+              "fresh worktree of the base")
 
 
 def _torch_backend():
