@@ -201,6 +201,24 @@ def test_delayed_backend_still_computes_correctly():
         np.testing.assert_array_equal(be.to_host(out), np.arange(8))
 
 
+def test_delays_come_before_kernels_copies_and_waits_not_event_records(monkeypatch):
+    """Every queued kernel, copy and wait sleeps first; an event record (a host synchronize,
+    a read-back) does not: its signal has no data of its own to race."""
+    slept = []
+    monkeypatch.setattr(StreamDelay, "sleep", lambda self: slept.append(self.seed))
+    with CpuBackend(delay=True, delay_seed=2) as be:
+        d0, d1 = be.devices(2)
+        src = be.to_device(np.arange(8, dtype=np.float32), d0)
+        out = be.empty((8,), np.float32, d0)
+        be.synchronize()
+        slept.clear()
+        be.cpy(src, out, (0,), stream=be.stream(d0))  # a kernel
+        be.stream(d1).wait(be.stream(d0).record())  # a record (no sleep) and a wait
+        be.synchronize()  # one record per stream (no sleep)
+        assert sorted(slept) == [(2, 0), (2, 1)]
+        np.testing.assert_array_equal(be.to_host(out), np.arange(8))
+
+
 def test_close_joins_threads_even_with_a_held_stream():
     be = CpuBackend()
     be.devices(3)
