@@ -7,6 +7,7 @@ sees them; inputs are rounded to their storage dtype before the oracle sees them
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 import traceback
@@ -104,27 +105,13 @@ def references(spec: OpSpec, case: Case, inputs: Inputs) -> tuple[dict, dict]:
         return expected, expected
     for array in inputs.arrays.values():
         array.flags.writeable = False
-    low = _LowPrecisionOracle(spec, case, inputs, outputs)
-    return expected, {name: low.output(name) for name in expected}
 
+    @functools.cache
+    def low() -> dict[str, np.ndarray]:
+        values = spec.reference(case, inputs, np.float32)
+        return {k: copy_ref.round_to(v, outputs[k].dtype) for k, v in values.items()}
 
-class _LowPrecisionOracle:
-    """The oracle in float32, rounded to each output's storage dtype, computed once when an
-    output first asks for it."""
-
-    def __init__(self, spec: OpSpec, case: Case, inputs: Inputs, outputs: dict) -> None:
-        self.spec, self.case, self.inputs, self.outputs = spec, case, inputs, outputs
-        self.values: dict[str, np.ndarray] | None = None
-
-    def output(self, name: str):
-        return lambda: self._all()[name]
-
-    def _all(self) -> dict[str, np.ndarray]:
-        if self.values is None:
-            low = self.spec.reference(self.case, self.inputs, np.float32)
-            self.values = {k: copy_ref.round_to(v, self.outputs[k].dtype)
-                           for k, v in low.items()}
-        return self.values
+    return expected, {name: functools.partial(lambda n: low()[n], name) for name in expected}
 
 
 def judge(spec: OpSpec, case: Case, name: str, expected, low, actual) -> Verdict:
