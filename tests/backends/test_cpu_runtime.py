@@ -363,3 +363,37 @@ def wait_for(condition) -> bool:
             return True
         done.wait(0.001)
     return False
+
+
+# -- synchronizing a drained stream ----------------------------------------------------------------
+def test_a_drained_stream_synchronizes_without_a_record_and_still_reports_errors(monkeypatch):
+    """A synchronize hands the worker an event to set only while work is pending; once the
+    stream has run everything, it returns at once, but a kernel error still surfaces."""
+    from opbench.backends.runtimes.threads import Stream
+    records = []
+    real_record = Stream.record
+    monkeypatch.setattr(Stream, "record", lambda self: (records.append(self), real_record(self))[1])
+    with CpuBackend() as be:
+        d0, d1 = be.devices(2)
+        out = be.empty((8,), np.float32, d1)
+        be.synchronize()
+        records.clear()
+        be.synchronize()
+        assert records == []  # nothing queued since: no record on either stream
+        be.cpy(be.to_device(np.arange(8, dtype=np.float32), d1), out, (0,))
+        be.synchronize(d1)
+        assert records == [be.stream(d1)]
+        np.testing.assert_array_equal(be.to_host(out), np.arange(8))
+
+        def failing_kernel():
+            raise RuntimeError("kernel failed")
+        be.runtime.submit(d1, None, failing_kernel)
+        ran = threading.Event()
+        be.runtime.submit(d1, None, ran.set)
+        assert ran.wait(10)
+        while not be.stream(d1).drained:  # the worker counts the item just after running it
+            threading.Event().wait(0.001)
+        records.clear()
+        with pytest.raises(RuntimeError, match="kernel failed"):
+            be.synchronize(d1)
+        assert records == []

@@ -168,6 +168,11 @@ class Stream:
         #: run submitted work on the calling thread (set by the runtime; see the module doc)
         self.inline = False
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        # items handed to the worker and items it has finished: equal when the stream has
+        # drained, so a synchronize then returns without handing the worker a record to set
+        # (two thread switches; the eviction reads back three arrays per layer and shard)
+        self._queued = self._finished = 0
+        self._queued_lock = threading.Lock()  # submit may be called from several threads
         self._error: BaseException | None = None
         self._error_lock = threading.Lock()
         self._closed = False
@@ -190,6 +195,8 @@ class Stream:
         if self.inline:
             self._run_inline(work)
         else:
+            with self._queued_lock:
+                self._queued += 1
             self._queue.put(work)
 
     def _run_inline(self, work: Callable[[], None]) -> None:
@@ -214,9 +221,14 @@ class Stream:
         self.submit(gate._block)
         return gate
 
+    @property
+    def drained(self) -> bool:
+        """Everything queued so far has run (inline work runs at once)."""
+        return self._finished == self._queued
+
     def synchronize(self) -> None:
         """Wait until everything queued so far has run; re-raise the first kernel error."""
-        if not self.inline:  # inline work has run already
+        if not self.drained:
             self.record().synchronize()
         self.raise_pending()
 
@@ -266,6 +278,7 @@ class Stream:
             except BaseException as error:  # noqa: BLE001 - reported at the next synchronize
                 self._keep_first(error)
             self._current = None
+            self._finished += 1  # only this thread writes it
 
     def _keep_first(self, error: BaseException) -> None:
         with self._error_lock:
@@ -440,7 +453,7 @@ class ThreadRuntime(Runtime):
     def synchronize(self, device: Any = None) -> None:
         streams = self._streams if device is None else [self.stream(device)]
         for stream in streams:
-            if not stream.inline:
+            if not stream.drained:
                 stream.record().synchronize()
         if self._streams[0] in streams:  # device 0 drained: its fast path may resume
             self._set_inline()
