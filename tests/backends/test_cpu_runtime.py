@@ -201,9 +201,9 @@ def test_delayed_backend_still_computes_correctly():
         np.testing.assert_array_equal(be.to_host(out), np.arange(8))
 
 
-def test_delays_come_before_kernels_copies_and_waits_not_event_records(monkeypatch):
-    """Every queued kernel, copy and wait sleeps first; an event record (a host synchronize,
-    a read-back) does not: its signal has no data of its own to race."""
+def test_delays_come_before_the_first_kernel_or_copy_after_each_record_or_wait(monkeypatch):
+    """A stream sleeps before its first item and before the first kernel or copy after each
+    event record or wait, never before the record or wait itself nor mid-segment."""
     slept = []
     monkeypatch.setattr(StreamDelay, "sleep", lambda self: slept.append(self.seed))
     with CpuBackend(delay=True, delay_seed=2) as be:
@@ -212,11 +212,14 @@ def test_delays_come_before_kernels_copies_and_waits_not_event_records(monkeypat
         out = be.empty((8,), np.float32, d0)
         be.synchronize()
         slept.clear()
-        be.cpy(src, out, (0,), stream=be.stream(d0))  # a kernel
-        be.stream(d1).wait(be.stream(d0).record())  # a record (no sleep) and a wait
+        be.cpy(src, out, (0,), stream=be.stream(d0))  # after the synchronize's record: sleeps
+        be.cpy(out, out, (0,), stream=be.stream(d0))  # mid-segment: no sleep
+        be.stream(d1).wait(be.stream(d0).record())  # a record and a wait: no sleep
+        moved = be.copy_async(out, d1)  # on d0 after its record: sleeps
+        be.cpy(moved, moved, (0,), stream=be.stream(d1))  # d1 after its wait: sleeps
         be.synchronize()  # one record per stream (no sleep)
-        assert sorted(slept) == [(2, 0), (2, 1)]
-        np.testing.assert_array_equal(be.to_host(out), np.arange(8))
+        assert sorted(slept) == [(2, 0), (2, 0), (2, 1)]
+        np.testing.assert_array_equal(be.to_host(moved), np.arange(8))
 
 
 def test_close_joins_threads_even_with_a_held_stream():

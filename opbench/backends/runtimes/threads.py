@@ -4,8 +4,8 @@ Each logical device runs one stream: a FIFO queue drained by a daemon worker thr
 validates its arguments on the calling thread, enqueues a closure and returns, so the host
 really runs ahead of the device and a missing wait shows up as a wrong answer.  Kernel
 exceptions are caught on the worker and re-raised by the next ``synchronize`` (as CUDA reports
-asynchronous errors), and an optional seeded random sleep before every queued item but event
-records (fault injection) widens every race window.
+asynchronous errors), and an optional seeded random sleep (fault injection) before the first
+kernel or copy after each event record or wait widens every race window.
 
 Fast path: while only device 0 holds arrays and there is no delay, no held stream and no
 capture, no other stream has work whose order against device 0's could be observed, so device
@@ -139,12 +139,16 @@ _STOP = object()
 
 @dataclass
 class StreamDelay:
-    """Seeded random sleep of 0..max_ms before every queued item but event records.
+    """Seeded random sleep of 0..max_ms before the first kernel or copy after each event
+    record or wait of a stream (and before its first item).
 
-    An event's signal has no data of its own to race: the work queued before it was delayed
-    already, and a sleep before the signal only made correct waiters wait (each host
-    synchronize and each read-back records one: the eviction's read-backs put 180 more of them
-    into a delayed scenario, 0.5-1 ms of sleep each)."""
+    Only records and waits order one stream against another, so a race is always between
+    the work of two such segments; the work inside a segment runs back to back on the
+    stream's thread, and one sleep at its start shifts all of it against every other stream.
+    A sleep before every item caught no more and cost ten times the time (0.3 ms a sleep,
+    most of it the sleep's own overhead, on ~800 items per stream and scenario); see
+    benchmarks/delay_catch.py.  An event record itself never sleeps: its signal has no data
+    of its own to race."""
 
     seed: int
     max_ms: float
@@ -266,13 +270,16 @@ class Stream:
 
     # -- worker side ----------------------------------------------------------------------
     def _run(self) -> None:
+        segment_start = True  # see StreamDelay
         while True:
             work = self._queue.get()
             if work is _STOP:
                 return
             self._current = work
-            if self._delay is not None and not _is_event_set(work):
+            ordering = _is_event_set(work) or isinstance(work, _WaitFor)
+            if self._delay is not None and segment_start and not ordering:
                 self._delay.sleep()
+            segment_start = ordering
             try:
                 work()
             except BaseException as error:  # noqa: BLE001 - reported at the next synchronize
@@ -307,16 +314,16 @@ def _is_event_set(item: Any) -> bool:
 
 class ThreadRuntime(Runtime):
     """Logical devices ``cpu:N`` with worker-thread streams; ``delay`` sleeps a seeded random
-    0..``delay_max_ms`` before every queued item but event records (per device seed
-    ``(delay_seed, N)``)."""
+    0..``delay_max_ms`` before the first kernel or copy after each event record or wait (see
+    ``StreamDelay``; per device seed ``(delay_seed, N)``)."""
 
     name = "threads"
     #: whether device 0's stream may run its work inline (see the module doc)
     INLINE_FAST_PATH = True
     #: the options a backend on this runtime declares for it (``from_options`` reads them)
     OPTIONS = (
-        Option("delay", bool, False, "fault injection: a seeded random sleep before every"
-               " queued item but event records"),
+        Option("delay", bool, False, "fault injection: a seeded random sleep before the first"
+               " kernel or copy after each event record or wait"),
         Option("delay_seed", int, 0, "seed of the delays"),
         Option("delay_max_ms", float, 2.0, "longest delay"),
     )
