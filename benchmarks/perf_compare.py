@@ -9,7 +9,10 @@ four sides run in one process, in interleaved rounds (``opbench perf --ab``'s ma
 checkout's ``cpu``, the base checkout's ``cpu`` (its ``opbench/backends/cpu`` package loaded
 under another name, everything else shared), ``ggml`` and ``torch``.  Drift on a shared
 machine hits all four alike.  A ratio is the best peer's median time over cpu's (> 1: cpu
-faster); "old" uses the base cpu's median from the same rounds.
+faster); "old" uses the base cpu's median from the same rounds.  A memory-bound case that moves
+more than the last-level cache holds also shows the share of the machine's copy ceiling
+(``opbench calibrate``, for the same threads) cpu and the best peer reach: where both sit near
+it, a ratio below 1.0 is the bound, not the kernel.
 
 Threads are equal on every side: the cpu backend splits its kernels over ``NUMBA_NUM_THREADS``
 (default: the CPUs this process may use), ggml gets ``n_threads`` and torch
@@ -91,22 +94,26 @@ def measure(sides: dict, budget_ms: float, pattern: str | None) -> dict[str, dic
     """case id -> side -> median ns, every case timed on all sides interleaved."""
     import re
 
+    from opbench.perf.calibrate import load_ceilings
     from opbench.perf.run import PerfOptions, perf_cases, refusal, run_ab_case
 
-    options = PerfOptions(budget_ms=budget_ms, min_samples=10, epochs=2)
+    options = PerfOptions(budget_ms=budget_ms, min_samples=10, epochs=2,
+                          ceilings=load_ceilings())
     table: dict[str, dict[str, float]] = {}
     for case in perf_cases("full"):
         if case.op not in OPS or (pattern and not re.search(pattern, case.id)):
             continue
         able = {label: b for label, b in sides.items() if refusal(b, case) is None}
         records = run_ab_case(able, case, options, run_id="perf-compare")
-        table[case.id] = {label: r["perf"]["median_ns"] for label, r in records.items()
-                          if r["status"] == "OK"}
-        print(_row(case.id, table[case.id]), flush=True)
+        ok = {label: r["perf"] for label, r in records.items() if r["status"] == "OK"}
+        table[case.id] = {label: perf["median_ns"] for label, perf in ok.items()}
+        shares = {label: perf.get("fraction_of_ceiling") for label, perf in ok.items()
+                  if perf.get("bound") == "memory"}
+        print(_row(case.id, table[case.id], shares), flush=True)
     return table
 
 
-def _row(case_id: str, times: dict[str, float]) -> str:
+def _row(case_id: str, times: dict[str, float], shares: dict[str, float | None]) -> str:
     peers = {p: times[p] for p in PEERS if p in times}
     if "cpu" not in times or not peers:  # no peer has the op: cpu alone, and the old time
         old = f"{times['cpu-base'] / times['cpu']:7.2f}" if "cpu-base" in times else "-"
@@ -115,8 +122,11 @@ def _row(case_id: str, times: dict[str, float]) -> str:
     best = min(peers, key=peers.get)
     new = peers[best] / times["cpu"]
     old = f"{peers[best] / times['cpu-base']:7.2f}" if "cpu-base" in times else f"{'-':>7}"
+    bound = ""
+    if shares.get("cpu") and shares.get(best):
+        bound = (f"  [copy ceiling: cpu {shares['cpu']:.0%}, {best} {shares[best]:.0%}]")
     return (f"{times['cpu'] / 1e3:10.1f} {best:>5} {peers[best] / 1e3:10.1f} {old} {new:7.2f}"
-            f"  {case_id}")
+            f"  {case_id}{bound}")
 
 
 def main(argv=None) -> int:
