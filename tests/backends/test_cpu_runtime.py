@@ -400,3 +400,16 @@ def test_a_drained_stream_synchronizes_without_a_record_and_still_reports_errors
         with pytest.raises(RuntimeError, match="kernel failed"):
             be.synchronize(d1)
         assert records == []
+
+
+def test_an_array_moved_to_another_device_is_its_own_copy():
+    """to_device of another device's array takes the read-back itself (no second copy): the
+    new array must still share no memory with the source."""
+    with CpuBackend() as be:
+        d0, d1 = be.devices(2)
+        src = be.to_device(np.arange(8, dtype=np.float32), d0)
+        moved = be.to_device(src, d1)
+        be.write(src, np.zeros(8, np.float32))
+        be.synchronize()
+        assert moved.device == d1 and not np.shares_memory(plain(moved), plain(src))
+        np.testing.assert_array_equal(be.to_host(moved), np.arange(8))
