@@ -143,3 +143,22 @@ def test_exact_conversion_names_a_signalling_nan_by_its_bits():
     assert not verdict.ok
     assert "expected 0x7e00 got 0x7c08" in verdict.describe("out")
     assert "NaN rule" in verdict.describe("out")
+
+
+@pytest.mark.parametrize("spread", [1e-9, 1e-3])  # passes / fails the precision rule
+def test_the_all_finite_path_judges_like_the_masked_one(spread):
+    """Outputs with no NaN or infinity skip the masks; one matching infinity appended sends
+    the same data down the masked path, which must reach the same verdict and figures."""
+    rng = np.random.default_rng(3)
+    exp = rng.standard_normal(500)
+    act = exp + rng.standard_normal(500) * 1e-9
+    act[::50] += spread
+    low = exp.astype(np.float32)
+    tol = Tolerance(nmse=1e-7, k=4.0, floor=1e-6)
+    plain = compare_close(exp, low, act.astype(np.float32), tol)
+    masked = compare_close(np.append(exp, np.inf), np.append(low, np.inf),
+                           np.append(act, np.inf).astype(np.float32), tol)
+    assert (plain.ok, plain.metric, plain.n_bad) == (masked.ok, masked.metric, masked.n_bad)
+    assert plain.value == pytest.approx(masked.value, rel=1e-12)
+    assert plain.threshold == pytest.approx(masked.threshold, rel=1e-12)
+    assert plain.ok == (spread < 1e-6)
