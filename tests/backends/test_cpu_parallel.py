@@ -1,5 +1,9 @@
 """The cpu backend's kernels split over threads: the bits must not depend on the thread count."""
 
+import multiprocessing
+import threading
+import time
+
 import numpy as np
 import pytest
 
@@ -181,3 +185,92 @@ def test_split_parts_that_call_blas_hold_it_at_one_thread(monkeypatch):
     assert seen[:2] == [[3] * len(after)] * 2  # parts without BLAS leave it alone
     assert seen[2:] == [[1] * len(after)] * 2
     assert after == [1] * len(after)
+
+
+# -- the crew of part threads ----------------------------------------------------------------
+@pytest.fixture
+def two_threads(monkeypatch):
+    monkeypatch.setenv("NUMBA_NUM_THREADS", "2")
+
+
+def test_the_parts_of_a_split_run_on_two_threads_at_once(two_threads):
+    """Each part waits for the other inside the kernel: only two threads get past, so the
+    part thread must take the part the caller cannot (repeated: it may be watching or asleep)."""
+    barrier = threading.Barrier(2, timeout=60)
+    names = set()
+
+    def kernel(lo, hi):
+        names.add(threading.current_thread().name)
+        barrier.wait()
+
+    for i in range(20):
+        parallel.run_split(kernel, 2)
+        time.sleep(0.003 * (i % 2))  # every other call finds the part thread past its watch
+    assert len(names) == 2
+
+
+def test_a_failing_part_raises_in_the_caller_and_the_crew_keeps_working(two_threads):
+    def kernel(lo, hi):
+        if lo > 0:
+            raise ValueError(f"part from {lo}")
+
+    with pytest.raises(ValueError, match="part from 5"):
+        parallel.run_split(kernel, 10)
+    covered = []
+    parallel.run_split(lambda lo, hi: covered.extend(range(lo, hi)), 10)
+    assert sorted(covered) == list(range(10))
+
+
+def test_callers_on_several_threads_each_get_every_part_once(two_threads):
+    """Several logical devices split their kernels at once: every call covers its range once."""
+    counts = {k: np.zeros(1000, np.int64) for k in range(4)}
+
+    def caller(k):
+        for _ in range(50):
+            parallel.run_split(lambda lo, hi: np.add.at(counts[k], np.arange(lo, hi), 1), 1000,
+                               min_per_part=100)
+
+    callers = [threading.Thread(target=caller, args=(k,)) for k in counts]
+    for thread in callers:
+        thread.start()
+    for thread in callers:
+        thread.join(timeout=120)
+    assert not any(thread.is_alive() for thread in callers)
+    assert all((hits == 50).all() for hits in counts.values())
+
+
+def test_a_call_from_inside_a_part_runs_on_that_thread(two_threads):
+    inner = []
+
+    def outer(lo, hi):
+        parallel.run_split(lambda a, b: inner.append((threading.current_thread().name, a, b)),
+                           4)
+
+    parallel.run_split(outer, 2)
+    assert sorted((a, b) for _, a, b in inner) == [(0, 4), (0, 4)]  # not split again
+
+
+def _split_in_child() -> list[int]:
+    covered = []
+    parallel.run_split(lambda lo, hi: covered.extend(range(lo, hi)), 10)
+    return sorted(covered)
+
+
+def test_a_forked_child_gets_its_own_part_threads(two_threads):
+    """The child inherits the crew object but not its threads: without a new crew its parts
+    would wait forever."""
+    parallel.run_split(lambda lo, hi: None, 4)  # the parent's crew exists
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        assert pool.apply_async(_split_in_child).get(timeout=120) == list(range(10))
+
+
+def test_the_gil_free_watch_sees_a_store_from_another_thread():
+    """The part threads watch for work this way: a store from a thread holding the GIL must
+    end the watch (it reads memory on every look), long before its rounds run out."""
+    cell = np.zeros(1, np.int64)
+    assert not jit.wait_for_change(cell, 0, 1000)
+    assert jit.wait_for_change(cell, 7, 1)
+    setter = threading.Timer(0.02, cell.__setitem__, (0, 1))
+    setter.start()
+    assert jit.wait_for_change(cell, 0, 2_000_000_000)  # ~1 min of looks; it sees the store
+    setter.join()

@@ -71,6 +71,12 @@ def convert(src, dst) -> None:
     _split(_load().convert_flat, flat_src.size, 1, flat_src, flat_dst)
 
 
+def wait_for_change(cell: np.ndarray, seen: int, rounds: int) -> bool:
+    """True as soon as cell[0] (int64) != seen, False after ``rounds`` looks, without the GIL
+    (``parallel``'s part threads watch for work with it)."""
+    return _load().wait_for_change(cell, seen, rounds)
+
+
 def gather_rows(src, rows, out) -> None:
     """out[r] = src[rows[r]], converted; rows already checked to be in range."""
     src2, out2 = bits(src).reshape(len(src), -1), bits(out).reshape(len(out), -1)
@@ -172,3 +178,4 @@ def _warm_up(k) -> None:
     not in the middle of an op.  Other specializations compile on first use (numba caches
     them on disk, so a later process only loads them)."""
     k.convert_flat(np.ones(2, F32), np.empty(2, np.uint16))
+    k.wait_for_change(np.zeros(1, np.int64), 0, 1)

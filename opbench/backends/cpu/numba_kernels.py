@@ -17,6 +17,7 @@ summation order to keep.
 from __future__ import annotations
 
 import math
+import platform
 
 import numba
 import numpy as np
@@ -122,6 +123,49 @@ def _move(v, out):
     if v == types.float32 and out.dtype == types.uint16:
         return lambda v, out: f32_to_f16_bits(v)
     return None
+
+
+# -- waiting without the GIL (parallel's part threads) -----------------------------------------
+# the x86 spin-wait hint (``pause``); other CPUs wait without a hint
+_X86 = platform.machine().lower() in ("x86_64", "amd64")
+
+
+@intrinsic
+def _fresh_load(typingctx, cell):
+    """cell[0] of an int64 array, read from memory every time (an atomic load: a plain one
+    is hoisted out of the waiting loop, which then never sees the change)."""
+    if not (isinstance(cell, types.Array) and cell.dtype == types.int64):
+        return None
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        return builder.load_atomic(data, "acquire", 8)
+
+    return types.int64(cell), codegen
+
+
+@intrinsic
+def _cpu_pause(typingctx):
+    """The CPU's spin-wait hint (x86 ``pause``): the waiting loop yields the core's pipeline."""
+
+    def codegen(context, builder, signature, args):
+        if _X86:
+            pause = builder.module.declare_intrinsic(
+                "llvm.x86.sse2.pause", fnty=ir.FunctionType(ir.VoidType(), []))
+            builder.call(pause, [])
+        return context.get_dummy_value()
+
+    return types.none(), codegen
+
+
+@numba.njit(nogil=True, cache=True)
+def wait_for_change(cell, seen, rounds):
+    """True as soon as cell[0] != seen, False after ``rounds`` looks; runs without the GIL."""
+    for _ in range(rounds):
+        if _fresh_load(cell) != seen:
+            return True
+        _cpu_pause()
+    return False
 
 
 # -- data movement -----------------------------------------------------------------------------

@@ -4,8 +4,8 @@ A kernel that supports splitting takes a half-open range ``[lo, hi)`` of its out
 independent axis (tokens, kv heads, rows): every output element is computed by exactly one
 part with the same operations in the same order, so the result does not depend on how many
 parts there are.  The numba kernels release the GIL (``nogil``), so plain threads run them
-in parallel; the calling thread does the first part itself, so nested or concurrent callers
-(several logical devices) always make progress.
+in parallel; the calling thread claims parts too, so nested or concurrent callers (several
+logical devices) always make progress.
 
 The thread count is ``NUMBA_NUM_THREADS`` when set (numba's own knob, so one setting governs
 every parallel loop), else the number of CPUs this process may run on.
@@ -13,12 +13,15 @@ every parallel loop), else the number of CPUs this process may run on.
 
 from __future__ import annotations
 
+import collections
+import itertools
 import os
 import threading
+import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
-_POOL: ThreadPoolExecutor | None = None
+import numpy as np
+
 _state = threading.local()  # .inside: this thread is running a part
 _blas_lock = threading.Lock()
 _blas_held = False  # see hold_blas_at_one_thread
@@ -51,24 +54,24 @@ def run_split(kernel: Callable[[int, int], None], n: int, *, min_per_part: int =
               calls_blas: bool = False) -> None:
     """kernel(lo, hi) over range(n) in parts of at least ``min_per_part`` (small calls stay on
     one thread: waking another costs tens of microseconds).  ``calls_blas``: the parts call
-    BLAS (see ``hold_blas_at_one_thread``)."""
+    BLAS (see ``hold_blas_at_one_thread``).
+
+    One part per thread, claimed by the calling thread and by the part threads as they come:
+    when a part thread is late, the caller runs its part too instead of waiting for it.  (Four
+    smaller parts a thread, so a late thread would join what is left, were slower: a 512-token
+    prefill 1.17 -> 0.98 of ggml, a [128, 8, 512] RoPE 1.78 -> 1.41, in one run.)"""
     min_per_part = max(1, min_per_part)
+    threads = thread_count()
     # fewer than two parts' worth: no split to compute (small calls are the common case)
-    parts = [] if n < 2 * min_per_part else split(n, min(thread_count(), n // min_per_part))
-    if len(parts) <= 1 or getattr(_state, "inside", False):
-        # one part, or called from inside a part (a pool thread waiting for the pool could
+    if threads < 2 or n < 2 * min_per_part or getattr(_state, "inside", False):
+        # one part, or called from inside a part (a part thread waiting for the crew could
         # wait forever): run here
         if n:
             kernel(0, n)
         return
     if calls_blas:
         hold_blas_at_one_thread()
-    futures = [_pool().submit(_as_part, kernel, lo, hi) for lo, hi in parts[1:]]
-    try:
-        _as_part(kernel, *parts[0])
-    finally:
-        for future in futures:
-            future.result()
+    _crew().run(_Job(kernel, split(n, min(threads, n // min_per_part))))
 
 
 def hold_blas_at_one_thread() -> None:
@@ -90,28 +93,120 @@ def hold_blas_at_one_thread() -> None:
             _blas_held = True
 
 
-def _as_part(kernel: Callable[[int, int], None], lo: int, hi: int) -> None:
-    _state.inside = True
-    try:
-        kernel(lo, hi)
-    finally:
-        _state.inside = False
+# How long a part thread keeps watching for the next job after one, and a caller for its job's
+# end, before it sleeps on an event.  A thread woken from an event (a futex) starts ~0.2 ms
+# late on this kind of virtual machine (the host deschedules an idle vCPU): the second half of
+# a split 24 MiB copy started 0.2-0.3 ms after the first, and the split was slower than one
+# thread.  Polling from Python did not help: a thread that wants the GIL back sleeps on a futex
+# too.  So the watch runs in a numba loop without the GIL (``wait_for_change``), spinning with
+# the CPU's pause hint, as OpenMP's idle threads do (GOMP_SPINCOUNT).  Interleaved against the
+# event-only pool (perf_compare, two runs): the f32 -> f16 copy 0.70 -> 0.84 and 0.71 -> 0.74
+# of torch, SET_ROWS 1.66 -> 1.88 and 1.59 -> 1.80 of ggml; the scenario matrix (-j 2, two
+# processes that both spin) 29.6 -> 27.2 s; `opbench test -j 2` unchanged (8.2 / 8.1 s).
+SPIN_SECONDS = 0.002
 
 
-def _pool() -> ThreadPoolExecutor:
-    global _POOL
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=max(1, thread_count() - 1),
-                                   thread_name_prefix="opbench-cpu-part")
-    return _POOL
+class _Job:
+    """One split call: its parts, claimed in order by whichever thread asks next."""
+
+    def __init__(self, kernel: Callable[[int, int], None], parts: list[tuple[int, int]]):
+        self.kernel, self.parts = kernel, parts
+        self._claims = itertools.count()  # next() is atomic: each index goes to one thread
+        self._finished = itertools.count(1)
+        self.finished_cell = np.zeros(1, np.int64)  # 1 once every part has run (watched)
+        self.done = threading.Event()  # set with it (slept on)
+        self.error: BaseException | None = None
+
+    def work(self) -> None:
+        """Run parts until none is left unclaimed."""
+        while (index := next(self._claims)) < len(self.parts):
+            if self.error is None:  # after a failure the rest are only counted
+                self._run(*self.parts[index])
+            if next(self._finished) == len(self.parts):
+                self.finished_cell[0] = 1
+                self.done.set()
+
+    def _run(self, lo: int, hi: int) -> None:
+        _state.inside = True
+        try:
+            self.kernel(lo, hi)
+        except BaseException as error:  # handed to the caller, which raises it
+            self.error = error
+        finally:
+            _state.inside = False
 
 
-def _forget_pool_after_fork() -> None:
-    # a forked child (the scenario matrix's workers) inherits the pool object but not its
-    # threads: work submitted to it would wait forever
-    global _POOL
-    _POOL = None
+class _Crew:
+    """Part threads that join queued jobs (callers on several threads share them)."""
+
+    def __init__(self, size: int):
+        self._queue: collections.deque[_Job] = collections.deque()
+        self._posted = np.zeros(1, np.int64)  # bumped for every job queued (watched)
+        self._work = threading.Event()  # set with it (slept on)
+        self._watch = _gil_free_watch()
+        self.size = size
+        for i in range(size):
+            threading.Thread(target=self._serve, name=f"opbench-cpu-part-{i}",
+                             daemon=True).start()
+
+    def run(self, job: _Job) -> None:
+        # one entry per part thread that may join: the caller takes a part itself
+        self._queue.extend([job] * min(self.size, len(job.parts) - 1))
+        self._posted[0] += 1
+        self._work.set()
+        job.work()
+        if not self._watch(job.finished_cell, 0):
+            job.done.wait()
+        if job.error is not None:
+            raise job.error
+
+    def _serve(self) -> None:
+        while True:
+            posted = int(self._posted[0])  # read before the look: a job after it changes it
+            try:
+                job = self._queue.popleft()
+            except IndexError:
+                if not self._watch(self._posted, posted):
+                    self._work.clear()  # cleared before the last look: a put after it sets it
+                    if not self._queue:
+                        self._work.wait()
+                continue
+            job.work()
+
+
+def _gil_free_watch() -> Callable[[np.ndarray, int], bool]:
+    """watch(cell, seen): True as soon as cell[0] != seen, False after about SPIN_SECONDS
+    (at once without numba: the caller then sleeps on its event)."""
+    from . import jit  # jit imports this module
+
+    if not jit.available():
+        return lambda cell, seen: bool(cell[0] != seen)
+    wait_for_change = jit.wait_for_change
+    start = time.perf_counter()
+    wait_for_change(np.zeros(1, np.int64), 0, 10_000)  # how long a look takes here
+    rounds = int(SPIN_SECONDS * 10_000 / max(time.perf_counter() - start, 1e-6))
+    return lambda cell, seen: wait_for_change(cell, seen, rounds)
+
+
+_CREW: _Crew | None = None
+_crew_lock = threading.Lock()
+
+
+def _crew() -> _Crew:
+    global _CREW
+    if _CREW is None:
+        with _crew_lock:
+            if _CREW is None:
+                _CREW = _Crew(max(1, thread_count() - 1))
+    return _CREW
+
+
+def _forget_crew_after_fork() -> None:
+    # a forked child (the scenario matrix's workers) inherits the crew object but not its
+    # threads: parts queued to it would wait forever
+    global _CREW
+    _CREW = None
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pool_after_fork)
+    os.register_at_fork(after_in_child=_forget_crew_after_fork)
