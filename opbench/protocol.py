@@ -46,6 +46,7 @@ Op semantics (the oracles in ``opbench.reference`` are the normative definition)
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -481,7 +482,7 @@ class Backend:
 
     def view(self, arr: Any, offset: int, shape: Sequence[int]) -> Any:
         """A view of a flat array: elements offset.. reshaped (used for guard regions)."""
-        n = int(np.prod(shape))
+        n = int(math.prod(shape))
         return arr[offset : offset + n].reshape(tuple(shape))
 
     def synchronize(self, device: Any = None) -> None:

@@ -276,7 +276,7 @@ class OpSpec:
         """(bytes read + written, flops) of one call: what the op must touch, not what a given
         implementation happens to touch.  Default: every input read, every output written."""
         read = sum(a.nbytes for a in inputs.arrays.values())
-        written = sum(int(np.prod(o.shape)) * itemsize(o.dtype) for o in outputs.values())
+        written = sum(int(math.prod(o.shape)) * itemsize(o.dtype) for o in outputs.values())
         return read + written, 0
 
     def sizes(self, case: Case) -> dict[str, int]:

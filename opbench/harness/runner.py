@@ -8,6 +8,7 @@ sees them; inputs are rounded to their storage dtype before the oracle sees them
 from __future__ import annotations
 
 import functools
+import math
 import re
 import time
 import traceback
@@ -28,7 +29,7 @@ GUARD_SENTINEL = -1234.0
 
 def guard_length(shape: tuple[int, ...]) -> int:
     """One full leading-dim row (so a write one row past the end lands in the guard)."""
-    size = int(np.prod(shape))
+    size = int(math.prod(shape))
     row = size // shape[0] if shape and shape[0] else size
     return int(min(max(row, 16), 1 << 16))
 
@@ -53,7 +54,7 @@ class DeviceBuffer:
 def allocate_output(backend: Backend, device: Any, name: str, spec: OutputSpec,
                     inputs: Inputs) -> DeviceBuffer:
     dtype = numpy_dtype(spec.dtype)
-    size = int(np.prod(spec.shape))
+    size = int(math.prod(spec.shape))
     guard = guard_length(spec.shape)
     host = np.full(size + 2 * guard, GUARD_SENTINEL, dtype=dtype)
     if spec.init_from:

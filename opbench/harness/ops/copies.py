@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 
@@ -39,7 +40,7 @@ LARGE_CPY_SHAPE = [LARGE_OFFSET // 65536 + 1, 256, 256]
 
 def _wide_uniform(rng, shape, dtype):
     """Values spanning many binades, so rounding (not only truncation) is exercised."""
-    if np.prod(shape) > LARGE_ROWS // 16:  # a large table repeats a random period (cases.py)
+    if math.prod(shape) > LARGE_ROWS // 16:  # a large table repeats a random period (cases.py)
         return periodic_fill(_wide_uniform(rng, (1_000_003,), dtype), tuple(shape))
     mantissa = rng.uniform(-1.0, 1.0, size=shape)
     # ldexp is the exact product mantissa * 2**e without exp2's float64 powers (a third of
@@ -170,7 +171,7 @@ class SetRowsSpec(_CopySpec):
         return {"dst": copy_ref.set_rows(a["dst"], a["src"], a["slots"])}
 
     def cost(self, case) -> float:
-        return float(case["nslots"] * np.prod(case["row"]))
+        return float(case["nslots"] * math.prod(case["row"]))
 
     def perf_cases(self, sizes: str) -> list[Case]:
         if sizes == "small":
@@ -229,7 +230,7 @@ class GetRowsSpec(_CopySpec):
         return [get_rows_case("f16", "f32", (8, 128), 4096, 8192)]
 
     def work(self, case, inputs, outputs) -> tuple[int, int]:
-        values = int(np.prod(outputs["out"].shape))  # only the gathered rows are read
+        values = int(math.prod(outputs["out"].shape))  # only the gathered rows are read
         return values * (itemsize(case["type_src"]) + itemsize(outputs["out"].dtype)), 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
@@ -209,7 +210,7 @@ class RopeSpec(OpSpec):
         return {"out": out}
 
     def cost(self, case: Case) -> float:
-        return float(np.prod(case["ne"]))
+        return float(math.prod(case["ne"]))
 
     def perf_cases(self, sizes: str) -> list[Case]:
         if sizes == "small":
