@@ -232,12 +232,14 @@ def rows_changed_outside(buf: DeviceBuffer, actual: np.ndarray, rows: np.ndarray
     before = buf.split(buf.host_before)[1].reshape(actual.shape)
     per_row = max(1, actual[:1].size)
     step = max(1, CHANGE_SCAN_ELEMENTS // per_row)
-    changed = []
+    outside = np.ones(len(actual), bool)
+    outside[rows] = False  # a mask, not setdiff1d (sorts both sides: 20 us against 3 us)
+    strays = []
     for start in range(0, len(actual), step):
         a, b = actual[start:start + step], before[start:start + step]
         differs = (_bits(a.reshape(-1)) != _bits(b.reshape(-1))).reshape(len(a), -1)
-        changed.append(np.flatnonzero(differs.any(axis=1)) + start)
-    stray = np.setdiff1d(np.concatenate(changed), rows) if changed else np.array([], int)
+        strays.append(np.flatnonzero(differs.any(axis=1) & outside[start:start + step]) + start)
+    stray = np.concatenate(strays) if strays else np.array([], int)
     if stray.size:
         return (f"{buf.name}: {stray.size} rows outside the {len(rows)} the op writes changed "
                 f"(first: row {int(stray[0])})")
