@@ -96,7 +96,9 @@ def rope_params(case: Case) -> RopeParams:
 def oracle_kwargs(p: RopeParams, *, angles_only: bool = False) -> dict:
     """``p`` as keyword arguments of ``reference.rope.rope`` (its field names are the oracle's);
     ``angles_only``: of ``reference.rope.rope_angles``, which neither pairs nor inverts."""
-    kwargs = dataclasses.asdict(p)
+    # shallow: every field is a scalar or a tuple of ints, and asdict's deep copy took 13 us
+    # against 1.6 us
+    kwargs = {field.name: getattr(p, field.name) for field in dataclasses.fields(p)}
     if angles_only:
         del kwargs["mode"], kwargs["inverse"]
     return kwargs
