@@ -209,7 +209,7 @@ def _crew() -> _Crew:
 
 def _forget_crew_after_fork() -> None:
     # a forked child (the scenario matrix's workers) inherits the crew object but not its
-    # threads: parts queued to it would wait forever
+    # threads: the caller would claim and run every part alone
     global _CREW
     _CREW = None
 
