@@ -70,21 +70,29 @@ class RopeCacheKeyWithoutBase(CpuBackend):
 
 class CopiesNotAwaited(CpuBackend):
     """copy_async whose destination does not wait for the copy; the data lands only when the
-    host next synchronizes.  A gather that issues several copies and reads them before its one
-    synchronize reads the poisoned destination."""
+    host next synchronizes the destination device (after the work queued there has run).  A
+    gather that issues several copies and reads them before its one synchronize reads the
+    poisoned destination.  (Landing on any synchronize made where the bug first shows depend
+    on thread timing: a synchronize of another device could land the copy before the reading
+    kernel ran, and a 3-device layer split then first diverged at layer 4 instead of 2.)"""
 
     def copy_async(self, src, dst_device, stream=None):
         dst = self.empty(src.shape, src.dtype, dst_device)
         source, target = plain(src), plain(dst)
-        pending = self.__dict__.setdefault("_pending_copies", [])
-        pending.append(lambda: np.copyto(target, source))
+        self._pending_copies().append((self.runtime.device(dst_device),
+                                       lambda: np.copyto(target, source)))
         return dst
 
     def synchronize(self, device=None) -> None:
         super().synchronize(device)
-        pending = self.__dict__.get("_pending_copies", [])
-        while pending:
-            pending.pop(0)()
+        synced = None if device is None else self.runtime.device(device)
+        pending = self._pending_copies()
+        for entry in [e for e in pending if synced is None or e[0] is synced]:
+            pending.remove(entry)
+            entry[1]()
+
+    def _pending_copies(self) -> list:
+        return self.__dict__.setdefault("_copies_in_flight", [])
 
 
 class RingMergeIgnoresLse(CpuBackend):
