@@ -94,21 +94,13 @@ def hold_blas_at_one_thread() -> None:
 
 
 # How long a part thread keeps watching for the next job after one, and a caller for its job's
-# end, before it sleeps on an event.  A thread woken from an event (a futex) starts late on this
-# kind of virtual machine (the host deschedules an idle vCPU): the second half of a split 24 MiB
-# copy started 0.2-0.3 ms after the first, and the split was no faster than one thread.
-# Polling from Python cannot help: a thread that wants the GIL back sleeps on a futex too.  So
-# the watch runs in a numba loop without the GIL (``wait_for_change``), spinning with the CPU's
-# pause hint, as OpenMP's idle threads do (GOMP_SPINCOUNT).  It did not remove the late start
-# (traced, the second part still began 0.1-0.3 ms after the first: the host does not run a
-# spinning vCPU at once either), but interleaved against the event-only pool (perf_compare) it
-# was faster: with a 2 ms watch, the f32 -> f16 copy 0.70 -> 0.84 and 0.71 -> 0.74 of torch,
-# SET_ROWS 1.66 -> 1.88 and 1.59 -> 1.80 of ggml, the scenario matrix (-j 2, two processes that
-# both spin) 29.6 -> 27.2 s, `opbench test -j 2` unchanged (8.2 / 8.1 s); with 0.3 ms, the
-# same copy 0.62 -> 0.78 and 0.53 -> 0.60, SET_ROWS 1.33 -> 1.74 and 1.40 -> 1.47.  The shorter
-# watch keeps the gain and takes a core from whatever runs next (a neighbour process, the next
-# side of an interleaved A/B) for less time: about what OpenMP spins with GOMP_SPINCOUNT=10000,
-# as the peers run in benchmarks/perf_compare.py.
+# end, before it sleeps on an event.  A thread woken from an event (a futex) starts 0.1-0.3 ms
+# late on a virtual machine whose host deschedules idle vCPUs, and polling from Python cannot
+# help (a thread that wants the GIL back sleeps on a futex too), so the watch runs in a numba
+# loop without the GIL (``wait_for_change``), spinning with the CPU's pause hint as OpenMP's
+# idle threads do.  0.3 ms is about OpenMP's spin at GOMP_SPINCOUNT=10000 (how the peers run in
+# benchmarks/perf_compare.py) and kept the gain of a 2 ms watch while taking a core from a
+# neighbour process for less time; the figures are in docs/perf.md ("Ninth pass").
 SPIN_SECONDS = 0.0003
 
 
