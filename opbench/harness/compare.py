@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..reference import copies as copy_ref
 from ..reference import nan_rule
 
 
@@ -112,12 +113,14 @@ def _bit_samples(mask: np.ndarray, expected: np.ndarray, actual: np.ndarray, lim
 
 
 def compare_close(expected: np.ndarray, low_precision, actual: np.ndarray,
-                  tol: Tolerance) -> Verdict:
+                  tol: Tolerance, low_rounded_to: np.dtype | None = None) -> Verdict:
     """NMSE and the precision rule against the float64 oracle ``expected``.
 
     ``low_precision``: the oracle computed in float32 (an array, or a function returning it:
     asked for only when some error passes the floor, since an element within the floor is
-    within every bound)."""
+    within every bound).  ``low_rounded_to``: the dtype that oracle is rounded to, when it is;
+    then it is asked for only when an error also passes a cheap lower bound of its error (see
+    ``_rounding_distance``), and the verdict is the same as with it."""
     exp = np.asarray(expected, dtype=np.float64)
     act = np.asarray(actual, dtype=np.float64)
     if exp.shape != act.shape:
@@ -139,7 +142,14 @@ def compare_close(expected: np.ndarray, low_precision, actual: np.ndarray,
     nmse = squares / denom if denom > 0 else squares
     scale = _largest_magnitude(exp if finite is None else exp[finite])
     bound = tol.floor * max(scale, 1e-30)
-    if float(np.max(err, initial=0.0)) > bound:
+    largest = float(np.max(err, initial=0.0))
+    if largest > bound and low_rounded_to is not None:
+        # E >= this distance, so when it already covers every error no element can be bad
+        # under the full bound either: the float32 oracle is not needed to pass
+        cheap = bound + tol.k * _rounding_distance(exp, err, low_rounded_to)
+        if largest <= cheap:
+            bound = cheap
+    if largest > bound:
         bound += tol.k * _largest_error(low_precision, exp, finite)
     bad = err > bound
     if nmse > tol.nmse:
@@ -159,6 +169,24 @@ def _sum_of_squares(values: np.ndarray) -> float:
 def _largest_magnitude(values: np.ndarray) -> float:
     """max |values| without a temporary; 1.0 for no values."""
     return float(max(values.max(), -values.min())) if values.size else 1.0
+
+
+#: elements whose distance to the storage dtype's grid is measured for ``_rounding_distance``
+ROUNDING_SAMPLE = 256
+
+
+def _rounding_distance(exp: np.ndarray, err: np.ndarray, dtype: np.dtype) -> float:
+    """A lower bound of the float32 oracle's largest error when that oracle is rounded to
+    ``dtype``: each of its elements is a value of ``dtype`` (or not finite), so at element j
+    its error is at least the distance from ``exp[j]`` to the nearest value of ``dtype``.  The
+    largest such distance over a strided sample and the element of the largest error."""
+    flat = exp.reshape(-1)
+    step = max(1, flat.size // ROUNDING_SAMPLE)
+    sample = np.append(flat[::step], flat[int(np.argmax(err))] if err.size else 0.0)
+    nearest = copy_ref.round_to(sample, dtype).astype(np.float64)
+    distance = np.abs(nearest - sample)
+    distance = distance[np.isfinite(distance)]  # past the dtype's range, or not finite
+    return float(distance.max()) if distance.size else 0.0
 
 
 def _largest_error(low_precision, exp: np.ndarray, finite: np.ndarray | None) -> float:

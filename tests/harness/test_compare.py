@@ -69,6 +69,50 @@ def test_the_float32_oracle_is_asked_for_only_past_the_floor():
     assert not verdict.ok and verdict.metric == "max_err"
 
 
+def _rounded(values: np.ndarray, dtype: str) -> np.ndarray:
+    from opbench.reference.copies import round_to
+
+    return round_to(values, dtype)
+
+
+@pytest.mark.parametrize("dtype", ["f16", "bf16"])
+def test_a_rounded_float32_oracle_is_not_asked_for_when_rounding_covers_every_error(dtype):
+    """A correct low-precision output (float32 math rounded to f16 or bf16) errs by about the
+    rounding itself, past the floor: the distance from the float64 oracle to the dtype's grid,
+    a lower bound of the float32 oracle's error, then covers it without that oracle."""
+    rng = np.random.default_rng(3)
+    b = rng.uniform(-1, 1, (64, 33))
+    backend = _rounded(b.astype(np.float32), dtype)
+    low = _rounded(b.astype(np.float32), dtype)
+    tol = SPECS["ROPE"].tolerance(dtype)
+    asked, unrounded = _Asked(low), _Asked(low)
+    verdict = compare_close(b, asked, backend, tol, low_rounded_to=backend.dtype)
+    assert verdict.ok and verdict == compare_close(b, unrounded, backend, tol)
+    assert (asked.calls, unrounded.calls) == (0, 1)  # the rounding passes the floor
+
+
+@pytest.mark.parametrize("dtype", ["f16", "bf16", "f32"])
+def test_the_rounding_lower_bound_never_changes_a_verdict(dtype):
+    """3000 seeded outputs with errors around every bound, NaN and Inf: the verdict with the
+    lower bound in front of the float32 oracle is the verdict without it, field by field."""
+    rng = np.random.default_rng(11)
+    tol = SPECS["ROPE"].tolerance(dtype)
+    skipped = 0
+    for _ in range(1000):
+        b = rng.uniform(-1, 1, int(rng.integers(1, 600))) * 10.0 ** rng.integers(-3, 4)
+        low = _rounded(b.astype(np.float32) * (1 + rng.normal(0, 1e-6, b.size)), dtype)
+        spacing = np.abs(b - _rounded(b, dtype).astype(np.float64)).max()
+        noise = rng.normal(0, 1, b.size) * spacing * 10.0 ** rng.uniform(-2, 2.5)
+        actual = _rounded(b + noise, dtype)
+        if rng.random() < 0.05:
+            actual[int(rng.integers(b.size))] = rng.choice([np.nan, np.inf, -np.inf])
+        asked = _Asked(low)
+        verdict = compare_close(b, asked, actual, tol, low_rounded_to=actual.dtype)
+        assert repr(verdict) == repr(compare_close(b, low, actual, tol))  # NaN samples too
+        skipped += asked.calls == 0
+    assert skipped > 100  # the bound did stand in for the oracle, often
+
+
 def test_references_leave_the_float32_oracle_for_later_and_freeze_the_inputs():
     from opbench.harness.runner import references
 
