@@ -177,3 +177,25 @@ def test_list_large_and_refusals(capsys):
     assert len(capsys.readouterr().out.split()) == 5
     assert main(["test", "--large", "--quick"]) == 2
     assert "--large is its own case set" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("lo, hi", [(-1.0, 1.0), (-2.0, 0.0), (0.5, 4.0)])
+def test_draw_uniform_draws_what_rng_uniform_draws(lo, hi):
+    """Scaling in place keeps every input of every case table as it was drawn before."""
+    from opbench.harness.cases import draw_uniform
+
+    for seed in range(5):
+        fast = draw_uniform(np.random.default_rng(seed), (9, 31), lo, hi)
+        plain = np.random.default_rng(seed).uniform(lo, hi, (9, 31))
+        assert fast.tobytes() == plain.tobytes()
+
+
+def test_wide_values_are_the_exact_products_ldexp_gives():
+    from opbench.harness.ops.copies import _wide_uniform
+
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        mantissa = rng.uniform(-1.0, 1.0, (40, 24))
+        expected = np.ldexp(mantissa, rng.integers(-12, 12, (40, 24))).astype(np.float32)
+        got = _wide_uniform(np.random.default_rng(seed), (40, 24), "f32")
+        assert got.tobytes() == expected.tobytes() and np.ptp(np.log2(np.abs(got))) > 16
