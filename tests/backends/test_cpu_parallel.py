@@ -73,6 +73,14 @@ def _permuted_copy():
     return out
 
 
+def _contiguous_copy():
+    rng = np.random.default_rng(7)
+    src = rng.uniform(-70000, 70000, (50, 3, 8)).astype(np.float32)
+    out = np.full(src.shape, np.nan, np.float16)
+    kernels.cpy(src, out, (0, 1, 2), 1)  # the claimed chunks of jit.convert
+    return out
+
+
 CALLS = {
     "rope f32 neox": lambda: _rope_outputs(np.float32, "neox"),
     "rope f16 normal": lambda: _rope_outputs(np.float16, "normal"),
@@ -87,6 +95,7 @@ CALLS = {
         np.float32, 40, window=9, max_bias=8.0, extras=True, numba_loop=True, key_chunk=16),
     "rows and kv_rotate": _row_outputs,
     "cpy permuted, rows in source order": _permuted_copy,
+    "cpy contiguous, converted": _contiguous_copy,
 }
 
 
@@ -280,3 +289,96 @@ def test_the_gil_free_watch_sees_a_store_from_another_thread():
     setter.start()
     assert jit.wait_for_change(cell, 0, 2_000_000_000)  # ~1 min of looks; it sees the store
     setter.join()
+
+
+# -- claimed chunks (the copies) -------------------------------------------------------------
+def test_claims_from_two_threads_at_once_never_repeat_an_index():
+    """Two threads claim from one counter at once: every index goes to one of them (a plain
+    load, add and store handed out 10-40% of them twice: checked)."""
+    import numba
+
+    from opbench.backends.cpu import numba_kernels
+
+    @numba.njit(nogil=True)
+    def claim_many(counter, out):
+        spin = 0.0
+        for i in range(len(out)):
+            out[i] = numba_kernels.claim_next(counter)
+            for j in range(20):  # a little work between claims: the threads alternate often
+                spin = spin * 0.5 + j  # (without it, one thread claimed runs of thousands)
+        return spin
+
+    counter, outs = np.zeros(1, np.int64), [np.zeros(200_000, np.int64) for _ in range(2)]
+    claim_many(counter, outs[0][:1])  # compile before the race
+    counter[0] = 0
+    racers = [threading.Thread(target=claim_many, args=(counter, out)) for out in outs]
+    for racer in racers:
+        racer.start()
+    for racer in racers:
+        racer.join()
+    claimed = np.sort(np.concatenate(outs))
+    assert np.array_equal(claimed, np.arange(400_000))  # a plain one: ~1/3 repeated
+
+
+def _claiming(chunks: int, seen: list, barrier=None, fail_on=None):
+    """A kernel for ``run_claimed``: claims chunk indices until none is left, counting each
+    done, the first of each thread's waiting at ``barrier``; chunk ``fail_on`` raises."""
+    from opbench.backends.cpu import numba_kernels
+
+    def kernel(counter):
+        first = True
+        while (index := numba_kernels.claim_next(counter)) < chunks:
+            if first and barrier is not None:
+                barrier.wait()
+            first = False
+            if index == fail_on:
+                raise ValueError(f"chunk {index}")
+            seen.append((index, threading.current_thread().name))
+            numba_kernels.chunk_done(counter)
+
+    return kernel
+
+
+def test_claimed_chunks_run_once_each_on_two_threads_at_once(two_threads):
+    """Each thread's first chunk waits for the other's: the part thread must join in (it
+    may be watching or asleep), and every chunk still runs exactly once."""
+    barrier = threading.Barrier(2, timeout=60)
+    for i in range(20):
+        seen = []
+        parallel.run_claimed(_claiming(9, seen, barrier), 9)
+        assert sorted(index for index, _ in seen) == list(range(9))
+        assert len({name for _, name in seen}) == 2
+        time.sleep(0.003 * (i % 2))  # every other call finds the part thread past its watch
+
+
+def test_a_claimed_call_from_inside_a_part_runs_every_chunk_on_that_thread(two_threads):
+    seen = []
+    parallel.run_split(lambda lo, hi: parallel.run_claimed(_claiming(5, seen), 5) if lo == 0
+                       else None, 2)
+    assert sorted(index for index, _ in seen) == list(range(5))
+    assert len({name for _, name in seen}) == 1
+
+
+def test_a_failing_claimed_chunk_raises_in_the_caller(two_threads):
+    """The failing chunk is never counted: the caller waits for the job's end and raises,
+    whichever thread ran it; the crew keeps working after."""
+    barrier = threading.Barrier(2, timeout=60)
+    for fail_on in (0, 1, 8):
+        with pytest.raises(ValueError, match=f"chunk {fail_on}"):
+            parallel.run_claimed(_claiming(9, [], barrier, fail_on=fail_on), 9)
+        barrier.reset()
+    seen = []
+    parallel.run_claimed(_claiming(9, seen, barrier), 9)
+    assert sorted(index for index, _ in seen) == list(range(9))
+
+
+def test_the_caller_returns_when_every_chunk_is_counted():
+    """The count, not the part threads' return to Python, ends a claimed split."""
+    from opbench.backends.cpu import numba_kernels
+
+    counter = np.zeros(2, np.int64)
+    for _ in range(3):
+        assert not jit.wait_for_count(counter, 1, 3, 1000)
+        numba_kernels.claim_next(counter)
+        numba_kernels.chunk_done(counter)
+    assert list(counter) == [3, 3] and jit.wait_for_count(counter, 1, 3, 1)

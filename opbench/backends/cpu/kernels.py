@@ -512,6 +512,9 @@ def cpy(src, out, perm, step: int, use_jit: bool = True) -> None:
     if use_jit and _rows_in_source_order(src, out, perm, view):
         jit.copy_permuted_rows(src, out, perm, step)
         return
+    if use_jit and view.flags.c_contiguous and _numba_copies(view, out):
+        jit.convert(view, out)  # split over the cores in claimed chunks (``jit.convert``)
+        return
     if out.nbytes < PARALLEL_COPY_BYTES or out.ndim == 0:
         _cpy_rows(view, out, use_jit)
         return

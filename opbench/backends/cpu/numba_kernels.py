@@ -131,17 +131,23 @@ _X86 = platform.machine().lower() in ("x86_64", "amd64")
 
 
 @intrinsic
-def _fresh_load(typingctx, cell):
-    """cell[0] of an int64 array, read from memory every time (an atomic load: a plain one
+def _fresh_load(typingctx, cell, index):
+    """cell[index] of an int64 array, read from memory every time (an atomic load: a plain one
     is hoisted out of the waiting loop, which then never sees the change)."""
-    if not (isinstance(cell, types.Array) and cell.dtype == types.int64):
+    if not (isinstance(cell, types.Array) and cell.dtype == types.int64
+            and isinstance(index, types.Integer)):
         return None
 
     def codegen(context, builder, signature, args):
-        data = context.make_array(signature.args[0])(context, builder, args[0]).data
-        return builder.load_atomic(data, "acquire", 8)
+        return builder.load_atomic(_element(context, builder, signature, args), "acquire", 8)
 
-    return types.int64(cell), codegen
+    return types.int64(cell, index), codegen
+
+
+def _element(context, builder, signature, args):
+    """The address of cell[index] (the intrinsics' arguments)."""
+    data = context.make_array(signature.args[0])(context, builder, args[0]).data
+    return builder.gep(data, [context.cast(builder, args[1], signature.args[1], types.intp)])
 
 
 @intrinsic
@@ -158,11 +164,51 @@ def _cpu_pause(typingctx):
     return types.none(), codegen
 
 
+@intrinsic
+def _fetch_add(typingctx, cell, index):
+    """cell[index] += 1 (int64) as one atomic step, returning the value before: two threads
+    never get the same value.  A full barrier: what a thread wrote before it is seen by a
+    thread that reads the new count with ``_fresh_load``."""
+    if not (isinstance(cell, types.Array) and cell.dtype == types.int64
+            and isinstance(index, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.atomic_rmw("add", _element(context, builder, signature, args),
+                                  ir.Constant(ir.IntType(64), 1), "acq_rel")
+
+    return types.int64(cell, index), codegen
+
+
+# A claimed split's counter: [next chunk to claim, chunks finished] (``parallel.run_claimed``)
+@numba.njit(nogil=True, cache=True)
+def claim_next(counter):
+    """The index of the next chunk nobody has claimed (it may be past the last one)."""
+    return _fetch_add(counter, 0)
+
+
+@numba.njit(nogil=True, cache=True)
+def chunk_done(counter):
+    """One more chunk finished: the caller returns once all are, without waiting for the
+    threads that ran them to take the GIL back."""
+    _fetch_add(counter, 1)
+
+
 @numba.njit(nogil=True, cache=True)
 def wait_for_change(cell, seen, rounds):
     """True as soon as cell[0] != seen, False after ``rounds`` looks; runs without the GIL."""
     for _ in range(rounds):
-        if _fresh_load(cell) != seen:
+        if _fresh_load(cell, 0) != seen:
+            return True
+        _cpu_pause()
+    return False
+
+
+@numba.njit(nogil=True, cache=True)
+def wait_for_count(cell, index, count, rounds):
+    """True as soon as cell[index] >= count, False after ``rounds`` looks; without the GIL."""
+    for _ in range(rounds):
+        if _fresh_load(cell, index) >= count:
             return True
         _cpu_pause()
     return False
@@ -203,6 +249,44 @@ def copy_rows_permuted(src, out, lead, strides, step_axis, step, lo, hi):
             source, target = src[r], out[row]
             for c in range(len(target)):
                 target[c] = move(source[c], target)
+
+
+# The claimed variants: every thread of a split calls one, and it runs chunks of ``chunk``
+# items, claimed from ``counter`` one by one, until none is left, counting each it finishes;
+# a thread that comes late takes fewer or none, and no thread waits for another
+# (``parallel.run_claimed``).
+@numba.njit(nogil=True, cache=True)
+def convert_claimed(src, dst, counter, chunk):
+    """``convert_flat`` over claimed chunks of elements."""
+    while True:
+        lo = claim_next(counter) * chunk
+        if lo >= src.size:
+            return
+        convert_flat(src[lo:lo + chunk], dst[lo:lo + chunk])
+        chunk_done(counter)
+
+
+@numba.njit(nogil=True, cache=True)
+def gather_rows_claimed(src, rows, out, counter, chunk):
+    """``gather_rows`` over claimed chunks of out's rows."""
+    while True:
+        lo = claim_next(counter) * chunk
+        if lo >= len(rows):
+            return
+        gather_rows(src, rows[lo:lo + chunk], out[lo:lo + chunk])
+        chunk_done(counter)
+
+
+@numba.njit(nogil=True, cache=True)
+def copy_rows_permuted_claimed(src, out, lead, strides, step_axis, step, counter, chunk):
+    """``copy_rows_permuted`` over claimed chunks of src's rows."""
+    while True:
+        lo = claim_next(counter) * chunk
+        if lo >= len(src):
+            return
+        copy_rows_permuted(src, out, lead, strides, step_axis, step, lo,
+                           min(lo + chunk, len(src)))
+        chunk_done(counter)
 
 
 @numba.njit(nogil=True, cache=True)

@@ -74,6 +74,25 @@ def run_split(kernel: Callable[[int, int], None], n: int, *, min_per_part: int =
     _crew().run(_Job(kernel, split(n, min(threads, n // min_per_part))))
 
 
+def run_claimed(kernel: Callable[[np.ndarray], None], chunks: int) -> None:
+    """kernel(counter) on every thread of the crew and on this one, for a kernel that runs
+    chunks it claims from ``counter`` one at a time until none of the ``chunks`` is left,
+    counting each it finishes (``numba_kernels.claim_next`` and ``chunk_done``; counter is
+    [next chunk, chunks finished]).  No thread waits for another to start: a part thread
+    that comes late finds fewer chunks, or none; and the caller returns once every chunk is
+    counted, without waiting for the part threads to take the GIL back.  Made for the
+    memory-bound copies ([4096, 8, 128] f32 -> f16 on two threads: the part thread started
+    ~50 us after the caller and took the GIL back ~60 us after its half, of a 0.45 ms call;
+    the figures are in docs/perf.md, "Tenth pass")."""
+    counter = np.zeros(2, np.int64)
+    threads = min(thread_count(), chunks)
+    if threads < 2 or getattr(_state, "inside", False):
+        kernel(counter)
+        return
+    _crew().run(_Job(lambda lo, hi: kernel(counter), [(0, chunks)] * threads),
+                counted=(counter, chunks))
+
+
 def hold_blas_at_one_thread() -> None:
     """From the first split whose parts call BLAS on, NumPy's BLAS (OpenBLAS, MKL) runs on
     one thread for the rest of the process: each part is a thread already, and BLAS's own
@@ -141,18 +160,22 @@ class _Crew:
         self._queue: collections.deque[_Job] = collections.deque()
         self._posted = np.zeros(1, np.int64)  # bumped for every job queued (watched)
         self._work = threading.Event()  # set with it (slept on)
-        self._watch = _gil_free_watch()
+        self._watch, self._count_watch = _gil_free_watches()
         self.size = size
         for i in range(size):
             threading.Thread(target=self._serve, name=f"opbench-cpu-part-{i}",
                              daemon=True).start()
 
-    def run(self, job: _Job) -> None:
+    def run(self, job: _Job, counted: tuple[np.ndarray, int] | None = None) -> None:
+        """``counted``: (counter, n) of a claimed job, done when counter[1] reaches n (a part
+        that fails never counts its chunk: then the job's own end is waited for)."""
         # one entry per part thread that may join: the caller takes a part itself
         self._queue.extend([job] * min(self.size, len(job.parts) - 1))
         self._posted[0] += 1
         self._work.set()
         job.work()
+        if counted is not None and self._count_watch(*counted):
+            return
         if not self._watch(job.finished_cell, 0):
             job.done.wait()
         if job.error is not None:
@@ -172,18 +195,22 @@ class _Crew:
             job.work()
 
 
-def _gil_free_watch() -> Callable[[np.ndarray, int], bool]:
-    """watch(cell, seen): True as soon as cell[0] != seen, False after about SPIN_SECONDS
-    (at once without numba: the caller then sleeps on its event)."""
+def _gil_free_watches() -> tuple[Callable[[np.ndarray, int], bool],
+                                 Callable[[np.ndarray, int], bool]]:
+    """watch(cell, seen): True as soon as cell[0] != seen; count_watch(counter, n): True as
+    soon as counter[1] >= n; each False after about SPIN_SECONDS (at once without numba: the
+    caller then sleeps on its event)."""
     from . import jit  # jit imports this module
 
     if not jit.available():
-        return lambda cell, seen: bool(cell[0] != seen)
-    wait_for_change = jit.wait_for_change
+        return (lambda cell, seen: bool(cell[0] != seen),
+                lambda counter, n: bool(counter[1] >= n))
+    wait_for_change, wait_for_count = jit.wait_for_change, jit.wait_for_count
     start = time.perf_counter()
     wait_for_change(np.zeros(1, np.int64), 0, 10_000)  # how long a look takes here
     rounds = int(SPIN_SECONDS * 10_000 / max(time.perf_counter() - start, 1e-6))
-    return lambda cell, seen: wait_for_change(cell, seen, rounds)
+    return (lambda cell, seen: wait_for_change(cell, seen, rounds),
+            lambda counter, n: wait_for_count(counter, 1, n, rounds))
 
 
 _CREW: _Crew | None = None
