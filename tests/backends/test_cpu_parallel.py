@@ -325,7 +325,8 @@ def _claiming(chunks: int, seen: list, barrier=None, fail_on=None):
     done, the first of each thread's waiting at ``barrier``; chunk ``fail_on`` raises."""
     from opbench.backends.cpu import numba_kernels
 
-    def kernel(counter):
+    def kernel(counter, posted):
+        numba_kernels.post(posted)
         first = True
         while (index := numba_kernels.claim_next(counter)) < chunks:
             if first and barrier is not None:

@@ -70,7 +70,8 @@ def convert(src, dst) -> None:
     flat_src, flat_dst = bits(src).reshape(-1), bits(dst).reshape(-1)
     chunk = _copy_chunk(flat_src.size, 1)
     convert_claimed = _load().convert_claimed
-    parallel.run_claimed(lambda counter: convert_claimed(flat_src, flat_dst, counter, chunk),
+    parallel.run_claimed(lambda counter, posted: convert_claimed(flat_src, flat_dst, counter,
+                                                                 chunk, posted),
                          -(-flat_src.size // chunk))
 
 
@@ -106,7 +107,7 @@ def gather_rows(src, rows, out) -> None:
     src2, out2 = bits(src).reshape(len(src), -1), bits(out).reshape(len(out), -1)
     chunk = _copy_chunk(len(out2), out2.shape[1])
     gather = _load().gather_rows_claimed
-    parallel.run_claimed(lambda counter: gather(src2, rows, out2, counter, chunk),
+    parallel.run_claimed(lambda counter, posted: gather(src2, rows, out2, counter, chunk, posted),
                          -(-len(out2) // chunk))
 
 
@@ -122,7 +123,8 @@ def copy_permuted_rows(src, out, perm, step: int) -> None:
     args = (src2, out2, np.array(lead, np.int64), strides, int(perm[0]), int(step))
     chunk = _copy_chunk(len(src2), src.shape[-1])
     kernel = _load().copy_rows_permuted_claimed
-    parallel.run_claimed(lambda counter: kernel(*args, counter, chunk), -(-len(src2) // chunk))
+    parallel.run_claimed(lambda counter, posted: kernel(*args, counter, chunk, posted),
+                         -(-len(src2) // chunk))
 
 
 def scatter_rows(dst, src, slots) -> None:

@@ -188,6 +188,12 @@ def claim_next(counter):
 
 
 @numba.njit(nogil=True, cache=True)
+def post(posted):
+    """posted[0] += 1: the part threads watching it look for a job (``parallel._Crew``)."""
+    _fetch_add(posted, 0)
+
+
+@numba.njit(nogil=True, cache=True)
 def chunk_done(counter):
     """One more chunk finished: the caller returns once all are, without waiting for the
     threads that ran them to take the GIL back."""
@@ -254,10 +260,13 @@ def copy_rows_permuted(src, out, lead, strides, step_axis, step, lo, hi):
 # The claimed variants: every thread of a split calls one, and it runs chunks of ``chunk``
 # items, claimed from ``counter`` one by one, until none is left, counting each it finishes;
 # a thread that comes late takes fewer or none, and no thread waits for another
-# (``parallel.run_claimed``).
+# (``parallel.run_claimed``).  Each first adds one to ``posted``, the cell the part threads
+# watch for work: the caller posts its job from here, where it no longer holds the GIL, so a
+# part thread that sees it gets the GIL at once instead of sleeping until the caller lets go.
 @numba.njit(nogil=True, cache=True)
-def convert_claimed(src, dst, counter, chunk):
+def convert_claimed(src, dst, counter, chunk, posted):
     """``convert_flat`` over claimed chunks of elements."""
+    post(posted)
     while True:
         lo = claim_next(counter) * chunk
         if lo >= src.size:
@@ -267,8 +276,9 @@ def convert_claimed(src, dst, counter, chunk):
 
 
 @numba.njit(nogil=True, cache=True)
-def gather_rows_claimed(src, rows, out, counter, chunk):
+def gather_rows_claimed(src, rows, out, counter, chunk, posted):
     """``gather_rows`` over claimed chunks of out's rows."""
+    post(posted)
     while True:
         lo = claim_next(counter) * chunk
         if lo >= len(rows):
@@ -278,8 +288,10 @@ def gather_rows_claimed(src, rows, out, counter, chunk):
 
 
 @numba.njit(nogil=True, cache=True)
-def copy_rows_permuted_claimed(src, out, lead, strides, step_axis, step, counter, chunk):
+def copy_rows_permuted_claimed(src, out, lead, strides, step_axis, step, counter, chunk,
+                               posted):
     """``copy_rows_permuted`` over claimed chunks of src's rows."""
+    post(posted)
     while True:
         lo = claim_next(counter) * chunk
         if lo >= len(src):

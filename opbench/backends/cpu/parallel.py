@@ -74,23 +74,23 @@ def run_split(kernel: Callable[[int, int], None], n: int, *, min_per_part: int =
     _crew().run(_Job(kernel, split(n, min(threads, n // min_per_part))))
 
 
-def run_claimed(kernel: Callable[[np.ndarray], None], chunks: int) -> None:
-    """kernel(counter) on every thread of the crew and on this one, for a kernel that runs
-    chunks it claims from ``counter`` one at a time until none of the ``chunks`` is left,
-    counting each it finishes (``numba_kernels.claim_next`` and ``chunk_done``; counter is
-    [next chunk, chunks finished]).  No thread waits for another to start: a part thread
-    that comes late finds fewer chunks, or none; and the caller returns once every chunk is
-    counted, without waiting for the part threads to take the GIL back.  Made for the
-    memory-bound copies ([4096, 8, 128] f32 -> f16 on two threads: the part thread started
-    ~50 us after the caller and took the GIL back ~60 us after its half, of a 0.45 ms call;
-    the figures are in docs/perf.md, "Tenth pass")."""
+def run_claimed(kernel: Callable[[np.ndarray, np.ndarray], None], chunks: int) -> None:
+    """kernel(counter, posted) on every thread of the crew and on this one, for a kernel that
+    first adds one to posted[0] (it posts the job, see ``_Crew.run``), then runs chunks it
+    claims from ``counter`` one at a time until none of the ``chunks`` is left, counting each
+    it finishes (``numba_kernels.claim_next`` and ``chunk_done``; counter is [next chunk,
+    chunks finished]).  No thread waits for another to start: a part thread that comes late
+    finds fewer chunks, or none; and the caller returns once every chunk is counted, without
+    waiting for the part threads to take the GIL back.  Made for the memory-bound copies; the
+    figures are in docs/perf.md, "Tenth pass"."""
     counter = np.zeros(2, np.int64)
     threads = min(thread_count(), chunks)
     if threads < 2 or getattr(_state, "inside", False):
-        kernel(counter)
+        kernel(counter, np.zeros(1, np.int64))
         return
-    _crew().run(_Job(lambda lo, hi: kernel(counter), [(0, chunks)] * threads),
-                counted=(counter, chunks))
+    crew = _crew()
+    crew.run(_Job(lambda lo, hi: kernel(counter, crew.posted), [(0, chunks)] * threads),
+             counted=(counter, chunks))
 
 
 def hold_blas_at_one_thread() -> None:
@@ -158,7 +158,7 @@ class _Crew:
 
     def __init__(self, size: int):
         self._queue: collections.deque[_Job] = collections.deque()
-        self._posted = np.zeros(1, np.int64)  # bumped for every job queued (watched)
+        self.posted = np.zeros(1, np.int64)  # bumped for every job queued (watched)
         self._work = threading.Event()  # set with it (slept on)
         self._watch, self._count_watch = _gil_free_watches()
         self.size = size
@@ -168,11 +168,13 @@ class _Crew:
 
     def run(self, job: _Job, counted: tuple[np.ndarray, int] | None = None) -> None:
         """``counted``: (counter, n) of a claimed job, done when counter[1] reaches n (a part
-        that fails never counts its chunk: then the job's own end is waited for)."""
+        that fails never counts its chunk: then the job's own end is waited for); its kernel
+        bumps ``posted`` itself, from numba."""
         # one entry per part thread that may join: the caller takes a part itself
         self._queue.extend([job] * min(self.size, len(job.parts) - 1))
-        self._posted[0] += 1
-        self._work.set()
+        if counted is None:
+            self.posted[0] += 1
+        self._work.set()  # a part thread asleep on it wakes either way
         job.work()
         if counted is not None and self._count_watch(*counted):
             return
@@ -183,11 +185,11 @@ class _Crew:
 
     def _serve(self) -> None:
         while True:
-            posted = int(self._posted[0])  # read before the look: a job after it changes it
+            posted = int(self.posted[0])  # read before the look: a job after it changes it
             try:
                 job = self._queue.popleft()
             except IndexError:
-                if not self._watch(self._posted, posted):
+                if not self._watch(self.posted, posted):
                     self._work.clear()  # cleared before the last look: a put after it sets it
                     if not self._queue:
                         self._work.wait()
