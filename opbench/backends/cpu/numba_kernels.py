@@ -221,6 +221,42 @@ def wait_for_count(cell, index, count, rounds):
 
 
 # -- data movement -----------------------------------------------------------------------------
+@intrinsic
+def _prefetch(typingctx, array, index):
+    """A hint to bring the cache line of ``array``'s element ``index`` (flat, C order) into
+    the cache, to be read; no effect on any result."""
+    if not (isinstance(array, types.Array) and isinstance(index, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        address = builder.bitcast(_element(context, builder, signature, args),
+                                  ir.IntType(8).as_pointer())
+        i32 = ir.IntType(32)
+        hint = builder.module.declare_intrinsic(
+            "llvm.prefetch", fnty=ir.FunctionType(ir.VoidType(), [address.type, i32, i32, i32]))
+        # (address, 0: to read, 3: keep in every cache level, 1: data)
+        builder.call(hint, [address, i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+
+    return types.none(array, index), codegen
+
+
+#: rows of a gather whose lines are asked for ahead of the row being moved: rows in a random
+#: order defeat the hardware prefetcher at every row start (one thread, 4096 rows of 1,024 f16
+#: from 8,192: 1.51 ms, 0.92-0.93 with the row 1 or 2 ahead asked for, 1.02 with half of it;
+#: the scatter of SET_ROWS, asked to write ahead, stayed level: 1.81 -> 1.88, 1.69 -> 1.64 of
+#: ggml)
+ROWS_AHEAD = 2
+
+
+@numba.njit(inline="always")
+def _prefetch_row(table, row):
+    """Every cache line of row ``row`` of a C-contiguous 2-D ``table``, to be read."""
+    start, per_line = row * table.shape[1], max(1, 64 // table.itemsize)
+    for offset in range(0, table.shape[1], per_line):
+        _prefetch(table, start + offset)
+
+
 @numba.njit(nogil=True, cache=True)
 def convert_flat(src, dst):
     for i in range(src.size):
@@ -231,6 +267,8 @@ def convert_flat(src, dst):
 def gather_rows(src, rows, out):
     """out[r] = src[rows[r]] (2-D, rows of equal width), converted to out's type."""
     for r in range(len(rows)):
+        if r + ROWS_AHEAD < len(rows):
+            _prefetch_row(src, rows[r + ROWS_AHEAD])
         row = rows[r]
         for c in range(out.shape[1]):
             out[r, c] = move(src[row, c], out)
