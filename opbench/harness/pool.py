@@ -163,8 +163,10 @@ def _start_ignoring_sigint(process) -> None:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
-def _worker(conn, work: Work, stderr_fd: int | None = None) -> None:
+def _worker(conn, work: Work, stderr_fd: int | None = None, threads: int | None = None) -> None:
     _quiet_worker_signals(stderr_fd)
+    if threads:  # before any backend starts: the cpu backend's parts read it (unless set)
+        os.environ.setdefault("NUMBA_NUM_THREADS", str(threads))
     try:
         _start(work)
     except BackendSetupError as exc:
@@ -212,8 +214,8 @@ def run_inline(backend_ref: str, options: dict, cases: list[Case], run_seed: int
 class _Slot:
     """One worker process and the item it holds (``case``: a case or a scenario spec)."""
 
-    def __init__(self, ctx, work: Work) -> None:
-        self.ctx, self.work = ctx, work
+    def __init__(self, ctx, work: Work, threads: int | None = None) -> None:
+        self.ctx, self.work, self.threads = ctx, work, threads
         self.case: Any = None
         self.started = 0.0
         self.begun = False
@@ -225,7 +227,8 @@ class _Slot:
         self.conn = parent
         self._close_log()
         self.log = WorkerLog()  # a fresh one: a restarted worker's tail is its own
-        self.process = self.ctx.Process(target=_worker, args=(child, self.work, self.log),
+        self.process = self.ctx.Process(target=_worker,
+                                        args=(child, self.work, self.log, self.threads),
                                         daemon=True)
         _start_ignoring_sigint(self.process)
         child.close()
@@ -302,6 +305,14 @@ def run_in_workers(backend_ref: str, backend_name: str, options: dict, cases: li
     return run_items_in_workers(work, cases, jobs, timeout)
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def run_items_in_workers(work: Work, items: list, jobs: int, timeout: float | None
                          ) -> Iterator[dict]:
     """Yield records as workers finish them; CRASH/TIMEOUT records for lost items."""
@@ -311,7 +322,12 @@ def run_items_in_workers(work: Work, items: list, jobs: int, timeout: float | No
         os.environ.setdefault(name, "1")
     os.environ.setdefault("OMP_WAIT_POLICY", "passive")
     ctx = mp.get_context("spawn")
-    slots = [_Slot(ctx, work) for _ in range(max(1, min(jobs, len(items))))]
+    workers = max(1, min(jobs, len(items)))
+    # likewise the cpu backend's kernel splits: the cores shared out among the workers
+    # (``opbench test -j 2`` on two cores: 7.4-7.9 s with two threads a worker, 6.4-7.7 s with
+    # one; a worker's part thread took the core its neighbour was running on)
+    threads = max(1, usable_cpus() // workers)
+    slots = [_Slot(ctx, work, threads) for _ in range(workers)]
     queue = deque(items)
     try:
         for slot in slots:

@@ -28,3 +28,37 @@ def test_a_finished_worker_exits_without_teardown_and_keeps_its_output():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120, env=buffered)
     assert (done.returncode, done.stdout) == (0, "owed output"), done.stderr
+
+
+class _ThreadsSeen:
+    """A pool Work whose items report the cpu backend's split thread count in the worker."""
+
+    def start(self) -> None:
+        pass
+
+    def run(self, item) -> dict:
+        from opbench.backends.cpu import parallel
+
+        return {"item": item, "threads": parallel.thread_count()}
+
+    def stop(self) -> None:
+        pass
+
+    def lost(self, item, status: str, reason: str) -> dict:
+        return {"item": item, "lost": reason}
+
+
+def test_workers_share_out_the_cores_for_the_cpu_backends_splits(monkeypatch):
+    """N workers already fill the cores: each worker's kernel splits get cores / N threads (at
+    least one), unless NUMBA_NUM_THREADS says otherwise."""
+    from opbench.harness import pool
+
+    monkeypatch.delenv("NUMBA_NUM_THREADS", raising=False)
+    for jobs in (1, 2):
+        records = list(pool.run_items_in_workers(_ThreadsSeen(), [0, 1], jobs, 120))
+        want = max(1, pool.usable_cpus() // jobs)
+        assert sorted(r["item"] for r in records) == [0, 1]
+        assert {r["threads"] for r in records} == {want}, records
+    monkeypatch.setenv("NUMBA_NUM_THREADS", "3")
+    records = list(pool.run_items_in_workers(_ThreadsSeen(), [0, 1], 2, 120))
+    assert {r["threads"] for r in records} == {3}

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from opbench.backends.cpu import CpuBackend
 from opbench.backends.runtimes.ranks import RankRuntime, Transport
 
+from ..pool import usable_cpus
 from ..records import make_record
 from ..scenario.config import ScenarioSpec
 from ..scenario.engine import Readout
@@ -211,6 +212,8 @@ def rank_main(rank: int, world: int, init_method: str, jobs: list, sink, cells,
     An exception is reported as ("error", rank, scenario index, step, summary)."""
     for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(name, "1")
+    # the ranks share the cores, as the pool's workers do (``pool.run_items_in_workers``)
+    os.environ.setdefault("NUMBA_NUM_THREADS", str(max(1, usable_cpus() // world)))
     import torch.distributed as dist
 
     status = Status(cells, rank)
