@@ -51,8 +51,13 @@ class _ThreadsSeen:
 def test_workers_share_out_the_cores_for_the_cpu_backends_splits(monkeypatch):
     """N workers already fill the cores: each worker's kernel splits get cores / N threads (at
     least one), unless NUMBA_NUM_THREADS says otherwise."""
+    from pathlib import Path
+
     from opbench.harness import pool
 
+    # the workers unpickle _ThreadsSeen from this module, imported by pytest as
+    # tests.harness.test_executors_core: a spawned worker finds it on the parent's sys.path
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2]))
     monkeypatch.delenv("NUMBA_NUM_THREADS", raising=False)
     for jobs in (1, 2):
         records = list(pool.run_items_in_workers(_ThreadsSeen(), [0, 1], jobs, 120))
