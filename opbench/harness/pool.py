@@ -21,6 +21,7 @@ from multiprocessing import reduction
 from multiprocessing.connection import wait
 from typing import Any, Iterator, Protocol
 
+from opbench.backends.common.host import usable_cpus
 from opbench.errors import BackendSetupError
 
 from .cases import Case
@@ -303,14 +304,6 @@ def run_in_workers(backend_ref: str, backend_name: str, options: dict, cases: li
     """Cases in worker processes (see run_items_in_workers)."""
     work = CaseWork(backend_ref, backend_name, options, run_seed, run_id)
     return run_items_in_workers(work, cases, jobs, timeout)
-
-
-def usable_cpus() -> int:
-    """The CPUs this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def run_items_in_workers(work: Work, items: list, jobs: int, timeout: float | None

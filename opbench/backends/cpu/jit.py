@@ -68,11 +68,7 @@ def f16_to_f32(src) -> np.ndarray:
 def convert(src, dst) -> None:
     """dst[...] = src for contiguous arrays of one shape: exact, or rounded once to dst."""
     flat_src, flat_dst = bits(src).reshape(-1), bits(dst).reshape(-1)
-    chunk = _copy_chunk(flat_src.size, 1)
-    convert_claimed = _load().convert_claimed
-    parallel.run_claimed(lambda counter, posted: convert_claimed(flat_src, flat_dst, counter,
-                                                                 chunk, posted),
-                         -(-flat_src.size // chunk))
+    _copy_in_chunks(_load().convert_claimed, flat_src.size, 1, flat_src, flat_dst)
 
 
 #: the elements of a copy's claimed chunk at most: ~1 MiB, a few chunks per thread for the
@@ -81,13 +77,17 @@ def convert(src, dst) -> None:
 COPY_CHUNK_ELEMENTS = 1 << 18
 
 
-def _copy_chunk(n: int, elements_per_item: int) -> int:
-    """Items per claimed chunk of a copy of ``n`` items: about four chunks a thread, none
-    under PARALLEL_ELEMENTS elements (where a split stops paying) nor over
-    COPY_CHUNK_ELEMENTS."""
-    per_item = max(1, elements_per_item)
-    quarter = n // (4 * parallel.thread_count())
-    return max(1, min(max(quarter, PARALLEL_ELEMENTS // per_item), COPY_CHUNK_ELEMENTS // per_item))
+def _copy_in_chunks(claimed_kernel, n_items: int, elements_per_item: int, *args) -> None:
+    """claimed_kernel(*args, counter, chunk, posted) over ``n_items`` items of
+    ``elements_per_item`` elements, split over the cores in claimed chunks
+    (``parallel.run_claimed``): about four chunks a thread, none under PARALLEL_ELEMENTS
+    elements (where a split stops paying) nor over COPY_CHUNK_ELEMENTS."""
+    per_item, threads = max(1, elements_per_item), parallel.thread_count()
+    quarter = n_items // (4 * threads)
+    chunk = max(1, min(max(quarter, PARALLEL_ELEMENTS // per_item),
+                       COPY_CHUNK_ELEMENTS // per_item))
+    parallel.run_claimed(lambda counter, posted: claimed_kernel(*args, counter, chunk, posted),
+                         -(-n_items // chunk), threads)
 
 
 def wait_for_change(cell: np.ndarray, seen: int, rounds: int) -> bool:
@@ -105,10 +105,7 @@ def wait_for_count(cell: np.ndarray, index: int, count: int, rounds: int) -> boo
 def gather_rows(src, rows, out) -> None:
     """out[r] = src[rows[r]], converted; rows already checked to be in range."""
     src2, out2 = bits(src).reshape(len(src), -1), bits(out).reshape(len(out), -1)
-    chunk = _copy_chunk(len(out2), out2.shape[1])
-    gather = _load().gather_rows_claimed
-    parallel.run_claimed(lambda counter, posted: gather(src2, rows, out2, counter, chunk, posted),
-                         -(-len(out2) // chunk))
+    _copy_in_chunks(_load().gather_rows_claimed, len(out2), out2.shape[1], src2, rows, out2)
 
 
 def copy_permuted_rows(src, out, perm, step: int) -> None:
@@ -120,11 +117,8 @@ def copy_permuted_rows(src, out, perm, step: int) -> None:
     for k, axis in enumerate(perm[:-1]):
         strides[axis] = int(np.prod(out_lead[k + 1:], dtype=np.int64))
     src2, out2 = bits(src).reshape(-1, src.shape[-1]), bits(out).reshape(-1, out.shape[-1])
-    args = (src2, out2, np.array(lead, np.int64), strides, int(perm[0]), int(step))
-    chunk = _copy_chunk(len(src2), src.shape[-1])
-    kernel = _load().copy_rows_permuted_claimed
-    parallel.run_claimed(lambda counter, posted: kernel(*args, counter, chunk, posted),
-                         -(-len(src2) // chunk))
+    _copy_in_chunks(_load().copy_rows_permuted_claimed, len(src2), src.shape[-1], src2, out2,
+                    np.array(lead, np.int64), strides, int(perm[0]), int(step))
 
 
 def scatter_rows(dst, src, slots) -> None:

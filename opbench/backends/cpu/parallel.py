@@ -22,6 +22,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from ..common.host import usable_cpus
+
 _state = threading.local()  # .inside: this thread is running a part
 _blas_lock = threading.Lock()
 _blas_held = False  # see hold_blas_at_one_thread
@@ -34,13 +36,7 @@ def configured_threads() -> int | None:
 
 
 def thread_count() -> int:
-    configured = configured_threads()
-    if configured:
-        return configured
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+    return configured_threads() or usable_cpus()
 
 
 def split(n: int, parts: int) -> list[tuple[int, int]]:
@@ -74,7 +70,8 @@ def run_split(kernel: Callable[[int, int], None], n: int, *, min_per_part: int =
     _crew().run(_Job(kernel, split(n, min(threads, n // min_per_part))))
 
 
-def run_claimed(kernel: Callable[[np.ndarray, np.ndarray], None], chunks: int) -> None:
+def run_claimed(kernel: Callable[[np.ndarray, np.ndarray], None], chunks: int,
+                threads: int | None = None) -> None:
     """kernel(counter, posted) on every thread of the crew and on this one, for a kernel that
     first adds one to posted[0] (it posts the job, see ``_Crew.run``), then runs chunks it
     claims from ``counter`` one at a time until none of the ``chunks`` is left, counting each
@@ -82,9 +79,10 @@ def run_claimed(kernel: Callable[[np.ndarray, np.ndarray], None], chunks: int) -
     chunks finished]).  No thread waits for another to start: a part thread that comes late
     finds fewer chunks, or none; and the caller returns once every chunk is counted, without
     waiting for the part threads to take the GIL back.  Made for the memory-bound copies; the
-    figures are in docs/perf.md, "Tenth pass"."""
+    figures are in docs/perf.md, "Tenth pass".  ``threads``: ``thread_count()`` when the
+    caller has it already."""
     counter = np.zeros(2, np.int64)
-    threads = min(thread_count(), chunks)
+    threads = min(threads or thread_count(), chunks)
     if threads < 2 or getattr(_state, "inside", False):
         kernel(counter, np.zeros(1, np.int64))
         return

@@ -16,10 +16,10 @@ import time
 import traceback
 from dataclasses import dataclass
 
+from opbench.backends.common.host import usable_cpus
 from opbench.backends.cpu import CpuBackend
 from opbench.backends.runtimes.ranks import RankRuntime, Transport
 
-from ..pool import usable_cpus
 from ..records import make_record
 from ..scenario.config import ScenarioSpec
 from ..scenario.engine import Readout
