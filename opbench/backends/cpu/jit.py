@@ -68,7 +68,11 @@ def f16_to_f32(src) -> np.ndarray:
 def convert(src, dst) -> None:
     """dst[...] = src for contiguous arrays of one shape: exact, or rounded once to dst."""
     flat_src, flat_dst = bits(src).reshape(-1), bits(dst).reshape(-1)
-    _copy_in_chunks(_load().convert_claimed, flat_src.size, 1, flat_src, flat_dst)
+    kernels = _load()
+    if flat_src.size <= PARALLEL_ELEMENTS:  # one chunk: no thread count, counter or crew
+        kernels.convert_flat(flat_src, flat_dst)
+        return
+    _copy_in_chunks(kernels.convert_claimed, flat_src.size, 1, flat_src, flat_dst)
 
 
 #: the elements of a copy's claimed chunk at most: ~1 MiB, a few chunks per thread for the
@@ -81,7 +85,9 @@ def _copy_in_chunks(claimed_kernel, n_items: int, elements_per_item: int, *args)
     """claimed_kernel(*args, counter, chunk, posted) over ``n_items`` items of
     ``elements_per_item`` elements, split over the cores in claimed chunks
     (``parallel.run_claimed``): about four chunks a thread, none under PARALLEL_ELEMENTS
-    elements (where a split stops paying) nor over COPY_CHUNK_ELEMENTS."""
+    elements (where a split stops paying) nor over COPY_CHUNK_ELEMENTS.  (The callers run a
+    copy of one chunk's size or less directly: the same kernel loop, without the thread
+    count, the counter and the crew's entry.)"""
     per_item, threads = max(1, elements_per_item), parallel.thread_count()
     quarter = n_items // (4 * threads)
     chunk = max(1, min(max(quarter, PARALLEL_ELEMENTS // per_item),
@@ -105,7 +111,11 @@ def wait_for_count(cell: np.ndarray, index: int, count: int, rounds: int) -> boo
 def gather_rows(src, rows, out) -> None:
     """out[r] = src[rows[r]], converted; rows already checked to be in range."""
     src2, out2 = bits(src).reshape(len(src), -1), bits(out).reshape(len(out), -1)
-    _copy_in_chunks(_load().gather_rows_claimed, len(out2), out2.shape[1], src2, rows, out2)
+    kernels = _load()
+    if out2.size <= PARALLEL_ELEMENTS:
+        kernels.gather_rows(src2, rows, out2)
+        return
+    _copy_in_chunks(kernels.gather_rows_claimed, len(out2), out2.shape[1], src2, rows, out2)
 
 
 def copy_permuted_rows(src, out, perm, step: int) -> None:
@@ -117,8 +127,11 @@ def copy_permuted_rows(src, out, perm, step: int) -> None:
     for k, axis in enumerate(perm[:-1]):
         strides[axis] = int(np.prod(out_lead[k + 1:], dtype=np.int64))
     src2, out2 = bits(src).reshape(-1, src.shape[-1]), bits(out).reshape(-1, out.shape[-1])
-    _copy_in_chunks(_load().copy_rows_permuted_claimed, len(src2), src.shape[-1], src2, out2,
-                    np.array(lead, np.int64), strides, int(perm[0]), int(step))
+    rows = (src2, out2, np.array(lead, np.int64), strides, int(perm[0]), int(step))
+    if src2.size <= PARALLEL_ELEMENTS:
+        _load().copy_rows_permuted(*rows, 0, len(src2))
+        return
+    _copy_in_chunks(_load().copy_rows_permuted_claimed, len(src2), src.shape[-1], *rows)
 
 
 def scatter_rows(dst, src, slots) -> None:
@@ -177,9 +190,10 @@ def attend(q, k, v, table, q_pos, key_range, n_kv: int, scal, extras, out, lse,
 # -- loading -------------------------------------------------------------------------------------
 def _load():
     global _kernels
-    with _lock:
-        if _kernels is None:
-            _kernels = _compile()
+    if _kernels is None:  # the lock only until the first load: every kernel call asks
+        with _lock:
+            if _kernels is None:
+                _kernels = _compile()
     return _kernels
 
 
