@@ -9,14 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from .arg_checks import need
 from .arrays import plain
 
 F32 = np.float32
-
-
-def _need(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
 
 
 class NumpyModelOps:
@@ -24,35 +20,37 @@ class NumpyModelOps:
     ``_submit(device, stream, work)`` (enqueue a no-argument callable)."""
 
     def matmul(self, a, b, out, stream=None) -> None:
-        _need(a.ndim == 2 and b.ndim == 2 and a.shape[1] == b.shape[0],
-              f"matmul: a {a.shape} and b {b.shape} must be [m, k] and [k, n]")
-        _need(out.shape == (a.shape[0], b.shape[1]),
-              f"matmul: out shape {out.shape} must be {(a.shape[0], b.shape[1])}")
+        need(a.ndim == 2 and b.ndim == 2 and a.shape[1] == b.shape[0],
+             lambda: f"matmul: a {a.shape} and b {b.shape} must be [m, k] and [k, n]")
+        need(out.shape == (a.shape[0], b.shape[1]),
+             lambda: f"matmul: out shape {out.shape} must be {(a.shape[0], b.shape[1])}")
         device = self._same_device("matmul", a=a, b=b, out=out)
         args = (plain(a), plain(b), plain(out))
         self._submit(device, stream, lambda: _matmul(*args))
 
     def rms_norm(self, x, weight, out, eps: float, stream=None) -> None:
-        _need(x.ndim == 2 and weight.shape == x.shape[1:] and out.shape == x.shape,
-              f"rms_norm: x {x.shape}, weight {weight.shape}, out {out.shape} must be "
-              f"[n, d], [d], [n, d]")
-        _need(eps > 0, f"rms_norm: eps={eps} must be > 0")
+        need(x.ndim == 2 and weight.shape == x.shape[1:] and out.shape == x.shape,
+             lambda: f"rms_norm: x {x.shape}, weight {weight.shape}, out {out.shape} must be "
+                     f"[n, d], [d], [n, d]")
+        need(eps > 0, lambda: f"rms_norm: eps={eps} must be > 0")
         device = self._same_device("rms_norm", x=x, weight=weight, out=out)
         args = (plain(x), plain(weight), plain(out))
         self._submit(device, stream, lambda: _rms_norm(*args, eps))
 
     def add(self, a, b, out, stream=None) -> None:
-        _need(a.shape == b.shape == out.shape,
-              f"add: shapes {a.shape}, {b.shape}, {out.shape} must be equal")
+        need(a.shape == b.shape == out.shape,
+             lambda: f"add: shapes {a.shape}, {b.shape}, {out.shape} must be equal")
         device = self._same_device("add", a=a, b=b, out=out)
         args = (plain(a), plain(b), plain(out))
         self._submit(device, stream, lambda: np.add(*args[:2], out=args[2]))
 
     def attn_merge(self, out, lse, part_out, part_lse, stream=None) -> None:
-        _need(out.ndim == 3 and part_out.shape == out.shape,
-              f"attn_merge: out {out.shape} and part_out {part_out.shape} must be equal [n, H, D]")
-        _need(lse.shape == part_lse.shape == out.shape[:2],
-              f"attn_merge: lse {lse.shape}, part_lse {part_lse.shape} must be {out.shape[:2]}")
+        need(out.ndim == 3 and part_out.shape == out.shape,
+             lambda: f"attn_merge: out {out.shape} and part_out {part_out.shape} must be "
+                     "equal [n, H, D]")
+        need(lse.shape == part_lse.shape == out.shape[:2],
+             lambda: f"attn_merge: lse {lse.shape}, part_lse {part_lse.shape} must be "
+                     f"{out.shape[:2]}")
         device = self._same_device("attn_merge", out=out, lse=lse, part_out=part_out,
                                    part_lse=part_lse)
         args = tuple(plain(a) for a in (out, lse, part_out, part_lse))

@@ -24,7 +24,7 @@ def check_attention(q, k, v, out, p: AttnParams, mask, sinks, lse, paged) -> Non
 def check_cpy(src, out, perm: Sequence[int], step: int) -> tuple[int, ...]:
     """The shared checks, plus cpy_kernel's limit of 4 dims."""
     perm = CHECKS.cpy(src, out, perm, step)
-    need(src.ndim <= 4, f"src has {src.ndim} dims; cpy supports up to 4")
+    need(src.ndim <= 4, lambda: f"src has {src.ndim} dims; cpy supports up to 4")
     return perm
 
 
@@ -34,11 +34,12 @@ def lead_stride(name: str, shape: Sequence[int], strides: Sequence[int], itemsiz
     expected = itemsize
     for size, stride in zip(reversed(shape[1:]), reversed(strides[1:])):
         need(size == 1 or stride == expected,
-             f"{name}: each row must be contiguous (shape {tuple(shape)}, strides "
-             f"{tuple(strides)})")
+             lambda: f"{name}: each row must be contiguous (shape {tuple(shape)}, strides "
+                     f"{tuple(strides)})")
         expected *= size
     if not shape or shape[0] <= 1:
         return expected // itemsize
     need(strides[0] >= 0 and strides[0] % itemsize == 0,
-         f"{name}: leading stride {strides[0]} must be a non-negative multiple of {itemsize}")
+         lambda: f"{name}: leading stride {strides[0]} must be a non-negative multiple of "
+                 f"{itemsize}")
     return strides[0] // itemsize

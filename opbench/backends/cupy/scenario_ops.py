@@ -24,7 +24,7 @@ class ScenarioOpsMixin:
         _need_f32(a=a, b=b, out=out)
         checks.need(a.ndim == 2 and b.ndim == 2 and a.shape[1] == b.shape[0]
                     and tuple(out.shape) == (a.shape[0], b.shape[1]),
-                    f"matmul shapes a {a.shape}, b {b.shape}, out {out.shape} do not chain")
+                    lambda: f"matmul shapes a {a.shape}, b {b.shape}, out {out.shape} do not chain")
         target = self._op_stream("matmul", stream, a=a, b=b, out=out)
         (m, k), n = a.shape, b.shape[1]
         self._run(target, "model.cu", "matmul_f32", plan.matmul_launch(m, n),
@@ -34,7 +34,7 @@ class ScenarioOpsMixin:
         _need_f32(x=x, weight=weight, out=out)
         checks.need(x.ndim == 2 and tuple(out.shape) == tuple(x.shape)
                     and tuple(weight.shape) == (x.shape[1],),
-                    f"rms_norm shapes x {x.shape}, weight {weight.shape}, out {out.shape}")
+                    lambda: f"rms_norm shapes x {x.shape}, weight {weight.shape}, out {out.shape}")
         target = self._op_stream("rms_norm", stream, x=x, weight=weight, out=out)
         n, d = x.shape
         self._run(target, "model.cu", "rms_norm_f32", plan.row_launch(n, d),
@@ -43,7 +43,7 @@ class ScenarioOpsMixin:
     def add(self, a, b, out, stream=None) -> None:
         _need_f32(a=a, b=b, out=out)
         checks.need(tuple(a.shape) == tuple(b.shape) == tuple(out.shape),
-                    f"add shapes a {a.shape}, b {b.shape}, out {out.shape} must be equal")
+                    lambda: f"add shapes a {a.shape}, b {b.shape}, out {out.shape} must be equal")
         target = self._op_stream("add", stream, a=a, b=b, out=out)
         self._run(target, "model.cu", "add_f32", plan.grid_stride(a.size),
                   (a.data, b.data, out.data, np.int64(a.size)))
@@ -53,8 +53,8 @@ class ScenarioOpsMixin:
         _need_f32(out=out, lse=lse, part_out=part_out, part_lse=part_lse)
         checks.need(out.ndim == 3 and tuple(part_out.shape) == tuple(out.shape)
                     and tuple(lse.shape) == tuple(part_lse.shape) == tuple(out.shape[:2]),
-                    f"attn_merge shapes out {out.shape}, lse {lse.shape}, part_out "
-                    f"{part_out.shape}, part_lse {part_lse.shape}")
+                    lambda: f"attn_merge shapes out {out.shape}, lse {lse.shape}, part_out "
+                            f"{part_out.shape}, part_lse {part_lse.shape}")
         target = self._op_stream("attn_merge", stream, out=out, lse=lse, part_out=part_out,
                                  part_lse=part_lse)
         n_q, n_heads, dv = out.shape
@@ -67,7 +67,7 @@ class ScenarioOpsMixin:
         copied into pinned memory at the call, so the caller may reuse it at once."""
         host = np.asarray(host)
         checks.need(tuple(host.shape) == tuple(dst.shape),
-                    f"write: host shape {host.shape} must be dst's {dst.shape}")
+                    lambda: f"write: host shape {host.shape} must be dst's {dst.shape}")
         target = self._op_stream("write", stream, dst=dst)
         if target.cupy_stream.is_capturing():
             raise RuntimeError("write: host uploads cannot be recorded in a CUDA graph; write "
