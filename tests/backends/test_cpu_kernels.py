@@ -163,6 +163,19 @@ def test_rope_cache_key_covers_every_parameter(backend):
     check_cache_separates(backend, x, pos, cache_variants(rng, 32))
 
 
+def test_rope_params_key_is_every_field_in_order():
+    """The key is read from the instance's dict: it must hold the fields and nothing else,
+    however the params were made (replace, a pickle round trip)."""
+    import dataclasses
+    import pickle
+
+    made = [RopeParams(n_dims=8), RopeParams(4, "mrope", sections=(1, 1, 0, 0), inverse=True),
+            dataclasses.replace(RopeParams(n_dims=8), freq_base=500.0, ext_factor=1.0),
+            pickle.loads(pickle.dumps(RopeParams(n_dims=6, mode="neox", freq_scale=0.5)))]
+    for p in made:
+        assert p.key() == tuple(getattr(p, f.name) for f in dataclasses.fields(p))
+
+
 def test_rope_cache_with_a_bad_key_is_caught(monkeypatch):
     """The check above must fail for a cache whose key ignores freq_base and freq_factors."""
     monkeypatch.setattr(RopeCache, "key", staticmethod(lambda p, ff: (p.n_dims, p.mode)))

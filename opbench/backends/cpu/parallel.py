@@ -57,9 +57,10 @@ def run_split(kernel: Callable[[int, int], None], n: int, *, min_per_part: int =
     smaller parts a thread, so a late thread would join what is left, were slower: a 512-token
     prefill 1.17 -> 0.98 of ggml, a [128, 8, 512] RoPE 1.78 -> 1.41, in one run.)"""
     min_per_part = max(1, min_per_part)
-    threads = thread_count()
-    # fewer than two parts' worth: no split to compute (small calls are the common case)
-    if threads < 2 or n < 2 * min_per_part or getattr(_state, "inside", False):
+    # fewer than two parts' worth: no split, nor thread count, to compute (small calls are the
+    # common case)
+    if n < 2 * min_per_part or (threads := thread_count()) < 2 or getattr(
+            _state, "inside", False):
         # one part, or called from inside a part (a part thread waiting for the crew could
         # wait forever): run here
         if n:

@@ -462,6 +462,11 @@ class ThreadRuntime(Runtime):
         self.submit(device, stream, lambda: np.copyto(target, snapshot))
 
     def synchronize(self, device: Any = None) -> None:
+        if device is not None and (stream := self.stream(device)).inline:
+            # every op ran as it came: drained, and the fast path stays on (what turns it off
+            # turns the stream's ``inline`` off at once)
+            stream.raise_pending()
+            return
         streams = self._streams if device is None else [self.stream(device)]
         for stream in streams:
             if not stream.drained:
