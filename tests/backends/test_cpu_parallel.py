@@ -218,6 +218,29 @@ def test_the_parts_of_a_split_run_on_two_threads_at_once(two_threads):
     assert len(names) == 2
 
 
+def test_a_caller_that_outwaits_its_watch_sleeps_until_the_last_part_ends(two_threads):
+    """The part thread's part takes far longer than the caller watches (~0.3 ms): the caller
+    sleeps on the job's event, made then, and wakes when the part ends, not before.  (The
+    caller's own part lasts long enough for a sleeping part thread to wake and claim the
+    other.)"""
+    ended = []
+
+    def kernel(lo, hi):
+        time.sleep(0.005 if lo == 0 else 0.03)
+        ended.append(lo)
+
+    def caller():
+        for _ in range(5):
+            parallel.run_split(kernel, 2)
+            assert sorted(ended[-2:]) == [0, 1]
+
+    thread = threading.Thread(target=caller)  # a lost wake-up must fail, not hang the suite
+    thread.start()
+    thread.join(timeout=60)
+    assert not thread.is_alive()
+    assert len(ended) == 10
+
+
 def test_a_failing_part_raises_in_the_caller_and_the_crew_keeps_working(two_threads):
     def kernel(lo, hi):
         if lo > 0:

@@ -122,15 +122,22 @@ def hold_blas_at_one_thread() -> None:
 SPIN_SECONDS = 0.0003
 
 
+_sleep_lock = threading.Lock()  # see _Job.wait
+
+
 class _Job:
     """One split call: its parts, claimed in order by whichever thread asks next."""
+
+    __slots__ = ("kernel", "parts", "_claims", "_finished", "finished_cell", "_done", "error")
 
     def __init__(self, kernel: Callable[[int, int], None], parts: list[tuple[int, int]]):
         self.kernel, self.parts = kernel, parts
         self._claims = itertools.count()  # next() is atomic: each index goes to one thread
         self._finished = itertools.count(1)
         self.finished_cell = np.zeros(1, np.int64)  # 1 once every part has run (watched)
-        self.done = threading.Event()  # set with it (slept on)
+        # the event a caller sleeps on, made only when one does: making one for every job cost
+        # a few microseconds of every split, and callers mostly see the end while watching
+        self._done: threading.Event | None = None
         self.error: BaseException | None = None
 
     def work(self) -> None:
@@ -140,7 +147,18 @@ class _Job:
                 self._run(*self.parts[index])
             if next(self._finished) == len(self.parts):
                 self.finished_cell[0] = 1
-                self.done.set()
+                with _sleep_lock:  # a caller that found the cell 0 has made its event
+                    done = self._done
+                if done is not None:
+                    done.set()
+
+    def wait(self) -> None:
+        """Sleep until every part has run."""
+        with _sleep_lock:  # the cell is set before the finisher looks for an event
+            if self.finished_cell[0]:
+                return
+            self._done = done = threading.Event()
+        done.wait()
 
     def _run(self, lo: int, hi: int) -> None:
         _state.inside = True
@@ -158,7 +176,9 @@ class _Crew:
     def __init__(self, size: int):
         self._queue: collections.deque[_Job] = collections.deque()
         self.posted = np.zeros(1, np.int64)  # bumped for every job queued (watched)
-        self._work = threading.Event()  # set with it (slept on)
+        self._work = threading.Event()  # set with it (slept on) while a part thread sleeps
+        self._sleeping = 0  # part threads asleep on _work, or about to be
+        self._sleeping_lock = threading.Lock()
         self._watch, self._count_watch = _gil_free_watches()
         self.size = size
         for i in range(size):
@@ -173,12 +193,15 @@ class _Crew:
         self._queue.extend([job] * min(self.size, len(job.parts) - 1))
         if counted is None:
             self.posted[0] += 1
-        self._work.set()  # a part thread asleep on it wakes either way
+        # queued before the look: a part thread counted as sleeping after it sees the job in
+        # its own last look at the queue, or is woken here
+        if self._sleeping:
+            self._work.set()
         job.work()
         if counted is not None and self._count_watch(*counted):
             return
         if not self._watch(job.finished_cell, 0):
-            job.done.wait()
+            job.wait()
         if job.error is not None:
             raise job.error
 
@@ -189,11 +212,22 @@ class _Crew:
                 job = self._queue.popleft()
             except IndexError:
                 if not self._watch(self.posted, posted):
-                    self._work.clear()  # cleared before the last look: a put after it sets it
-                    if not self._queue:
-                        self._work.wait()
+                    self._sleep()
                 continue
             job.work()
+
+
+    def _sleep(self) -> None:
+        """Sleep until a job is queued: counted as sleeping, then the event cleared, then a
+        last look at the queue (a job queued before the count is seen there; one after it
+        sets the event)."""
+        with self._sleeping_lock:
+            self._sleeping += 1
+        self._work.clear()
+        if not self._queue:
+            self._work.wait()
+        with self._sleeping_lock:
+            self._sleeping -= 1
 
 
 def _gil_free_watches() -> tuple[Callable[[np.ndarray, int], bool],
