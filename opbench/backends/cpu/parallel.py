@@ -122,7 +122,7 @@ def hold_blas_at_one_thread() -> None:
 SPIN_SECONDS = 0.0003
 
 
-_sleep_lock = threading.Lock()  # see _Job.wait
+_job_end_lock = threading.Lock()  # orders a job's end against a caller going to sleep
 
 
 class _Job:
@@ -147,14 +147,14 @@ class _Job:
                 self._run(*self.parts[index])
             if next(self._finished) == len(self.parts):
                 self.finished_cell[0] = 1
-                with _sleep_lock:  # a caller that found the cell 0 has made its event
+                with _job_end_lock:  # a caller that found the cell 0 has made its event
                     done = self._done
                 if done is not None:
                     done.set()
 
     def wait(self) -> None:
         """Sleep until every part has run."""
-        with _sleep_lock:  # the cell is set before the finisher looks for an event
+        with _job_end_lock:  # the cell is set before the finisher looks for an event
             if self.finished_cell[0]:
                 return
             self._done = done = threading.Event()
@@ -215,7 +215,6 @@ class _Crew:
                     self._sleep()
                 continue
             job.work()
-
 
     def _sleep(self) -> None:
         """Sleep until a job is queued: counted as sleeping, then the event cleared, then a
