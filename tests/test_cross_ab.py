@@ -252,4 +252,7 @@ def test_the_ceiling_follows_the_cpus_a_side_computes_with():
     fixed = SimpleNamespace(follows_cpus=False, threads=3)
     assert _ceiling_threads(follower, {"cpu_set": [0, 1]}) == 2
     assert _ceiling_threads(fixed, {"cpu_set": [0, 1]}) == 3
-    assert _ceiling_threads(follower, {}) == 1
+    # unpinned (--pin-cpu none) it splits over every CPU the worker inherited: their ceiling
+    # (1 once: a two-thread copy judged against one core's bandwidth)
+    assert _ceiling_threads(follower, {}) == len(os.sched_getaffinity(0))
+    assert _ceiling_threads(fixed, {}) == 3

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from opbench.backends.common.host import usable_cpus
 from opbench.errors import UsageError
 from opbench.harness.records import case_record
 
@@ -310,9 +311,11 @@ def _record(side: WorkerSide, case, run_id, parts, facts, problem, options, plac
 
 
 def _ceiling_threads(side: WorkerSide, placement: Mapping) -> int:
-    """Threads the side computes with: a backend that follows its CPUs uses all of its set."""
-    if side.follows_cpus and placement.get("cpu_set"):
-        return len(placement["cpu_set"])
+    """Threads the side computes with: a backend that follows its CPUs uses all of its set,
+    or, unpinned, every CPU the worker inherited from this process (as ``running_threads``
+    counts them in process; its need for pinning, ``side.threads``, is 1)."""
+    if side.follows_cpus:
+        return len(placement["cpu_set"]) if placement.get("cpu_set") else usable_cpus()
     return side.threads
 
 
