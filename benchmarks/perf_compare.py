@@ -19,7 +19,9 @@ Threads are equal on every side: the cpu backend splits its kernels over ``NUMBA
 ``torch.set_num_threads`` of the same count, and BLAS (the base cpu's matmuls) the same count
 through ``OPENBLAS_NUM_THREADS``, set here before NumPy loads.  OpenMP's idle threads (ggml's
 and torch's) spin only briefly (``GOMP_SPINCOUNT=10000``), so one side's spin does not take the
-cores from the next side's samples.
+cores from the next side's samples for long; ``--settle-ms`` idles before each side's batch
+until no side's threads spin at all (``opbench perf --settle-ms``; docs/perf.md, "Eleventh
+pass": on two cores the copies' ratios moved by up to 0.3 with it).
 """
 
 from __future__ import annotations
@@ -90,14 +92,15 @@ def _torch_backend():
     return backend_class("torch")()
 
 
-def measure(sides: dict, budget_ms: float, pattern: str | None) -> dict[str, dict[str, float]]:
+def measure(sides: dict, budget_ms: float, pattern: str | None,
+            settle_ms: float = 0.0) -> dict[str, dict[str, float]]:
     """case id -> side -> median ns, every case timed on all sides interleaved."""
     import re
 
     from opbench.perf.calibrate import load_ceilings
     from opbench.perf.run import PerfOptions, perf_cases, refusal, run_ab_case
 
-    options = PerfOptions(budget_ms=budget_ms, min_samples=10, epochs=2,
+    options = PerfOptions(budget_ms=budget_ms, min_samples=10, epochs=2, settle_ms=settle_ms,
                           ceilings=load_ceilings())
     table: dict[str, dict[str, float]] = {}
     for case in perf_cases("full"):
@@ -136,6 +139,8 @@ def main(argv=None) -> int:
     p.add_argument("-p", "--pattern", help="only case ids matching this regex")
     p.add_argument("--threads", type=int, help="threads per side (default: the usable CPUs)")
     p.add_argument("--pin-cpu", type=int, help="run every side on this one CPU")
+    p.add_argument("--settle-ms", type=float, default=0.0,
+                   help="idle this long before each side's batch (default: 0)")
     args = p.parse_args(argv)
     if args.pin_cpu is not None:
         os.sched_setaffinity(0, {args.pin_cpu})  # threads started from now on inherit it
@@ -152,7 +157,7 @@ def main(argv=None) -> int:
     print(f"{'cpu us':>10} {'best peer us':>16} {'old':>7} {'new':>7}  case  (ratio = peer/cpu)")
     sides = make_sides(args.base)
     try:
-        table = measure(sides, args.budget_ms, args.pattern)
+        table = measure(sides, args.budget_ms, args.pattern, args.settle_ms)
     finally:
         for backend in sides.values():
             backend.close()

@@ -243,6 +243,8 @@ def test_nan_output_is_an_error_not_a_fast_time(tmp_path, capsys):
     (["--pin-cpu", "lots"], "--pin-cpu"),
     (["-j", "2"], "one case at a time"),
     (["--epochs", "0"], "--epochs"),
+    (["--settle-ms", "-2"], "--settle-ms"),
+    (["--settle-ms", "nan"], "--settle-ms"),
     (["--pin-cpu", "4096"], "not one of this process's CPUs"),
     (["--executor", "ray"], "this machine's measured ceilings"),
 ])
@@ -263,6 +265,7 @@ def test_ab_interleaves_both_sides_into_one_run_and_prints_ratios(tmp_path, caps
     assert len({r["run_id"] for r in records}) == 1
     assert all(r["perf"]["n"] >= 3 for r in records)
     assert "B/A ratio of median" in out
+    assert {r["perf"]["settle_ms"] for r in records} == {0.0}  # said, for a reader of the run
     table = [line for line in out.splitlines() if re.match(r"^\s+\d+\.\d{3} +\[", line)]
     assert len(table) == len(records) // 2
     assert all(re.search(r"(regression|improvement|unchanged|not significant)", t) for t in table)

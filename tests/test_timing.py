@@ -95,6 +95,30 @@ def test_interleaved_rounds_alternate_subjects(clock):
     assert {run[0] for run in runs[::2]} == {"A", "B"}  # the order is not fixed
 
 
+def test_interleaved_subjects_settle_before_each_change_outside_the_budget(clock, monkeypatch):
+    """With settle_ms the clock idles before a batch whenever the subject changes (never
+    between batches of one subject), and the idle time does not use up the budget."""
+    def sleep(seconds):
+        clock.log.append(f"idle {seconds * 1e3:g}")
+        clock.now += int(seconds * 1e9)
+
+    monkeypatch.setattr(timing.time, "sleep", sleep)
+    subjects = {"A": timing.Subject(clock.work("A", 1000), lambda: None),
+                "B": timing.Subject(clock.work("B", 1000), lambda: None)}
+    result = timing.measure_interleaved(subjects, warmup=0, budget_ms=0.01, min_samples=1,
+                                        per_round=2, seed=0, settle_ms=3)
+    # 0.01 ms a subject: 10 samples each, however long the idles (3 ms each) took
+    assert len(result["A"].ns) == len(result["B"].ns) == 10
+    for before, after in zip(clock.log, clock.log[1:]):
+        if after in ("A", "B") and before in ("A", "B"):
+            assert before == after  # no change of subject without an idle between
+    idles = [i for i, entry in enumerate(clock.log) if entry.startswith("idle")]
+    assert clock.log[idles[0]] == "idle 3" and len(idles) >= 5
+    assert all(clock.log[i + 1] != clock.log[i - 1] for i in idles[1:])  # only at a change
+    with pytest.raises(ValueError, match="settle_ms=-1"):
+        timing.measure_interleaved(subjects, settle_ms=-1)
+
+
 def test_summarize():
     stats = timing.summarize(np.array([10, 20, 30, 40, 1000]))
     assert stats["median_ns"] == 30 and stats["n"] == 5

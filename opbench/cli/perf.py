@@ -56,6 +56,11 @@ def register(subparsers, common) -> None:
     p.add_argument("--epochs", type=int, default=4,
                    help="--ab: re-allocate both sides' buffers this many times, splitting the"
                         " budget (default: %(default)s; see docs/perf.md)")
+    p.add_argument("--settle-ms", type=float, default=0.0, metavar="MS",
+                   help="--ab: idle MS ms (untimed) before each side's batch, so threads the "
+                        "other side left spinning have gone to sleep (an OpenMP backend's "
+                        "spin otherwise holds a core into the next side's samples; 20 covers "
+                        "GNU OpenMP's default; default: %(default)s; see docs/perf.md)")
     p.add_argument("--pin-cpu", default=None, metavar="N[,M..]|auto|none",
                    help="run this process and every thread it starts on these CPUs (default: "
                         "auto with --ab: as many CPUs as the more threaded side computes with;"
@@ -112,10 +117,12 @@ def perf_options(args) -> perf_mode.PerfOptions:
         raise UsageError(f"--warmup {args.warmup} must be >= 0")
     if args.epochs < 1:
         raise UsageError(f"--epochs {args.epochs} must be >= 1")
+    if not args.settle_ms >= 0:  # NaN too
+        raise UsageError(f"--settle-ms {args.settle_ms:g} must be >= 0")
     return perf_mode.PerfOptions(budget_ms=args.budget_ms, min_samples=args.min_samples,
                                  warmup=args.warmup, cold=args.cold, seed=args.seed,
                                  ceilings=_ceilings(args), epochs=args.epochs,
-                                 fresh_inputs=args.fresh_inputs)
+                                 fresh_inputs=args.fresh_inputs, settle_ms=args.settle_ms)
 
 
 def _ceilings(args):

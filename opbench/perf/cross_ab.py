@@ -287,7 +287,8 @@ def _timed_case(sides, case, options, run_id, placement) -> dict[str, dict]:
             {label: RemoteSubject(side, timing.DEFAULT_MAX_SAMPLES // epochs)
              for label, side in sides.items()},
             warmup=options.warmup, budget_ms=options.budget_ms / epochs,
-            min_samples=math.ceil(options.min_samples / epochs), seed=options.seed + epoch)
+            min_samples=math.ceil(options.min_samples / epochs), seed=options.seed + epoch,
+            settle_ms=options.settle_ms)
         for label in sides:
             taken[label].append(samples[label].ns)
     problems = {label: side.request("judge")["problem"] for label, side in sides.items()}
@@ -306,6 +307,7 @@ def _record(side: WorkerSide, case, run_id, parts, facts, problem, options, plac
                                 ceilings=ceilings_for(options.ceilings,
                                                       _ceiling_threads(side, placement))),
             "output_judged": facts["output_judged"], "fresh_inputs": options.fresh_inputs,
+            "settle_ms": options.settle_ms,
             **placement}
     return _side_record(side, case, "OK", run_id, perf=perf)
 

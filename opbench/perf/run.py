@@ -215,6 +215,8 @@ class PerfOptions:
     epochs: int = 1
     #: new random inputs before every sample (untimed), see refresh_inputs
     fresh_inputs: bool = False
+    #: A/B only: idle this long before each side's batch (``timing.measure_interleaved``)
+    settle_ms: float = 0.0
 
 
 def perf_record(label: str, backend, case: Case, status: str, run_id: str, *,
@@ -363,7 +365,7 @@ def _timed_record(backend, case, prepared, samples, options, run_id, label, env)
     if wrong:
         return perf_record(label, backend, case, "ERROR", run_id, reason=wrong, env=env)
     perf = {**block(samples, prepared, options), "output_judged": output_judged(backend, prepared),
-            "fresh_inputs": options.fresh_inputs}
+            "fresh_inputs": options.fresh_inputs, "settle_ms": options.settle_ms}
     return perf_record(label, backend, case, "OK", run_id, env=env, perf=perf)
 
 
@@ -393,7 +395,8 @@ def run_ab_case(sides: Mapping[str, Any], case: Case, options: PerfOptions, run_
                     for label in sides}
         samples = timing.measure_interleaved(
             subjects, warmup=options.warmup, budget_ms=options.budget_ms / epochs,
-            min_samples=math.ceil(options.min_samples / epochs), seed=options.seed + epoch)
+            min_samples=math.ceil(options.min_samples / epochs), seed=options.seed + epoch,
+            settle_ms=options.settle_ms)
         for label in sides:
             taken[label].append(samples[label].ns)
     return {label: _ab_record(label, sides[label], case, kept, taken[label], options, run_id,

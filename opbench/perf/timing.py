@@ -136,23 +136,35 @@ def measure_interleaved(
     max_samples: int = DEFAULT_MAX_SAMPLES,
     per_round: int = 5,
     seed: int = 0,
+    settle_ms: float = 0.0,
 ) -> dict[str, Samples]:
     """Time several subjects in alternating rounds of ``per_round`` samples each, in a seeded
     random order per round; ``budget_ms`` is per subject, like ``measure``'s.  A subject takes
-    a round's samples with ``time_batch`` (one request for a subject in a worker process)."""
+    a round's samples with ``time_batch`` (one request for a subject in a worker process).
+
+    ``settle_ms``: idle this long (untimed, outside the budget) before a subject's batch
+    whenever the subject changes, so the threads the previous subject's backend left spinning
+    (OpenMP's wait for its next op, our crew's watch) have gone to sleep: on a machine with few
+    cores they otherwise hold a core into the next subject's samples, and the side whose
+    threads spin longer wins (docs/perf.md, "Eleventh pass")."""
     _check_limits(budget_ms, min_samples, max_samples)
     if per_round < 1:
         raise ValueError(f"per_round={per_round} must be >= 1")
+    if settle_ms < 0:
+        raise ValueError(f"settle_ms={settle_ms} must be >= 0")
     names = list(subjects)
     for name in names:
         subjects[name].warm_up(warmup)
     taken: dict[str, list[float]] = {name: [] for name in names}
     rng = np.random.default_rng(seed)
     deadline = time.perf_counter_ns() + int(budget_ms * 1e6 * len(names))
+    previous = None
     while True:
         for index in rng.permutation(len(names)):
             name = names[index]
-            room = max_samples - len(taken[name])
+            if settle_ms and name != previous:
+                deadline += _idle(settle_ms)
+            previous, room = name, max_samples - len(taken[name])
             taken[name].extend(subjects[name].time_batch(min(per_round, room)))
         fewest = min(len(v) for v in taken.values())
         if fewest >= max_samples:
@@ -164,6 +176,13 @@ def measure_interleaved(
                       _anchor_samples(subjects[name], len(v[:max_samples])))
         for name, v in taken.items()
     }
+
+
+def _idle(ms: float) -> int:
+    """Sleep ``ms`` milliseconds; the nanoseconds it took."""
+    start = time.perf_counter_ns()
+    time.sleep(ms / 1e3)
+    return time.perf_counter_ns() - start
 
 
 def _anchor_samples(subject, count: int) -> np.ndarray | None:
