@@ -245,6 +245,7 @@ def test_nan_output_is_an_error_not_a_fast_time(tmp_path, capsys):
     (["--epochs", "0"], "--epochs"),
     (["--settle-ms", "-2"], "--settle-ms"),
     (["--settle-ms", "nan"], "--settle-ms"),
+    (["--settle-ms", "inf"], "--settle-ms"),
     (["--pin-cpu", "4096"], "not one of this process's CPUs"),
     (["--executor", "ray"], "this machine's measured ceilings"),
 ])

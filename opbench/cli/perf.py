@@ -6,6 +6,7 @@ A backend reference for ``--ab`` (and ``-b``, as in every verb) may carry option
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 
@@ -117,8 +118,8 @@ def perf_options(args) -> perf_mode.PerfOptions:
         raise UsageError(f"--warmup {args.warmup} must be >= 0")
     if args.epochs < 1:
         raise UsageError(f"--epochs {args.epochs} must be >= 1")
-    if not args.settle_ms >= 0:  # NaN too
-        raise UsageError(f"--settle-ms {args.settle_ms:g} must be >= 0")
+    if not 0 <= args.settle_ms < math.inf:  # NaN and inf too
+        raise UsageError(f"--settle-ms {args.settle_ms:g} must be a finite number >= 0")
     return perf_mode.PerfOptions(budget_ms=args.budget_ms, min_samples=args.min_samples,
                                  warmup=args.warmup, cold=args.cold, seed=args.seed,
                                  ceilings=_ceilings(args), epochs=args.epochs,
