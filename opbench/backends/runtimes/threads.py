@@ -467,7 +467,7 @@ class ThreadRuntime(Runtime):
             # turns the stream's ``inline`` off at once)
             stream.raise_pending()
             return
-        streams = self._streams if device is None else [self.stream(device)]
+        streams = self._streams if device is None else [stream]
         for stream in streams:
             if not stream.drained:
                 stream.record().synchronize()
