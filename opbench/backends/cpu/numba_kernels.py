@@ -78,8 +78,11 @@ def f32_to_f16_bits(x):
 def f16_bits_to_f32(h):
     """Exact float16 -> float32, NaN payloads kept as NumPy keeps them (a signalling NaN stays
     signalling: the quiet bit the hardware sets is cleared again)."""
-    wide = np.uint32(h)
-    signalling = ((wide & 0x7C00) == 0x7C00) & ((wide & 0x3FF) != 0) & ((wide & 0x200) == 0)
+    # signalling: exponent all ones, quiet bit clear, payload not 0 -- the magnitudes
+    # 0x7C01..0x7DFF, one unsigned compare (the three separate tests cost a gather of f16 rows
+    # ~20% on one thread: 4096 rows of 1,024 from 8,192, 0.90 -> 0.75 ms, medians of 40)
+    magnitude = np.uint32(h) & np.uint32(0x7FFF)
+    signalling = np.uint32(magnitude - np.uint32(0x7C01)) < np.uint32(0x1FF)
     quiet_bit = np.uint32(signalling) << np.uint32(22)  # branch-free: the loop vectorizes
     return _f32_from_bits(_fpext_half_bits(h) & ~quiet_bit)
 
