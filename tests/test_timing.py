@@ -119,6 +119,26 @@ def test_interleaved_subjects_settle_before_each_change_outside_the_budget(clock
         timing.measure_interleaved(subjects, settle_ms=-1)
 
 
+def test_after_settling_a_subject_warms_up_again_untimed_and_outside_the_budget(clock,
+                                                                              monkeypatch):
+    """The idle puts the subject's own threads (and an idle CPU) to sleep too: its first calls
+    after it wake them.  They run untimed, ``warmup`` of them, and do not use up the budget."""
+    monkeypatch.setattr(timing.time, "sleep",
+                        lambda seconds: clock.log.append("idle") or None)
+    subjects = {name: timing.Subject(clock.work(name, 1000), clock.work(f"sync {name}", 0))
+                for name in ("A", "B")}
+    result = timing.measure_interleaved(subjects, warmup=2, budget_ms=0.01, min_samples=1,
+                                        per_round=2, seed=0, settle_ms=3)
+    assert len(result["A"].ns) == len(result["B"].ns) == 10  # as many as without re-warming
+    assert all(ns == 1000 for name in "AB" for ns in result[name].ns)
+    idles = [i for i, entry in enumerate(clock.log) if entry == "idle"]
+    assert len(idles) >= 5
+    for i in idles:  # two untimed calls and a sync, then the batch: two timed calls
+        name = clock.log[i + 1]
+        assert clock.log[i + 1:i + 4] == [name, name, f"sync {name}"]
+        assert clock.log[i + 4:i + 8] == [name, f"sync {name}"] * 2
+
+
 def test_summarize():
     stats = timing.summarize(np.array([10, 20, 30, 40, 1000]))
     assert stats["median_ns"] == 30 and stats["n"] == 5

@@ -61,7 +61,8 @@ def register(subparsers, common) -> None:
                    help="--ab: idle MS ms (untimed) before each side's batch, so threads the "
                         "other side left spinning have gone to sleep (an OpenMP backend's "
                         "spin otherwise holds a core into the next side's samples; 20 covers "
-                        "GNU OpenMP's default; default: %(default)s; see docs/perf.md)")
+                        "GNU OpenMP's default), then re-warm it with --warmup untimed calls "
+                        "(default: %(default)s; see docs/perf.md)")
     p.add_argument("--pin-cpu", default=None, metavar="N[,M..]|auto|none",
                    help="run this process and every thread it starts on these CPUs (default: "
                         "auto with --ab: as many CPUs as the more threaded side computes with;"

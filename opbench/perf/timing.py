@@ -146,7 +146,11 @@ def measure_interleaved(
     whenever the subject changes, so the threads the previous subject's backend left spinning
     (OpenMP's wait for its next op, our crew's watch) have gone to sleep: on a machine with few
     cores they otherwise hold a core into the next subject's samples, and the side whose
-    threads spin longer wins (docs/perf.md, "Eleventh pass")."""
+    threads spin longer wins (docs/perf.md, "Eleventh pass").  The idle puts the subject's own
+    threads to sleep as well, so ``warmup`` untimed calls follow it, also outside the budget:
+    the samples are steady-state, not wake-ups (ggml's ROPE, [128, 32, 512] f32, read 1.96-2.34
+    ms a call without them and 0.69-0.79 with them, interleaved with cpu; its first calls after
+    200 ms idle took 1.0-2.8 ms, the later ones 0.4-0.6)."""
     _check_limits(budget_ms, min_samples, max_samples)
     if per_round < 1:
         raise ValueError(f"per_round={per_round} must be >= 1")
@@ -163,7 +167,7 @@ def measure_interleaved(
         for index in rng.permutation(len(names)):
             name = names[index]
             if settle_ms and name != previous:
-                deadline += _idle(settle_ms)
+                deadline += _idle(settle_ms) + _untimed(subjects[name].warm_up, warmup)
             previous, room = name, max_samples - len(taken[name])
             taken[name].extend(subjects[name].time_batch(min(per_round, room)))
         fewest = min(len(v) for v in taken.values())
@@ -182,6 +186,13 @@ def _idle(ms: float) -> int:
     """Sleep ``ms`` milliseconds; the nanoseconds it took."""
     start = time.perf_counter_ns()
     time.sleep(ms / 1e3)
+    return time.perf_counter_ns() - start
+
+
+def _untimed(step: Callable[[int], None], calls: int) -> int:
+    """``step(calls)``; the nanoseconds it took."""
+    start = time.perf_counter_ns()
+    step(calls)
     return time.perf_counter_ns() - start
 
 
