@@ -19,9 +19,11 @@ Threads are equal on every side: the cpu backend splits its kernels over ``NUMBA
 ``torch.set_num_threads`` of the same count, and BLAS (the base cpu's matmuls) the same count
 through ``OPENBLAS_NUM_THREADS``, set here before NumPy loads.  OpenMP's idle threads (ggml's
 and torch's) spin only briefly (``GOMP_SPINCOUNT=10000``), so one side's spin does not take the
-cores from the next side's samples for long; ``--settle-ms`` idles before each side's batch
-until no side's threads spin at all (``opbench perf --settle-ms``; docs/perf.md, "Eleventh
-pass": on two cores the copies' ratios moved by up to 0.3 with it).
+cores from the next side's samples for long; and before each side's batch the run idles
+``--settle-ms`` (default 20) until no side's threads spin at all (``opbench perf
+--settle-ms``; docs/perf.md, "Eleventh pass": on two cores the copies' ratios moved by up to
+0.3 with it; 0 turns it off).  ``--repeats N`` runs the whole table N times and ends with each
+ratio's median and range: one run's point moves by up to 0.3 on a small shared machine.
 """
 
 from __future__ import annotations
@@ -34,6 +36,11 @@ from pathlib import Path
 
 OPS = ("ROPE", "ATTN", "KV_ROTATE", "CPY", "SET_ROWS", "GET_ROWS")
 PEERS = ("ggml", "torch")
+#: the default idle before each side's batch: GNU OpenMP's idle threads (ggml's, torch's) held
+#: 0.88 of a core for the first 10 ms after an op here and nothing after; on two cores an
+#: unsettled table times one side's samples against another's spinning threads (docs/perf.md,
+#: "Twelfth pass")
+SETTLE_MS = 20.0
 
 
 def _threads() -> int:
@@ -123,8 +130,8 @@ def _row(case_id: str, times: dict[str, float], shares: dict[str, float | None])
         cpu = f"{times['cpu'] / 1e3:10.1f}" if "cpu" in times else f"{'-':>10}"
         return f"{cpu} {'(no peer)':>16} {'-':>7} {'-':>7}  {case_id}  new/old speed {old}"
     best = min(peers, key=peers.get)
-    new = peers[best] / times["cpu"]
-    old = f"{peers[best] / times['cpu-base']:7.2f}" if "cpu-base" in times else f"{'-':>7}"
+    old_ratio, new = ratios(times)
+    old = f"{old_ratio:7.2f}" if old_ratio is not None else f"{'-':>7}"
     bound = ""
     if shares.get("cpu") and shares.get(best):
         bound = (f"  [copy ceiling: cpu {shares['cpu']:.0%}, {best} {shares[best]:.0%}]")
@@ -139,9 +146,13 @@ def main(argv=None) -> int:
     p.add_argument("-p", "--pattern", help="only case ids matching this regex")
     p.add_argument("--threads", type=int, help="threads per side (default: the usable CPUs)")
     p.add_argument("--pin-cpu", type=int, help="run every side on this one CPU")
-    p.add_argument("--settle-ms", type=float, default=0.0,
-                   help="idle this long before each side's batch (default: 0)")
+    p.add_argument("--settle-ms", type=float, default=SETTLE_MS,
+                   help=f"idle this long before each side's batch (default: {SETTLE_MS:g})")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run the whole table this many times and print each ratio's band")
     args = p.parse_args(argv)
+    if args.repeats < 1 or not args.settle_ms >= 0 or args.settle_ms == float("inf"):
+        p.error("--repeats must be at least 1 and --settle-ms a finite number >= 0")
     if args.pin_cpu is not None:
         os.sched_setaffinity(0, {args.pin_cpu})  # threads started from now on inherit it
     if args.threads:
@@ -156,16 +167,67 @@ def main(argv=None) -> int:
           f"load: {os.getloadavg()[0]:.2f} (1-min average)")
     print(f"{'cpu us':>10} {'best peer us':>16} {'old':>7} {'new':>7}  case  (ratio = peer/cpu)")
     sides = make_sides(args.base)
+    tables = []
     try:
-        table = measure(sides, args.budget_ms, args.pattern, args.settle_ms)
+        for repeat in range(args.repeats):
+            if args.repeats > 1:
+                print(f"-- run {repeat + 1} of {args.repeats}", flush=True)
+            tables.append(measure(sides, args.budget_ms, args.pattern, args.settle_ms))
+            below = cases_below(tables[-1])
+            print(f"load: {os.getloadavg()[0]:.2f}; cases below 1.0: {len(below)} of "
+                  f"{len(tables[-1])}", flush=True)
+    except KeyboardInterrupt:  # keep the runs that finished
+        print("interrupted: the bands below cover the finished runs only")
     finally:
         for backend in sides.values():
             backend.close()
-    below = [case for case, times in table.items()
-             if "cpu" in times and any(p in times for p in PEERS)
-             and min(times[p] for p in PEERS if p in times) < times["cpu"]]
-    print(f"load: {os.getloadavg()[0]:.2f}; cases below 1.0: {len(below)} of {len(table)}")
+    if len(tables) > 1:
+        print_bands(tables)
     return 0
+
+
+def ratios(times: dict[str, float]) -> tuple[float | None, float | None]:
+    """(old, new): the best peer's median time over the base cpu's and over cpu's."""
+    peers = [times[p] for p in PEERS if p in times]
+    if not peers or "cpu" not in times:
+        return None, None
+    old = min(peers) / times["cpu-base"] if "cpu-base" in times else None
+    return old, min(peers) / times["cpu"]
+
+
+def cases_below(table: dict[str, dict[str, float]]) -> list[str]:
+    """The cases where cpu's median is slower than the best peer's."""
+    return [case for case, times in table.items() if (ratios(times)[1] or 1.0) < 1.0]
+
+
+def bands(tables: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, list[float]]]:
+    """case -> "old"/"new" -> that ratio in every run that measured it, in run order."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for table in tables:
+        for case, times in table.items():
+            for name, value in zip(("old", "new"), ratios(times)):
+                if value is not None:
+                    out.setdefault(case, {}).setdefault(name, []).append(value)
+    return out
+
+
+def print_bands(tables) -> None:
+    """Each ratio's median and range over the runs: on a small shared machine one run's
+    ratio moves by up to 0.3, so a case is read by its band, not by one point."""
+    import statistics
+
+    def band(values):
+        return (f"{statistics.median(values):5.2f} [{min(values):.2f}-{max(values):.2f}]"
+                if values else f"{'-':>17}")
+
+    print(f"\nover {len(tables)} runs: ratio median [lowest-highest] (peer/cpu, > 1: cpu faster)")
+    print(f"{'old':>17} {'new':>17}  case")
+    for case, named in bands(tables).items():
+        print(f"{band(named.get('old', []))} {band(named.get('new', []))}  {case}")
+    lows = [case for case, named in bands(tables).items() if min(named.get("new", [1.0])) < 1.0]
+    highs = [case for case, named in bands(tables).items()
+             if statistics.median(named.get("new", [1.0])) < 1.0]
+    print(f"cases below 1.0 in some run: {len(lows)}; with their median below 1.0: {len(highs)}")
 
 
 if __name__ == "__main__":
