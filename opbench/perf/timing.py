@@ -148,9 +148,8 @@ def measure_interleaved(
     cores they otherwise hold a core into the next subject's samples, and the side whose
     threads spin longer wins (docs/perf.md, "Eleventh pass").  The idle puts the subject's own
     threads to sleep as well, so ``warmup`` untimed calls follow it, also outside the budget:
-    the samples are steady-state, not wake-ups (ggml's ROPE, [128, 32, 512] f32, read 1.96-2.34
-    ms a call without them and 0.69-0.79 with them, interleaved with cpu; its first calls after
-    200 ms idle took 1.0-2.8 ms, the later ones 0.4-0.6)."""
+    the samples are steady-state, not wake-ups (ggml's ROPE normal, [128, 32, 512] f32, read
+    1.96-2.34 ms a call without them and 0.69-0.79 with them, interleaved with cpu; 0.55 alone)."""
     _check_limits(budget_ms, min_samples, max_samples)
     if per_round < 1:
         raise ValueError(f"per_round={per_round} must be >= 1")
