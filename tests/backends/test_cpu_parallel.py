@@ -116,6 +116,24 @@ def test_results_do_not_depend_on_the_thread_count(monkeypatch, name):
             assert np.array_equal(one, many), f"{name}: {threads} threads differ from 1"
 
 
+CHUNKED = ["rope f32 neox", "rope f16 normal", "rows and kv_rotate",
+           "cpy permuted, rows in source order", "cpy contiguous, converted"]
+
+
+@pytest.mark.parametrize("name", CHUNKED)
+def test_claimed_chunks_cover_every_item_as_one_direct_call_does(monkeypatch, name):
+    """The calls split in claimed chunks equal one plain kernel call over everything (a chunk
+    left out or run twice shows here; one thread against three would not see it, as both
+    run the same chunks)."""
+    monkeypatch.setattr(jit, "PARALLEL_ELEMENTS", 1 << 40)  # one direct call
+    whole = _bits(CALLS[name]())
+    monkeypatch.setattr(jit, "PARALLEL_ELEMENTS", 1)  # chunks of a few items
+    for threads in ("1", "2"):
+        monkeypatch.setenv("NUMBA_NUM_THREADS", threads)
+        for one, chunked in zip(whole, _bits(CALLS[name]())):
+            assert np.array_equal(one, chunked), f"{name}: {threads} thread(s) in chunks differ"
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_attention_split_by_kv_heads_equals_one_batch(monkeypatch, dtype):
     """Each part gets its own heads' ALiBi slopes and sinks: the split result is the

@@ -45,13 +45,6 @@ def bits(a: np.ndarray) -> np.ndarray:
     return a.view(np.uint16) if a.dtype == F16 else a
 
 
-def _split(kernel, n: int, elements_per_item: int, *args, whole=()) -> None:
-    """kernel(*(a[lo:hi] for a in args), *whole) over parts of range(n)."""
-    min_items = max(1, PARALLEL_ELEMENTS // max(1, elements_per_item))
-    parallel.run_split(lambda lo, hi: kernel(*(a[lo:hi] for a in args), *whole), n,
-                       min_per_part=min_items)
-
-
 # -- conversions and copies --------------------------------------------------------------------
 def f32_to_f16(src, dst) -> None:
     """dst (float16, contiguous) = src (float32, same shape) rounded to nearest even."""
@@ -72,7 +65,7 @@ def convert(src, dst) -> None:
     if flat_src.size <= PARALLEL_ELEMENTS:  # one chunk: no thread count, counter or crew
         kernels.convert_flat(flat_src, flat_dst)
         return
-    _copy_in_chunks(kernels.convert_claimed, flat_src.size, 1, flat_src, flat_dst)
+    _in_claimed_chunks(kernels.convert_claimed, flat_src.size, 1, flat_src, flat_dst)
 
 
 #: the elements of a copy's claimed chunk at most: ~1 MiB, a few chunks per thread for the
@@ -81,13 +74,16 @@ def convert(src, dst) -> None:
 COPY_CHUNK_ELEMENTS = 1 << 18
 
 
-def _copy_in_chunks(claimed_kernel, n_items: int, elements_per_item: int, *args) -> None:
+def _in_claimed_chunks(claimed_kernel, n_items: int, elements_per_item: int, *args) -> None:
     """claimed_kernel(*args, counter, chunk, posted) over ``n_items`` items of
     ``elements_per_item`` elements, split over the cores in claimed chunks
     (``parallel.run_claimed``): about four chunks a thread, none under PARALLEL_ELEMENTS
-    elements (where a split stops paying) nor over COPY_CHUNK_ELEMENTS.  (The callers run a
-    copy of one chunk's size or less directly: the same kernel loop, without the thread
-    count, the counter and the crew's entry.)"""
+    elements (where a split stops paying) nor over COPY_CHUNK_ELEMENTS.  A thread that comes
+    late, or shares its core, finds fewer chunks instead of holding the others up: the copies,
+    RoPE, KV_ROTATE and SET_ROWS run so (RoPE's four perf cases, against one part a thread:
+    0.75-0.96 of the time, docs/perf.md "Twelfth pass").  (The callers run a call of one
+    chunk's size or less directly: the same kernel loop, without the thread count, the counter
+    and the crew's entry.)"""
     per_item, threads = max(1, elements_per_item), parallel.thread_count()
     quarter = n_items // (4 * threads)
     chunk = max(1, min(max(quarter, PARALLEL_ELEMENTS // per_item),
@@ -115,7 +111,7 @@ def gather_rows(src, rows, out) -> None:
     if out2.size <= PARALLEL_ELEMENTS:
         kernels.gather_rows(src2, rows, out2)
         return
-    _copy_in_chunks(kernels.gather_rows_claimed, len(out2), out2.shape[1], src2, rows, out2)
+    _in_claimed_chunks(kernels.gather_rows_claimed, len(out2), out2.shape[1], src2, rows, out2)
 
 
 def copy_permuted_rows(src, out, perm, step: int) -> None:
@@ -131,14 +127,16 @@ def copy_permuted_rows(src, out, perm, step: int) -> None:
     if src2.size <= PARALLEL_ELEMENTS:
         _load().copy_rows_permuted(*rows, 0, len(src2))
         return
-    _copy_in_chunks(_load().copy_rows_permuted_claimed, len(src2), src.shape[-1], *rows)
+    _in_claimed_chunks(_load().copy_rows_permuted_claimed, len(src2), src.shape[-1], *rows)
 
 
 def scatter_rows(dst, src, slots) -> None:
     """dst[slots[r]] = src[r] for slots >= 0 (distinct, already checked), converted."""
     dst2, src2 = bits(dst).reshape(len(dst), -1), bits(src).reshape(len(src), -1)
-    scatter = _load().scatter_rows
-    _split(lambda s, sl: scatter(dst2, s, sl), len(src2), src2.shape[1], src2, slots)
+    if src2.size <= PARALLEL_ELEMENTS:
+        _load().scatter_rows(dst2, src2, slots)
+        return
+    _in_claimed_chunks(_load().scatter_rows_claimed, len(src2), src2.shape[1], dst2, src2, slots)
 
 
 # -- ROPE, KV_ROTATE ------------------------------------------------------------------------------
@@ -146,16 +144,23 @@ def rope(x, cos, sin, rows, out, adjacent: bool) -> None:
     """Rotate x [tokens, heads, n_dims] into out (must not alias x); cos/sin float32
     [table rows, n_dims/2], token t's in row rows[t]; pairs (2i, 2i+1) when ``adjacent`` else
     (i, i + n_dims/2)."""
-    kernel = _load().rope_adjacent if adjacent else _load().rope_halves
-    _split(kernel, len(x), x[0].size if len(x) else 1, bits(x), rows, bits(out),
-           whole=(cos, sin))
+    kernels, x_bits, out_bits = _load(), bits(x), bits(out)
+    if x.size <= PARALLEL_ELEMENTS:  # one chunk: no thread count, counter or crew
+        kernel = kernels.rope_adjacent if adjacent else kernels.rope_halves
+        kernel(x_bits, rows, out_bits, cos, sin)
+        return
+    _in_claimed_chunks(kernels.rope_claimed, len(x), x[0].size, x_bits, rows, out_bits, cos, sin,
+                    adjacent)
 
 
 def kv_rotate(cache, blocks, deltas, lut, interleaved: bool) -> None:
     """In place, blocks distinct (each part writes its own blocks)."""
-    rotate, cache_bits = _load().kv_rotate, bits(cache)
-    _split(lambda b, d: rotate(cache_bits, b, d, lut, interleaved), len(blocks), cache[0].size,
-           blocks, deltas)
+    kernels, cache_bits = _load(), bits(cache)
+    if len(blocks) * cache[0].size <= PARALLEL_ELEMENTS:
+        kernels.kv_rotate(cache_bits, blocks, deltas, lut, interleaved)
+        return
+    _in_claimed_chunks(kernels.kv_rotate_claimed, len(blocks), cache[0].size, cache_bits, blocks,
+                    deltas, lut, interleaved)
 
 
 # -- ATTN --------------------------------------------------------------------------------------

@@ -352,6 +352,18 @@ def scatter_rows(dst, src, slots):
                 dst[slot, c] = move(src[r, c], dst)
 
 
+@numba.njit(nogil=True, cache=True)
+def scatter_rows_claimed(dst, src, slots, counter, chunk, posted):
+    """``scatter_rows`` over claimed chunks of src's rows."""
+    post(posted)
+    while True:
+        lo = claim_next(counter) * chunk
+        if lo >= len(slots):
+            return
+        scatter_rows(dst, src[lo:lo + chunk], slots[lo:lo + chunk])
+        chunk_done(counter)
+
+
 # -- ROPE --------------------------------------------------------------------------------------
 @numba.njit(nogil=True, cache=True)
 def rope_halves(x, rows, out, cos, sin):
@@ -387,6 +399,22 @@ def rope_adjacent(x, rows, out, cos, sin):
 
 
 @numba.njit(nogil=True, cache=True)
+def rope_claimed(x, rows, out, cos, sin, adjacent, counter, chunk, posted):
+    """``rope_adjacent`` (``adjacent``) or ``rope_halves`` over claimed chunks of tokens."""
+    post(posted)
+    while True:
+        lo = claim_next(counter) * chunk
+        if lo >= x.shape[0]:
+            return
+        hi = min(lo + chunk, x.shape[0])
+        if adjacent:
+            rope_adjacent(x[lo:hi], rows[lo:hi], out[lo:hi], cos, sin)
+        else:
+            rope_halves(x[lo:hi], rows[lo:hi], out[lo:hi], cos, sin)
+        chunk_done(counter)
+
+
+@numba.njit(nogil=True, cache=True)
 def kv_rotate(cache, blocks, deltas, lut, interleaved):
     """In place: rotate every key of the blocks by LUT row deltas[r, token or 0];
     pairs (i, i + D/2) or, interleaved, (2i, 2i + 1)."""
@@ -407,6 +435,18 @@ def kv_rotate(cache, blocks, deltas, lut, interleaved):
                     s = lut[row, half + i]
                     cache[block, t, h, ia] = from_f32(a * c - b * s, cache)
                     cache[block, t, h, ia + other] = from_f32(b * c + a * s, cache)
+
+
+@numba.njit(nogil=True, cache=True)
+def kv_rotate_claimed(cache, blocks, deltas, lut, interleaved, counter, chunk, posted):
+    """``kv_rotate`` over claimed chunks of the blocks (distinct: no two chunks write one)."""
+    post(posted)
+    while True:
+        lo = claim_next(counter) * chunk
+        if lo >= len(blocks):
+            return
+        kv_rotate(cache, blocks[lo:lo + chunk], deltas[lo:lo + chunk], lut, interleaved)
+        chunk_done(counter)
 
 
 # -- ATTN --------------------------------------------------------------------------------------

@@ -54,8 +54,10 @@ def run_split(kernel: Callable[[int, int], None], n: int, *, min_per_part: int =
 
     One part per thread, claimed by the calling thread and by the part threads as they come:
     when a part thread is late, the caller runs its part too instead of waiting for it.  (Four
-    smaller parts a thread, so a late thread would join what is left, were slower: a 512-token
-    prefill 1.17 -> 0.98 of ggml, a [128, 8, 512] RoPE 1.78 -> 1.41, in one run.)"""
+    smaller parts a thread, so a late thread would join what is left, were slower here: a
+    512-token prefill 1.17 -> 0.98 of ggml, a [128, 8, 512] RoPE 1.78 -> 1.41, in one run.
+    Claimed from native code without the GIL, ``run_claimed``, small chunks pay: the copies,
+    RoPE, KV_ROTATE and SET_ROWS use that.)"""
     min_per_part = max(1, min_per_part)
     # fewer than two parts' worth: no split, nor thread count, to compute (small calls are the
     # common case)
