@@ -39,7 +39,7 @@ PEERS = ("ggml", "torch")
 #: the default idle before each side's batch: GNU OpenMP's idle threads (ggml's, torch's) held
 #: 0.88 of a core for the first 10 ms after an op here and nothing after; on two cores an
 #: unsettled table times one side's samples against another's spinning threads (docs/perf.md,
-#: "Twelfth pass")
+#: "Eleventh pass"; each side re-warms after the idle, "Twelfth pass")
 SETTLE_MS = 20.0
 
 
@@ -222,10 +222,11 @@ def print_bands(tables) -> None:
 
     print(f"\nover {len(tables)} runs: ratio median [lowest-highest] (peer/cpu, > 1: cpu faster)")
     print(f"{'old':>17} {'new':>17}  case")
-    for case, named in bands(tables).items():
+    by_case = bands(tables)
+    for case, named in by_case.items():
         print(f"{band(named.get('old', []))} {band(named.get('new', []))}  {case}")
-    lows = [case for case, named in bands(tables).items() if min(named.get("new", [1.0])) < 1.0]
-    highs = [case for case, named in bands(tables).items()
+    lows = [case for case, named in by_case.items() if min(named.get("new", [1.0])) < 1.0]
+    highs = [case for case, named in by_case.items()
              if statistics.median(named.get("new", [1.0])) < 1.0]
     print(f"cases below 1.0 in some run: {len(lows)}; with their median below 1.0: {len(highs)}")
 

@@ -149,8 +149,8 @@ def rope(x, cos, sin, rows, out, adjacent: bool) -> None:
         kernel = kernels.rope_adjacent if adjacent else kernels.rope_halves
         kernel(x_bits, rows, out_bits, cos, sin)
         return
-    _in_claimed_chunks(kernels.rope_claimed, len(x), x[0].size, x_bits, rows, out_bits, cos, sin,
-                    adjacent)
+    _in_claimed_chunks(kernels.rope_claimed, len(x), x[0].size, x_bits, rows, out_bits, cos,
+                       sin, adjacent)
 
 
 def kv_rotate(cache, blocks, deltas, lut, interleaved: bool) -> None:
@@ -159,8 +159,8 @@ def kv_rotate(cache, blocks, deltas, lut, interleaved: bool) -> None:
     if len(blocks) * cache[0].size <= PARALLEL_ELEMENTS:
         kernels.kv_rotate(cache_bits, blocks, deltas, lut, interleaved)
         return
-    _in_claimed_chunks(kernels.kv_rotate_claimed, len(blocks), cache[0].size, cache_bits, blocks,
-                    deltas, lut, interleaved)
+    _in_claimed_chunks(kernels.kv_rotate_claimed, len(blocks), cache[0].size, cache_bits,
+                       blocks, deltas, lut, interleaved)
 
 
 # -- ATTN --------------------------------------------------------------------------------------
