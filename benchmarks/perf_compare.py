@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import os
 import sys
 from pathlib import Path
@@ -151,7 +152,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=1,
                    help="run the whole table this many times and print each ratio's band")
     args = p.parse_args(argv)
-    if args.repeats < 1 or not args.settle_ms >= 0 or args.settle_ms == float("inf"):
+    if args.repeats < 1 or not 0 <= args.settle_ms < math.inf:  # NaN and inf too
         p.error("--repeats must be at least 1 and --settle-ms a finite number >= 0")
     if args.pin_cpu is not None:
         os.sched_setaffinity(0, {args.pin_cpu})  # threads started from now on inherit it

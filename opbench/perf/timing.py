@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -166,7 +167,8 @@ def measure_interleaved(
         for index in rng.permutation(len(names)):
             name = names[index]
             if settle_ms and name != previous:
-                deadline += _idle(settle_ms) + _untimed(subjects[name].warm_up, warmup)
+                deadline += (_untimed(time.sleep, settle_ms / 1e3)
+                             + _untimed(subjects[name].warm_up, warmup))
             previous, room = name, max_samples - len(taken[name])
             taken[name].extend(subjects[name].time_batch(min(per_round, room)))
         fewest = min(len(v) for v in taken.values())
@@ -181,17 +183,11 @@ def measure_interleaved(
     }
 
 
-def _idle(ms: float) -> int:
-    """Sleep ``ms`` milliseconds; the nanoseconds it took."""
+def _untimed(step: Callable[[Any], None], argument) -> int:
+    """``step(argument)`` (an idle, a re-warm) outside the samples; the nanoseconds it took,
+    which extend the deadline."""
     start = time.perf_counter_ns()
-    time.sleep(ms / 1e3)
-    return time.perf_counter_ns() - start
-
-
-def _untimed(step: Callable[[int], None], calls: int) -> int:
-    """``step(calls)``; the nanoseconds it took."""
-    start = time.perf_counter_ns()
-    step(calls)
+    step(argument)
     return time.perf_counter_ns() - start
 
 
