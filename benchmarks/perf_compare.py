@@ -24,6 +24,10 @@ cores from the next side's samples for long; and before each side's batch the ru
 --settle-ms``; docs/perf.md, "Eleventh pass": on two cores the copies' ratios moved by up to
 0.3 with it; 0 turns it off).  ``--repeats N`` runs the whole table N times and ends with each
 ratio's median and range: one run's point moves by up to 0.3 on a small shared machine.
+``--cold`` evicts the host's caches (twice the last-level cache written) before every sample of
+every side, the base's too: each side reads its inputs from memory, whatever the sides before
+it left in the cache (without it, a side whose working set outlives the others' batches reads
+warm and the rest cold).
 """
 
 from __future__ import annotations
@@ -63,7 +67,7 @@ def load_base_cpu(base_root: Path):
     return module.CpuBackend
 
 
-def make_sides(base_root: Path | None) -> dict:
+def make_sides(base_root: Path | None, cold: bool = False) -> dict:
     import torch
 
     from opbench.backends.cpu import CpuBackend
@@ -75,6 +79,8 @@ def make_sides(base_root: Path | None) -> dict:
     if base_root is not None:
         sides["cpu-base"] = load_base_cpu(base_root)()
         _warn_if_base_lost_its_jit()
+        if cold:  # a base older than the host flush would take its samples warm
+            sides["cpu-base"].flush_l2 = sides["cpu"].flush_l2
     sides.update(ggml=GgmlBackend(n_threads=threads), torch=_torch_backend())
     for backend in sides.values():
         backend.devices(1)
@@ -101,7 +107,7 @@ def _torch_backend():
 
 
 def measure(sides: dict, budget_ms: float, pattern: str | None,
-            settle_ms: float = 0.0) -> dict[str, dict[str, float]]:
+            settle_ms: float = 0.0, cold: bool = False) -> dict[str, dict[str, float]]:
     """case id -> side -> median ns, every case timed on all sides interleaved."""
     import re
 
@@ -109,7 +115,7 @@ def measure(sides: dict, budget_ms: float, pattern: str | None,
     from opbench.perf.run import PerfOptions, perf_cases, refusal, run_ab_case
 
     options = PerfOptions(budget_ms=budget_ms, min_samples=10, epochs=2, settle_ms=settle_ms,
-                          ceilings=load_ceilings())
+                          cold=cold, ceilings=load_ceilings())
     table: dict[str, dict[str, float]] = {}
     for case in perf_cases("full"):
         if case.op not in OPS or (pattern and not re.search(pattern, case.id)):
@@ -151,6 +157,8 @@ def main(argv=None) -> int:
                    help=f"idle this long before each side's batch (default: {SETTLE_MS:g})")
     p.add_argument("--repeats", type=int, default=1,
                    help="run the whole table this many times and print each ratio's band")
+    p.add_argument("--cold", action="store_true",
+                   help="evict the host's caches before every sample of every side")
     args = p.parse_args(argv)
     if args.repeats < 1 or not 0 <= args.settle_ms < math.inf:  # NaN and inf too
         p.error("--repeats must be at least 1 and --settle-ms a finite number >= 0")
@@ -165,15 +173,17 @@ def main(argv=None) -> int:
     # own times no slower). 10,000 still bridge a side's own back-to-back samples.
     os.environ.setdefault("GOMP_SPINCOUNT", "10000")  # before torch and ggml load libgomp
     print(f"threads per side: {_threads()}; CPUs {sorted(os.sched_getaffinity(0))}; "
-          f"load: {os.getloadavg()[0]:.2f} (1-min average)")
+          f"load: {os.getloadavg()[0]:.2f} (1-min average); caches: "
+          f"{'evicted before every sample' if args.cold else 'as the sides before left them'}")
     print(f"{'cpu us':>10} {'best peer us':>16} {'old':>7} {'new':>7}  case  (ratio = peer/cpu)")
-    sides = make_sides(args.base)
+    sides = make_sides(args.base, args.cold)
     tables = []
     try:
         for repeat in range(args.repeats):
             if args.repeats > 1:
                 print(f"-- run {repeat + 1} of {args.repeats}", flush=True)
-            tables.append(measure(sides, args.budget_ms, args.pattern, args.settle_ms))
+            tables.append(measure(sides, args.budget_ms, args.pattern, args.settle_ms,
+                                  args.cold))
             below = cases_below(tables[-1])
             print(f"load: {os.getloadavg()[0]:.2f}; cases below 1.0: {len(below)} of "
                   f"{len(tables[-1])}", flush=True)

@@ -362,3 +362,52 @@ def test_running_threads_follow_the_declaration_within_the_cpus(monkeypatch, dec
     monkeypatch.setattr(perf, "cpu_count", lambda: 3)
     assert perf.running_threads(Declares(declared)) == running
     assert perf.compute_threads(Declares(declared)) == needs  # what --ab pins CPUs for
+
+
+class _CountingBuffer:
+    """Stands in for the host flush's buffer: counts the writes ``flush_host_caches`` makes."""
+
+    def __init__(self):
+        self.writes = 0
+
+    def __iadd__(self, value):
+        self.writes += 1
+        return self
+
+
+@pytest.mark.parametrize("name", ["cpu", "ggml", "torch"])
+def test_cold_perf_on_a_host_backend_flushes_the_host_before_every_sample(name, monkeypatch):
+    from opbench.backends.common import host
+    from opbench.harness.registry import open_backend
+
+    if name != "cpu":
+        pytest.importorskip({"ggml": "ggml", "torch": "torch"}[name])
+    counter = _CountingBuffer()
+    monkeypatch.setattr(host, "_flush_buffer", counter)
+    backend = open_backend(name)
+    try:
+        options = perf.PerfOptions(budget_ms=5, min_samples=4, warmup=2, cold=True)
+        record = perf.run_perf_case(backend, cpy_case("f32", "f16", (64, 4, 64)), options, "r")
+        warm = perf.run_perf_case(backend, cpy_case("f32", "f16", (64, 4, 64)),
+                                  perf.PerfOptions(budget_ms=5, min_samples=4), "r")
+    finally:
+        backend.close()
+    assert record["status"] == "OK" and warm["status"] == "OK"
+    assert counter.writes == len(record["perf"]["samples_ns"]) >= 4  # none for the warm run
+
+
+def test_a_host_flush_rewrites_twice_the_last_level_cache(monkeypatch):
+    from opbench.backends.common import host
+
+    monkeypatch.setattr(host, "last_level_cache_bytes", lambda: 2**20)
+    monkeypatch.setattr(host, "_flush_buffer", None)
+    host.flush_host_caches()
+    first = host._flush_buffer
+    assert first.nbytes == 2 * 2**20 and np.all(first == 1)  # every byte written
+    host.flush_host_caches()
+    assert host._flush_buffer is first and np.all(first == 2)  # allocated once
+    monkeypatch.setattr(host, "last_level_cache_bytes", lambda: None)
+    monkeypatch.setattr(host, "FALLBACK_FLUSH_BYTES", 3 * 2**20)
+    monkeypatch.setattr(host, "_flush_buffer", None)
+    host.flush_host_caches()
+    assert host._flush_buffer.nbytes == 3 * 2**20  # size unknown: the fallback

@@ -20,6 +20,8 @@ import numpy as np
 
 from opbench.protocol import AttnParams, Backend, Option, RopeParams
 
+from .common.host import flush_host_caches
+
 try:  # optional: the module must import without ggml-python
     import ggml
 except ImportError:  # pragma: no cover - exercised only where ggml-python is missing
@@ -140,6 +142,10 @@ class GgmlBackend(Backend):
 
         return {"ggml-python": version("ggml-python"), "threads": self.n_threads,
                 "device_names": ["cpu"]}
+
+    def flush_l2(self, device: Any = None) -> None:
+        """ggml's CPU backend runs on the host: evict its caches (``perf --cold``)."""
+        flush_host_caches()
 
     def known_failures(self) -> list[tuple]:
         from .ggml_known_failures import KNOWN_FAILURES

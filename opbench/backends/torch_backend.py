@@ -26,6 +26,7 @@ import numpy as np
 
 from opbench.protocol import AttnParams, Backend, Option, RopeParams
 
+from .common.host import flush_host_caches
 from .common.yarn import yarn_corr_dims
 
 
@@ -270,6 +271,11 @@ class TorchBackend(Backend):
     def synchronize(self, device: Any = None) -> None:
         if self._cuda:
             torch.cuda.synchronize(device)
+
+    def flush_l2(self, device: Any = None) -> None:
+        """On the CPU, evict the host's caches (``perf --cold``); on CUDA nothing yet."""
+        if not self._cuda:
+            flush_host_caches()
 
     # -- streams and events (CUDA only; CPU ops are synchronous) -----------------------------
     def stream(self, device: Any = None) -> Any:

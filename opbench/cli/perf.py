@@ -45,7 +45,8 @@ def register(subparsers, common) -> None:
     p.add_argument("--warmup", type=int, default=timing.DEFAULT_WARMUP,
                    help="untimed calls first (default: %(default)s)")
     p.add_argument("--cold", action="store_true",
-                   help="flush the device cache before every sample (the backend's flush_l2)")
+                   help="evict the device's cache before every sample (the backend's "
+                        "flush_l2; on the host, twice its last-level cache is written)")
     p.add_argument("--ab", nargs=2, metavar=("A", "B"),
                    help="interleave backend refs A and B (NAME[:opt=val,...]); replaces -b."
                    " A side written REF@PATH runs from the opbench source tree at PATH, each"

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from opbench.backends.common.host import last_level_cache_bytes
 from opbench.backends.common.host import usable_cpus as cpu_count  # the name tests patch
 from opbench.harness import records
 from opbench.perf import timing
@@ -119,22 +120,6 @@ def measure_with_threads(threads: int, copy_bytes: int = COPY_BYTES, matmul_n: i
         last = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
         raise CeilingsError(f"measuring the ceilings on {threads} thread(s) failed: {last}")
     return json.loads(done.stdout.splitlines()[-1])
-
-
-def last_level_cache_bytes(cpu: int = 0) -> int | None:
-    """The size of the largest (last-level) cache of ``cpu``, from Linux's sysfs; None where
-    it cannot be read."""
-    sizes = []
-    for index in Path(f"/sys/devices/system/cpu/cpu{cpu}/cache").glob("index*"):
-        try:
-            level = int((index / "level").read_text())
-            size = (index / "size").read_text().strip()
-        except (OSError, ValueError):
-            continue
-        units = {"K": 2**10, "M": 2**20, "G": 2**30}
-        if size[:-1].isdigit() and size[-1] in units:
-            sizes.append((level, int(size[:-1]) * units[size[-1]]))
-    return max(sizes)[1] if sizes else None
 
 
 def measure_ceilings(copy_bytes: int = COPY_BYTES, matmul_n: int = MATMUL_N) -> dict:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
+
+import numpy as np
 
 
 def usable_cpus() -> int:
@@ -11,3 +14,37 @@ def usable_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+def last_level_cache_bytes(cpu: int = 0) -> int | None:
+    """The size of the largest (last-level) cache of ``cpu``, from Linux's sysfs; None where
+    it cannot be read."""
+    sizes = []
+    for index in Path(f"/sys/devices/system/cpu/cpu{cpu}/cache").glob("index*"):
+        try:
+            level = int((index / "level").read_text())
+            size = (index / "size").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        units = {"K": 2**10, "M": 2**20, "G": 2**30}
+        if size[:-1].isdigit() and size[-1] in units:
+            sizes.append((level, int(size[:-1]) * units[size[-1]]))
+    return max(sizes)[1] if sizes else None
+
+
+#: what a flush writes where the last-level cache's size cannot be read: more than most have
+FALLBACK_FLUSH_BYTES = 64 * 2**20
+_flush_buffer: np.ndarray | None = None
+
+
+def flush_host_caches() -> None:
+    """Evict the host's caches (``perf --cold`` on a CPU backend): write a buffer of twice the
+    last-level cache, so what a sample reads next comes from memory, as a kernel's inputs do
+    when the working set of a real model has passed through the cache since.  The calling
+    core's own caches and the shared last level are evicted; another core's private cache may
+    keep up to its size (a few MiB at most)."""
+    global _flush_buffer
+    if _flush_buffer is None:
+        llc = last_level_cache_bytes()
+        _flush_buffer = np.zeros(2 * llc if llc else FALLBACK_FLUSH_BYTES, np.uint8)
+    _flush_buffer += 1  # reads and writes every line (a fill could stream past the cache)

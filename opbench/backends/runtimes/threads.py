@@ -40,6 +40,7 @@ import numpy as np
 from opbench.protocol import DeviceMismatchError, Option, Runtime, numpy_dtype
 
 from ..common.arrays import plain
+from ..common.host import flush_host_caches
 
 __all__ = ["Device", "DeviceArray", "DeviceMismatchError", "Event", "Gate", "Stream",
            "StreamDelay", "ThreadGraph", "ThreadRuntime", "device_array", "plain"]
@@ -590,6 +591,11 @@ class ThreadRuntime(Runtime):
         return [self.own_stream(s) for s in streams]
 
     # -- timing ---------------------------------------------------------------------------------
+    def flush_l2(self, device: Any = None) -> None:
+        """The devices are the host's cores: evict the host's caches (``perf --cold``)."""
+        self.synchronize()  # nothing queued may run while the flush evicts
+        flush_host_caches()
+
     def timer(self):
         """Device time of one call in nanoseconds, as CUDA events measure it: every stream is
         held while ``call`` queues its work between two timestamps taken on the workers, then
