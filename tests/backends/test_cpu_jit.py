@@ -55,3 +55,48 @@ def test_copies_split_across_threads_equal_the_oracle(monkeypatch, perm, step, d
     out = np.full(expected.shape, np.nan, dst)
     kernels.cpy(src, out, perm, step)
     assert np.array_equal(out.view(np.uint8), expected.view(np.uint8))
+
+
+def _guarded(n: int, offset: int, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """A destination of n elements starting ``offset`` elements into a poisoned array."""
+    whole = np.full(n + offset + 9, 0x5A5A5A5A, np.uint32).view(np.uint8).view(dtype)
+    return whole, whole[offset:offset + n]
+
+
+@pytest.mark.parametrize("dtype", [np.uint32, np.uint16])
+@pytest.mark.parametrize("n, offset", [(70_001, 0), (70_001, 3), (300_007, 1)])
+def test_streamed_copies_keep_every_bit_and_write_nothing_else(monkeypatch, dtype, n, offset):
+    monkeypatch.setattr(jit, "streaming_bytes", lambda: 0)  # stream every same-type copy
+    monkeypatch.setenv("NUMBA_NUM_THREADS", "3")  # uneven parts on any machine
+    src = np.random.default_rng(n + offset).integers(0, np.iinfo(dtype).max, n + 1, dtype)
+    src = src[1:]  # an odd start on the read side too: any bit pattern, NaN payloads included
+    whole, dst = _guarded(n, offset, dtype)
+    before = whole.copy()
+    assert jit.streams(src, dst)
+    jit.convert(src, dst)
+    assert np.array_equal(dst, src)
+    outside = np.ones(whole.size, bool)
+    outside[offset:offset + n] = False
+    assert np.array_equal(whole[outside], before[outside])
+
+
+def test_a_streamed_copy_of_any_length_and_alignment_is_exact():
+    kernels = jit._load()
+    src = np.random.default_rng(5).integers(0, 2**16, 300, np.uint16)
+    for n in (0, 1, 31, 32, 33, 95, 200):
+        for offset in range(0, 33, 7):
+            whole, dst = _guarded(n, offset, np.uint16)
+            before = whole.copy()
+            kernels.copy_flat_streaming(src[:n], dst)
+            assert np.array_equal(dst, src[:n]), (n, offset)
+            assert np.array_equal(whole[:offset], before[:offset])
+            assert np.array_equal(whole[offset + n:], before[offset + n:])
+
+
+def test_only_same_type_copies_past_half_the_cache_stream():
+    big = jit.streaming_bytes() // 4
+    f32 = np.empty(big, np.float32)
+    assert jit.streams(np.empty(big, np.float32), f32)
+    assert not jit.streams(np.empty(big - 1, np.float32), f32[:-1])  # stays in the cache
+    assert not jit.streams(np.empty(big, np.float16), np.empty(big, np.float16))  # half the bytes
+    assert not jit.streams(np.empty(big, np.float32), np.empty(big, np.uint16))  # a conversion

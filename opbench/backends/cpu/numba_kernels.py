@@ -266,6 +266,62 @@ def convert_flat(src, dst):
         dst[i] = move(src[i], dst)
 
 
+LINE_BYTES = 64
+
+
+@intrinsic
+def _copy_line_streaming(typingctx, dst, dst_byte, src, src_byte):
+    """The 64 bytes at ``src_byte`` of ``src`` into ``dst`` at ``dst_byte``, which must be
+    64-byte aligned there, with a non-temporal store: written to memory without reading the
+    line first or keeping it in the cache."""
+    if not (isinstance(dst, types.Array) and isinstance(src, types.Array)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        line = ir.VectorType(ir.IntType(8), LINE_BYTES)
+        byte_pointer = ir.IntType(8).as_pointer()
+
+        def at(array_type, array, offset):
+            data = context.make_array(array_type)(context, builder, array).data
+            address = builder.gep(builder.bitcast(data, byte_pointer), [offset])
+            return builder.bitcast(address, line.as_pointer())
+
+        value = builder.load(at(signature.args[2], args[2], args[3]), align=1)
+        store = builder.store(value, at(signature.args[0], args[0], args[1]), align=LINE_BYTES)
+        store.set_metadata("nontemporal", builder.module.add_metadata([ir.IntType(32)(1)]))
+        return context.get_dummy_value()
+
+    return types.none(dst, dst_byte, src, src_byte), codegen
+
+
+@intrinsic
+def _store_fence(typingctx):
+    """Orders the non-temporal stores before it before anything after it (they are weakly
+    ordered: another thread told "done" could otherwise read stale lines)."""
+    def codegen(context, builder, signature, args):
+        builder.fence("seq_cst")
+        return context.get_dummy_value()
+
+    return types.none(), codegen
+
+
+@numba.njit(nogil=True, cache=True)
+def copy_flat_streaming(src, dst):
+    """dst[:] = src[:] (one dtype, contiguous), whole lines of dst written past the cache: a
+    copy larger than the cache would evict what it writes anyway, and a normal store first
+    reads each line it fills (a third of the traffic).  The bits are src's."""
+    head = min(src.size, (-dst.ctypes.data) % LINE_BYTES // dst.itemsize)
+    for i in range(head):  # up to dst's first line boundary
+        dst[i] = src[i]
+    byte, end = head * src.itemsize, src.size * src.itemsize
+    while byte + LINE_BYTES <= end:
+        _copy_line_streaming(dst, byte, src, byte)
+        byte += LINE_BYTES
+    for i in range(byte // src.itemsize, src.size):  # the part of a line left
+        dst[i] = src[i]
+    _store_fence()
+
+
 @numba.njit(nogil=True, cache=True)
 def gather_rows(src, rows, out):
     """out[r] = src[rows[r]] (2-D, rows of equal width), converted to out's type."""
@@ -313,6 +369,18 @@ def convert_claimed(src, dst, counter, chunk, posted):
         if lo >= src.size:
             return
         convert_flat(src[lo:lo + chunk], dst[lo:lo + chunk])
+        chunk_done(counter)
+
+
+@numba.njit(nogil=True, cache=True)
+def copy_streaming_claimed(src, dst, counter, chunk, posted):
+    """``copy_flat_streaming`` over claimed chunks of elements."""
+    post(posted)
+    while True:
+        lo = claim_next(counter) * chunk
+        if lo >= src.size:
+            return
+        copy_flat_streaming(src[lo:lo + chunk], dst[lo:lo + chunk])
         chunk_done(counter)
 
 
