@@ -76,7 +76,8 @@ def write_calibration(tmp_path, calibration: dict) -> None:
 #: ceilings far above what a small case reaches, so none counts as cache-resident
 HIGH = {"copy_gbps": 1500.0, "matmul_gflops": 5000.0,
         "one_core": {"copy_gbps": 1000.0, "matmul_gflops": 2500.0},
-        "all_cores": {"copy_gbps": 1500.0, "matmul_gflops": 5000.0, "threads": 2}}
+        "all_cores": {"copy_gbps": 1500.0, "matmul_gflops": 5000.0, "threads": 2},
+        "copies": ["np.copyto", "streaming"]}
 THREADED = """
     class OneThread(CpuBackend):
         name = "one-thread"
@@ -125,7 +126,8 @@ def test_the_cpu_backend_splits_over_every_cpu_and_gets_their_ceiling(tmp_path, 
 def test_a_figure_above_the_ceiling_prints_cache_resident(tmp_path, capsys):
     low = {"copy_gbps": 1e-3, "matmul_gflops": 1e-3, "one_core": {"copy_gbps": 1e-3,
            "matmul_gflops": 1e-3}, "all_cores": {"copy_gbps": 1e-3, "matmul_gflops": 1e-3,
-                                                 "threads": 2}}
+                                                 "threads": 2},
+           "copies": ["np.copyto"]}
     write_calibration(tmp_path, low)  # every case beats it: no impossible percentage
     results = tmp_path / "r.jsonl"
     code, out, _ = perf_main(capsys, "-o", "CPY", "-p", "type=f16", "--results", str(results))

@@ -211,10 +211,38 @@ def test_an_older_one_core_cache_entry_is_measured_again(cache, tmp_path, capsys
     assert main(["perf", "--sizes", "small", "-o", "CPY", "-p", "type=f16", "--budget-ms",
                  "1", "--min-samples", "3", "--warmup", "1", "--no-calibrate"]) == 0
     assert capsys.readouterr().err == (
-        "opbench: the ceilings cache holds an older opbench's one-core figures; run "
-        "`opbench calibrate` for fractions of the ceilings\n")
+        "opbench: the ceilings cache holds an older opbench's figures (one core only, or a "
+        "copy ceiling without streaming stores); run `opbench calibrate` for fractions of "
+        "the ceilings\n")
     assert calibrate.load_ceilings()["one_core"]["copy_gbps"] == 11.0 and len(cache) == 2
     assert not calibrate.stale_entry()
+
+
+def test_a_copy_ceiling_of_np_copyto_alone_is_measured_again(cache, tmp_path):
+    """An entry from before the streaming copy: a streaming copy would read as faster than
+    the machine against it."""
+    path = tmp_path / "cache" / "ceilings.json"
+    path.parent.mkdir()
+    rates = {"copy_gbps": 27.6, "matmul_gflops": 76.4}
+    path.write_text(json.dumps({calibrate.records.cpu_model(): {
+        **rates, "one_core": rates, "all_cores": {**rates, "threads": 2}}}))
+    assert calibrate.load_ceilings(measure_if_missing=False) is None and calibrate.stale_entry()
+    fresh = calibrate.load_ceilings()
+    assert fresh["one_core"]["copy_gbps"] == 11.0 and "copies" in fresh and len(cache) == 2
+
+
+def test_the_copy_ceiling_is_the_faster_of_the_ways_to_copy(monkeypatch):
+    import time
+
+    def slow_copy(dst, src):
+        time.sleep(0.004)
+        np.copyto(dst, src)
+
+    seen = []
+    monkeypatch.setattr(calibrate, "_copies", lambda: {"slow": slow_copy,
+                                                      "fast": lambda d, s: seen.append(1)})
+    rate = calibrate.measure_copy_bandwidth(2**20, budget_ms=20, threads=2)
+    assert seen and rate > 2 * 2**20 / 4e6  # above what the slow copy can reach: the fast one
 
 
 def test_cli_calibrate(cache, tmp_path, capsys):

@@ -134,8 +134,9 @@ def _ceilings(args):
     try:
         ceilings = load_ceilings(measure_if_missing=not args.no_calibrate)
         if ceilings is None and stale_entry():
-            print("opbench: the ceilings cache holds an older opbench's one-core figures; run "
-                  "`opbench calibrate` for fractions of the ceilings", file=sys.stderr)
+            print("opbench: the ceilings cache holds an older opbench's figures (one core "
+                  "only, or a copy ceiling without streaming stores); run `opbench calibrate` "
+                  "for fractions of the ceilings", file=sys.stderr)
         return ceilings
     except CeilingsError as exc:
         raise UsageError(str(exc)) from None

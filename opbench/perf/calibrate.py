@@ -20,6 +20,7 @@ median: the median of a noisy machine would make ordinary results look better th
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -60,8 +61,11 @@ def cache_path() -> Path:
 
 def measure_copy_bandwidth(nbytes: int = COPY_BYTES, budget_ms: float = 1000.0,
                            threads: int = 1) -> float:
-    """GB/s of np.copyto on ``nbytes`` buffers, counting the read and the write, split in
-    ``threads`` parts copied at once (NumPy releases the GIL while it copies)."""
+    """GB/s of the faster of two copies of ``nbytes`` buffers, counting the read and the
+    write, split in ``threads`` parts copied at once (both release the GIL): np.copyto, and
+    where numba is there the cpu backend's streaming copy, whose stores skip reading each line
+    before filling it (1.4x np.copyto's rate on one core here): the ceiling is what the
+    memory can do, not what one way of copying gets from it."""
     if nbytes < 2**20:
         raise ValueError(f"nbytes={nbytes} must be >= 1 MiB to measure memory, not cache")
     if threads < 1:
@@ -69,17 +73,27 @@ def measure_copy_bandwidth(nbytes: int = COPY_BYTES, budget_ms: float = 1000.0,
     src = np.ones(nbytes // 4, dtype=np.float32)
     dst = np.zeros_like(src)  # touched now, so page faults stay out of the samples
     parts = list(zip(np.array_split(dst, threads), np.array_split(src, threads)))
+    best = math.inf
     with ThreadPoolExecutor(threads, thread_name_prefix="opbench-calibrate") as pool:
+        for copy_part in _copies().values():
 
-        def copy() -> None:
-            if threads == 1:
-                np.copyto(dst, src)
-            else:
-                list(pool.map(lambda part: np.copyto(*part), parts))
+            def copy(copy_part=copy_part) -> None:
+                list(pool.map(lambda part: copy_part(*part), parts))
 
-        samples = timing.measure(copy, sync=lambda: None, warmup=1, budget_ms=budget_ms,
-                                 min_samples=5)
-    return 2 * src.nbytes / samples.ns.min()  # bytes per ns == GB/s
+            samples = timing.measure(copy, sync=lambda: None, warmup=1, budget_ms=budget_ms,
+                                     min_samples=5)
+            best = min(best, samples.ns.min())
+    return 2 * src.nbytes / best  # bytes per ns == GB/s
+
+
+def _copies() -> dict:
+    """The ways to copy ``(dst, src)`` the copy ceiling is the best of."""
+    from opbench.backends.cpu import jit
+
+    copies = {"np.copyto": np.copyto}
+    if jit.available():
+        copies["streaming"] = lambda dst, src: jit._load().copy_flat_streaming(src, dst)
+    return copies
 
 
 def measure_matmul_rate(n: int = MATMUL_N, budget_ms: float = 1000.0) -> float:
@@ -133,6 +147,7 @@ def measure_ceilings(copy_bytes: int = COPY_BYTES, matmul_n: int = MATMUL_N) -> 
         "one_core": one,
         "all_cores": every,
         "llc_bytes": last_level_cache_bytes(),
+        "copies": list(_copies()),  # an entry without it predates the streaming copy
         "copy_bytes": copy_bytes,
         "matmul_n": matmul_n,
         "measured_at": records.utc_now(),
@@ -175,9 +190,11 @@ def _rates(entry: object) -> bool:
 
 
 def _valid(entry: object) -> bool:
-    """Rates for one core and for all cores (an older opbench's entry has one core only)."""
+    """Rates for one core and for all cores, the copy's the best of the ways to copy (an older
+    opbench's entry has one core only, or a copy ceiling of np.copyto alone: a streaming copy
+    then reads as faster than the machine)."""
     return (_rates(entry) and _rates(entry.get("one_core")) and _rates(entry.get("all_cores"))
-            and isinstance(entry["all_cores"].get("threads"), int))
+            and isinstance(entry["all_cores"].get("threads"), int) and "copies" in entry)
 
 
 def stale_entry(key: str | None = None) -> bool:
