@@ -92,7 +92,7 @@ def _copies() -> dict:
 
     copies = {"np.copyto": np.copyto}
     if jit.available():
-        copies["streaming"] = lambda dst, src: jit._load().copy_flat_streaming(src, dst)
+        copies["streaming"] = lambda dst, src: jit.copy_streaming(src, dst)
     return copies
 
 

@@ -81,6 +81,12 @@ def streams(src: np.ndarray, dst: np.ndarray) -> bool:
             and dst.ctypes.data % dst.itemsize == 0)
 
 
+def copy_streaming(src, dst) -> None:
+    """dst[:] = src[:] (1-D, one dtype) with streaming stores, on this thread alone (the
+    calibration's copy ceiling splits it itself)."""
+    _load().copy_flat_streaming(src, dst)
+
+
 @functools.cache
 def streaming_bytes() -> int:
     from ..common.host import last_level_cache_bytes
