@@ -396,6 +396,7 @@ def test_cold_perf_on_a_host_backend_flushes_the_host_before_every_sample(name, 
         backend.close()
     assert record["status"] == "OK" and warm["status"] == "OK"
     assert counter.writes == len(record["perf"]["samples_ns"]) >= 4  # none for the warm run
+    assert record["perf"]["cold"] and not warm["perf"]["cold"]  # the record says which
 
 
 def test_a_host_flush_rewrites_twice_the_last_level_cache(monkeypatch):

@@ -334,6 +334,12 @@ def test_beyond_the_copy_ceiling_or_within_the_cache_is_cache_resident():
     beyond = timing.throughput(100_000, nbytes=2 * 2**20, ceilings=ceilings)
     assert beyond["above_ceiling"] and not beyond["cache_resident"]
     assert beyond["fraction_of_ceiling"] is None and not memory["above_ceiling"]
+    # cold samples (the caches evicted before each) read from memory whatever their size
+    cold = timing.throughput(10**6, nbytes=2**19, ceilings=ceilings, cold=True)
+    assert not cold["cache_resident"] and cold["fraction_of_ceiling"] == pytest.approx(0.0524,
+                                                                                     abs=1e-4)
+    cold_fast = timing.throughput(30_000, nbytes=3 * 2**18, ceilings=ceilings, cold=True)
+    assert cold_fast["above_ceiling"] and not cold_fast["cache_resident"]
     # compute-bound calls are never called cache-resident
     compute = timing.throughput(10**6, nbytes=2**19, flops=10**9, ceilings=ceilings)
     assert compute["bound"] == "compute" and not compute["cache_resident"]

@@ -305,7 +305,8 @@ def _record(side: WorkerSide, case, run_id, parts, facts, problem, options, plac
     perf = {**timing.perf_block(samples, nbytes=facts["bytes"] or None,
                                 flops=facts["flops"] or None,
                                 ceilings=ceilings_for(options.ceilings,
-                                                      _ceiling_threads(side, placement))),
+                                                      _ceiling_threads(side, placement)),
+                                cold=options.cold),
             "output_judged": facts["output_judged"], "fresh_inputs": options.fresh_inputs,
             "settle_ms": options.settle_ms,
             **placement}

@@ -252,7 +252,8 @@ def block(samples: timing.Samples, prepared: Prepared, options: PerfOptions) -> 
     """The record's perf block, against the ceilings for the threads the backend runs."""
     return timing.perf_block(samples, nbytes=prepared.nbytes or None,
                              flops=prepared.flops or None,
-                             ceilings=ceilings_for(options.ceilings, prepared.threads))
+                             ceilings=ceilings_for(options.ceilings, prepared.threads),
+                             cold=options.cold)
 
 
 def run_perf_case(backend, case: Case, options: PerfOptions, run_id: str, *,

@@ -223,6 +223,7 @@ def throughput(
     nbytes: int | None = None,
     flops: int | None = None,
     ceilings: Mapping[str, float] | None = None,
+    cold: bool = False,
 ) -> dict:
     """GB/s and GFLOP/s at ``median_ns`` per call, and the fraction of the ceiling that bounds it.
 
@@ -232,8 +233,10 @@ def throughput(
     A memory-bound call that moves no more than half the last-level cache (the rest holds other
     data: code, other cores' and processes' lines), or beats the copy ceiling while moving no
     more than the cache holds, ran from cache: it is ``cache_resident`` and gets no fraction of
-    a memory ceiling it was never bound by.  Any other call beyond its ceiling is
-    ``above_ceiling`` (a ceiling measured on a busy machine), also without a fraction."""
+    a memory ceiling it was never bound by -- unless the samples were ``cold`` (the caches
+    evicted before each, ``perf --cold``): then every call read from memory.  Any other call
+    beyond its ceiling is ``above_ceiling`` (a ceiling measured on a busy machine), also
+    without a fraction."""
     if median_ns <= 0:
         raise ValueError(f"median_ns={median_ns} must be > 0")
     seconds = median_ns * 1e-9
@@ -246,7 +249,7 @@ def throughput(
         achieved = gbps if bound == "memory" else gflops
         if ceiling and achieved is not None:
             fraction = achieved / ceiling
-    resident = bound == "memory" and _cache_resident(nbytes, fraction, ceilings)
+    resident = bound == "memory" and not cold and _cache_resident(nbytes, fraction, ceilings)
     above = not resident and fraction is not None and fraction > 1.0
     return {
         "gbps": gbps,
@@ -291,8 +294,10 @@ def perf_block(
     nbytes: int | None = None,
     flops: int | None = None,
     ceilings: Mapping[str, float] | None = None,
+    cold: bool = False,
 ) -> dict:
-    """The ``perf`` field of a result record: every sample, its summary and its throughput."""
+    """The ``perf`` field of a result record: every sample, its summary and its throughput
+    (``cold``: the caches were evicted before every sample)."""
     stats = summarize(samples)
     anchored = {} if samples.anchor_ns is None else {
         "anchor_ns": [int(x) for x in samples.anchor_ns]}
@@ -304,5 +309,7 @@ def perf_block(
         "budget_ms": samples.budget_ms,
         "bytes": nbytes,
         "flops": flops,
-        **throughput(stats["median_ns"], nbytes=nbytes, flops=flops, ceilings=ceilings),
+        "cold": cold,
+        **throughput(stats["median_ns"], nbytes=nbytes, flops=flops, ceilings=ceilings,
+                     cold=cold),
     }
