@@ -410,7 +410,7 @@ def test_a_host_flush_rewrites_twice_the_last_level_cache(monkeypatch):
     host.flush_host_caches()
     assert host._flush_buffer is first and np.all(first == 2)  # allocated once
     monkeypatch.setattr(host, "last_level_cache_bytes", lambda: None)
-    monkeypatch.setattr(host, "FALLBACK_FLUSH_BYTES", 3 * 2**20)
+    monkeypatch.setattr(host, "ASSUMED_LLC_BYTES", 3 * 2**19)
     monkeypatch.setattr(host, "_flush_buffer", None)
     host.flush_host_caches()
     assert host._flush_buffer.nbytes == 3 * 2**20  # size unknown: the fallback

@@ -32,9 +32,14 @@ def last_level_cache_bytes(cpu: int = 0) -> int | None:
     return max(sizes)[1] if sizes else None
 
 
-#: what a flush writes where the last-level cache's size cannot be read: more than most have
-FALLBACK_FLUSH_BYTES = 64 * 2**20
+#: the last-level cache assumed where sysfs does not say
+ASSUMED_LLC_BYTES = 32 * 2**20
 _flush_buffer: np.ndarray | None = None
+
+
+def cache_bytes() -> int:
+    """The last-level cache's size, or ASSUMED_LLC_BYTES where it cannot be read."""
+    return last_level_cache_bytes() or ASSUMED_LLC_BYTES
 
 
 def flush_host_caches() -> None:
@@ -45,6 +50,5 @@ def flush_host_caches() -> None:
     keep up to its size (a few MiB at most)."""
     global _flush_buffer
     if _flush_buffer is None:
-        llc = last_level_cache_bytes()
-        _flush_buffer = np.zeros(2 * llc if llc else FALLBACK_FLUSH_BYTES, np.uint8)
+        _flush_buffer = np.zeros(2 * cache_bytes(), np.uint8)
     _flush_buffer += 1  # reads and writes every line (a fill could stream past the cache)

@@ -89,12 +89,9 @@ def copy_streaming(src, dst) -> None:
 
 @functools.cache
 def streaming_bytes() -> int:
-    from ..common.host import last_level_cache_bytes
+    from ..common.host import cache_bytes
 
-    return (last_level_cache_bytes() or FALLBACK_LLC_BYTES) // 2
-
-
-FALLBACK_LLC_BYTES = 32 << 20  # where sysfs does not say
+    return cache_bytes() // 2
 
 
 #: the elements of a copy's claimed chunk at most: ~1 MiB, a few chunks per thread for the
