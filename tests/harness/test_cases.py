@@ -180,22 +180,27 @@ def test_list_large_and_refusals(capsys):
 
 
 @pytest.mark.parametrize("lo, hi", [(-1.0, 1.0), (-2.0, 0.0), (0.5, 4.0)])
-def test_draw_uniform_draws_what_rng_uniform_draws(lo, hi):
-    """Scaling in place keeps every input of every case table as it was drawn before."""
+def test_draw_uniform_is_the_counter_generator_keyed_by_the_cases_generator(lo, hi):
+    """A case's values: ``draws.uniform_numpy`` (the NumPy model) for the key the case's own
+    generator draws next, so the case seed decides them; in [lo, hi)."""
+    from opbench.harness import draws
     from opbench.harness.cases import draw_uniform
 
     for seed in range(5):
-        fast = draw_uniform(np.random.default_rng(seed), (9, 31), lo, hi)
-        plain = np.random.default_rng(seed).uniform(lo, hi, (9, 31))
-        assert fast.tobytes() == plain.tobytes()
+        got = draw_uniform(np.random.default_rng(seed), (9, 31), lo, hi)
+        key = np.random.default_rng(seed).bit_generator.random_raw()
+        assert got.tobytes() == draws.uniform_numpy(key, (9, 31), lo, hi).tobytes()
+        assert got.shape == (9, 31) and lo <= got.min() and got.max() < hi
 
 
 def test_wide_values_are_the_exact_products_ldexp_gives():
+    from opbench.harness import draws
     from opbench.harness.ops.copies import _wide_uniform
 
     for seed in range(5):
         rng = np.random.default_rng(seed)
-        mantissa = rng.uniform(-1.0, 1.0, (40, 24))
-        expected = np.ldexp(mantissa, rng.integers(-12, 12, (40, 24))).astype(np.float32)
+        mantissa = draws.uniform_numpy(rng.bit_generator.random_raw(), (40, 24))
+        exponent = draws.integers_numpy(rng.bit_generator.random_raw(), (40, 24), -12, 12)
+        expected = np.ldexp(mantissa, exponent).astype(np.float32)
         got = _wide_uniform(np.random.default_rng(seed), (40, 24), "f32")
         assert got.tobytes() == expected.tobytes() and np.ptp(np.log2(np.abs(got))) > 16

@@ -10,6 +10,7 @@ import numpy as np
 from opbench.protocol import numpy_dtype
 
 from ...reference import copies as copy_ref
+from .. import draws
 from ..cases import (
     LARGE_OFFSET,
     Axis,
@@ -44,9 +45,9 @@ def _wide_uniform(rng, shape, dtype):
     if math.prod(shape) > LARGE_ROWS // 16:  # a large table repeats a random period (cases.py)
         return periodic_fill(_wide_uniform(rng, (1_000_003,), dtype), tuple(shape))
     mantissa = draw_uniform(rng, shape)
-    # times 2**e from a table: the exact product, as ldexp gives it, in a third of ldexp's time;
-    # integers(0, 24) draws what integers(-12, 12) draws, 12 higher
-    mantissa *= _POWERS_OF_TWO[rng.integers(0, 24, size=shape)]
+    # times 2**e, e in [-12, 12), from a table: the exact product, as ldexp gives it, in a
+    # third of ldexp's time
+    mantissa *= _POWERS_OF_TWO[draws.integers(draws.draw_key(rng), shape, 0, 24)]
     return mantissa.astype(numpy_dtype(dtype))
 
 

@@ -1,0 +1,87 @@
+"""Seeded uniform values for case inputs, drawn by a counter-based generator.
+
+Value ``i`` of a draw is SplitMix64's output for the counter ``key + (i + 1) * GOLDEN``, its
+top 53 bits as a float64 in [0, 1), scaled to [lo, hi): each value depends only on the key
+and its index, so a compiled loop makes them at ~0.4 ns a value here, where NumPy's bit
+generators take 2.6-3.4 ns (PCG64's ``random``; SFC64, Philox and MT19937 are no faster).
+Drawing a small copy case's inputs took longer than the copy itself (docs/perf.md,
+"Fourteenth pass"). The key is one 64-bit draw of the case's own ``np.random.Generator``, so
+the case seed still decides every value, and the generator's other draws (positions, rows,
+permutations) stay NumPy's.
+
+``uniform_numpy`` computes the same values with NumPy's wrapping uint64 arithmetic, bit for
+bit: the tests hold the compiled loop to it.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+GOLDEN = 0x9E3779B97F4A7C15  # SplitMix64's counter step (2**64 / golden ratio, odd)
+_MIX1, _MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+_UNIT = 1.0 / (1 << 53)  # 53 random bits -> [0, 1), exactly as NumPy's ``random`` scales
+
+_compiled = None
+_compile_lock = threading.Lock()
+
+
+def draw_key(rng: np.random.Generator) -> int:
+    """One draw's key: the next raw 64 bits of the case's generator."""
+    return int(rng.bit_generator.random_raw())
+
+
+def uniform(key: int, shape, lo: float = -1.0, hi: float = 1.0) -> np.ndarray:
+    """float64 values in [lo, hi) of ``shape`` for ``key`` (compiled loop)."""
+    out = np.empty(shape)
+    _kernels().fill_uniform(out.reshape(-1), np.uint64(key), float(lo), float(hi) - float(lo))
+    return out
+
+
+def integers(key: int, shape, low: int, high: int) -> np.ndarray:
+    """int64 values in [low, high) of ``shape`` for ``key`` (compiled loop): the top 32 bits
+    of each output times the span, over 2**32 (Lemire's multiply-shift; the span is far below
+    2**32, so its bias, span / 2**32, is nothing a test input feels)."""
+    if not 0 < high - low < 2**31:
+        raise ValueError(f"integers: the span {high - low} must be in [1, 2**31)")
+    out = np.empty(shape, np.int64)
+    _kernels().fill_integers(out.reshape(-1), np.uint64(key), int(low), int(high - low))
+    return out
+
+
+def splitmix64_numpy(key: int, n: int) -> np.ndarray:
+    """The generator's n uint64 outputs for ``key``, in NumPy array arithmetic."""
+    with np.errstate(over="ignore"):  # uint64 products wrap, as in the compiled loop
+        z = np.uint64(key) + (np.arange(1, n + 1, dtype=np.uint64) * np.uint64(GOLDEN))
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(_MIX1)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(_MIX2)
+        z ^= z >> np.uint64(31)
+    return z
+
+
+def uniform_numpy(key: int, shape, lo: float = -1.0, hi: float = 1.0) -> np.ndarray:
+    """``uniform`` in NumPy: the same bits, 5-10x slower (the tests' reference)."""
+    z = splitmix64_numpy(key, int(np.prod(shape, dtype=np.int64)))
+    unit = (z >> np.uint64(11)).astype(np.float64) * _UNIT
+    return (float(lo) + (float(hi) - float(lo)) * unit).reshape(shape)
+
+
+def integers_numpy(key: int, shape, low: int, high: int) -> np.ndarray:
+    """``integers`` in NumPy: the same values (the tests' reference)."""
+    z = splitmix64_numpy(key, int(np.prod(shape, dtype=np.int64)))
+    scaled = ((z >> np.uint64(32)) * np.uint64(high - low)) >> np.uint64(32)
+    return (scaled.astype(np.int64) + low).reshape(shape)
+
+
+def _kernels():
+    """The compiled loops, compiled (or loaded from numba's cache) on first use: a process
+    that never draws a case does not import numba for it."""
+    global _compiled
+    if _compiled is None:
+        with _compile_lock:
+            if _compiled is None:
+                from . import _draws_jit  # imports numba
+
+                _compiled = _draws_jit
+    return _compiled
