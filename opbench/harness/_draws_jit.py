@@ -1,11 +1,15 @@
-"""The compiled loops of ``draws`` (their own module: numba is imported on first use)."""
+"""The compiled loops of ``draws`` (their own module: numba is imported on first use).
+
+The constants are written here, not imported: numba's on-disk cache is keyed by this file
+alone, so a constant taken from another module would stay frozen in the cached loops after
+that module changed.  The tests hold these loops to ``draws``' NumPy model, bit for bit."""
 
 import numba
 import numpy as np
 
-from .draws import _MIX1, _MIX2, _UNIT, GOLDEN
-
-_GOLDEN, _M1, _M2 = np.uint64(GOLDEN), np.uint64(_MIX1), np.uint64(_MIX2)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # SplitMix64's counter step
+_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_UNIT = 1.0 / 9007199254740992.0  # 2**-53
 _S11, _S27, _S30, _S31, _S32 = (np.uint64(s) for s in (11, 27, 30, 31, 32))
 
 
