@@ -9,8 +9,8 @@ Drawing a small copy case's inputs took longer than the copy itself (docs/perf.m
 the case seed still decides every value, and the generator's other draws (positions, rows,
 permutations) stay NumPy's.
 
-``uniform_numpy`` computes the same values with NumPy's wrapping uint64 arithmetic, bit for
-bit: the tests hold the compiled loop to it.
+``uniform_numpy`` and ``integers_numpy`` compute the same values with NumPy's wrapping
+uint64 arithmetic, bit for bit: the tests hold the compiled loops to them.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import numpy as np
 GOLDEN = 0x9E3779B97F4A7C15  # SplitMix64's counter step (2**64 / golden ratio, odd)
 _MIX1, _MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 _UNIT = 1.0 / (1 << 53)  # 53 random bits -> [0, 1), exactly as NumPy's ``random`` scales
+MAX_SPAN = 1 << 16  # ``integers``' widest range (see there)
 
 _compiled = None
 _compile_lock = threading.Lock()
@@ -41,10 +42,11 @@ def uniform(key: int, shape, lo: float = -1.0, hi: float = 1.0) -> np.ndarray:
 
 def integers(key: int, shape, low: int, high: int) -> np.ndarray:
     """int64 values in [low, high) of ``shape`` for ``key`` (compiled loop): the top 32 bits
-    of each output times the span, over 2**32 (Lemire's multiply-shift; the span is far below
-    2**32, so its bias, span / 2**32, is nothing a test input feels)."""
-    if not 0 < high - low < 2**31:
-        raise ValueError(f"integers: the span {high - low} must be in [1, 2**31)")
+    of each output times the span, over 2**32 (Lemire's multiply-shift).  Each value gets
+    floor or ceil of 2**32 / span of the 2**32 inputs, so the span is kept to 2**16: no value
+    is then more than 2**-16 (relative) more likely than another."""
+    if not 0 < high - low <= MAX_SPAN:
+        raise ValueError(f"integers: the span {high - low} must be in [1, {MAX_SPAN}]")
     out = np.empty(shape, np.int64)
     _kernels().fill_integers(out.reshape(-1), np.uint64(key), int(low), int(high - low))
     return out

@@ -21,7 +21,7 @@ def test_compiled_loop_draws_the_numpy_models_bits(key, shape, lo, hi):
 
 @pytest.mark.parametrize("key", KEYS)
 @pytest.mark.parametrize("shape", [(0,), (1,), (7, 3), (4099,)])
-@pytest.mark.parametrize("low, high", [(0, 1), (0, 24), (-12, 12), (-5, 2**31 - 6)])
+@pytest.mark.parametrize("low, high", [(0, 1), (0, 24), (-12, 12), (-5, 2**16 - 5)])
 def test_compiled_integers_are_the_numpy_models(key, shape, low, high):
     got = draws.integers(key, shape, low, high)
     want = draws.integers_numpy(key, shape, low, high)
@@ -36,7 +36,7 @@ def test_integers_hit_every_value_about_equally_often():
     assert counts.size == 24 and counts.min() > 9_500 and counts.max() < 10_500
 
 
-@pytest.mark.parametrize("low, high", [(3, 3), (0, 2**31 + 1)])
+@pytest.mark.parametrize("low, high", [(3, 3), (0, 2**16 + 1)])
 def test_integers_refuse_an_empty_or_too_wide_span(low, high):
     with pytest.raises(ValueError, match="span"):
         draws.integers(1, (4,), low, high)
