@@ -15,7 +15,7 @@ uint64 arithmetic, bit for bit: the tests hold the compiled loops to them.
 
 from __future__ import annotations
 
-import threading
+import functools
 
 import numpy as np
 
@@ -23,9 +23,6 @@ GOLDEN = 0x9E3779B97F4A7C15  # SplitMix64's counter step (2**64 / golden ratio, 
 _MIX1, _MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 _UNIT = 1.0 / (1 << 53)  # 53 random bits -> [0, 1), exactly as NumPy's ``random`` scales
 MAX_SPAN = 1 << 16  # ``integers``' widest range (see there)
-
-_compiled = None
-_compile_lock = threading.Lock()
 
 
 def draw_key(rng: np.random.Generator) -> int:
@@ -76,14 +73,10 @@ def integers_numpy(key: int, shape, low: int, high: int) -> np.ndarray:
     return (scaled.astype(np.int64) + low).reshape(shape)
 
 
+@functools.cache
 def _kernels():
     """The compiled loops, compiled (or loaded from numba's cache) on first use: a process
     that never draws a case does not import numba for it."""
-    global _compiled
-    if _compiled is None:
-        with _compile_lock:
-            if _compiled is None:
-                from . import _draws_jit  # imports numba
+    from . import _draws_jit  # imports numba
 
-                _compiled = _draws_jit
-    return _compiled
+    return _draws_jit
