@@ -7,6 +7,7 @@ this one), as in that workflow."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -22,14 +23,8 @@ README = (ROOT / "README.md").read_text(encoding="utf-8")
 CI_DOC = (ROOT / "docs" / "ci.md").read_text(encoding="utf-8")
 WORKFLOW = (ROOT / "docs" / "ci" / "perf-gate.yml").read_text(encoding="utf-8")
 
-#: only the clock changes: a shown timing command runs with a small budget and two runs a side;
-#: the gate then allows 50% (a few samples of an A/A run under load can read 20% apart: the
-#: test checks that the commands work, the proofs in docs/ci.md check the verdicts).  20 ms a
-#: case and 20 samples at least: at 5 ms (~10 ms of interleaved batches for a small copy) a
-#: burst of load on one CPU during one side's batches read as a regression past 50% twice in
-#: A/A runs of this block (once in CI, CPY f32 [64, 4, 64] permuted)
-FASTER = {"perf": ["--budget-ms", "20", "--min-samples", "20", "--warmup", "1"],
-          "gate": ["--threshold", "50%"]}
+#: only the clock changes: a shown timing command runs with a small budget and two runs a side
+FASTER = {"perf": ["--budget-ms", "20", "--min-samples", "20", "--warmup", "1"]}
 FEWER_REPEATS = {"--repeat": "2"}
 
 
@@ -63,6 +58,35 @@ def argv_of(command: str) -> list[str]:
         if word in FEWER_REPEATS:
             argv[i + 1] = FEWER_REPEATS[word]
     return argv + FASTER.get(argv[0], [])
+
+
+def ab_results_file(argv: list[str]) -> Path | None:
+    """The results file of a ``perf --ab`` command, else None."""
+    if argv[0] != "perf" or "--ab" not in argv or "--results" not in argv:
+        return None
+    return Path(argv[argv.index("--results") + 1])
+
+
+def read_as_one_clock(path: Path) -> None:
+    """Give each head record of an A/A ``--ab`` file its base record's timings.
+
+    Both sides run this same tree, so any difference between them is this machine's noise:
+    a burst of load during one side's slices of a 20 ms budget read as a regression past 50%
+    in CI (ROPE [64, 4, 16], and a permuted copy before it).  These tests check that the shown
+    commands work and print what is shown; whether the gate's verdicts hold on real timings is
+    the statistics' tests' and docs/ci.md's proofs' concern.  So the gate here reads one clock
+    for both sides and must find every case unchanged."""
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def case(record: dict) -> tuple[str, str, str]:
+        return record["backend"].rpartition("@")[0], record["device"], record["case_id"]
+
+    base = {case(r): r["perf"] for r in records if r["backend"].endswith("@base")}
+    heads = [r for r in records if r["backend"].endswith("@head")]
+    assert heads and sorted(map(case, heads)) == sorted(base), f"{path}: sides differ"
+    for record in heads:
+        record["perf"] = base[case(record)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
 def missing_backend(argv: list[str]) -> str | None:
@@ -110,6 +134,8 @@ def test_readme_console_block_works_as_shown(block, workspace, capsys):
         if why:
             pytest.skip(f"not installed here: {why}")
         code = main(argv)
+        if ab_results_file(argv):
+            read_as_one_clock(ab_results_file(argv))
         out, err = capsys.readouterr()
         printed = out + err
         expected = 1 if any(line.rstrip().endswith(": FAIL") for line in shown) else 0
@@ -136,4 +162,6 @@ def test_the_workflow_steps_run_here_on_the_small_table(workspace, capsys):
         if argv[0] == "perf":
             argv += ["--sizes", "small", "-o", "ROPE,CPY"]
         assert main(argv) == 0, f"{command}\n{capsys.readouterr()}"
+        if ab_results_file(argv):
+            read_as_one_clock(ab_results_file(argv))
     assert "opbench gate passed" in capsys.readouterr().out
