@@ -79,8 +79,12 @@ def module():
 
 
 def _device(host: np.ndarray) -> cp.ndarray:
+    """A device copy of ``host``, complete on return: ``set`` is queued on the current stream,
+    which the tests' non-blocking streams do not wait for (a kernel once read the NaN bytes of
+    the fresh allocation in CI, before the copy ran)."""
     arr = cp.empty(host.shape, host.dtype)
     arr.set(np.ascontiguousarray(host))
+    cp.current_stream().synchronize()
     return arr
 
 
