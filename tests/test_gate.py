@@ -214,7 +214,8 @@ def _gate_lines(capsys, *argv) -> tuple[int, list[str]]:
     return code, capsys.readouterr().out.splitlines()
 
 
-def test_cli_gate_prints_a_line_per_kind_of_gap(tmp_path, capsys):
+def test_cli_gate_prints_a_line_per_kind_of_gap(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)  # on Actions: not the job's summary
     base = [_rec("ROPE(a)"), _rec("ROPE(b)"), {**_rec("ROPE(a)"), "backend": "torch"}]
     new = [_rec("ROPE(a)"), _rec("CPY(x)", "CRASH", reason="SIGSEGV")]
     b, n = _write(tmp_path / "b.jsonl", base), _write(tmp_path / "n.jsonl", new)

@@ -7,6 +7,8 @@ bf16 one rounding to the storage dtype.  Data movement is bit-exact.
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pytest
 
@@ -84,7 +86,7 @@ def oracle_rope(x, pos, p, ff=None) -> np.ndarray:
 @pytest.mark.parametrize("dtype", ["f32", "f16", "bf16"])
 @pytest.mark.parametrize("mode,n_dims,head_dim,extra,use_ff", ROPE_CASES)
 def test_rope_matches_oracle(backend, dtype, mode, n_dims, head_dim, extra, use_ff):
-    rng = np.random.default_rng(hash((mode, n_dims, head_dim, dtype)) % 2**32)
+    rng = np.random.default_rng(zlib.crc32(repr((mode, n_dims, head_dim, dtype)).encode()))
     x, pos, ff = rope_inputs(rng, mode, n_dims, head_dim, dtype)
     p = RopeParams(n_dims=n_dims, mode=mode, **extra)
     got = run_rope(backend, x, pos, p, ff if use_ff else None)

@@ -113,7 +113,8 @@ def order_of(backend, wait: bool) -> list[str]:
         backend.wait_event(s1, event)
     s1.submit(lambda: order.append("s1"))
     s1_done = backend.record_event(s1)
-    ran_while_held = s1_done.synchronize(timeout=0.2)
+    # 0.2 s shows that s1 did not run (when it waits); that it ran gets the full WAIT_S
+    ran_while_held = s1_done.synchronize(timeout=0.2 if wait else WAIT_S)
     gate.release()
     assert event.synchronize(WAIT_S) and s1_done.synchronize(WAIT_S)
     assert ran_while_held == (not wait)

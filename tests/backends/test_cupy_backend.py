@@ -256,9 +256,12 @@ def test_bad_slot_raises_on_synchronize(backend_class):
 def test_timer_and_l2_flush(backend):
     x = backend.to_device(np.ones(1 << 22, np.float32))
     out = backend.empty((1 << 22,), np.float16)
+    copy = lambda: backend.cpy(x, out, (0,), 1)  # noqa: E731
+    backend.timer()(copy)  # untimed: the first call may compile the kernel
     backend.flush_l2()
-    ns = backend.timer()(lambda: backend.cpy(x, out, (0,), 1))
-    assert 0 < ns < 1e9
+    ns = backend.timer()(copy)
+    # the emulator's time is a loaded CPU's, with no bound worth asserting
+    assert 0 < ns and (backend.is_interpreter or ns < 1e9)
 
 
 def test_bf16_round_trips_bit_exactly(backend):
