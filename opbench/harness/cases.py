@@ -329,10 +329,10 @@ FILL_PERIOD = 1_000_003
 def uniform(rng: np.random.Generator, shape: Iterable[int], dtype: str, lo=-1.0, hi=1.0):
     """Seeded uniform values rounded to the storage dtype; never an all-zero array."""
     shape = tuple(shape)
+    key = draws.draw_key(rng)
     if math.prod(shape) > _FILL_LIMIT:
-        return periodic_fill(draw_uniform(rng, FILL_PERIOD, lo, hi).astype(numpy_dtype(dtype)),
-                             shape)
-    return draw_uniform(rng, shape, lo, hi).astype(numpy_dtype(dtype))
+        return periodic_fill(draws.uniform_as(key, FILL_PERIOD, numpy_dtype(dtype), lo, hi), shape)
+    return draws.uniform_as(key, shape, numpy_dtype(dtype), lo, hi)
 
 
 def draw_uniform(rng: np.random.Generator, shape, lo=-1.0, hi=1.0) -> np.ndarray:

@@ -1,6 +1,7 @@
 """The counter-based generator of case inputs: the compiled loop against its NumPy model, and
 what a test input needs of its values (the range, no repeats, no pattern between keys)."""
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -76,3 +77,76 @@ def test_a_generators_draws_get_different_keys_and_a_seed_the_same():
 
     assert two(7) == two(7)
     assert len(set(two(7))) == 2 and two(7) != two(8)
+
+
+HALVES = {"f16": np.float16, "bf16": ml_dtypes.bfloat16}
+#: (mantissa bits, exponent bits) of each 16-bit float
+HALF_LAYOUT = {"f16": (10, 5), "bf16": (7, 8)}
+
+
+def crafted_doubles(half: str) -> np.ndarray:
+    """float64 values where a rounding to ``half`` can go wrong: for every exponent the type
+    holds (subnormal and normal, up to overflow) the exact halfway points between neighbours,
+    a double's ulp either side of them, the neighbours themselves, both signs; zeros, inf,
+    NaNs with payloads, float64 subnormals."""
+    mant, exp = HALF_LAYOUT[half]
+    bias = (1 << (exp - 1)) - 1
+    values = []
+    rng = np.random.default_rng(11)
+    for e in range(-bias - mant - 2, bias + 2):  # below the smallest subnormal to past inf
+        step = 2.0 ** (max(e, 1 - bias) - mant)  # spacing of the type at 2**e
+        for q in rng.integers(0, 1 << mant, 40).tolist() + [0, 1, (1 << mant) - 1]:
+            start = 2.0**e + q * step if e >= 1 - bias else q * step
+            halfway = start + step / 2
+            values += [start, halfway, np.nextafter(halfway, 0), np.nextafter(halfway, np.inf)]
+    values = np.array(values)
+    specials = np.array([0x7FF0000000000000, 0x7FF8000000000000, 0x7FF0000000000001,
+                         0x7FF4000000000123, 0x7FFFFFFFFFFFFFFF, 0x0000000000000001,
+                         0x000FFFFFFFFFFFFF, 0x0010000000000000], np.uint64).view(np.float64)
+    values = np.concatenate([values, specials, [0.0, 65504.0, 65519.99, 65520.0, 3.4e38]])
+    return np.concatenate([values, -values])
+
+
+def random_doubles(seed: int, n: int = 200_000) -> np.ndarray:
+    """Random float64 bit patterns with exponents near the 16-bit types' range."""
+    rng = np.random.default_rng(seed)
+    mantissa = rng.integers(0, 1 << 52, n, dtype=np.uint64)
+    exponent = rng.integers(1023 - 150, 1023 + 140, n).astype(np.uint64)
+    sign = rng.integers(0, 2, n).astype(np.uint64)
+    return ((sign << np.uint64(63)) | (exponent << np.uint64(52)) | mantissa).view(np.float64)
+
+
+@pytest.mark.parametrize("half", HALVES)
+@pytest.mark.parametrize("values", ["crafted", "random"])
+def test_round_to_rounds_as_numpy_and_ml_dtypes_cast_bit_for_bit(half, values):
+    x = crafted_doubles(half) if values == "crafted" else random_doubles(seed=len(half))
+    with np.errstate(over="ignore"):
+        want = x.astype(HALVES[half])
+    got = draws.round_to(x, HALVES[half])
+    assert got.dtype == want.dtype and got.shape == x.shape
+    bad = np.flatnonzero(got.view(np.uint16) != want.view(np.uint16))
+    assert bad.size == 0, [(x[i].hex(), hex(got.view(np.uint16)[i]),
+                            hex(want.view(np.uint16)[i])) for i in bad[:5]]
+
+
+def test_round_to_keeps_shape_and_leaves_other_casts_to_numpy():
+    x = draws.uniform(5, (3, 4, 5), -70000.0, 70000.0)[:, ::2]  # not contiguous
+    f32 = x.astype(np.float32)
+    with np.errstate(over="ignore"):
+        assert np.array_equal(draws.round_to(x, np.float16).view(np.uint16),
+                              x.astype(np.float16).view(np.uint16))
+        assert draws.round_to(f32, np.float16).tobytes() == f32.astype(np.float16).tobytes()
+    assert draws.round_to(x, np.float32).tobytes() == f32.tobytes()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, ml_dtypes.bfloat16, np.float64])
+@pytest.mark.parametrize("key", KEYS[:3])
+@pytest.mark.parametrize("shape, lo, hi", [((0,), -1.0, 1.0), ((7, 3), -1.0, 1.0),
+                                           ((4099,), -1e-6, 1e-6), ((4099,), -7e4, 7e4)])
+def test_uniform_as_is_the_float64_draw_cast_bit_for_bit(dtype, key, shape, lo, hi):
+    """Including ranges that reach the 16-bit types' subnormals and overflow."""
+    got = draws.uniform_as(key, shape, dtype, lo, hi)
+    with np.errstate(over="ignore"):
+        want = draws.uniform_numpy(key, shape, lo, hi).astype(dtype)
+    assert got.dtype == np.dtype(dtype) and got.shape == shape
+    assert got.tobytes() == want.tobytes()

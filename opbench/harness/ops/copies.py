@@ -48,7 +48,7 @@ def _wide_uniform(rng, shape, dtype):
     # times 2**e, e in [-12, 12), from a table: the exact product, as ldexp gives it, in a
     # third of ldexp's time
     mantissa *= _POWERS_OF_TWO[draws.integers(draws.draw_key(rng), shape, 0, 24)]
-    return mantissa.astype(numpy_dtype(dtype))
+    return draws.round_to(mantissa, numpy_dtype(dtype))
 
 
 _POWERS_OF_TWO = 2.0 ** np.arange(-12, 12)
