@@ -447,6 +447,11 @@ class Backend:
         ``may_pass`` is true: a precision limit whose failure depends on the inputs."""
         return []
 
+    def warm_up(self) -> None:
+        """Load what the first op would otherwise load (compiled kernels): a case worker calls
+        it at start-up, so a case's ``--timeout`` counts the case, not a compiler or a cache
+        load on a busy machine.  Default: nothing."""
+
     def implements(self, method: str) -> bool:
         """Whether this class overrides the protocol method ``method`` (an op such as ``rope``,
         or an optional ability such as ``copy_async``): the base versions raise

@@ -115,6 +115,18 @@ def integers_numpy(key: int, shape, low: int, high: int) -> np.ndarray:
     return (scaled.astype(np.int64) + low).reshape(shape)
 
 
+def warm_up() -> None:
+    """Load every compiled loop (from numba's cache, or compile it): ~1 s in a fresh process,
+    which a worker pays at start-up rather than in its first case."""
+    key, values = 1, np.zeros(1)
+    uniform(key, 1)
+    integers(key, 1, 0, 2)
+    round_to(values, np.float16)
+    round_to(values, ml_dtypes.bfloat16)
+    for dtype in (np.float32, *HALF_LOOPS):
+        uniform_as(key, 1, dtype)
+
+
 @functools.cache
 def _kernels():
     """The compiled loops, compiled (or loaded from numba's cache) on first use: a process

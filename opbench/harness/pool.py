@@ -24,6 +24,7 @@ from typing import Any, Iterator, Protocol
 from opbench.backends.common.host import usable_cpus
 from opbench.errors import BackendSetupError
 
+from . import draws
 from .cases import Case
 from .registry import backend_class, device_label, first_device, open_backend
 from .runner import KnownFailures, base_record, run_case
@@ -60,6 +61,9 @@ class CaseWork:
 
     def start(self) -> None:
         self.backend = make_backend(self.backend_ref, self.options)
+        # compiled loops load here, in start-up's allowance, not in the first case's --timeout
+        draws.warm_up()
+        self.backend.warm_up()
         self.known = KnownFailures(self.backend.known_failures())
         self.device_name = device_label(self.backend)
         self.device = first_device(self.backend)

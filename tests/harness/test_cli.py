@@ -134,6 +134,34 @@ def test_timeout_counts_from_the_case_not_the_worker_start_up(tmp_path, capsys):
     assert code == 0 and "TIMEOUT" not in out and "1/1 tests passed" in out
 
 
+LOADS_ON_FIRST_USE = textwrap.dedent("""
+    import time
+    from opbench.backends.cpu import CpuBackend
+
+    class LoadsOnFirstUse(CpuBackend):
+        name = "loadsonfirstuse"
+        loaded = False
+
+        def warm_up(self):
+            time.sleep(3)            # compiling its kernels on a busy machine
+            self.loaded = True
+
+        def cpy(self, *args, **kwargs):
+            if not self.loaded:
+                self.warm_up()
+            super().cpy(*args, **kwargs)
+""")
+
+
+def test_a_workers_warm_up_is_start_up_not_the_first_cases_time(tmp_path, capsys):
+    backend_file = tmp_path / "lazy.py"
+    backend_file.write_text(LOADS_ON_FIRST_USE)
+    code, out, _ = run(capsys, "test", "-b", f"{backend_file}:LoadsOnFirstUse", "-o", "CPY",
+                       "-p", r"type_src=f32,type=f32,ne=\[5,3,64\],perm=\[0,1,2\],step=1",
+                       "--isolate", "--timeout", "2")
+    assert code == 0 and "TIMEOUT" not in out and "1/1 tests passed" in out
+
+
 def test_list_and_support(capsys):
     code, out, _ = run(capsys, "list")
     assert code == 0 and "ROPE" in out and "total" in out

@@ -83,6 +83,10 @@ class CpuBackend(NumpyModelOps, RuntimeBackend):
             **self.runtime.info(),
         }
 
+    def warm_up(self) -> None:
+        if self.jit:
+            jit.available()  # imports numba and loads (or compiles) the kernels
+
     def devices(self, n: int = 1) -> list[Any]:
         """n logical devices; existing ones (and their arrays) are kept, missing ones started."""
         devices = self.runtime.devices(n)
