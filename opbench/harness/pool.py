@@ -8,6 +8,7 @@ TIMEOUT for it, starts a fresh worker and goes on.
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import multiprocessing as mp
 import os
@@ -310,14 +311,34 @@ def run_in_workers(backend_ref: str, backend_name: str, options: dict, cases: li
     return run_items_in_workers(work, cases, jobs, timeout)
 
 
+#: one BLAS/OpenMP thread per worker: N workers already fill the cores, and oversubscribed
+#: BLAS threads on a busy machine made attention up to 70x slower
+WORKER_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+              "OMP_WAIT_POLICY": "passive"}
+
+
+@contextlib.contextmanager
+def _worker_env() -> Iterator[None]:
+    """``WORKER_ENV`` where the caller has not set it, for the workers spawned (and respawned)
+    inside; the caller's environment as it was afterwards (a library caller, or a test run,
+    keeps its own)."""
+    added = {name: value for name, value in WORKER_ENV.items() if name not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
+
+
 def run_items_in_workers(work: Work, items: list, jobs: int, timeout: float | None
                          ) -> Iterator[dict]:
     """Yield records as workers finish them; CRASH/TIMEOUT records for lost items."""
-    # one BLAS/OpenMP thread per worker: N workers already fill the cores, and oversubscribed
-    # BLAS threads on a busy machine made attention up to 70x slower
-    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ.setdefault(name, "1")
-    os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+    with _worker_env():
+        yield from _run_items(work, items, jobs, timeout)
+
+
+def _run_items(work: Work, items: list, jobs: int, timeout: float | None) -> Iterator[dict]:
     ctx = mp.get_context("spawn")
     workers = max(1, min(jobs, len(items)))
     # likewise the cpu backend's kernel splits: the cores shared out among the workers

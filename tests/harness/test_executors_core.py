@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+from opbench.harness import pool
+
 
 def test_running_cases_does_not_import_ray():
     code = ("import sys; from opbench.cli.main import main; "
@@ -39,7 +41,8 @@ class _ThreadsSeen:
     def run(self, item) -> dict:
         from opbench.backends.cpu import parallel
 
-        return {"item": item, "threads": parallel.thread_count()}
+        return {"item": item, "threads": parallel.thread_count(),
+                "env": {name: os.environ.get(name) for name in pool.WORKER_ENV}}
 
     def stop(self) -> None:
         pass
@@ -53,8 +56,6 @@ def test_workers_share_out_the_cores_for_the_cpu_backends_splits(monkeypatch):
     least one), unless NUMBA_NUM_THREADS says otherwise."""
     from pathlib import Path
 
-    from opbench.harness import pool
-
     # the workers unpickle _ThreadsSeen from this module, imported by pytest as
     # tests.harness.test_executors_core: a spawned worker finds it on the parent's sys.path
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2]))
@@ -67,3 +68,16 @@ def test_workers_share_out_the_cores_for_the_cpu_backends_splits(monkeypatch):
     monkeypatch.setenv("NUMBA_NUM_THREADS", "3")
     records = list(pool.run_items_in_workers(_ThreadsSeen(), [0, 1], 2, 120))
     assert {r["threads"] for r in records} == {3}
+
+
+def test_workers_get_one_blas_thread_and_the_callers_environment_stays_as_it_was(monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2]))
+    for name in pool.WORKER_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the caller's own choice is kept
+    records = list(pool.run_items_in_workers(_ThreadsSeen(), [0, 1], 2, 120))
+    assert [r["env"] for r in records] == [{**pool.WORKER_ENV, "OMP_NUM_THREADS": "3"}] * 2
+    assert {name: os.environ.get(name) for name in pool.WORKER_ENV} == {
+        **dict.fromkeys(pool.WORKER_ENV), "OMP_NUM_THREADS": "3"}
