@@ -44,37 +44,36 @@ def uniform(key: int, shape, lo: float = -1.0, hi: float = 1.0) -> np.ndarray:
     return out
 
 
-#: the 16-bit floats ``round_to`` and ``uniform_as`` round in a compiled loop (its name's
-#: suffix here): NumPy's and ml_dtypes' casts from float64 take 2.6-11 ns a value here, more
-#: than drawing it
-HALF_LOOPS = {np.dtype(np.float16): "f16", np.dtype(ml_dtypes.bfloat16): "bf16"}
+#: the dtypes ``uniform_as`` draws in a compiled loop: (the loops' name suffix, the array they
+#: write, its bits for the 16-bit types).  NumPy's and ml_dtypes' casts from float64 to the
+#: 16-bit types take 2.6-11 ns a value here, more than drawing it; ``round_to`` rounds those
+ROUNDING_LOOPS = {np.dtype(np.float32): ("f32", np.float32),
+                  np.dtype(np.float16): ("f16", np.uint16),
+                  np.dtype(ml_dtypes.bfloat16): ("bf16", np.uint16)}
+HALF_TYPES = tuple(d for d, (_, storage) in ROUNDING_LOOPS.items() if storage is np.uint16)
 
 
 def uniform_as(key: int, shape, dtype, lo: float = -1.0, hi: float = 1.0) -> np.ndarray:
     """``uniform(key, shape, lo, hi).astype(dtype)``, bit for bit, without the float64 array
     for float32 and the 16-bit floats."""
     dtype = np.dtype(dtype)
-    if dtype == np.float32:
-        out = np.empty(shape, np.float32)
-        _kernels().fill_uniform_f32(out.reshape(-1), np.uint64(key), float(lo),
-                                    float(hi) - float(lo))
-        return out
-    if dtype in HALF_LOOPS:
-        out = np.empty(shape, np.uint16)
-        fill = getattr(_kernels(), f"fill_uniform_{HALF_LOOPS[dtype]}")
-        fill(out.reshape(-1), np.uint64(key), float(lo), float(hi) - float(lo))
-        return out.view(dtype)
-    return uniform(key, shape, lo, hi).astype(dtype)
+    if dtype not in ROUNDING_LOOPS:
+        return uniform(key, shape, lo, hi).astype(dtype)
+    suffix, storage = ROUNDING_LOOPS[dtype]
+    out = np.empty(shape, storage)
+    fill = getattr(_kernels(), f"fill_uniform_{suffix}")
+    fill(out.reshape(-1), np.uint64(key), float(lo), float(hi) - float(lo))
+    return out.view(dtype)
 
 
 def round_to(values: np.ndarray, dtype) -> np.ndarray:
     """``values.astype(dtype)`` for float64 ``values``, bit for bit; the 16-bit floats
     rounded in a compiled loop."""
     dtype = np.dtype(dtype)
-    if values.dtype != np.float64 or dtype not in HALF_LOOPS:
+    if values.dtype != np.float64 or dtype not in HALF_TYPES:
         return values.astype(dtype)
     out = np.empty(values.shape, np.uint16)
-    rounding = getattr(_kernels(), f"round_to_{HALF_LOOPS[dtype]}")
+    rounding = getattr(_kernels(), f"round_to_{ROUNDING_LOOPS[dtype][0]}")
     rounding(np.ascontiguousarray(values).reshape(-1), out.reshape(-1))
     return out.view(dtype)
 
@@ -121,10 +120,10 @@ def warm_up() -> None:
     key, values = 1, np.zeros(1)
     uniform(key, 1)
     integers(key, 1, 0, 2)
-    round_to(values, np.float16)
-    round_to(values, ml_dtypes.bfloat16)
-    for dtype in (np.float32, *HALF_LOOPS):
+    for dtype in ROUNDING_LOOPS:
         uniform_as(key, 1, dtype)
+    for dtype in HALF_TYPES:
+        round_to(values, dtype)
 
 
 @functools.cache
