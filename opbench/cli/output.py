@@ -12,8 +12,10 @@ from collections import Counter
 from xml.sax.saxutils import escape, quoteattr
 
 from rich.console import Console
+from rich.control import strip_control_codes
 from rich.markup import escape as markup_escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.text import Text
 
 from opbench.harness.records import FAILING, NOT_JUDGED, PASSING
 
@@ -49,7 +51,18 @@ class ConsoleReporter:
             yield lambda: bar.advance(task)
 
     def _line(self, text: str, style: str = "") -> None:
-        self.out.print(markup_escape(text), style=style or None)
+        self._styled((text, style))
+
+    def _styled(self, *parts: tuple[str, str]) -> None:
+        """One line of (text, style) parts.  Where the console shows no style at all (a pipe,
+        a file, CI's log) the text is written as it is: rich renders such a line to the same
+        characters, but at ~0.2 ms a line: 0.5 s of the main process's CPU in a 2,260-case
+        run (0.02 s written directly), taken from the workers on a two-core machine."""
+        if self.out.color_system is None and not self.out.is_terminal:
+            line = strip_control_codes("".join(text for text, _ in parts))
+            self.out.file.write(line.expandtabs(8) + "\n")  # what rich does to a Text
+            return
+        self.out.print(Text.assemble(*((text, style or "") for text, style in parts)))
 
     def header(self, text: str) -> None:
         self._line(text)
@@ -63,8 +76,8 @@ class ConsoleReporter:
         if status == "OK" and self.quiet:
             return
         label = {"XFAIL": "XFAIL (known failure)", "XPASS": "XPASS (stale known failure)"}
-        self.out.print(f"  {markup_escape(record['case_id'])}: "
-                       f"[{STYLE[status]}]{label.get(status, status)}[/]")
+        self._styled((f"  {record['case_id']}: ", ""),
+                     (label.get(status, status), STYLE[status]))
         if status != "OK":
             for error in record["errors"] or [record["reason"]]:
                 self._line(f"    {error}", "red" if status in FAILING else "yellow")
@@ -87,8 +100,8 @@ class ConsoleReporter:
         extras = [f"{counts[s]} {s.lower()}" for s in ("XFAIL", "UNSUPPORTED") if counts[s]]
         self._line(f"  {passed}/{judged} tests passed" + (f" ({', '.join(extras)})"
                                                           if extras else ""))
-        self.out.print(f"  Backend {markup_escape(name)}: "
-                       + ("[bold red]FAIL[/]" if failed else "[bold green]OK[/]"))
+        self._styled((f"  Backend {name}: ", ""),
+                     ("FAIL", "bold red") if failed else ("OK", "bold green"))
         return failed
 
     def finish(self) -> None:
