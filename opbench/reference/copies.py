@@ -41,7 +41,7 @@ def _dtype_name(dtype) -> str:
     raise ValueError(f"dtype {dtype!r} must be one of {DTYPE_NAMES} or their NumPy dtypes")
 
 
-def _float64_to_float32_round_to_odd(x: np.ndarray) -> np.ndarray:
+def float64_to_float32_round_to_odd(x: np.ndarray) -> np.ndarray:
     """float64 -> float32 truncated toward zero, with the last bit set when inexact ("to odd")."""
     y = x.astype(np.float32)
     with np.errstate(invalid="ignore"):
@@ -64,7 +64,7 @@ def round_to(x, dtype_name) -> np.ndarray:
         if keeps_nan_bits(x.dtype, target):
             return x.astype(target)  # exact: a move or a widening keeps NaN bits as they are
         if name == "bf16" and x.dtype == np.float64:
-            x = _float64_to_float32_round_to_odd(x)
+            x = float64_to_float32_round_to_odd(x)
         return quieted(x.astype(target))  # NumPy's casts keep signalling NaNs signalling
 
 
