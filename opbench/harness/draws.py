@@ -13,11 +13,13 @@ permutations) stay NumPy's.
 uint64 arithmetic, bit for bit: the tests hold the compiled loops to them.
 
 A case stores its inputs in its dtype: ``uniform_as`` rounds each value in the same loop, and
-``round_to`` rounds float64 values to float16 or bfloat16 in one, where NumPy's and
-ml_dtypes' casts took longer than the draw (2.6 and 11 ns a value here).  Both round to
-nearest even once, from the double: NumPy's float16 cast bit for bit, and ml_dtypes' bfloat16
-cast from 0.7 (up to 0.6 it rounds twice, through float32, and is an ulp off just past a
-halfway point).  The tests hold them to a single rounding at every halfway point of both types.
+``round_to`` rounds float64 values to float16 or bfloat16 in one, where NumPy's float16 cast
+took longer than the draw (2.6 ns a value here; ml_dtypes 0.7's bfloat16 cast 11 ns).  Both
+round to nearest even once, from the double: NumPy's float16 cast bit for bit, and ml_dtypes'
+bfloat16 cast from 0.7.  Up to 0.6 that cast is fast (0.9 ns) but rounds twice, through
+float32, an ulp off just past a halfway point: the loops keep the inputs the same whichever
+release is installed.  The tests hold them to a single rounding at every halfway point of both
+types.
 """
 
 from __future__ import annotations
@@ -46,8 +48,8 @@ def uniform(key: int, shape, lo: float = -1.0, hi: float = 1.0) -> np.ndarray:
 
 
 #: the dtypes ``uniform_as`` draws in a compiled loop: (the loops' name suffix, the array they
-#: write, its bits for the 16-bit types).  NumPy's and ml_dtypes' casts from float64 to the
-#: 16-bit types take 2.6-11 ns a value here, more than drawing it; ``round_to`` rounds those
+#: write, its bits for the 16-bit types).  The 16-bit casts from float64 are slower than the
+#: draw or not the same in every ml_dtypes release (above); ``round_to`` rounds those
 ROUNDING_LOOPS = {np.dtype(np.float32): ("f32", np.float32),
                   np.dtype(np.float16): ("f16", np.uint16),
                   np.dtype(ml_dtypes.bfloat16): ("bf16", np.uint16)}
