@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import time
 
 import numpy as np
 
@@ -280,20 +281,54 @@ from opbench.harness.scenario.ring import SequenceEngine  # noqa: E402
 
 class SendBeforeSourceDone(RankRuntime):
     """The send is posted as soon as the host asks, not after the work queued on the source:
-    the message carries whatever the source held then (the host runs layers ahead of the
-    device, so that is the poison the buffers were made with)."""
+    the message carries what the source held when it was posted (the poison the buffers were
+    made with, or older data).
+
+    Left to the threads' timing, the race is lost only when the host runs ahead of the device;
+    on a loaded machine the device can finish first and the bug go unseen (it did, once, in
+    CI).  So the device is held from each send until the next send has been posted (or the
+    host waits for the device): the work that computes the next source runs after its message
+    has left, every run."""
+
+    _held = None  # the gate on this rank's device, placed after the last send
 
     def _send(self, source, device, peer) -> None:
-        compute = self.stream(device)
+        compute, held = self.stream(device), self._held
         posted: list = []
 
         def post() -> None:
             self._log("send", peer, source.nbytes)
-            posted[:] = [self.transport.isend(source, peer, self._next_tag("send", peer))]
+            snapshot = source.copy()  # what the source holds now, not when the wire reads it
+            posted[:] = [self.transport.isend(snapshot, peer, self._next_tag("send", peer))]
+            if held is not None:
+                held.release()
 
         self.send_stream.submit(post)  # missing: send_stream.wait(compute.record())
         compute.wait(self.send_stream.record())
         compute.submit(lambda: posted[0]())
+        self._held = self.hold(compute)
+
+    def _let_the_device_run(self) -> None:
+        if self._held is not None:
+            self._held.release()
+            self._held = None
+
+    def synchronize(self, device=None) -> None:
+        self._let_the_device_run()
+        super().synchronize(device)
+
+    def to_host(self, arr):
+        self._let_the_device_run()  # another rank's values may wait on this rank's messages
+        return super().to_host(arr)
+
+
+class SendBeforeSourceDoneHostBehind(SendBeforeSourceDone):
+    """The same bug with the host 50 ms late to every send, as on a loaded machine: the device
+    has long finished the source, and the bug must still be caught."""
+
+    def _send(self, source, device, peer) -> None:
+        time.sleep(0.05)
+        super()._send(source, device, peer)
 
 
 class ReceiveIntoWrongBuffer(RankRuntime):

@@ -19,7 +19,7 @@ import pytest
 pytest.importorskip("torch.distributed", reason="--ranks needs torch (pip install opbench[torch])")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bugzoo"))
-from scenario_bugs import RANK_BUGS, RankRuntime  # noqa: E402
+from scenario_bugs import RANK_BUGS, RankRuntime, SendBeforeSourceDoneHostBehind  # noqa: E402
 
 from opbench.cli.main import main  # noqa: E402
 from opbench.harness.ranks.driver import Fault, RankJob, in_process_steps  # noqa: E402
@@ -57,6 +57,8 @@ def rank_records():
     jobs += _bug_jobs(3)
     jobs.append(RankJob(S(split="ring", devices=3, steps=STEPS, layers=LAYERS, delay=True),
                         delay_ranks=frozenset({1}), label="delay-rank-1"))
+    jobs.append(RankJob(S(split="ring", devices=3, steps=STEPS, layers=LAYERS),
+                        runtime_cls=SendBeforeSourceDoneHostBehind, label="host-behind"))
     records = list(run_ranks(jobs, "test", timeout=120))
     assert len(records) == len(jobs)
     return records
@@ -97,6 +99,13 @@ def test_message_counts_and_bytes_per_step_and_rank(rank_records):
     head = by_id[S(split="head", devices=2, steps=STEPS, layers=LAYERS).id]
     step0 = head["scenario"]["per_step"][0]["messages"]
     assert [t["sent"] for t in step0] == [LAYERS, LAYERS]  # x out to 1, the partial back to 0
+
+
+def test_a_send_before_its_source_is_caught_when_the_host_is_behind(rank_records):
+    """Left to timing, the device finished each source before the late host posted its send
+    and the bug passed (3 of 3 runs, host 50 ms late); it must fail whatever the timing."""
+    record = next(r for r in rank_records if r["scenario"].get("label") == "host-behind")
+    assert record["status"] == "FAIL" and record["scenario"]["divergence"] is not None
 
 
 @pytest.mark.parametrize("bug", list(RANK_BUGS), ids=lambda bug: bug.__name__)
