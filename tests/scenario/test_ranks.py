@@ -68,6 +68,10 @@ def _plain(records):
     return [r for r in records if not r["scenario"].get("label")]
 
 
+def _labelled(records, label: str) -> dict:
+    return next(r for r in records if r["scenario"].get("label") == label)
+
+
 def test_every_split_and_device_count_passes_with_ranks(rank_records):
     plain = _plain(rank_records)
     failed = [(r["case_id"], r["errors"]) for r in plain if r["status"] != "OK"]
@@ -104,13 +108,13 @@ def test_message_counts_and_bytes_per_step_and_rank(rank_records):
 def test_a_send_before_its_source_is_caught_when_the_host_is_behind(rank_records):
     """Left to timing, the device finished each source before the late host posted its send
     and the bug passed (3 of 3 runs, host 50 ms late); it must fail whatever the timing."""
-    record = next(r for r in rank_records if r["scenario"].get("label") == "host-behind")
+    record = _labelled(rank_records, "host-behind")
     assert record["status"] == "FAIL" and record["scenario"]["divergence"] is not None
 
 
 @pytest.mark.parametrize("bug", list(RANK_BUGS), ids=lambda bug: bug.__name__)
 def test_communication_bugs_are_caught(rank_records, bug):
-    record = next(r for r in rank_records if r["scenario"].get("label") == bug.__name__)
+    record = _labelled(rank_records, bug.__name__)
     assert record["status"] == "FAIL", record["errors"]
     if RANK_BUGS[bug][1] == "pattern":
         problems = record["scenario"]["communication"]
@@ -120,7 +124,7 @@ def test_communication_bugs_are_caught(rank_records, bug):
 
 
 def test_pattern_check_names_step_rank_and_message(rank_records):
-    record = next(r for r in rank_records if r["scenario"].get("label") == "GatherToWrongRank")
+    record = _labelled(rank_records, "GatherToWrongRank")
     text = "\n".join(record["scenario"]["communication"])
     # 36 new tokens x d_model 64 x f32 per message, one per layer
     assert ("communication at step 0, rank 0: missing 4 x recv from rank 2 (9216 B); "
@@ -128,7 +132,7 @@ def test_pattern_check_names_step_rank_and_message(rank_records):
 
 
 def test_delay_on_one_rank_only_passes(rank_records):
-    record = next(r for r in rank_records if r["scenario"].get("label") == "delay-rank-1")
+    record = _labelled(rank_records, "delay-rank-1")
     assert record["status"] == "OK", record["errors"]
 
 
