@@ -83,6 +83,9 @@ def load_kernels(mode: str):
     """Import the kernel modules for ``mode`` (the interpreter flag must precede decoration)."""
     if mode == "interpreter":
         os.environ["TRITON_INTERPRET"] = "1"
+        from . import interpreter_patches
+
+        interpreter_patches.install()
     from . import kernels_attention, kernels_copy, kernels_kv, kernels_rope
 
     interpreted = type(kernels_rope.rope_kernel).__name__ == "InterpretedFunction"
