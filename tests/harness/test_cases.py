@@ -5,6 +5,7 @@ import pytest
 
 from opbench.harness.cases import Case, filter_cases
 from opbench.harness.ops import SPECS
+from opbench.protocol import numpy_dtype
 
 
 @pytest.mark.parametrize("op", list(SPECS))
@@ -193,7 +194,9 @@ def test_draw_uniform_is_the_counter_generator_keyed_by_the_cases_generator(lo, 
         assert got.shape == (9, 31) and lo <= got.min() and got.max() < hi
 
 
-def test_wide_values_are_the_exact_products_ldexp_gives():
+@pytest.mark.parametrize("dtype", ["f32", "f16", "bf16"])
+def test_wide_values_are_the_exact_products_ldexp_gives(dtype):
+    """Keyed by the case generator's next two draws; rounded once (``draws.round_to``)."""
     from opbench.harness import draws
     from opbench.harness.ops.copies import _wide_uniform
 
@@ -201,6 +204,7 @@ def test_wide_values_are_the_exact_products_ldexp_gives():
         rng = np.random.default_rng(seed)
         mantissa = draws.uniform_numpy(rng.bit_generator.random_raw(), (40, 24))
         exponent = draws.integers_numpy(rng.bit_generator.random_raw(), (40, 24), -12, 12)
-        expected = np.ldexp(mantissa, exponent).astype(np.float32)
-        got = _wide_uniform(np.random.default_rng(seed), (40, 24), "f32")
-        assert got.tobytes() == expected.tobytes() and np.ptp(np.log2(np.abs(got))) > 16
+        expected = draws.round_to(np.ldexp(mantissa, exponent), numpy_dtype(dtype))
+        got = _wide_uniform(np.random.default_rng(seed), (40, 24), dtype)
+        assert got.tobytes() == expected.tobytes()
+        assert np.ptp(np.log2(np.abs(got.astype(np.float64)))) > 16

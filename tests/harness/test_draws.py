@@ -176,3 +176,27 @@ def test_uniform_as_is_the_float64_draw_rounded_once_bit_for_bit(dtype, key, sha
                 else doubles.astype(dtype))
     assert got.dtype == np.dtype(dtype) and got.shape == shape
     assert got.tobytes() == want.tobytes()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, ml_dtypes.bfloat16])
+@pytest.mark.parametrize("keys", [(0, 1), (2**64 - 1, 2**63), (0x0123456789ABCDEF, 7)])
+@pytest.mark.parametrize("shape, low, high", [((0,), -12, 12), ((7, 3), -12, 12),
+                                              ((4099,), -12, 12), ((4099,), -30, 20)])
+def test_wide_values_are_the_scaled_draw_rounded_once_bit_for_bit(dtype, keys, shape, low,
+                                                                   high):
+    """The one-loop draw against its parts: ``uniform`` times 2**``integers`` (exact), then one
+    rounding -- past float16's range and below its normals for (-30, 20)."""
+    got = draws.wide_uniform_as(*keys, shape, dtype, low, high)
+    doubles = np.ldexp(draws.uniform_numpy(keys[0], shape),
+                       draws.integers_numpy(keys[1], shape, low, high))
+    with np.errstate(over="ignore"):
+        want = (rounded_once(doubles, "bf16") if dtype is ml_dtypes.bfloat16
+                else doubles.astype(dtype))
+    assert got.dtype == np.dtype(dtype) and got.shape == shape
+    assert got.tobytes() == want.tobytes()
+
+
+def test_wide_values_refuse_an_empty_or_too_wide_span():
+    for low, high in ((3, 3), (0, draws.MAX_SPAN + 1)):
+        with pytest.raises(ValueError, match="span"):
+            draws.wide_uniform_as(1, 2, (4,), np.float32, low, high)

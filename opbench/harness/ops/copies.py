@@ -19,7 +19,6 @@ from ..cases import (
     Inputs,
     OpSpec,
     OutputSpec,
-    draw_uniform,
     itemsize,
     periodic_fill,
     uniform,
@@ -44,14 +43,9 @@ def _wide_uniform(rng, shape, dtype):
     """Values spanning many binades, so rounding (not only truncation) is exercised."""
     if math.prod(shape) > LARGE_ROWS // 16:  # a large table repeats a random period (cases.py)
         return periodic_fill(_wide_uniform(rng, (1_000_003,), dtype), tuple(shape))
-    mantissa = draw_uniform(rng, shape)
-    # times 2**e, e in [-12, 12), from a table: the exact product, as ldexp gives it, in a
-    # third of ldexp's time
-    mantissa *= _POWERS_OF_TWO[draws.integers(draws.draw_key(rng), shape, 0, 24)]
-    return draws.round_to(mantissa, numpy_dtype(dtype))
-
-
-_POWERS_OF_TWO = 2.0 ** np.arange(-12, 12)
+    # uniform in [-1, 1) times 2**e, e in [-12, 12), rounded to the dtype: one loop
+    key_values, key_exponents = draws.draw_key(rng), draws.draw_key(rng)
+    return draws.wide_uniform_as(key_values, key_exponents, shape, numpy_dtype(dtype), -12, 12)
 
 
 def set_rows_case(src, dst, row, nr, nslots) -> Case:
