@@ -32,10 +32,14 @@ class OncePerLaunch:
         self.language_modules = language_modules  # those _patch_lang patches: tl, tl.core
         self.patched: frozenset[int] | None = None  # inside a launch: ids of patched modules
         self.skipped = 0  # device-function calls that needed no patching (for the tests)
+        self._seen: dict[Any, frozenset[int]] = {}  # per function: a scan of its globals
 
     def modules_seen_by(self, fn) -> frozenset[int]:
-        return frozenset(id(value) for value in fn.__globals__.values()
-                         if any(value is module for module in self.language_modules))
+        if fn not in self._seen:  # a function's globals are scanned once, not at every call
+            self._seen[fn] = frozenset(
+                id(value) for value in fn.__globals__.values()
+                if any(value is module for module in self.language_modules))
+        return self._seen[fn]
 
     def __call__(self, fn):
         modules = self.modules_seen_by(fn)
