@@ -86,11 +86,16 @@ def round_to(values: np.ndarray, dtype) -> np.ndarray:
 def wide_uniform_as(key_values: int, key_exponents: int, shape, dtype, low: int,
                     high: int) -> np.ndarray:
     """``round_to(uniform(key_values, shape) * 2.0 ** integers(key_exponents, shape, low,
-    high), dtype)`` bit for bit, in one loop without the float64 arrays: values spanning the
-    binades [2**low, 2**high), for float32 and the 16-bit floats (the copies' source values)."""
+    high), dtype)`` bit for bit, in one loop without the float64 arrays: values in [-1, 1)
+    scaled by 2**e, e in [low, high), for float32 and the 16-bit floats (the copies' source
+    values).  2**e must be a normal double (the loop builds it from its bits)."""
     dtype = np.dtype(dtype)
     if not 0 < high - low <= MAX_SPAN:
         raise ValueError(f"wide_uniform_as: the span {high - low} must be in [1, {MAX_SPAN}]")
+    if low < -1022 or high > 1024:
+        raise ValueError(f"wide_uniform_as: exponents [{low}, {high}) must lie in [-1022, 1024)")
+    if dtype not in ROUNDING_LOOPS:
+        raise ValueError(f"wide_uniform_as: {dtype} is none of {list(map(str, ROUNDING_LOOPS))}")
     suffix, storage = ROUNDING_LOOPS[dtype]
     out = np.empty(shape, storage)
     fill = getattr(_kernels(), f"fill_wide_{suffix}")

@@ -196,7 +196,14 @@ def test_wide_values_are_the_scaled_draw_rounded_once_bit_for_bit(dtype, keys, s
     assert got.tobytes() == want.tobytes()
 
 
-def test_wide_values_refuse_an_empty_or_too_wide_span():
+def test_wide_values_refuse_a_bad_span_exponent_or_dtype():
     for low, high in ((3, 3), (0, draws.MAX_SPAN + 1)):
         with pytest.raises(ValueError, match="span"):
             draws.wide_uniform_as(1, 2, (4,), np.float32, low, high)
+    for low, high in ((-1023, 0), (1000, 1025)):  # 2**e would not be a normal double
+        with pytest.raises(ValueError, match="exponents"):
+            draws.wide_uniform_as(1, 2, (4,), np.float32, low, high)
+    with pytest.raises(ValueError, match="float64 is none of"):
+        draws.wide_uniform_as(1, 2, (4,), np.float64, -12, 12)
+    extremes = draws.wide_uniform_as(1, 2, (64,), np.float32, -1022, -1021)  # the lowest normal
+    assert not extremes.any()  # 2**-1022 scales every value below float32's subnormals
