@@ -67,7 +67,11 @@ def test_a_helper_that_sees_another_module_is_patched_once_per_launch(patcher):
 
 def test_a_launch_that_fails_to_patch_leaves_no_launch_open(patcher):
     once, _ = patcher
-    once.patch_lang = lambda fn: (_ for _ in ()).throw(AssertionError("no triton.language"))
+
+    def refuses(fn):  # as Triton's does for a kernel that cannot see triton.language
+        raise AssertionError("triton.language must be visible")
+
+    once.patch_lang = refuses
     with pytest.raises(AssertionError):
         once(_function_seeing(LANG))
     assert once.patched is None
