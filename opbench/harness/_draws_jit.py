@@ -22,18 +22,30 @@ def splitmix64(key, i):
     return z ^ (z >> _S31)
 
 
+@numba.njit(inline="always")
+def uniform_value(key, lo, scale, i):
+    """Value i of a uniform draw: lo + scale * (output i >> 11) / 2**53."""
+    return lo + scale * (np.float64(splitmix64(key, i) >> _S11) * _UNIT)
+
+
+@numba.njit(inline="always")
+def integer_value(key, low, span, i):
+    """Value i of an integer draw: low + ((output i >> 32) * span) >> 32."""
+    return low + np.int64(((splitmix64(key, i) >> _S32) * np.uint64(span)) >> _S32)
+
+
 @numba.njit(nogil=True, cache=True)
 def fill_uniform(out, key, lo, scale):
     """out[i] = lo + scale * (output i >> 11) / 2**53."""
     for i in range(out.size):
-        out[i] = lo + scale * (np.float64(splitmix64(key, i) >> _S11) * _UNIT)
+        out[i] = uniform_value(key, lo, scale, i)
 
 
 @numba.njit(nogil=True, cache=True)
 def fill_integers(out, key, low, span):
     """out[i] = low + ((output i >> 32) * span) >> 32."""
     for i in range(out.size):
-        out[i] = low + np.int64(((splitmix64(key, i) >> _S32) * np.uint64(span)) >> _S32)
+        out[i] = integer_value(key, low, span, i)
 
 
 _ONE, _EXP_MASK, _MANT_MASK = np.uint64(1), np.uint64(0x7FF), np.uint64((1 << 52) - 1)
@@ -96,7 +108,7 @@ def round_to_bf16(values, out):
 def fill_uniform_f16(out, key, lo, scale):
     """``fill_uniform``'s values rounded to float16, without the float64 array between."""
     for i in range(out.size):
-        value = lo + scale * (np.float64(splitmix64(key, i) >> _S11) * _UNIT)
+        value = uniform_value(key, lo, scale, i)
         out[i] = np.uint16(half_bits(value, 10, 5, True))
 
 
@@ -104,7 +116,7 @@ def fill_uniform_f16(out, key, lo, scale):
 def fill_uniform_bf16(out, key, lo, scale):
     """``fill_uniform``'s values rounded to bfloat16, without the float64 array between."""
     for i in range(out.size):
-        value = lo + scale * (np.float64(splitmix64(key, i) >> _S11) * _UNIT)
+        value = uniform_value(key, lo, scale, i)
         out[i] = np.uint16(half_bits(value, 7, 8, False))
 
 
@@ -112,15 +124,15 @@ def fill_uniform_bf16(out, key, lo, scale):
 def fill_uniform_f32(out, key, lo, scale):
     """``fill_uniform``'s values rounded to float32 (nearest-even, as NumPy's cast)."""
     for i in range(out.size):
-        out[i] = np.float32(lo + scale * (np.float64(splitmix64(key, i) >> _S11) * _UNIT))
+        out[i] = np.float32(uniform_value(key, lo, scale, i))
 
 
 @numba.njit(inline="always")
 def wide_value(key_values, lo, scale, key_exponents, low, span, i):
     """``fill_uniform``'s value i times 2**e, e ``fill_integers``' value i: the exact product
     (a power of two scales without rounding while the result stays normal)."""
-    value = lo + scale * (np.float64(splitmix64(key_values, i) >> _S11) * _UNIT)
-    e = low + np.int64(((splitmix64(key_exponents, i) >> _S32) * np.uint64(span)) >> _S32)
+    value = uniform_value(key_values, lo, scale, i)
+    e = integer_value(key_exponents, low, span, i)
     # 2**e from its bits (e in the normal range; a libm ldexp call took ~5 ns)
     return value * np.uint64((e + 1023) << 52).view(np.float64)
 

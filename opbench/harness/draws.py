@@ -90,8 +90,7 @@ def wide_uniform_as(key_values: int, key_exponents: int, shape, dtype, low: int,
     scaled by 2**e, e in [low, high), for float32 and the 16-bit floats (the copies' source
     values).  2**e must be a normal double (the loop builds it from its bits)."""
     dtype = np.dtype(dtype)
-    if not 0 < high - low <= MAX_SPAN:
-        raise ValueError(f"wide_uniform_as: the span {high - low} must be in [1, {MAX_SPAN}]")
+    _check_span("wide_uniform_as", low, high)
     if low < -1022 or high > 1024:
         raise ValueError(f"wide_uniform_as: exponents [{low}, {high}) must lie in [-1022, 1024)")
     if dtype not in ROUNDING_LOOPS:
@@ -109,11 +108,15 @@ def integers(key: int, shape, low: int, high: int) -> np.ndarray:
     of each output times the span, over 2**32 (Lemire's multiply-shift).  Each value gets
     floor or ceil of 2**32 / span of the 2**32 inputs, so the span is kept to 2**16: no value
     is then more than 2**-16 (relative) more likely than another."""
-    if not 0 < high - low <= MAX_SPAN:
-        raise ValueError(f"integers: the span {high - low} must be in [1, {MAX_SPAN}]")
+    _check_span("integers", low, high)
     out = np.empty(shape, np.int64)
     _kernels().fill_integers(out.reshape(-1), np.uint64(key), int(low), int(high - low))
     return out
+
+
+def _check_span(name: str, low: int, high: int) -> None:
+    if not 0 < high - low <= MAX_SPAN:
+        raise ValueError(f"{name}: the span {high - low} must be in [1, {MAX_SPAN}]")
 
 
 def splitmix64_numpy(key: int, n: int) -> np.ndarray:
