@@ -7,6 +7,7 @@ events, never with timings: while a stream is held, nothing queued behind it can
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -292,16 +293,50 @@ def test_a_held_stream_runs_on_its_worker_until_released_and_drained():
         assert thread_of_next_item(be) is threading.current_thread()  # drained: inline again
 
 
-def test_delay_and_the_timer_keep_the_worker_threads():
+def test_delay_keeps_the_worker_thread():
     with CpuBackend(delay=True, delay_max_ms=0.1) as be:
         be.devices(1)
         assert thread_of_next_item(be) is be.stream(0)._thread
+
+
+def timed_item(be, work=lambda: None) -> tuple[float, list[threading.Thread]]:
+    """(the timer's nanoseconds, the thread that ran ``work`` queued on device 0)."""
+    ran_on: list[threading.Thread] = []
+
+    def item():
+        ran_on.append(threading.current_thread())
+        work()
+    return be.timer()(lambda: be.stream(0).submit(item)), ran_on
+
+
+def test_the_timer_runs_one_device_on_the_calling_thread_and_spans_the_work():
     with CpuBackend() as be:
         be.devices(1)
-        ran_on: list[threading.Thread] = []
-        be.timer()(lambda: be.stream(0).submit(
-            lambda: ran_on.append(threading.current_thread())))
+        elapsed, ran_on = timed_item(be, lambda: time.sleep(0.02))
+        assert ran_on == [threading.current_thread()]
+        assert elapsed >= 20e6
+        assert thread_of_next_item(be) is threading.current_thread()  # still inline
+
+
+def test_the_timer_holds_the_workers_while_another_device_holds_arrays():
+    with CpuBackend() as be:
+        be.devices(2)
+        remote = be.empty((4,), np.float32, 1)
+        _, ran_on = timed_item(be)
         assert ran_on == [be.stream(0)._thread]
+        del remote
+
+
+def test_a_timed_call_that_leaves_the_fast_path_is_timed_to_the_end_of_its_work():
+    with CpuBackend() as be:
+        be.devices(2)
+        kept = []
+
+        def call():
+            kept.append(be.empty((4,), np.float32, 1))  # device 0's work goes to its worker
+            be.stream(0).submit(lambda: time.sleep(0.02))
+        elapsed = be.timer()(call)
+        assert elapsed >= 20e6
 
 
 def test_inline_kernel_error_surfaces_at_next_synchronize():

@@ -2,9 +2,9 @@
 
     python -m opbench.backends.cpu.bench
 
-Two medians per case, GB/s of input + output bytes: device time (``backend.timer()``: kernels
-back to back on the worker, as CUDA events time a stream) and host wall clock around a
-synchronized call (adds the two thread hand-offs, which grow with the machine's load).
+Two medians per case, GB/s of input + output bytes: the backend's timer (``backend.timer()``:
+on one device the call runs inline on this thread, timed from its start to its end) and host
+wall clock around a call and a ``synchronize`` (adds the synchronize's own cost).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from .backend import CpuBackend
 
 
 def median_seconds(backend: CpuBackend, call, repeats: int = 30) -> tuple[float, float]:
-    """(device-time median, host wall-clock median around a synchronized call) in seconds."""
+    """(the timer's median, host wall-clock median around a synchronized call) in seconds."""
     device_timer = backend.timer()
     device_timer(call)
     device, host = [], []
@@ -53,7 +53,7 @@ def bench_cpy(backend: CpuBackend, dst: str, perm=(0, 1, 2), shape=(512, 32, 128
 
 
 def report(name: str, rates: tuple[float, float]) -> None:
-    print(f"{name:42s} device {rates[0]:6.2f} GB/s   host-synchronized {rates[1]:6.2f} GB/s")
+    print(f"{name:42s} timer {rates[0]:6.2f} GB/s   host-synchronized {rates[1]:6.2f} GB/s")
 
 
 def main() -> None:
