@@ -6,7 +6,7 @@ import pytest
 
 from opbench.backends.cpu import jit
 
-pytestmark = pytest.mark.skipif(not jit.available(), reason="numba not installed")
+pytestmark = pytest.mark.skipif(not jit.installed(), reason="numba not installed")
 
 
 def _every_half_boundary() -> np.ndarray:

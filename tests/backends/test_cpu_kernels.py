@@ -505,7 +505,7 @@ def test_cpy_matches_oracle(backend, src_dtype, dst_dtype, perm, step):
     assert np.array_equal(bits(backend.to_host(out)), bits(want))
 
 
-@pytest.mark.skipif(not cpu_jit.available(), reason="numba not installed")
+@pytest.mark.skipif(not cpu_jit.installed(), reason="numba not installed")
 @pytest.mark.parametrize("src_dtype,dst_dtype", PAIRS)
 @pytest.mark.parametrize("perm,step", [((2, 0, 1, 3), 2), ((1, 3, 0, 2), 1),
                                        ((3, 2, 1, 0), 1)])
@@ -528,7 +528,7 @@ def test_permuted_cpy_reads_the_source_in_its_own_order(monkeypatch, backend, sr
                            and numpy_dtype(dst_dtype) != numpy_dtype("bf16"))
 
 
-@pytest.mark.skipif(not cpu_jit.available(), reason="numba not installed")
+@pytest.mark.skipif(not cpu_jit.installed(), reason="numba not installed")
 @pytest.mark.parametrize("dtype,nan_bits", [("f32", (0x7F800001, 0xFFBFFFFF, 0x7FC00001)),
                                             ("f16", (0x7C01, 0xFDFF, 0x7E01))])
 @pytest.mark.parametrize("rows", [7, 1 << 13])  # one call, and split over the cores (>= 1 MiB)
@@ -563,3 +563,25 @@ def test_copies_reject_bad_arguments(backend):
     backend.set_rows(dst, src, backend.to_device(np.array([0, 1, 9, -1], np.int32)))
     with pytest.raises(ValueError, match="slots"):
         backend.synchronize()
+
+
+def test_a_numba_that_cannot_load_the_kernels_is_said_aloud(monkeypatch):
+    """Installed numba, kernels that fail to load (a stale cache raised ModuleNotFoundError):
+    a warning names the error, the NumPy path runs, and info() says jit is off and why."""
+    pytest.importorskip("numba")
+
+    def stale_cache(kernels):
+        raise ModuleNotFoundError("No module named 'opbench.backends.base_cpu'")
+    monkeypatch.setattr(cpu_jit, "_kernels", None)
+    monkeypatch.setattr(cpu_jit, "_load_error", None)
+    monkeypatch.setattr(cpu_jit, "_warm_up", stale_cache)
+    with pytest.warns(RuntimeWarning, match="did not load .*base_cpu.*NumPy path"):
+        assert not cpu_jit.available()
+    assert "ModuleNotFoundError" in cpu_jit.load_error()
+    rng = np.random.default_rng(23)
+    x, pos, ff = rope_inputs(rng, "neox", 48, 64, "f32")
+    p = RopeParams(n_dims=48, mode="neox")
+    with CpuBackend(jit=True) as be:
+        info = be.info()
+        assert info["jit"] is False and "base_cpu" in info["jit_error"]
+        assert_close(run_rope(be, x, pos, p, ff), oracle_rope(x, pos, p, ff), "f32")

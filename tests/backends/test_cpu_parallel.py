@@ -10,7 +10,7 @@ import pytest
 from opbench.backends.cpu import jit, kernels, parallel
 from opbench.protocol import AttnParams, RopeParams
 
-pytestmark = pytest.mark.skipif(not jit.available(), reason="numba not installed")
+pytestmark = pytest.mark.skipif(not jit.installed(), reason="numba not installed")
 
 
 def test_split_covers_the_range_once():

@@ -76,7 +76,8 @@ class CpuBackend(NumpyModelOps, RuntimeBackend):
         return {
             "numpy": np.__version__,
             "rope_cache": self.rope_cache,
-            "jit": self.jit and jit.installed(),
+            "jit": self.jit and jit.installed() and jit.load_error() is None,
+            **({"jit_error": jit.load_error()} if self.jit and jit.load_error() else {}),
             "delay": self.delay,
             # its kernels split over the CPUs it may run on (perf's FOLLOWS_CPUS) unless told
             "threads": parallel.configured_threads() or "cpus",

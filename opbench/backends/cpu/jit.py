@@ -1,15 +1,18 @@
 """Optional numba kernels (numba_kernels.py) and the host side that splits them over the cores.
 
-numba is optional: ``available()`` is False without it and the NumPy kernels are used.  It is
-imported lazily (on the first call that could use it), so importing the backend stays cheap.
-float16 arrays are handed to the kernels as their uint16 bit patterns.  Results never depend
-on the thread count: see ``parallel``.
+numba is optional: ``available()`` is False without it and the NumPy kernels are used (a numba
+that is installed but cannot load them warns, see ``_compile``).  It is imported lazily (on the
+first call that could use it), so importing the backend stays cheap.  float16 arrays are handed
+to the kernels as their uint16 bit patterns.  Results never depend on the thread count: see
+``parallel``.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import threading
+import warnings
 
 import numpy as np
 
@@ -17,6 +20,7 @@ from . import parallel
 
 _lock = threading.Lock()
 _kernels: object | None = None
+_load_error: str | None = None  # why an installed numba did not load the kernels
 F16, F32 = np.dtype(np.float16), np.dtype(np.float32)
 #: storage dtypes the kernels read and write (bfloat16 takes the NumPy path)
 KERNEL_DTYPES = (F16, F32)
@@ -228,16 +232,38 @@ def _load():
     return _kernels
 
 
+def load_error() -> str | None:
+    """Why numba is installed and the kernels still did not load; None when they did, when
+    none was tried yet, or without numba (cheap: never loads anything)."""
+    return _load_error
+
+
 def _compile():
+    global _load_error
+    if not installed():
+        return False
     try:
         from . import numba_kernels
-    except ImportError:
-        return False
-    try:
+
         _warm_up(numba_kernels)
-    except Exception:  # noqa: BLE001 - a numba that cannot compile: the NumPy path is used
+    except Exception as error:  # noqa: BLE001 - a numba that cannot load them: the NumPy path
+        # said aloud: the NumPy path is several times slower, and nothing else would tell.  (Seen:
+        # numba's on-disk cache written by these files loaded under another module name, which
+        # benchmarks/perf_compare.py's --base did before it loaded a copy.)
+        _load_error = f"{type(error).__name__}: {error}"
+        warnings.warn(
+            f"the cpu backend's numba kernels did not load ({_load_error}); its NumPy path runs"
+            f" instead, several times slower.  If numba's cache is stale, deleting the .nbi"
+            f" and .nbc files in {_cache_folder()} makes numba compile them again",
+            RuntimeWarning, stacklevel=4)
         return False
     return numba_kernels
+
+
+def _cache_folder() -> str:
+    """Where numba keeps these kernels' cache: NUMBA_CACHE_DIR, else beside the source."""
+    return os.environ.get("NUMBA_CACHE_DIR") or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "__pycache__")
 
 
 def _warm_up(k) -> None:
