@@ -56,8 +56,13 @@ def _threads() -> int:
 
 def load_base_cpu(base_root: Path):
     """The base checkout's CpuBackend class, its package imported as opbench.backends.base_cpu
-    (relative imports of shared helpers resolve to this checkout's, which are the same)."""
-    package = base_root / "opbench" / "backends" / "cpu"
+    (relative imports of shared helpers resolve to this checkout's, which are the same).
+
+    It is loaded from a copy (``base_package_copy``): numba's on-disk cache records the module
+    name it compiled under, so kernels cached as base_cpu beside the base's own files made that
+    checkout's cpu backend fall back to NumPy when it ran as itself afterwards, and a cache it
+    had written made this loader's do the same."""
+    package = base_package_copy(base_root / "opbench" / "backends" / "cpu")
     name = "opbench.backends.base_cpu"
     spec = importlib.util.spec_from_file_location(
         name, package / "__init__.py", submodule_search_locations=[str(package)])
@@ -65,6 +70,24 @@ def load_base_cpu(base_root: Path):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module.CpuBackend
+
+
+def base_package_copy(package: Path) -> Path:
+    """A copy of ``package``'s files in a folder named by their contents, under the temporary
+    directory: numba's cache there serves every later run of the same base, and no other."""
+    import hashlib
+    import shutil
+    import tempfile
+
+    sources = sorted(p for p in package.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    digest = hashlib.sha256()
+    for path in sources:
+        digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
+    target = Path(tempfile.gettempdir()) / "opbench-perf-compare" / digest.hexdigest()[:16] / "cpu"
+    if not (target / "__init__.py").exists():
+        shutil.copytree(package, target, ignore=shutil.ignore_patterns("__pycache__"),
+                        dirs_exist_ok=True)
+    return target
 
 
 def make_sides(base_root: Path | None, cold: bool = False) -> dict:
@@ -89,15 +112,14 @@ def make_sides(base_root: Path | None, cold: bool = False) -> dict:
 
 def _warn_if_base_lost_its_jit() -> None:
     """A base whose numba kernels do not load runs its NumPy paths: its "old" column would then
-    compare against code no user of the base ran (seen once, with a worktree another loader had
-    used first).  Say so before the table."""
+    compare against code no user of the base ran (seen with a worktree another loader had used
+    first, before the base was loaded from a copy).  Say so before the table."""
     from opbench.backends.cpu import jit
 
     base_jit = sys.modules.get("opbench.backends.base_cpu.jit")
     if base_jit is not None and jit.available() and not base_jit.available():
-        print("warning: the base checkout's numba kernels did not load (its cache may have been "
-              "written under another module name): its column times its NumPy paths; use a "
-              "fresh worktree of the base")
+        print("warning: the base checkout's numba kernels did not load: its column times its "
+              f"NumPy paths ({base_jit.load_error() if hasattr(base_jit, 'load_error') else ''})")
 
 
 def _torch_backend():

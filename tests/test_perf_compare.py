@@ -68,3 +68,25 @@ def test_bad_arguments_are_usage_errors(perf_compare, argv, capsys):
         perf_compare.main(argv)
     assert exit_.value.code == 2
     assert "--repeats must be at least 1" in capsys.readouterr().err
+
+
+def test_the_base_package_is_loaded_from_a_copy_named_by_its_contents(perf_compare, tmp_path,
+                                                                      monkeypatch):
+    """numba caches what it compiles beside the files it loaded, under that module name: the
+    base's own folder must never receive a cache compiled as base_cpu."""
+    import tempfile
+
+    base = tmp_path / "base" / "cpu"
+    (base / "__pycache__").mkdir(parents=True)
+    (base / "__init__.py").write_text("X = 1\n")
+    (base / "kernels.py").write_text("Y = 2\n")
+    (base / "__pycache__" / "kernels.f-1.py311.nbi").write_bytes(b"cache of another loader")
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    copy = perf_compare.base_package_copy(base)
+    assert copy.is_relative_to(tmp_path / "tmp")
+    assert sorted(p.name for p in copy.iterdir()) == ["__init__.py", "kernels.py"]
+    assert (copy / "kernels.py").read_text() == "Y = 2\n"
+    assert perf_compare.base_package_copy(base) == copy  # same files: same folder, its cache
+    (base / "kernels.py").write_text("Y = 3\n")
+    changed = perf_compare.base_package_copy(base)
+    assert changed != copy and (changed / "kernels.py").read_text() == "Y = 3\n"
