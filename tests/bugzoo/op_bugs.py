@@ -268,7 +268,7 @@ class F16OverflowSaturates(CpuBackend):
 
 
 def _query_blocks_restart_positions(q, k, v, p, q_pos, mask, sinks, slopes=None):
-    """Every query block reuses the first block's positions (past 128 queries only)."""
+    """Every query block reuses the first block's positions (past one block of queries only)."""
     block = kernels.ATTN_Q_BLOCK
     if not (p.causal or p.window > 0) or len(q) <= block:
         return _original["attend"](q, k, v, p, q_pos, mask, sinks, slopes)
@@ -357,7 +357,7 @@ class PagedEmptySlotsCompacted(PatchedKernels):
 NEW_INPUT_BUGS = {
     SignallingNanFromConversion: ("CPY", r"vals=special"),
     F16OverflowSaturates: ("CPY", r"vals=special"),
-    QueryBlocksRestartPositions: ("ATTN", r"nq=(129|1[3-9]\d|[2-9]\d\d)\b"),
+    QueryBlocksRestartPositions: ("ATTN", r"nq=(6[5-9]|[7-9]\d|[1-9]\d\d)\b"),
     WindowStartMirrored: ("ATTN", r"nq=(\d+),nkv=\1,.*win=1"),
     RopeNegativePositionsClamped: ("ROPE", r"pos=neg"),
     PagedRowsToWrongSequence: ("ATTN", r"idle=[12]"),
