@@ -84,9 +84,13 @@ def base_package_copy(package: Path) -> Path:
     for path in sources:
         digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
     target = Path(tempfile.gettempdir()) / "opbench-perf-compare" / digest.hexdigest()[:16] / "cpu"
-    if not (target / "__init__.py").exists():
-        shutil.copytree(package, target, ignore=shutil.ignore_patterns("__pycache__"),
-                        dirs_exist_ok=True)
+    if not target.exists():  # copied beside it, then renamed: a copy cut short is never used
+        partial = target.with_name(f"cpu.partial-{os.getpid()}")
+        shutil.copytree(package, partial, ignore=shutil.ignore_patterns("__pycache__"))
+        try:
+            partial.rename(target)
+        except OSError:  # another run renamed its copy first: the same files
+            shutil.rmtree(partial)
     return target
 
 

@@ -90,3 +90,4 @@ def test_the_base_package_is_loaded_from_a_copy_named_by_its_contents(perf_compa
     (base / "kernels.py").write_text("Y = 3\n")
     changed = perf_compare.base_package_copy(base)
     assert changed != copy and (changed / "kernels.py").read_text() == "Y = 3\n"
+    assert not list((tmp_path / "tmp").rglob("*partial*"))  # each copy renamed into place
