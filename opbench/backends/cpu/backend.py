@@ -73,11 +73,12 @@ class CpuBackend(NumpyModelOps, RuntimeBackend):
         self._caches: list[RopeCache] = []
 
     def info(self) -> dict:
+        jit_error = jit.load_error() if self.jit else None
         return {
             "numpy": np.__version__,
             "rope_cache": self.rope_cache,
-            "jit": self.jit and jit.installed() and jit.load_error() is None,
-            **({"jit_error": jit.load_error()} if self.jit and jit.load_error() else {}),
+            "jit": self.jit and jit.installed() and jit_error is None,
+            **({"jit_error": jit_error} if jit_error else {}),
             "delay": self.delay,
             # its kernels split over the CPUs it may run on (perf's FOLLOWS_CPUS) unless told
             "threads": parallel.configured_threads() or "cpus",
