@@ -393,6 +393,66 @@ def test_claimed_chunks_run_once_each_on_two_threads_at_once(two_threads):
         time.sleep(0.003 * (i % 2))  # every other call finds the part thread past its watch
 
 
+def _wait_until_asleep(crew) -> None:
+    deadline = time.monotonic() + 30
+    while not crew.asleep():  # past its watch (~0.3 ms) the part thread sleeps on an event
+        assert time.monotonic() < deadline, "the part thread never went to sleep"
+        time.sleep(0.002)
+
+
+def _claiming_slowly(chunks: int, seen: list):
+    """A kernel for ``run_claimed`` whose every chunk takes 5 ms without the GIL: a part
+    thread woken for the call has time to claim chunks too."""
+    from opbench.backends.cpu import numba_kernels
+
+    def kernel(counter, posted):
+        numba_kernels.post(posted)
+        while (index := numba_kernels.claim_next(counter)) < chunks:
+            time.sleep(0.005)
+            seen.append((index, threading.current_thread().name))
+            numba_kernels.chunk_done(counter)
+
+    return kernel
+
+
+def test_a_small_claimed_call_leaves_a_sleeping_crew_asleep(two_threads):
+    """Below WAKE_ELEMENTS, with every part thread asleep, the caller runs every chunk and
+    wakes no one; at WAKE_ELEMENTS the part thread is woken and runs chunks too."""
+    crew, me = parallel._crew(), threading.current_thread().name
+    for _ in range(3):
+        _wait_until_asleep(crew)
+        seen = []
+        parallel.run_claimed(_claiming_slowly(6, seen), 6, elements=parallel.WAKE_ELEMENTS - 1)
+        assert sorted(index for index, _ in seen) == list(range(6))
+        assert {name for _, name in seen} == {me}
+        assert crew.asleep()
+    _wait_until_asleep(crew)
+    seen, barrier = [], threading.Barrier(2, timeout=60)  # each thread's first chunk waits
+    parallel.run_claimed(_claiming(9, seen, barrier), 9, elements=parallel.WAKE_ELEMENTS)
+    assert sorted(index for index, _ in seen) == list(range(9))
+    assert len({name for _, name in seen}) == 2
+
+
+def test_a_small_claimed_call_splits_while_a_part_thread_is_awake(two_threads, monkeypatch):
+    """A part thread still watching for work (calls back to back) joins at any size: each
+    thread's first chunk waits for the other's."""
+    crew = parallel._crew()
+    barrier, awake = threading.Barrier(2, timeout=60), []
+
+    def part(lo, hi):  # both parts at once: the part thread is at work, not asleep
+        barrier.wait()
+        awake.append(not crew.asleep())
+        barrier.wait()  # neither leaves its part before both have looked
+
+    parallel.run_split(part, 2)
+    assert awake == [True, True]
+    monkeypatch.setattr(crew, "asleep", lambda: False)  # as right after a call: watching
+    seen = []
+    parallel.run_claimed(_claiming(9, seen, barrier), 9, elements=1)
+    assert sorted(index for index, _ in seen) == list(range(9))
+    assert len({name for _, name in seen}) == 2
+
+
 def test_a_claimed_call_from_inside_a_part_runs_every_chunk_on_that_thread(two_threads):
     seen = []
     parallel.run_split(lambda lo, hi: parallel.run_claimed(_claiming(5, seen), 5) if lo == 0

@@ -119,7 +119,7 @@ def _in_claimed_chunks(claimed_kernel, n_items: int, elements_per_item: int, *ar
     chunk = max(1, min(max(quarter, PARALLEL_ELEMENTS // per_item),
                        COPY_CHUNK_ELEMENTS // per_item))
     parallel.run_claimed(lambda counter, posted: claimed_kernel(*args, counter, chunk, posted),
-                         -(-n_items // chunk), threads)
+                         -(-n_items // chunk), threads, n_items * per_item)
 
 
 def wait_for_change(cell: np.ndarray, seen: int, rounds: int) -> bool:

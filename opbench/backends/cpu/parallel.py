@@ -73,8 +73,18 @@ def run_split(kernel: Callable[[int, int], None], n: int, *, min_per_part: int =
     _crew().run(_Job(kernel, split(n, min(threads, n // min_per_part))))
 
 
+#: a claimed split of fewer elements than this runs on the calling thread alone when every
+#: part thread is asleep: waking one costs the caller 13-33 us here and the woken thread
+#: starts 26-47 us later, on a machine just idle slower still.  RoPE over [512 tokens,
+#: 8 heads, 128] f32, cold, after the kernel table's 20 ms settle: 247-272 us alone against
+#: 480-564 us waking the crew; at 4M elements the wake pays (1232 against 983 us).  A crew
+#: still watching for work (calls back to back) joins at any size (docs/perf.md, "Nineteenth
+#: pass").
+WAKE_ELEMENTS = 1 << 21
+
+
 def run_claimed(kernel: Callable[[np.ndarray, np.ndarray], None], chunks: int,
-                threads: int | None = None) -> None:
+                threads: int | None = None, elements: int | None = None) -> None:
     """kernel(counter, posted) on every thread of the crew and on this one, for a kernel that
     first adds one to posted[0] (it posts the job, see ``_Crew.run``), then runs chunks it
     claims from ``counter`` one at a time until none of the ``chunks`` is left, counting each
@@ -83,13 +93,16 @@ def run_claimed(kernel: Callable[[np.ndarray, np.ndarray], None], chunks: int,
     finds fewer chunks, or none; and the caller returns once every chunk is counted, without
     waiting for the part threads to take the GIL back.  Made for the memory-bound copies; the
     figures are in docs/perf.md, "Tenth pass".  ``threads``: ``thread_count()`` when the
-    caller has it already."""
+    caller has it already.  ``elements``: the call's size, for ``WAKE_ELEMENTS``."""
     counter = np.zeros(2, np.int64)
     threads = min(threads or thread_count(), chunks)
     if threads < 2 or getattr(_state, "inside", False):
         kernel(counter, np.zeros(1, np.int64))
         return
     crew = _crew()
+    if elements is not None and elements < WAKE_ELEMENTS and crew.asleep():
+        kernel(counter, np.zeros(1, np.int64))
+        return
     crew.run(_Job(lambda lo, hi: kernel(counter, crew.posted), [(0, chunks)] * threads),
              counted=(counter, chunks))
 
@@ -186,6 +199,11 @@ class _Crew:
         for i in range(size):
             threading.Thread(target=self._serve, name=f"opbench-cpu-part-{i}",
                              daemon=True).start()
+
+    def asleep(self) -> bool:
+        """Every part thread sleeps on the event, or is about to (a read without the lock: a
+        thread waking or falling asleep meanwhile only makes one call split or not)."""
+        return self._sleeping >= self.size
 
     def run(self, job: _Job, counted: tuple[np.ndarray, int] | None = None) -> None:
         """``counted``: (counter, n) of a claimed job, done when counter[1] reaches n (a part
