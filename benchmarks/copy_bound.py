@@ -27,7 +27,7 @@ from opbench.backends.common.host import flush_host_caches, usable_cpus
 from opbench.harness import runner
 from opbench.harness.registry import open_backend
 from opbench.perf import timing
-from opbench.perf.calibrate import load_ceilings
+from opbench.perf.calibrate import ceiling_copies, load_ceilings
 
 CASE_ID = "CPY(type_src=f32,type=f32,ne=[16384,8,128],perm=[0,1,2],step=1)"
 
@@ -83,13 +83,9 @@ def main(argv=None) -> int:
     ceiling = ceilings["all_cores"]["copy_gbps"]
     threads = usable_cpus()
     backend = open_backend("cpu")
-    from opbench.backends.cpu import jit
-
     try:
         op, nbytes = op_subject(backend, args.cold)
-        copies = {"np.copyto, split": np.copyto}
-        if jit.available():  # the calibration's streaming copy is numba's
-            copies["streaming copy, split"] = lambda dst, src: jit.copy_streaming(src, dst)
+        copies = {f"{name} copy, split": copy for name, copy in ceiling_copies().items()}
         with ThreadPoolExecutor(threads, thread_name_prefix="copy-bound") as pool:
             subjects = {"cpu backend CPY (perf's timer)": op}
             subjects.update({name: split_copy_subject(copy, nbytes // 2, pool, threads,

@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "perf_compare.py"
 
 
 @pytest.fixture(scope="module")
-def perf_compare():
-    spec = importlib.util.spec_from_file_location("perf_compare_under_test", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def perf_compare(benchmark_script):
+    return benchmark_script("perf_compare")
 
 
 def test_a_ratio_is_the_best_peers_time_over_cpus(perf_compare):

@@ -239,7 +239,7 @@ def test_the_copy_ceiling_is_the_faster_of_the_ways_to_copy(monkeypatch):
         np.copyto(dst, src)
 
     seen = []
-    monkeypatch.setattr(calibrate, "_copies", lambda: {"slow": slow_copy,
+    monkeypatch.setattr(calibrate, "ceiling_copies", lambda: {"slow": slow_copy,
                                                       "fast": lambda d, s: seen.append(1)})
     rate = calibrate.measure_copy_bandwidth(2**20, budget_ms=20, threads=2)
     assert seen and rate > 2 * 2**20 / 4e6  # above what the slow copy can reach: the fast one

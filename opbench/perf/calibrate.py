@@ -75,7 +75,7 @@ def measure_copy_bandwidth(nbytes: int = COPY_BYTES, budget_ms: float = 1000.0,
     parts = list(zip(np.array_split(dst, threads), np.array_split(src, threads)))
     best = math.inf
     with ThreadPoolExecutor(threads, thread_name_prefix="opbench-calibrate") as pool:
-        for copy_part in _copies().values():
+        for copy_part in ceiling_copies().values():
 
             def copy(copy_part=copy_part) -> None:
                 list(pool.map(lambda part: copy_part(*part), parts))
@@ -86,7 +86,7 @@ def measure_copy_bandwidth(nbytes: int = COPY_BYTES, budget_ms: float = 1000.0,
     return 2 * src.nbytes / best  # bytes per ns == GB/s
 
 
-def _copies() -> dict:
+def ceiling_copies() -> dict:
     """The ways to copy ``(dst, src)`` the copy ceiling is the best of."""
     from opbench.backends.cpu import jit
 
@@ -147,7 +147,7 @@ def measure_ceilings(copy_bytes: int = COPY_BYTES, matmul_n: int = MATMUL_N) -> 
         "one_core": one,
         "all_cores": every,
         "llc_bytes": last_level_cache_bytes(),
-        "copies": list(_copies()),  # an entry without it predates the streaming copy
+        "copies": list(ceiling_copies()),  # an entry without it predates the streaming copy
         "copy_bytes": copy_bytes,
         "matmul_n": matmul_n,
         "measured_at": records.utc_now(),
