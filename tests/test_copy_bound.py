@@ -42,5 +42,6 @@ def test_a_short_run_times_the_op_beside_the_ceilings_copies(copy_bound, tmp_pat
     assert "cpu backend CPY (perf's timer)" in rows and "np.copyto copy, split" in rows
     for median_gbps, best_gbps, median_share, best_share in rows.values():
         assert 0 < float(median_gbps) <= float(best_gbps)
-        assert median_share == f"{float(median_gbps) / 100:.0%}"
-        assert best_share == f"{float(best_gbps) / 100:.0%}"
+        # against a 100 GB/s ceiling the share in % is the rate (rounded to 1 and to 0.1)
+        assert abs(float(median_share.rstrip("%")) - float(median_gbps)) <= 0.6
+        assert abs(float(best_share.rstrip("%")) - float(best_gbps)) <= 0.6
