@@ -35,6 +35,27 @@ def kernels():
     return {"rope": rope, "attention": attention, "kv": kv, "copy": copy}
 
 
+# -- launch sizes ---------------------------------------------------------------------------------
+class InterpretedFunction:  # what ``interpreted`` looks for: a kernel in Triton's interpreter
+    pass
+
+
+@pytest.mark.parametrize("kernel, budget", [(object(), 1 << 12), (InterpretedFunction(), 1 << 16)])
+def test_rows_per_program_is_the_largest_power_of_two_that_fits(kernels, kernel, budget):
+    """``tl.arange`` compiles only for powers of two (the interpreter takes any length): head
+    sizes 80 and 96 once gave 51 rows and failed every RoPE launch on a GPU."""
+    from opbench.backends.triton.kernels_common import rows_per_program
+
+    for row_block in (1, 3, 16, 80, 96, 100, 128, 200, 4096, 5000):
+        for n_rows in (1, 2, 5, 51, 64, 1000, 100_000):
+            rows = rows_per_program(kernel, n_rows, row_block)
+            needed = 1 << (n_rows - 1).bit_length()  # rows past n_rows are masked off
+            room = max(1, budget // row_block)  # one row at least, however wide
+            assert rows & (rows - 1) == 0, (row_block, n_rows, rows)  # a power of two
+            assert rows <= min(needed, room), (row_block, n_rows, rows)
+            assert 2 * rows > min(needed, room), (row_block, n_rows, rows)  # the largest
+
+
 # -- ROPE -----------------------------------------------------------------------------------------
 ROPE_CASES = [  # (dtype, mode, head_dim, n_dims, yarn, freq_factors, inverse)
     ("f32", "normal", 16, 16, False, False, False),
