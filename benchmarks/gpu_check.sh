@@ -74,7 +74,8 @@ step scenario "$T_SCEN" $OB scenario -b "${BACKENDS/torch,/}" --matrix -p "$SCEN
   $SCENARIO_ARGS -q --results "$OUT/scenario.jsonl"
 step perf "$T_PERF" $OB perf -b "$BACKENDS" -o ROPE,KV_ROTATE,CPY,ATTN $PERF_ARGS \
   --results "$OUT/perf.jsonl"
-[ -s "$OUT/perf.jsonl" ] && step figures "$T_FIG" $PY benchmarks/gpu_figures.py \
+[ -s "$OUT/perf.jsonl" ] && PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" step figures "$T_FIG" \
+  $PY benchmarks/gpu_figures.py \
   "$OUT/perf.jsonl" $FIGURE_ARGS
 reports=()
 for f in test scenario perf; do [ -s "$OUT/$f.jsonl" ] && reports+=("$OUT/$f.jsonl"); done
