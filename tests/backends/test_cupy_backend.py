@@ -200,6 +200,92 @@ def test_full_scenario_matrix(backend_class):
     assert not failures, "\n".join(failures[:10])
 
 
+def _illegal_in_capture(backend_class):
+    """The backend with one op that synchronizes its stream while the stream captures: a
+    call CUDA refuses inside a capture (the emulator too), made by the attention."""
+
+    class Illegal(backend_class):
+        def attention(self, q, *args, **kwargs):
+            stream = q.device.stream.cupy_stream
+            if stream.is_capturing():
+                stream.synchronize()
+            return super().attention(q, *args, **kwargs)
+
+    return Illegal
+
+
+GRAPH_SPEC = ScenarioSpec(split="layer", devices=2, graph_reuse=True, layers=2, steps=2)
+
+
+def test_an_op_failing_inside_a_capture_leaves_no_capture_open(backend_class):
+    b = _illegal_in_capture(backend_class)(**scenario_options(GRAPH_SPEC))
+    try:
+        with pytest.raises(Exception, match="capturing"):
+            run_scenario(b, GRAPH_SPEC)
+        assert b.runtime._capture is None
+        assert not any(d.stream.cupy_stream.is_capturing() for d in b.runtime.device_list())
+        b.synchronize()  # the streams work again
+    finally:
+        b.close()
+
+
+def test_close_ends_a_capture_left_open(backend_class):
+    b = backend_class()
+    x, pos = b.to_device(np.ones((2, 1, 4), np.float32)), b.to_device(np.array([1, 2], np.int32))
+    out = b.empty((2, 1, 4), np.float32)
+    b.rope(x, pos, out, RopeParams(n_dims=4))  # kernels load outside the capture
+    b.capture_begin([b.stream(0)])
+    b.rope(x, pos, out, RopeParams(n_dims=4))
+    b.close()  # synchronizes every stream: refused while one still captured
+    assert b.runtime._capture is None and b.runtime.device_list() == []
+
+
+def test_a_kernel_first_used_inside_a_capture_is_loaded_before_it(backend_class):
+    b = backend_class()  # a new backend: none of its kernels loaded yet
+    host = np.random.default_rng(5).standard_normal((3, 2, 8)).astype(np.float32)
+    try:
+        x, pos = b.to_device(host), b.to_device(np.array([4, 9, 1], np.int32))
+        out = b.empty(host.shape, np.float32)
+        b.capture_begin([b.stream(0)])
+        b.rope(x, pos, out, RopeParams(n_dims=8, mode="neox"))
+        graph = b.capture_end([b.stream(0)])
+        b.replay(graph)
+        want = rope_ref.rope(host, np.array([4, 9, 1]), n_dims=8, mode="neox")
+        np.testing.assert_allclose(b.to_host(out), want, rtol=1e-5, atol=1e-6)
+    finally:
+        b.close()
+
+
+def test_a_scenario_failing_inside_a_capture_is_recorded_with_its_own_error(
+        backend_class, monkeypatch):
+    from opbench.harness.scenario import matrix as matrix_module
+
+    b = _illegal_in_capture(backend_class)(**scenario_options(GRAPH_SPEC))
+    monkeypatch.setattr(matrix_module, "open_backend", lambda ref, options: b)
+    record = matrix_module.scenario_record("cupy-emu", GRAPH_SPEC, "run-1")
+    assert record["status"] == "ERROR"
+    assert "synchronize" in record["reason"] and "close()" not in record["reason"]
+    assert b.runtime.device_list() == []  # closed
+
+
+def test_a_close_failing_after_the_run_keeps_the_record(backend_class, monkeypatch):
+    from opbench.harness.scenario import matrix as matrix_module
+
+    spec = ScenarioSpec(split="none", devices=1, layers=2, steps=1)
+    b = backend_class(**scenario_options(spec))
+    close = b.close
+
+    def failing_close():
+        close()
+        raise RuntimeError("driver gone")
+
+    monkeypatch.setattr(b, "close", failing_close)
+    monkeypatch.setattr(matrix_module, "open_backend", lambda ref, options: b)
+    record = matrix_module.scenario_record("cupy-emu", spec, "run-1")
+    assert record["status"] == "ERROR" and record["scenario"]["steps_run"] == 2
+    assert record["errors"][-1] == "close() failed after the run: RuntimeError: driver gone"
+
+
 def test_copy_async_waits_for_slow_source_work(backend_class):
     """A spin kernel delays the source stream; the copy must still see the finished data and
     the destination's next op must see the copy, with one synchronize at the end."""

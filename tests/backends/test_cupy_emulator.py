@@ -221,6 +221,7 @@ def test_streams_run_concurrently_and_events_order_them(module):
 def test_capture_records_instead_of_running_and_replays(module):
     origin, other = cp.Stream(), cp.Stream()
     x = cp.zeros(4, np.float32)
+    module.get_function("add_one")  # kernels load before a capture, as a GPU needs
     origin.begin_capture()
     fork = cp.Event()
     fork.record(origin)
@@ -242,6 +243,7 @@ def test_capture_refuses_unjoined_streams_and_outside_events(module):
     origin, other = cp.Stream(), cp.Stream()
     before = cp.Event()
     before.record(other)
+    module.get_function("add_one")
     origin.begin_capture()
     with pytest.raises(cp.CUDARuntimeError, match="outside the capture"):
         origin.wait_event(before)
@@ -252,6 +254,20 @@ def test_capture_refuses_unjoined_streams_and_outside_events(module):
     with pytest.raises(cp.CUDARuntimeError, match="Unjoined"):
         origin.end_capture()
     assert not origin.is_capturing() and not other.is_capturing()
+
+
+def test_a_kernel_loaded_first_inside_a_capture_is_refused():
+    fresh = cp.RawModule(code=TEST_KERNELS, name_expressions=NAMES)  # nothing loaded yet
+    stream = cp.Stream()
+    fresh.get_function("add_one")
+    stream.begin_capture()
+    fresh.get_function("add_one")  # loaded before the capture: fine
+    with pytest.raises(cp.CUDARuntimeError, match="first load of neighbour"):
+        fresh.get_function("neighbour")
+    with cp.Device(1):  # another device's context loads freely
+        cp.RawModule(code=TEST_KERNELS, name_expressions=NAMES).get_function("neighbour")
+    stream.end_capture()
+    fresh.get_function("neighbour")  # after the capture: loads
 
 
 def test_work_after_an_error_is_skipped_until_reported(module):

@@ -5,7 +5,8 @@ join it by waiting on an event recorded there (fork) and hand their work back th
 before it ends (join).  Everything cupy allocates while capturing comes from a memory pool
 private to the graph (set as the thread's allocator), so buffers that the recorded work
 writes (copy_async destinations, split-KV partials) are never handed to anyone else while
-the graph can still be replayed.
+the graph can still be replayed.  Every kernel is loaded on the capture's devices before it
+begins: CUDA does not permit loading one while a stream of its device captures.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ class GraphMixin:
         if self._capture is not None:
             raise RuntimeError("capture_begin: a capture is already in progress")
         cupy, streams = self._cupy(), self._stream_list(streams)
+        self.launcher.preload(list({id(s.device): s.device for s in streams}.values()))
         pool, previous = cupy.cuda.MemoryPool(), cupy.cuda.get_allocator()
         origin = streams[0]
         with cupy.cuda.Device(origin.device.gpu):
@@ -87,11 +89,22 @@ class GraphMixin:
             for other in capture.streams[1:]:  # join: the origin waits for every stream
                 self.wait_event(origin, self.record_event(other))
         finally:
-            with cupy.cuda.Device(origin.device.gpu):
-                graph = origin.cupy_stream.end_capture()
-            cupy.cuda.set_allocator(capture.previous_allocator)
-            self._capture = None
+            try:  # an invalidated capture ends with an error: the state is restored anyway
+                with cupy.cuda.Device(origin.device.gpu):
+                    graph = origin.cupy_stream.end_capture()
+            finally:
+                cupy.cuda.set_allocator(capture.previous_allocator)
+                self._capture = None
         return CapturedGraph(graph, capture.streams, capture.pool)
+
+    def abandon_capture(self) -> None:
+        """End a capture left open (an op inside it failed), discarding its graph, so the
+        streams can be synchronized again; nothing when no capture is open."""
+        if self._capture is not None:
+            try:
+                self.capture_end(self._capture.streams)
+            except Exception:  # an invalidated capture ends with an error of its own
+                pass
 
     def replay(self, graph: CapturedGraph, stream=None) -> None:
         """Relaunch the recorded work, ordered after what each of its streams already holds

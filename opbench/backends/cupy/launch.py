@@ -29,20 +29,33 @@ class KernelLauncher:
         self.sync_each_launch = sync_each_launch
         self._rng = random.Random(delay_seed)
         self._modules: dict[tuple[int, str], Any] = {}
+        self._functions: dict[tuple[int, str, str], Any] = {}  # (gpu, file, kernel name)
 
     def _cupy(self):
         return self.runtime._cupy()
 
     def kernel(self, dev: CupyDevice, file_name: str, name: str):
-        cupy = self._cupy()
-        key = (dev.gpu, file_name)
-        module = self._modules.get(key)
-        with cupy.cuda.Device(dev.gpu):
-            if module is None:
-                module = self._modules[key] = cupy.RawModule(
-                    code=self.source(file_name), options=plan.COMPILE_OPTIONS,
-                    name_expressions=plan.module_kernels()[file_name])
-            return module.get_function(name)
+        function = self._functions.get((dev.gpu, file_name, name))
+        if function is None:
+            cupy = self._cupy()
+            module = self._modules.get((dev.gpu, file_name))
+            with cupy.cuda.Device(dev.gpu):
+                if module is None:
+                    module = self._modules[(dev.gpu, file_name)] = cupy.RawModule(
+                        code=self.source(file_name), options=plan.COMPILE_OPTIONS,
+                        name_expressions=plan.module_kernels()[file_name])
+                function = self._functions[(dev.gpu, file_name, name)] = \
+                    module.get_function(name)
+        return function
+
+    def preload(self, devices) -> None:
+        """Load every kernel on ``devices`` now.  CUDA does not permit loading a module (or,
+        loading lazily, a function) on a device while one of its streams captures a graph,
+        so a capture must not be where a kernel is first used (``capture_begin`` calls this)."""
+        for dev in devices:
+            for file_name, names in plan.module_kernels().items():
+                for name in names:
+                    self.kernel(dev, file_name, name)
 
     def run(self, target: GpuStream, file_name: str, name: str, launch: plan.Launch,
              args: tuple, delay: bool = True) -> None:

@@ -386,6 +386,7 @@ class CupyRuntime(GraphMixin, Runtime):
         for gate in self._gates:
             gate.release()  # a held stream would never drain
         self._gates.clear()
+        self.abandon_capture()  # a capturing stream cannot be synchronized
         for dev in self._devices:
             dev.stream.cupy_stream.synchronize()
             dev.rope_tables.clear()

@@ -143,12 +143,25 @@ class Engine:
             self.graph_buffers = self.allocate(plan, inputs)
             self.write_inputs(self.graph_buffers, inputs, first=True)
             self.b.capture_begin(self.streams)
-            self.enqueue(self.graph_buffers)
+            try:
+                self.enqueue(self.graph_buffers)
+            except BaseException:
+                self._abandon_capture()
+                raise
             self.graph = self.b.capture_end(self.streams)
         else:
             self.write_inputs(self.graph_buffers, inputs, first=False)
         self.b.replay(self.graph)
         return self.graph_buffers
+
+    def _abandon_capture(self) -> None:
+        """End a capture that an op broke, so the op's error is the one reported: on a GPU an
+        illegal call invalidates the capture, and every later call on its streams (the
+        backend's close() included) fails with a capture error that hides the first."""
+        try:
+            self.b.capture_end(self.streams)
+        except Exception:  # an invalidated capture ends with an error of its own
+            pass
 
     def write_inputs(self, buffers: dict, inputs: dict, first: bool) -> None:
         """Write this step's host inputs into the step's buffers (every device's copy)."""

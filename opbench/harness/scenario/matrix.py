@@ -3,6 +3,7 @@ worker pool with -j N / --isolate)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import time
@@ -122,9 +123,25 @@ def scenario_record(backend_ref: str, spec: ScenarioSpec, run_id: str, engine_cl
     except (TypeError, ValueError) as exc:
         return make_record(status="UNSUPPORTED", reason=f"backend options: {exc}", **fields)
     try:
-        return _run_record(backend, spec, fields, engine_cls, timed)
-    finally:
+        record = _run_record(backend, spec, fields, engine_cls, timed)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            backend.close()
+        raise
+    try:
         backend.close()
+    except Exception as exc:  # a backend that cannot close is a result too, not a crash
+        note_close_failure(record, exc)
+    return record
+
+
+def note_close_failure(record: dict, exc: Exception) -> None:
+    """The run's record keeps its own outcome; a close() that failed after it is added to its
+    errors, and turns a record that found nothing wrong (OK, UNSUPPORTED) into an ERROR."""
+    summary = f"close() failed after the run: {type(exc).__name__}: {exc}"
+    record["errors"] = [*record["errors"], summary]
+    if record["status"] in ("OK", "UNSUPPORTED"):
+        record.update(status="ERROR", reason=summary)
 
 
 def declared_options(cls: type, options: dict) -> dict:

@@ -15,7 +15,9 @@ What it models, and how faithfully:
   the dynamic shared memory opt-in are checked as the driver does.
 - Graph capture: work issued to a capturing stream is recorded, not run; other streams join
   through events recorded inside the capture, must be joined back before ``end_capture`` and
-  may not wait on events from outside it, and synchronizing a capturing stream is refused.
+  may not wait on events from outside it, and synchronizing a capturing stream is refused,
+  as is loading a kernel on a device while one of its streams captures (a module's functions
+  load on first use).
   ``Graph.launch`` replays the recorded work in issue order (a valid order of the graph).
 - Devices: ``DEVICE_COUNT`` emulated GPUs with peer access, sm_90 properties, a small L2.
 """
@@ -328,6 +330,11 @@ class Stream:
         return capture.graph
 
 
+def any_stream_capturing(device: int) -> bool:
+    streams = (ref() for ref in list(_STREAMS.values()))
+    return any(s is not None and s.device_id == device and s.capture is not None for s in streams)
+
+
 def current_stream() -> Stream:
     streams = _stack("streams")
     if streams:
@@ -485,11 +492,18 @@ class RawModule:
                 label = f"module-{key[:8]}"
                 _modules[key] = build.load_kernels(code, names, label)
         self._kernels = _modules[key]
+        self._loaded: set[str] = set()  # functions this module has loaded (per instance)
 
     def get_function(self, name: str) -> Function:
         if name not in self._kernels:
             raise CUDADriverError(f"CUDA_ERROR_NOT_FOUND: {name} is not a name expression of "
                                   "this module")
+        if name not in self._loaded and any_stream_capturing(current_device()):
+            # A real module (and, with CUDA's lazy loading, each of its functions) is loaded
+            # on first use; loading is not permitted while a stream captures a graph.
+            raise CUDARuntimeError("cudaErrorStreamCaptureUnsupported: operation not "
+                                   f"permitted when stream is capturing (first load of {name})")
+        self._loaded.add(name)
         return Function(self._kernels[name])
 
 
