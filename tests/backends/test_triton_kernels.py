@@ -234,6 +234,61 @@ def test_split_kv_decode_matches_oracle(kernels, name):
     assert_lse(expected_lse, lse)
 
 
+class SmallSharedMemory:
+    """A Triton kernel on a GPU with little shared memory: its compile refuses key tiles past
+    16 (OutOfResources, raised before anything runs, as Triton's compile does)."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel, self.__name__, self.tiles = kernel, f"small-{kernel.__name__}", []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.tiles.append((kwargs.get("BLOCK_M"), kwargs["BLOCK_N"]))
+            if kwargs["BLOCK_N"] > 16:
+                import triton
+
+                raise triton.runtime.errors.OutOfResources(344320, 232448, "shared memory")
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.mark.parametrize("decode", [False, True], ids=["flash", "decode"])
+def test_attention_tiles_shrink_to_what_the_gpu_holds(kernels, decode):
+    module = kernels["attention"]
+    small = SmallSharedMemory(module.decode_split_kernel if decode else
+                              module.flash_attention_kernel)
+    rng = np.random.default_rng(13)
+    q, k, v = _contiguous_inputs(rng, "f32", 1 if decode else 5, 37, 4, 2, 16, 16)
+    p = AttnParams(scale=0.25, causal=True)
+    options = _oracle_options(p, None)
+    for _ in range(2):  # the second launch starts from the tiles that fitted
+        out = guarded((q.shape[0], q.shape[1], 16), "f32")
+        args = (tt(q), tt(k), tt(v), tt(out.device_view), p, None, None, None, None)
+        if decode:
+            module.launch_decode(*args, block_n=32, split_len=32, kernel=small)
+        else:
+            module.launch_attention(*args, block_m=32, block_n=32, kernel=small)
+        expected, _ = attn_ref.attention(q, k, v, **options)
+        low, _ = attn_ref.attention(q, k, v, dtype=np.float32, **options)
+        assert_passes("ATTN", out, expected, low)
+    asked = [(None if decode else 32, 32)]
+    fits = [(None if decode else 32, 16)]
+    assert small.tiles == asked + fits + fits  # the second launch starts from what fitted
+
+
+def test_attention_that_fits_no_tile_raises_the_gpus_error(kernels):
+    import triton
+
+    module = kernels["attention"]
+
+    def never(**tiles):
+        raise triton.runtime.errors.OutOfResources(1 << 20, 232448, "shared memory")
+
+    q = tt(np.zeros((1, 1, 16), np.float32))
+    with pytest.raises(triton.runtime.errors.OutOfResources):
+        module.launch_fitting(never, q, q, q, {"block_m": 64, "block_n": 64}, never)
+
+
 def test_decode_merge_is_the_oracles_merge_partials(kernels):
     """The split partials (out_p, lse_p) merged by the kernel equal merge_partials of the
     oracle's attention over the same key ranges."""

@@ -312,9 +312,48 @@ def _kv_strides(cache, paged):
     return (0,) + tuple(cache.stride())
 
 
+SMALLEST_TILE = 16  # a declared threshold of the backend's tables (TritonBackend.THRESHOLDS)
+_FITTED_TILES: dict[tuple, dict] = {}  # (kernel, shapes, dtypes, asked tiles) -> tiles that fit
+
+
+def launch_fitting(kernel, q, k, v, tiles: dict, launch) -> None:
+    """``launch(**tiles)``, with smaller tiles where the GPU cannot hold these: Triton's
+    compile raises OutOfResources (shared memory, before anything runs) -- an f32 K/V tile
+    of 64 keys at head size 256, double-buffered, needs 344,320 bytes where an H200 has
+    232,448.  Shrinks block_n, then block_m, to SMALLEST_TILE; what fits is remembered per
+    kernel, shapes and dtypes, so the failing compile is not tried again."""
+    key = (getattr(kernel, "__name__", id(kernel)), q.shape[-1], v.shape[-1], q.dtype, k.dtype,
+           tuple(sorted(tiles.items())))
+    fitted = dict(_FITTED_TILES.get(key, tiles))
+    while True:
+        try:
+            launch(**fitted)
+        except triton.runtime.errors.OutOfResources:
+            smaller = _smaller_tiles(fitted)
+            if smaller is None:
+                raise
+            fitted = smaller
+            continue
+        _FITTED_TILES[key] = fitted
+        return
+
+
+def _smaller_tiles(tiles: dict) -> dict | None:
+    for name in ("block_n", "block_m"):  # the K/V tiles are the big ones
+        if tiles.get(name, 0) > SMALLEST_TILE:
+            return {**tiles, name: SMALLEST_TILE}
+    return None
+
+
 def launch_attention(q, k, v, out, p, mask=None, sinks=None, lse=None, paged=None, *,
                      block_m=16, block_n=32, kernel=flash_attention_kernel):
     """Flash-style attention over all query rows; ``paged`` is a PagedKV of torch tensors."""
+    launch_fitting(kernel, q, k, v, dict(block_m=block_m, block_n=block_n),
+                   lambda **tiles: _launch_attention(q, k, v, out, p, mask, sinks, lse, paged,
+                                                     kernel=kernel, **tiles))
+
+
+def _launch_attention(q, k, v, out, p, mask, sinks, lse, paged, *, block_m, block_n, kernel):
     n_q, n_heads, dk = q.shape
     dv = v.shape[-1]
     n_seqs = 1 if paged is None else paged.block_table.shape[0]
@@ -340,6 +379,14 @@ def launch_decode(q, k, v, out, p, mask=None, sinks=None, lse=None, paged=None, 
                   block_n=32, split_len=256, kernel=decode_split_kernel,
                   merge_kernel=merge_partials_kernel):
     """Split-KV decode: exactly one query per sequence.  Partials live in float32 scratch."""
+    launch_fitting(kernel, q, k, v, dict(block_n=block_n),
+                   lambda **tiles: _launch_decode(q, k, v, out, p, mask, sinks, lse, paged,
+                                                  split_len=split_len, kernel=kernel,
+                                                  merge_kernel=merge_kernel, **tiles))
+
+
+def _launch_decode(q, k, v, out, p, mask, sinks, lse, paged, *, block_n, split_len, kernel,
+                   merge_kernel):
     n_q, n_heads, dk = q.shape
     dv = v.shape[-1]
     n_seqs = 1 if paged is None else paged.block_table.shape[0]
