@@ -160,6 +160,9 @@ def warm_up() -> None:
 def _kernels():
     """The compiled loops, compiled (or loaded from numba's cache) on first use: a process
     that never draws a case does not import numba for it."""
+    from ..backends.common.numba_import import import_numba
+
+    import_numba()
     from . import _draws_jit  # imports numba
 
     return _draws_jit

@@ -16,6 +16,7 @@ import warnings
 
 import numpy as np
 
+from ..common.numba_import import import_numba
 from . import parallel
 
 _lock = threading.Lock()
@@ -243,6 +244,7 @@ def _compile():
     if not installed():
         return False
     try:
+        import_numba()
         from . import numba_kernels
 
         _warm_up(numba_kernels)
