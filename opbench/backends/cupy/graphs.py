@@ -11,6 +11,7 @@ begins: CUDA does not permit loading one while a stream of its device captures.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,10 +102,8 @@ class GraphMixin:
         """End a capture left open (an op inside it failed), discarding its graph, so the
         streams can be synchronized again; nothing when no capture is open."""
         if self._capture is not None:
-            try:
+            with contextlib.suppress(Exception):  # an invalidated capture ends with its own error
                 self.capture_end(self._capture.streams)
-            except Exception:  # an invalidated capture ends with an error of its own
-                pass
 
     def replay(self, graph: CapturedGraph, stream=None) -> None:
         """Relaunch the recorded work, ordered after what each of its streams already holds

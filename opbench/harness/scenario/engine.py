@@ -20,6 +20,7 @@ the bug zoo overrides.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -158,10 +159,8 @@ class Engine:
         """End a capture that an op broke, so the op's error is the one reported: on a GPU an
         illegal call invalidates the capture, and every later call on its streams (the
         backend's close() included) fails with a capture error that hides the first."""
-        try:
+        with contextlib.suppress(Exception):  # an invalidated capture ends with its own error
             self.b.capture_end(self.streams)
-        except Exception:  # an invalidated capture ends with an error of its own
-            pass
 
     def write_inputs(self, buffers: dict, inputs: dict, first: bool) -> None:
         """Write this step's host inputs into the step's buffers (every device's copy)."""

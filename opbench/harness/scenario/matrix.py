@@ -131,11 +131,11 @@ def scenario_record(backend_ref: str, spec: ScenarioSpec, run_id: str, engine_cl
     try:
         backend.close()
     except Exception as exc:  # a backend that cannot close is a result too, not a crash
-        note_close_failure(record, exc)
+        _note_close_failure(record, exc)
     return record
 
 
-def note_close_failure(record: dict, exc: Exception) -> None:
+def _note_close_failure(record: dict, exc: Exception) -> None:
     """The run's record keeps its own outcome; a close() that failed after it is added to its
     errors, and turns a record that found nothing wrong (OK, UNSUPPORTED) into an ERROR."""
     summary = f"close() failed after the run: {type(exc).__name__}: {exc}"
