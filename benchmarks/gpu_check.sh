@@ -73,8 +73,9 @@ step() {
 }
 
 step doctor "$T_DOCTOR" $OB doctor
-step pytest-gpu "$T_PYTEST" $PY -m pytest -q -m gpu -p no:cacheprovider -rfE --tb=short \
-  --durations=10 tests/backends --junitxml="$OUT/pytest-gpu.xml"
+# not the slow ones: the full tables and the full matrix are the next two steps' work
+step pytest-gpu "$T_PYTEST" $PY -m pytest -q -m "gpu and not slow" -p no:cacheprovider -rfE \
+  --tb=short --durations=10 tests/backends --junitxml="$OUT/pytest-gpu.xml"
 step test "$T_TEST" $OB test -b "$BACKENDS" $TEST_ARGS -q --results "$OUT/test.jsonl"
 step scenario "$T_SCEN" $OB scenario -b "${BACKENDS/torch,/}" --matrix -p "$SCENARIO_PATTERN" \
   $SCENARIO_ARGS -q --results "$OUT/scenario.jsonl"
