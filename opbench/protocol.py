@@ -272,6 +272,11 @@ class Runtime:
         """The device owning ``arr``; TypeError naming ``name`` when it is not this runtime's."""
         raise NotImplementedError
 
+    def device_of(self, arr: Any) -> Any:
+        """The device ``arr`` lives on: its ``device`` attribute, as this protocol's arrays
+        have; a runtime whose arrays cannot say (plain torch tensors) answers for them."""
+        return arr.device
+
     def same_device(self, op: str, **arrays: Any) -> Any:
         """The device owning every non-None array; DeviceMismatchError naming two that differ
         (work never copies between devices behind the caller's back)."""
@@ -486,6 +491,11 @@ class Backend:
     def to_host(self, arr: Any) -> np.ndarray:
         return np.asarray(arr).copy()
 
+    def device_of(self, arr: Any) -> Any:
+        """The device ``arr`` lives on (one of ``devices(n)``'s): its ``device`` attribute by
+        default; a backend whose arrays cannot say answers for them."""
+        return arr.device
+
     def view(self, arr: Any, offset: int, shape: Sequence[int]) -> Any:
         """A view of a flat array: elements offset.. reshaped (used for guard regions)."""
         n = int(math.prod(shape))
@@ -632,6 +642,9 @@ class RuntimeBackend(Backend):
 
     def to_host(self, arr: Any) -> np.ndarray:
         return self.runtime.to_host(arr)
+
+    def device_of(self, arr: Any) -> Any:
+        return self.runtime.device_of(arr)
 
     def synchronize(self, device: Any = None) -> None:
         self.runtime.synchronize(device)

@@ -28,9 +28,11 @@ So nothing a caller does between capture_begin and capture_end can break a CUDA 
 half-way, a kernel first seen inside a capture works, and a failure leaves no capture open.
 
 What cannot be recorded is refused while a capture is open, with an error saying so: host
-uploads (``write``, ``to_device``, ``empty``), reads to the host (``to_host``,
-``synchronize``), timing and the L2 flush, ops on a stream that is not being captured, and
-events that cross the capture's boundary.  Decisions that would need a device value on the
+data written into an existing array (``write``: a replay would not write it again), reads to
+the host (``to_host``, ``synchronize``), timing and the L2 flush, ops on a stream that is not
+being captured, and events that cross the capture's boundary.  New arrays (``to_device``,
+``empty``) are made at once: nothing is being captured yet, and the recorded ops that use them
+keep them alive with the graph.  Decisions that would need a device value on the
 host are avoided: paged attention records the general flash kernel (the decode/flash choice
 reads ``q_start``).  There is no sin/cos cache in this backend (angles are computed in-kernel),
 so no cache can be filled, or keyed, inside a capture.

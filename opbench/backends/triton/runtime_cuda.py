@@ -3,10 +3,12 @@
 An ``opbench.protocol.Runtime``, held by the Triton backend in ``cuda`` mode (interpreter mode
 holds the worker-thread runtime, ``backends/runtimes/threads.py``).
 Several logical devices may share one GPU: each gets its own non-blocking stream, as the cupy
-backend does.  Every ``torch.cuda`` call of devices, streams, events, launches, copies and
-graphs (not the timer's) goes through ``api`` (``graphs_cuda.TorchCuda``), so the logic here,
-graph capture included, is tested on the CPU with a fake in its place; none of it has run on a
-GPU.
+backend does.  Arrays are plain torch tensors, which know their GPU only: the runtime remembers
+which logical device made each one (``device_of``).  Every ``torch.cuda`` call of devices,
+streams, events, launches, copies and graphs (not the timer's) goes through ``api``
+(``graphs_cuda.TorchCuda``), so the logic here, graph capture and the scenario engine included,
+is tested on the CPU with a fake in its place; on a GPU, only the op tables have run so far (one
+H200, 2026-12-04).
 
 While a graph capture is open (``graphs_cuda.GraphCapture``) ops, event records and waits and
 async copies are recorded instead of issued, and what cannot be recorded is refused.
@@ -40,11 +42,13 @@ class CudaDevice:
         return self.name
 
 
-ALLOCATE_BEFORE = ("allocate and upload buffers before capture_begin (an upload cannot be "
-                   "recorded, and memory handed out now would not be the graph's)")
 NO_HOST_READ = ("the captured work has not run (it runs at replay) and a device->host wait "
                 "would invalidate the capture; capture_end first")
 NO_TIMING = "timing and the L2 flush synchronize and allocate; capture_end first"
+
+
+def _storage(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage().data_ptr()
 
 
 def _to_torch_host(host: np.ndarray) -> torch.Tensor:
@@ -72,6 +76,7 @@ class CudaRuntime(Runtime):
         self._devices: list[CudaDevice] = []
         self._streams: list = []
         self._flush: dict[int, torch.Tensor] = {}
+        self._owners: dict[int, CudaDevice] = {}  # storage address -> the device it was made on
 
     @property
     def capturing(self) -> bool:
@@ -105,13 +110,32 @@ class CudaRuntime(Runtime):
         return self._devices[device.index if isinstance(device, CudaDevice) else int(device)]
 
     def to_device(self, host, device=None) -> torch.Tensor:
-        self.graphs.refuse("to_device", ALLOCATE_BEFORE)
-        return _to_torch_host(np.asarray(host)).to(self.device(device).torch_device, copy=True)
+        """A copy of ``host`` on ``device``, made at once even while a capture is open (the
+        capture is deferred: nothing is being recorded by CUDA yet); the recorded ops that
+        use it keep it alive as long as their graph, so its memory is nobody else's."""
+        target = self.device(device)
+        tensor = _to_torch_host(np.asarray(host)).to(target.torch_device, copy=True)
+        return self._made_on(tensor, target)
 
     def empty(self, shape, dtype, device=None) -> torch.Tensor:
-        self.graphs.refuse("empty", ALLOCATE_BEFORE)
         host = np.full(tuple(shape), np.nan if np.dtype(dtype).kind == "f" else -1, dtype)
         return self.to_device(host, device)
+
+    def _made_on(self, tensor: torch.Tensor, device: CudaDevice) -> torch.Tensor:
+        self._owners[_storage(tensor)] = device
+        return tensor
+
+    def device_of(self, arr: torch.Tensor) -> CudaDevice:
+        """The logical device ``arr`` was made on (by ``to_device``, ``empty`` or
+        ``copy_async``; views share its storage), else the first one on its GPU: a torch tensor
+        knows its GPU only, and several logical devices may share one GPU."""
+        found = self._owners.get(_storage(arr))
+        if found is not None and found.torch_device == arr.device:
+            return found
+        for device in self._devices:
+            if device.torch_device == arr.device:
+                return device
+        raise TypeError(f"a tensor on {arr.device} lives on none of this backend's devices")
 
     def to_host(self, arr: torch.Tensor) -> np.ndarray:
         self.graphs.refuse("to_host", NO_HOST_READ)
@@ -151,7 +175,7 @@ class CudaRuntime(Runtime):
         for s in (source_stream, copy_stream, target_stream):
             self.graphs.check_stream("copy_async", s)
         with self.api.on(copy_stream):
-            dst = torch.empty_like(src, device=target.torch_device)
+            dst = self._made_on(torch.empty_like(src, device=target.torch_device), target)
         if copy_stream is not source_stream:
             self.wait_event(copy_stream, self.record_event(source_stream))
         work = lambda: self.api.torch_work(  # noqa: E731
@@ -166,10 +190,10 @@ class CudaRuntime(Runtime):
         return dst
 
     def _stream_of(self, arr: torch.Tensor):
-        for device, stream in zip(self._devices, self._streams):
-            if device.torch_device == arr.device:
-                return stream
-        return self.api.current_stream(arr.device)
+        try:
+            return self.stream(self.device_of(arr))
+        except TypeError:  # not on any of our devices
+            return self.api.current_stream(arr.device)
 
     # -- graphs (graphs_cuda.GraphCapture) -----------------------------------------------------
     def capture_begin(self, streams) -> None:

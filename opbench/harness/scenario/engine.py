@@ -121,7 +121,7 @@ class Engine:
         return self.b.copy_async(arr, self.devices[device])
 
     def _device_index(self, arr) -> int:
-        return self.devices.index(arr.device)
+        return self.devices.index(self.b.device_of(arr))
 
     # -- the step loop ---------------------------------------------------------------------------
     def step(self, plan: StepPlan) -> Readout:
