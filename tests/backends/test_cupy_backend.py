@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -256,6 +257,32 @@ def test_a_kernel_first_used_inside_a_capture_is_loaded_before_it(backend_class)
         b.close()
 
 
+def test_buffers_made_inside_a_capture_are_poisoned_again_at_every_replay(backend_class):
+    """A scenario makes each step's intermediates inside the capture: ``empty`` must not upload
+    from the host there (CuPy refuses it on a capturing stream, as the emulator does), and its
+    fill is part of the graph, so a replay that skips a write still shows NaN / -1."""
+    b = backend_class()
+    dtypes = [np.float32, np.float16, ml_dtypes.bfloat16, np.int32]
+    try:
+        b.devices(1)
+        b.capture_begin([b.stream(0)])
+        with pytest.raises(RuntimeError, match="capturing"):
+            b.to_device(np.ones(4, np.float32))  # a host upload: refused inside a capture
+        made = [b.empty((3, 5), dt) for dt in dtypes]
+        graph = b.capture_end([b.stream(0)])
+        for arr, dt in zip(made, dtypes):
+            b.write(arr, np.zeros((3, 5), dt))  # stale values a replay must overwrite
+        b.replay(graph)
+        for arr, dt in zip(made, dtypes):
+            host = b.to_host(arr)
+            if np.dtype(dt).kind == "i":
+                assert (host == -1).all(), dt
+            else:
+                assert np.isnan(host.astype(np.float32)).all(), dt
+    finally:
+        b.close()
+
+
 def test_a_scenario_failing_inside_a_capture_is_recorded_with_its_own_error(
         backend_class, monkeypatch):
     from opbench.harness.scenario import matrix as matrix_module
@@ -351,8 +378,6 @@ def test_timer_and_l2_flush(backend):
 
 
 def test_bf16_round_trips_bit_exactly(backend):
-    import ml_dtypes
-
     host = np.random.default_rng(3).uniform(-3, 3, 1000).astype(ml_dtypes.bfloat16)
     back = backend.to_host(backend.to_device(host))
     assert back.dtype == host.dtype

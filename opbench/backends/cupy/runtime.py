@@ -257,10 +257,17 @@ class CupyRuntime(GraphMixin, Runtime):
             data.set(staged, stream=stream.cupy_stream)
 
     def empty(self, shape: Sequence[int], dtype: Any, device: Any = None) -> GpuArray:
-        """An array poisoned like the cpu backend's: floats NaN, ints -1."""
+        """An array poisoned like the cpu backend's: floats NaN, ints -1 -- all bits set, by a
+        memset on the device's stream (a NaN at every float width, -1 at every int width).
+        No host upload, so a graph capture may make one (CuPy refuses a host-to-device copy
+        on a capturing stream), and its replays poison it again."""
+        cupy = self._cupy()
         dt = np.dtype(dtype)
-        fill = np.nan if dt.kind == "f" or dt.name == "bfloat16" else -1
-        return self.to_device(np.full(tuple(shape), fill, dt), device)
+        dev = self.device(device)
+        with cupy.cuda.Device(dev.gpu), dev.stream.cupy_stream:
+            data = cupy.empty(tuple(shape), storage_dtype(dt))
+        self._memset(data, 0xFF, dev.stream)
+        return GpuArray(data, dt, dev, None)
 
     def synchronize(self, device: Any = None) -> None:
         devices = self._devices if device is None else [self.device(device)]

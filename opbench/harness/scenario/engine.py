@@ -101,8 +101,10 @@ class Engine:
                 for name, per_device in inputs.items()}
 
     def poisoned(self, shape, device: int, dtype=F32):
-        fill = -1 if np.dtype(dtype).kind in "iu" else np.nan
-        return self.put(np.full(shape, fill, dtype), device)
+        """A buffer reading NaN (ints -1) until written: a skipped write shows.  Made by the
+        backend's ``empty``, never uploaded from the host: inside a capture a GPU refuses a
+        host upload, and the step's intermediates are made there."""
+        return self.b.empty(tuple(shape), dtype, self.devices[device])
 
     def convert(self, x, dtype, device: int):
         """x in ``dtype`` (CPY); x itself when the cache is f32, as nothing then converts.

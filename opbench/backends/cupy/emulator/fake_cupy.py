@@ -17,7 +17,7 @@ What it models, and how faithfully:
   through events recorded inside the capture, must be joined back before ``end_capture`` and
   may not wait on events from outside it, and synchronizing a capturing stream is refused,
   as is loading a kernel on a device while one of its streams captures (a module's functions
-  load on first use).
+  load on first use) and, as CuPy does, a host-to-device ``set`` on a capturing stream.
   ``Graph.launch`` replays the recorded work in issue order (a valid order of the graph).
 - Devices: ``DEVICE_COUNT`` emulated GPUs with peer access, sm_90 properties, a small L2.
 """
@@ -123,6 +123,9 @@ class ndarray(np.ndarray):  # noqa: N801 - cupy's name
         """Queue host -> device; the host buffer is read when the copy runs (as from pinned
         memory on a GPU), not when it is queued."""
         stream = stream or current_stream()
+        if stream.capture is not None:  # CuPy's own refusal, in its words
+            raise RuntimeError("the current stream is capturing, so H2D transfers are "
+                               "disallowed")
         device = self.view(np.ndarray)
         stream.enqueue("memcpy host->device", lambda: np.copyto(device, host))
 
