@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = ("doctor", "pytest-gpu", "test", "scenario", "perf", "figures", "report")
+STEPS = ("doctor", "pytest-gpu", "test", "test-triton", "scenario", "perf", "figures", "report")
 
 
 @pytest.mark.skipif(shutil.which("timeout") is None or shutil.which("bash") is None,

@@ -228,8 +228,10 @@ def test_cuda_mode_is_refused_without_a_gpu():
 
 
 @pytest.mark.gpu
+@pytest.mark.slow  # compiles every quick-table kernel in one process: minutes on a fresh GPU
 def test_native_gpu_run_passes_the_quick_tables(tmp_path):
-    """On a GPU: a fresh process (the mode is per process) runs the quick tables natively."""
+    """On a GPU: a fresh process (the mode is per process) runs the quick tables natively
+    (gpu_check.sh runs the same tables with sixteen workers instead)."""
     import os
     import subprocess
     import sys
