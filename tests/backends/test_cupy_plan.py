@@ -112,6 +112,21 @@ def test_split_kv_only_for_decode_and_long_contexts():
     assert busy.n_splits == 1  # the natural grid already fills the GPU
 
 
+def test_long_decode_splits_into_short_key_ranges_while_the_grid_is_small():
+    """A decode block walks its split alone: splits of about DECODE_SPLIT_KEYS keys, unless
+    the grid already holds DECODE_BLOCKS_PER_SM blocks per SM."""
+    # 32 heads on 132 SMs: at most 16 * 132 / 32 = 66 splits, rounded to whole 32-key tiles
+    for max_kv, n_splits, split_len in ((4096, 16, 256), (8192, 32, 256), (32768, 64, 512)):
+        p = plan.attn_plan(1, 32, 128, 128, max_kv, decode=True, num_sms=132)
+        assert (p.n_splits, p.split_len) == (n_splits, split_len), p
+    longest = plan.attn_plan(1, 1, 128, 128, 1 << 20, decode=True, num_sms=132)
+    assert longest.n_splits == plan.MAX_DECODE_SPLITS
+    batch = plan.attn_plan(8, 32, 128, 128, 32768, n_seqs=8, decode=True, num_sms=132)
+    unsplit_blocks, target = 32 * 8, plan.DECODE_BLOCKS_PER_SM * 132
+    assert (batch.n_splits - 1) * unsplit_blocks < target <= batch.n_splits * unsplit_blocks
+    assert batch.split_len > plan.DECODE_SPLIT_KEYS  # the GPU is full before the keys are short
+
+
 def test_split_plan_depends_on_shapes_only():
     """Graph replay: the same shapes must give the same plan whatever the lengths are."""
     a = plan.attn_plan(4, 8, 64, 64, 2048, n_seqs=4, decode=True, num_sms=132)

@@ -62,6 +62,8 @@ def _pairs(template: str) -> list[str]:
 #: accumulator widths of attn_fwd<T, ACC>: Dv <= ACC * ATTN_GROUP
 ATTN_ACC_WIDTHS = (8, 16, 32, 64)
 ATTN_THREADS, ATTN_BQ, ATTN_GROUP = 128, 16, 8  # mirror attention.cu's #defines
+# split-KV decode (attn_splits): keys per split, the grid's bound, the most splits
+DECODE_SPLIT_KEYS, DECODE_BLOCKS_PER_SM, MAX_DECODE_SPLITS = 256, 16, 128
 
 
 def module_kernels() -> dict[str, list[str]]:
@@ -249,13 +251,18 @@ def attn_tile(dk: int, dv: int, shared_limit: int) -> int:
 
 
 def attn_splits(base_blocks: int, decode: bool, max_kv: int, bk: int, num_sms: int) -> int:
-    """Split the key range only for decode (one query row per sequence), when the natural
-    grid leaves SMs idle and each split still gets at least two tiles."""
+    """Split the key range only for decode (one query row per sequence): into splits of about
+    DECODE_SPLIT_KEYS keys while the grid stays under DECODE_BLOCKS_PER_SM blocks per SM, each
+    split at least two tiles.  A decode block walks its keys alone (one query row of its 16
+    is busy), so its time grows with its keys: on an H200, splitting to fill the GPU twice
+    (9 splits at 32 heads) took 519 us at 4k keys and 3,205 us at 32k, Triton's 256-key
+    splits 310 and 515 us."""
     if not decode or max_kv <= 0:
         return 1
-    want = math.ceil(2 * num_sms / max(base_blocks, 1))
+    by_length = math.ceil(max_kv / DECODE_SPLIT_KEYS)
+    fill = math.ceil(DECODE_BLOCKS_PER_SM * num_sms / max(base_blocks, 1))
     most = max(1, max_kv // (2 * bk))
-    return max(1, min(want, most, 64))
+    return max(1, min(by_length, fill, most, MAX_DECODE_SPLITS))
 
 
 def attn_plan(n_q_total: int, n_heads: int, dk: int, dv: int, max_kv: int, n_seqs: int = 1,
