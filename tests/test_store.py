@@ -137,6 +137,23 @@ def test_load_results_flattens_into_columns(tmp_path):
     assert df["env.python"].iloc[0] == "3.11"
 
 
+@pytest.mark.parametrize("wheel", ["cupy-cuda13x", "cupy-cuda12x", "cupy"])
+def test_the_cupy_version_is_read_from_any_of_its_wheels(monkeypatch, wheel):
+    """CuPy's wheel is named per CUDA major; the H200 run's records said 'not recorded' for
+    its cupy-cuda13x."""
+    from importlib import metadata
+
+    from opbench.harness import records
+
+    def version(name):
+        if name == wheel:
+            return "14.2.0"
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "version", version)
+    assert records.installed_version(*records.VERSIONED["cupy"]) == "14.2.0"
+
+
 def test_environment_holds_versions_and_backend_info():
     env = environment({"mode": "threads"})
     assert env["numpy"] == np.__version__

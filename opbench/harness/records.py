@@ -77,9 +77,10 @@ def git_commit(directory: str | Path | None = None) -> str | None:
     return done.stdout.strip() or None
 
 
-#: distributions whose versions every record carries (read from metadata: nothing is imported)
+#: distributions whose versions every record carries (read from metadata: nothing is imported);
+#: CuPy's wheels are named per CUDA major (a CUDA 13 machine has cupy-cuda13x), "cupy" from source
 VERSIONED = {"torch": ("torch",), "ggml": ("ggml-python",), "triton": ("triton",),
-             "cupy": ("cupy-cuda12x", "cupy-cuda11x", "cupy")}
+             "cupy": ("cupy-cuda13x", "cupy-cuda12x", "cupy-cuda11x", "cupy")}
 
 
 def installed_version(*distributions: str) -> str | None:
