@@ -386,6 +386,10 @@ class Runtime:
     def flush_l2(self, device: Any = None) -> None:
         """Evict the device's caches before a cold sample; a no-op where there is none."""
 
+    def device_ceilings(self, device: Any = None) -> dict | None:
+        """``device``'s roofline where it is not this host's CPU cores (``Backend``'s)."""
+        return None
+
     def info(self) -> dict:
         return {"devices": [str(d) for d in self.device_list()]}
 
@@ -543,6 +547,15 @@ class Backend:
         """Evict the device's caches (``perf --cold`` calls it before every sample); a no-op
         for a backend without a cache to flush."""
 
+    def device_ceilings(self, device: Any = None) -> dict | None:
+        """Optional: the roofline of ``device`` where it is not this host's CPU cores, which
+        perf's fractions and cache residency are then judged against: ``copy_gbps`` (a large
+        device-to-device copy, bytes read + written per second), ``matmul_gflops``,
+        ``llc_bytes`` (the cache a working set must outgrow to be read from memory), each left
+        out when unknown; ``{}`` when none is known.  None (the default): the backend computes
+        on this host's cores, bound by the calibrated ceilings (``opbench calibrate``)."""
+        return None
+
     # -- ops --------------------------------------------------------------------------------
     def rope(self, x, pos, out, p: RopeParams, freq_factors=None, stream=None) -> None:
         raise NotImplementedError
@@ -696,3 +709,6 @@ class RuntimeBackend(Backend):
 
     def flush_l2(self, device: Any = None) -> None:
         self.runtime.flush_l2(device)
+
+    def device_ceilings(self, device: Any = None) -> dict | None:
+        return self.runtime.device_ceilings(device)

@@ -244,6 +244,22 @@ def test_pinning_reaches_every_thread_of_a_worker():
     assert side.process.returncode == 0
 
 
+def test_a_side_on_another_device_is_judged_against_that_devices_ceilings(tmp_path):
+    """The worker hands back the device's own ceilings with the case's facts."""
+    tree = copy_tree(tmp_path / "gpu")
+    backend = tree / "opbench" / "backends" / "cpu" / "backend.py"
+    backend.write_text(backend.read_text() + "\n\nCpuBackend.device_ceilings = "
+                       "lambda self, device=None: {'copy_gbps': 1e6, 'llc_bytes': 1024}\n")
+    code, records = run_ab(tmp_path, f"{CPU}@{tree}", CPU)
+    assert code == 0
+    sides = by_backend(records)
+    for record in sides[f"{CPU}@{tree}"]:
+        assert record["perf"]["device_ceilings"] == {"copy_gbps": 1e6, "llc_bytes": 1024}
+        assert record["perf"]["ceiling"] == 1e6
+    for record in sides[CPU]:
+        assert "device_ceilings" not in record["perf"]
+
+
 def test_the_ceiling_follows_the_cpus_a_side_computes_with():
     from types import SimpleNamespace
 

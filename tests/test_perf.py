@@ -123,6 +123,57 @@ def test_the_cpu_backend_splits_over_every_cpu_and_gets_their_ceiling(tmp_path, 
     assert {r["perf"]["ceiling"] for r in read_records(tmp_path / "one.jsonl")} == {1000.0}
 
 
+ON_DEVICES = """
+    class MeasuredGpu(CpuBackend):
+        name = "measured-gpu"
+
+        def device_ceilings(self, device=None):
+            return {"copy_gbps": 1e6, "llc_bytes": 1024}
+
+    class UnmeasuredGpu(CpuBackend):
+        name = "unmeasured-gpu"
+
+        def device_ceilings(self, device=None):
+            return {}
+
+    class UnmeasurableGpu(CpuBackend):
+        name = "unmeasurable-gpu"
+
+        def device_ceilings(self, device=None):
+            raise RuntimeError("out of memory for the copy")
+"""
+LOW = {"copy_gbps": 1e-3, "matmul_gflops": 1e-3, "one_core": {"copy_gbps": 1e-3,
+       "matmul_gflops": 1e-3}, "all_cores": {"copy_gbps": 1e-3, "matmul_gflops": 1e-3,
+                                             "threads": 2},
+       "copies": ["np.copyto"]}
+
+
+def test_a_backend_on_another_device_is_judged_against_that_devices_ceilings(tmp_path, capsys):
+    """The host's calibration (here so low that every host case reads as cache-resident) does
+    not judge a backend whose device declares its own ceilings, or declares it knows none."""
+    write_calibration(tmp_path, LOW)
+    fake = backend_file(tmp_path, ON_DEVICES)
+    results = tmp_path / "r.jsonl"
+    code, out, _ = perf_main(capsys, "-b", f"{fake}:MeasuredGpu,{fake}:UnmeasuredGpu,"
+                             f"{fake}:UnmeasurableGpu", "-o", "CPY", "-p", "type=f16",
+                             "--results", str(results))
+    assert code == 0  # ceilings that cannot be measured only leave the fraction out
+    measured, unmeasured = ([r["perf"] for r in read_records(results)
+                             if r["backend"] in names]
+                            for names in (("measured-gpu",),
+                                          ("unmeasured-gpu", "unmeasurable-gpu")))
+    for block in measured:
+        assert block["ceiling"] == 1e6 and block["ceiling_threads"] is None
+        assert block["device_ceilings"] == {"copy_gbps": 1e6, "llc_bytes": 1024}
+        assert block["fraction_of_ceiling"] == pytest.approx(block["gbps"] / 1e6)
+    for block in unmeasured:
+        assert block["ceiling"] is None and block["fraction_of_ceiling"] is None
+        assert not block["cache_resident"] and not block["above_ceiling"]
+    lines = [line for line in out.splitlines() if line.startswith("  CPY")]
+    assert lines[0].endswith("% of the device's copy bandwidth)"), lines
+    assert lines[-1].endswith("GB/s"), lines  # no fraction, no label
+
+
 def test_a_figure_above_the_ceiling_prints_cache_resident(tmp_path, capsys):
     low = {"copy_gbps": 1e-3, "matmul_gflops": 1e-3, "one_core": {"copy_gbps": 1e-3,
            "matmul_gflops": 1e-3}, "all_cores": {"copy_gbps": 1e-3, "matmul_gflops": 1e-3,

@@ -141,6 +141,32 @@ def test_merge_runs_keeps_each_run_apart_and_a_failed_run_wins():
     assert record["status"] == "ERROR" and record["reason"] == "run 2 of 2: NaN"
 
 
+def test_merged_runs_of_a_gpu_are_judged_against_its_own_ceilings():
+    """A GPU record keeps the ceilings it was judged against; the merge uses them, not the
+    host's calibration (whose bigger LLC would call a 64 MiB working set cache-resident)."""
+    rng = np.random.default_rng(7)
+    host = {"copy_gbps": 10.0, "matmul_gflops": 100.0, "llc_bytes": 1 << 30}
+
+    def on_gpu(run_id, samples, device):  # device None: a record of the host
+        record = _perf_record(run_id, [samples])
+        record["perf"]["bytes"] = 64 << 20
+        if device is not None:
+            record["perf"]["device_ceilings"] = device
+        return record
+
+    first, second = runs(rng, 1e5, 2, n=10)
+    gpu = {"copy_gbps": 4000.0, "llc_bytes": 50 << 20}
+    [record] = merge_runs([[on_gpu("r", first, gpu)], [on_gpu("r", second, gpu)]], host)
+    perf = record["perf"]
+    assert perf["ceiling"] == 4000.0 and not perf["cache_resident"]
+    assert perf["fraction_of_ceiling"] == pytest.approx(perf["gbps"] / 4000.0)
+    [unknown] = merge_runs([[on_gpu("r", first, {})], [on_gpu("r", second, {})]], host)
+    assert unknown["perf"]["ceiling"] is None and unknown["perf"]["fraction_of_ceiling"] is None
+    assert not unknown["perf"]["cache_resident"]  # the host's 1 GiB LLC would have said so
+    [on_host] = merge_runs([[on_gpu("r", first, None)], [on_gpu("r", second, None)]], host)
+    assert on_host["perf"]["ceiling"] == 10.0 and on_host["perf"]["cache_resident"]
+
+
 def test_perf_repeat_records_each_run_from_a_fresh_process(tmp_path, capsys):
     results = tmp_path / "perf.jsonl"
     code = main(["perf", "-o", "GET_ROWS", "--sizes", "small", "--budget-ms", "1",

@@ -26,6 +26,7 @@ import numpy as np
 
 from opbench.protocol import AttnParams, Backend, Option, RopeParams
 
+from .common.device_ceilings import torch_cuda_ceilings
 from .common.host import flush_host_caches
 from .common.yarn import yarn_corr_dims
 
@@ -227,6 +228,7 @@ class TorchBackend(Backend):
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         self._cuda = torch is not None and torch.cuda.is_available()
+        self._ceilings: dict[str, dict] = {}  # per GPU, measured at the first perf case
 
     def info(self) -> dict:
         names = [torch.cuda.get_device_name(d) for d in self._devices] if self._cuda else ["cpu"]
@@ -276,6 +278,16 @@ class TorchBackend(Backend):
         """On the CPU, evict the host's caches (``perf --cold``); on CUDA nothing yet."""
         if not self._cuda:
             flush_host_caches()
+
+    def device_ceilings(self, device: Any = None) -> dict | None:
+        """On CUDA the GPU's copy ceiling and L2 size, measured once; on the CPU None (the
+        host's calibrated ceilings)."""
+        if not self._cuda:
+            return None
+        gpu = torch.device(device) if device is not None else torch.device("cuda", 0)
+        if str(gpu) not in self._ceilings:
+            self._ceilings[str(gpu)] = torch_cuda_ceilings(gpu)
+        return dict(self._ceilings[str(gpu)])
 
     # -- streams and events (CUDA only; CPU ops are synchronous) -----------------------------
     def stream(self, device: Any = None) -> Any:

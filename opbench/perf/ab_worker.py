@@ -120,7 +120,7 @@ class Worker:
         self.cold = cold
         self.rng = np.random.default_rng(case.seed(seed) + 1) if fresh_inputs else None
         return {"status": "OK", "reason": None, "errors": [], "bytes": prepared.nbytes,
-                "flops": prepared.flops,
+                "flops": prepared.flops, "device_ceilings": prepared.device_ceilings,
                 "output_judged": bool(self.api["output_judged"](self.backend, prepared))}
 
     def warmup(self, calls: int) -> dict:

@@ -168,6 +168,22 @@ def ceilings_for(calibration: Mapping | None, threads: int) -> dict | None:
     return {**bound, "threads": threads, "llc_bytes": calibration.get("llc_bytes")}
 
 
+def bounding_ceilings(device_ceilings: Mapping | None, calibration: Mapping | None,
+                      threads: int) -> dict | None:
+    """The ceilings a backend's record is judged against: its device's own
+    (``Backend.device_ceilings``: a GPU's, None if it knows none) where it computes elsewhere
+    than on this host's cores, else the host's calibrated ones for its threads."""
+    if device_ceilings is not None:
+        return dict(device_ceilings) or None
+    return ceilings_for(calibration, threads)
+
+
+def with_device_ceilings(perf: dict, device_ceilings: Mapping | None) -> dict:
+    """A record's perf block holding the device ceilings it was judged against, if any (what
+    ``perf --repeat`` judges the merged samples against again)."""
+    return perf if device_ceilings is None else {**perf, "device_ceilings": dict(device_ceilings)}
+
+
 def read_cache(path: Path | None = None) -> dict:
     path = path or cache_path()
     if not path.exists():

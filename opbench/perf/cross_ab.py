@@ -29,7 +29,7 @@ from opbench.errors import UsageError
 from opbench.harness.records import case_record
 
 from . import ab_worker, timing
-from .calibrate import ceilings_for
+from .calibrate import bounding_ceilings, with_device_ceilings
 
 WORKER = Path(ab_worker.__file__).resolve()
 #: the oldest opbench commit whose tree a worker can run (it has ab_worker.ENTRY_POINTS)
@@ -302,11 +302,12 @@ def _record(side: WorkerSide, case, run_id, parts, facts, problem, options, plac
         return _side_record(side, case, "ERROR", run_id, reason=problem)
     samples = timing.Samples(np.concatenate(parts).astype(np.int64), options.warmup,
                              options.budget_ms)
-    perf = {**timing.perf_block(samples, nbytes=facts["bytes"] or None,
-                                flops=facts["flops"] or None,
-                                ceilings=ceilings_for(options.ceilings,
-                                                      _ceiling_threads(side, placement)),
-                                cold=options.cold),
+    device = facts.get("device_ceilings")
+    block = timing.perf_block(samples, nbytes=facts["bytes"] or None, flops=facts["flops"] or None,
+                              ceilings=bounding_ceilings(device, options.ceilings,
+                                                         _ceiling_threads(side, placement)),
+                              cold=options.cold)
+    perf = {**with_device_ceilings(block, device),
             "output_judged": facts["output_judged"], "fresh_inputs": options.fresh_inputs,
             "settle_ms": options.settle_ms,
             **placement}

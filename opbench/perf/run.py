@@ -36,7 +36,7 @@ from opbench.harness.runner import (
 
 from . import timing
 from .anchor import Anchor
-from .calibrate import ceilings_for, cpu_count
+from .calibrate import bounding_ceilings, cpu_count, with_device_ceilings
 
 SIZES = PERF_SIZES
 INTERPRETER_REASON = "interpreter mode: timings would measure Python, not the kernel"
@@ -68,6 +68,8 @@ class Prepared:
     inputs: Inputs | None = None  # what the last timed call read: its output is judged on it
     args: dict | None = None  # the device arrays ``fn`` passes (fresh inputs replace them)
     threads: int = 1  # of the backend, running at once: picks the ceiling (running_threads)
+    #: the device's own ceilings where it is not the host's cores (``Backend.device_ceilings``)
+    device_ceilings: dict | None = None
 
 
 #: ``info()["threads"]`` of a backend that splits its work over whatever CPUs it may run on
@@ -114,7 +116,16 @@ def prepare(backend, case: Case, seed: int = 0) -> Prepared:
     stream = backend.stream(device)
     nbytes, flops = work(case, inputs, {name: buf.spec for name, buf in buffers.items()})
     return Prepared(case, lambda: spec.call(backend, case, args, stream), buffers, nbytes, flops,
-                    inputs, args, running_threads(backend))
+                    inputs, args, running_threads(backend), _device_ceilings(backend, device))
+
+
+def _device_ceilings(backend, device) -> dict | None:
+    """The backend's device ceilings; {} (none known: no fraction) when measuring them failed,
+    as they only label the timing, which still counts."""
+    try:
+        return backend.device_ceilings(device)
+    except Exception:
+        return {}
 
 
 def refresh_inputs(backend, prepared: Prepared, rng: np.random.Generator) -> None:
@@ -249,11 +260,15 @@ def subject_for(backend, prepared: Prepared, options: PerfOptions) -> timing.Sub
 
 
 def block(samples: timing.Samples, prepared: Prepared, options: PerfOptions) -> dict:
-    """The record's perf block, against the ceilings for the threads the backend runs."""
-    return timing.perf_block(samples, nbytes=prepared.nbytes or None,
-                             flops=prepared.flops or None,
-                             ceilings=ceilings_for(options.ceilings, prepared.threads),
-                             cold=options.cold)
+    """The record's perf block, against the ceilings for the threads the backend runs, or its
+    device's own (kept in the block as ``device_ceilings``, for ``perf --repeat``'s merge)."""
+    device = prepared.device_ceilings
+    return with_device_ceilings(
+        timing.perf_block(samples, nbytes=prepared.nbytes or None, flops=prepared.flops or None,
+                          ceilings=bounding_ceilings(device, options.ceilings,
+                                                     prepared.threads),
+                          cold=options.cold),
+        device)
 
 
 def run_perf_case(backend, case: Case, options: PerfOptions, run_id: str, *,

@@ -11,7 +11,7 @@ import numpy as np
 from opbench.harness.store import record_key
 
 from . import timing
-from .calibrate import ceilings_for
+from .calibrate import bounding_ceilings
 
 
 def merge_runs(runs: Sequence[Sequence[dict]], ceilings: Mapping | None = None
@@ -44,5 +44,6 @@ def _merge(records: list[dict], repeat: int, ceilings) -> dict:
     threads = perf.get("ceiling_threads") or 1
     perf.update(timing.throughput(summary["median_ns"], nbytes=perf.get("bytes"),
                                   flops=perf.get("flops"),
-                                  ceilings=ceilings_for(ceilings, threads)))
+                                  ceilings=bounding_ceilings(perf.get("device_ceilings"),
+                                                             ceilings, threads)))
     return {**last, "perf": perf}

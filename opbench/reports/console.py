@@ -20,12 +20,15 @@ def _ceiling_part(perf: dict, ceiling_name: str | None) -> str:
     no impossible percentage for a call beyond a ceiling measured on a busy machine."""
     if perf.get("cache_resident"):
         return f", cache-resident (working set {_working_set(perf['bytes'])})"
+    on_device = perf.get("device_ceilings") is not None  # a GPU's own, not the host's
     if perf.get("above_ceiling"):
+        if on_device:
+            return ", above the device's measured copy bandwidth"
         return ", above the calibrated ceiling (run `opbench calibrate --force` on a quiet machine)"
     if perf.get("fraction_of_ceiling") is None:
         return ""
     name = ceiling_name or ("matmul rate" if perf.get("bound") == "compute" else
-                            "copy bandwidth")
+                            "the device's copy bandwidth" if on_device else "copy bandwidth")
     threads = perf.get("ceiling_threads")
     if threads:
         name += f", {threads} core{'s' if threads > 1 else ''}"

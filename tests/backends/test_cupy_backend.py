@@ -377,6 +377,14 @@ def test_timer_and_l2_flush(backend):
     assert 0 < ns and (backend.is_interpreter or ns < 1e9)
 
 
+def test_the_device_declares_its_own_ceilings(backend):
+    """perf judges a GPU against its own copy bandwidth and L2, not the host's calibration."""
+    found = backend.device_ceilings(backend.device(0))
+    assert set(found) == {"copy_gbps", "llc_bytes"} and found["copy_gbps"] > 0
+    assert found["llc_bytes"] == backend.device(0).l2_bytes
+    assert backend.device_ceilings(backend.device(0)) == found  # measured once
+
+
 def test_bf16_round_trips_bit_exactly(backend):
     host = np.random.default_rng(3).uniform(-3, 3, 1000).astype(ml_dtypes.bfloat16)
     back = backend.to_host(backend.to_device(host))

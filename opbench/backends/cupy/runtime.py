@@ -17,6 +17,7 @@ import numpy as np
 from opbench.protocol import DeviceMismatchError as ProtocolMismatch
 from opbench.protocol import Runtime
 
+from ..common import device_ceilings
 from . import plan
 
 
@@ -178,6 +179,7 @@ class CupyRuntime(GraphMixin, Runtime):
         self.launcher: Any = None  # the backend's KernelLauncher, set by the backend
         self._devices: list[CupyDevice] = []
         self._flush_buffers: dict[int, Any] = {}
+        self._ceilings: dict[int, dict] = {}  # per logical device, measured at first use
         self._gates: list = []  # hold() gates, released by close()
         self._capture = None
 
@@ -346,6 +348,22 @@ class CupyRuntime(GraphMixin, Runtime):
                 buf = self._flush_buffers[dev.index] = cupy.empty(
                     plan.l2_flush_bytes(dev.l2_bytes), np.uint8)
         self._memset(buf, dev.index + 1, dev.stream)
+
+    def device_ceilings(self, device: Any = None) -> dict:
+        """The GPU's copy ceiling (device-to-device copies on the device's stream, timed by
+        CUDA events) and its L2 size, measured once (``common.device_ceilings``)."""
+        dev = self.device(device)
+        if dev.index not in self._ceilings:
+            cupy = self._cupy()
+            nbytes = device_ceilings.copy_bytes(dev.l2_bytes)
+            with cupy.cuda.Device(dev.gpu), dev.stream.cupy_stream:
+                src, dst = cupy.empty(nbytes, np.uint8), cupy.empty(nbytes, np.uint8)
+            arrays = [GpuArray(a, np.dtype(np.uint8), dev, None) for a in (src, dst)]
+            time_call = self.timer(dev)
+            self._ceilings[dev.index] = device_ceilings.gpu_ceilings(
+                lambda: time_call(lambda: self._memcpy(arrays[1], arrays[0], dev.stream, False)),
+                nbytes, dev.l2_bytes)
+        return dict(self._ceilings[dev.index])
 
     def _memset(self, data, value: int, stream: GpuStream) -> None:
         """cudaMemsetAsync on the stream (cupy's fill may need its own JIT kernels)."""

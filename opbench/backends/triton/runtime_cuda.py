@@ -24,6 +24,7 @@ import torch
 
 from opbench.protocol import Runtime
 
+from ..common.device_ceilings import torch_cuda_ceilings
 from .graphs_cuda import CudaGraph, GraphCapture, TorchCuda
 
 L2_FLUSH_BYTES = 256 * 1024 * 1024  # larger than any current GPU's L2 (H100: 50 MB)
@@ -76,6 +77,7 @@ class CudaRuntime(Runtime):
         self._devices: list[CudaDevice] = []
         self._streams: list = []
         self._flush: dict[int, torch.Tensor] = {}
+        self._ceilings: dict[str, dict] = {}  # per GPU, measured at the first perf case
         self._owners: dict[int, CudaDevice] = {}  # storage address -> the device it was made on
 
     @property
@@ -284,6 +286,13 @@ class CudaRuntime(Runtime):
 
     def timer(self):
         return self.time_one
+
+    def device_ceilings(self, device: Any = None) -> dict:
+        """The GPU's copy ceiling and L2 size, measured once (``common.device_ceilings``)."""
+        gpu = self.device(device).torch_device
+        if str(gpu) not in self._ceilings:
+            self._ceilings[str(gpu)] = torch_cuda_ceilings(gpu)
+        return dict(self._ceilings[str(gpu)])
 
     def close(self) -> None:
         self.graphs.abort()  # an open capture has issued nothing to CUDA yet
