@@ -171,8 +171,8 @@ def ceilings_for(calibration: Mapping | None, threads: int) -> dict | None:
 def bounding_ceilings(device_ceilings: Mapping | None, calibration: Mapping | None,
                       threads: int) -> dict | None:
     """The ceilings a backend's record is judged against: its device's own
-    (``Backend.device_ceilings``: a GPU's, None if it knows none) where it computes elsewhere
-    than on this host's cores, else the host's calibrated ones for its threads."""
+    (``Backend.device_ceilings``: a GPU's; none at all if it knows none) where it computes
+    elsewhere than on this host's cores, else the host's calibrated ones for its threads."""
     if device_ceilings is not None:
         return dict(device_ceilings) or None
     return ceilings_for(calibration, threads)

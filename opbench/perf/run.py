@@ -120,10 +120,14 @@ def prepare(backend, case: Case, seed: int = 0) -> Prepared:
 
 
 def _device_ceilings(backend, device) -> dict | None:
-    """The backend's device ceilings; {} (none known: no fraction) when measuring them failed,
-    as they only label the timing, which still counts."""
+    """The backend's device ceilings: None (the host's) for a backend without the method;
+    {} (none known: no fraction) when measuring them failed, as they only label the timing,
+    which still counts."""
+    declared = getattr(backend, "device_ceilings", None)
+    if declared is None:
+        return None
     try:
-        return backend.device_ceilings(device)
+        return declared(device)
     except Exception:
         return {}
 
