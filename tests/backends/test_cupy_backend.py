@@ -25,7 +25,7 @@ from opbench.harness.runner import run_case
 from opbench.harness.scenario.config import ScenarioSpec
 from opbench.harness.scenario.judge import run_scenario, scenario_options
 from opbench.harness.scenario.matrix import matrix, unsupported
-from opbench.protocol import AttnParams, PagedKV, RopeParams
+from opbench.protocol import AttnParams, PagedKV, RopeParams, numpy_dtype
 from opbench.reference import attention as attn_ref
 from opbench.reference import rope as rope_ref
 
@@ -375,6 +375,37 @@ def test_timer_and_l2_flush(backend):
     ns = backend.timer()(copy)
     # the emulator's time is a loaded CPU's, with no bound worth asserting
     assert 0 < ns and (backend.is_interpreter or ns < 1e9)
+
+
+@pytest.mark.parametrize("src_type, dst_type, perm, view, path", [
+    ("f32", "f32", (0, 1, 2), False, "memcpy"),
+    ("bf16", "bf16", (0, 1, 2), False, "memcpy"),
+    ("f32", "f16", (0, 1, 2), False, "cpy_contiguous"),
+    ("f16", "bf16", (0, 1, 2), False, "cpy_contiguous"),
+    ("f32", "f32", (1, 0, 2), False, "cpy_kernel_i32"),
+    ("f32", "f32", (0, 1, 2), True, "cpy_kernel_i32"),  # a strided view: not contiguous
+])
+def test_cpy_takes_the_cheapest_path_and_moves_the_same_bits(backend, monkeypatch, src_type,
+                                                             dst_type, perm, view, path):
+    """A contiguous same-type CPY is a memcpy, a contiguous conversion needs no index math,
+    the rest index in 32 bits here: all bit-for-bit what the strided kernel gives."""
+    taken = []
+    monkeypatch.setattr(backend.runtime, "copy_bytes",
+                        lambda *a, real=backend.runtime.copy_bytes: (taken.append("memcpy"),
+                                                                    real(*a)))
+    monkeypatch.setattr(backend.launcher, "run", lambda t, f, name, *a, real=backend.launcher.run:
+                        (taken.append(name.split("<")[0]), real(t, f, name, *a)))
+    host = np.random.default_rng(9).uniform(-4, 4, (6, 4, 40 if view else 20)).astype(
+        numpy_dtype(src_type))
+    src = backend.to_device(host)
+    if view:
+        host, src = host[:, :, ::2], src[:, :, ::2]
+    want = np.ascontiguousarray(host.transpose(perm)).astype(numpy_dtype(dst_type))
+    out = backend.empty(want.shape, numpy_dtype(dst_type))
+    backend.cpy(src, out, perm)
+    got = backend.to_host(out)
+    assert taken == [path]
+    np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))
 
 
 def test_the_device_declares_its_own_ceilings(backend):

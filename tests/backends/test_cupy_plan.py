@@ -376,6 +376,20 @@ def test_cpy_geometry_handles_4d_and_strided_sources():
         plan.cpy_geometry((2, 3), (3, 1), (0, 0), 1)
 
 
+def test_cpy_paths_contiguous_and_32_bit_indices():
+    assert plan.cpy_is_contiguous((4, 8, 16), (128, 16, 1), (0, 1, 2), 1)
+    assert plan.cpy_is_contiguous((4, 1, 16), (16, 999, 1), (0, 1, 2), 1)  # extent 1: any stride
+    assert not plan.cpy_is_contiguous((4, 8, 16), (128, 16, 1), (1, 0, 2), 1)  # permuted
+    assert not plan.cpy_is_contiguous((4, 8, 16), (128, 16, 1), (0, 1, 2), 2)  # stepped
+    assert not plan.cpy_is_contiguous((4, 8, 16), (256, 16, 1), (0, 1, 2), 1)  # a strided view
+    # the --large CPY case: an f16 [32769, 256, 256] transposed, 2**31 + 65536 elements
+    shape4, strides4 = plan.cpy_geometry((32769, 256, 256), (65536, 256, 1), (1, 0, 2), 1)
+    assert not plan.cpy_fits_int32(shape4, strides4)
+    assert plan.cpy_fits_int32(*plan.cpy_geometry((4096, 8, 128), (1024, 128, 1), (1, 0, 2), 1))
+    # few elements, but a source offset past 2**31 (a step over a huge first dim)
+    assert not plan.cpy_fits_int32((1, 1, 2, 4), (0, 0, 2**31, 1))
+
+
 # -- devices, streams, copies, errors, sources ---------------------------------------------------
 def test_device_map_is_round_robin():
     assert plan.device_map(5, 2) == [0, 1, 0, 1, 0]

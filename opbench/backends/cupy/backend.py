@@ -325,11 +325,21 @@ class CupyBackend(ScenarioOpsMixin, RuntimeBackend):
         if out.size == 0:
             return
         strides = [s // src.data.itemsize for s in src.data.strides]
-        shape4, strides4 = plan.cpy_geometry(src.shape, strides, perm, step)
-        args = (src.data, out.data, _i64(out.size), *(_i64(n) for n in shape4[1:]),
-                *(_i64(s) for s in strides4))
-        name = plan.kernel_name("cpy_kernel", _dtype(src), _dtype(out))
-        self._run(target, "copies.cu", name, plan.grid_stride(out.size), args)
+        launch = plan.grid_stride(out.size)
+        if not plan.cpy_is_contiguous(src.shape, strides, perm, step):
+            shape4, strides4 = plan.cpy_geometry(src.shape, strides, perm, step)
+            args = (src.data, out.data, _i64(out.size), *(_i64(n) for n in shape4[1:]),
+                    *(_i64(s) for s in strides4))
+            kernel = "cpy_kernel_i32" if plan.cpy_fits_int32(shape4, strides4) else "cpy_kernel"
+            self._run(target, "copies.cu", plan.kernel_name(kernel, _dtype(src), _dtype(out)),
+                      launch, args)
+        elif _dtype(src) == _dtype(out):  # the same bits in the same order: a memcpy
+            self.launcher.maybe_delay(target)
+            self.runtime.copy_bytes(out, src, target)
+        else:
+            self._run(target, "copies.cu",
+                      plan.kernel_name("cpy_contiguous", _dtype(src), _dtype(out)), launch,
+                      (src.data, out.data, _i64(out.size)))
         out.fingerprint = None
 
     # -- plumbing -------------------------------------------------------------------------------

@@ -69,8 +69,8 @@ class KernelLauncher:
         cupy = self._cupy()
         dev = target.device
         plan.check_launch(name, launch, max(plan.DEFAULT_SHARED_LIMIT, dev.shared_optin))
-        if delay and self.delay:
-            self.inject_delay(target, self._rng.uniform(0.0, self.delay_max_ms))
+        if delay:
+            self.maybe_delay(target)
         with cupy.cuda.Device(dev.gpu), target.cupy_stream:
             if launch.shared_mem > plan.DEFAULT_SHARED_LIMIT:
                 kernel.max_dynamic_shared_size_bytes = launch.shared_mem
@@ -85,6 +85,11 @@ class KernelLauncher:
             except cupy.cuda.runtime.CUDARuntimeError as exc:
                 raise RuntimeError(f"{dev.name}: {name} {launch} failed: {exc}") from exc
             self.runtime._raise_device_errors(dev)
+
+    def maybe_delay(self, target: GpuStream) -> None:
+        """Fault injection (option delay): a seeded random sleep on the stream before an op."""
+        if self.delay:
+            self.inject_delay(target, self._rng.uniform(0.0, self.delay_max_ms))
 
     def inject_delay(self, stream: GpuStream, ms: float) -> None:
         """Fault injection: the stream sleeps ~ms on the GPU (spin kernel with __nanosleep)."""

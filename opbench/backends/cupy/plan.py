@@ -74,7 +74,8 @@ def module_kernels() -> dict[str, list[str]]:
         "attention.cu": [f"attn_fwd<{t}, {acc}>" for t in types for acc in ATTN_ACC_WIDTHS]
         + [f"attn_merge<{t}>" for t in types],
         "kv_rotate.cu": [f"kv_rotate_kernel<{t}>" for t in types],
-        "copies.cu": _pairs("set_rows_kernel") + _pairs("get_rows_kernel") + _pairs("cpy_kernel"),
+        "copies.cu": _pairs("set_rows_kernel") + _pairs("get_rows_kernel") + _pairs("cpy_kernel")
+        + _pairs("cpy_kernel_i32") + _pairs("cpy_contiguous"),
         "runtime.cu": ["spin_kernel", "hold_kernel"],
         "model.cu": ["add_f32", "rms_norm_f32", "matmul_f32", "merge_partial_f32"],
     }
@@ -320,6 +321,32 @@ def cpy_geometry(shape: Sequence[int], strides: Sequence[int], perm: Sequence[in
     out_strides[0] *= step
     pad = 4 - len(shape)
     return (1,) * pad + tuple(out_shape), (0,) * pad + tuple(out_strides)
+
+
+INT32_MAX = 2**31 - 1
+
+
+def cpy_fits_int32(shape4: Sequence[int], strides4: Sequence[int]) -> bool:
+    """Whether cpy_kernel_i32's 32-bit index math holds every output index and source offset
+    of cpy_geometry's (shape, strides): the element count and the largest offset (strides are
+    never negative here) both below 2**31."""
+    total = math.prod(shape4)
+    largest = sum((n - 1) * st for n, st in zip(shape4, strides4))
+    return total <= INT32_MAX and 0 <= largest <= INT32_MAX and min(strides4) >= 0
+
+
+def cpy_is_contiguous(shape: Sequence[int], strides: Sequence[int], perm: Sequence[int],
+                      step: int) -> bool:
+    """Whether CPY reads the source in the order it writes the output: no permutation, no
+    step, a C-contiguous source (dims of extent 1 may have any stride)."""
+    if step != 1 or tuple(perm) != tuple(range(len(shape))):
+        return False
+    expected = 1
+    for n, st in zip(reversed(shape), reversed(strides)):
+        if n != 1 and st != expected:
+            return False
+        expected *= n
+    return True
 
 
 # -- devices, streams, copies ----------------------------------------------------------------------

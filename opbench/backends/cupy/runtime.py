@@ -325,6 +325,11 @@ class CupyRuntime(GraphMixin, Runtime):
                 self._memcpy(dst, src, streams[side], peer=what == "peer")
         return dst
 
+    def copy_bytes(self, dst: GpuArray, src: GpuArray, stream: GpuStream) -> None:
+        """dst <- src's bytes, a device-to-device memcpy queued on ``stream`` (both arrays on
+        its device, contiguous, of the same size)."""
+        self._memcpy(dst, src, stream, peer=False)
+
     def _memcpy(self, dst: GpuArray, src: GpuArray, stream: GpuStream, peer: bool) -> None:
         runtime = self._cupy().cuda.runtime
         nbytes, s = src.data.nbytes, stream.cupy_stream.ptr
@@ -361,7 +366,7 @@ class CupyRuntime(GraphMixin, Runtime):
             arrays = [GpuArray(a, np.dtype(np.uint8), dev, None) for a in (src, dst)]
             time_call = self.timer(dev)
             self._ceilings[dev.index] = device_ceilings.gpu_ceilings(
-                lambda: time_call(lambda: self._memcpy(arrays[1], arrays[0], dev.stream, False)),
+                lambda: time_call(lambda: self.copy_bytes(arrays[1], arrays[0], dev.stream)),
                 nbytes, dev.l2_bytes)
         return dict(self._ceilings[dev.index])
 

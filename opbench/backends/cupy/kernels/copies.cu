@@ -38,20 +38,46 @@ __global__ void get_rows_kernel(const S* __restrict__ src, D* out, const int* __
 
 // out (contiguous, up to 4 dims, shape n0..n3) = convert(src at element strides st0..st3).
 // The host folds the permutation and the step of the first permuted dim into the strides
-// (plan.cpy_geometry), so one kernel covers contiguous, permuted and strided copies.
+// (plan.cpy_geometry), so one kernel covers permuted and strided copies.  Index math in I:
+// 64-bit division is a long software sequence on a GPU, so copies whose every index and
+// offset fits 32 bits use cpy_kernel_i32 (plan.cpy_fits_int32); the rest cpy_kernel.
+template <typename S, typename D, typename I>
+__device__ __forceinline__ void cpy_strided(const S* __restrict__ src, D* __restrict__ out,
+                                            I total, I n1, I n2, I n3, I st0, I st1, I st2,
+                                            I st3) {
+    for (I i = blockIdx.x * (I)blockDim.x + threadIdx.x; i < total;
+         i += (I)gridDim.x * blockDim.x) {
+        I rest = i;
+        const I i3 = rest % n3;
+        rest /= n3;
+        const I i2 = rest % n2;
+        rest /= n2;
+        const I i1 = rest % n1;
+        const I i0 = rest / n1;
+        out[i] = convert<S, D>(src[i0 * st0 + i1 * st1 + i2 * st2 + i3 * st3]);
+    }
+}
+
 template <typename S, typename D>
 __global__ void cpy_kernel(const S* __restrict__ src, D* __restrict__ out, long long total,
                            long long n1, long long n2, long long n3, long long st0, long long st1,
                            long long st2, long long st3) {
+    cpy_strided<S, D, long long>(src, out, total, n1, n2, n3, st0, st1, st2, st3);
+}
+
+template <typename S, typename D>
+__global__ void cpy_kernel_i32(const S* __restrict__ src, D* __restrict__ out, long long total,
+                               long long n1, long long n2, long long n3, long long st0,
+                               long long st1, long long st2, long long st3) {
+    cpy_strided<S, D, int>(src, out, (int)total, (int)n1, (int)n2, (int)n3, (int)st0, (int)st1,
+                           (int)st2, (int)st3);
+}
+
+// out = convert(src), both contiguous in the same order: no index math at all (a same-type
+// copy of this kind is a device-to-device memcpy instead).
+template <typename S, typename D>
+__global__ void cpy_contiguous(const S* __restrict__ src, D* __restrict__ out, long long total) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
-         i += (long long)gridDim.x * blockDim.x) {
-        long long rest = i;
-        const long long i3 = rest % n3;
-        rest /= n3;
-        const long long i2 = rest % n2;
-        rest /= n2;
-        const long long i1 = rest % n1;
-        const long long i0 = rest / n1;
-        out[i] = convert<S, D>(src[i0 * st0 + i1 * st1 + i2 * st2 + i3 * st3]);
-    }
+         i += (long long)gridDim.x * blockDim.x)
+        out[i] = convert<S, D>(src[i]);
 }
