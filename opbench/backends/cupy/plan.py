@@ -231,8 +231,9 @@ class AttnPlan:
 
 
 def attn_shared_bytes(dk: int, dv: int, bk: int) -> int:
-    """attention.cu's layout: Q [BQ][Dk+1], K [bk][Dk+1], V [bk][Dv], P [BQ][bk] floats."""
-    return 4 * (ATTN_BQ * (dk + 1) + bk * (dk + 1) + bk * dv + ATTN_BQ * bk)
+    """attention.cu's layout: Q [BQ][Dk+1], K [bk][Dk+1], V [bk][Dv], P [BQ][bk] floats, then
+    each key's slot (lead, sub) as [bk] ints twice."""
+    return 4 * (ATTN_BQ * (dk + 1) + bk * (dk + 1) + bk * dv + ATTN_BQ * bk + 2 * bk)
 
 
 def attn_acc_width(dv: int) -> int:

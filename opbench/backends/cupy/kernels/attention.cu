@@ -55,31 +55,36 @@ __device__ __forceinline__ float alibi_slope(int h, float log2_m0, float log2_m1
 
 // Stages keys [kt, kt + bk) of kv head kvh into Ks ([bk][dk_pad]) and Vs ([bk][dv]); keys past
 // k_hi and unresolvable slots read as zeros.  k_stride / v_stride: elements between leading
-// indices (tokens, or cache blocks when paged); inside a block tokens are Hkv*D apart.
+// indices (tokens, or cache blocks when paged); inside a block tokens are Hkv*D apart.  Each
+// key's slot is resolved once into Slead / Ssub ([bk] ints each), not once per element: a
+// paged slot is a block-table read and a division.
 template <typename T>
 __device__ __forceinline__ void load_kv_tile(const T* k, const T* v, float* Ks, float* Vs,
-                                             int kt, int k_hi, int bk, int seq, int kvh,
-                                             int Hkv, int Dk, int Dv, int dk_pad,
-                                             const int* block_table, int max_blocks,
-                                             int block_size, int num_blocks,
+                                             int* Slead, int* Ssub, int kt, int k_hi, int bk,
+                                             int seq, int kvh, int Hkv, int Dk, int Dv,
+                                             int dk_pad, const int* block_table,
+                                             int max_blocks, int block_size, int num_blocks,
                                              long long k_stride, long long v_stride,
                                              int* err) {
-    for (int idx = threadIdx.x; idx < bk * Dk; idx += ATTN_THREADS) {
-        int j = idx / Dk, d = idx % Dk, t = kt + j;
+    for (int j = threadIdx.x; j < bk; j += ATTN_THREADS) {
+        const int t = kt + j;
         KeySlot at = t < k_hi ? key_slot(t, seq, block_table, max_blocks, block_size,
                                          num_blocks, err) : KeySlot{-1, 0};
+        Slead[j] = (int)at.lead;  // a token or a block index: both below 2**31
+        Ssub[j] = at.sub;
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < bk * Dk; idx += ATTN_THREADS) {
+        const int j = idx / Dk, d = idx % Dk, lead = Slead[j];
         Ks[j * dk_pad + d] =
-            at.lead >= 0 ? to_f32(k[at.lead * k_stride + ((long long)at.sub * Hkv + kvh) * Dk + d])
-                         : 0.0f;
+            lead >= 0 ? to_f32(k[lead * k_stride + ((long long)Ssub[j] * Hkv + kvh) * Dk + d])
+                      : 0.0f;
     }
     for (int idx = threadIdx.x; idx < bk * Dv; idx += ATTN_THREADS) {
-        int j = idx / Dv, d = idx % Dv, t = kt + j;
-        // Errors were raised by the K loop above; resolve quietly here.
-        KeySlot at = t < k_hi ? key_slot(t, seq, block_table, max_blocks, block_size,
-                                         num_blocks, nullptr) : KeySlot{-1, 0};
+        const int j = idx / Dv, d = idx % Dv, lead = Slead[j];
         Vs[j * Dv + d] =
-            at.lead >= 0 ? to_f32(v[at.lead * v_stride + ((long long)at.sub * Hkv + kvh) * Dv + d])
-                         : 0.0f;
+            lead >= 0 ? to_f32(v[lead * v_stride + ((long long)Ssub[j] * Hkv + kvh) * Dv + d])
+                      : 0.0f;
     }
 }
 
@@ -130,6 +135,8 @@ attn_fwd(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__
     float* Ks = Qs + ATTN_BQ * dk_pad;
     float* Vs = Ks + bk * dk_pad;
     float* Ps = Vs + bk * Dv;
+    int* Slead = (int*)(Ps + ATTN_BQ * bk);
+    int* Ssub = Slead + bk;
     for (int idx = threadIdx.x; idx < ATTN_BQ * Dk; idx += ATTN_THREADS) {
         int rr = idx / Dk, d = idx % Dk;
         Qs[rr * dk_pad + d] =
@@ -142,8 +149,8 @@ attn_fwd(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__
 
     for (int kt = k_lo; kt < k_hi; kt += bk) {
         __syncthreads();  // previous tile fully consumed (and Q staged, on the first pass)
-        load_kv_tile(k, v, Ks, Vs, kt, k_hi, bk, seq, kvh, Hkv, Dk, Dv, dk_pad, block_table,
-                     max_blocks, block_size, num_blocks, k_stride, v_stride, err);
+        load_kv_tile(k, v, Ks, Vs, Slead, Ssub, kt, k_hi, bk, seq, kvh, Hkv, Dk, Dv, dk_pad,
+                     block_table, max_blocks, block_size, num_blocks, k_stride, v_stride, err);
         __syncthreads();
         float tile_max = -OPB_INF;
         for (int j = g; j < bk; j += ATTN_GROUP) {
