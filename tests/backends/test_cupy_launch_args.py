@@ -10,6 +10,7 @@ included), with the signature parsed from kernels/*.cu, and its geometry is chec
 
 from __future__ import annotations
 
+import ctypes
 import re
 import sys
 import types
@@ -22,6 +23,7 @@ from opbench.backends.cupy import CupyBackend, plan, runtime
 from opbench.protocol import AttnParams, PagedKV, RopeParams
 
 LAUNCHES: list[tuple[str, tuple, tuple, tuple, int]] = []
+COPIES: list[int] = []  # bytes of each device-to-device memcpy queued
 
 
 class FakeArray:
@@ -147,8 +149,10 @@ def _fake_cupy() -> types.ModuleType:
     rt = types.SimpleNamespace(
         getDeviceCount=lambda: 1, getDeviceProperties=lambda gpu: props,
         deviceCanAccessPeer=lambda a, b: 0, deviceEnablePeerAccess=lambda gpu: None,
-        memcpyAsync=lambda *a: None, memcpyPeerAsync=lambda *a: None, memcpyDeviceToDevice=3,
-        memsetAsync=lambda *a: None,
+        memcpyAsync=lambda dst, src, nbytes, kind, stream: COPIES.append(nbytes),
+        memcpyPeerAsync=lambda *a: None, memcpyDeviceToDevice=3,
+        # fills for real (the arrays are host memory): empty() poisons by a memset
+        memsetAsync=lambda ptr, value, nbytes, stream: ctypes.memset(ptr, value, nbytes),
         runtimeGetVersion=lambda: 12090, CUDARuntimeError=RuntimeError)
     cuda = types.SimpleNamespace(
         runtime=rt, driver=types.SimpleNamespace(CUDADriverError=RuntimeError),
@@ -317,10 +321,17 @@ def test_rows_and_cpy_launches(backend):
     backend.get_rows(dst, backend.to_device(np.array([2, 2], np.int32)),
                      backend.empty((2, 4, 8), np.float32))
     backend.cpy(src, backend.empty((2, 3, 8), np.float16), (1, 0, 2), 2)
-    assert_launches_match_signatures({"set_rows_kernel", "get_rows_kernel", "cpy_kernel"})
+    backend.cpy(src, backend.empty((3, 4, 8), np.float16), (0, 1, 2), 1)
+    # a source whose offsets pass 2**31 elements (never read: the fake runs no kernel)
+    huge = np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), (2, 4), (4 << 31, 4))
+    far = runtime.GpuArray(FakeArray(huge), np.dtype(np.float32), src.device, None)
+    backend.cpy(far, backend.empty((2, 4), np.float32), (0, 1), 1)
+    assert_launches_match_signatures({"set_rows_kernel", "get_rows_kernel", "cpy_kernel_i32",
+                                      "cpy_contiguous", "cpy_kernel"})
     names = [name for name, *_ in LAUNCHES]
     assert names == ["set_rows_kernel<float, f16_t>", "get_rows_kernel<f16_t, float>",
-                     "cpy_kernel<float, f16_t>"]
+                     "cpy_kernel_i32<float, f16_t>", "cpy_contiguous<float, f16_t>",
+                     "cpy_kernel<float, float>"]
 
 
 def test_delay_queues_a_spin_kernel_before_each_op(monkeypatch):
@@ -328,11 +339,14 @@ def test_delay_queues_a_spin_kernel_before_each_op(monkeypatch):
     monkeypatch.setattr(runtime, "driver_missing", lambda: None)
     LAUNCHES.clear()
     b = CupyBackend(delay=True, delay_max_ms=1.0)
+    COPIES.clear()
     src = b.to_device(np.zeros(4, np.float32))
-    b.cpy(src, b.empty((4,), np.float32), (0,), 1)
-    assert [name for name, *_ in LAUNCHES] == ["spin_kernel", "cpy_kernel<float, float>"]
+    b.cpy(src, b.empty((4,), np.float16), (0,), 1)
+    assert [name for name, *_ in LAUNCHES] == ["spin_kernel", "cpy_contiguous<float, f16_t>"]
     assert_launches_match_signatures({"spin_kernel"})
     assert 0 <= int(LAUNCHES[0][3][0]) <= 1_000_000
+    b.cpy(src, b.empty((4,), np.float32), (0,), 1)  # a memcpy: delayed all the same
+    assert [name for name, *_ in LAUNCHES][2:] == ["spin_kernel"] and COPIES == [16]
 
 
 def test_arrays_stay_on_their_logical_device(backend):
@@ -454,7 +468,7 @@ def test_timer_flush_and_strided_readback(backend):
     assert backend.timer(0)(lambda: None) == 1e6  # the fake's 1 ms, in ns
     store = backend.to_device(np.zeros((4, 2, 3), np.float32))
     LAUNCHES.clear()
-    host = backend.to_host(store[:, 0])  # not contiguous: gathered by cpy_kernel first
+    host = backend.to_host(store[:, 0])  # not contiguous: gathered by a strided copy first
     assert host.shape == (4, 3)
-    assert [name for name, *_ in LAUNCHES] == ["cpy_kernel<float, float>"]
-    assert_launches_match_signatures({"cpy_kernel"})
+    assert [name for name, *_ in LAUNCHES] == ["cpy_kernel_i32<float, float>"]
+    assert_launches_match_signatures({"cpy_kernel_i32"})
