@@ -71,9 +71,9 @@ __device__ __forceinline__ void load_kv_tile(const T* k, const T* v, float* Ks, 
         KeySlot at = t < k_hi ? key_slot(t, seq, block_table, max_blocks, block_size,
                                          num_blocks, err) : KeySlot{-1, 0};
         Slead[j] = (int)at.lead;  // a token or a block index: both below 2**31
-        Ssub[j] = at.sub;
+        Ssub[j] = at.sub;  // (the last tile read its slots before its own second barrier)
     }
-    __syncthreads();
+    __syncthreads();  // previous tile fully consumed (and Q staged, on the first pass)
     for (int idx = threadIdx.x; idx < bk * Dk; idx += ATTN_THREADS) {
         const int j = idx / Dk, d = idx % Dk, lead = Slead[j];
         Ks[j * dk_pad + d] =
@@ -148,7 +148,6 @@ attn_fwd(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__
     for (int a = 0; a < ACC; ++a) acc[a] = 0.0f;
 
     for (int kt = k_lo; kt < k_hi; kt += bk) {
-        __syncthreads();  // previous tile fully consumed (and Q staged, on the first pass)
         load_kv_tile(k, v, Ks, Vs, Slead, Ssub, kt, k_hi, bk, seq, kvh, Hkv, Dk, Dv, dk_pad,
                      block_table, max_blocks, block_size, num_blocks, k_stride, v_stride, err);
         __syncthreads();
