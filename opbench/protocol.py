@@ -56,6 +56,13 @@ ROPE_MODES = ("normal", "neox", "mrope")
 ROTATE_LAYOUTS = ("rotate_half", "interleaved")
 
 
+def poisoned_host(shape: Sequence[int], dtype: Any) -> np.ndarray:
+    """What ``empty`` holds: NaN for floats (bfloat16, whose NumPy kind is "V", included), -1
+    for integers, so that an element no op wrote shows in the judge."""
+    dt = np.dtype(dtype)
+    return np.full(tuple(shape), np.nan if dt.kind == "f" or dt.name == "bfloat16" else -1, dt)
+
+
 def numpy_dtype(name: str) -> np.dtype:
     """Storage dtype name -> NumPy dtype (bf16 through ml_dtypes)."""
     if name == "f32":
@@ -299,9 +306,7 @@ class Runtime:
     # -- memory -------------------------------------------------------------------------------
     def empty(self, shape: Sequence[int], dtype: Any, device: Any = None) -> Any:
         """An array that looks uninitialized: floats NaN, ints -1 (a skipped write shows)."""
-        dt = np.dtype(dtype)
-        fill = np.nan if dt.kind == "f" or dt.name == "bfloat16" else -1
-        return self.to_device(np.full(tuple(shape), fill, dt), device)
+        return self.to_device(poisoned_host(shape, dtype), device)
 
     def to_device(self, host: np.ndarray, device: Any = None) -> Any:
         raise NotImplementedError
@@ -488,9 +493,7 @@ class Backend:
 
     def empty(self, shape: Sequence[int], dtype: Any, device: Any = None) -> Any:
         """An array that looks uninitialized on ``device``: floats NaN, ints -1."""
-        dt = np.dtype(dtype)
-        fill = np.nan if dt.kind == "f" or dt.name == "bfloat16" else -1
-        return self.to_device(np.full(tuple(shape), fill, dt), device)
+        return self.to_device(poisoned_host(shape, dtype), device)
 
     def to_host(self, arr: Any) -> np.ndarray:
         return np.asarray(arr).copy()

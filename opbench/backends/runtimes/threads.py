@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from opbench.protocol import DeviceMismatchError, Option, Runtime, numpy_dtype
+from opbench.protocol import DeviceMismatchError, Option, Runtime, poisoned_host
 
 from ..common.arrays import plain
 from ..common.host import flush_host_caches
@@ -296,9 +296,6 @@ class Stream:
                 self._error = error
 
 
-FLOAT_DTYPES = tuple(numpy_dtype(n) for n in ("f32", "f16", "bf16"))
-
-
 @dataclass
 class ThreadGraph:
     """Recorded work per stream, in queue order."""
@@ -443,11 +440,9 @@ class ThreadRuntime(Runtime):
         return self._new_array(np.asarray(host), self.device(device))
 
     def empty(self, shape: Sequence[int], dtype: Any, device: Any = None) -> DeviceArray:
-        dt = np.dtype(dtype)
-        fill = np.nan if dt.kind == "f" or dt in FLOAT_DTYPES else -1
         # the filled array is the device's own: copying it again doubled the cost of every
         # output buffer (a 64 MiB one: 2 x 10 ms)
-        return self._new_array(np.full(tuple(shape), fill, dt), self.device(device), copy=False)
+        return self._new_array(poisoned_host(shape, dtype), self.device(device), copy=False)
 
     def to_host(self, arr: DeviceArray) -> np.ndarray:
         device = self.owner("arr", arr)

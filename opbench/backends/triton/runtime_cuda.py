@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from opbench.protocol import Runtime
+from opbench.protocol import Runtime, poisoned_host
 
 from ..common.device_ceilings import torch_cuda_ceilings
 from .graphs_cuda import CudaGraph, GraphCapture, TorchCuda
@@ -120,8 +120,7 @@ class CudaRuntime(Runtime):
         return self._made_on(tensor, target)
 
     def empty(self, shape, dtype, device=None) -> torch.Tensor:
-        host = np.full(tuple(shape), np.nan if np.dtype(dtype).kind == "f" else -1, dtype)
-        return self.to_device(host, device)
+        return self.to_device(poisoned_host(shape, dtype), device)
 
     def _made_on(self, tensor: torch.Tensor, device: CudaDevice) -> torch.Tensor:
         self._owners[_storage(tensor)] = device
