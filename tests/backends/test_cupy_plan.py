@@ -388,6 +388,10 @@ def test_cpy_paths_contiguous_and_32_bit_indices():
     assert plan.cpy_fits_int32(*plan.cpy_geometry((4096, 8, 128), (1024, 128, 1), (1, 0, 2), 1))
     # few elements, but a source offset past 2**31 (a step over a huge first dim)
     assert not plan.cpy_fits_int32((1, 1, 2, 4), (0, 0, 2**31, 1))
+    # under 2**31 elements, but the grid-stride step past the last one would overflow an int
+    grid = plan.grid_stride(2**31 - 2)
+    assert grid.grid[0] * grid.block[0] + plan.CPY_I32_MAX_ELEMENTS <= plan.INT32_MAX
+    assert not plan.cpy_fits_int32((1, 1, 1, 2**31 - 2), (0, 0, 0, 1))
 
 
 # -- devices, streams, copies, errors, sources ---------------------------------------------------

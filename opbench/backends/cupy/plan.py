@@ -325,15 +325,19 @@ def cpy_geometry(shape: Sequence[int], strides: Sequence[int], perm: Sequence[in
 
 
 INT32_MAX = 2**31 - 1
+#: most elements cpy_kernel_i32 takes: its grid-stride index steps past the last element by up
+#: to a whole grid (grid_stride: 65535 * 8 blocks of 256 threads, 2**27) and must not overflow
+CPY_I32_MAX_ELEMENTS = 2**30
 
 
 def cpy_fits_int32(shape4: Sequence[int], strides4: Sequence[int]) -> bool:
-    """Whether cpy_kernel_i32's 32-bit index math holds every output index and source offset
-    of cpy_geometry's (shape, strides): the element count and the largest offset (strides are
-    never negative here) both below 2**31."""
+    """Whether cpy_kernel_i32's 32-bit index math holds every output index (with the grid's
+    step past the last) and every source offset of cpy_geometry's (shape, strides); strides
+    are never negative here."""
     total = math.prod(shape4)
     largest = sum((n - 1) * st for n, st in zip(shape4, strides4))
-    return total <= INT32_MAX and 0 <= largest <= INT32_MAX and min(strides4) >= 0
+    return (total <= CPY_I32_MAX_ELEMENTS and 0 <= largest <= INT32_MAX
+            and min(strides4) >= 0)
 
 
 def cpy_is_contiguous(shape: Sequence[int], strides: Sequence[int], perm: Sequence[int],
