@@ -228,7 +228,6 @@ class TorchBackend(Backend):
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         self._cuda = torch is not None and torch.cuda.is_available()
-        self._ceilings: dict[str, dict] = {}  # per GPU, measured at the first perf case
 
     def info(self) -> dict:
         names = [torch.cuda.get_device_name(d) for d in self._devices] if self._cuda else ["cpu"]
@@ -284,10 +283,7 @@ class TorchBackend(Backend):
         host's calibrated ceilings)."""
         if not self._cuda:
             return None
-        gpu = torch.device(device) if device is not None else torch.device("cuda", 0)
-        if str(gpu) not in self._ceilings:
-            self._ceilings[str(gpu)] = torch_cuda_ceilings(gpu)
-        return dict(self._ceilings[str(gpu)])
+        return torch_cuda_ceilings(device if device is not None else torch.device("cuda", 0))
 
     # -- streams and events (CUDA only; CPU ops are synchronous) -----------------------------
     def stream(self, device: Any = None) -> Any:

@@ -10,6 +10,7 @@ compute-bound case gets no fraction rather than one against a GEMM it does not r
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 COPY_REPEATS = 5
@@ -34,7 +35,13 @@ def gpu_ceilings(time_copy_ns: Callable[[], float], nbytes: int,
 
 
 def torch_cuda_ceilings(torch_device) -> dict:
-    """``gpu_ceilings`` of a torch CUDA device (the torch backend, Triton's cuda mode)."""
+    """``gpu_ceilings`` of a torch CUDA device (the torch backend, Triton's cuda mode), measured
+    once per GPU and process."""
+    return dict(_measured_torch_cuda(str(torch_device)))
+
+
+@functools.cache
+def _measured_torch_cuda(torch_device: str) -> dict:
     import torch
 
     l2 = int(getattr(torch.cuda.get_device_properties(torch_device), "L2_cache_size", 0))

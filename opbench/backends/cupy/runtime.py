@@ -236,11 +236,9 @@ class CupyRuntime(GraphMixin, Runtime):
         return self._devices[int(index)]
 
     def to_device(self, host: np.ndarray, device: Any = None) -> GpuArray:
-        cupy = self._cupy()
         host = np.ascontiguousarray(host)
         dev = self.device(device)
-        with cupy.cuda.Device(dev.gpu), dev.stream.cupy_stream:
-            data = cupy.empty(host.shape, storage_dtype(host.dtype))
+        data = self._allocate(host.shape, storage_dtype(host.dtype), dev)
         self.upload(data, host, dev.stream)
         digest = plan.fingerprint(host.tobytes()) if host.nbytes <= FINGERPRINT_MAX_BYTES else None
         return GpuArray(data, host.dtype, dev, digest)
@@ -263,13 +261,18 @@ class CupyRuntime(GraphMixin, Runtime):
         memset on the device's stream (a NaN at every float width, -1 at every int width).
         No host upload, so a graph capture may make one (CuPy refuses a host-to-device copy
         on a capturing stream), and its replays poison it again."""
-        cupy = self._cupy()
         dt = np.dtype(dtype)
         dev = self.device(device)
-        with cupy.cuda.Device(dev.gpu), dev.stream.cupy_stream:
-            data = cupy.empty(tuple(shape), storage_dtype(dt))
+        data = self._allocate(tuple(shape), storage_dtype(dt), dev)
         self._memset(data, 0xFF, dev.stream)
         return GpuArray(data, dt, dev, None)
+
+    def _allocate(self, shape, dtype, dev: CupyDevice):
+        """Device memory from ``dev``'s pool, ordered on its stream (a capture's pool while
+        that stream captures)."""
+        cupy = self._cupy()
+        with cupy.cuda.Device(dev.gpu), dev.stream.cupy_stream:
+            return cupy.empty(shape, dtype)
 
     def synchronize(self, device: Any = None) -> None:
         devices = self._devices if device is None else [self.device(device)]
@@ -346,12 +349,10 @@ class CupyRuntime(GraphMixin, Runtime):
     def flush_l2(self, device: Any = None) -> None:
         """Overwrite a buffer of twice the L2 size on the device's stream (cold caches)."""
         dev = self.device(device)
-        cupy = self._cupy()
         buf = self._flush_buffers.get(dev.index)
         if buf is None:
-            with cupy.cuda.Device(dev.gpu), dev.stream.cupy_stream:
-                buf = self._flush_buffers[dev.index] = cupy.empty(
-                    plan.l2_flush_bytes(dev.l2_bytes), np.uint8)
+            buf = self._flush_buffers[dev.index] = self._allocate(
+                plan.l2_flush_bytes(dev.l2_bytes), np.uint8, dev)
         self._memset(buf, dev.index + 1, dev.stream)
 
     def device_ceilings(self, device: Any = None) -> dict:
@@ -359,11 +360,9 @@ class CupyRuntime(GraphMixin, Runtime):
         CUDA events) and its L2 size, measured once (``common.device_ceilings``)."""
         dev = self.device(device)
         if dev.index not in self._ceilings:
-            cupy = self._cupy()
             nbytes = device_ceilings.copy_bytes(dev.l2_bytes)
-            with cupy.cuda.Device(dev.gpu), dev.stream.cupy_stream:
-                src, dst = cupy.empty(nbytes, np.uint8), cupy.empty(nbytes, np.uint8)
-            arrays = [GpuArray(a, np.dtype(np.uint8), dev, None) for a in (src, dst)]
+            arrays = [GpuArray(self._allocate(nbytes, np.uint8, dev), np.dtype(np.uint8), dev,
+                               None) for _ in range(2)]
             time_call = self.timer(dev)
             self._ceilings[dev.index] = device_ceilings.gpu_ceilings(
                 lambda: time_call(lambda: self.copy_bytes(arrays[1], arrays[0], dev.stream)),

@@ -77,7 +77,6 @@ class CudaRuntime(Runtime):
         self._devices: list[CudaDevice] = []
         self._streams: list = []
         self._flush: dict[int, torch.Tensor] = {}
-        self._ceilings: dict[str, dict] = {}  # per GPU, measured at the first perf case
         self._owners: dict[int, CudaDevice] = {}  # storage address -> the device it was made on
 
     @property
@@ -288,10 +287,7 @@ class CudaRuntime(Runtime):
 
     def device_ceilings(self, device: Any = None) -> dict:
         """The GPU's copy ceiling and L2 size, measured once (``common.device_ceilings``)."""
-        gpu = self.device(device).torch_device
-        if str(gpu) not in self._ceilings:
-            self._ceilings[str(gpu)] = torch_cuda_ceilings(gpu)
-        return dict(self._ceilings[str(gpu)])
+        return torch_cuda_ceilings(self.device(device).torch_device)
 
     def close(self) -> None:
         self.graphs.abort()  # an open capture has issued nothing to CUDA yet
