@@ -908,6 +908,26 @@ def test_backend_capture_errors_through_the_fake(fake_cuda_backend):
 
 
 # -- a real GPU -----------------------------------------------------------------------------------
+# Loads this file as module ``m`` in a fresh interpreter. The module is registered before it runs:
+# dataclasses look their class's module up in sys.modules (the first H200 run of the GPU test
+# below failed there, in the loading).
+_LOAD_THIS_MODULE = (
+    "import importlib.util, sys\n"
+    f"spec = importlib.util.spec_from_file_location('graph_check', {str(Path(__file__))!r})\n"
+    "m = importlib.util.module_from_spec(spec); sys.modules[spec.name] = m\n"
+    "spec.loader.exec_module(m)\n"
+)
+
+
+def test_the_gpu_check_loads_this_module_in_a_fresh_process():
+    """The loading part of the GPU test's subprocess, which runs here without a GPU."""
+    code = _LOAD_THIS_MODULE + "print(m.decode_step_graph_check.__name__)\n"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, cwd=Path(__file__).parents[2])
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert run.stdout.strip() == "decode_step_graph_check"
+
+
 @pytest.mark.gpu
 def test_decode_step_graph_on_a_gpu():
     """The same decode-step check on torch.cuda, in a fresh process (Triton's mode is chosen
@@ -915,9 +935,7 @@ def test_decode_step_graph_on_a_gpu():
     if not torch.cuda.is_available():
         pytest.skip("no GPU: CUDA-graph capture has only been exercised through FakeCuda")
     code = (
-        "import importlib.util, sys\n"
-        f"spec = importlib.util.spec_from_file_location('graph_check', {str(Path(__file__))!r})\n"
-        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+        _LOAD_THIS_MODULE +
         "from opbench.backends.triton import TritonBackend\n"
         "b = TritonBackend(mode='cuda')\n"
         "problems = m.decode_step_graph_check(b, atol=2e-4)\n"
