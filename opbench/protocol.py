@@ -641,6 +641,18 @@ class RuntimeBackend(Backend):
     def info(self) -> dict:
         return self.runtime.info()
 
+    def implements(self, method: str) -> bool:
+        """A method this class only hands to the runtime (``hold``, ``copy_async`` ...) is
+        implemented when the runtime's class overrides ``Runtime``'s: a backend whose runtime
+        cannot hold a stream cannot either (Triton's cuda mode), and says so before a case
+        runs, not by raising in it."""
+        delegated = RuntimeBackend.__dict__.get(method)
+        if delegated is not None and getattr(type(self), method) is delegated:
+            base = getattr(Runtime, method, None)
+            if base is not None:
+                return getattr(type(self.runtime), method, base) is not base
+        return super().implements(method)
+
     def devices(self, n: int = 1) -> list[Any]:
         return self.runtime.devices(n)
 
