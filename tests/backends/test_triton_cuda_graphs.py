@@ -141,6 +141,10 @@ class FakeCuda:
         finally:
             self._current.pop()
 
+    def upload(self, host, stream):
+        self.log.append(("upload", stream))
+        return host.clone()
+
     def new_event(self) -> FakeEvent:
         return FakeEvent(next(self._counter))
 
@@ -626,6 +630,18 @@ def _runtime(fake, n_devices=2):
     return rt
 
 
+def test_uploads_and_empty_arrays_are_made_on_their_devices_stream(fake):
+    """Made on the default stream, memory could be handed out again while the device stream's
+    kernels still use it (the likely cause of the NaN lse that one ring scenario merged on the
+    third H200 run: a race, not reproduced here)."""
+    rt = _runtime(fake)
+    for device in rt.devices(2):
+        fake.log.clear()
+        rt.to_device(np.ones(4, np.float32), device)
+        rt.empty((2, 3), np.float16, device)
+        assert fake.calls("upload") == [("upload", rt.stream(device))] * 2
+
+
 def test_empty_reads_nan_at_every_float_width_and_minus_one_for_ints(fake):
     """bfloat16's NumPy kind is "V", not "f": it was poisoned with -1.0, which a skipped write
     can hide behind (the scenario engine makes its buffers with empty)."""
@@ -641,6 +657,7 @@ def test_empty_reads_nan_at_every_float_width_and_minus_one_for_ints(fake):
 def test_runtime_refuses_what_a_capture_cannot_record(fake):
     rt = _runtime(fake)
     a = rt.to_device(np.ones(4, np.float32))
+    fake.log.clear()
     rt.capture_begin([rt.stream(0), rt.stream(1)])
     refusals = {
         "write": lambda: rt.write(a, np.zeros(4, np.float32)),
@@ -830,6 +847,13 @@ def fake_cuda_backend(fake):
     backend = TritonBackend(mode="interpreter", runtime=CudaRuntime(api=fake))
     yield backend
     backend.close()
+
+
+def test_the_cuda_mode_backend_declares_it_cannot_hold_a_stream(fake_cuda_backend):
+    """So COPY_ASYNC's gated checks are UNSUPPORTED on it, not errors (the third H200 run)."""
+    assert not fake_cuda_backend.implements("hold")
+    assert fake_cuda_backend.implements("copy_async")
+    assert fake_cuda_backend.implements("capture_begin")
 
 
 def test_decode_step_graph_through_the_fake(fake, fake_cuda_backend):

@@ -87,6 +87,16 @@ class TorchCuda:
         with self.torch.cuda.device(stream.device), self.torch.cuda.stream(stream):
             yield
 
+    def upload(self, host, stream):
+        """A copy of the CPU tensor ``host`` on ``stream``'s GPU, allocated and copied on
+        ``stream``.  The caching allocator hands a freed block out again at once to later work
+        on the stream it was allocated on: memory made on the default stream and used by kernels
+        on ``stream`` could be handed to a new array (and overwritten by its upload) while those
+        kernels still read it.  Pinned and non-blocking: the host does not wait for the stream,
+        and torch keeps the pinned copy alive until the copy has run."""
+        with self.on(stream):
+            return host.pin_memory().to(stream.device, non_blocking=True)
+
     def new_event(self):
         return self.torch.cuda.Event()
 

@@ -111,11 +111,13 @@ class CudaRuntime(Runtime):
         return self._devices[device.index if isinstance(device, CudaDevice) else int(device)]
 
     def to_device(self, host, device=None) -> torch.Tensor:
-        """A copy of ``host`` on ``device``, made at once even while a capture is open (the
-        capture is deferred: nothing is being recorded by CUDA yet); the recorded ops that
-        use it keep it alive as long as their graph, so its memory is nobody else's."""
+        """A copy of ``host`` on ``device``, queued on the device's stream (``TorchCuda.upload``:
+        its memory is then reused only after that stream's earlier work), made even while a
+        capture is open (the capture is deferred: nothing is being recorded by CUDA yet); the
+        recorded ops that use it keep it alive as long as their graph, so its memory is nobody
+        else's."""
         target = self.device(device)
-        tensor = _to_torch_host(np.asarray(host)).to(target.torch_device, copy=True)
+        tensor = self.api.upload(_to_torch_host(np.asarray(host)), self.stream(target))
         return self._made_on(tensor, target)
 
     def empty(self, shape, dtype, device=None) -> torch.Tensor:
