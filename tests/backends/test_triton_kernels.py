@@ -236,15 +236,20 @@ def test_split_kv_decode_matches_oracle(kernels, name):
 
 class SmallSharedMemory:
     """A Triton kernel on a GPU with little shared memory: its compile refuses key tiles past
-    16 (OutOfResources, raised before anything runs, as Triton's compile does)."""
+    16 (OutOfResources, raised before anything runs, as Triton's compile does), and with
+    ``double_buffers_fit=False`` any pipelined (num_stages > 1) launch as well."""
 
-    def __init__(self, kernel) -> None:
-        self.kernel, self.__name__, self.tiles = kernel, f"small-{kernel.__name__}", []
+    def __init__(self, kernel, double_buffers_fit=True) -> None:
+        self.double_buffers_fit = double_buffers_fit  # another GPU: another name, fitted anew
+        self.__name__ = f"small{'' if double_buffers_fit else '-single'}-{kernel.__name__}"
+        self.kernel, self.tiles = kernel, []
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            self.tiles.append((kwargs.get("BLOCK_M"), kwargs["BLOCK_N"]))
-            if kwargs["BLOCK_N"] > 16:
+            self.tiles.append((kwargs.get("BLOCK_M"), kwargs["BLOCK_N"],
+                               kwargs.get("num_stages")))
+            if kwargs["BLOCK_N"] > 16 or not (self.double_buffers_fit
+                                              or kwargs.get("num_stages") == 1):
                 import triton
 
                 raise triton.runtime.errors.OutOfResources(344320, 232448, "shared memory")
@@ -252,11 +257,13 @@ class SmallSharedMemory:
         return launch
 
 
+@pytest.mark.parametrize("double_buffers_fit", [True, False], ids=["tiles", "tiles+stages"])
 @pytest.mark.parametrize("decode", [False, True], ids=["flash", "decode"])
-def test_attention_tiles_shrink_to_what_the_gpu_holds(kernels, decode):
+def test_attention_tiles_shrink_to_what_the_gpu_holds(kernels, decode, double_buffers_fit):
+    """Smaller key tiles, and then single buffering (MLA's f32 576/512 heads on the H200)."""
     module = kernels["attention"]
     small = SmallSharedMemory(module.decode_split_kernel if decode else
-                              module.flash_attention_kernel)
+                              module.flash_attention_kernel, double_buffers_fit)
     rng = np.random.default_rng(13)
     q, k, v = _contiguous_inputs(rng, "f32", 1 if decode else 5, 37, 4, 2, 16, 16)
     p = AttnParams(scale=0.25, causal=True)
@@ -271,8 +278,15 @@ def test_attention_tiles_shrink_to_what_the_gpu_holds(kernels, decode):
         expected, _ = attn_ref.attention(q, k, v, **options)
         low, _ = attn_ref.attention(q, k, v, dtype=np.float32, **options)
         assert_passes("ATTN", out, expected, low)
-    asked = [(None if decode else 32, 32)]
-    fits = [(None if decode else 32, 16)]
+    block_m = None if decode else 32
+    asked = [(block_m, 32, None), (block_m, 16, None)]  # block_n first
+    if double_buffers_fit:
+        fits = [(block_m, 16, None)]
+        asked = asked[:1]
+    else:  # then block_m (the flash kernel's), then the stages
+        smallest_m = None if decode else 16
+        asked += [] if decode else [(smallest_m, 16, None)]
+        fits = [(smallest_m, 16, 1)]
     assert small.tiles == asked + fits + fits  # the second launch starts from what fitted
 
 

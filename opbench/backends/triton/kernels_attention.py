@@ -320,8 +320,9 @@ def launch_fitting(kernel, q, k, v, tiles: dict, launch) -> None:
     """``launch(**tiles)``, with smaller tiles where the GPU cannot hold these: Triton's
     compile raises OutOfResources (shared memory, before anything runs) -- an f32 K/V tile
     of 64 keys at head size 256, double-buffered, needs 344,320 bytes where an H200 has
-    232,448.  Shrinks block_n, then block_m, to SMALLEST_TILE; what fits is remembered per
-    kernel, shapes and dtypes, so the failing compile is not tried again."""
+    232,448.  Shrinks block_n, then block_m, to SMALLEST_TILE, then stops double-buffering
+    (``num_stages=1``: MLA's f32 heads of 576/512 need 263,232 bytes in 16-key tiles); what fits
+    is remembered per kernel, shapes and dtypes, so the failing compile is not tried again."""
     key = (getattr(kernel, "__name__", id(kernel)), q.shape[-1], v.shape[-1], q.dtype, k.dtype,
            tuple(sorted(tiles.items())))
     fitted = dict(_FITTED_TILES.get(key, tiles))
@@ -342,6 +343,8 @@ def _smaller_tiles(tiles: dict) -> dict | None:
     for name in ("block_n", "block_m"):  # the K/V tiles are the big ones
         if tiles.get(name, 0) > SMALLEST_TILE:
             return {**tiles, name: SMALLEST_TILE}
+    if "num_stages" not in tiles:  # Triton's default pipelines loads in 2-3 buffers
+        return {**tiles, "num_stages": 1}
     return None
 
 
@@ -353,7 +356,8 @@ def launch_attention(q, k, v, out, p, mask=None, sinks=None, lse=None, paged=Non
                                                      kernel=kernel, **tiles))
 
 
-def _launch_attention(q, k, v, out, p, mask, sinks, lse, paged, *, block_m, block_n, kernel):
+def _launch_attention(q, k, v, out, p, mask, sinks, lse, paged, *, block_m, block_n, kernel,
+                      **launch_options):
     n_q, n_heads, dk = q.shape
     dv = v.shape[-1]
     n_seqs = 1 if paged is None else paged.block_table.shape[0]
@@ -371,7 +375,7 @@ def _launch_attention(q, k, v, out, p, mask, sinks, lse, paged, *, block_m, bloc
         *(lse.stride() if lse is not None else (0, 0)), mask.stride(0) if mask is not None else 0,
         **scalars, DK=dk, DV=dv, HAS_SINKS=sinks is not None, HAS_LSE=lse is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DK=next_pow2(max(dk, 16)),
-        BLOCK_DV=next_pow2(max(dv, 16)), **switches,
+        BLOCK_DV=next_pow2(max(dv, 16)), **switches, **launch_options,
     )
 
 
@@ -386,7 +390,7 @@ def launch_decode(q, k, v, out, p, mask=None, sinks=None, lse=None, paged=None, 
 
 
 def _launch_decode(q, k, v, out, p, mask, sinks, lse, paged, *, block_n, split_len, kernel,
-                   merge_kernel):
+                   merge_kernel, **launch_options):
     n_q, n_heads, dk = q.shape
     dv = v.shape[-1]
     n_seqs = 1 if paged is None else paged.block_table.shape[0]
@@ -409,7 +413,7 @@ def _launch_decode(q, k, v, out, p, mask, sinks, lse, paged, *, block_n, split_l
         k.shape[1] if paged else 1, split_len, n_splits,
         *q.stride(), *_kv_strides(k, paged), *_kv_strides(v, paged),
         **scalars, DK=dk, DV=dv, BLOCK_N=block_n, BLOCK_DK=next_pow2(max(dk, 16)),
-        BLOCK_DV=block_dv, **switches,
+        BLOCK_DV=block_dv, **switches, **launch_options,
     )
     n_rows = n_seqs * n_heads
     block_r = rows_per_program(merge_kernel, n_rows, block_dv)
