@@ -255,10 +255,9 @@ def attn_tile(dk: int, dv: int, shared_limit: int) -> int:
 def attn_splits(base_blocks: int, decode: bool, max_kv: int, bk: int, num_sms: int) -> int:
     """Split the key range only for decode (one query row per sequence): into splits of about
     DECODE_SPLIT_KEYS keys while the grid stays under DECODE_BLOCKS_PER_SM blocks per SM, each
-    split at least two tiles.  A decode block walks its keys alone (one query row of its 16
-    is busy), so its time grows with its keys: on an H200, splitting to fill the GPU twice
-    (9 splits at 32 heads) took 519 us at 4k keys and 3,205 us at 32k, Triton's 256-key
-    splits 310 and 515 us."""
+    split at least two tiles.  On an H200 these splits (64 at 32k keys and 32 heads) took as
+    long as splitting to fill the GPU twice (9): 3.3 ms against Triton's 0.4 with its
+    256-key splits, so the split length was not what bounded decode (docs/gpu.md)."""
     if not decode or max_kv <= 0:
         return 1
     by_length = math.ceil(max_kv / DECODE_SPLIT_KEYS)
