@@ -101,6 +101,7 @@ step report "$T_REPORT" $OB report "${reports[@]}" --baseline torch --out "$OUT/
   echo
   $PY - "$OUT" <<'EOF'
 import collections, json, pathlib, sys
+from opbench.harness.records import why
 out = pathlib.Path(sys.argv[1])
 bad = ("FAIL", "ERROR", "CRASH", "TIMEOUT")
 found = False
@@ -120,7 +121,7 @@ for name in ("test", "scenario", "perf"):
     print(f"- {name}: {len(latest)} records ({summary})")
     for r in [r for r in latest.values() if r["status"] in bad][:20]:
         found = True
-        print(f"  - {r['status']} {r['backend']} {r['case_id']}: {(r.get('reason') or '')[:200]}")
+        print(f"  - {r['status']} {r['backend']} {r['case_id']}: {why(r)[:200]}")
 if not found:
     print("- no failing record")
 EOF

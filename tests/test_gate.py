@@ -187,6 +187,18 @@ def test_a_failing_case_new_in_new_fails():
     assert not gate([_rec("ROPE(a)")], [_rec("ROPE(a)"), _rec("CPY(new)")]).failed
 
 
+def test_a_failure_without_a_reason_is_explained_by_its_errors():
+    """A FAIL's why is in its errors (a scenario's first divergence, a case's first bad values);
+    the gate's table showed an empty reason for it."""
+    divergence = "first divergence at step 0, layer 1, device 0: nmse=inf > 1e-09"
+    result = gate([_rec("SCENARIO(a)"), _rec("ROPE(a)")],
+                  [_rec("SCENARIO(a)", "FAIL", errors=[divergence]),
+                   _rec("ROPE(a)", "ERROR", reason="ValueError: bad")])
+    assert {c.key.case_id: c.reason for c in result.newly_failing} == {
+        "SCENARIO(a)": divergence, "ROPE(a)": "ValueError: bad"}
+    assert [c.reason for c in result.broken] == ["ValueError: bad"]
+
+
 # -- the CLI ---------------------------------------------------------------------------------
 def _write(path, records) -> str:
     with store.ResultWriter(path) as writer:

@@ -135,6 +135,15 @@ def environment(backend_info: dict | None = None) -> dict:
     return env
 
 
+def why(record: dict) -> str:
+    """What a record says about its status in one line: the reason (UNSUPPORTED, ERROR, an
+    XFAIL's entry), else its errors (a FAIL's first bad values, a scenario's first
+    divergence), else ''."""
+    if record.get("reason"):
+        return str(record["reason"])
+    return "; ".join(str(e) for e in record.get("errors") or [])
+
+
 # -- making and checking ---------------------------------------------------------------------------
 def make_record(
     *,

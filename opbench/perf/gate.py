@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from opbench.harness.records import FAILING, PASSING
+from opbench.harness.records import FAILING, PASSING, why
 from opbench.perf import stats
 
 BROKEN = frozenset({"ERROR", "CRASH", "TIMEOUT"})  # the run, not the kernel, went wrong
@@ -125,7 +125,7 @@ def _status_change(key: CaseKey, base: dict, new: dict) -> tuple[str, StatusChan
     before, after = base["status"], new["status"]
     if before == after:
         return None
-    change = StatusChange(key, before, after, new.get("reason"))
+    change = StatusChange(key, before, after, why(new))
     if before in PASSING and after in FAILING:
         return "newly_failing", change
     if before != UNSUPPORTED and after == UNSUPPORTED:
@@ -192,9 +192,9 @@ def _broken_and_new_failures(base: dict[CaseKey, dict], new: dict[CaseKey, dict]
         status = record["status"]
         before = base[key]["status"] if key in base else "absent"
         if status in BROKEN:
-            result.broken.append(StatusChange(key, before, status, record.get("reason")))
+            result.broken.append(StatusChange(key, before, status, why(record)))
         elif status in FAILING and key not in base:
-            result.newly_failing.append(StatusChange(key, before, status, record.get("reason")))
+            result.newly_failing.append(StatusChange(key, before, status, why(record)))
 
 
 _PERF_LISTS = {
