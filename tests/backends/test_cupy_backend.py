@@ -353,6 +353,28 @@ def test_split_kv_decode_matches_the_oracle(backend):
     np.testing.assert_allclose(backend.to_host(lse), want_lse, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "misaligned"])
+def test_attention_stages_aligned_and_misaligned_keys(backend, dtype, offset):
+    """K/V rows on 16-byte boundaries are staged 16 bytes a load, others an element a load
+    (attention.cu's stage_rows): a view one element into its buffer takes the second path."""
+    rng = np.random.default_rng(5)
+    np_type = numpy_dtype(dtype)
+    q = rng.uniform(-1, 1, (3, 4, 64)).astype(np_type)
+    k, v = (rng.uniform(-1, 1, (45, 2, 64)).astype(np_type) for _ in range(2))
+
+    def placed(host):  # host's values at element ``offset`` of a larger device buffer
+        padded = np.concatenate([np.zeros(offset, np_type), host.reshape(-1)])
+        return backend.view(backend.to_device(padded), offset, host.shape)
+
+    out = backend.empty(q.shape, np_type)
+    params = AttnParams(scale=0.125, causal=True)
+    backend.attention(backend.to_device(q), placed(k), placed(v), out, params)
+    want = attn_ref.attention(q, k, v, causal=True, scale=0.125)
+    np.testing.assert_allclose(backend.to_host(out).astype(np.float64), want,
+                               atol=1e-5 if dtype == "f32" else 2e-3)
+
+
 def test_bad_slot_raises_on_synchronize(backend_class):
     plain = backend_class()  # no sync_each_launch: the error surfaces at synchronize()
     try:

@@ -60,3 +60,27 @@ def test_spills_are_warnings():
                                   ("-Xptxas=-warn-spills", "-maxrregcount=24"))
     assert result.ok
     assert any("spilled" in w for w in result.warnings), result.log
+
+
+def _longest_load_runs(ptx: str) -> tuple[int, int]:
+    """(global loads, 16-byte global loads) issued in a row with no shared-memory store
+    between them, at most, in the code between the kernel's first two barriers."""
+    staging = ptx.split("bar.sync")[1]
+    longest = longest_wide = run = wide = 0
+    for line in staging.splitlines():
+        if "st.shared" in line:
+            run = wide = 0
+        elif "ld.global" in line:
+            run, wide = run + 1, wide + (".v4." in line)
+            longest, longest_wide = max(longest, run), max(longest_wide, wide)
+    return longest, longest_wide
+
+
+@pytest.mark.parametrize("name", ["attn_fwd<f16_t, 16>", "attn_fwd<float, 16>"])
+def test_attention_stages_a_tile_with_several_loads_in_flight(name):
+    """A K/V tile's staging issues several 16-byte loads (and, for unaligned rows, several
+    one-element loads) before it stores any to shared memory: a loop that stored each loaded
+    element before the next load waited one memory latency per element (decode ran at ~40
+    GB/s on an H200)."""
+    loads, wide_loads = _longest_load_runs(nvrtc.kernel_ptx("attention.cu", name))
+    assert wide_loads >= 4 and loads >= 8, (loads, wide_loads)

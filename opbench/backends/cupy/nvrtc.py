@@ -74,3 +74,25 @@ def compile_module(file_name: str, arch: str) -> CompileResult:
     # -Xptxas -warn-spills: a register spill in a hot kernel is reported as a warning too
     return compile_source(plan.load_source(file_name), file_name, arch, names,
                           ("-Xptxas=-warn-spills",))
+
+
+def kernel_ptx(file_name: str, name: str, arch: str = "compute_90") -> str:
+    """The PTX of one kernel instantiation of a kernels/*.cu file (``name`` as launched, e.g.
+    ``attn_fwd<f16_t, 16>``): what the compiler made of its loops, readable without a GPU.
+    Raises RuntimeError with NVRTC's log if the file does not compile."""
+    from cupy_backends.cuda.libs import nvrtc
+
+    prog = nvrtc.createProgram(plan.load_source(file_name), file_name, [], [])
+    try:
+        nvrtc.addNameExpression(prog, name)
+        try:
+            nvrtc.compileProgram(prog, [f"--gpu-architecture={arch}", *plan.COMPILE_OPTIONS])
+        except nvrtc.NVRTCError as exc:
+            raise RuntimeError(f"{file_name}: {nvrtc.getProgramLog(prog)}") from exc
+        lowered = nvrtc.getLoweredName(prog, name)
+        ptx = nvrtc.getPTX(prog)
+    finally:
+        nvrtc.destroyProgram(prog)
+    text = ptx.decode() if isinstance(ptx, bytes) else ptx
+    body = text[text.index(f".entry {lowered}("):]
+    return body[:body.index("\n}\n") + 3]

@@ -53,37 +53,93 @@ __device__ __forceinline__ float alibi_slope(int h, float log2_m0, float log2_m1
                            : exp2f(log2_m1 * (float)(2 * (h - n_head_log2) + 1));
 }
 
-// Global loads each thread has in flight while staging a tile: it issues STAGE_BATCH
-// independent loads before it stores any, so a tile waits about one memory latency per batch,
-// not one per element.  A decode block is little else than its staging (one query row is
-// busy): one latency per element held the H200 at ~40 GB/s of K/V (3.3 ms at 32k keys).
-#define STAGE_BATCH 8
+// Staging a tile is most of a decode block's work (one query row of its 16 is busy), and its
+// loads once waited one memory latency each: the compiled loop stored every loaded element
+// to shared memory before it issued the next load (an H200 ran decode at ~40 GB/s whatever
+// the grid).  So each thread now issues several independent loads before it stores any, of
+// 16 bytes each where every key's row starts on a 16-byte boundary (8 halves or 4 floats a
+// load), else of one element each.
+#define STAGE_CHUNKS 4     // 16-byte loads in flight per thread
+#define STAGE_ELEMENTS 8   // one-element loads in flight per thread (the unaligned fallback)
 
-// Stages D values of each of bk keys into dst ([bk][dst_stride]) as floats: key j's values are
-// at src[Slead[j] * lead_stride + (Ssub[j] * Hkv + kvh) * D ...]; a key with Slead -1 reads zeros.
+struct alignas(16) Bytes16 {
+    unsigned int w[4];
+};
+
+template <typename T>
+union Chunk16 {  // one 16-byte load, read as elements
+    Bytes16 raw;
+    T elems[sizeof(Bytes16) / sizeof(T)];
+};
+
+// Where key j's D values start in src: Slead[j] leading indices in, token Ssub[j], head kvh.
+__device__ __forceinline__ long long row_start(const int* Slead, const int* Ssub, int j,
+                                               long long lead_stride, int Hkv, int kvh, int D) {
+    return Slead[j] * lead_stride + ((long long)Ssub[j] * Hkv + kvh) * D;
+}
+
+template <typename T>
+__device__ __forceinline__ void stage_chunks(const T* src, float* dst, const int* Slead,
+                                             const int* Ssub, int bk, int D, int dst_stride,
+                                             long long lead_stride, int Hkv, int kvh) {
+    constexpr int VEC = sizeof(Bytes16) / sizeof(T);
+    const int per_key = D / VEC, n = bk * per_key;
+    for (int base = threadIdx.x; base < n; base += ATTN_THREADS * STAGE_CHUNKS) {
+        Chunk16<T> got[STAGE_CHUNKS];
+#pragma unroll
+        for (int u = 0; u < STAGE_CHUNKS; ++u) {
+            const int idx = base + u * ATTN_THREADS, j = idx / per_key;
+            got[u].raw = Bytes16{{0u, 0u, 0u, 0u}};  // zero bits: 0.0 in every type
+            if (idx < n && Slead[j] >= 0) {
+                const T* at = src + row_start(Slead, Ssub, j, lead_stride, Hkv, kvh, D);
+                got[u].raw = *reinterpret_cast<const Bytes16*>(at + (idx % per_key) * VEC);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < STAGE_CHUNKS; ++u) {
+            const int idx = base + u * ATTN_THREADS;
+            if (idx >= n) continue;
+            float* row = dst + (idx / per_key) * dst_stride + (idx % per_key) * VEC;
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) row[e] = to_f32(got[u].elems[e]);
+        }
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ void stage_elements(const T* src, float* dst, const int* Slead,
+                                               const int* Ssub, int bk, int D, int dst_stride,
+                                               long long lead_stride, int Hkv, int kvh) {
+    const int n = bk * D;
+    for (int base = threadIdx.x; base < n; base += ATTN_THREADS * STAGE_ELEMENTS) {
+        float got[STAGE_ELEMENTS];
+#pragma unroll
+        for (int u = 0; u < STAGE_ELEMENTS; ++u) {
+            const int idx = base + u * ATTN_THREADS, j = idx / D;
+            got[u] = 0.0f;
+            if (idx < n && Slead[j] >= 0)
+                got[u] = to_f32(src[row_start(Slead, Ssub, j, lead_stride, Hkv, kvh, D) + idx % D]);
+        }
+#pragma unroll
+        for (int u = 0; u < STAGE_ELEMENTS; ++u) {
+            const int idx = base + u * ATTN_THREADS;
+            if (idx < n) dst[(idx / D) * dst_stride + idx % D] = got[u];
+        }
+    }
+}
+
+// Stages D values of each of bk keys into dst ([bk][dst_stride]) as floats; a key with Slead
+// -1 reads zeros.  The 16-byte path needs every row start aligned: src itself, D and
+// lead_stride multiples of a chunk's elements (the same answer in every thread).
 template <typename T>
 __device__ __forceinline__ void stage_rows(const T* src, float* dst, const int* Slead,
                                            const int* Ssub, int bk, int D, int dst_stride,
                                            long long lead_stride, int Hkv, int kvh) {
-    const int n = bk * D;
-    for (int base = threadIdx.x; base < n; base += ATTN_THREADS * STAGE_BATCH) {
-        float vals[STAGE_BATCH];
-#pragma unroll
-        for (int u = 0; u < STAGE_BATCH; ++u) {
-            const int idx = base + u * ATTN_THREADS;
-            vals[u] = 0.0f;
-            if (idx < n) {
-                const int j = idx / D, d = idx % D, lead = Slead[j];
-                const long long at = lead * lead_stride + ((long long)Ssub[j] * Hkv + kvh) * D;
-                if (lead >= 0) vals[u] = to_f32(src[at + d]);
-            }
-        }
-#pragma unroll
-        for (int u = 0; u < STAGE_BATCH; ++u) {
-            const int idx = base + u * ATTN_THREADS;
-            if (idx < n) dst[(idx / D) * dst_stride + idx % D] = vals[u];
-        }
-    }
+    constexpr int VEC = sizeof(Bytes16) / sizeof(T);
+    if ((unsigned long long)src % sizeof(Bytes16) == 0 && D % VEC == 0 && lead_stride % VEC == 0)
+        stage_chunks(src, dst, Slead, Ssub, bk, D, dst_stride, lead_stride, Hkv, kvh);
+    else
+        stage_elements(src, dst, Slead, Ssub, bk, D, dst_stride, lead_stride, Hkv, kvh);
 }
 
 // Stages keys [kt, kt + bk) of kv head kvh into Ks ([bk][dk_pad]) and Vs ([bk][dv]); keys past
