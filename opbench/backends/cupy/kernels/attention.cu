@@ -258,6 +258,7 @@ attn_fwd(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__
         l = l * alpha + group_sum(psum);
         m = m_new;
         __syncwarp();  // every lane of the row group reads all of its row's probabilities
+        if (!row_valid) continue;  // its output is never written: a decode block has 15 such
 #pragma unroll
         for (int a = 0; a < ACC; ++a) {
             const int d = g + ATTN_GROUP * a;
