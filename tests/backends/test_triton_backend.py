@@ -267,12 +267,15 @@ def test_package_imports_without_triton_and_torch():
     assert "False" in run.stdout and "opbench[triton]" in run.stdout
 
 
-@pytest.mark.parametrize("interpreter, head_dim", [(True, 64), (False, 64), (False, 512)])
+@pytest.mark.parametrize("interpreter, head_dim", [(True, 64), (False, 64), (False, 128),
+                                                   (False, 256), (False, 576)])
 def test_declared_thresholds_are_the_default_tiles(interpreter, head_dim):
     """The tables read TritonBackend.THRESHOLDS: they must name the tiles the kernels use."""
     kernels = require_triton()
-    tiles = kernels[1].default_tiles(interpreter, head_dim)
+    flash = kernels[1].default_tiles(interpreter, head_dim)
+    decode = kernels[1].default_tiles(interpreter, head_dim, decode=True)
     declared = {(t.size, t.value) for t in TritonBackend.THRESHOLDS}
-    assert ("nq", tiles["block_m"]) in declared
-    assert ("nkv", tiles["block_n"]) in declared
-    assert ("nkv", tiles["split_len"]) in declared
+    assert ("nq", flash["block_m"]) in declared
+    assert ("nkv", flash["block_n"]) in declared
+    assert ("nkv", decode["block_n"]) in declared
+    assert ("nkv", decode["split_len"]) in declared

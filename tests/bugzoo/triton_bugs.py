@@ -57,9 +57,8 @@ class TritonAttnTailUnmasked(_MutantBackend):
             "s = _biased_scores(s, mask_vals, q_pos[:, None], keys[None, :], key_ok[None, :],",
             "s = _biased_scores(s, mask_vals, q_pos[:, None], keys[None, :], keys[None, :] >= 0,",
         )
-        tiles = self._attention_tiles(q.shape[-1])
-        self.k_attention.launch_attention(q, k, v, out, p, mask, sinks, lse, paged,
-                                          block_m=tiles["block_m"], block_n=tiles["block_n"],
+        tiles = self._attention_tiles(q.shape[-1], decode=False)
+        self.k_attention.launch_attention(q, k, v, out, p, mask, sinks, lse, paged, **tiles,
                                           kernel=kernel)
 
 
@@ -85,9 +84,8 @@ class TritonSoftmaxForgetsMax(_MutantBackend):
     def launch_attention(self, q, k, v, out, p, mask, sinks, lse, paged) -> None:
         kernel = self.mutant(self.k_attention, "flash_attention_kernel",
                              "m_new = tl.maximum(m_i, tl.max(s, 1))", "m_new = tl.max(s, 1)")
-        tiles = self._attention_tiles(q.shape[-1])
-        self.k_attention.launch_attention(q, k, v, out, p, mask, sinks, lse, paged,
-                                          block_m=tiles["block_m"], block_n=tiles["block_n"],
+        tiles = self._attention_tiles(q.shape[-1], decode=False)
+        self.k_attention.launch_attention(q, k, v, out, p, mask, sinks, lse, paged, **tiles,
                                           kernel=kernel)
 
 
@@ -100,9 +98,8 @@ class TritonSplitSinksPerSplit(_MutantBackend):
         merge = self.mutant(self.k_attention, "merge_partials_kernel",
                             "denom += tl.exp(sink - total_max)",
                             "denom += n_splits * tl.exp(sink - total_max)")
-        tiles = self._attention_tiles(q.shape[-1])
-        self.k_attention.launch_decode(q, k, v, out, p, mask, sinks, lse, paged,
-                                       block_n=tiles["block_n"], split_len=tiles["split_len"],
+        tiles = self._attention_tiles(q.shape[-1], decode=True)
+        self.k_attention.launch_decode(q, k, v, out, p, mask, sinks, lse, paged, **tiles,
                                        merge_kernel=merge)
 
 

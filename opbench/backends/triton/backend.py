@@ -42,7 +42,7 @@ from . import index_checks
 CHECKS = ArgChecks(index_dtypes=("int32", "int64"))
 INSTALL_HINT = "pip install 'opbench[triton]'"
 MODES = ("auto", "interpreter", "cuda")
-TILE_OPTIONS = ("block_m", "block_n", "split_len")
+TILE_OPTIONS = ("block_m", "block_n", "split_len", "num_warps")
 
 # The interpreter swaps triton.language's functions for the duration of a launch, process-wide:
 # two streams interpreting kernels at once would restore each other's patches mid-kernel.
@@ -126,13 +126,15 @@ class TritonBackend(RuntimeBackend):
         Option("block_m", int, None, "attention tile: query rows per program"),
         Option("block_n", int, None, "attention tile: keys per inner step"),
         Option("split_len", int, None, "keys per decode split"),
+        Option("num_warps", int, None, "warps per flash-attention program"),
     )
     #: kernels_attention.default_tiles: interpreter block_m 64, block_n 128, split_len 512;
-    #: GPU block_m 64 (16 past head_dim 256), block_n 64 (16), split_len 256
+    #: GPU (GPU_TILES) block_m 64/32/16, block_n 32/16 (decode 64/32/16), split_len 256
     THRESHOLDS = tuple(
-        [SizeThreshold("ATTN", "nq", m, f"a second query tile of block_m={m}") for m in (16, 64)]
+        [SizeThreshold("ATTN", "nq", m, f"a second query tile of block_m={m}")
+         for m in (16, 32, 64)]
         + [SizeThreshold("ATTN", "nkv", n, f"a second key tile of block_n={n}")
-           for n in (16, 64, 128)]
+           for n in (16, 32, 64, 128)]
         + [SizeThreshold("ATTN", "nkv", n, f"decode splits the keys (split_len={n}) and merges")
            for n in (256, 512)])
 
@@ -189,19 +191,20 @@ class TritonBackend(RuntimeBackend):
 
     def launch_attention(self, q, k, v, out, p, mask, sinks, lse, paged) -> None:
         """Flash attention (any number of queries per sequence)."""
-        tiles = self._attention_tiles(q.shape[-1])
-        self.k_attention.launch_attention(q, k, v, out, p, mask, sinks, lse, paged,
-                                          block_m=tiles["block_m"], block_n=tiles["block_n"])
+        tiles = self._attention_tiles(q.shape[-1], decode=False)
+        self.k_attention.launch_attention(q, k, v, out, p, mask, sinks, lse, paged, **tiles)
 
     def launch_decode(self, q, k, v, out, p, mask, sinks, lse, paged) -> None:
         """Split-KV decode (exactly one query per sequence) and the merge of its partials."""
-        tiles = self._attention_tiles(q.shape[-1])
-        self.k_attention.launch_decode(q, k, v, out, p, mask, sinks, lse, paged,
-                                       block_n=tiles["block_n"], split_len=tiles["split_len"])
+        tiles = self._attention_tiles(q.shape[-1], decode=True)
+        self.k_attention.launch_decode(q, k, v, out, p, mask, sinks, lse, paged, **tiles)
 
-    def _attention_tiles(self, head_dim: int) -> dict:
-        """The mode's default tile sizes, overridden by the backend options."""
-        return {**self.k_attention.default_tiles(self.is_interpreter, head_dim), **self.tiles}
+    def _attention_tiles(self, head_dim: int, decode: bool) -> dict:
+        """The mode's default tiles for the flash or the decode kernel, overridden by the
+        backend options that kernel takes (num_warps: the flash kernel's)."""
+        tiles = self.k_attention.default_tiles(self.is_interpreter, head_dim, decode)
+        return {**tiles, **{k: v for k, v in self.tiles.items()
+                            if k in tiles or (k == "num_warps" and not decode)}}
 
     def launch_attn_merge(self, out, lse, part_out, part_lse) -> None:
         """Ring attention's in-place merge of two partial attentions."""

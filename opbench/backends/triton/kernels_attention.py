@@ -279,14 +279,32 @@ def merge_partials_kernel(
         tl.store(lse_ptr + q_row * s_lse_t + head * s_lse_h, lse, mask=row_ok)
 
 
-def default_tiles(interpreter: bool, head_dim: int) -> dict:
-    """Tile sizes: the interpreter pays per tile operation, so big tiles; a GPU pays registers
-    per tile element, so small ones for wide heads."""
+#: GPU tiles by head size (query/key width): (largest head size, flash block_m, block_n,
+#: num_warps, num_stages or None for Triton's default, decode block_n).  The dots are float32
+#: FMA (``input_precision="ieee"``), each program holding its tiles in registers; these are
+#: the largest tried whose sm_90 code spills no register (Triton's compile read back with
+#: cuobjdump; ``test_triton_gpu_compile.py`` checks every head size of the ATTN table).  The
+#: 64x64 tiles used before took 32 registers and a 9 KB stack at head size 128 (ptxas gave up
+#: on them); 576/512 fits only single-buffered.
+GPU_TILES = (
+    (64, 64, 32, 8, None, 64),
+    (128, 32, 32, 8, None, 32),
+    (256, 16, 16, 8, None, 32),
+    (1024, 16, 16, 8, 1, 16),
+)
+
+
+def default_tiles(interpreter: bool, head_dim: int, decode: bool = False) -> dict:
+    """Tile sizes (and warps): the interpreter pays per tile operation, so big tiles; a GPU
+    pays registers per tile element (GPU_TILES).  ``decode``: the split-KV decode kernel's."""
     if interpreter:
-        return {"block_m": 64, "block_n": 128, "split_len": 512}
-    if head_dim > 256:
-        return {"block_m": 16, "block_n": 16, "split_len": 256}
-    return {"block_m": 64, "block_n": 64, "split_len": 256}
+        return {"block_n": 128, "split_len": 512} if decode else {"block_m": 64, "block_n": 128}
+    _, block_m, block_n, warps, stages, decode_block_n = next(
+        row for row in GPU_TILES if head_dim <= row[0] or row is GPU_TILES[-1])
+    if decode:
+        return {"block_n": decode_block_n, "split_len": 256}
+    tiles = {"block_m": block_m, "block_n": block_n, "num_warps": warps}
+    return tiles if stages is None else {**tiles, "num_stages": stages}
 
 
 def _alibi_args(n_heads: int, max_bias: float) -> tuple[float, float, int]:
@@ -349,9 +367,10 @@ def _smaller_tiles(tiles: dict) -> dict | None:
 
 
 def launch_attention(q, k, v, out, p, mask=None, sinks=None, lse=None, paged=None, *,
-                     block_m=16, block_n=32, kernel=flash_attention_kernel):
-    """Flash-style attention over all query rows; ``paged`` is a PagedKV of torch tensors."""
-    launch_fitting(kernel, q, k, v, dict(block_m=block_m, block_n=block_n),
+                     block_m=16, block_n=32, kernel=flash_attention_kernel, **launch_options):
+    """Flash-style attention over all query rows; ``paged`` is a PagedKV of torch tensors.
+    ``launch_options``: Triton's (``num_warps``, ``num_stages``)."""
+    launch_fitting(kernel, q, k, v, dict(block_m=block_m, block_n=block_n, **launch_options),
                    lambda **tiles: _launch_attention(q, k, v, out, p, mask, sinks, lse, paged,
                                                      kernel=kernel, **tiles))
 
