@@ -267,6 +267,18 @@ def test_package_imports_without_triton_and_torch():
     assert "False" in run.stdout and "opbench[triton]" in run.stdout
 
 
+def test_tile_options_reach_the_kernel_that_takes_them():
+    require_triton()
+    backend = TritonBackend(mode="interpreter", block_n=16, num_warps=2, split_len=64)
+    try:
+        flash = backend._attention_tiles(64, decode=False)
+        decode = backend._attention_tiles(64, decode=True)
+    finally:
+        backend.close()
+    assert flash == {"block_m": 64, "block_n": 16, "num_warps": 2}
+    assert decode == {"block_n": 16, "split_len": 64}
+
+
 @pytest.mark.parametrize("interpreter, head_dim", [(True, 64), (False, 64), (False, 128),
                                                    (False, 256), (False, 576)])
 def test_declared_thresholds_are_the_default_tiles(interpreter, head_dim):

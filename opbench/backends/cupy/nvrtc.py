@@ -24,6 +24,7 @@ class CompileResult:
     log: str
     lowered: dict[str, str]  # name expression -> mangled name
     binary_size: int
+    ptx: str = ""  # what the compiler made of the loops, before ptxas
 
     @property
     def warnings(self) -> list[str]:
@@ -63,7 +64,9 @@ def compile_source(source: str, file_name: str, arch: str, names: list[str],
         if not ok:
             return CompileResult(file_name, arch, False, log, {}, 0)
         lowered = {name: nvrtc.getLoweredName(prog, name) for name in names}
-        return CompileResult(file_name, arch, True, log, lowered, len(nvrtc.getCUBIN(prog)))
+        ptx = nvrtc.getPTX(prog)
+        return CompileResult(file_name, arch, True, log, lowered, len(nvrtc.getCUBIN(prog)),
+                             ptx.decode() if isinstance(ptx, bytes) else ptx)
     finally:
         nvrtc.destroyProgram(prog)
 
@@ -76,23 +79,12 @@ def compile_module(file_name: str, arch: str) -> CompileResult:
                           ("-Xptxas=-warn-spills",))
 
 
-def kernel_ptx(file_name: str, name: str, arch: str = "compute_90") -> str:
+def kernel_ptx(file_name: str, name: str, arch: str = "sm_90") -> str:
     """The PTX of one kernel instantiation of a kernels/*.cu file (``name`` as launched, e.g.
     ``attn_fwd<f16_t, 16>``): what the compiler made of its loops, readable without a GPU.
     Raises RuntimeError with NVRTC's log if the file does not compile."""
-    from cupy_backends.cuda.libs import nvrtc
-
-    prog = nvrtc.createProgram(plan.load_source(file_name), file_name, [], [])
-    try:
-        nvrtc.addNameExpression(prog, name)
-        try:
-            nvrtc.compileProgram(prog, [f"--gpu-architecture={arch}", *plan.COMPILE_OPTIONS])
-        except nvrtc.NVRTCError as exc:
-            raise RuntimeError(f"{file_name}: {nvrtc.getProgramLog(prog)}") from exc
-        lowered = nvrtc.getLoweredName(prog, name)
-        ptx = nvrtc.getPTX(prog)
-    finally:
-        nvrtc.destroyProgram(prog)
-    text = ptx.decode() if isinstance(ptx, bytes) else ptx
-    body = text[text.index(f".entry {lowered}("):]
+    result = compile_source(plan.load_source(file_name), file_name, arch, [name])
+    if not result.ok:
+        raise RuntimeError(f"{file_name} for {arch}: {result.log}")
+    body = result.ptx[result.ptx.index(f".entry {result.lowered[name]}("):]
     return body[:body.index("\n}\n") + 3]

@@ -42,7 +42,9 @@ from . import index_checks
 CHECKS = ArgChecks(index_dtypes=("int32", "int64"))
 INSTALL_HINT = "pip install 'opbench[triton]'"
 MODES = ("auto", "interpreter", "cuda")
-TILE_OPTIONS = ("block_m", "block_n", "split_len", "num_warps")
+FLASH_TILE_OPTIONS = ("block_m", "block_n", "num_warps")
+DECODE_TILE_OPTIONS = ("block_n", "split_len")
+TILE_OPTIONS = FLASH_TILE_OPTIONS + ("split_len",)
 
 # The interpreter swaps triton.language's functions for the duration of a launch, process-wide:
 # two streams interpreting kernels at once would restore each other's patches mid-kernel.
@@ -201,10 +203,10 @@ class TritonBackend(RuntimeBackend):
 
     def _attention_tiles(self, head_dim: int, decode: bool) -> dict:
         """The mode's default tiles for the flash or the decode kernel, overridden by the
-        backend options that kernel takes (num_warps: the flash kernel's)."""
+        backend options that kernel takes."""
         tiles = self.k_attention.default_tiles(self.is_interpreter, head_dim, decode)
-        return {**tiles, **{k: v for k, v in self.tiles.items()
-                            if k in tiles or (k == "num_warps" and not decode)}}
+        takes = DECODE_TILE_OPTIONS if decode else FLASH_TILE_OPTIONS
+        return {**tiles, **{k: v for k, v in self.tiles.items() if k in takes}}
 
     def launch_attn_merge(self, out, lse, part_out, part_lse) -> None:
         """Ring attention's in-place merge of two partial attentions."""
