@@ -59,3 +59,13 @@ def test_the_check_sees_the_old_tiles_spill():
     """64x64 tiles at head size 128 with four warps (the GPU default before): a stack."""
     (old,) = _usage("--old-tiles")
     assert old["stack"] > 0, old
+
+
+def test_cpy_divides_in_64_bits_only_where_indices_need_it():
+    """A 64-bit division is a long instruction sequence on a GPU (cupy's 16 MiB copy on the
+    H200: 102 us through its 64-bit-index kernel, 28 as a memcpy): a dense copy divides
+    nothing, the 32-bit mode only in 32 bits (kernels_copy.cpy_index_plan picks the mode)."""
+    modes = {(r["contiguous"], r["wide"]): (r["div64"], r["div32"]) for r in _usage("--cpy")}
+    assert modes[True, False] == (0, 0) and modes[True, True] == (0, 0)
+    assert modes[False, False][0] == 0 and modes[False, False][1] > 0
+    assert modes[False, True][0] > 0  # the check sees 64-bit divisions where they are

@@ -387,6 +387,41 @@ def test_cpy_is_bit_exact(kernels, src_dtype, dst_dtype, perm, step):
     assert guards_intact(out)
 
 
+def test_cpy_index_plan_takes_the_cheapest_exact_indexing(kernels):
+    plan = kernels["copy"].cpy_index_plan
+    assert plan((1, 5, 6, 7), (0, 42, 7, 1), (0, 42, 7, 1)) == {"CONTIGUOUS": True,
+                                                                    "WIDE": False}
+    assert plan((1, 5, 1, 7), (0, 7, 999, 1), (0, 7, 7, 1))["CONTIGUOUS"]  # a size-1 dim
+    assert not plan((1, 5, 6, 7), (0, 1, 5, 30), (0, 42, 7, 1))["CONTIGUOUS"]  # permuted
+    assert not plan((1, 5, 6, 7), (0, 84, 14, 2), (0, 42, 7, 1))["CONTIGUOUS"]  # stepped
+    limit = 1 << 31
+    flat = lambda n: plan((1, 1, 1, n), (0, 0, 0, 1), (0, 0, 0, 1))["WIDE"]  # noqa: E731
+    assert not flat(limit - 1) and flat(limit)
+    offset = lambda stride: plan((1, 1, 2, 2), (0, 0, stride, 1),  # noqa: E731
+                                 (0, 0, 2, 1))["WIDE"]
+    assert not offset(limit - 2) and offset(limit - 1)  # the source's last offset is 2**31
+
+
+def test_cpy_launch_indexes_dense_copies_flat_and_the_rest_in_32_bits(kernels):
+    module, seen = kernels["copy"], []
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append((kwargs["CONTIGUOUS"], kwargs["WIDE"]))
+                return module.cpy_kernel[grid](*args, **kwargs)
+            return launch
+
+    rng = np.random.default_rng(31)
+    src = uniform(rng, (5, 6, 7), "f32")
+    for perm in ((0, 1, 2), (2, 0, 1)):
+        expected = copy_ref.cpy(src, "f16", perm, 1)
+        out = guarded(expected.shape, "f16")
+        module.launch_cpy(tt(src), tt(out.device_view), perm, 1, block=16, kernel=Spy())
+        assert_passes("CPY", out, expected, type_src="f32")
+    assert seen == [(True, False), (False, False)]
+
+
 def test_bf16_store_rounds_to_nearest_even(kernels):
     """Ties, carries into the exponent, infinities and NaN: bit-identical to ml_dtypes (the
     interpreter's own float32 -> bfloat16 cast truncates, a GPU rounds)."""

@@ -1,5 +1,6 @@
 """Registers and stack of the Triton attention kernels as compiled for sm_90 with the cuda
-mode's default tiles, per head size of the ATTN table, printed as JSON.  Runs without a GPU:
+mode's default tiles, per head size of the ATTN table, printed as JSON (``--cpy``: the
+integer divisions in the PTX of each CPY indexing mode instead).  Runs without a GPU:
 Triton compiles ahead of time for a target, and the cuobjdump in its wheel reads the binary.
 Run as a script, in a process where ``TRITON_INTERPRET`` is unset (the kernels must be
 ``triton.jit`` functions, not the interpreter's)."""
@@ -23,6 +24,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from opbench.backends.triton import kernels_attention as ka  # noqa: E402
+from opbench.backends.triton import kernels_copy  # noqa: E402
 from opbench.backends.triton.kernels_common import next_pow2  # noqa: E402
 from opbench.harness.ops.attn import HEAD_SIZES  # noqa: E402
 
@@ -68,8 +70,28 @@ def usage(decode: bool, dk: int, dv: int, dtype: str = "fp32",
             "registers": registers, "stack": stack, "shared": compiled.metadata.shared}
 
 
+def cpy_divisions(contiguous: bool, wide: bool) -> dict:
+    """64- and 32-bit integer divisions and remainders in cpy_kernel's PTX, f32 -> f16."""
+    constexprs = dict(BLOCK=1024, CONTIGUOUS=contiguous, WIDE=wide)
+    types = {}
+    for name in inspect.signature(kernels_copy.cpy_kernel.fn).parameters:
+        if name in constexprs:
+            types[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            types[name] = "*fp32" if name == "src_ptr" else "*fp16"
+        else:
+            types[name] = "i64" if wide else "i32"
+    ptx = triton.compile(ASTSource(fn=kernels_copy.cpy_kernel, signature=types,
+                                   constexprs=constexprs),
+                         target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+    count = lambda bits: ptx.count(f"div.s{bits}") + ptx.count(f"rem.s{bits}")  # noqa: E731
+    return {"contiguous": contiguous, "wide": wide, "div64": count(64), "div32": count(32)}
+
+
 if __name__ == "__main__":
-    if "--old-tiles" in sys.argv:  # the flash tiles used before GPU_TILES, at head size 128
+    if "--cpy" in sys.argv:
+        rows = [cpy_divisions(c, w) for c in (True, False) for w in (True, False)]
+    elif "--old-tiles" in sys.argv:  # the flash tiles used before GPU_TILES, at head size 128
         rows = [usage(False, 128, 128, tiles={"block_m": 64, "block_n": 64, "num_warps": 4})]
     else:
         rows = [usage(decode, dk, dv) for dk, dv in HEAD_SIZES for decode in (False, True)]

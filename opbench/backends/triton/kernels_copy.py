@@ -5,6 +5,8 @@ order and reads the source through permuted strides (up to 4 dims), so transpose
 slices need no copy.
 """
 
+import math
+
 import triton
 import triton.language as tl
 
@@ -46,17 +48,54 @@ def rows_kernel(
 def cpy_kernel(
     src_ptr, out_ptr, n,
     n1, n2, n3, ss0, ss1, ss2, ss3, so0, so1, so2, so3,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, CONTIGUOUS: tl.constexpr, WIDE: tl.constexpr,
 ):
-    """out[i0, i1, i2, i3] = src[i0*ss0 + i1*ss1 + i2*ss2 + i3*ss3] for flat output index i."""
-    flat = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    """out[i0, i1, i2, i3] = src[i0*ss0 + i1*ss1 + i2*ss2 + i3*ss3] for flat output index i.
+
+    CONTIGUOUS: source and output both dense in flat order, so i is the offset on both sides
+    (no index math).  WIDE: indices and offsets in 64 bits, else in 32 (``cpy_index_plan``): a
+    64-bit division is a long instruction sequence on a GPU, six of them per element."""
+    if WIDE:
+        flat = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    else:
+        flat = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = flat < n
-    i3 = flat % n3
-    i2 = (flat // n3) % n2
-    i1 = (flat // (n3 * n2)) % n1
-    i0 = flat // (n3 * n2 * n1)
-    copy_elements(src_ptr + i0 * ss0 + i1 * ss1 + i2 * ss2 + i3 * ss3,
-                  out_ptr + i0 * so0 + i1 * so1 + i2 * so2 + i3 * so3, mask)
+    if CONTIGUOUS:
+        src_off = flat
+        out_off = flat
+    else:
+        i3 = flat % n3
+        i2 = (flat // n3) % n2
+        i1 = (flat // (n3 * n2)) % n1
+        i0 = flat // (n3 * n2 * n1)
+        src_off = i0 * ss0 + i1 * ss1 + i2 * ss2 + i3 * ss3
+        out_off = i0 * so0 + i1 * so1 + i2 * so2 + i3 * so3
+    copy_elements(src_ptr + src_off, out_ptr + out_off, mask)
+
+
+INT32_LIMIT = 1 << 31
+
+
+def cpy_index_plan(shape, src_strides, out_strides) -> dict:
+    """CONTIGUOUS and WIDE for cpy_kernel (padded 4-dim shape, element strides): 32-bit index
+    math when n and the largest offset on either side are below 2**31 (``block`` is a power
+    of two, so the last block, which runs past n, ends at or before 2**31 too)."""
+    n = math.prod(shape)
+
+    def dense(strides) -> bool:
+        expected = 1
+        for size, stride in zip(reversed(shape), reversed(strides)):
+            if size != 1 and stride != expected:
+                return False
+            expected *= size
+        return True
+
+    def last_offset(strides) -> int:
+        return sum((size - 1) * abs(stride) for size, stride in zip(shape, strides))
+
+    largest = max(n, last_offset(src_strides), last_offset(out_strides))
+    return {"CONTIGUOUS": dense(src_strides) and dense(out_strides),
+            "WIDE": largest >= INT32_LIMIT}
 
 
 def _row_layout(t) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -103,4 +142,5 @@ def launch_cpy(src, out, perm, step=1, *, block=None, kernel=cpy_kernel):
         return
     block = block or min(next_pow2(n), 1024)
     kernel[(triton.cdiv(n, block),)](src, out, n, *shape[1:], *src_strides, *out_strides,
-                                     BLOCK=block)
+                                     BLOCK=block,
+                                     **cpy_index_plan(shape, src_strides, out_strides))
