@@ -16,6 +16,7 @@ from typing import Sequence
 
 from opbench.protocol import RopeParams
 
+from ..common.strides import is_dense, last_offset
 from ..common.yarn import rope_corr_dims
 
 KERNEL_DIR = Path(__file__).parent / "kernels"
@@ -334,7 +335,7 @@ def cpy_fits_int32(shape4: Sequence[int], strides4: Sequence[int]) -> bool:
     step past the last) and every source offset of cpy_geometry's (shape, strides); strides
     are never negative here."""
     total = math.prod(shape4)
-    largest = sum((n - 1) * st for n, st in zip(shape4, strides4))
+    largest = last_offset(shape4, strides4)
     return (total <= CPY_I32_MAX_ELEMENTS and 0 <= largest <= INT32_MAX
             and min(strides4) >= 0)
 
@@ -345,12 +346,7 @@ def cpy_is_contiguous(shape: Sequence[int], strides: Sequence[int], perm: Sequen
     step, a C-contiguous source (dims of extent 1 may have any stride)."""
     if step != 1 or tuple(perm) != tuple(range(len(shape))):
         return False
-    expected = 1
-    for n, st in zip(reversed(shape), reversed(strides)):
-        if n != 1 and st != expected:
-            return False
-        expected *= n
-    return True
+    return is_dense(shape, strides)
 
 
 # -- devices, streams, copies ----------------------------------------------------------------------

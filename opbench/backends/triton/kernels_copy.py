@@ -10,6 +10,8 @@ import math
 import triton
 import triton.language as tl
 
+from opbench.backends.common.strides import is_dense, last_offset
+
 from .kernels_common import copy_elements, next_pow2, rows_per_program
 
 MAX_CPY_DIMS = 4
@@ -78,23 +80,11 @@ INT32_LIMIT = 1 << 31
 
 def cpy_index_plan(shape, src_strides, out_strides) -> dict:
     """CONTIGUOUS and WIDE for cpy_kernel (padded 4-dim shape, element strides): 32-bit index
-    math when n and the largest offset on either side are below 2**31 (``block`` is a power
-    of two, so the last block, which runs past n, ends at or before 2**31 too)."""
-    n = math.prod(shape)
-
-    def dense(strides) -> bool:
-        expected = 1
-        for size, stride in zip(reversed(shape), reversed(strides)):
-            if size != 1 and stride != expected:
-                return False
-            expected *= size
-        return True
-
-    def last_offset(strides) -> int:
-        return sum((size - 1) * abs(stride) for size, stride in zip(shape, strides))
-
-    largest = max(n, last_offset(src_strides), last_offset(out_strides))
-    return {"CONTIGUOUS": dense(src_strides) and dense(out_strides),
+    math when n and the largest offset on either side are below 2**31 (blocks are powers of
+    two, so the last block, which runs past n, ends at or before 2**31 too)."""
+    largest = max(math.prod(shape), last_offset(shape, src_strides),
+                  last_offset(shape, out_strides))
+    return {"CONTIGUOUS": is_dense(shape, src_strides) and is_dense(shape, out_strides),
             "WIDE": largest >= INT32_LIMIT}
 
 
