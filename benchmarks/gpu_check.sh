@@ -47,9 +47,9 @@ else
   SCENARIO_ARGS="--time"
   PERF_ARGS="--budget-ms 100 --min-samples 20"
   FIGURE_ARGS=
-  # at most 560 s in all: the script fits one 10-minute command. Second H200 run: doctor 9 s,
-  # the gpu-marked cupy tests ~46 s, cupy's 111 scenarios ~12 s, triton's 105 in ~50 s, perf 73 s
-  T_DOCTOR=20 T_PYTEST=90 T_TEST=120 T_TRITON=120 T_SCEN=80 T_PERF=90 T_FIG=20 T_REPORT=20
+  # at most 560 s in all: the script fits one 10-minute command. Fourth H200 run: doctor 10 s,
+  # pytest-gpu 83 (52 in the third), test 33, test-triton 29 (57), scenario 67, perf 45
+  T_DOCTOR=20 T_PYTEST=130 T_TEST=90 T_TRITON=100 T_SCEN=80 T_PERF=90 T_FIG=20 T_REPORT=20
 fi
 
 SUMMARY=$OUT/summary.md

@@ -174,6 +174,36 @@ def test_a_backend_on_another_device_is_judged_against_that_devices_ceilings(tmp
     assert lines[-1].endswith("GB/s"), lines  # no fraction, no label
 
 
+EVENT_TIMED = """
+    import time
+
+    from opbench.backends.common.event_timer import EventTimer
+
+    class EventTimedCpu(CpuBackend):
+        # a device timer over the host clock, with no spin to queue: the perf block keeps
+        # the host's enqueue time beside the samples
+        name = "event-timed-cpu"
+
+        def timer(self):
+            return EventTimer(spin=lambda ns: None, record=time.perf_counter_ns,
+                              wait=lambda event: None, elapsed_ns=lambda a, b: b - a)
+"""
+
+
+def test_a_device_timers_launch_time_is_kept_in_the_perf_block(tmp_path, capsys):
+    fake = backend_file(tmp_path, EVENT_TIMED)
+    results = tmp_path / "r.jsonl"
+    code, _, _ = perf_main(capsys, "-b", f"cpu,{fake}:EventTimedCpu", "-o", "CPY",
+                           "-p", "type=f16", "--results", str(results))
+    assert code == 0
+    blocks = {r["backend"]: r["perf"] for r in read_records(results)}
+    timed = blocks[f"{fake}:EventTimedCpu"]
+    # the call is all host work here: its enqueue time is the sample's time
+    assert 0 < timed["launch_median_ns"] <= 1.5 * timed["median_ns"]
+    assert timed["launch_exposed"] == 0  # each enqueue was shorter than the spin asked for
+    assert "launch_median_ns" not in blocks["cpu"]  # the host clock keeps no launch time
+
+
 def test_a_figure_above_the_ceiling_prints_cache_resident(tmp_path, capsys):
     low = {"copy_gbps": 1e-3, "matmul_gflops": 1e-3, "one_core": {"copy_gbps": 1e-3,
            "matmul_gflops": 1e-3}, "all_cores": {"copy_gbps": 1e-3, "matmul_gflops": 1e-3,

@@ -27,6 +27,7 @@ import numpy as np
 from opbench.protocol import AttnParams, Backend, Option, RopeParams
 
 from .common.device_ceilings import torch_cuda_ceilings
+from .common.event_timer import torch_event_timer
 from .common.host import flush_host_caches
 from .common.yarn import yarn_corr_dims
 
@@ -284,6 +285,13 @@ class TorchBackend(Backend):
         if not self._cuda:
             return None
         return torch_cuda_ceilings(device if device is not None else torch.device("cuda", 0))
+
+    def timer(self):
+        """On CUDA: events on torch's current stream, the host's enqueue (torch's dispatcher)
+        hidden behind a spin (``common.event_timer``); on the CPU none (the host clock)."""
+        if not self._cuda:
+            return None
+        return torch_event_timer(torch, torch.cuda.current_stream(self._devices[0]))
 
     # -- streams and events (CUDA only; CPU ops are synchronous) -----------------------------
     def stream(self, device: Any = None) -> Any:

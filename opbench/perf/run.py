@@ -297,6 +297,7 @@ def run_perf_case(backend, case: Case, options: PerfOptions, run_id: str, *,
         return perf_record(label, backend, case, "ERROR", run_id,
                            reason=f"{type(exc).__name__}: {exc}", env=env)
     perf = {**block(samples, prepared, options),
+            **timing.launch_block(subject.timer),
             "output_judged": output_judged(backend, prepared),
             "fresh_inputs": options.fresh_inputs}
     if wrong:

@@ -10,6 +10,7 @@ The whole-table and whole-matrix tests (``slow``) run on a GPU only: on the emul
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import ml_dtypes
 import numpy as np
@@ -399,6 +400,31 @@ def test_timer_and_l2_flush(backend):
     assert 0 < ns and (backend.is_interpreter or ns < 1e9)
 
 
+def test_the_timer_counts_the_gpu_work_not_the_hosts_enqueue(backend_class):
+    """20 ms of host work before a small copy is kept apart (``launch_ns``), not timed as GPU
+    work: a spin kernel covers it (the emulator's stream is a thread, its spin a sleep).  Not
+    under ``sync_each_launch``, whose host waits out every kernel, the spin too."""
+    backend = backend_class()
+    try:
+        x = backend.to_device(np.ones(1 << 12, np.float32))
+        out = backend.empty((1 << 12,), np.float32)
+        copy = lambda: backend.cpy(x, out, (0,), 1)  # noqa: E731
+        copy()  # compiles the kernels outside the timer
+        backend.timer()(copy)
+        timer = backend.timer()
+
+        def slow_enqueue() -> None:
+            time.sleep(0.02)
+            copy()
+
+        timer.warm(slow_enqueue)  # as the perf harness's warm-up does: sets the spin
+        ns = timer(slow_enqueue)
+        assert timer.launch_ns[-1] >= 20_000_000 and timer.exposed == 0
+        assert ns < 10_000_000
+    finally:
+        backend.close()
+
+
 @pytest.mark.parametrize("src_type, dst_type, perm, view, path", [
     ("f32", "f32", (0, 1, 2), False, "memcpy"),
     ("bf16", "bf16", (0, 1, 2), False, "memcpy"),
@@ -470,7 +496,9 @@ def test_cold_timing_flushes_l2_before_every_sample_on_the_emulator(monkeypatch)
     finally:
         b.close()
     flush = ("memset", plan.l2_flush_bytes(dev.l2_bytes))
-    kernels = [item for item in issued if item[0] == "kernel"]
+    spin = ("kernel", "spin_kernel")  # the timer's cover for the host's enqueue
+    kernels = [item for item in issued if item[0] == "kernel" and item != spin]
     assert len(kernels) == 6 and issued.count(flush) == 4
-    timed = issued[issued.index(flush):]
+    timed = [item for item in issued[issued.index(flush):] if item != spin]
     assert timed == [flush, kernels[0]] * 4  # one flush before every timed sample
+    assert issued[issued.index(flush) + 1] == spin

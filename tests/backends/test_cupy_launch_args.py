@@ -19,6 +19,7 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 
+from opbench.backends.common.event_timer import FIRST_SPIN_NS
 from opbench.backends.cupy import CupyBackend, plan, runtime
 from opbench.protocol import AttnParams, PagedKV, RopeParams
 
@@ -465,7 +466,12 @@ def test_every_scenario_split_drives_the_backend_through_valid_launches(backend,
 def test_timer_flush_and_strided_readback(backend):
     backend.flush_l2(0)
     assert backend.runtime._flush_buffers[0].nbytes == plan.l2_flush_bytes(50 << 20)
+    LAUNCHES.clear()
     assert backend.timer(0)(lambda: None) == 1e6  # the fake's 1 ms, in ns
+    # the host's enqueue hides behind a spin queued before the start event
+    spins = [(name, int(args[0])) for name, _, _, args, _ in LAUNCHES]
+    assert spins[0] == ("spin_kernel", FIRST_SPIN_NS)
+    assert {name for name, _ in spins} == {"spin_kernel"}  # (longer ones if the fake was slow)
     store = backend.to_device(np.zeros((4, 2, 3), np.float32))
     LAUNCHES.clear()
     host = backend.to_host(store[:, 0])  # not contiguous: gathered by a strided copy first

@@ -146,7 +146,8 @@ class CupyBackend(ScenarioOpsMixin, RuntimeBackend):
 
 
     def timer(self, device: Any = None) -> Callable[[Callable[[], None]], float]:
-        """Times one call with CUDA events on the device's stream; returns nanoseconds."""
+        """Times one call's GPU work with CUDA events on the device's stream (nanoseconds),
+        the host's enqueue hidden behind a spin kernel (``common.event_timer``)."""
         return self.runtime.timer(device)
 
     def inject_delay(self, stream: GpuStream, ms: float) -> None:

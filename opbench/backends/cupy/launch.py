@@ -93,8 +93,13 @@ class KernelLauncher:
 
     def inject_delay(self, stream: GpuStream, ms: float) -> None:
         """Fault injection: the stream sleeps ~ms on the GPU (spin kernel with __nanosleep)."""
+        self.spin(stream, int(ms * 1e6))
+
+    def spin(self, stream: GpuStream, ns: int) -> None:
+        """The stream sleeps ~ns on the GPU (fault injection; the timer's cover for the
+        host's enqueue)."""
         stream = self.runtime._own_stream(stream)
         kernel = self.kernel(stream.device, "runtime.cu", "spin_kernel")
         self.launch(stream, kernel, "spin_kernel", plan.Launch((1, 1, 1), (1, 1, 1)),
-                     (_i64(int(ms * 1e6)),), delay=False)
+                     (_i64(ns),), delay=False)
 

@@ -18,6 +18,7 @@ from opbench.protocol import DeviceMismatchError as ProtocolMismatch
 from opbench.protocol import Runtime
 
 from ..common import device_ceilings
+from ..common.event_timer import EventTimer
 from . import plan
 
 
@@ -376,21 +377,25 @@ class CupyRuntime(GraphMixin, Runtime):
             cupy.cuda.runtime.memsetAsync(data.data.ptr, value, data.nbytes,
                                           stream.cupy_stream.ptr)
 
-    def timer(self, device: Any = None) -> Callable[[Callable[[], None]], float]:
-        """Times one call with CUDA events on the device's stream; returns nanoseconds."""
+    def timer(self, device: Any = None) -> EventTimer:
+        """Times one call with CUDA events on the device's stream (nanoseconds), the host's
+        enqueue hidden behind the launcher's spin kernel (``common.event_timer``)."""
         dev = self.device(device)
+        cupy = self._cupy()
+        stream = dev.stream
 
-        def time_call(fn: Callable[[], None]) -> float:
-            cupy = self._cupy()
-            start, end = cupy.cuda.Event(), cupy.cuda.Event()
-            start.record(dev.stream.cupy_stream)
-            fn()
-            end.record(dev.stream.cupy_stream)
-            end.synchronize()
+        def record():
+            event = cupy.cuda.Event()
+            event.record(stream.cupy_stream)
+            return event
+
+        def wait(event) -> None:
+            event.synchronize()
             self._raise_device_errors(dev)
-            return cupy.cuda.get_elapsed_time(start, end) * 1e6
 
-        return time_call
+        return EventTimer(spin=lambda ns: self.launcher.spin(stream, ns), record=record,
+                          wait=wait,
+                          elapsed_ns=lambda a, b: cupy.cuda.get_elapsed_time(a, b) * 1e6)
 
     def _own_stream(self, stream: Any) -> GpuStream:
         if not isinstance(stream, GpuStream) or stream.device not in self._devices:

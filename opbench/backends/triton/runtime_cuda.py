@@ -25,6 +25,7 @@ import torch
 from opbench.protocol import Runtime, poisoned_host
 
 from ..common.device_ceilings import torch_cuda_ceilings
+from ..common.event_timer import EventTimer, torch_event_timer
 from .graphs_cuda import CudaGraph, GraphCapture, TorchCuda
 
 L2_FLUSH_BYTES = 256 * 1024 * 1024  # larger than any current GPU's L2 (H100: 50 MB)
@@ -272,7 +273,7 @@ class CudaRuntime(Runtime):
         self.run("write", dict(dst=dst), stream, lambda t: t["dst"].copy_(snapshot),
                  writes=("dst",))
 
-    # -- timing (triton.testing.do_bench's method, every sample kept) ---------------------------
+    # -- timing ------------------------------------------------------------------------------
     def flush_l2(self, device: Any = None) -> None:
         """Evict the L2 cache: write a buffer larger than it (on the ops' stream)."""
         self.graphs.refuse("flush_l2", NO_TIMING)
@@ -284,8 +285,11 @@ class CudaRuntime(Runtime):
         with torch.cuda.stream(self._timing_stream()):
             flush.zero_()
 
-    def timer(self):
-        return self.time_one
+    def timer(self) -> EventTimer:
+        """CUDA events on the ops' stream, the host's enqueue hidden behind a spin
+        (``common.event_timer``)."""
+        self.graphs.refuse("timing", NO_TIMING)
+        return torch_event_timer(torch, self._timing_stream())
 
     def device_ceilings(self, device: Any = None) -> dict:
         """The GPU's copy ceiling and L2 size, measured once (``common.device_ceilings``)."""
@@ -296,28 +300,9 @@ class CudaRuntime(Runtime):
         self.synchronize(None)
 
     def time_one(self, fn) -> float:
-        """Nanoseconds of one call between two CUDA events on the ops' stream (the harness
-        calls ``flush_l2`` first for cold samples)."""
-        self.graphs.refuse("timing", NO_TIMING)
-        stream = self._timing_stream()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record(stream)
-        fn()
-        end.record(stream)
-        end.synchronize()
-        return start.elapsed_time(end) * 1e6
-
-    def do_bench(self, fn, reps: int = 100, warmup: int = 5) -> list[float]:
-        """triton.testing.do_bench's method, every sample kept: flush, then time, per sample."""
-        self.graphs.refuse("do_bench", NO_TIMING)
-        for _ in range(warmup):
-            fn()
-        torch.cuda.synchronize()
-        samples = []
-        for _ in range(reps):
-            self.flush_l2()
-            samples.append(self.time_one(fn))
-        return samples
+        """Nanoseconds of one call's GPU work on the ops' stream (the harness calls
+        ``flush_l2`` first for cold samples)."""
+        return self.timer()(fn)
 
     def _timing_stream(self) -> torch.cuda.Stream:
         # ops run on the logical devices' streams, so the events go there too
