@@ -354,6 +354,36 @@ def test_split_kv_decode_matches_the_oracle(backend):
     np.testing.assert_allclose(backend.to_host(lse), want_lse, atol=1e-5)
 
 
+@pytest.mark.parametrize("q_lens", [[1, 1, 1], [0, 3, 0], [2, 0, 1]],
+                         ids=["one-each", "all-in-one", "uneven"])
+def test_decode_blocks_of_several_heads_match_the_oracle(backend, q_lens):
+    """A decode launch (as many query rows as sequences) takes the four query heads of a KV
+    head in one block (plan.attn_heads_per_block), each head with its own ALiBi slope and
+    sink; q_start lives on the device, so a sequence may still hold several rows or none."""
+    rng = np.random.default_rng(6)
+    n_seqs, heads, kv_heads, dim, block = 3, 8, 2, 64, 16
+    seq_lens = np.array([37, 50, 20], np.int32)
+    q = rng.uniform(-1, 1, (n_seqs, heads, dim)).astype(np.float32)
+    k, v = (rng.uniform(-1, 1, (12, block, kv_heads, dim)).astype(np.float32) for _ in "kv")
+    table = rng.permutation(12)[:12].reshape(n_seqs, 4).astype(np.int32)
+    sinks = rng.uniform(-2, 2, heads).astype(np.float32)
+    params = AttnParams(scale=0.125, causal=True, max_bias=8.0)
+    assert plan.attn_plan(n_seqs, heads, dim, dim, 4 * block, n_seqs, decode=True,
+                          kv_heads=kv_heads).heads_per_block == 4
+    d = {n: backend.to_device(a) for n, a in dict(q=q, k=k, v=v, sinks=sinks).items()}
+    starts = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    paged = PagedKV(backend.to_device(table), backend.to_device(seq_lens),
+                    backend.to_device(starts))
+    out, lse = backend.empty(q.shape, np.float32), backend.empty((n_seqs, heads), np.float32)
+    backend.attention(d["q"], d["k"], d["v"], out, params, sinks=d["sinks"], lse=lse,
+                      paged=paged)
+    want, want_lse = attn_ref.paged_attention(q, k, v, table, seq_lens, np.array(q_lens),
+                                              scale=0.125, causal=True, max_bias=8.0,
+                                              sinks=sinks, return_lse=True)
+    np.testing.assert_allclose(backend.to_host(out), want, atol=1e-5)
+    np.testing.assert_allclose(backend.to_host(lse), want_lse, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", ["f32", "f16"])
 @pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "misaligned"])
 def test_attention_stages_aligned_and_misaligned_keys(backend, dtype, offset):

@@ -43,7 +43,8 @@ def _statuses(backend_class, cases, stop_at_fail: bool) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("name", ["CudaAttnTailUnmasked", "CudaAttnRescaleForgotten",
-                                  "CudaAttnMissingBarrier", "CudaKvRotatePerBlockDelta"])
+                                  "CudaAttnMissingBarrier", "CudaAttnGroupSharesOneHead",
+                                  "CudaKvRotatePerBlockDelta"])
 def test_quick_cases_catch_the_bug(name):
     zoo = _zoo()
     bug = getattr(zoo, name)
@@ -58,7 +59,8 @@ def test_quick_cases_catch_the_bug(name):
 def test_every_bug_is_tested():
     names = {cls.__name__ for cls in _zoo().CUDA_BUGS}
     assert names == {"CudaAttnTailUnmasked", "CudaAttnRescaleForgotten",
-                     "CudaAttnMissingBarrier", "CudaKvRotatePerBlockDelta"}
+                     "CudaAttnMissingBarrier", "CudaAttnGroupSharesOneHead",
+                     "CudaKvRotatePerBlockDelta"}
 
 
 def test_mutation_must_match_one_line():

@@ -127,6 +127,28 @@ def test_long_decode_splits_into_short_key_ranges_while_the_grid_is_small():
     assert batch.split_len > plan.DECODE_SPLIT_KEYS  # the GPU is full before the keys are short
 
 
+@pytest.mark.parametrize("n_heads, kv_heads, heads_per_block", [
+    (32, 8, 4),  # llama-3-8b: a block stages each K/V tile once for the group's four heads
+    (64, 8, 8), (28, 4, 7), (32, 1, 16), (48, 1, 16), (40, 40, 1)])
+def test_a_decode_block_takes_the_query_heads_of_one_kv_head(n_heads, kv_heads,
+                                                             heads_per_block):
+    p = plan.attn_plan(1, n_heads, 128, 128, 32768, decode=True, num_sms=132, kv_heads=kv_heads)
+    assert p.heads_per_block == heads_per_block
+    group = n_heads // kv_heads
+    assert group % heads_per_block == 0 and heads_per_block <= plan.ATTN_BQ  # one KV head
+    assert p.fwd.grid[1] * heads_per_block == n_heads  # every head in one block's rows
+    assert p.fwd.grid[0] == p.n_splits  # one query tile: a row for each of the block's heads
+
+
+def test_prefill_and_a_default_kv_head_count_keep_one_head_a_block():
+    assert plan.attn_plan(512, 32, 128, 128, 512, kv_heads=8).heads_per_block == 1
+    assert plan.attn_plan(1, 32, 128, 128, 4096, decode=True).heads_per_block == 1
+    batch = plan.attn_plan(6, 32, 128, 128, 4096, n_seqs=6, decode=True, kv_heads=8)
+    # 4 heads a block leave 4 rows a head: 6 query rows need 2 tiles (a sequence may hold
+    # all of them: q_start lives on the device, the plan knows only the total)
+    assert batch.heads_per_block == 4 and batch.fwd.grid[0] == 2 * batch.n_splits
+
+
 def test_split_plan_depends_on_shapes_only():
     """Graph replay: the same shapes must give the same plan whatever the lengths are."""
     a = plan.attn_plan(4, 8, 64, 64, 2048, n_seqs=4, decode=True, num_sms=132)

@@ -33,6 +33,14 @@ class CudaAttnTailUnmasked(_CudaMutant):
     MUTATION = ("attention.cu", "if (row_valid && t < k_hi) {", "if (row_valid) {")
 
 
+class CudaAttnGroupSharesOneHead(_CudaMutant):
+    """A decode block that takes several query heads of one KV head gives every block row the
+    group's first head: its query, slope and sink and where its output goes.  GQA decode."""
+
+    MUTATION = ("attention.cu", "const int h = h0 + r / qpb, rq = r % qpb;",
+                "const int h = h0, rq = r % qpb;")
+
+
 class CudaAttnRescaleForgotten(_CudaMutant):
     """The online softmax raises its running max but leaves the accumulator unscaled: right
     for one tile, wrong as soon as a later tile holds a larger score."""
@@ -62,5 +70,6 @@ CUDA_BUGS = {
     CudaAttnTailUnmasked: "ATTN",
     CudaAttnRescaleForgotten: "ATTN",
     CudaAttnMissingBarrier: "ATTN",
+    CudaAttnGroupSharesOneHead: "ATTN",
     CudaKvRotatePerBlockDelta: "KV_ROTATE",
 }

@@ -230,7 +230,7 @@ class CupyBackend(ScenarioOpsMixin, RuntimeBackend):
         shape = _attn_shape(q, k, v, paged)
         attn = plan.attn_plan(shape["n_q"], shape["H"], shape["Dk"], shape["Dv"],
                               shape["max_kv"], shape["n_seqs"], shape["decode"], dev.num_sms,
-                              dev.shared_optin)
+                              dev.shared_optin, kv_heads=shape["Hkv"])
         attn, (part_out, part_lse) = self._attn_workspace(target, attn, shape)
         log2_m0, log2_m1, n_head_log2 = plan.alibi_scalars(shape["H"], p.max_bias)
         split = attn.n_splits > 1
@@ -242,7 +242,8 @@ class CupyBackend(ScenarioOpsMixin, RuntimeBackend):
                 NULL if split else _ptr(lse), part_out, part_lse, *tables, dev.error_word,
                 *(_i32(n) for n in sizes), np.float32(p.scale), np.float32(p.softcap),
                 np.float32(log2_m0), np.float32(log2_m1), _i32(n_head_log2),
-                _i32(int(p.causal)), _i32(p.window), _i32(attn.bk), _i32(attn.n_splits),
+                _i32(int(p.causal)), _i32(p.window), _i32(attn.bk),
+                _i32(attn.heads_per_block), _i32(attn.n_splits),
                 _i32(attn.split_len), _i64(_lead_stride("k", k)), _i64(_lead_stride("v", v)))
         fwd = f"attn_fwd<{plan.CTYPES[_dtype(q)]}, {attn.acc}>"
         self._run(target, "attention.cu", fwd, attn.fwd, args)

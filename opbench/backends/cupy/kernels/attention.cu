@@ -1,5 +1,6 @@
 // ATTN: flash-style attention.  One block of ATTN_THREADS threads owns ATTN_BQ query rows of
-// one head of one sequence and one split of the key range; key/value tiles of `bk` keys are
+// one sequence and one split of the key range: ATTN_BQ rows of one head, or in decode one row
+// of each of up to ATTN_BQ heads that share a KV head (hpb); key/value tiles of `bk` keys are
 // staged in shared memory and folded into the output with an online softmax, so the score
 // matrix is never materialised.  With n_splits > 1 (decode: few query rows, long context) each
 // split writes a normalised partial (out, lse) and attn_merge combines them, sinks added once.
@@ -181,27 +182,32 @@ attn_fwd(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__
          const int* __restrict__ q_start, int* err, int n_q_total, int H, int Hkv, int Dk, int Dv,
          int n_kv, int max_blocks, int block_size, int num_blocks, float scale, float softcap,
          float alibi_log2_m0, float alibi_log2_m1, int alibi_n_head_log2, int causal,
-         int window, int bk, int n_splits, int split_len, long long k_stride,
+         int window, int bk, int hpb, int n_splits, int split_len, long long k_stride,
          long long v_stride) {
+    // hpb query heads of one KV head's group share the block (decode: each stages a K/V tile
+    // once for all of them), qpb query rows each: block row r is head h0 + r / qpb, query
+    // row q0 + r % qpb (a block row past hpb * qpb has neither)
+    const int qpb = ATTN_BQ / hpb;
     const int split = blockIdx.x % n_splits, q_tile = blockIdx.x / n_splits;
-    const int h = blockIdx.y, seq = blockIdx.z;
+    const int h0 = blockIdx.y * hpb, seq = blockIdx.z;
     const bool paged = block_table != nullptr;
     const int q_begin = paged ? q_start[seq] : 0;
     const int q_len = paged ? q_start[seq + 1] - q_begin : n_q_total;
     int seq_len = paged ? seq_lens[seq] : n_kv;
-    const int q0 = q_tile * ATTN_BQ;
+    const int q0 = q_tile * qpb;
     if (q0 >= q_len) return;  // uniform over the block, before any barrier
     if (q_begin < 0 || q_begin + q_len > n_q_total || seq_len < 0 ||
         (paged && seq_len > max_blocks * block_size)) {
         raise_error(err, OPB_ERR_SEQ);
         return;
     }
-    const int rows = min(ATTN_BQ, q_len - q0);
-    const int kvh = h / (H / Hkv);
+    const int rows = min(qpb, q_len - q0);  // query rows of each head
+    const int kvh = h0 / (H / Hkv);
     const int r = threadIdx.x / ATTN_GROUP, g = threadIdx.x % ATTN_GROUP;
-    const bool row_valid = r < rows;
-    const int qpos_first = seq_len - q_len + q0, qpos = qpos_first + r;
-    const long long qrow = q_begin + q0 + r;
+    const int h = h0 + r / qpb, rq = r % qpb;
+    const bool row_valid = r / qpb < hpb && rq < rows;
+    const int qpos_first = seq_len - q_len + q0, qpos = qpos_first + rq;
+    const long long qrow = q_begin + q0 + rq;
 
     // Keys this block must visit: its split, cut by causality and the window of its rows.
     int k_lo = split * split_len, k_hi = min(seq_len, k_lo + split_len);
@@ -217,9 +223,9 @@ attn_fwd(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__
     int* Slead = (int*)(Ps + ATTN_BQ * bk);
     int* Ssub = Slead + bk;
     for (int idx = threadIdx.x; idx < ATTN_BQ * Dk; idx += ATTN_THREADS) {
-        int rr = idx / Dk, d = idx % Dk;
-        Qs[rr * dk_pad + d] =
-            rr < rows ? to_f32(q[((q_begin + q0 + rr) * (long long)H + h) * Dk + d]) : 0.0f;
+        const int rr = idx / Dk, d = idx % Dk, hr = rr / qpb, qr = rr % qpb;
+        Qs[rr * dk_pad + d] = hr < hpb && qr < rows
+            ? to_f32(q[((q_begin + q0 + qr) * (long long)H + h0 + hr) * Dk + d]) : 0.0f;
     }
     const float slope = alibi_slope(h, alibi_log2_m0, alibi_log2_m1, alibi_n_head_log2);
     float m = -OPB_INF, l = 0.0f, acc[ACC];
@@ -239,7 +245,7 @@ attn_fwd(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__
                 for (int d = 0; d < Dk; ++d) dot += Qs[r * dk_pad + d] * Ks[j * dk_pad + d];
                 sc = dot * scale;
                 if (softcap > 0.0f) sc = softcap * tanhf(sc / softcap);
-                if (mask != nullptr) sc += mask[(long long)(q0 + r) * n_kv + t];
+                if (mask != nullptr) sc += mask[(long long)(q0 + rq) * n_kv + t];
                 sc += slope * (float)(t - qpos);
                 if ((causal && t > qpos) || (window > 0 && qpos - t >= window)) sc = -OPB_INF;
             }
