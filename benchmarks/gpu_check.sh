@@ -31,9 +31,11 @@ if [ $DRY = 1 ]; then
   SCENARIO_ARGS="--layers 4 --steps 2 --time"
   PERF_ARGS="--sizes small --budget-ms 20 --min-samples 3 --no-calibrate"
   FIGURE_ARGS=--dry-run
+  LAUNCH_BACKENDS=cupy-emu,torch  # Triton's interpreter would profile Python running a kernel
+  LAUNCH_ARGS="--sizes small --calls 20"
   # generous: the dry run checks the plumbing, and shared CI machines can be slow
   T_DOCTOR=180 T_PYTEST=300 T_TEST=300 T_TRITON=300 T_SCEN=180 T_PERF=180 T_FIG=60
-  T_REPORT=120
+  T_REPORT=120 T_LAUNCH=120
 else
   MODE="GPU"
   BACKENDS=cupy,torch,triton
@@ -47,9 +49,12 @@ else
   SCENARIO_ARGS="--time"
   PERF_ARGS="--budget-ms 100 --min-samples 20"
   FIGURE_ARGS=
+  LAUNCH_BACKENDS=$BACKENDS
+  LAUNCH_ARGS="--calls 300"
   # at most 560 s in all: the script fits one 10-minute command. Fourth H200 run: doctor 10 s,
   # pytest-gpu 83 (52 in the third), test 33, test-triton 29 (57), scenario 67, perf 45
-  T_DOCTOR=20 T_PYTEST=130 T_TEST=90 T_TRITON=100 T_SCEN=80 T_PERF=90 T_FIG=20 T_REPORT=20
+  T_DOCTOR=20 T_PYTEST=130 T_TEST=80 T_TRITON=90 T_SCEN=80 T_PERF=80 T_FIG=20 T_REPORT=20
+  T_LAUNCH=40
 fi
 
 SUMMARY=$OUT/summary.md
@@ -91,6 +96,10 @@ step perf "$T_PERF" $OB perf -b "$BACKENDS" -o ROPE,KV_ROTATE,CPY,ATTN $PERF_ARG
 [ -s "$OUT/perf.jsonl" ] && PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" step figures "$T_FIG" \
   $PY benchmarks/gpu_figures.py \
   "$OUT/perf.jsonl" $FIGURE_ARGS
+# where the host's time per call goes (the figures' "launch us"): copies and RoPE, profiled
+PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" step launch "$T_LAUNCH" \
+  $PY benchmarks/launch_profile.py -b "$LAUNCH_BACKENDS" $LAUNCH_ARGS --top 12 \
+  -c '^(CPY\(type_src=f32,.*perm=\[0,1,2\]|ROPE\(type=f32,.*mode=neox)'
 reports=()
 for f in test scenario perf; do [ -s "$OUT/$f.jsonl" ] && reports+=("$OUT/$f.jsonl"); done
 step report "$T_REPORT" $OB report "${reports[@]}" --baseline torch --out "$OUT/report"
@@ -126,6 +135,10 @@ if not found:
     print("- no failing record")
 EOF
   if [ -s "$OUT/figures.log" ]; then echo; echo "## Figures"; echo; cat "$OUT/figures.log"; fi
+  if [ -s "$OUT/launch.log" ]; then
+    echo; echo "## Host time per call (launch.log has the profiles)"; echo
+    grep -E '^## |^host time per enqueue' "$OUT/launch.log" | paste -d ' ' - - | sed 's/^## /- /'
+  fi
   echo
   echo "Finished $(date -u +%Y-%m-%dT%H:%M:%SZ); overall: $([ $FAILED = 0 ] && echo passed || echo FAILED)."
 } >> "$SUMMARY"

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = ("doctor", "pytest-gpu", "test", "test-triton", "scenario", "perf", "figures", "report")
+STEPS = ("doctor", "pytest-gpu", "test", "test-triton", "scenario", "perf", "figures", "launch",
+         "report")
 
 
 @pytest.mark.skipif(shutil.which("timeout") is None or shutil.which("bash") is None,
@@ -29,6 +30,9 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path):
     assert "overall: passed" in summary and "- no failing record" in summary
     assert "Copy ceiling:" in summary  # the figures made it into the summary
     assert "| CPY | torch |" in summary
+    # the host time per call, a line per backend and case, from the launch step's profiles
+    assert "- cupy-emu: ROPE(type=f32," in summary and "- torch: CPY(type_src=f32," in summary
+    assert "host time per enqueue:" in summary
     for name in ("test.jsonl", "scenario.jsonl", "perf.jsonl", "report/report.html"):
         assert (out / name).stat().st_size > 0, name
 
