@@ -229,6 +229,7 @@ class TorchBackend(Backend):
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         self._cuda = torch is not None and torch.cuda.is_available()
+        self._streams: dict[int, Any] = {}  # GPU index -> its stream (CUDA only)
 
     def info(self) -> dict:
         names = [torch.cuda.get_device_name(d) for d in self._devices] if self._cuda else ["cpu"]
@@ -287,17 +288,24 @@ class TorchBackend(Backend):
         return torch_cuda_ceilings(device if device is not None else torch.device("cuda", 0))
 
     def timer(self):
-        """On CUDA: events on torch's current stream, the host's enqueue (torch's dispatcher)
-        hidden behind a spin (``common.event_timer``); on the CPU none (the host clock)."""
+        """On CUDA: events on the first device's stream, the host's enqueue (torch's
+        dispatcher) hidden behind a spin (``common.event_timer``); on the CPU none (the host
+        clock)."""
         if not self._cuda:
             return None
-        return torch_event_timer(torch, torch.cuda.current_stream(self._devices[0]))
+        return torch_event_timer(torch, self.stream(self._devices[0]))
 
     # -- streams and events (CUDA only; CPU ops are synchronous) -----------------------------
     def stream(self, device: Any = None) -> Any:
+        """The device's stream: one per GPU, made on first use (logical devices on one GPU
+        share it), so the timer's events go where the ops run."""
         if not self._cuda:
             return None
-        return torch.cuda.Stream(device=device if device is not None else self._devices[0])
+        gpu = torch.device(device if device is not None else self._devices[0] or "cuda")
+        index = gpu.index if gpu.index is not None else torch.cuda.current_device()
+        if index not in self._streams:
+            self._streams[index] = torch.cuda.Stream(device=torch.device("cuda", index))
+        return self._streams[index]
 
     def record_event(self, stream: Any) -> Any:
         if stream is None:
