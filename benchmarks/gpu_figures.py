@@ -73,9 +73,13 @@ def gbps(record: dict) -> float:
 
 def launch_us(record: dict) -> str:
     """The host's median time to enqueue one call (the device timer keeps it apart from the
-    median, which is the GPU's work alone); "-" where the record has none."""
-    launch = record["perf"].get("launch_median_ns")
-    return "-" if launch is None else f"{launch / 1e3:.1f}"
+    median, which is the GPU's work alone); "-" where the record has none; "waits" where the
+    enqueue waits for the GPU (nothing hides it: the median includes host work)."""
+    perf = record["perf"]
+    if perf.get("launch_median_ns") is None:
+        return "-"
+    waits = " (waits)" if perf.get("launch_waits_for_device") else ""
+    return f"{perf['launch_median_ns'] / 1e3:.1f}{waits}"
 
 
 def memory_rows(records: list[dict], ceiling: float) -> list[str]:
@@ -115,7 +119,8 @@ def main(argv=None) -> int:
         ceiling, source = device_copy_gbps(), "device-to-device copy, GPU 0"
     print(f"Copy ceiling: {ceiling:.1f} GB/s ({source}, bytes read + written).\n")
     print("GPU time (median us) between two events, the host's enqueue hidden; launch us: the\n"
-          "host's median time to enqueue one call.\n")
+          "host's median time to enqueue one call; (waits): the enqueue waits for the GPU, so\n"
+          "nothing hides it and the median includes the host's work after the wait.\n")
     print("| op | backend | case | median us | launch us | GB/s | of copy ceiling |\n"
           "|---|---|---|---|---|---|---|")
     print("\n".join(memory_rows(records, ceiling)) or "| (no timed memory-bound case) ||||||")

@@ -185,8 +185,10 @@ EVENT_TIMED = """
         name = "event-timed-cpu"
 
         def timer(self):
+            # a 50 ms "spin" (it does nothing): an enqueue counts as hidden unless slower
             return EventTimer(spin=lambda ns: None, record=time.perf_counter_ns,
-                              wait=lambda event: None, elapsed_ns=lambda a, b: b - a)
+                              wait=lambda event: None, elapsed_ns=lambda a, b: b - a,
+                              spin_ns=50_000_000)
 """
 
 
@@ -201,6 +203,7 @@ def test_a_device_timers_launch_time_is_kept_in_the_perf_block(tmp_path, capsys)
     # the call is all host work here: its enqueue time is the sample's time
     assert 0 < timed["launch_median_ns"] <= 1.5 * timed["median_ns"]
     assert timed["launch_exposed"] == 0  # each enqueue was shorter than the spin asked for
+    assert timed["launch_waits_for_device"] is False
     assert "launch_median_ns" not in blocks["cpu"]  # the host clock keeps no launch time
 
 

@@ -296,13 +296,15 @@ def _bound(nbytes: int | None, flops: int | None, ceilings: Mapping[str, float] 
 def launch_block(timer: Timer | None) -> dict:
     """What a device timer saw of the host (``backends.common.event_timer``): the median time
     the host took to enqueue one call (``launch_median_ns``) and how many samples' enqueue
-    outlasted the spin meant to hide it (``launch_exposed``: those samples include host time).
-    Empty for a timer that keeps none (the host clock's)."""
+    outlasted the spin meant to hide it (``launch_exposed``: those samples include host time),
+    and whether the enqueue waits for the device (``launch_waits_for_device``: nothing can hide
+    it).  Empty for a timer that keeps none (the host clock's)."""
     launches = getattr(timer, "launch_ns", None)
     if not launches:
         return {}
     return {"launch_median_ns": float(np.median(launches)),
-            "launch_exposed": int(getattr(timer, "exposed", 0))}
+            "launch_exposed": int(getattr(timer, "exposed", 0)),
+            "launch_waits_for_device": bool(getattr(timer, "waits_for_device", False))}
 
 
 def perf_block(

@@ -55,6 +55,13 @@ class ModelledStream:
             self._queue(kernel_ns)
         return fn
 
+    def waiting_call(self, host_ns: int, kernel_ns: int):
+        """A call that first waits for the stream (a device-to-host read), then works."""
+        def fn() -> None:
+            self.host_ns = max(self.host_ns, self.stream_free_ns) + host_ns
+            self._queue(kernel_ns)
+        return fn
+
     def timer(self, monkeypatch, **spin) -> EventTimer:
         monkeypatch.setattr(event_timer.time, "perf_counter_ns", self.clock)
         return EventTimer(spin=self.spin, record=self.record, wait=self.wait,
@@ -103,6 +110,31 @@ def test_an_enqueue_no_spin_can_hide_is_counted_as_exposed(monkeypatch):
     timer.warm(call)
     assert stream.spins[-1] == FIRST_SPIN_NS and timer.spin_ns == MAX_SPIN_NS  # capped
     assert timer(call) > 9 * US and timer.exposed == 1  # host time leaked into the sample
+
+
+def test_an_enqueue_that_waits_for_the_stream_stops_the_spin(monkeypatch):
+    """Such an enqueue waits for the spin too: it grows with every longer spin, never hidden.
+    Two misses, the second as long as the doubled spin, and the timer stops spinning."""
+    stream = ModelledStream()
+    timer = stream.timer(monkeypatch)
+    call = stream.waiting_call(host_ns=30 * US, kernel_ns=9 * US)
+    timer.warm(call)
+    assert not timer.waits_for_device  # one miss: maybe only a slow host
+    timer.warm(call)
+    assert timer.waits_for_device and len(stream.spins) == 2
+    # no spin now: the events count the host's work after the wait, and the sample says so
+    assert timer(call) == 30 * US + HOST_STEP_NS + 9 * US
+    assert len(stream.spins) == 2 and timer.exposed == 1
+
+
+def test_a_slow_enqueue_that_does_not_wait_is_hidden_after_one_miss(monkeypatch):
+    stream = ModelledStream()
+    timer = stream.timer(monkeypatch)
+    call = stream.call(host_ns=900 * US, kernel_ns=9 * US)
+    timer.warm(call)
+    timer.warm(call)
+    assert not timer.waits_for_device
+    assert timer(call) == 9 * US and timer.exposed == 0
 
 
 def test_a_sample_of_a_real_clock_keeps_the_hosts_enqueue_apart():

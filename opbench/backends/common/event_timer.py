@@ -14,6 +14,14 @@ CUDA graphs pays per call.  The spin is twice the longest enqueue seen so far, w
 included (``warm``); a sample whose enqueue outlasted its spin counts host time, and is
 counted (``exposed``).  It is not taken again: a retry would run the call once more without
 the L2 flush that a cold sample starts with.
+
+A call whose enqueue waits for its stream (a device-to-host read such as ``.item()``, a
+pageable upload) cannot be hidden: it waits for the spin too, so its enqueue grows with the
+spin.  When a doubled spin is outlasted again by an enqueue that doubled with it, the timer
+stops spinning (``waits_for_device``): the events then also count the host's work after the
+wait, which such a call makes the device wait for on every call.  On the fifth H200 run,
+torch's RoPE and paged attention and Triton's paged decode did this: their enqueue took as
+long as the 50 ms spin.
 """
 
 from __future__ import annotations
@@ -44,6 +52,8 @@ class EventTimer:
     spin_ns: int = FIRST_SPIN_NS
     launch_ns: list[int] = field(default_factory=list)
     exposed: int = 0
+    waits_for_device: bool = False
+    _missed_ns: int = 0  # the last enqueue that outlasted its spin (0: the last one did not)
 
     def __call__(self, fn: Callable[[], None]) -> float:
         """The device time of one call (ns); its enqueue time goes to ``launch_ns``."""
@@ -57,21 +67,32 @@ class EventTimer:
         self._sample(fn)
 
     def _sample(self, fn: Callable[[], None]):
-        spun = self.spin_ns
+        spun = 0 if self.waits_for_device else self.spin_ns
         queued = time.perf_counter_ns()
-        self.spin(spun)
+        if spun:
+            self.spin(spun)
         start = self.record()
         called = time.perf_counter_ns()
         fn()
         enqueued = time.perf_counter_ns()
         end = self.record()
         self.wait(end)
-        self.spin_ns = min(MAX_SPIN_NS, max(self.spin_ns, 2 * (enqueued - queued)))
         # the device began the spin no earlier than the host asked for it, so it reached the
         # start event no earlier than ``queued + spun``: if that is past ``enqueued``, the
         # device never waited for the host between the two events
-        hidden = enqueued - queued < spun
+        took = enqueued - queued
+        hidden = took < spun
+        if spun:
+            self._adapt(took, hidden)
         return called, enqueued, start, end, hidden
+
+    def _adapt(self, took: int, hidden: bool) -> None:
+        """The next spin: twice the longest enqueue; none once the enqueue is seen to wait
+        for the spin (it outlasted a spin twice its last miss: it grew with the spin)."""
+        if not hidden and self._missed_ns and took >= 2 * self._missed_ns:
+            self.waits_for_device = True
+        self._missed_ns = 0 if hidden else took
+        self.spin_ns = min(MAX_SPIN_NS, max(self.spin_ns, 2 * took))
 
 
 def torch_event_timer(torch, stream) -> EventTimer:
