@@ -114,16 +114,48 @@ def test_decode_path_is_chosen_for_one_query_per_sequence(backend, monkeypatch):
     assert calls == ["decode", "flash"]
 
 
-def test_one_query_per_sequence_reads_the_query_starts():
+def test_the_decode_shape_is_read_from_shapes_alone():
+    """As many query rows as sequences is the decode shape whatever q_start holds: reading it
+    would make the host wait for the GPU on every call."""
     torch = pytest.importorskip("torch")
     from opbench.protocol import PagedKV
 
     table = torch.zeros((3, 2), dtype=torch.int32)
-    q = torch.zeros((3, 1, 4))
-    for starts, expected in (([0, 1, 2, 3], True), ([0, 0, 2, 3], False)):
+    for n_q, starts, expected in ((3, [0, 1, 2, 3], True), (3, [0, 0, 2, 3], True),
+                                  (4, [0, 1, 2, 4], False)):
         paged = PagedKV(table, torch.zeros(3, dtype=torch.int32),
                         torch.tensor(starts, dtype=torch.int32))
-        assert triton_backend.one_query_per_sequence(q, paged) is expected
+        assert triton_backend.one_query_per_sequence(torch.zeros((n_q, 1, 4)), paged) is expected
+
+
+@pytest.mark.parametrize("q_lens", [[1, 1, 1, 1, 1], [0, 3, 0, 2, 0], [2, 0, 1, 0, 2]],
+                         ids=["one-each", "two-sequences", "uneven"])
+def test_split_kv_decode_finds_each_rows_sequence(backend, q_lens):
+    """The decode kernel takes a program per query row and searches q_start for its sequence,
+    so rows packed unevenly (a sequence with several, others with none) still match."""
+    from opbench.protocol import PagedKV
+    from opbench.reference import attention as attn_ref
+
+    rng = np.random.default_rng(7)
+    n_seqs, heads, kv_heads, dim, block = 5, 4, 2, 16, 4
+    seq_lens = np.array([9, 14, 5, 16, 3], np.int32)
+    q = rng.uniform(-1, 1, (n_seqs, heads, dim)).astype(np.float32)
+    k, v = (rng.uniform(-1, 1, (24, block, kv_heads, dim)).astype(np.float32) for _ in "kv")
+    table = rng.permutation(24)[:20].reshape(n_seqs, 4).astype(np.int32)
+    sinks = rng.uniform(-2, 2, heads).astype(np.float32)
+    starts = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    d = {n: backend.to_device(a) for n, a in
+         dict(q=q, k=k, v=v, sinks=sinks, table=table, lens=seq_lens, starts=starts).items()}
+    out = backend.empty(q.shape, np.float32)
+    lse = backend.empty((n_seqs, heads), np.float32)
+    params = AttnParams(scale=0.25, causal=True, max_bias=4.0)
+    backend.attention(d["q"], d["k"], d["v"], out, params, sinks=d["sinks"], lse=lse,
+                      paged=PagedKV(d["table"], d["lens"], d["starts"]))
+    want, want_lse = attn_ref.paged_attention(q, k, v, table, seq_lens, np.array(q_lens),
+                                              scale=0.25, causal=True, max_bias=4.0,
+                                              sinks=sinks, return_lse=True)
+    np.testing.assert_allclose(backend.to_host(out), want, atol=1e-5)
+    np.testing.assert_allclose(backend.to_host(lse), want_lse, atol=1e-5)
 
 
 ONE_CASE_PER_OP = {

@@ -866,10 +866,10 @@ def test_decode_step_graph_through_the_fake(fake, fake_cuda_backend):
     problems = decode_step_graph_check(fake_cuda_backend, after_capture=after_capture)
     assert not problems, problems
     assert np.isnan(seen["out"]).all()  # nothing ran at capture (nor in its warm-up)
-    # paged attention records the flash kernel: choosing decode would read q_start on the
-    # host (Tensor.item), which the fake refuses inside a capture
+    # paged attention records the split-KV decode: the choice reads shapes only (a read of
+    # q_start on the host, Tensor.item, the fake refuses inside a capture)
     assert seen["nodes"] == ["rope_kernel", "rope_kernel", "rows_kernel", "rows_kernel",
-                             "flash_attention_kernel"]
+                             "decode_split_kernel", "merge_partials_kernel"]
     assert len(fake.calls("replay")) == 2
 
 

@@ -197,7 +197,7 @@ class TritonBackend(RuntimeBackend):
         self.k_attention.launch_attention(q, k, v, out, p, mask, sinks, lse, paged, **tiles)
 
     def launch_decode(self, q, k, v, out, p, mask, sinks, lse, paged) -> None:
-        """Split-KV decode (exactly one query per sequence) and the merge of its partials."""
+        """Split-KV decode (as many query rows as sequences) and the merge of its partials."""
         tiles = self._attention_tiles(q.shape[-1], decode=True)
         self.k_attention.launch_decode(q, k, v, out, p, mask, sinks, lse, paged, **tiles)
 
@@ -240,20 +240,17 @@ class TritonBackend(RuntimeBackend):
         if paged is not None:
             arrays.update(block_table=paged.block_table, seq_lens=paged.seq_lens,
                           q_start=paged.q_start)
-        # Inside a CUDA-graph capture the decode/flash choice must not read q_start on the host
-        # (a device->host read breaks the capture, and a replay may see other q_start values):
-        # paged attention records the flash kernel, right for any q_start written before replay.
-        general = paged is not None and self.on.records_kernels()
-        self.on.enqueue("attention", arrays, stream,
-                        lambda t: self._attention(t, p, paged, general),
+        # The decode/flash choice reads shapes only (one_query_per_sequence), so a CUDA-graph
+        # capture records the decode kernel too, right for any q_start written before replay.
+        self.on.enqueue("attention", arrays, stream, lambda t: self._attention(t, p, paged),
                         _check_paged if paged is not None else None)
 
-    def _attention(self, t: dict, p, paged, general: bool = False) -> None:
+    def _attention(self, t: dict, p, paged) -> None:
         paged_t = None
         if paged is not None:
             paged_t = PagedKV(t["block_table"], t["seq_lens"], t["q_start"])
         args = (t["q"], t["k"], t["v"], t["out"], p, t["mask"], t["sinks"], t["lse"], paged_t)
-        if self.decode_split and not general and one_query_per_sequence(t["q"], paged_t):
+        if self.decode_split and one_query_per_sequence(t["q"], paged_t):
             self.launch_decode(*args)
         else:
             self.launch_attention(*args)
@@ -333,10 +330,6 @@ class _Interpreted(NumpyModelOps):
     def check(check, *args):
         return check(*args)
 
-    @staticmethod
-    def records_kernels() -> bool:
-        return False  # a capture here records closures: the decode choice runs at replay
-
     def enqueue(self, op: str, arrays: dict, stream, launch, check_indices=None) -> None:
         """Run ``launch`` (torch tensors in) on the stream; ``check_indices`` (NumPy arrays in)
         first."""
@@ -373,9 +366,6 @@ class _OnCuda:
         """Shape checks only (the interpreter's checks expect NumPy dtypes)."""
         return self.runtime.check(check.__name__, *args)
 
-    def records_kernels(self) -> bool:
-        return self.runtime.capturing
-
     def enqueue(self, op: str, arrays: dict, stream, launch, check_indices=None) -> None:
         self.runtime.run(op, arrays, stream, launch)
 
@@ -398,11 +388,10 @@ def _check_paged(a: dict) -> None:
 
 
 def one_query_per_sequence(q, paged) -> bool:
-    """The decode shape: one query row per sequence (n_q == 1 for contiguous attention)."""
+    """The decode shape: as many query rows as sequences (n_q == 1 for contiguous attention).
+    From shapes only: reading q_start would make the host wait for the GPU on every call (the
+    fifth H200 run) and cannot be captured; the decode kernel finds each row's sequence."""
     if paged is None:
         return q.shape[0] == 1
     n_seqs = paged.block_table.shape[0]
-    if q.shape[0] != n_seqs or n_seqs == 0:
-        return False
-    q_start = paged.q_start
-    return bool(((q_start[1:] - q_start[:-1]) == 1).all().item())
+    return n_seqs > 0 and q.shape[0] == n_seqs

@@ -32,10 +32,10 @@ data written into an existing array (``write``: a replay would not write it agai
 the host (``to_host``, ``synchronize``), timing and the L2 flush, ops on a stream that is not
 being captured, and events that cross the capture's boundary.  New arrays (``to_device``,
 ``empty``) are made at once: nothing is being captured yet, and the recorded ops that use them
-keep them alive with the graph.  Decisions that would need a device value on the
-host are avoided: paged attention records the general flash kernel (the decode/flash choice
-reads ``q_start``).  There is no sin/cos cache in this backend (angles are computed in-kernel),
-so no cache can be filled, or keyed, inside a capture.
+keep them alive with the graph.  Decisions that would need a device value on the host are
+avoided: the decode/flash choice of paged attention reads shapes only.  There is no sin/cos
+cache in this backend (angles are computed in-kernel), so no cache can be filled, or keyed,
+inside a capture.
 
 Every ``torch.cuda`` call goes through one small object (``TorchCuda``) so that a fake can
 stand in for it: ``tests/backends/test_triton_cuda_graphs.py`` drives ``GraphCapture`` and

@@ -4,10 +4,12 @@
 with an online softmax (running max m, running denominator l, rescaled accumulator).  Keys are
 addressed through the block table when the KV cache is paged.
 
-``decode_split_kernel`` + ``merge_partials_kernel``: for one query per sequence (decode), the
-KV range is cut into splits computed in parallel *without* sinks, each producing a normalized
-partial output and its log-sum-exp; the merge is the oracle's ``merge_partials`` (sinks added
-once, at the end).
+``decode_split_kernel`` + ``merge_partials_kernel``: for as many query rows as sequences
+(decode), the KV range is cut into splits computed in parallel *without* sinks, each producing
+a normalized partial output and its log-sum-exp; the merge is the oracle's ``merge_partials``
+(sinks added once, at the end).  A program takes one query row and finds its sequence in the
+query starts on the device, so the host never reads them (a read would wait for the GPU on
+every call, and cannot be captured in a CUDA graph).
 
 All math is float32; QK^T and PV use ``input_precision="ieee"`` so f32 inputs are not silently
 rounded to TF32 on GPUs.
@@ -81,6 +83,20 @@ def _sequence_bounds(q_start_ptr, seq_lens_ptr, seq, n_q, n_kv, PAGED: tl.conste
         return q_begin, q_len, kv_len
     else:
         return 0, n_q, n_kv
+
+
+@triton.jit
+def _row_sequence(q_start_ptr, row, n_seqs, SEARCH_STEPS: tl.constexpr):
+    """The sequence of packed query row ``row``: the last s with q_start[s] <= row (binary
+    search; a sequence with no rows shares its start with the next, which wins)."""
+    lo = row * 0
+    hi = n_seqs - 1
+    for _ in tl.static_range(SEARCH_STEPS):
+        mid = (lo + hi + 1) // 2
+        ahead = tl.load(q_start_ptr + mid) <= row
+        lo = tl.where(ahead, mid, lo)
+        hi = tl.where(ahead, hi, mid - 1)
+    return lo
 
 
 @triton.jit
@@ -171,20 +187,26 @@ def flash_attention_kernel(
 @triton.jit
 def decode_split_kernel(
     q_ptr, k_ptr, v_ptr, part_out_ptr, part_lse_ptr, mask_ptr, bt_ptr, seq_lens_ptr, q_start_ptr,
-    n_kv, group, bt_stride, block_size, split_len, n_splits,
+    n_kv, n_seqs, group, bt_stride, block_size, split_len, n_splits,
     sq_t, sq_h, sq_d, sk_b, sk_t, sk_h, sk_d, sv_b, sv_t, sv_h, sv_d,
     scale, softcap, window, log2_m0, log2_m1, n_head_log2,
     DK: tl.constexpr, DV: tl.constexpr, PAGED: tl.constexpr, CAUSAL: tl.constexpr,
     WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, ALIBI: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    SEARCH_STEPS: tl.constexpr,
 ):
-    """One query row, one head, keys [split*split_len, (split+1)*split_len): a partial result."""
+    """One query row, one head, keys [split*split_len, (split+1)*split_len): a partial result.
+    Paged, the row's sequence is searched for in q_start (a sequence may hold any number of
+    the rows: the decode shape is only as many rows as sequences)."""
     split = tl.program_id(0)
     head = tl.program_id(1)
-    seq = tl.program_id(2)
+    q_row = tl.program_id(2)
     kv_head = head // group
-    q_row, _, kv_len = _sequence_bounds(q_start_ptr, seq_lens_ptr, seq, 1, n_kv, PAGED)
-    q_pos = kv_len - 1
+    seq = q_row * 0
+    if PAGED:
+        seq = _row_sequence(q_start_ptr, q_row, n_seqs, SEARCH_STEPS)
+    q_begin, q_len, kv_len = _sequence_bounds(q_start_ptr, seq_lens_ptr, seq, 1, n_kv, PAGED)
+    q_pos = kv_len - q_len + (q_row - q_begin)
     dk = tl.arange(0, BLOCK_DK)
     dv = tl.arange(0, BLOCK_DV)
     q = load_f32(q_ptr + q_row * sq_t + head * sq_h + dk * sq_d, dk < DK)
@@ -222,7 +244,7 @@ def decode_split_kernel(
         m_i = m_new
 
     empty = l_i == 0.0
-    part = (seq * tl.num_programs(1) + head) * n_splits + split
+    part = (q_row * tl.num_programs(1) + head) * n_splits + split
     out = acc / tl.where(empty, 1.0, l_i)
     tl.store(part_out_ptr + part.to(tl.int64) * BLOCK_DV + dv, out)
     lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
@@ -231,17 +253,17 @@ def decode_split_kernel(
 
 @triton.jit
 def merge_partials_kernel(
-    part_out_ptr, part_lse_ptr, out_ptr, lse_ptr, sinks_ptr, q_start_ptr,
+    part_out_ptr, part_lse_ptr, out_ptr, lse_ptr, sinks_ptr,
     n_rows, n_heads, n_splits, so_t, so_h, so_d, s_lse_t, s_lse_h,
-    DV: tl.constexpr, PAGED: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_LSE: tl.constexpr,
+    DV: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_LSE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    """merge_partials for BLOCK_R (sequence, head) rows: M = max(lse_p, sink);
+    """merge_partials for BLOCK_R (query row, head) rows: M = max(lse_p, sink);
     w_p = exp(lse_p - M); D = sum w_p + exp(sink - M); out = sum_{w_p > 0} w_p out_p / D;
     lse = M + log D (M taken as 0 when not finite)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
-    seq = rows // n_heads
+    q_row = (rows // n_heads).to(tl.int64)
     head = rows % n_heads
     dv = tl.arange(0, BLOCK_DV)
     parts = rows.to(tl.int64) * n_splits  # partial p of row r sits at r * n_splits + p
@@ -268,9 +290,6 @@ def merge_partials_kernel(
         denom += tl.exp(sink - total_max)
     out = acc / tl.where(denom == 0.0, 1.0, denom)[:, None]
 
-    q_row = seq.to(tl.int64)
-    if PAGED:
-        q_row = tl.load(q_start_ptr + seq, mask=row_ok, other=0).to(tl.int64)
     store_f32(out_ptr + q_row[:, None] * so_t + head[:, None] * so_h + dv[None, :] * so_d, out,
               row_ok[:, None] & (dv < DV)[None, :])
     if HAS_LSE:
@@ -415,6 +434,9 @@ def _launch_decode(q, k, v, out, p, mask, sinks, lse, paged, *, block_n, split_l
     n_seqs = 1 if paged is None else paged.block_table.shape[0]
     if n_q == 0 or n_seqs == 0:
         return
+    if n_q != n_seqs:
+        raise ValueError(f"split-KV decode takes as many query rows as sequences, got {n_q} "
+                         f"rows for {n_seqs}")
     scalars, switches = _options(p, n_heads, mask, sinks, lse, paged)
     table, seq_lens, q_start = _paged_tensors(paged, q)
     if paged is None:
@@ -424,22 +446,23 @@ def _launch_decode(q, k, v, out, p, mask, sinks, lse, paged, *, block_n, split_l
     split_len = max(block_n, triton.cdiv(min(split_len, max(max_kv, 1)), block_n) * block_n)
     n_splits = max(1, triton.cdiv(max_kv, split_len))
     block_dv = next_pow2(max(dv, 16))
-    part_out = q.new_empty((n_seqs, n_heads, n_splits, block_dv), dtype=torch.float32)
-    part_lse = q.new_empty((n_seqs, n_heads, n_splits), dtype=torch.float32)
-    kernel[(n_splits, n_heads, n_seqs)](
+    part_out = q.new_empty((n_q, n_heads, n_splits, block_dv), dtype=torch.float32)
+    part_lse = q.new_empty((n_q, n_heads, n_splits), dtype=torch.float32)
+    kernel[(n_splits, n_heads, n_q)](
         q, k, v, part_out, part_lse, _or(mask, q), table, seq_lens, q_start,
-        0 if paged is not None else k.shape[0], n_heads // k.shape[-2], table.stride(0),
+        0 if paged is not None else k.shape[0], n_seqs, n_heads // k.shape[-2], table.stride(0),
         k.shape[1] if paged else 1, split_len, n_splits,
         *q.stride(), *_kv_strides(k, paged), *_kv_strides(v, paged),
         **scalars, DK=dk, DV=dv, BLOCK_N=block_n, BLOCK_DK=next_pow2(max(dk, 16)),
-        BLOCK_DV=block_dv, **switches, **launch_options,
+        BLOCK_DV=block_dv, SEARCH_STEPS=max(1, (n_seqs - 1).bit_length()), **switches,
+        **launch_options,
     )
-    n_rows = n_seqs * n_heads
+    n_rows = n_q * n_heads
     block_r = rows_per_program(merge_kernel, n_rows, block_dv)
     merge_kernel[(triton.cdiv(n_rows, block_r),)](
-        part_out, part_lse, out, _or(lse, q), _or(sinks, q), q_start, n_rows, n_heads, n_splits,
+        part_out, part_lse, out, _or(lse, q), _or(sinks, q), n_rows, n_heads, n_splits,
         *out.stride(), *(lse.stride() if lse is not None else (0, 0)),
-        DV=dv, PAGED=paged is not None, HAS_SINKS=sinks is not None, HAS_LSE=lse is not None,
+        DV=dv, HAS_SINKS=sinks is not None, HAS_LSE=lse is not None,
         BLOCK_R=block_r, BLOCK_DV=block_dv,
     )
 
