@@ -234,6 +234,17 @@ def test_perf_line_in_test_backend_ops_format():
         "machine)")
 
 
+def test_a_device_timers_perf_line_ends_with_the_hosts_enqueue():
+    perf = {"n": 97, "median_ns": 7_680, "bytes": 32 << 20, "gbps": 4369.64, "bound": "memory",
+            "launch_median_ns": 78_300, "launch_waits_for_device": False}
+    assert format_perf_line("CPY(type=f32)", perf) == (
+        "CPY(type=f32): 97 runs - 7.68 us/run - 32768 kB/run - 4369.64 GB/s - "
+        "78.30 us/enqueue")
+    waits = {**perf, "launch_waits_for_device": True}
+    assert format_perf_line("CPY(type=f32)", waits).endswith(
+        "78.30 us/enqueue, waits for the GPU")
+
+
 def test_cli_report(tmp_path, capsys):
     from opbench.cli.main import main
 

@@ -37,7 +37,9 @@ def _ceiling_part(perf: dict, ceiling_name: str | None) -> str:
 
 def format_perf_line(case_id: str, perf: dict, ceiling_name: str | None = None) -> str:
     """``OP(...): 2304 runs - 445.61 us/run - 32770 kB/run - 70.27 GB/s (41% of copy
-    bandwidth, 2 cores)``; the parts whose data is missing are left out."""
+    bandwidth, 2 cores)``; the parts whose data is missing are left out.  A device timer's
+    record ends with the host's time to enqueue one call: ``- 38.10 us/enqueue`` (``, waits
+    for the GPU`` where the enqueue waited for the device: then us/run includes host work)."""
     parts = [f"{perf['n']} runs", f"{perf['median_ns'] / 1e3:.2f} us/run"]
     if perf.get("bytes"):
         parts.append(_size(perf["bytes"]))
@@ -50,4 +52,8 @@ def format_perf_line(case_id: str, perf: dict, ceiling_name: str | None = None) 
         rate = ""
     if rate:
         parts.append(rate + _ceiling_part(perf, ceiling_name))
+    launch = perf.get("launch_median_ns")
+    if launch is not None:
+        waits = ", waits for the GPU" if perf.get("launch_waits_for_device") else ""
+        parts.append(f"{launch / 1e3:.2f} us/enqueue{waits}")
     return f"{case_id}: " + " - ".join(parts)
