@@ -283,8 +283,9 @@ def attn_plan(n_q_total: int, n_heads: int, dk: int, dv: int, max_kv: int, n_seq
               decode: bool = False, num_sms: int = 132,
               shared_limit: int = DEFAULT_SHARED_LIMIT, kv_heads: int | None = None) -> AttnPlan:
     """Launch plan.  max_kv bounds every sequence's length (n_kv, or max_blocks*block_size);
-    decode says every sequence has exactly one query row (n_q == 1 per sequence); kv_heads
-    (default n_heads) lets a decode block take several query heads of one KV head."""
+    decode says the shape is as many query rows as sequences (the rows' packing lives on the
+    device: the plan must hold for any); kv_heads (default n_heads) lets a decode block take
+    several query heads of one KV head."""
     bk = attn_tile(dk, dv, shared_limit)
     acc = attn_acc_width(dv)
     hpb = attn_heads_per_block(n_heads, kv_heads or n_heads, decode)

@@ -123,8 +123,8 @@ class TritonBackend(RuntimeBackend):
     ) + ThreadRuntime.OPTIONS + (
         Option("mode", str, "auto", "where kernels run: a GPU (cuda) or Triton's interpreter",
                MODES),
-        Option("decode_split", bool, True, "split-KV decode kernel for one query per sequence"
-               " (off: always flash)"),
+        Option("decode_split", bool, True, "split-KV decode kernel for as many query rows as"
+               " sequences (off: always flash)"),
         Option("block_m", int, None, "attention tile: query rows per program"),
         Option("block_n", int, None, "attention tile: keys per inner step"),
         Option("split_len", int, None, "keys per decode split"),

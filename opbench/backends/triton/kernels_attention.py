@@ -420,7 +420,8 @@ def _launch_attention(q, k, v, out, p, mask, sinks, lse, paged, *, block_m, bloc
 def launch_decode(q, k, v, out, p, mask=None, sinks=None, lse=None, paged=None, *,
                   block_n=32, split_len=256, kernel=decode_split_kernel,
                   merge_kernel=merge_partials_kernel):
-    """Split-KV decode: exactly one query per sequence.  Partials live in float32 scratch."""
+    """Split-KV decode: as many query rows as sequences (each row finds its sequence in
+    q_start on the device).  Partials live in float32 scratch."""
     launch_fitting(kernel, q, k, v, dict(block_n=block_n),
                    lambda **tiles: _launch_decode(q, k, v, out, p, mask, sinks, lse, paged,
                                                   split_len=split_len, kernel=kernel,
