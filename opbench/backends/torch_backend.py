@@ -66,22 +66,25 @@ def _torch_dtype(np_dtype: np.dtype):
 
 # -- ROPE: inverse frequencies from ggml's parameters (HF ROPE_INIT_FUNCTIONS style) ----------
 
-def rope_inv_freq(p: RopeParams, freq_factors=None):
-    """float32 ``[n_dims/2]`` inverse frequencies and the float attention scaling.
+def rope_inv_freq(p: RopeParams, freq_factors=None, device=None):
+    """float32 ``[n_dims/2]`` inverse frequencies on ``device`` and the float attention scaling.
 
     YaRN mixes interpolated (``freq_scale * theta``) and extrapolated theta per pair; since
     theta is linear in the position, the mix is a per-pair inverse frequency, as in HF's
     ``_compute_yarn_parameters``.  Built in float64 and rounded once to float32 (HF builds it
-    in float32 in several steps; each step adds angle error at positions of thousands)."""
-    pairs = torch.arange(0, p.n_dims, 2, dtype=torch.float64)
+    in float32 in several steps; each step adds angle error at positions of thousands).
+    Made where it is used: an upload from pageable host memory waits for the GPU's queue (the
+    fifth H200 run timed torch's RoPE waiting for the device on every call)."""
+    pairs = torch.arange(0, p.n_dims, 2, dtype=torch.float64, device=device)
     inv_freq = 1.0 / (p.freq_base ** (pairs / p.n_dims))
     if freq_factors is not None:
-        inv_freq = inv_freq / freq_factors.double().cpu()
+        inv_freq = inv_freq / freq_factors.double().to(inv_freq.device)
     scaling = p.attn_factor
     if p.ext_factor != 0.0:
         low, high = yarn_corr_dims(p.n_dims, p.n_ctx_orig, p.freq_base, p.beta_fast,
                                    p.beta_slow)
-        ramp = (torch.arange(p.n_dims // 2, dtype=torch.float64) - low) / max(0.001, high - low)
+        ramp = ((torch.arange(p.n_dims // 2, dtype=torch.float64, device=device) - low)
+                / max(0.001, high - low))
         extrapolation = (1.0 - ramp.clamp(0.0, 1.0)) * p.ext_factor
         inv_freq = inv_freq * p.freq_scale * (1.0 - extrapolation) + inv_freq * extrapolation
         scaling *= 1.0 + 0.1 * math.log(1.0 / p.freq_scale)
@@ -90,20 +93,19 @@ def rope_inv_freq(p: RopeParams, freq_factors=None):
     return inv_freq.float(), scaling
 
 
-def mrope_pair_rows(sections: Sequence[int], n_pairs: int):
-    """Which position stream each pair reads (Qwen2-VL ``mrope_section`` split, cycled)."""
-    sector = torch.arange(n_pairs) % sum(sections)
-    bounds = torch.tensor([sections[0], sections[0] + sections[1],
-                           sections[0] + sections[1] + sections[2]])
-    return torch.bucketize(sector, bounds, right=True)
+def mrope_pair_rows(sections: Sequence[int], n_pairs: int, device=None):
+    """Which position stream each pair reads (Qwen2-VL ``mrope_section`` split, cycled): the
+    number of section ends at or below the pair's sector, counted on ``device``."""
+    sector = torch.arange(n_pairs, device=device) % sum(sections)
+    ends = (sections[0], sections[0] + sections[1], sections[0] + sections[1] + sections[2])
+    return sum((sector >= end).long() for end in ends)
 
 
 def rope_cos_sin(pos, p: RopeParams, freq_factors, dtype):
     """cos, sin ``[n_tokens, 1, n_dims/2]`` in ``dtype`` (HF casts them to the input dtype)."""
-    inv_freq, scaling = rope_inv_freq(p, freq_factors)
-    inv_freq = inv_freq.to(pos.device)
+    inv_freq, scaling = rope_inv_freq(p, freq_factors, pos.device)
     if p.mode == "mrope":
-        rows = mrope_pair_rows(p.sections, p.n_dims // 2).to(pos.device)
+        rows = mrope_pair_rows(p.sections, p.n_dims // 2, pos.device)
         pair_pos = pos.long()[rows, :].T.float()  # [n_tokens, n_pairs]
         freqs = pair_pos * inv_freq
     else:
