@@ -44,7 +44,7 @@ def _statuses(backend_class, cases, stop_at_fail: bool) -> dict[str, str]:
 
 @pytest.mark.parametrize("name", ["CudaAttnTailUnmasked", "CudaAttnRescaleForgotten",
                                   "CudaAttnMissingBarrier", "CudaAttnGroupSharesOneHead",
-                                  "CudaKvRotatePerBlockDelta"])
+                                  "CudaAttnKeyGroupsUnscaled", "CudaKvRotatePerBlockDelta"])
 def test_quick_cases_catch_the_bug(name):
     zoo = _zoo()
     bug = getattr(zoo, name)
@@ -60,7 +60,7 @@ def test_every_bug_is_tested():
     names = {cls.__name__ for cls in _zoo().CUDA_BUGS}
     assert names == {"CudaAttnTailUnmasked", "CudaAttnRescaleForgotten",
                      "CudaAttnMissingBarrier", "CudaAttnGroupSharesOneHead",
-                     "CudaKvRotatePerBlockDelta"}
+                     "CudaAttnKeyGroupsUnscaled", "CudaKvRotatePerBlockDelta"}
 
 
 def test_mutation_must_match_one_line():

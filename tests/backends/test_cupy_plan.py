@@ -149,6 +149,17 @@ def test_prefill_and_a_default_kv_head_count_keep_one_head_a_block():
     assert batch.heads_per_block == 4 and batch.fwd.grid[0] == 2 * batch.n_splits
 
 
+def test_decode_shares_a_heads_keys_among_its_row_groups_where_the_merge_fits():
+    decode = plan.attn_plan(1, 32, 128, 128, 32768, decode=True, kv_heads=8)
+    assert decode.key_split and plan.attn_key_split_fits(128, 128, decode.bk)
+    assert not plan.attn_plan(512, 32, 128, 128, 512, kv_heads=8).key_split  # prefill
+    mla = plan.attn_plan(1, 16, 576, 512, 4096, decode=True, kv_heads=1, shared_limit=232448)
+    assert mla.acc == 64 and not mla.key_split  # the 512-wide accumulators: no registers left
+    # the merge reuses the tiles' shared memory: ATTN_BQ rows of Dv + 2 floats
+    assert plan.attn_key_split_fits(64, 64, 8)
+    assert 4 * plan.ATTN_BQ * (64 + 2) <= plan.attn_shared_bytes(64, 64, 8)
+
+
 def test_split_plan_depends_on_shapes_only():
     """Graph replay: the same shapes must give the same plan whatever the lengths are."""
     a = plan.attn_plan(4, 8, 64, 64, 2048, n_seqs=4, decode=True, num_sms=132)

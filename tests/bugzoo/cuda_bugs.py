@@ -35,10 +35,19 @@ class CudaAttnTailUnmasked(_CudaMutant):
 
 class CudaAttnGroupSharesOneHead(_CudaMutant):
     """A decode block that takes several query heads of one KV head gives every block row the
-    group's first head: its query, slope and sink and where its output goes.  GQA decode."""
+    group's first head: its slope and sink and where its output goes.  GQA decode."""
 
-    MUTATION = ("attention.cu", "const int h = h0 + r / qpb, rq = r % qpb;",
-                "const int h = h0, rq = r % qpb;")
+    MUTATION = ("attention.cu", "const int hl = r / qpb, h = h0 + hl;",
+                "const int hl = r / qpb, h = h0;")
+
+
+class CudaAttnKeyGroupsUnscaled(_CudaMutant):
+    """The key groups of a decode head merge their accumulators without rescaling each to the
+    common maximum: right only where every group saw the same largest score.  Decode."""
+
+    MUTATION = ("attention.cu",
+                "o += Gacc[(r + k) * Dv + d] * expf(Gm[r + k] - base);",
+                "o += Gacc[(r + k) * Dv + d];")
 
 
 class CudaAttnRescaleForgotten(_CudaMutant):
@@ -71,5 +80,6 @@ CUDA_BUGS = {
     CudaAttnRescaleForgotten: "ATTN",
     CudaAttnMissingBarrier: "ATTN",
     CudaAttnGroupSharesOneHead: "ATTN",
+    CudaAttnKeyGroupsUnscaled: "ATTN",
     CudaKvRotatePerBlockDelta: "KV_ROTATE",
 }

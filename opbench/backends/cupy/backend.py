@@ -243,7 +243,7 @@ class CupyBackend(ScenarioOpsMixin, RuntimeBackend):
                 *(_i32(n) for n in sizes), np.float32(p.scale), np.float32(p.softcap),
                 np.float32(log2_m0), np.float32(log2_m1), _i32(n_head_log2),
                 _i32(int(p.causal)), _i32(p.window), _i32(attn.bk),
-                _i32(attn.heads_per_block), _i32(attn.n_splits),
+                _i32(attn.heads_per_block), _i32(int(attn.key_split)), _i32(attn.n_splits),
                 _i32(attn.split_len), _i64(_lead_stride("k", k)), _i64(_lead_stride("v", v)))
         fwd = f"attn_fwd<{plan.CTYPES[_dtype(q)]}, {attn.acc}>"
         self._run(target, "attention.cu", fwd, attn.fwd, args)

@@ -62,6 +62,9 @@ def _pairs(template: str) -> list[str]:
 
 #: accumulator widths of attn_fwd<T, ACC>: Dv <= ACC * ATTN_GROUP
 ATTN_ACC_WIDTHS = (8, 16, 32, 64)
+#: the widest ACC whose decode shares a head's keys among its row groups (attention.cu: the
+#: merge's registers would make ACC 64 spill)
+KEY_SPLIT_MAX_ACC = 32
 ATTN_THREADS, ATTN_BQ, ATTN_GROUP = 128, 16, 8  # mirror attention.cu's #defines
 # split-KV decode (attn_splits): keys per split, the grid's bound, the most splits
 DECODE_SPLIT_KEYS, DECODE_BLOCKS_PER_SM, MAX_DECODE_SPLITS = 256, 16, 128
@@ -221,6 +224,7 @@ class AttnPlan:
     bk: int  # keys per shared-memory tile
     acc: int  # attn_fwd's ACC template argument
     heads_per_block: int  # query heads of one KV head's group that one block takes
+    key_split: bool  # a head with one query row shares its keys among its row groups
     n_splits: int  # > 1: split-KV path (partials + attn_merge)
     split_len: int  # keys per split, a multiple of bk
     fwd: Launch
@@ -233,9 +237,15 @@ class AttnPlan:
 
 
 def attn_shared_bytes(dk: int, dv: int, bk: int) -> int:
-    """attention.cu's layout: Q [BQ][Dk+1], K [bk][Dk+1], V [bk][Dv], P [BQ][bk] floats, then
-    each key's slot (lead, sub) as [bk] ints twice."""
-    return 4 * (ATTN_BQ * (dk + 1) + bk * (dk + 1) + bk * dv + ATTN_BQ * bk + 2 * bk)
+    """attention.cu's layout: Q [BQ][Dk+1], K [bk][Dk+1], V [bk][Dv+1], P [BQ][bk] floats,
+    then each key's slot (lead, sub) as [bk] ints twice."""
+    return 4 * (ATTN_BQ * (dk + 1) + bk * (dk + 1) + bk * (dv + 1) + ATTN_BQ * bk + 2 * bk)
+
+
+def attn_key_split_fits(dk: int, dv: int, bk: int) -> bool:
+    """Whether merge_key_groups' ATTN_BQ * (Dv + 2) floats fit in the tiles' shared memory,
+    which they reuse."""
+    return 4 * ATTN_BQ * (dv + 2) <= attn_shared_bytes(dk, dv, bk)
 
 
 def attn_acc_width(dv: int) -> int:
@@ -300,7 +310,8 @@ def attn_plan(n_q_total: int, n_heads: int, dk: int, dv: int, max_kv: int, n_seq
     merge = None
     if n_splits > 1:
         merge = Launch((n_q_total * n_heads, 1, 1), (threads_for(dv, hi=128), 1, 1))
-    return AttnPlan(bk, acc, hpb, n_splits, split_len, fwd, merge)
+    key_split = decode and acc <= KEY_SPLIT_MAX_ACC and attn_key_split_fits(dk, dv, bk)
+    return AttnPlan(bk, acc, hpb, key_split, n_splits, split_len, fwd, merge)
 
 
 def alibi_scalars(n_heads: int, max_bias: float) -> tuple[float, float, int]:

@@ -143,7 +143,7 @@ __device__ __forceinline__ void stage_rows(const T* src, float* dst, const int* 
         stage_elements(src, dst, Slead, Ssub, bk, D, dst_stride, lead_stride, Hkv, kvh);
 }
 
-// Stages keys [kt, kt + bk) of kv head kvh into Ks ([bk][dk_pad]) and Vs ([bk][dv]); keys past
+// Stages keys [kt, kt + bk) of kv head kvh into Ks ([bk][dk_pad]) and Vs ([bk][dv_pad]); keys past
 // k_hi and unresolvable slots read as zeros.  k_stride / v_stride: elements between leading
 // indices (tokens, or cache blocks when paged); inside a block tokens are Hkv*D apart.  Each
 // key's slot is resolved once into Slead / Ssub ([bk] ints each), not once per element: a
@@ -152,7 +152,7 @@ template <typename T>
 __device__ __forceinline__ void load_kv_tile(const T* k, const T* v, float* Ks, float* Vs,
                                              int* Slead, int* Ssub, int kt, int k_hi, int bk,
                                              int seq, int kvh, int Hkv, int Dk, int Dv,
-                                             int dk_pad, const int* block_table,
+                                             int dk_pad, int dv_pad, const int* block_table,
                                              int max_blocks, int block_size, int num_blocks,
                                              long long k_stride, long long v_stride,
                                              int* err) {
@@ -165,7 +165,48 @@ __device__ __forceinline__ void load_kv_tile(const T* k, const T* v, float* Ks, 
     }
     __syncthreads();  // previous tile fully consumed (and Q staged, on the first pass)
     stage_rows(k, Ks, Slead, Ssub, bk, Dk, dk_pad, k_stride, Hkv, kvh);
-    stage_rows(v, Vs, Slead, Ssub, bk, Dv, Dv, v_stride, Hkv, kvh);
+    stage_rows(v, Vs, Slead, Ssub, bk, Dv, dv_pad, v_stride, Hkv, kvh);
+}
+
+// The key groups of a head (block rows r .. r + groups - 1, r the first's) each hold an
+// online-softmax state (m, l, acc) over their share of the keys: the first group's becomes
+// the merge of all, as attn_merge merges splits.  Reuses the tiles' shared memory, which
+// needs ATTN_BQ * (Dv + 2) floats (plan.attn_key_split_fits).  Every thread calls it.
+template <int ACC>
+__device__ __forceinline__ void merge_key_groups(float* smem, float& m, float& l,
+                                                 float (&acc)[ACC], int r, int g, int kg,
+                                                 int groups, int Dv, bool head_valid) {
+    float* Gm = smem;                  // [ATTN_BQ] each row group's running max
+    float* Gl = Gm + ATTN_BQ;          // [ATTN_BQ] its denominator
+    float* Gacc = Gl + ATTN_BQ;        // [ATTN_BQ][Dv] its accumulator
+    __syncthreads();  // every group is done with the last tile
+    if (g == 0) {
+        Gm[r] = m;
+        Gl[r] = l;
+    }
+#pragma unroll
+    for (int a = 0; a < ACC; ++a) {
+        const int d = g + ATTN_GROUP * a;
+        if (d < Dv) Gacc[r * Dv + d] = acc[a];
+    }
+    __syncthreads();
+    if (kg != 0 || !head_valid) return;
+    float top = -OPB_INF;
+    for (int k = 0; k < groups; ++k) top = fmaxf(top, Gm[r + k]);
+    const float base = top == -OPB_INF ? 0.0f : top;
+    float sum = 0.0f;
+    for (int k = 0; k < groups; ++k) sum += Gl[r + k] * expf(Gm[r + k] - base);
+#pragma unroll
+    for (int a = 0; a < ACC; ++a) {
+        const int d = g + ATTN_GROUP * a;
+        if (d < Dv) {
+            float o = 0.0f;
+            for (int k = 0; k < groups; ++k) o += Gacc[(r + k) * Dv + d] * expf(Gm[r + k] - base);
+            acc[a] = o;
+        }
+    }
+    m = top;
+    l = sum;
 }
 
 // ACC: output dims each thread accumulates in registers (Dv <= ACC * ATTN_GROUP); one
@@ -182,8 +223,8 @@ attn_fwd(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__
          const int* __restrict__ q_start, int* err, int n_q_total, int H, int Hkv, int Dk, int Dv,
          int n_kv, int max_blocks, int block_size, int num_blocks, float scale, float softcap,
          float alibi_log2_m0, float alibi_log2_m1, int alibi_n_head_log2, int causal,
-         int window, int bk, int hpb, int n_splits, int split_len, long long k_stride,
-         long long v_stride) {
+         int window, int bk, int hpb, int key_split, int n_splits, int split_len,
+         long long k_stride, long long v_stride) {
     // hpb query heads of one KV head's group share the block (decode: each stages a K/V tile
     // once for all of them), qpb query rows each: block row r is head h0 + r / qpb, query
     // row q0 + r % qpb (a block row past hpb * qpb has neither)
@@ -204,8 +245,17 @@ attn_fwd(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__
     const int rows = min(qpb, q_len - q0);  // query rows of each head
     const int kvh = h0 / (H / Hkv);
     const int r = threadIdx.x / ATTN_GROUP, g = threadIdx.x % ATTN_GROUP;
-    const int h = h0 + r / qpb, rq = r % qpb;
-    const bool row_valid = r / qpb < hpb && rq < rows;
+    // One query row a head (decode): its qpb row groups share its keys instead, each taking
+    // every qpb-th chunk of ATTN_GROUP keys of a tile, and merge at the end.  Otherwise one
+    // row group of eight lanes does all of a head's dot products while the other three of
+    // its warp idle: the fifth H200 run's decode, 439 us at 32k keys (torch 100).
+    // (not for the 512-wide heads: ACC 64 already fills the registers; it would spill)
+    const int key_groups = ACC <= 32 && key_split && rows == 1 ? qpb : 1;  // block-uniform
+    const int hl = r / qpb, h = h0 + hl;
+    const int rq = key_groups > 1 ? 0 : r % qpb;  // the query row among the head's rows
+    const int kg = key_groups > 1 ? r % qpb : 0;  // the key group
+    const int r_q = hl * qpb + rq;               // the block row holding that query
+    bool row_valid = hl < hpb && rq < rows;
     const int qpos_first = seq_len - q_len + q0, qpos = qpos_first + rq;
     const long long qrow = q_begin + q0 + rq;
 
@@ -218,8 +268,9 @@ attn_fwd(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__
     const int dk_pad = Dk + 1;  // odd row stride: lanes reading different keys hit different banks
     float* Qs = smem;
     float* Ks = Qs + ATTN_BQ * dk_pad;
+    const int dv_pad = Dv + 1;  // odd as well: key groups of a warp read different keys
     float* Vs = Ks + bk * dk_pad;
-    float* Ps = Vs + bk * Dv;
+    float* Ps = Vs + bk * dv_pad;
     int* Slead = (int*)(Ps + ATTN_BQ * bk);
     int* Ssub = Slead + bk;
     for (int idx = threadIdx.x; idx < ATTN_BQ * Dk; idx += ATTN_THREADS) {
@@ -234,15 +285,16 @@ attn_fwd(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__
 
     for (int kt = k_lo; kt < k_hi; kt += bk) {
         load_kv_tile(k, v, Ks, Vs, Slead, Ssub, kt, k_hi, bk, seq, kvh, Hkv, Dk, Dv, dk_pad,
-                     block_table, max_blocks, block_size, num_blocks, k_stride, v_stride, err);
+                     dv_pad, block_table, max_blocks, block_size, num_blocks, k_stride, v_stride, err);
         __syncthreads();
         float tile_max = -OPB_INF;
-        for (int j = g; j < bk; j += ATTN_GROUP) {
+        const int first = g + ATTN_GROUP * kg, step = ATTN_GROUP * key_groups;
+        for (int j = first; j < bk; j += step) {
             const int t = kt + j;
             float sc = -OPB_INF;
             if (row_valid && t < k_hi) {
                 float dot = 0.0f;
-                for (int d = 0; d < Dk; ++d) dot += Qs[r * dk_pad + d] * Ks[j * dk_pad + d];
+                for (int d = 0; d < Dk; ++d) dot += Qs[r_q * dk_pad + d] * Ks[j * dk_pad + d];
                 sc = dot * scale;
                 if (softcap > 0.0f) sc = softcap * tanhf(sc / softcap);
                 if (mask != nullptr) sc += mask[(long long)(q0 + rq) * n_kv + t];
@@ -256,7 +308,7 @@ attn_fwd(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__
         const float base = m_new == -OPB_INF ? 0.0f : m_new;  // all masked so far: no NaN
         const float alpha = expf(m - base);
         float psum = 0.0f;
-        for (int j = g; j < bk; j += ATTN_GROUP) {
+        for (int j = first; j < bk; j += step) {
             float p = expf(Ps[r * bk + j] - base);
             Ps[r * bk + j] = p;
             psum += p;
@@ -270,10 +322,16 @@ attn_fwd(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__
             const int d = g + ATTN_GROUP * a;
             if (d < Dv) {
                 float o = acc[a] * alpha;
-                for (int j = 0; j < bk; ++j) o += Ps[r * bk + j] * Vs[j * Dv + d];
+                for (int c = ATTN_GROUP * kg; c < bk; c += step)  // the group's key chunks
+                    for (int j = c; j < min(c + ATTN_GROUP, bk); ++j)
+                        o += Ps[r * bk + j] * Vs[j * dv_pad + d];
                 acc[a] = o;
             }
         }
+    }
+    if (key_groups > 1) {  // the head's key groups merge into its first (uniform branch)
+        merge_key_groups<ACC>(smem, m, l, acc, r, g, kg, key_groups, Dv, hl < hpb);
+        row_valid = row_valid && kg == 0;
     }
     if (!row_valid) return;
     if (n_splits > 1) {  // normalised partial without sinks; attn_merge adds them once
