@@ -143,8 +143,8 @@ __device__ __forceinline__ void stage_rows(const T* src, float* dst, const int* 
         stage_elements(src, dst, Slead, Ssub, bk, D, dst_stride, lead_stride, Hkv, kvh);
 }
 
-// Stages keys [kt, kt + bk) of kv head kvh into Ks ([bk][dk_pad]) and Vs ([bk][dv_pad]); keys past
-// k_hi and unresolvable slots read as zeros.  k_stride / v_stride: elements between leading
+// Stages keys [kt, kt + bk) of kv head kvh into Ks ([bk][dk_pad]) and Vs ([bk][dv_pad]); keys
+// past k_hi and unresolvable slots read as zeros.  k_stride / v_stride: elements between leading
 // indices (tokens, or cache blocks when paged); inside a block tokens are Hkv*D apart.  Each
 // key's slot is resolved once into Slead / Ssub ([bk] ints each), not once per element: a
 // paged slot is a block-table read and a division.
@@ -285,7 +285,8 @@ attn_fwd(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__
 
     for (int kt = k_lo; kt < k_hi; kt += bk) {
         load_kv_tile(k, v, Ks, Vs, Slead, Ssub, kt, k_hi, bk, seq, kvh, Hkv, Dk, Dv, dk_pad,
-                     dv_pad, block_table, max_blocks, block_size, num_blocks, k_stride, v_stride, err);
+                     dv_pad, block_table, max_blocks, block_size, num_blocks, k_stride,
+                     v_stride, err);
         __syncthreads();
         float tile_max = -OPB_INF;
         const int first = g + ATTN_GROUP * kg, step = ATTN_GROUP * key_groups;
