@@ -299,11 +299,6 @@ class CudaRuntime(Runtime):
         self.graphs.abort()  # an open capture has issued nothing to CUDA yet
         self.synchronize(None)
 
-    def time_one(self, fn) -> float:
-        """Nanoseconds of one call's GPU work on the ops' stream (the harness calls
-        ``flush_l2`` first for cold samples)."""
-        return self.timer()(fn)
-
     def _timing_stream(self) -> torch.cuda.Stream:
         # ops run on the logical devices' streams, so the events go there too
         return self._streams[0] if self._streams else torch.cuda.current_stream()
