@@ -50,6 +50,34 @@ def backend_file(tmp_path, body: str) -> str:
 
 
 # -- the verb end to end ---------------------------------------------------------------------------
+CANNOT_OPEN = """
+    class CannotOpen(CpuBackend):
+        name = "cannot-open"
+
+        def __init__(self, **options):
+            raise RuntimeError("cannot open device 0")
+"""
+
+
+@pytest.mark.parametrize("repeat", [[], ["--repeat", "2"]])
+def test_a_backend_whose_constructor_raises_fails_in_one_line_and_the_next_one_runs(
+        tmp_path, capsys, repeat):
+    fake, results = backend_file(tmp_path, CANNOT_OPEN), tmp_path / "r.jsonl"
+    code, out, err = perf_main(capsys, "-b", f"{fake}:CannotOpen,cpu", "-o", "CPY", "-p",
+                               "type=f16", "--results", str(results), *repeat)
+    assert code == 1 and "Traceback" not in out + err
+    assert "Backend cannot-open: FAIL (backend" in out
+    assert "RuntimeError: cannot open device 0" in out
+    assert {r["backend"] for r in read_records(results)} == {"cpu"}
+
+
+def test_an_ab_side_whose_constructor_raises_ends_the_run_in_one_line(tmp_path, capsys):
+    fake = backend_file(tmp_path, CANNOT_OPEN)
+    code, out, err = perf_main(capsys, "--ab", "cpu", f"{fake}:CannotOpen", "-o", "CPY")
+    assert code == 1 and "Traceback" not in out + err
+    assert "could not be constructed: RuntimeError: cannot open device 0" in err
+
+
 def test_perf_writes_every_sample_and_prints_test_backend_ops_lines(tmp_path, capsys):
     results = tmp_path / "r.jsonl"
     code, out, _ = perf_main(capsys, "-o", "CPY,ROPE", "--results", str(results))
@@ -199,7 +227,7 @@ def test_a_device_timers_launch_time_is_kept_in_the_perf_block(tmp_path, capsys)
                            "-p", "type=f16", "--results", str(results))
     assert code == 0
     blocks = {r["backend"]: r["perf"] for r in read_records(results)}
-    timed = blocks[f"{fake}:EventTimedCpu"]
+    timed = blocks["event-timed-cpu"]  # records name a backend by its class's name
     # the call is all host work here: its enqueue time is the sample's time
     assert 0 < timed["launch_median_ns"] <= 1.5 * timed["median_ns"]
     assert timed["launch_exposed"] == 0  # each enqueue was shorter than the spin asked for

@@ -20,6 +20,7 @@ from opbench.harness.pool import setup_failure
 from opbench.harness.records import environment
 from opbench.harness.registry import (
     backend_class,
+    backend_label,
     backend_options,
     open_backend,
     parse_ref,
@@ -43,8 +44,25 @@ class _GivenBackends(argparse.Action):
         namespace.backend_given = True
 
 
-def common_options() -> argparse.ArgumentParser:
-    """Options every verb that runs cases shares."""
+OUTPUTS = ("console", "csv", "json", "junit")
+
+
+def seed_value(text: str) -> int:
+    """--seed: NumPy's generators take no negative seed (a usage error here, not a traceback
+    from the first case that draws)."""
+    try:
+        seed = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if seed < 0:
+        raise argparse.ArgumentTypeError(f"{seed} must be >= 0")
+    return seed
+
+
+def common_options(unused: tuple[str, ...] = (), outputs: tuple[str, ...] = OUTPUTS
+                   ) -> argparse.ArgumentParser:
+    """Options every verb that runs cases shares.  ``unused``: flags the verb refuses
+    (``refuse_unused``), left out of its --help; ``outputs``: the --output formats it has."""
     common = Parser(add_help=False)
     common.add_argument("-b", "--backend", default="cpu", action=_GivenBackends,
                         help="backends, comma separated: a registered name, package.module:Class"
@@ -55,13 +73,17 @@ def common_options() -> argparse.ArgumentParser:
     common.add_argument("-p", "--pattern", default=None,
                         help="regular expression matched against case ids")
     common.add_argument("--devices", type=int, default=1, help="logical devices (default: 1)")
-    common.add_argument("--seed", type=int, default=0, help="input seed (default: 0)")
+    common.add_argument("--seed", type=seed_value, default=0,
+                        help="input seed, an integer >= 0 (default: 0)")
     common.add_argument("-j", "--jobs", type=int, default=1,
                         help="worker processes (default: 1)")
     common.add_argument("--results", default=None,
                         help="append JSON Lines records to this file as each case finishes")
-    common.add_argument("--output", choices=["console", "csv", "json", "junit"],
+    common.add_argument("--output", choices=list(outputs),
                         default="console", help="output format on stdout")
+    for action in common._actions:  # argparse has no public way to hide a parent's option
+        if set(action.option_strings) & set(unused):
+            action.help = argparse.SUPPRESS
     return common
 
 
@@ -117,7 +139,7 @@ def parse_ops(value: str | None) -> list[str]:
     unknown = [op for op in ops if op not in SPECS]
     if unknown:
         raise UsageError(f"unknown op {', '.join(unknown)}; choose from {', '.join(SPECS)}")
-    return ops
+    return list(dict.fromkeys(ops))  # -o CPY,CPY runs the table once
 
 
 def parse_backends(value: str, extra: dict | None = None) -> list[str]:
@@ -129,7 +151,23 @@ def parse_backends(value: str, extra: dict | None = None) -> list[str]:
         raise UsageError("no backend given to -b")
     for ref in refs:
         backend_options(parse_ref(ref), extra)
+    refuse_shared_labels(refs, extra)
     return refs
+
+
+def refuse_shared_labels(refs: list[str], extra: dict | None = None) -> None:
+    """Two different backends (classes, or option values) that records would call by one
+    name (``registry.backend_label``) are a usage error: report and gate key records on
+    that name and would merge their cases, the last record winning."""
+    seen: dict[str, tuple] = {}
+    for ref in refs:
+        parsed = parse_ref(ref)
+        label = backend_label(parsed, extra)
+        config = (parsed.cls, sorted(backend_options(parsed, extra).items(), key=str))
+        if seen.setdefault(label, (ref, config))[1] != config:
+            raise UsageError(f"backends {seen[label][0]!r} and {ref!r} would both be called "
+                             f"{label!r} in the records; give one of the classes a `name` "
+                             "of its own")
 
 
 def compile_pattern(pattern: str | None) -> re.Pattern | None:
@@ -340,14 +378,14 @@ def run_backend(report, args, name: str, options: dict, total: int, records, wri
     raises fails in one line; else ``records()`` is stored, printed and counted.  ``describe``:
     the records' env carries the backend's ``info()`` under ``options`` (False: its name only,
     when each item opens the backend with options of its own, as scenarios do)."""
-    cls = backend_class(name)
+    cls, label = backend_class(name), backend_label(name, options)
     ok, why = cls.available()
     if not ok:
-        return report_unavailable(report, args, cls.name, why)
+        return report_unavailable(report, args, label, why)
     info, broken = probe_backend(name, options)
     if broken:  # one line, not a traceback per item; the next backend still runs
-        report.broken_backend(cls.name, broken)
+        report.broken_backend(label, broken)
         return True
     env = environment(info if describe else {"name": cls.name})
-    return run_backend_guarded(report, cls.name, lambda: record_backend_run(
-        report, cls.name, total, records(), writer, env))
+    return run_backend_guarded(report, label, lambda: record_backend_run(
+        report, label, total, records(), writer, env))

@@ -4,7 +4,12 @@ the options it takes (with their defaults)."""
 from __future__ import annotations
 
 from opbench.errors import UsageError
-from opbench.harness.registry import backend_class, open_backend, registered_names
+from opbench.harness.registry import (
+    backend_class,
+    open_backend,
+    registered_names,
+    shown_value,
+)
 
 
 def register(subparsers, common) -> None:
@@ -31,10 +36,18 @@ def cmd_doctor(args) -> int:
             except Exception as exc:  # doctor reports what is wrong, it never stops at it
                 print(f"{name:8s} broken: {type(exc).__name__}: {exc}")
             else:
-                details = ", ".join(f"{k}={v}" for k, v in info.items())
-                print(f"{name:8s} available  {details}")
+                print(f"{name:8s} available  {describe_info(info)}")
         print_options(cls)
     return 0
+
+
+def describe_info(info: dict) -> str:
+    """``key=value, ...`` with switches as on/off, as the options below them read; a backend's
+    own word on how it is available (cupy-emu: "kernels emulated ...") comes first, as it is."""
+    how = info.get("available")
+    details = ", ".join(f"{key}={shown_value(value)}" for key, value in info.items()
+                        if key != "available")
+    return f"({how}) {details}" if isinstance(how, str) else details
 
 
 def print_options(cls: type) -> None:

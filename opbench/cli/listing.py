@@ -5,11 +5,21 @@ from __future__ import annotations
 from opbench.harness.cases import format_value
 from opbench.harness.ops import SPECS
 
-from .common import add_large_option, model_option, parse_ops, refuse_unused, select_cases
+from .common import (
+    add_large_option,
+    common_options,
+    model_option,
+    parse_ops,
+    refuse_unused,
+    select_cases,
+)
+
+UNUSED = ("-b", "--devices", "-j", "--results", "--output")
 
 
 def register(subparsers, common) -> None:
-    listing = subparsers.add_parser("list", parents=[common], help="list ops or case ids")
+    listing = subparsers.add_parser("list", parents=[common_options(UNUSED)],
+                                    help="list ops or case ids")
     listing.add_argument("--quick", action="store_true", help="list the quick subset")
     listing.add_argument("--coverage", action="store_true",
                          help="per op: axes, values per axis, value pairs possible and "
@@ -21,7 +31,7 @@ def register(subparsers, common) -> None:
 
 
 def cmd_list(args) -> int:
-    refuse_unused(args, "list", ["-b", "--devices", "-j", "--results", "--output"],
+    refuse_unused(args, "list", list(UNUSED),
                   " (it lists case ids, which are the same for every backend)")
     if not args.quick:
         refuse_unused(args, "list", ["--seed"], " without --quick (only the quick subset is"

@@ -8,13 +8,14 @@ shows a traceback for bad input.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import importlib
 import os
 import signal
 import sys
 
 from opbench import __version__
-from opbench.errors import UsageError
+from opbench.errors import BackendSetupError, UsageError
 
 from .common import Parser, common_options
 
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    report_fatal_signals()
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
@@ -53,11 +55,28 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"opbench: error: {exc}", file=sys.stderr)
         return 2
+    except BackendSetupError as exc:  # where a verb cannot go on without that backend (--ab)
+        print(f"opbench: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("opbench: interrupted; records written so far are kept", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return _reader_went_away()
+
+
+def report_fatal_signals() -> None:
+    """A backend that crashes the process (SIGSEGV, SIGABRT, ...) outside --isolate leaves the
+    shell's one word ("Aborted"); Python's fault handler prints every thread's stack first, so
+    the op and the backend's line that crashed are named.  (``--isolate`` or ``-j`` turn a crash
+    into a CRASH record and go on.)  Left as it is where a caller enabled it (pytest does) or
+    stderr is no file."""
+    if faulthandler.is_enabled():
+        return
+    try:
+        faulthandler.enable(all_threads=True)
+    except (AttributeError, ValueError, OSError):  # stderr replaced by an object without a fd
+        pass
 
 
 def _reader_went_away() -> int:

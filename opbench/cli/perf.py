@@ -10,10 +10,11 @@ import math
 import os
 import sys
 
-from opbench.errors import UsageError
+from opbench.errors import BackendSetupError, UsageError
 from opbench.harness.cases import filter_cases
+from opbench.harness.pool import setup_failure
 from opbench.harness.records import FAILING, new_run_id
-from opbench.harness.registry import open_backend, parse_ref
+from opbench.harness.registry import backend_label, open_backend, parse_ref
 from opbench.harness.shards import take_shard
 from opbench.perf import run as perf_mode
 from opbench.perf import timing
@@ -22,6 +23,7 @@ from opbench.perf.cross_ab import split_source
 from . import output
 from .common import (
     add_shard_option,
+    common_options,
     compile_pattern,
     open_writer,
     parse_backends,
@@ -30,10 +32,14 @@ from .common import (
     shard_arg,
 )
 
+#: the options only --ab reads, with their defaults: given without --ab, a usage error
+AB_ONLY = {"--threshold": "5%", "--quantile": 0.5, "--epochs": 4, "--settle-ms": 0.0}
+
 
 def register(subparsers, common) -> None:
     p = subparsers.add_parser(
-        "perf", parents=[common], help="time the perf case tables (real model shapes)",
+        "perf", parents=[common_options(outputs=("console", "csv", "json"))],
+        help="time the perf case tables (real model shapes)",
         description="Warm up, then time each case until --budget-ms (at least --min-samples); "
         "every sample is kept in --results.  --ab A B interleaves two backends round by round.")
     p.add_argument("--sizes", choices=perf_mode.SIZES, default="full",
@@ -51,14 +57,14 @@ def register(subparsers, common) -> None:
                    help="interleave backend refs A and B (NAME[:opt=val,...]); replaces -b."
                    " A side written REF@PATH runs from the opbench source tree at PATH, each"
                    " side in its own process: base and head of a change in one job (docs/ci.md)")
-    p.add_argument("--threshold", default="5%",
+    p.add_argument("--threshold", default=AB_ONLY["--threshold"],
                    help="--ab verdict threshold, e.g. 5%% or 0.05 (default: %(default)s)")
-    p.add_argument("--quantile", type=float, default=0.5,
+    p.add_argument("--quantile", type=float, default=AB_ONLY["--quantile"],
                    help="--ab compares this quantile of the samples (default: median)")
-    p.add_argument("--epochs", type=int, default=4,
+    p.add_argument("--epochs", type=int, default=AB_ONLY["--epochs"],
                    help="--ab: re-allocate both sides' buffers this many times, splitting the"
                         " budget (default: %(default)s; see docs/perf.md)")
-    p.add_argument("--settle-ms", type=float, default=0.0, metavar="MS",
+    p.add_argument("--settle-ms", type=float, default=AB_ONLY["--settle-ms"], metavar="MS",
                    help="--ab: idle MS ms (untimed) before each side's batch, so threads the "
                         "other side left spinning have gone to sleep (an OpenMP backend's "
                         "spin otherwise holds a core into the next side's samples; 20 covers "
@@ -88,7 +94,9 @@ def register(subparsers, common) -> None:
 
 # -- backend references ----------------------------------------------------------------------------
 def open_for_timing(ref: str):
-    """(backend, None) ready for ops, or (None, why it is unavailable)."""
+    """(backend, None) ready for ops, or (None, why it is unavailable).  A bad option is a
+    UsageError; a constructor that raises anything else is BackendSetupError, one line that
+    fails this backend (as ``opbench test`` reports it), not a traceback."""
     parsed = parse_ref(ref)
     ok, why = parsed.cls.available()
     if not ok:
@@ -97,6 +105,8 @@ def open_for_timing(ref: str):
         return open_backend(parsed), None
     except (TypeError, ValueError) as exc:
         raise UsageError(f"backend {ref!r}: {exc}") from None
+    except Exception as exc:
+        raise BackendSetupError(setup_failure(ref, exc)) from None
 
 
 # -- selection and options -------------------------------------------------------------------------
@@ -109,6 +119,17 @@ def select_perf_cases(args) -> list:
         raise UsageError("no perf case matches the given -o/-p" + (" in this --shard"
                                                                     if args.shard else ""))
     return cases
+
+
+def refuse_ab_only(args) -> None:
+    """An --ab option given without --ab (or -b beside --ab) would be ignored: refuse it."""
+    if args.ab:
+        if getattr(args, "backend_given", False):
+            raise UsageError("--ab A B names the backends; drop -b")
+        return
+    for flag, default in AB_ONLY.items():
+        if getattr(args, flag[2:].replace("-", "_")) != default:
+            raise UsageError(f"{flag} is read by --ab only; drop it or add --ab A B")
 
 
 def perf_options(args) -> perf_mode.PerfOptions:
@@ -181,10 +202,9 @@ def cmd_perf(args) -> int:
         raise UsageError("perf times one case at a time on one device: drop -j/--devices")
     if args.executor != "local":
         raise UsageError(EXECUTOR_REFUSED.format(args.executor))
-    if args.output == "junit":
-        raise UsageError("perf has no junit output; use console, csv or json")
     show = output.make_reporter(args.output, quiet=args.quiet,
                                 console=output.PerfConsoleReporter)
+    refuse_ab_only(args)
     cases = select_perf_cases(args)
     # unknown names and options are usage errors before any timing
     cross = args.ab and any(split_source(text)[1] is not None for text in args.ab)
@@ -235,16 +255,21 @@ def _emit(record: dict, writer, show: output.ConsoleReporter, side: str = "") ->
 
 
 def _run_backend(ref, cases, options, run_id, writer, show) -> bool:
-    backend, why = open_for_timing(ref)
+    try:
+        backend, why = open_for_timing(ref)
+    except BackendSetupError as exc:  # fails this backend; the next one still runs
+        show.header(f"Backend {backend_label(ref)}: FAIL ({exc})")
+        return True
     if backend is None:
-        show.header(f"Backend {ref}: skipped ({why})")
+        show.header(f"Backend {backend_label(ref)}: skipped ({why})")
         return False
-    show.header(f"Backend {ref}:")
+    show.header(f"Backend {backend_label(ref)}:")
     env = perf_mode.backend_env(backend)
     failed = False
     try:
         for case in cases:
-            record = perf_mode.run_perf_case(backend, case, options, run_id, label=ref, env=env)
+            record = perf_mode.run_perf_case(backend, case, options, run_id,
+                                             label=backend_label(ref), env=env)
             failed |= _emit(record, writer, show)
     finally:
         backend.close()
@@ -254,30 +279,36 @@ def _run_backend(ref, cases, options, run_id, writer, show) -> bool:
 def _run_repeated(refs, cases, options, run_id, writer, show, repeat: int) -> bool:
     from .perf_repeat import repeated_records
 
-    available = []
+    available, failed = [], False
     for ref in refs:
-        ok, why = parse_ref(ref).cls.available()
-        if ok:
-            available.append(ref)
-        else:
-            show.header(f"Backend {ref}: skipped ({why})")
+        try:  # the runs' processes skip a backend that cannot open: say why once, here
+            backend, why = open_for_timing(ref)
+        except BackendSetupError as exc:
+            show.header(f"Backend {backend_label(ref)}: FAIL ({exc})")
+            failed = True
+            continue
+        if backend is None:
+            show.header(f"Backend {backend_label(ref)}: skipped ({why})")
+            continue
+        backend.close()
+        available.append(ref)
     progress = show.header if not show.quiet else (lambda text: None)
-    failed = False
     for record in repeated_records(available, cases, options, run_id, repeat, progress):
         failed |= _emit(record, writer, show)
     return failed
 
 
-def ab_labels(ref_a: str, ref_b: str) -> tuple[str, str]:
-    """The backend names in the records: the refs, made distinct for an A/A comparison."""
-    return (ref_a, ref_b) if ref_a != ref_b else (f"{ref_a}#A", f"{ref_b}#B")
+def ab_labels(label_a: str, label_b: str) -> tuple[str, str]:
+    """The backend names in the records: the sides' labels, made distinct for an A/A
+    comparison."""
+    return (label_a, label_b) if label_a != label_b else (f"{label_a}#A", f"{label_b}#B")
 
 
 def _run_ab(refs, cases, options, run_id, writer, show, threshold, quantile,
             pin_choice) -> bool:
     from .pinning import compute_threads
 
-    labels = ab_labels(*refs)
+    labels = ab_labels(*map(backend_label, refs))  # one configuration, one name
     sides = {}
     try:
         for label, ref in zip(labels, refs):

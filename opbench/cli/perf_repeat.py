@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 from opbench.errors import UsageError
+from opbench.harness.registry import backend_label
 from opbench.harness.store import ResultWriter, read_records
 from opbench.perf import run as perf_mode
 from opbench.perf.runs import merge_runs
@@ -30,7 +31,7 @@ def one_run(refs: list[str], cases: list, options, run_id: str, path: str) -> No
             env = perf_mode.backend_env(backend)
             try:
                 for record in perf_mode.run_perf_round_robin(backend, cases, options, run_id,
-                                                             label=ref, env=env):
+                                                             label=backend_label(ref), env=env):
                     writer.write(record)
             finally:
                 backend.close()

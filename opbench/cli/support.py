@@ -9,17 +9,19 @@ from opbench.harness.pool import setup_failure
 from opbench.harness.registry import backend_class, open_backend
 
 from . import output
-from .common import parse_backends, parse_ops, refuse_unused, select_cases
+from .common import common_options, parse_backends, parse_ops, refuse_unused, select_cases
+
+UNUSED = ("--devices", "--seed", "-j", "--results", "--output")
 
 
 def register(subparsers, common) -> None:
-    support = subparsers.add_parser("support", parents=[common],
+    support = subparsers.add_parser("support", parents=[common_options(UNUSED)],
                                     help="op x backend support matrix with reasons")
     support.set_defaults(func=cmd_support)
 
 
 def cmd_support(args) -> int:
-    refuse_unused(args, "support", ["--devices", "--seed", "-j", "--results", "--output"],
+    refuse_unused(args, "support", list(UNUSED),
                   " (it asks each backend which cases it supports; nothing runs)")
     names = parse_backends(args.backend)
     cases = select_cases(args)

@@ -11,7 +11,7 @@ from opbench.harness.cases import Case
 from opbench.harness.executors import run_cases
 from opbench.harness.pool import run_inline
 from opbench.harness.records import environment, new_run_id
-from opbench.harness.registry import backend_class
+from opbench.harness.registry import backend_label
 
 from . import output
 from .common import (
@@ -61,8 +61,8 @@ def register(subparsers, common) -> None:
 def iter_records(name: str, args, cases: list[Case], run_id: str) -> Iterator[dict]:
     options = option_flags(args)
     if isolated(args):
-        yield from run_cases(executor_arg(args), name, backend_class(name).name, options, cases,
-                             args.seed, run_id, args.jobs, check_timeout(args))
+        yield from run_cases(executor_arg(args), name, backend_label(name, options), options,
+                             cases, args.seed, run_id, args.jobs, check_timeout(args))
     else:
         yield from run_inline(name, options, cases, args.seed, run_id)
 

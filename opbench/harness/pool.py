@@ -27,7 +27,7 @@ from opbench.errors import BackendSetupError
 
 from . import draws
 from .cases import Case
-from .registry import backend_class, device_label, first_device, open_backend
+from .registry import backend_class, backend_label, device_label, first_device, open_backend
 from .runner import KnownFailures, base_record, run_case
 
 
@@ -71,7 +71,8 @@ class CaseWork:
 
     def run(self, case: Case) -> dict:
         return run_case(self.backend, case, run_seed=self.run_seed, device=self.device,
-                        device_name=self.device_name, run_id=self.run_id, known=self.known)
+                        device_name=self.device_name, run_id=self.run_id, known=self.known,
+                        label=self.backend_name)
 
     def stop(self) -> None:
         if self.backend is not None:
@@ -79,8 +80,8 @@ class CaseWork:
 
     def lost(self, case: Case, status: str, reason: str) -> dict:
         """The record of a case whose worker died or hung (made in the parent)."""
-        name = self.backend_name
-        return base_record(name, case, f"{name}:0", self.run_id, status, reason)
+        device = f"{backend_class(self.backend_ref).name}:0"  # the label may carry options
+        return base_record(self.backend_name, case, device, self.run_id, status, reason)
 
 
 #: what a worker sends when it begins an item: the item's --timeout counts from here, so a
@@ -213,7 +214,7 @@ def run_items_inline(work: Work, items: list) -> Iterator[dict]:
 
 def run_inline(backend_ref: str, options: dict, cases: list[Case], run_seed: int,
                run_id: str) -> Iterator[dict]:
-    work = CaseWork(backend_ref, backend_class(backend_ref).name, options, run_seed, run_id)
+    work = CaseWork(backend_ref, backend_label(backend_ref, options), options, run_seed, run_id)
     return run_items_inline(work, cases)
 
 

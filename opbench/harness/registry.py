@@ -125,6 +125,25 @@ def backend_options(ref: BackendRef, extra: dict | None = None) -> dict:
         raise UsageError(f"backend {ref.text!r}: {exc}") from None
 
 
+def backend_label(ref: str | BackendRef, extra: dict | None = None) -> str:
+    """What records and consoles call a configured backend: its name, then every option whose
+    value differs from its default, sorted (``cpu:rope_cache=off``).  Records are keyed on
+    it, so two configurations run together must not share one (report and gate would merge
+    them, the last record winning), and one configuration gets one label however it was
+    typed (``-b cpu:rope_cache=on`` is ``cpu``) in test, scenario and perf alike."""
+    parsed = parse_ref(ref) if isinstance(ref, str) else ref
+    values = backend_options(parsed, extra)
+    defaults = {option.name: option.default for option in parsed.cls.OPTIONS}
+    changed = [f"{name}={shown_value(value)}" for name, value in sorted(values.items())
+               if name not in defaults or value != defaults[name]]
+    return parsed.cls.name + (":" + ",".join(changed) if changed else "")
+
+
+def shown_value(value: Any) -> str:
+    """An option's value as a command line writes it: switches as on/off."""
+    return {True: "on", False: "off"}[value] if isinstance(value, bool) else str(value)
+
+
 def open_backend(ref: str | BackendRef, extra: dict | None = None, devices: int = 1
                  ) -> Backend:
     """The backend ``ref`` names, made with its options (over ``extra``), ``devices(n)`` called.

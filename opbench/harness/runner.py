@@ -167,12 +167,13 @@ def execute(backend: Backend, spec: OpSpec, case: Case, inputs: Inputs, device: 
 
 def run_case(backend: Backend, case: Case, *, run_seed: int = 0, device: Any = None,
              device_name: str = "cpu:0", run_id: str | None = None,
-             known: KnownFailures | None = None) -> dict:
+             known: KnownFailures | None = None, label: str | None = None) -> dict:
     """Run one case on one backend and return its result record (``run_id``: the run it
-    belongs to; a fresh one when the caller has none, e.g. a test calling it directly)."""
+    belongs to; a fresh one when the caller has none, e.g. a test calling it directly;
+    ``label``: the record's backend, ``registry.backend_label``; the backend's name if None)."""
     run_id = run_id or new_run_id()
     spec = SPECS[case.op]
-    record = base_record(backend.name, case, device_name, run_id)
+    record = base_record(label or backend.name, case, device_name, run_id)
     try:
         spec.validate(case)
     except ValueError as exc:

@@ -3,6 +3,7 @@ opens backends through ``registry.open_backend``; the backend list is the entry 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -111,6 +112,66 @@ def test_file_class_reference_takes_options(tmp_path):
     assert backend.options == {"tile": 32}
     with pytest.raises(UsageError, match="unknown mine backend option"):
         registry.open_backend(f"{path}:Mine:tyle=32")
+
+
+def test_a_backends_label_names_the_options_that_differ_from_their_defaults():
+    assert registry.backend_label("cpu") == "cpu"
+    assert registry.backend_label("cpu:rope_cache=on") == "cpu"  # the default, however typed
+    assert registry.backend_label("cpu:rope_cache=0") == "cpu:rope_cache=off"
+    assert registry.backend_label("cpu:rope_cache=off,jit=off") == "cpu:jit=off,rope_cache=off"
+    assert registry.backend_label("cpu", {"rope_cache": "off"}) == "cpu:rope_cache=off"
+    assert registry.backend_label("cpu:rope_cache=on", {"rope_cache": "off"}) == "cpu"
+
+
+def test_file_class_label_is_its_name_with_its_options(tmp_path):
+    path = tmp_path / "mine.py"
+    path.write_text("from opbench.protocol import Backend, Option\n"
+                    "class Mine(Backend):\n    name = 'mine'\n"
+                    "    OPTIONS = (Option('tile', int, 16, 'tile size'),)\n")
+    assert registry.backend_label(f"{path}:Mine") == "mine"
+    assert registry.backend_label(f"{path}:Mine:tile=32") == "mine:tile=32"
+
+
+def test_two_configurations_of_one_backend_keep_apart_in_the_records(tmp_path, capsys):
+    results = tmp_path / "r.jsonl"
+    assert main(["test", "--quick", "-o", "ROPE", "-p", "type=f32", "-b",
+                 "cpu,cpu:rope_cache=off", "--results", str(results), "-q"]) == 0
+    records = [json.loads(line) for line in results.read_text().splitlines()]
+    by_backend = {name: sorted(r["case_id"] for r in records if r["backend"] == name)
+                  for name in {r["backend"] for r in records}}
+    assert set(by_backend) == {"cpu", "cpu:rope_cache=off"}
+    assert by_backend["cpu"] == by_backend["cpu:rope_cache=off"] and by_backend["cpu"]
+    assert "Backend cpu:rope_cache=off: OK" in capsys.readouterr().out
+
+
+def test_test_and_perf_call_one_configuration_by_one_name(tmp_path):
+    names = {}
+    for verb, extra in (("test", ["--quick"]), ("perf", ["--sizes", "small", "--budget-ms",
+                                                         "5", "--no-calibrate"])):
+        results = tmp_path / f"{verb}.jsonl"
+        assert main([verb, *extra, "-o", "CPY", "-p", "type_src=f32,type=f32,ne=.(5,3|64,4),",
+                     "-b", "cpu:jit=off", "--results", str(results), "-q"]) == 0
+        lines = results.read_text().splitlines()
+        names[verb] = {json.loads(line)["backend"] for line in lines}
+    assert names == {"test": {"cpu:jit=off"}, "perf": {"cpu:jit=off"}}
+
+
+def test_two_backends_that_records_would_call_alike_are_refused(tmp_path, capsys):
+    path = tmp_path / "alike.py"
+    path.write_text("from opbench.backends.cpu import CpuBackend\n"
+                    "class SameName(CpuBackend):\n    pass\n")
+    assert main(["test", "--quick", "-o", "CPY", "-b", f"cpu,{path}:SameName"]) == 2
+    err = capsys.readouterr().err
+    assert "would both be called 'cpu'" in err and "Traceback" not in err
+
+
+def test_doctor_writes_switches_as_the_options_take_them(capsys):
+    assert main(["doctor"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    cpu = next(line for line in lines if line.startswith("cpu "))
+    assert "rope_cache=on" in cpu and "jit=on" in cpu and "True" not in cpu
+    assert "option rope_cache=on (on/off)" in "\n".join(lines)
+    assert not [line for line in lines if "available  available=" in line]
 
 
 def test_declared_abilities_have_harmless_defaults():

@@ -4,8 +4,13 @@ user backends loaded from a file, and crash/hang isolation."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import textwrap
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 
@@ -91,12 +96,36 @@ def test_junit_and_csv_outputs_are_machine_readable(capsys):
     assert out.splitlines()[0].startswith("backend,device,op,case_id")
 
 
+ABORTING = textwrap.dedent("""
+    import os
+    from opbench.backends.cpu import CpuBackend
+
+    class Aborts(CpuBackend):
+        name = "aborts"
+
+        def cpy(self, src, out, perm, step=1, stream=None):
+            os.abort()
+""")
+
+
+def test_a_crash_without_isolate_names_the_backends_line_that_crashed(tmp_path):
+    backend_file = tmp_path / "aborts.py"
+    backend_file.write_text(ABORTING)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    done = subprocess.run([sys.executable, "-m", "opbench", "test", "-b",
+                           f"{backend_file}:Aborts", "-o", "CPY", "--quick", "-q"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    assert done.returncode == -signal.SIGABRT
+    assert "Fatal Python error: Aborted" in done.stderr
+    assert f'File "{backend_file}", line 9 in cpy' in done.stderr
+
+
 def test_isolate_records_crash_and_timeout_and_goes_on(tmp_path, capsys):
     backend_file = tmp_path / "crashy.py"
     backend_file.write_text(CRASHING)
     results = tmp_path / "r.jsonl"
     code, out, _ = run(capsys, "test", "-b", f"{backend_file}:Crashy", "-o", "CPY", "-p",
-                       r"type_src=f32,type=f32,ne=\[5,3,64\].*step=1", "--isolate",
+                       r"type_src=f32,type=f32,ne=\[5,3,64\].*step=1\)", "--isolate",
                        "--timeout", "3", "--results", str(results))
     statuses = {json.loads(x)["case_id"]: json.loads(x)["status"]
                 for x in results.read_text().splitlines()}
@@ -129,7 +158,7 @@ def test_timeout_counts_from_the_case_not_the_worker_start_up(tmp_path, capsys):
     backend_file = tmp_path / "slow.py"
     backend_file.write_text(SLOW_TO_START)
     code, out, _ = run(capsys, "test", "-b", f"{backend_file}:SlowStart", "-o", "CPY", "-p",
-                       r"type_src=f32,type=f32,ne=\[5,3,64\],perm=\[0,1,2\],step=1",
+                       r"type_src=f32,type=f32,ne=\[5,3,64\],perm=\[0,1,2\],step=1\)",
                        "--isolate", "--timeout", "2")
     assert code == 0 and "TIMEOUT" not in out and "1/1 tests passed" in out
 
@@ -157,7 +186,7 @@ def test_a_workers_warm_up_is_start_up_not_the_first_cases_time(tmp_path, capsys
     backend_file = tmp_path / "lazy.py"
     backend_file.write_text(LOADS_ON_FIRST_USE)
     code, out, _ = run(capsys, "test", "-b", f"{backend_file}:LoadsOnFirstUse", "-o", "CPY",
-                       "-p", r"type_src=f32,type=f32,ne=\[5,3,64\],perm=\[0,1,2\],step=1",
+                       "-p", r"type_src=f32,type=f32,ne=\[5,3,64\],perm=\[0,1,2\],step=1\)",
                        "--isolate", "--timeout", "2")
     assert code == 0 and "TIMEOUT" not in out and "1/1 tests passed" in out
 

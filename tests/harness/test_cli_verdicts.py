@@ -16,6 +16,7 @@ import time
 import pytest
 
 from opbench.cli.main import main
+from opbench.harness.ops import SPECS
 
 UNAVAILABLE = textwrap.dedent("""
     from opbench.backends.cpu import CpuBackend
@@ -196,6 +197,11 @@ def test_timeout_alone_isolates_and_must_be_positive(tmp_path, capsys):
     (["support", "--results", "x.jsonl"], "`opbench support` does not use --results"),
     (["support", "-j", "2"], "`opbench support` does not use -j"),
     (["support", "--seed", "3"], "`opbench support` does not use --seed"),
+    (["perf", "-o", "CPY", "--quantile", "2"], "--quantile is read by --ab only"),
+    (["perf", "-o", "CPY", "--threshold", "10%"], "--threshold is read by --ab only"),
+    (["perf", "-o", "CPY", "--epochs", "2"], "--epochs is read by --ab only"),
+    (["perf", "-o", "CPY", "--settle-ms", "20"], "--settle-ms is read by --ab only"),
+    (["perf", "-o", "CPY", "--ab", "cpu", "cpu", "-b", "ggml"], "--ab A B names the backends"),
 ])
 def test_options_a_verb_would_ignore_are_refused(tmp_path, capsys, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)
@@ -203,6 +209,39 @@ def test_options_a_verb_would_ignore_are_refused(tmp_path, capsys, monkeypatch, 
     assert code == 2 and out == ""
     assert message in err and err.count("\n") == 1
     assert not (tmp_path / "x.jsonl").exists()
+
+
+@pytest.mark.parametrize("argv", [["test", "-o", "CPY", "--quick"], ["scenario"],
+                                  ["perf", "-o", "CPY", "--sizes", "small"]])
+def test_a_negative_seed_is_a_usage_error_before_anything_runs(capsys, argv):
+    code, out, err = run(capsys, *argv, "--seed", "-1")
+    assert code == 2 and "argument --seed: -1 must be >= 0" in err
+    assert "Traceback" not in err and "passed" not in out
+
+
+@pytest.mark.parametrize("verb, hidden", [
+    ("list", ["-b BACKEND", "--devices", "-j JOBS", "--results", "--output"]),
+    ("support", ["--devices", "--seed", "-j JOBS", "--results", "--output"])])
+def test_help_leaves_out_the_options_a_verb_refuses(capsys, verb, hidden):
+    with pytest.raises(SystemExit):
+        run(capsys, verb, "--help")
+    text = capsys.readouterr().out
+    assert "-o OP" in text and not [flag for flag in hidden if flag in text]
+
+
+def test_an_op_named_twice_runs_its_table_once(capsys):
+    once = run(capsys, "test", "-o", "CPY", "--quick", "-q")[1]
+    twice = run(capsys, "test", "-o", "CPY,cpy", "--quick", "-q")[1]
+    cases = len(SPECS["CPY"].quick_cases(seed=0))
+    assert once == twice and f"{cases}/{cases} tests passed" in once
+
+
+def test_perf_offers_only_the_outputs_it_writes(capsys):
+    with pytest.raises(SystemExit):
+        run(capsys, "perf", "--help")
+    assert "--output {console,csv,json}" in capsys.readouterr().out
+    code, _, err = run(capsys, "perf", "--output", "junit", "-o", "CPY")
+    assert code == 2 and "invalid choice: 'junit'" in err
 
 
 def test_perf_quiet_prints_only_problems(capsys):

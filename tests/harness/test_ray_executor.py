@@ -70,7 +70,7 @@ def test_dead_worker_is_a_crash_record_and_the_run_goes_on(local_ray, tmp_path, 
     backend_file.write_text(CRASHING)
     results = tmp_path / "r.jsonl"
     code = main(["test", "-b", f"{backend_file}:Crashy", "-o", "CPY", "-p",
-                 r"type_src=f32,type=f32,ne=\[5,3,64\].*step=1", "--executor", "ray", "-j", "2",
+                 r"type_src=f32,type=f32,ne=\[5,3,64\].*step=1\)", "--executor", "ray", "-j", "2",
                  "--timeout", "5", "--results", str(results)])
     records = [json.loads(line) for line in results.read_text().splitlines()]
     statuses = sorted(r["status"] for r in records)

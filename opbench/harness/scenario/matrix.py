@@ -17,7 +17,7 @@ from opbench.protocol import Backend
 from ..executors import LOCAL, ExecutorChoice, run_items
 from ..pool import run_items_inline
 from ..records import make_record
-from ..registry import backend_options, open_backend, parse_ref
+from ..registry import backend_label, backend_options, open_backend, parse_ref
 from .config import KV_DTYPES, ScenarioSpec, model_config
 from .judge import run_scenario, scenario_options
 from .splits import SPLITS
@@ -117,7 +117,7 @@ def scenario_record(backend_ref: str, spec: ScenarioSpec, run_id: str, engine_cl
     ``timed``: also a ``perf`` block of the decode steps' times (the prefill step left out)."""
     ref = parse_ref(backend_ref)
     cls = ref.cls
-    fields = _record_fields(cls.name, spec, run_id)
+    fields = _record_fields(backend_label(ref), spec, run_id)
     try:
         backend = open_backend(ref, declared_options(cls, scenario_options(spec)))
     except (TypeError, ValueError) as exc:
@@ -205,7 +205,7 @@ class ScenarioWork:
 
     def __init__(self, backend_ref: str, run_id: str, timed: bool = False) -> None:
         self.backend_ref, self.run_id, self.timed = backend_ref, run_id, timed
-        self.backend_name = parse_ref(backend_ref).cls.name
+        self.backend_name = backend_label(backend_ref)
 
     def start(self) -> None:
         pass
