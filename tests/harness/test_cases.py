@@ -33,6 +33,19 @@ def test_ids_are_unique_and_stable():
     assert case.id == "ROPE(type=f32,ne=[128,4,9],n_dims=128,mode=neox,fb=10000)"
 
 
+@pytest.mark.parametrize("op", sorted(SPECS))
+def test_every_id_of_an_op_names_its_keys_in_one_order(op):
+    """So one -p finds every case of a setting: CPY's special-value cases once named the
+    destination dtype first where every other CPY case names the source first."""
+    first_seen: dict[frozenset, tuple[str, str]] = {}
+    for case in SPECS[op].cases():
+        keys = [name for name, _ in case.items]
+        for i, earlier in enumerate(keys):
+            for later in keys[i + 1:]:
+                order = first_seen.setdefault(frozenset((earlier, later)), (earlier, later))
+                assert order == (earlier, later), f"{case.id} names {later} after {earlier}"
+
+
 def test_seed_depends_on_id_and_run_seed_only():
     a = Case.make("CPY", ne=[1, 2, 3])
     assert a.seed(0) == Case.make("CPY", ne=[1, 2, 3]).seed(0)

@@ -110,8 +110,12 @@ def _source_values(rng, case: Case, shape) -> np.ndarray:
 
 
 def _special_cases(op: str, **shape_params) -> list[Case]:
-    """One ``vals=special`` case per (destination, source) dtype pair."""
-    return [Case.make(op, type=dst, type_src=src, **shape_params, vals="special")
+    """One ``vals=special`` case per (destination, source) dtype pair, its id in the order of
+    the op's other ids (CPY names its source first), so one -p finds a dtype pair's cases."""
+    def types(dst: str, src: str) -> dict:
+        return {"type_src": src, "type": dst} if op == "CPY" else {"type": dst, "type_src": src}
+
+    return [Case.make(op, **types(dst, src), **shape_params, vals="special")
             for dst, src in itertools.product(DTYPES, DTYPES)]
 
 
