@@ -90,6 +90,8 @@ def test_config_json_in_transformers_5_style_runs_and_lists_unused_fields(tmp_pa
     ({"num_key_value_heads": 3}, "must be a multiple of num_key_value_heads=3"),
     ({"num_attention_heads": "4"}, "num_attention_heads='4' must be an int > 0"),
     ({"layer_types": ["full_attention"]}, "layer_types must hold num_hidden_layers=2"),
+    ({"rope_parameters": {**LLAMA["rope_parameters"], "rope_theta": "abc"}},
+     "a value of the wrong type or shape: ValueError: could not convert"),
 ])
 def test_config_errors_exit_2_naming_the_field(tmp_path, capsys, change, message):
     path = _write(tmp_path, {**LLAMA, **change})

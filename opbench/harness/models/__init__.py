@@ -136,7 +136,13 @@ def load(ref: str) -> Model:
         raise ModelError(f"{path}: not a readable JSON file ({exc})") from None
     if not isinstance(raw, dict):
         raise ModelError(f"{path}: a config.json holds a JSON object, not {type(raw).__name__}")
-    return parse(raw, name=ref)
+    try:
+        return parse(raw, name=ref)
+    except ModelError:
+        raise
+    except (TypeError, ValueError, KeyError) as exc:  # a value of the wrong type
+        raise ModelError(f"{path}: a value of the wrong type or shape: "
+                         f"{type(exc).__name__}: {exc}") from None
 
 
 def _flatten(raw: dict) -> dict:
