@@ -9,8 +9,8 @@ Two modes, chosen once per process (Triton decides when a kernel is decorated):
   torch tensors that alias the harness's NumPy buffers (zero copy), so kernels write straight
   into the guarded output buffers.
 * ``cuda``: native Triton on torch CUDA tensors, torch.cuda streams and events, a CUDA-event
-  timer with an L2 flush (``runtime_cuda``), graph reuse through CUDA graphs (``graphs_cuda``:
-  implemented, exercised only through fakes on the CPU, never run on a GPU).
+  timer with an L2 flush (``runtime_cuda``), graph reuse through CUDA graphs (``graphs_cuda``;
+  CI exercises it through fakes, docs/gpu.md has its runs on an H200).
 
 The runtime is chosen once, when the backend is made, and held (``self.runtime``); what
 differs between the two -- host-side checks, how a launch reaches the kernels, the scenario

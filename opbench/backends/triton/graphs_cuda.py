@@ -1,6 +1,7 @@
 """Graph reuse in the Triton backend's ``cuda`` mode: CUDA graphs through ``torch.cuda``.
 
-**Status: implemented, exercised only through fakes on the CPU; never run on a GPU.**
+**Status: CI exercises it through fakes on the CPU; its GPU test passed on an H200
+(docs/gpu.md).**
 
 The protocol's ``capture_begin(streams)`` / ``capture_end(streams)`` / ``replay(graph)`` on
 torch CUDA streams, with the cupy backend's semantics (``opbench/backends/cupy/graphs.py``):
