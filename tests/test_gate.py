@@ -259,6 +259,24 @@ def test_cli_gate_appends_to_github_step_summary(tmp_path, monkeypatch):
     assert text.startswith("earlier step\n") and "opbench gate passed" in text
 
 
+def test_cli_gate_writes_the_summary_file_and_the_step_summary(tmp_path, monkeypatch, capsys):
+    """The shipped workflow passes --summary (an artifact); the run's page shows only
+    $GITHUB_STEP_SUMMARY, so the gate writes both, and prints the table only when neither."""
+    base, new = base_and_new()
+    b, n = _write(tmp_path / "base.jsonl", base), _write(tmp_path / "new.jsonl", new)
+    step, summary = tmp_path / "step_summary.md", tmp_path / "summary.md"
+    step.write_text("earlier step\n")
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(step))
+    assert main(["gate", b, n, "--summary", str(summary)]) == 1
+    table = summary.read_text()
+    assert "### Perf regressions (1)" in table
+    assert step.read_text() == "earlier step\n" + table
+    assert "### Perf regressions" not in capsys.readouterr().out  # written, not printed
+    monkeypatch.delenv("GITHUB_STEP_SUMMARY")
+    assert main(["gate", b, n]) == 1
+    assert "### Perf regressions (1)" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     "make_args, message",
     [

@@ -42,8 +42,8 @@ def _register_gate(subparsers) -> None:
                    help="cases of BASE missing from NEW are a warning, not a failure (e.g. NEW "
                    "ran a subset); a missing backend or device, or an empty NEW, still fails")
     p.add_argument("--summary", metavar="FILE",
-                   help="write the markdown summary here (default: append to "
-                   "$GITHUB_STEP_SUMMARY when set, else print it)")
+                   help="also write the markdown summary here (it is always appended to "
+                   "$GITHUB_STEP_SUMMARY when that is set, and printed when neither is)")
     p.add_argument("--junit", metavar="FILE", help="write JUnit XML here")
     p.set_defaults(func=run_gate)
 
@@ -84,6 +84,18 @@ def _paired(base: list[dict], new: list[dict], args: argparse.Namespace):
         raise UsageError(str(e)) from None
 
 
+def _publish_summary(summary: str, path: str | None) -> None:
+    """``--summary`` keeps a copy (an artifact); on GitHub Actions the run's page shows the
+    step summary whatever --summary says, so both are written.  Printed only when neither."""
+    step_summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    if path:
+        _write_text(path, summary, "--summary")
+    if step_summary:
+        _write_text(step_summary, summary, "GITHUB_STEP_SUMMARY", mode="a")
+    if not (path or step_summary):
+        print(summary)
+
+
 def run_gate(args: argparse.Namespace) -> int:
     from opbench.perf.gate import gate
     from opbench.reports.gate_summary import gate_junit, gate_markdown, headline, problem_lines
@@ -99,14 +111,7 @@ def run_gate(args: argparse.Namespace) -> int:
         base, new = _paired(base, new, args)
     result = gate(base, new, threshold, confidence=args.confidence, quantile=quantile,
                   allow_missing=args.allow_missing)
-    summary = gate_markdown(result, args.base, args.new)
-    step_summary = os.environ.get("GITHUB_STEP_SUMMARY")
-    if args.summary:
-        _write_text(args.summary, summary, "--summary")
-    elif step_summary:
-        _write_text(step_summary, summary, "GITHUB_STEP_SUMMARY", mode="a")
-    else:
-        print(summary)
+    _publish_summary(gate_markdown(result, args.base, args.new), args.summary)
     if args.junit:
         _write_text(args.junit, gate_junit(result), "--junit")
     for line in problem_lines(result):
