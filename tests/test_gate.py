@@ -236,7 +236,7 @@ def test_cli_gate_prints_a_line_per_kind_of_gap(tmp_path, capsys, monkeypatch):
     code, lines = _gate_lines(capsys, b, n)
     assert code == 1
     assert any(line.startswith("FAIL: NEW lacks 1 backend(s)") and "torch" in line
-               for line in lines)
+               and "instead" not in line for line in lines)  # NEW has no other backend
     assert any(line.startswith("FAIL: NEW lacks 1 case(s)") and "ROPE(b)" in line
                for line in lines)
     assert any(line.startswith("FAIL: NEW holds 1 CRASH/TIMEOUT/ERROR") for line in lines)
@@ -307,3 +307,14 @@ def test_cli_gate_pairs_two_backends_of_one_ab_file(tmp_path, capsys, monkeypatc
     assert main(["gate", ab, ab, "--base-backend", "cpu", "--new-backend", "gpu"]) == 2
     assert "NEW has no records of backend 'gpu'" in capsys.readouterr().err
     assert main(["gate", ab, ab, "--base-backend", "cpu"]) == 2
+
+
+def test_cli_gate_names_the_backend_new_has_instead(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
+    b = _write(tmp_path / "b.jsonl", [_rec("ROPE(a)")])
+    n = _write(tmp_path / "n.jsonl", [{**_rec("ROPE(a)"), "backend": "rv/slow.py:Slow"}])
+    code, lines = _gate_lines(capsys, b, n)
+    assert code == 1
+    assert ("FAIL: NEW lacks 1 backend(s) present in BASE: cpu (test); NEW has "
+            "rv/slow.py:Slow (test) instead; to compare them with each other, give "
+            "--base-backend cpu --new-backend rv/slow.py:Slow") in lines

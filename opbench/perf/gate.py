@@ -75,6 +75,7 @@ class GateResult:
     new_empty: bool = False
     allow_missing: bool = False
     missing_backends: list[tuple[str, str]] = field(default_factory=list)  # (kind, backend)
+    extra_backends: list[tuple[str, str]] = field(default_factory=list)  # NEW's, not in BASE
     missing_devices: list[tuple[str, str, str]] = field(default_factory=list)
     broken: list[StatusChange] = field(default_factory=list)  # CRASH/TIMEOUT/ERROR in NEW
 
@@ -175,10 +176,13 @@ def _perf_change(key: CaseKey, base: dict, new: dict, options: dict) -> PerfChan
 
 
 def _coverage_gaps(base: dict[CaseKey, dict], new: dict[CaseKey, dict], result) -> None:
-    """Backends of BASE that NEW lacks entirely, then devices of backends NEW does have."""
+    """Backends of BASE that NEW lacks entirely (and NEW's that BASE lacks: differently named
+    sides compare nothing), then devices of backends NEW does have."""
+    base_backends = {(k.kind, k.backend) for k in base}
     new_backends = {(k.kind, k.backend) for k in new}
     new_devices = {(k.kind, k.backend, k.device) for k in new}
-    result.missing_backends = sorted({(k.kind, k.backend) for k in base} - new_backends)
+    result.missing_backends = sorted(base_backends - new_backends)
+    result.extra_backends = sorted(new_backends - base_backends)
     result.missing_devices = sorted(
         d for d in {(k.kind, k.backend, k.device) for k in base} - new_devices
         if (d[0], d[1]) in new_backends

@@ -31,6 +31,40 @@ def _examples(items: list, limit: int = 3) -> str:
     return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
 
 
+def _backend_names(pairs: list[tuple[str, str]]) -> list[str]:
+    return list(dict.fromkeys(backend for _, backend in pairs))
+
+
+def _pairing_hint(result: GateResult) -> str:
+    base_only = _backend_names(result.missing_backends)
+    new_only = _backend_names(result.extra_backends)
+    if len(base_only) == 1 and len(new_only) == 1:
+        return (f"; to compare them with each other, give --base-backend {base_only[0]} "
+                f"--new-backend {new_only[0]}")
+    return ""
+
+
+def backend_gap_note(result: GateResult) -> str:
+    """A plain sentence when BASE and NEW name their backends differently (so some or all of
+    their cases cannot be matched), naming the backends on each side; "" when they agree."""
+    base_only = _backend_names(result.missing_backends)
+    new_only = _backend_names(result.extra_backends)
+    if not (base_only or new_only):
+        return ""
+    sides = (f"BASE's backend(s) {', '.join(base_only) or '(none)'} not in NEW, "
+             f"NEW's {', '.join(new_only) or '(none)'} not in BASE")
+    start = "Nothing was compared" if result.compared == 0 else "Some cases were not compared"
+    return f"{start}: {sides}{_pairing_hint(result)}."
+
+
+def _instead(result: GateResult) -> str:
+    """What NEW has where BASE's backend is missing: often the same kernels, named otherwise."""
+    if not result.extra_backends:
+        return ""
+    names = [f"{backend} ({kind})" for kind, backend in result.extra_backends]
+    return f"; NEW has {_examples(names)} instead{_pairing_hint(result)}"
+
+
 def problem_lines(result: GateResult) -> list[str]:
     """One line per kind of finding that fails the gate (or, with --allow-missing, warns)."""
     lines = []
@@ -39,7 +73,7 @@ def problem_lines(result: GateResult) -> list[str]:
     if result.missing_backends:
         names = [f"{backend} ({kind})" for kind, backend in result.missing_backends]
         lines.append(f"FAIL: NEW lacks {len(names)} backend(s) present in BASE: "
-                     + _examples(names))
+                     + _examples(names) + _instead(result))
     if result.missing_devices:
         names = [f"{backend}/{device} ({kind})" for kind, backend, device
                  in result.missing_devices]
