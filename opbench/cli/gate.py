@@ -21,8 +21,9 @@ def _register_gate(subparsers) -> None:
         description="Compare NEW results with BASE.  Exit 1 when a case that passed now fails, "
         "a supported case is now unsupported, a timed case is slower beyond --threshold "
         "with confidence (bootstrap interval of the ratio of --quantile), NEW holds a "
-        "CRASH/TIMEOUT/ERROR record, or NEW is empty or lacks a backend, device or case of "
-        "BASE; 0 otherwise.",
+        "CRASH/TIMEOUT/ERROR record, NEW is empty or lacks a backend, device or case of "
+        "BASE, or the two sides timed a case differently (one with perf --repeat, one "
+        "without: not comparable); 0 otherwise.",
     )
     p.add_argument("base", metavar="BASE", help="baseline result file")
     p.add_argument("new", metavar="NEW", help="new result file")

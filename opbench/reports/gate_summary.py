@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 
-from opbench.perf.gate import CaseKey, GateResult, PerfChange, StatusChange
+from opbench.perf.gate import CaseKey, GateResult, MethodMismatch, PerfChange, StatusChange
+from opbench.perf.method import rerun_advice
 from opbench.perf.stats import RunsComparison
 from opbench.reports.markup import md_escape
 
@@ -19,6 +20,8 @@ def headline(result: GateResult) -> str:
     )
     if result.broken:
         counts += f", {len(result.broken)} crashed/timed out/errored"
+    if result.timed_differently:
+        counts += f", {len(result.timed_differently)} timed differently"
     if result.incomplete:
         counts += ", NEW incomplete"
     verdict = "FAILED" if result.failed else "passed"
@@ -65,6 +68,20 @@ def _instead(result: GateResult) -> str:
     return f"; NEW has {_examples(names)} instead{_pairing_hint(result)}"
 
 
+def method_lines(result: GateResult) -> list[str]:
+    """Per pair of methods: which side was timed how, the cases, and what to rerun."""
+    groups: dict[tuple, list[MethodMismatch]] = {}
+    for m in result.timed_differently:
+        groups.setdefault((m.base_method.describe(), m.new_method.describe()), []).append(m)
+    lines = []
+    for (base, new), mismatches in groups.items():
+        advice = rerun_advice(mismatches[0].base_method, mismatches[0].new_method)
+        lines.append(f"{len(mismatches)} timing(s) not compared: BASE was run {base}, NEW "
+                     f"{new}, and that alone changes the times; {advice}: "
+                     + _examples([m.key.label() for m in mismatches]))
+    return lines
+
+
 def problem_lines(result: GateResult) -> list[str]:
     """One line per kind of finding that fails the gate (or, with --allow-missing, warns)."""
     lines = []
@@ -88,6 +105,7 @@ def problem_lines(result: GateResult) -> list[str]:
     if result.broken:
         lines.append(f"FAIL: NEW holds {len(result.broken)} CRASH/TIMEOUT/ERROR record(s): "
                      + _examples([f"{c.key.label()} {c.new_status}" for c in result.broken]))
+    lines += [f"FAIL: {line}" for line in method_lines(result)]
     if result.ambiguous:
         most = max(c.comparison.runs_needed for c in result.ambiguous)
         lines.append(f"note: {len(result.ambiguous)} timing change(s) the run-to-run spread "
@@ -120,6 +138,11 @@ def _perf_rows(changes: list[PerfChange]) -> list[list[str]]:
             f"{cmp.p_slower if cmp.ratio >= 1 else cmp.p_faster:.2g}",  # the one-sided p that fits
         ])
     return rows
+
+
+def _method_rows(mismatches: list[MethodMismatch]) -> list[list[str]]:
+    return [[m.key.label(), m.base_method.describe(), m.new_method.describe()]
+            for m in mismatches]
 
 
 def _ambiguous_rows(changes: list[PerfChange]) -> list[list[str]]:
@@ -186,6 +209,8 @@ def gate_markdown(result: GateResult, base_name: str = "BASE", new_name: str = "
         ("Fixed", STATUS_HEADER, _status_rows(result.fixed)),
         ("Other status changes", STATUS_HEADER, _status_rows(result.other_status_changes)),
         ("Improvements", perf_cols, _perf_rows(result.improvements)),
+        ("Timed differently: not compared", ["case", "base", "new"],
+         _method_rows(result.timed_differently)),
         ("Ambiguous: more runs needed", perf_cols + ["runs", "runs needed"],
          _ambiguous_rows(result.ambiguous)),
         ("Not significant", perf_cols, _perf_rows(result.not_significant)),
@@ -209,6 +234,8 @@ def gate_junit(result: GateResult) -> str:
     fatal.update({c.key: f"newly unsupported: {c.reason or ''}" for c in result.newly_unsupported})
     fatal.update({c.key: _perf_message(c) for c in result.regressions})
     fatal.update({c.key: f"{c.new_status} in new: {c.reason or ''}" for c in result.broken})
+    fatal.update({m.key: f"timed differently, not compared: BASE {m.base_method.describe()}, "
+                  f"NEW {m.new_method.describe()}" for m in result.timed_differently})
     tolerated = set(result.missing_cases) if result.allow_missing else set()
     fatal.update({k: "missing from the new results" for k in result.missing
                   if k not in tolerated})

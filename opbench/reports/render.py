@@ -100,13 +100,14 @@ def headline(df: pd.DataFrame, sources: list[str], comparison: Comparison | None
         parts.append("Regressions and improvements: no earlier run to compare with "
                      "(give --against BASE.jsonl, or --db).")
     else:
-        from opbench.reports.gate_summary import backend_gap_note
+        from opbench.reports.gate_summary import backend_gap_note, method_lines
 
         g = comparison.gate
         parts.append(f"{len(g.regressions)} perf regressions, {len(g.improvements)} "
                      f"improvements, {len(g.newly_failing)} newly failing, {len(g.fixed)} fixed "
                      f"({comparison.label}; {g.compared} cases compared).")
         parts.append(backend_gap_note(g))
+        parts += [f"{line}." for line in method_lines(g)]
     parts.append(summary_line(df, sources))
     return Section("Headline", note=" ".join(p for p in parts if p), kind="headline",
                    tables=_comparison_tables(comparison))
