@@ -318,3 +318,18 @@ def test_cli_gate_names_the_backend_new_has_instead(tmp_path, capsys, monkeypatc
     assert ("FAIL: NEW lacks 1 backend(s) present in BASE: cpu (test); NEW has "
             "rv/slow.py:Slow (test) instead; to compare them with each other, give "
             "--base-backend cpu --new-backend rv/slow.py:Slow") in lines
+
+
+def test_junit_reports_a_broken_run_as_an_error_and_a_wrong_result_as_a_failure():
+    base = [_rec(f"ROPE({name})") for name in ("fail", "error", "crash", "timeout")]
+    new = [_rec("ROPE(fail)", "FAIL", reason="nmse 0.3 > 1e-7"),
+           _rec("ROPE(error)", "ERROR", reason="ValueError: bad"),
+           _rec("ROPE(crash)", "CRASH", reason="SIGSEGV"),
+           _rec("ROPE(timeout)", "TIMEOUT", reason="no answer in 3 s")]
+    suite = ET.fromstring(gate_junit(gate(base, new)))
+    tags = {case.get("name"): [child.tag for child in case] for case in suite}
+    assert tags == {"ROPE(fail)": ["failure"], "ROPE(error)": ["error"],
+                    "ROPE(crash)": ["error"], "ROPE(timeout)": ["error"]}
+    [error] = suite.find("testcase[@name='ROPE(crash)']")
+    assert error.get("type") == "CRASH" and "SIGSEGV" in error.get("message")
+    assert (suite.get("failures"), suite.get("errors")) == ("1", "3")

@@ -23,11 +23,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from opbench.harness.records import FAILING, PASSING, why
+from opbench.harness.records import BROKEN, FAILING, PASSING, why
 from opbench.perf import stats
 from opbench.perf.method import TimingMethod, timing_method
 
-BROKEN = frozenset({"ERROR", "CRASH", "TIMEOUT"})  # the run, not the kernel, went wrong
 UNSUPPORTED = "UNSUPPORTED"
 
 

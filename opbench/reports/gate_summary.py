@@ -226,9 +226,12 @@ def gate_markdown(result: GateResult, base_name: str = "BASE", new_name: str = "
 
 
 def gate_junit(result: GateResult) -> str:
-    """One testcase per compared case; fatal findings are <failure>s, missing ones <skipped>."""
+    """One testcase per compared case; fatal findings are <failure>s, except a CRASH/TIMEOUT/
+    ERROR record in NEW, an <error> (the run went wrong, not the result); missing ones
+    <skipped> (tolerated) or <failure>."""
     suite = ET.Element("testsuite", name="opbench.gate")
-    failures = 0
+    failures = errors = 0
+    broken = {c.key: c.new_status for c in result.broken}
     fatal = {c.key: f"newly failing: {c.base_status} -> {c.new_status} {c.reason or ''}"
              for c in result.newly_failing}
     fatal.update({c.key: f"newly unsupported: {c.reason or ''}" for c in result.newly_unsupported})
@@ -246,7 +249,11 @@ def gate_junit(result: GateResult) -> str:
     for key in sorted(set(fatal) | passed):
         case = ET.SubElement(suite, "testcase", classname=f"{key.kind}.{key.backend}",
                              name=key.case_id)
-        if key in fatal:
+        if key in broken:
+            errors += 1
+            ET.SubElement(case, "error", type=broken[key],
+                          message=fatal[key].strip()).text = fatal[key]
+        elif key in fatal:
             failures += 1
             ET.SubElement(case, "failure", message=fatal[key].strip()).text = fatal[key]
     skipped = [k for k in result.missing if k not in fatal]
@@ -256,6 +263,7 @@ def gate_junit(result: GateResult) -> str:
         ET.SubElement(case, "skipped", message="missing from the new results")
     suite.set("tests", str(len(suite)))
     suite.set("failures", str(failures))
+    suite.set("errors", str(errors))
     suite.set("skipped", str(len(skipped)))
     return ET.tostring(suite, encoding="unicode", xml_declaration=True) + "\n"
 
