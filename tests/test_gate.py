@@ -236,7 +236,7 @@ def test_cli_gate_prints_a_line_per_kind_of_gap(tmp_path, capsys, monkeypatch):
     code, lines = _gate_lines(capsys, b, n)
     assert code == 1
     assert any(line.startswith("FAIL: NEW lacks 1 backend(s)") and "torch" in line
-               for line in lines)
+               and "instead" not in line for line in lines)  # NEW has no other backend
     assert any(line.startswith("FAIL: NEW lacks 1 case(s)") and "ROPE(b)" in line
                for line in lines)
     assert any(line.startswith("FAIL: NEW holds 1 CRASH/TIMEOUT/ERROR") for line in lines)
@@ -257,6 +257,24 @@ def test_cli_gate_appends_to_github_step_summary(tmp_path, monkeypatch):
     assert main(["gate", b, b]) == 0
     text = step.read_text()
     assert text.startswith("earlier step\n") and "opbench gate passed" in text
+
+
+def test_cli_gate_writes_the_summary_file_and_the_step_summary(tmp_path, monkeypatch, capsys):
+    """The shipped workflow passes --summary (an artifact); the run's page shows only
+    $GITHUB_STEP_SUMMARY, so the gate writes both, and prints the table only when neither."""
+    base, new = base_and_new()
+    b, n = _write(tmp_path / "base.jsonl", base), _write(tmp_path / "new.jsonl", new)
+    step, summary = tmp_path / "step_summary.md", tmp_path / "summary.md"
+    step.write_text("earlier step\n")
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(step))
+    assert main(["gate", b, n, "--summary", str(summary)]) == 1
+    table = summary.read_text()
+    assert "### Perf regressions (1)" in table
+    assert step.read_text() == "earlier step\n" + table
+    assert "### Perf regressions" not in capsys.readouterr().out  # written, not printed
+    monkeypatch.delenv("GITHUB_STEP_SUMMARY")
+    assert main(["gate", b, n]) == 1
+    assert "### Perf regressions (1)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
@@ -289,3 +307,29 @@ def test_cli_gate_pairs_two_backends_of_one_ab_file(tmp_path, capsys, monkeypatc
     assert main(["gate", ab, ab, "--base-backend", "cpu", "--new-backend", "gpu"]) == 2
     assert "NEW has no records of backend 'gpu'" in capsys.readouterr().err
     assert main(["gate", ab, ab, "--base-backend", "cpu"]) == 2
+
+
+def test_cli_gate_names_the_backend_new_has_instead(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
+    b = _write(tmp_path / "b.jsonl", [_rec("ROPE(a)")])
+    n = _write(tmp_path / "n.jsonl", [{**_rec("ROPE(a)"), "backend": "rv/slow.py:Slow"}])
+    code, lines = _gate_lines(capsys, b, n)
+    assert code == 1
+    assert ("FAIL: NEW lacks 1 backend(s) present in BASE: cpu (test); NEW has "
+            "rv/slow.py:Slow (test) instead; to compare them with each other, give "
+            "--base-backend cpu --new-backend rv/slow.py:Slow") in lines
+
+
+def test_junit_reports_a_broken_run_as_an_error_and_a_wrong_result_as_a_failure():
+    base = [_rec(f"ROPE({name})") for name in ("fail", "error", "crash", "timeout")]
+    new = [_rec("ROPE(fail)", "FAIL", reason="nmse 0.3 > 1e-7"),
+           _rec("ROPE(error)", "ERROR", reason="ValueError: bad"),
+           _rec("ROPE(crash)", "CRASH", reason="SIGSEGV"),
+           _rec("ROPE(timeout)", "TIMEOUT", reason="no answer in 3 s")]
+    suite = ET.fromstring(gate_junit(gate(base, new)))
+    tags = {case.get("name"): [child.tag for child in case] for case in suite}
+    assert tags == {"ROPE(fail)": ["failure"], "ROPE(error)": ["error"],
+                    "ROPE(crash)": ["error"], "ROPE(timeout)": ["error"]}
+    [error] = suite.find("testcase[@name='ROPE(crash)']")
+    assert error.get("type") == "CRASH" and "SIGSEGV" in error.get("message")
+    assert (suite.get("failures"), suite.get("errors")) == ("1", "3")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -224,6 +225,53 @@ def test_history_cli_prints_the_step_and_plots(run_files, tmp_path, capsys):
     assert "CPY(b)" not in out
     assert (tmp_path / "plots" / "history.png").read_bytes().startswith(b"\x89PNG")
     assert main(["history", "--db", str(database), "-p", "nomatch"]) == 2
+
+
+def _timed_by(record: dict, method: str) -> dict:
+    """The record as plain `perf` ("plain": no runs kept) or `perf --repeat` with the anchor
+    ("anchored") writes it."""
+    perf = dict(record["perf"])
+    if method == "plain":
+        del perf["runs_ns"], perf["repeat"]
+    else:
+        perf["runs_anchor_ns"] = [[50_000] * len(run) for run in perf["runs_ns"]]
+    return {**record, "perf": perf}
+
+
+def test_history_keeps_apart_the_series_of_each_timing_method(tmp_path, capsys):
+    """Plain perf for three commits, then perf --repeat 3 (60% slower from the method alone,
+    the anchor timed after each sample): not a step of the code, so none is reported; a real
+    step inside one method's series still is."""
+    rng = np.random.default_rng(3)
+    database = tmp_path / "h.sqlite"
+    levels = {"CPY(a)": [100e3] * 3 + [160e3] * 5,
+              "CPY(b)": [100e3] * 3 + [160e3] * 2 + [100e3] * 3}  # b steps down at c5
+    for i in range(8):
+        method = "plain" if i < 3 else "anchored"
+        records = [_timed_by(_perf_record(rng, f"run{i}", case, level[i],
+                                          runs=1 if method == "plain" else 3), method)
+                   for case, level in levels.items()]
+        _import_all_one(_write(tmp_path / f"r{i}.jsonl", records), i, database)
+    conn = db.connect(database)
+    table = history.series(conn)
+    assert sorted(set(table["timing"])) == ["--repeat, anchored", "one run"]
+    steps = history.change_points(table)
+    assert list(zip(steps["case_id"], steps["timing"], steps["commit"])) == [
+        ("CPY(b)", "--repeat, anchored", "c5aaaaa")]
+    capsys.readouterr()
+    assert main(["history", "--db", str(database)]) == 0
+    out = capsys.readouterr().out
+    assert "2 case(s) over 8 commit(s)" in out
+    time = r"(\d+(\.\d+)? µs)"
+    assert re.search(rf"CPY\(a\) \[timed one run\]: ({time} ){{3}}- - - - -\n", out)
+    assert re.search(rf"CPY\(a\) \[timed --repeat, anchored\]: - - - ({time} ?){{5}}\n", out)
+    assert "steps at c3aaaaa" not in out and "steps at c5aaaaa: x0.6" in out
+    assert "note: 2 case(s) were timed both with and without perf --repeat" in out
+
+
+def _import_all_one(path, i: int, database) -> None:
+    assert main(["db", "import", str(path), "--commit", f"c{i}" + "a" * 39,
+                 "--db", str(database)]) == 0
 
 
 def test_report_from_the_database(run_files, tmp_path, capsys):

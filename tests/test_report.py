@@ -362,6 +362,72 @@ def test_cli_report_against_a_base_counts_regressions(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("opbench: error: --baseline 'nosuch'")
 
 
+def _against_files(tmp_path, rng, base_backend: str, new_backend: str) -> list[str]:
+    """BASE with one backend, NEW 1.5x slower under another name."""
+    paths = []
+    for name, backend, median in (("base", base_backend, 100e3), ("new", new_backend, 150e3)):
+        record = _record(rng, kind="perf", backend=backend, op="CPY", status="OK",
+                         case_id="CPY(x)", perf=_perf(rng, median, 1 << 20))
+        with store.ResultWriter(tmp_path / f"{name}.jsonl") as writer:
+            writer.write(record)
+        paths.append(str(tmp_path / f"{name}.jsonl"))
+    return paths
+
+
+def test_cli_report_against_differently_named_backends_says_nothing_was_compared(tmp_path):
+    """A NEW whose backend is named otherwise matched nothing: the headline said a clean
+    "0 perf regressions" where it had compared nothing."""
+    from opbench.cli.main import main
+
+    base, new = _against_files(tmp_path, np.random.default_rng(6), "cpu", "rv/slow.py:Slow")
+    out = tmp_path / "rep"
+    assert main(["report", new, "--against", base, "--out", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    assert "0 cases compared" in text
+    assert ("Nothing was compared: BASE's backend(s) cpu not in NEW, NEW's rv/slow.py:Slow not "
+            "in BASE; to compare them with each other, give --base-backend cpu --new-backend "
+            "rv/slow.py:Slow.") in text
+    assert "Nothing was compared" in (out / "report.html").read_text()
+    assert main(["report", new, "--against", base, "--out", str(out),
+                 "--base-backend", "cpu", "--new-backend", "rv/slow.py:Slow"]) == 0
+    text = (out / "report.md").read_text()
+    assert "1 perf regressions" in text and "1 cases compared" in text
+    assert "backend rv/slow.py:Slow against cpu" in text and "Nothing was compared" not in text
+
+
+def test_cli_report_names_a_backend_only_one_side_has(tmp_path):
+    from opbench.cli.main import main
+
+    rng = np.random.default_rng(7)
+    base, new = _against_files(tmp_path, rng, "cpu", "cpu")
+    extra = _record(rng, kind="perf", backend="torch", op="CPY", status="OK", case_id="CPY(x)",
+                    perf=_perf(rng, 1e5, 1 << 20))
+    with store.ResultWriter(new) as writer:  # appends
+        writer.write(extra)
+    out = tmp_path / "rep"
+    assert main(["report", new, "--against", base, "--out", str(out)]) == 0
+    assert ("Some cases were not compared: BASE's backend(s) (none) not in NEW, NEW's torch not "
+            "in BASE.") in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--base-backend", "cpu"], "--base-backend and --new-backend go together"),
+    (["--base-backend", "cpu", "--new-backend", "gpu"], "has no records of backend 'gpu'"),
+])
+def test_cli_report_backend_pairing_errors_are_one_line_exit_2(tmp_path, capsys, argv,
+                                                               message):
+    from opbench.cli.main import main
+
+    base, new = _against_files(tmp_path, np.random.default_rng(8), "cpu", "mine")
+    out = str(tmp_path / "rep")
+    assert main(["report", new, "--against", base, "--out", out, *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.count("\n") == 1
+    assert main(["report", new, "--out", out, "--base-backend", "cpu", "--new-backend",
+                 "mine"]) == 2
+    assert "pair backends for --against" in capsys.readouterr().err
+
+
 # -- in a real browser ---------------------------------------------------------------------------
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                   "--no-first-run", "--disable-background-networking",

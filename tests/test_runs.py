@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import xml.etree.ElementTree as ET
 
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ from opbench.harness import records, store
 from opbench.perf import stats
 from opbench.perf.gate import gate
 from opbench.perf.runs import merge_runs
-from opbench.reports.gate_summary import gate_markdown
+from opbench.reports.gate_summary import gate_junit, gate_markdown, headline, problem_lines
 
 
 def runs(rng, median_ns: float, count: int, shift_sd: float = 0.04, n: int = 40) -> list:
@@ -107,8 +109,12 @@ def test_the_gate_divides_each_run_by_its_anchor():
     same_case, same_anchor = machine_runs(rng, 1e5, new_speeds)
     slow_case, slow_anchor = machine_runs(rng, 1.15e5, new_speeds)
     base = [_perf_record("base", base_case, anchors=base_anchor)]
-    raw = gate(base, [_perf_record("same", same_case)])  # NEW without anchors: raw runs
-    assert raw.ambiguous or raw.not_significant  # a 40% spread hides everything
+    raw = gate(base, [_perf_record("same", same_case)])  # NEW without anchors: timed otherwise
+    [mismatch] = raw.timed_differently
+    assert (mismatch.base_method.anchored, mismatch.new_method.anchored) == (True, False)
+    assert raw.failed and not (raw.unchanged or raw.ambiguous or raw.not_significant)
+    raw_only = gate([_perf_record("base", base_case)], [_perf_record("same", same_case)])
+    assert raw_only.ambiguous or raw_only.not_significant  # a 40% spread hides everything
     same = gate(base, [_perf_record("same", same_case, anchors=same_anchor)])
     [change] = same.unchanged
     assert change.comparison.anchored and abs(change.comparison.ratio - 1) < 0.03
@@ -259,3 +265,79 @@ def test_a_case_that_breaks_inside_the_rounds_gets_its_error_and_the_rest_their_
     status = {r["case_id"]: (r["status"], r.get("reason")) for r in records}
     assert status.pop(broken_id) == ("ERROR", "RuntimeError: kernel launch failed")
     assert {s for s, _ in status.values()} == {"OK"} and len(status) == len(cases) - 1
+
+
+# -- sides timed differently: plain perf against perf --repeat ------------------------------
+def _plain_record(rng, median_ns: float) -> dict:
+    """What a plain `opbench perf` writes: one run's samples, no runs_ns, no anchor."""
+    record = _perf_record("plain", runs(rng, median_ns, 1))
+    del record["perf"]["runs_ns"]
+    return record
+
+
+def _repeat_record(rng, median_ns: float, repeat: int, run_id: str = "repeat") -> dict:
+    case, anchor = machine_runs(rng, median_ns, [1.0] * repeat)
+    record = _perf_record(run_id, case, anchors=anchor)
+    record["perf"]["repeat"] = repeat
+    return record
+
+
+def test_the_gate_does_not_compare_a_plain_run_with_a_repeated_one():
+    rng = np.random.default_rng(11)
+    plain, repeated = _plain_record(rng, 1e5), _repeat_record(rng, 1.6e5, 3)
+    result = gate([plain], [repeated])
+    [mismatch] = result.timed_differently
+    assert mismatch.base_method.describe() == "without --repeat"
+    assert mismatch.new_method.describe() == "with --repeat 3 (the anchor after every sample)"
+    assert result.failed and not (result.regressions or result.ambiguous)
+    assert problem_lines(result) == [
+        "FAIL: 1 timing(s) not compared: BASE was run without --repeat, NEW with --repeat 3 "
+        "(the anchor after every sample), and that alone changes the times; rerun BASE with "
+        "--repeat 3 (separate invocations are compared by runs), or NEW without --repeat: "
+        "[perf] cpu/cpu:0 ROPE(x)"]
+    assert headline(result).endswith("0 perf regressions, 1 timed differently (1 cases "
+                                     "compared)")
+    assert "### Timed differently: not compared (1)" in gate_markdown(result)
+    [case] = ET.fromstring(gate_junit(result))
+    assert case.find("failure").get("message").startswith("timed differently, not compared")
+    [line] = problem_lines(gate([repeated], [plain]))
+    assert "BASE was run with --repeat 3 (the anchor after every sample), NEW without " \
+           "--repeat" in line and "; rerun NEW with --repeat 3:" in line
+
+
+def test_repeats_of_different_counts_are_timed_alike():
+    rng = np.random.default_rng(12)
+    result = gate([_repeat_record(rng, 1e5, 3, "a")], [_repeat_record(rng, 1e5, 5, "b")])
+    assert not result.timed_differently and not result.failed
+    assert len(result.unchanged + result.not_significant + result.ambiguous) == 1
+
+
+def test_cli_gate_names_the_method_of_each_side(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
+    rng = np.random.default_rng(13)
+    paths = []
+    for name, record in (("plain", _plain_record(rng, 1e5)),
+                         ("repeat3", _repeat_record(rng, 1.6e5, 3))):
+        with store.ResultWriter(tmp_path / f"{name}.jsonl") as writer:
+            writer.write(record)
+        paths.append(str(tmp_path / f"{name}.jsonl"))
+    assert main(["gate", *paths[::-1], "--summary", os.devnull]) == 1
+    out = capsys.readouterr().out
+    assert "BASE was run with --repeat 3" in out and "rerun NEW with --repeat 3" in out
+    assert "rerun both sides" not in out
+
+
+def test_report_against_a_side_timed_otherwise_says_so(tmp_path):
+    from opbench.reports.render import build_report
+
+    rng = np.random.default_rng(14)
+    paths = []
+    for name, record in (("plain", _plain_record(rng, 1e5)),
+                         ("repeat3", _repeat_record(rng, 1.6e5, 3))):
+        with store.ResultWriter(tmp_path / f"{name}.jsonl") as writer:
+            writer.write(record)
+        paths.append(str(tmp_path / f"{name}.jsonl"))
+    files = build_report(paths[1], tmp_path / "rep", against=paths[0])
+    text = files.markdown.read_text()
+    assert "0 perf regressions" in text
+    assert "1 timing(s) not compared: BASE was run without --repeat, NEW with --repeat 3" in text

@@ -83,18 +83,31 @@ def _print(history, table, steps, *, only_steps: bool) -> None:
     if only_steps:
         summary = summary[summary["steps"] != ""]
     commits = table.drop_duplicates("commit_label").sort_values("position")["commit_label"]
-    print(f"{len(summary)} case(s) over {len(commits)} commit(s): {' '.join(commits)}")
+    cases = len(summary.drop_duplicates(history.CASE))
+    print(f"{cases} case(s) over {len(commits)} commit(s): {' '.join(commits)}")
     wide = history.wide(table)
+    mixed = _cases_timed_two_ways(history, summary)
     for row in summary.itertuples(index=False):
-        key = (row.kind, row.backend, row.device, row.op, row.case_id)
+        key = (row.kind, row.backend, row.device, row.op, row.case_id, row.timing)
         times = " ".join(format_duration_ns(v) for v in wide.loc[key]) if key in wide.index else ""
         where = f"{row.backend}/{row.device}" if row.device else row.backend
+        method = f" [timed {row.timing}]" if key[:-1] in mixed else ""
         error = "" if row.worst_error != row.worst_error else f"  worst error {row.worst_error:.3g}"
-        print(f"[{row.kind}] {where} {row.case_id}: {times}{error}")
+        print(f"[{row.kind}] {where} {row.case_id}{method}: {times}{error}")
         if row.steps:
             print(f"    steps at {row.steps}")
     stepped = len(steps.drop_duplicates(history.CASE))
     print(f"{len(steps)} step(s) found in {stepped} case(s)")
+    if mixed:
+        print(f"note: {len(mixed)} case(s) were timed both with and without perf --repeat (or "
+              "with and without its anchor); each method is its own series, no step is "
+              "looked for between them: the method alone changes the times")
+
+
+def _cases_timed_two_ways(history, summary) -> set[tuple]:
+    """Cases with more than one timing method: their lines name the method."""
+    methods = summary.groupby(history.CASE, dropna=False)["timing"].nunique()
+    return set(methods[methods > 1].index)
 
 
 def _plot(table, steps, out: Path) -> None:

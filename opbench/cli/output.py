@@ -17,7 +17,7 @@ from rich.markup import escape as markup_escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
-from opbench.harness.records import FAILING, NOT_JUDGED, PASSING
+from opbench.harness.records import BROKEN, FAILING, NOT_JUDGED, PASSING
 
 STYLE = {"OK": "green", "FAIL": "bold red", "ERROR": "bold red", "CRASH": "bold red",
          "TIMEOUT": "bold red", "XFAIL": "yellow", "XPASS": "yellow", "UNSUPPORTED": "dim"}
@@ -189,17 +189,20 @@ def write_json(records: list[dict], stream=None) -> None:
 
 def write_junit(records: list[dict], stream=None) -> None:
     stream = stream or sys.stdout
-    failures = sum(r["status"] in FAILING for r in records)
+    errors = sum(r["status"] in BROKEN for r in records)
+    failures = sum(r["status"] in FAILING for r in records) - errors
     skipped = sum(r["status"] in NOT_JUDGED for r in records)
     stream.write('<?xml version="1.0" encoding="utf-8"?>\n')
     stream.write(f'<testsuite name="opbench" tests="{len(records)}" failures="{failures}"'
-                 f' skipped="{skipped}">\n')
+                 f' errors="{errors}" skipped="{skipped}">\n')
     for r in records:
         stream.write(f"  <testcase classname={quoteattr(r['backend'] + '.' + r['op'])}"
                      f" name={quoteattr(r['case_id'])}>")
         if r["status"] in FAILING:
+            tag = "error" if r["status"] in BROKEN else "failure"  # the run, or the result
             body = escape("\n".join(r["errors"] or [str(r["reason"])]))
-            stream.write(f"<failure message={quoteattr(str(r['reason']))}>{body}</failure>")
+            stream.write(f"<{tag} type={quoteattr(r['status'])}"
+                         f" message={quoteattr(str(r['reason']))}>{body}</{tag}>")
         elif r["status"] in NOT_JUDGED:
             stream.write(f"<skipped message={quoteattr(str(r['reason']))}/>")
         stream.write("</testcase>\n")

@@ -8,10 +8,14 @@ from pathlib import Path
 
 from opbench.errors import UsageError
 
+from .gate import add_backend_pair_options, backend_pair
+
 EPILOG = """examples:
   opbench report results.jsonl perf.jsonl --out report/
   opbench report perf.jsonl --baseline torch           ratios of every backend to torch
   opbench report new.jsonl --against base.jsonl        headline: regressions against base
+  opbench report new.jsonl --against base.jsonl --base-backend cpu --new-backend mine
+                                                       ... comparing two differently named backends
   opbench report --db opbench.sqlite                   latest commit against the previous one
   opbench report --db opbench.sqlite --since 756216d   ... against 756216d, with the history"""
 
@@ -33,6 +37,7 @@ def register(subparsers, common) -> None:
     p.add_argument("--against", nargs="+", default=None, metavar="BASE",
                    help="result files of an earlier run: the headline counts regressions, "
                         "improvements and new failures against them (the gate's verdicts)")
+    add_backend_pair_options(p, base="--against", new="RESULTS")
     p.add_argument("--db", default=None, metavar="PATH",
                    help="report the latest commit's runs of this history database instead")
     p.add_argument("--since", default=None, metavar="COMMIT|DATE",
@@ -47,6 +52,8 @@ def _check(args) -> Path:
         raise UsageError("--since needs --db")
     if args.against and args.db:
         raise UsageError("--against compares result files; with --db use --since")
+    if backend_pair(args) and not args.against:
+        raise UsageError("--base-backend/--new-backend pair backends for --against")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a directory")
@@ -72,7 +79,8 @@ def run_report(args: argparse.Namespace) -> int:
 def _from_files(args, out: Path):
     from opbench.reports.render import build_report
 
-    return build_report(args.results, out, baseline=args.baseline, against=args.against)
+    return build_report(args.results, out, baseline=args.baseline, against=args.against,
+                        pair=backend_pair(args))
 
 
 def _from_db(args, out: Path):

@@ -21,6 +21,8 @@ STATUSES = ("OK", "FAIL", "XFAIL", "XPASS", "UNSUPPORTED", "ERROR", "CRASH", "TI
 PASSING = ("OK", "XPASS")
 #: judged and failed: a wrong result, an exception, a dead or hung worker
 FAILING = ("FAIL", "ERROR", "CRASH", "TIMEOUT")
+#: of those, the run (not the kernel's result) went wrong: JUnit <error>, not <failure>
+BROKEN = ("ERROR", "CRASH", "TIMEOUT")
 #: not judged: the backend cannot run the case, or it is a known failure
 NOT_JUDGED = ("XFAIL", "UNSUPPORTED")
 REQUIRED_FIELDS = ("schema", "kind", "run_id", "backend", "op", "case_id", "status")

@@ -4,7 +4,9 @@ Fatal: a case that passed and now fails (or a case new in NEW that fails); a cas
 supported and now is not; a perf regression (``stats.compare_samples``: the whole confidence
 interval of the NEW/BASE ratio of a sample quantile past the threshold); and what the gate cannot
 see -- an empty NEW, a NEW without a backend, device or case that BASE has (``allow_missing``
-makes missing cases a warning), and any CRASH/TIMEOUT/ERROR record in NEW.  Everything else is
+makes missing cases a warning), any CRASH/TIMEOUT/ERROR record in NEW, and a case the two sides
+timed differently (one with ``perf --repeat``, one without: ``method.py``), whose times no
+number of runs would make comparable.  Everything else is
 listed -- fixed cases, improvements, unchanged, not significant, cases new in NEW -- so a
 reviewer sees the whole picture.
 
@@ -21,10 +23,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from opbench.harness.records import FAILING, PASSING, why
+from opbench.harness.records import BROKEN, FAILING, PASSING, why
 from opbench.perf import stats
+from opbench.perf.method import TimingMethod, timing_method
 
-BROKEN = frozenset({"ERROR", "CRASH", "TIMEOUT"})  # the run, not the kernel, went wrong
 UNSUPPORTED = "UNSUPPORTED"
 
 
@@ -55,6 +57,14 @@ class PerfChange:
     new_ns: float
 
 
+@dataclass(frozen=True)
+class MethodMismatch:
+    """A case both sides timed, but differently (``method.TimingMethod``): not compared."""
+    key: CaseKey
+    base_method: TimingMethod
+    new_method: TimingMethod
+
+
 @dataclass
 class GateResult:
     threshold: float
@@ -69,12 +79,14 @@ class GateResult:
     unchanged: list[PerfChange] = field(default_factory=list)
     not_significant: list[PerfChange] = field(default_factory=list)
     ambiguous: list[PerfChange] = field(default_factory=list)  # needs more runs to tell
+    timed_differently: list[MethodMismatch] = field(default_factory=list)  # not comparable
     missing: list[CaseKey] = field(default_factory=list)
     new_cases: list[CaseKey] = field(default_factory=list)
     compared: int = 0
     new_empty: bool = False
     allow_missing: bool = False
     missing_backends: list[tuple[str, str]] = field(default_factory=list)  # (kind, backend)
+    extra_backends: list[tuple[str, str]] = field(default_factory=list)  # NEW's, not in BASE
     missing_devices: list[tuple[str, str, str]] = field(default_factory=list)
     broken: list[StatusChange] = field(default_factory=list)  # CRASH/TIMEOUT/ERROR in NEW
 
@@ -95,7 +107,7 @@ class GateResult:
     @property
     def failed(self) -> bool:
         return bool(self.newly_failing or self.newly_unsupported or self.regressions
-                    or self.broken or self.incomplete)
+                    or self.broken or self.incomplete or self.timed_differently)
 
     @property
     def exit_code(self) -> int:
@@ -158,12 +170,16 @@ def _compare(base: dict, new: dict, options: dict) -> stats.Comparison:
                                anchored=True)
 
 
-def _perf_change(key: CaseKey, base: dict, new: dict, options: dict) -> PerfChange | None:
+def _perf_change(key: CaseKey, base: dict, new: dict, options: dict
+                 ) -> PerfChange | MethodMismatch | None:
     base_samples, new_samples = perf_samples(base), perf_samples(new)
     if base_samples is None or new_samples is None:
         return None
     if base["status"] in FAILING or new["status"] in FAILING:
         return None  # a failed run's timing means nothing
+    base_method, new_method = timing_method(base), timing_method(new)
+    if not base_method.comparable(new_method):
+        return MethodMismatch(key, base_method, new_method)  # the method alone moves times
     comparison = _compare(base, new, options)
     quantile = comparison.quantile
     return PerfChange(
@@ -175,10 +191,13 @@ def _perf_change(key: CaseKey, base: dict, new: dict, options: dict) -> PerfChan
 
 
 def _coverage_gaps(base: dict[CaseKey, dict], new: dict[CaseKey, dict], result) -> None:
-    """Backends of BASE that NEW lacks entirely, then devices of backends NEW does have."""
+    """Backends of BASE that NEW lacks entirely (and NEW's that BASE lacks: differently named
+    sides compare nothing), then devices of backends NEW does have."""
+    base_backends = {(k.kind, k.backend) for k in base}
     new_backends = {(k.kind, k.backend) for k in new}
     new_devices = {(k.kind, k.backend, k.device) for k in new}
-    result.missing_backends = sorted({(k.kind, k.backend) for k in base} - new_backends)
+    result.missing_backends = sorted(base_backends - new_backends)
+    result.extra_backends = sorted(new_backends - base_backends)
     result.missing_devices = sorted(
         d for d in {(k.kind, k.backend, k.device) for k in base} - new_devices
         if (d[0], d[1]) in new_backends
@@ -236,7 +255,9 @@ def gate(
         if change is not None:
             getattr(result, change[0]).append(change[1])
         perf = _perf_change(key, base[key], new[key], options)
-        if perf is not None:
+        if isinstance(perf, MethodMismatch):
+            result.timed_differently.append(perf)
+        elif perf is not None:
             getattr(result, _PERF_LISTS[perf.comparison.verdict]).append(perf)
     result.regressions.sort(key=lambda c: -c.comparison.ratio)
     result.improvements.sort(key=lambda c: c.comparison.ratio)

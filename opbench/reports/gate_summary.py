@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 
-from opbench.perf.gate import CaseKey, GateResult, PerfChange, StatusChange
+from opbench.perf.gate import CaseKey, GateResult, MethodMismatch, PerfChange, StatusChange
+from opbench.perf.method import rerun_advice
 from opbench.perf.stats import RunsComparison
 from opbench.reports.markup import md_escape
 
@@ -19,6 +20,8 @@ def headline(result: GateResult) -> str:
     )
     if result.broken:
         counts += f", {len(result.broken)} crashed/timed out/errored"
+    if result.timed_differently:
+        counts += f", {len(result.timed_differently)} timed differently"
     if result.incomplete:
         counts += ", NEW incomplete"
     verdict = "FAILED" if result.failed else "passed"
@@ -31,6 +34,54 @@ def _examples(items: list, limit: int = 3) -> str:
     return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
 
 
+def _backend_names(pairs: list[tuple[str, str]]) -> list[str]:
+    return list(dict.fromkeys(backend for _, backend in pairs))
+
+
+def _pairing_hint(result: GateResult) -> str:
+    base_only = _backend_names(result.missing_backends)
+    new_only = _backend_names(result.extra_backends)
+    if len(base_only) == 1 and len(new_only) == 1:
+        return (f"; to compare them with each other, give --base-backend {base_only[0]} "
+                f"--new-backend {new_only[0]}")
+    return ""
+
+
+def backend_gap_note(result: GateResult) -> str:
+    """A plain sentence when BASE and NEW name their backends differently (so some or all of
+    their cases cannot be matched), naming the backends on each side; "" when they agree."""
+    base_only = _backend_names(result.missing_backends)
+    new_only = _backend_names(result.extra_backends)
+    if not (base_only or new_only):
+        return ""
+    sides = (f"BASE's backend(s) {', '.join(base_only) or '(none)'} not in NEW, "
+             f"NEW's {', '.join(new_only) or '(none)'} not in BASE")
+    start = "Nothing was compared" if result.compared == 0 else "Some cases were not compared"
+    return f"{start}: {sides}{_pairing_hint(result)}."
+
+
+def _instead(result: GateResult) -> str:
+    """What NEW has where BASE's backend is missing: often the same kernels, named otherwise."""
+    if not result.extra_backends:
+        return ""
+    names = [f"{backend} ({kind})" for kind, backend in result.extra_backends]
+    return f"; NEW has {_examples(names)} instead{_pairing_hint(result)}"
+
+
+def method_lines(result: GateResult) -> list[str]:
+    """Per pair of methods: which side was timed how, the cases, and what to rerun."""
+    groups: dict[tuple, list[MethodMismatch]] = {}
+    for m in result.timed_differently:
+        groups.setdefault((m.base_method.describe(), m.new_method.describe()), []).append(m)
+    lines = []
+    for (base, new), mismatches in groups.items():
+        advice = rerun_advice(mismatches[0].base_method, mismatches[0].new_method)
+        lines.append(f"{len(mismatches)} timing(s) not compared: BASE was run {base}, NEW "
+                     f"{new}, and that alone changes the times; {advice}: "
+                     + _examples([m.key.label() for m in mismatches]))
+    return lines
+
+
 def problem_lines(result: GateResult) -> list[str]:
     """One line per kind of finding that fails the gate (or, with --allow-missing, warns)."""
     lines = []
@@ -39,7 +90,7 @@ def problem_lines(result: GateResult) -> list[str]:
     if result.missing_backends:
         names = [f"{backend} ({kind})" for kind, backend in result.missing_backends]
         lines.append(f"FAIL: NEW lacks {len(names)} backend(s) present in BASE: "
-                     + _examples(names))
+                     + _examples(names) + _instead(result))
     if result.missing_devices:
         names = [f"{backend}/{device} ({kind})" for kind, backend, device
                  in result.missing_devices]
@@ -54,6 +105,7 @@ def problem_lines(result: GateResult) -> list[str]:
     if result.broken:
         lines.append(f"FAIL: NEW holds {len(result.broken)} CRASH/TIMEOUT/ERROR record(s): "
                      + _examples([f"{c.key.label()} {c.new_status}" for c in result.broken]))
+    lines += [f"FAIL: {line}" for line in method_lines(result)]
     if result.ambiguous:
         most = max(c.comparison.runs_needed for c in result.ambiguous)
         lines.append(f"note: {len(result.ambiguous)} timing change(s) the run-to-run spread "
@@ -86,6 +138,11 @@ def _perf_rows(changes: list[PerfChange]) -> list[list[str]]:
             f"{cmp.p_slower if cmp.ratio >= 1 else cmp.p_faster:.2g}",  # the one-sided p that fits
         ])
     return rows
+
+
+def _method_rows(mismatches: list[MethodMismatch]) -> list[list[str]]:
+    return [[m.key.label(), m.base_method.describe(), m.new_method.describe()]
+            for m in mismatches]
 
 
 def _ambiguous_rows(changes: list[PerfChange]) -> list[list[str]]:
@@ -152,6 +209,8 @@ def gate_markdown(result: GateResult, base_name: str = "BASE", new_name: str = "
         ("Fixed", STATUS_HEADER, _status_rows(result.fixed)),
         ("Other status changes", STATUS_HEADER, _status_rows(result.other_status_changes)),
         ("Improvements", perf_cols, _perf_rows(result.improvements)),
+        ("Timed differently: not compared", ["case", "base", "new"],
+         _method_rows(result.timed_differently)),
         ("Ambiguous: more runs needed", perf_cols + ["runs", "runs needed"],
          _ambiguous_rows(result.ambiguous)),
         ("Not significant", perf_cols, _perf_rows(result.not_significant)),
@@ -167,14 +226,19 @@ def gate_markdown(result: GateResult, base_name: str = "BASE", new_name: str = "
 
 
 def gate_junit(result: GateResult) -> str:
-    """One testcase per compared case; fatal findings are <failure>s, missing ones <skipped>."""
+    """One testcase per compared case; fatal findings are <failure>s, except a CRASH/TIMEOUT/
+    ERROR record in NEW, an <error> (the run went wrong, not the result); missing ones
+    <skipped> (tolerated) or <failure>."""
     suite = ET.Element("testsuite", name="opbench.gate")
-    failures = 0
+    failures = errors = 0
+    broken = {c.key: c.new_status for c in result.broken}
     fatal = {c.key: f"newly failing: {c.base_status} -> {c.new_status} {c.reason or ''}"
              for c in result.newly_failing}
     fatal.update({c.key: f"newly unsupported: {c.reason or ''}" for c in result.newly_unsupported})
     fatal.update({c.key: _perf_message(c) for c in result.regressions})
     fatal.update({c.key: f"{c.new_status} in new: {c.reason or ''}" for c in result.broken})
+    fatal.update({m.key: f"timed differently, not compared: BASE {m.base_method.describe()}, "
+                  f"NEW {m.new_method.describe()}" for m in result.timed_differently})
     tolerated = set(result.missing_cases) if result.allow_missing else set()
     fatal.update({k: "missing from the new results" for k in result.missing
                   if k not in tolerated})
@@ -185,7 +249,11 @@ def gate_junit(result: GateResult) -> str:
     for key in sorted(set(fatal) | passed):
         case = ET.SubElement(suite, "testcase", classname=f"{key.kind}.{key.backend}",
                              name=key.case_id)
-        if key in fatal:
+        if key in broken:
+            errors += 1
+            ET.SubElement(case, "error", type=broken[key],
+                          message=fatal[key].strip()).text = fatal[key]
+        elif key in fatal:
             failures += 1
             ET.SubElement(case, "failure", message=fatal[key].strip()).text = fatal[key]
     skipped = [k for k in result.missing if k not in fatal]
@@ -195,6 +263,7 @@ def gate_junit(result: GateResult) -> str:
         ET.SubElement(case, "skipped", message="missing from the new results")
     suite.set("tests", str(len(suite)))
     suite.set("failures", str(failures))
+    suite.set("errors", str(errors))
     suite.set("skipped", str(len(skipped)))
     return ET.tostring(suite, encoding="unicode", xml_declaration=True) + "\n"
 

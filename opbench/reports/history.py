@@ -1,7 +1,10 @@
 """History queries over the results database, as pandas DataFrames, and step detection.
 
-``series`` gives one row per case and commit: the median time (median over that commit's runs)
-and the worst error.  ``change_points`` finds where a case's time stepped, as asv does: the
+``series`` gives one row per case, timing method and commit: the median time (median over that
+commit's runs) and the worst error.  A case timed both with and without ``perf --repeat`` has one
+series per method (``timing``): the method alone moves its times (``perf/method.py``), so a step
+between them would say nothing about the code, and a commit's median must not mix them.
+``change_points`` finds where a case's time stepped, as asv does: the
 series of log times is fitted by a piecewise-constant signal (PELT, from the ``ruptures``
 library, L2 cost) with a penalty scaled to the series' own noise, and steps smaller than
 ``min_change`` are dropped.  Each step names the first commit of the new level.
@@ -9,6 +12,7 @@ library, L2 cost) with a penalty scaled to the series' own noise, and steps smal
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import sqlite3
@@ -63,21 +67,44 @@ def _select(frame: pd.DataFrame, *, kind, backends, ops, pattern) -> pd.DataFram
     return frame[keep]
 
 
+def _timing_label(record_json: str) -> str:
+    """The record's timing method for a series ("" when it holds no samples)."""
+    from opbench.perf.method import timing_method
+
+    method = timing_method(json.loads(record_json))
+    return method.series_label() if method else ""
+
+
+def _untimed_join_their_series(frame: pd.DataFrame) -> pd.DataFrame:
+    """A record without samples (UNSUPPORTED, a test) joins its case's one method, if one."""
+    methods = frame[frame["timing"] != ""].groupby(CASE, dropna=False)["timing"].agg(
+        lambda values: values.iloc[0] if values.nunique() == 1 else "")
+    if methods.empty:
+        return frame
+    single = frame[CASE].apply(tuple, axis=1).map(methods).fillna("")
+    return frame.assign(timing=frame["timing"].where(frame["timing"] != "", single))
+
+
 def records(conn: sqlite3.Connection, *, since: str | None = None, kind: str | None = None,
             backends=None, ops=None, pattern: str | None = None) -> pd.DataFrame:
-    """One row per stored record with its run's commit and position in history."""
+    """One row per stored record with its run's commit, position in history and timing
+    method (``timing``: "one run", "--repeat, anchored", ...; "" without samples)."""
     order = runs(conn, since)
     if order.empty:
         return pd.DataFrame()
     order = order.assign(position=range(len(order)), commit_label=commit_label(order))
+    conn.create_function("opbench_timing", 1, _timing_label, deterministic=True)
     frame = pd.read_sql_query(
         "SELECT run_id, kind, backend, device, op, case_id, dtype, status, median_ns, error,"
-        " error_ratio FROM records", conn)
+        " error_ratio, opbench_timing(record) AS timing FROM records", conn)
     frame = frame.merge(order[["run_id", "commit", "commit_label", "position"]], on="run_id")
-    return _select(frame, kind=kind, backends=backends, ops=ops, pattern=pattern)
+    frame = _select(frame, kind=kind, backends=backends, ops=ops, pattern=pattern)
+    return _untimed_join_their_series(frame) if not frame.empty else frame
 
 
 CASE = ["kind", "backend", "device", "op", "case_id"]
+#: a case's series: one per timing method, never joined (their times do not compare)
+SERIES = [*CASE, "timing"]
 
 
 def series(conn: sqlite3.Connection, **selection) -> pd.DataFrame:
@@ -85,14 +112,14 @@ def series(conn: sqlite3.Connection, **selection) -> pd.DataFrame:
     last status, and how many runs the commit had.  Ordered by case, then history."""
     frame = records(conn, **selection)
     if frame.empty:
-        return pd.DataFrame(columns=[*CASE, "commit", "median_ns", "error"])
+        return pd.DataFrame(columns=[*SERIES, "commit", "median_ns", "error"])
     frame = frame.sort_values("position")
-    grouped = frame.groupby([*CASE, "commit_label"], sort=False, dropna=False)
+    grouped = frame.groupby([*SERIES, "commit_label"], sort=False, dropna=False)
     table = grouped.agg(position=("position", "min"), commit=("commit", "first"),
                         median_ns=("median_ns", "median"), error=("error", "max"),
                         error_ratio=("error_ratio", "max"), status=("status", "last"),
                         runs=("run_id", "nunique")).reset_index()
-    return table.sort_values([*CASE, "position"]).reset_index(drop=True)
+    return table.sort_values([*SERIES, "position"]).reset_index(drop=True)
 
 
 def _noise(log_values: np.ndarray) -> float:
@@ -125,11 +152,12 @@ def step_indices(values, *, min_change: float = DEFAULT_MIN_CHANGE) -> list[int]
 
 
 def change_points(table: pd.DataFrame, *, min_change: float = DEFAULT_MIN_CHANGE) -> pd.DataFrame:
-    """One row per step in each case's median time: the commit where the new level starts,
-    the levels before and after (medians of the segments) and their ratio."""
+    """One row per step in each series' median time (a case and its timing method): the
+    commit where the new level starts, the levels before and after (medians of the segments)
+    and their ratio."""
     rows = []
     timed = table[table["median_ns"].notna()]
-    for key, case in timed.groupby(CASE, sort=True, dropna=False):
+    for key, case in timed.groupby(SERIES, sort=True, dropna=False):
         values = case["median_ns"].to_numpy(dtype=float)
         labels = case["commit_label"].tolist()
         cuts = step_indices(values, min_change=min_change)
@@ -137,35 +165,37 @@ def change_points(table: pd.DataFrame, *, min_change: float = DEFAULT_MIN_CHANGE
         for i, cut in enumerate(cuts):
             before = float(np.median(values[bounds[i]:cut]))
             after = float(np.median(values[cut:bounds[i + 2]]))
-            rows.append({**dict(zip(CASE, key)), "commit": labels[cut],
+            rows.append({**dict(zip(SERIES, key)), "commit": labels[cut],
                          "previous": labels[cut - 1], "before_ns": before, "after_ns": after,
                          "ratio": after / before})
-    return pd.DataFrame(rows, columns=[*CASE, "commit", "previous", "before_ns", "after_ns",
+    return pd.DataFrame(rows, columns=[*SERIES, "commit", "previous", "before_ns", "after_ns",
                                        "ratio"])
 
 
 def summary(table: pd.DataFrame, steps: pd.DataFrame) -> pd.DataFrame:
-    """Per case: commits seen, first and latest median time, worst error, and its steps."""
+    """Per series (case and timing method): commits seen, first and latest median time,
+    worst error, and its steps."""
     if table.empty:
         return pd.DataFrame()
-    grouped = table.groupby(CASE, sort=True, dropna=False)
+    grouped = table.groupby(SERIES, sort=True, dropna=False)
     out = grouped.agg(commits=("commit_label", "nunique"), first_ns=("median_ns", "first"),
                       latest_ns=("median_ns", "last"), worst_error=("error", "max"),
                       status=("status", "last")).reset_index()
     described = {
         key: "; ".join(f"{r.commit}: x{r.ratio:.2f}" for r in group.itertuples())
-        for key, group in steps.groupby(CASE, sort=False, dropna=False)
+        for key, group in steps.groupby(SERIES, sort=False, dropna=False)
     } if not steps.empty else {}
-    out["steps"] = [described.get(tuple(row), "") for row in out[CASE].itertuples(index=False)]
+    out["steps"] = [described.get(tuple(row), "") for row in out[SERIES].itertuples(index=False)]
     return out
 
 
 def wide(table: pd.DataFrame, value: str = "median_ns") -> pd.DataFrame:
-    """Cases as rows, commits (in history order) as columns, ``value`` in the cells."""
+    """Series (case and timing method) as rows, commits (in history order) as columns,
+    ``value`` in the cells."""
     if table.empty:
         return pd.DataFrame()
     order = table.sort_values("position").drop_duplicates("commit_label")["commit_label"]
-    pivot = table.pivot_table(index=CASE, columns="commit_label", values=value, aggfunc="first",
+    pivot = table.pivot_table(index=SERIES, columns="commit_label", values=value, aggfunc="first",
                               dropna=False)
     return pivot.reindex(columns=[c for c in order if c in pivot.columns])
 
@@ -222,11 +252,14 @@ def write_db_report(conn: sqlite3.Connection, out_dir, *, since: str | None = No
         overview = summary(table, steps)
         overview = overview.assign(first=overview["first_ns"].map(_duration),
                                    latest=overview["latest_ns"].map(_duration))
-        overview = overview[["backend", "case_id", "commits", "first", "latest", "steps",
-                             "worst_error", "status"]]
+        timing = ["timing"] if overview["timing"].nunique() > 1 else []  # kept apart
+        overview = overview[["backend", "case_id", *timing, "commits", "first", "latest",
+                             "steps", "worst_error", "status"]]
         extra.append(render.Section(
             "History", note=f"Per case across {table['commit_label'].nunique()} commits; "
-            "a step is a change point of the median time (at the first commit of the new level).",
+            "a step is a change point of the median time (at the first commit of the new level)"
+            "; a case timed with and without perf --repeat has a row per method, each with "
+            "its own steps.",
             tables=[render.Table(overview, render.id_classes(overview, "case_id"))],
             figures=[figure], beside=False))
     sources = [f"database runs {', '.join(latest_ids)}"]

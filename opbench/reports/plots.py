@@ -279,7 +279,7 @@ def history_figure(table: pd.DataFrame, steps: pd.DataFrame,
                    panels: int = HISTORY_PANELS) -> Figure:
     """Median time per commit for up to ``panels`` cases (those with a step first), the steps
     marked by a dashed line at the first commit of the new level."""
-    from opbench.reports.history import CASE
+    from opbench.reports.history import SERIES as CASE
 
     timed = table[table["median_ns"].notna()]
     stepped = set(map(tuple, steps[CASE].itertuples(index=False))) if not steps.empty else set()
@@ -298,7 +298,8 @@ def history_figure(table: pd.DataFrame, steps: pd.DataFrame,
             if tuple(getattr(step, c) for c in CASE) == key:
                 ax.axvline(commits.index(step.commit) - 0.5, color="tab:red", linestyle="--")
         ax.set_xticks(range(len(commits)), commits, rotation=45, ha="right", fontsize=8)
-        title = textwrap.wrap(f"{key[1]} {key[4]}", 56, break_long_words=True)
+        method = f" ({key[5]})" if key[5] else ""
+        title = textwrap.wrap(f"{key[1]} {key[4]}{method}", 56, break_long_words=True)
         ax.set_title("\n".join(title[:3]), fontsize=8)
         ax.set_ylabel("median time (µs)")
         ax.set_ylim(bottom=0)

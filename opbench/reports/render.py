@@ -100,12 +100,16 @@ def headline(df: pd.DataFrame, sources: list[str], comparison: Comparison | None
         parts.append("Regressions and improvements: no earlier run to compare with "
                      "(give --against BASE.jsonl, or --db).")
     else:
+        from opbench.reports.gate_summary import backend_gap_note, method_lines
+
         g = comparison.gate
         parts.append(f"{len(g.regressions)} perf regressions, {len(g.improvements)} "
                      f"improvements, {len(g.newly_failing)} newly failing, {len(g.fixed)} fixed "
                      f"({comparison.label}; {g.compared} cases compared).")
+        parts.append(backend_gap_note(g))
+        parts += [f"{line}." for line in method_lines(g)]
     parts.append(summary_line(df, sources))
-    return Section("Headline", note=" ".join(parts), kind="headline",
+    return Section("Headline", note=" ".join(p for p in parts if p), kind="headline",
                    tables=_comparison_tables(comparison))
 
 
@@ -339,16 +343,22 @@ def write_report(
 
 
 def build_report(paths, out_dir: str | Path, *, baseline: str | None = None,
-                 against=None) -> ReportFiles:
+                 against=None, pair: tuple[str, str] | None = None) -> ReportFiles:
     """Load result files (``store.ResultFileError`` on bad input) and write the report;
-    ``against``: result files of an earlier run, compared by the gate for the headline."""
-    from opbench.perf.gate import gate
+    ``against``: result files of an earlier run, compared by the gate for the headline;
+    ``pair``: (backend of ``against``, backend of ``paths``) to compare with each other, as
+    the gate's --base-backend/--new-backend (ValueError when a side lacks its backend)."""
+    from opbench.perf.gate import gate, pair_backends
 
     paths = [str(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
     comparison = None
     if against:
         against = [str(p) for p in ([against] if isinstance(against, (str, Path)) else against)]
-        gate_result = gate(store.read_many(against), store.read_many(paths))
-        comparison = Comparison(f"against {', '.join(against)}", gate_result)
+        base, new = store.read_many(against), store.read_many(paths)
+        label = f"against {', '.join(against)}"
+        if pair:
+            base, new = pair_backends(base, new, *pair)
+            label += f", backend {pair[1]} against {pair[0]}"
+        comparison = Comparison(label, gate(base, new))
     return write_report(store.load_results(paths), out_dir, sources=paths, baseline=baseline,
                         comparison=comparison)

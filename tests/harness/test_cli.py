@@ -120,6 +120,28 @@ def test_a_crash_without_isolate_names_the_backends_line_that_crashed(tmp_path):
     assert f'File "{backend_file}", line 9 in cpy' in done.stderr
 
 
+def test_junit_output_has_an_error_for_a_broken_run_and_a_failure_for_a_wrong_result():
+    import io
+
+    from opbench.cli.output import write_junit
+    from opbench.harness.records import make_record
+
+    records = [make_record(kind="test", backend="cpu", op="ROPE", case_id=f"ROPE({status})",
+                           status=status, run_id="r", reason=f"why {status}", env={})
+               for status in ("OK", "FAIL", "ERROR", "CRASH", "TIMEOUT", "UNSUPPORTED")]
+    stream = io.StringIO()
+    write_junit(records, stream)
+    suite = ET.fromstring(stream.getvalue())
+    tags = {case.get("name"): [child.tag for child in case] for case in suite}
+    assert tags == {"ROPE(OK)": [], "ROPE(FAIL)": ["failure"], "ROPE(ERROR)": ["error"],
+                    "ROPE(CRASH)": ["error"], "ROPE(TIMEOUT)": ["error"],
+                    "ROPE(UNSUPPORTED)": ["skipped"]}
+    [error] = suite.find("testcase[@name='ROPE(CRASH)']")
+    assert error.get("type") == "CRASH" and error.get("message") == "why CRASH"
+    assert [suite.get(k) for k in ("tests", "failures", "errors", "skipped")] == [
+        "6", "1", "3", "1"]
+
+
 def test_isolate_records_crash_and_timeout_and_goes_on(tmp_path, capsys):
     backend_file = tmp_path / "crashy.py"
     backend_file.write_text(CRASHING)
