@@ -26,6 +26,19 @@ def pytest_addoption(parser):
     group.addoption("--full", action="store_true", help="run the full default case tables")
 
 
+def pytest_configure(config):
+    """A backend name or option that does not exist is one usage error before collection,
+    not an error per case."""
+    from opbench.errors import UsageError
+    from opbench.harness.registry import parse_ref, split_backend_list
+
+    try:
+        for ref in split_backend_list(config.getoption("--backend")):
+            parse_ref(ref)
+    except UsageError as exc:
+        raise pytest.UsageError(f"--backend: {exc}") from None
+
+
 def pytest_generate_tests(metafunc):
     if "backend_name" in metafunc.fixturenames:
         from opbench.harness.registry import split_backend_list

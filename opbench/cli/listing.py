@@ -56,8 +56,9 @@ def print_coverage(args) -> int:
         spec = SPECS[op]
         full, quick = spec.cases(), spec.quick_cases()
         cov_full, cov_quick = spec.coverage(full), spec.coverage(quick)
-        axes = ", ".join(f"{name}={len(values)}" for name, values in spec.axis_values().items())
-        print(f"{op}: strength {spec.strength}; axes (values): {axes}")
+        print(f"{op}: strength {spec.strength}")
+        for name, values in spec.axis_values().items():
+            print(f"  axis {name} ({len(values)}): {_values(values)}")
         print(f"  pairs possible {cov_full.possible}, declared impossible "
               f"{cov_full.impossible}; covered: full {cov_full.fraction:.1%} "
               f"({len(full)} cases), --quick {cov_quick.fraction:.1%} ({len(quick)} cases)")

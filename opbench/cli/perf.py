@@ -17,7 +17,7 @@ from opbench.harness.records import FAILING, new_run_id
 from opbench.harness.registry import backend_label, open_backend, parse_ref
 from opbench.harness.shards import take_shard
 from opbench.perf import run as perf_mode
-from opbench.perf import timing
+from opbench.perf import stats, timing
 from opbench.perf.cross_ab import split_source
 
 from . import output
@@ -33,7 +33,8 @@ from .common import (
 )
 
 #: the options only --ab reads, with their defaults: given without --ab, a usage error
-AB_ONLY = {"--threshold": "5%", "--quantile": 0.5, "--epochs": 4, "--settle-ms": 0.0}
+AB_ONLY = {"--threshold": "5%", "--quantile": stats.DEFAULT_QUANTILE, "--epochs": 4,
+           "--settle-ms": 0.0}
 
 
 def register(subparsers, common) -> None:
@@ -60,7 +61,8 @@ def register(subparsers, common) -> None:
     p.add_argument("--threshold", default=AB_ONLY["--threshold"],
                    help="--ab verdict threshold, e.g. 5%% or 0.05 (default: %(default)s)")
     p.add_argument("--quantile", type=float, default=AB_ONLY["--quantile"],
-                   help="--ab compares this quantile of the samples (default: median)")
+                   help="--ab compares this quantile of the samples (default: %(default)s, as "
+                   "`opbench gate` does, so the table and the gate agree on one file)")
     p.add_argument("--epochs", type=int, default=AB_ONLY["--epochs"],
                    help="--ab: re-allocate both sides' buffers this many times, splitting the"
                         " budget (default: %(default)s; see docs/perf.md)")

@@ -158,7 +158,8 @@ def test_isolate_records_crash_and_timeout_and_goes_on(tmp_path, capsys):
 
 def test_list_coverage_prints_axes_pairs_and_reasons(capsys):
     code, out, _ = run(capsys, "list", "--coverage", "-o", "SET_ROWS")
-    assert code == 0 and "axes (values): type=3" in out
+    assert code == 0 and "  axis type (3): {f32, f16, bf16}\n" in out
+    assert "  axis nslots (3): {-, 40000, 70000}\n" in out  # "-": the axis left out
     assert "covered: full 100.0%" in out and "--quick 100.0%" in out
     assert "impossible: nslots {40000, 70000} with row" in out
 
@@ -219,3 +220,13 @@ def test_list_and_support(capsys):
     code, out, _ = run(capsys, "support", "-b", "cpu", "-o", "ROPE,CPY")
     n_rope = len(SPECS["ROPE"].cases())
     assert code == 0 and f"{n_rope}/{n_rope}" in out
+
+
+def test_the_pytest_suites_refuse_an_unknown_backend_once(tmp_path):
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           str(root / "suites"), "--backend", "nosuch"],
+                          capture_output=True, text=True, timeout=120, cwd=root)
+    assert done.returncode == pytest.ExitCode.USAGE_ERROR
+    assert done.stderr.count("unknown backend 'nosuch'") == 1
+    assert "passed" not in done.stdout and "error" not in done.stdout.lower()
