@@ -232,6 +232,27 @@ def select_cases(args, quick: bool = False) -> list[Case]:
     return take_shard(selected, shard_arg(args))
 
 
+#: peak host memory (GiB) of each op's --large case, from the cpu backend's runs scaled down
+#: 16 times (docs/gpu.md, "Offsets past 2**31"): inputs, oracle and judge live on the host,
+#: whatever the backend, so this bounds every backend
+LARGE_HOST_GIB = {"SET_ROWS": 35, "GET_ROWS": 11, "ATTN": 19, "CPY": 25, "KV_ROTATE": 16}
+
+
+def warn_if_large_cases_outgrow_memory(cases: list[Case], available: int | None) -> None:
+    """One line per --large op that needs more host memory than is available: the system
+    would kill the run with no word of why (exit 137).  The run still goes on: the figures
+    are estimates, and records of finished cases are kept."""
+    if available is None:
+        return
+    for op in dict.fromkeys(case.op for case in cases):
+        need = LARGE_HOST_GIB.get(op, 0)
+        if need * 2**30 > available:
+            print(f"opbench: warning: --large {op} needs about {need} GiB of host memory "
+                  f"(docs/gpu.md), {available / 2**30:.1f} GiB is available: the system may "
+                  "kill the run; run it on a larger host, one op at a time (-o)",
+                  file=sys.stderr)
+
+
 def add_large_option(parser, verb: str) -> None:
     parser.add_argument("--large", action="store_true",
                         help=f"{verb} instead the cases whose element offsets pass 2**31 (one per"

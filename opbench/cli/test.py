@@ -6,6 +6,7 @@ import os
 import sys
 from typing import Iterator
 
+from opbench.backends.common.host import available_memory_bytes
 from opbench.errors import UsageError
 from opbench.harness.cases import Case
 from opbench.harness.executors import run_cases
@@ -32,6 +33,7 @@ from .common import (
     run_backend,
     select_cases,
     shard_arg,
+    warn_if_large_cases_outgrow_memory,
 )
 
 
@@ -75,6 +77,8 @@ def cmd_test(args) -> int:
     if args.ranks:
         check_ranks(args, names)
     cases = select_cases(args, quick=args.quick)
+    if args.large:
+        warn_if_large_cases_outgrow_memory(cases, available_memory_bytes())
     if args.ranks:
         cases = torchrun_cases(cases)
     if not cases:

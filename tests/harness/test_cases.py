@@ -175,6 +175,25 @@ def test_large_cases_pass_2_31_elements_once_per_index_taking_op():
         assert 2**31 < _largest_tensor_elements(cases[0]) < 2**31 + 2**17, cases[0].id
 
 
+def test_large_cases_warn_of_host_memory_short_of_their_need(tmp_path, capsys):
+    from opbench.backends.common.host import available_memory_bytes
+    from opbench.cli.common import LARGE_HOST_GIB, warn_if_large_cases_outgrow_memory
+
+    assert set(LARGE_HOST_GIB) == {c.op for s in SPECS.values() for c in s.large_cases()}
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemAvailable:   20971520 kB\n")
+    available = available_memory_bytes(str(meminfo))
+    assert available == 20 * 2**30
+    assert available_memory_bytes(str(tmp_path / "missing")) is None
+    cases = [c for op in ("GET_ROWS", "ATTN", "CPY") for c in SPECS[op].large_cases()]
+    warn_if_large_cases_outgrow_memory(cases, available)
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split()[3] for line in lines] == ["CPY"]  # 25 GiB > 20; 11 and 19 fit
+    assert "needs about 25 GiB of host memory" in lines[0] and "20.0 GiB is available" in lines[0]
+    warn_if_large_cases_outgrow_memory(cases, None)  # unreadable: no guess, no line
+    assert capsys.readouterr().err == ""
+
+
 def test_periodic_fill_differs_where_a_wrapped_offset_lands():
     from opbench.harness import cases as case_module
 

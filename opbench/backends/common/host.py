@@ -32,6 +32,18 @@ def last_level_cache_bytes(cpu: int = 0) -> int | None:
     return max(sizes)[1] if sizes else None
 
 
+def available_memory_bytes(meminfo: str = "/proc/meminfo") -> int | None:
+    """Memory the kernel says a new allocation can take without swapping (Linux's
+    MemAvailable); None where it cannot be read."""
+    try:
+        for line in Path(meminfo).read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 #: the last-level cache assumed where sysfs does not say
 ASSUMED_LLC_BYTES = 32 * 2**20
 _flush_buffer: np.ndarray | None = None
