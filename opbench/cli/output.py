@@ -78,9 +78,10 @@ class ConsoleReporter:
         label = {"XFAIL": "XFAIL (known failure)", "XPASS": "XPASS (stale known failure)"}
         self._styled((f"  {record['case_id']}: ", ""),
                      (label.get(status, status), STYLE[status]))
-        if status != "OK":
+        if status != "OK":  # every line under its case: a CRASH's error holds a stderr tail
             for error in record["errors"] or [record["reason"]]:
-                self._line(f"    {error}", "red" if status in FAILING else "yellow")
+                for line in str(error).splitlines() or [""]:
+                    self._line(f"    {line}", "red" if status in FAILING else "yellow")
 
     def skipped_backend(self, name: str, why: str) -> None:
         self._line(f"Backend {name}: SKIPPED ({why})", "yellow")
@@ -101,7 +102,8 @@ class ConsoleReporter:
         self._line(f"  {passed}/{judged} tests passed" + (f" ({', '.join(extras)})"
                                                           if extras else ""))
         self._styled((f"  Backend {name}: ", ""),
-                     ("FAIL", "bold red") if failed else ("OK", "bold green"))
+                     ("FAIL", "bold red") if failed else ("OK", "bold green"),
+                     ("" if judged or failed else " (but no case ran: none was supported)", ""))
         return failed
 
     def finish(self) -> None:

@@ -50,3 +50,26 @@ def test_a_colour_console_still_gets_styles():
     styled = _console(force_terminal=True, color_system="standard")
     text = _report(styled)
     assert "\x1b[1;31mFAIL\x1b[0m" in text and "ROPE(type=f32,ne=[128,3,33],mode=normal)" in text
+
+
+def test_a_backend_that_ran_no_case_says_so_beside_its_ok():
+    plain = _console()
+    reporter = ConsoleReporter()
+    reporter.out = plain
+    assert reporter.backend_summary("ggml", Counter(UNSUPPORTED=14)) is False
+    reporter.backend_summary("cpu", Counter(OK=3, UNSUPPORTED=1))
+    lines = plain.file.getvalue().splitlines()
+    assert lines[:2] == ["  0/0 tests passed (14 unsupported)",
+                         "  Backend ggml: OK (but no case ran: none was supported)"]
+    assert lines[3] == "  Backend cpu: OK"
+
+
+def test_every_line_of_an_error_stays_under_its_case():
+    plain = _console()
+    reporter = ConsoleReporter()
+    reporter.out = plain
+    reporter.case({"status": "CRASH", "case_id": "CPY(x)", "reason": "worker died",
+                   "errors": ["worker died (SIGABRT); stderr tail:\nFatal Python error\n  File x"]})
+    assert plain.file.getvalue().splitlines() == [
+        "  CPY(x): CRASH", "    worker died (SIGABRT); stderr tail:", "    Fatal Python error",
+        "      File x"]
