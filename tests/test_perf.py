@@ -8,7 +8,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -69,6 +72,47 @@ def test_a_backend_whose_constructor_raises_fails_in_one_line_and_the_next_one_r
     assert "Backend cannot-open: FAIL (backend" in out
     assert "RuntimeError: cannot open device 0" in out
     assert {r["backend"] for r in read_records(results)} == {"cpu"}
+
+
+HANGS_ON_A_TRANSPOSE = """
+    import time
+
+    class HangsOnATranspose(CpuBackend):
+        name = "hangs"
+
+        def cpy(self, src, out, perm, step=1, stream=None):
+            if tuple(perm) == (1, 0, 2):
+                time.sleep(600)
+            super().cpy(src, out, perm, step, stream)
+"""
+
+
+@pytest.mark.parametrize("sides, named", [(["-b", "{fake}"], "hangs"),
+                                          (["--ab", "cpu", "{fake}"], "cpu and hangs")])
+def test_a_case_past_the_timeout_stops_the_run_naming_it_and_keeps_the_records(
+        tmp_path, sides, named):
+    fake = backend_file(tmp_path, HANGS_ON_A_TRANSPOSE) + ":HangsOnATranspose"
+    results = tmp_path / "r.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-m", "opbench", "perf", *FAST, "--no-calibrate",
+                           *[s.format(fake=fake) for s in sides], "-o", "CPY", "--timeout", "2",
+                           "--pin-cpu", "none", "--results", str(results)],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    assert done.returncode == 124, done.stderr
+    assert (f"perm=[1,0,2],step=1) on {named} ran past --timeout 2 s; stopping (records "
+            "written so far are kept)") in done.stderr
+    assert "in cpy" in done.stderr  # where it hung
+    first = "CPY(type_src=f32,type=f16,ne=[64,4,64],perm=[0,1,2],step=1)"
+    assert {r["case_id"] for r in read_records(results)} == {first}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--timeout", "0"], "needs a number of seconds > 0"),
+    (["--timeout", "5", "--repeat", "2"], "with --repeat or a REF@PATH side"),
+])
+def test_perf_timeout_refusals(capsys, argv, message):
+    code, _, err = perf_main(capsys, "-o", "CPY", *argv)
+    assert code == 2 and message in err
 
 
 def test_an_ab_side_whose_constructor_raises_ends_the_run_in_one_line(tmp_path, capsys):

@@ -19,6 +19,7 @@ from opbench.harness.shards import take_shard
 from opbench.perf import run as perf_mode
 from opbench.perf import stats, timing
 from opbench.perf.cross_ab import split_source
+from opbench.perf.watchdog import CaseWatchdog
 
 from . import output
 from .common import (
@@ -90,6 +91,11 @@ def register(subparsers, common) -> None:
                    help="do not measure the machine's ceilings when none are cached")
     p.add_argument("--executor", default="local", metavar="local",
                    help="local only: perf times on this machine (see the refusal of ray)")
+    p.add_argument("--timeout", type=float, default=None, metavar="S",
+                   help="stop the run when one case (one backend's, or an --ab pair's) takes "
+                   "longer than S seconds, naming it and printing where every thread was; "
+                   "records written so far are kept, exit 124 (default: no limit; not with "
+                   "--repeat or a REF@PATH side, whose cases run in other processes)")
     add_shard_option(p)
     p.set_defaults(func=cmd_perf)
 
@@ -121,6 +127,19 @@ def select_perf_cases(args) -> list:
         raise UsageError("no perf case matches the given -o/-p" + (" in this --shard"
                                                                     if args.shard else ""))
     return cases
+
+
+def case_timeout(args, cross: bool) -> float | None:
+    """--timeout in seconds (None: no limit): > 0, and only where this process times the
+    cases (its watchdog cannot stop another process's hang)."""
+    if args.timeout is None:
+        return None
+    if not math.isfinite(args.timeout) or args.timeout <= 0:
+        raise UsageError(f"--timeout {args.timeout:g}: needs a number of seconds > 0")
+    if args.repeat > 1 or cross:
+        raise UsageError("--timeout stops cases timed in this process; with --repeat or a "
+                         "REF@PATH side they run in other processes: drop it")
+    return args.timeout
 
 
 def refuse_ab_only(args) -> None:
@@ -223,6 +242,7 @@ def cmd_perf(args) -> int:
     if args.repeat > 1 and args.ab:
         raise UsageError("--repeat and --ab do not mix: --ab interleaves its two sides in one"
                          " process, which already shares every run-to-run shift")
+    watchdog = CaseWatchdog(case_timeout(args, cross))
     affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     if not args.ab:  # --ab pins once its sides are open: the set depends on their threads
         pin_cpu(args.pin_cpu, default="none")
@@ -234,11 +254,11 @@ def cmd_perf(args) -> int:
                                    args.quantile, args.pin_cpu, args.sizes)
         elif args.ab:
             failed = _run_ab(refs, cases, options, run_id, writer, show, threshold,
-                             args.quantile, args.pin_cpu)
+                             args.quantile, args.pin_cpu, watchdog)
         elif args.repeat > 1:
             failed = _run_repeated(refs, cases, options, run_id, writer, show, args.repeat)
         else:
-            failed = any([_run_backend(ref, cases, options, run_id, writer, show)
+            failed = any([_run_backend(ref, cases, options, run_id, writer, show, watchdog)
                           for ref in refs])
     finally:
         if writer:
@@ -256,7 +276,7 @@ def _emit(record: dict, writer, show: output.ConsoleReporter, side: str = "") ->
     return record["status"] in FAILING
 
 
-def _run_backend(ref, cases, options, run_id, writer, show) -> bool:
+def _run_backend(ref, cases, options, run_id, writer, show, watchdog: CaseWatchdog) -> bool:
     try:
         backend, why = open_for_timing(ref)
     except BackendSetupError as exc:  # fails this backend; the next one still runs
@@ -270,8 +290,9 @@ def _run_backend(ref, cases, options, run_id, writer, show) -> bool:
     failed = False
     try:
         for case in cases:
-            record = perf_mode.run_perf_case(backend, case, options, run_id,
-                                             label=backend_label(ref), env=env)
+            with watchdog.case(backend_label(ref), case.id):
+                record = perf_mode.run_perf_case(backend, case, options, run_id,
+                                                 label=backend_label(ref), env=env)
             failed |= _emit(record, writer, show)
     finally:
         backend.close()
@@ -307,7 +328,7 @@ def ab_labels(label_a: str, label_b: str) -> tuple[str, str]:
 
 
 def _run_ab(refs, cases, options, run_id, writer, show, threshold, quantile,
-            pin_choice) -> bool:
+            pin_choice, watchdog: CaseWatchdog) -> bool:
     from .pinning import compute_threads
 
     labels = ab_labels(*map(backend_label, refs))  # one configuration, one name
@@ -321,9 +342,12 @@ def _run_ab(refs, cases, options, run_id, writer, show, threshold, quantile,
         threads = {label: compute_threads(backend) for label, backend in sides.items()}
         placement = _placement(pin_choice, threads, show)
         envs = {label: perf_mode.backend_env(b) for label, b in sides.items()}
-        return _time_ab(lambda case: perf_mode.run_ab_case(sides, case, options, run_id, envs),
-                        labels, cases, writer, show, threshold, quantile, options.seed,
-                        placement)
+        def run_pair(case):
+            with watchdog.case(" and ".join(labels), case.id):
+                return perf_mode.run_ab_case(sides, case, options, run_id, envs)
+
+        return _time_ab(run_pair, labels, cases, writer, show, threshold, quantile,
+                        options.seed, placement)
     finally:
         for backend in sides.values():
             backend.close()
