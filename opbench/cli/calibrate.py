@@ -58,4 +58,5 @@ def print_ceilings(ceilings: dict) -> None:
               " one-core figure); `opbench calibrate --force` when it is quiet")
     if ceilings.get("llc_bytes"):
         print(f"last-level cache: {ceilings['llc_bytes'] / 2**20:g} MiB (perf reports a working"
-              " set within half of it cache-resident)")
+              " set within half of it cache-resident, and one within all of it that moves"
+              " faster than the copy ceiling: only the cache can serve it so)")
