@@ -312,15 +312,21 @@ def test_repeats_of_different_counts_are_timed_alike():
     assert len(result.unchanged + result.not_significant + result.ambiguous) == 1
 
 
-def test_cli_gate_names_the_method_of_each_side(tmp_path, capsys, monkeypatch):
-    monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
-    rng = np.random.default_rng(13)
+def _plain_and_repeated_files(tmp_path, seed: int) -> list[str]:
+    """Two result files of one case: timed once without --repeat, once with --repeat 3."""
+    rng = np.random.default_rng(seed)
     paths = []
     for name, record in (("plain", _plain_record(rng, 1e5)),
                          ("repeat3", _repeat_record(rng, 1.6e5, 3))):
         with store.ResultWriter(tmp_path / f"{name}.jsonl") as writer:
             writer.write(record)
         paths.append(str(tmp_path / f"{name}.jsonl"))
+    return paths
+
+
+def test_cli_gate_names_the_method_of_each_side(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
+    paths = _plain_and_repeated_files(tmp_path, 13)
     assert main(["gate", *paths[::-1], "--summary", os.devnull]) == 1
     out = capsys.readouterr().out
     assert "BASE was run with --repeat 3" in out and "rerun NEW with --repeat 3" in out
@@ -330,13 +336,7 @@ def test_cli_gate_names_the_method_of_each_side(tmp_path, capsys, monkeypatch):
 def test_report_against_a_side_timed_otherwise_says_so(tmp_path):
     from opbench.reports.render import build_report
 
-    rng = np.random.default_rng(14)
-    paths = []
-    for name, record in (("plain", _plain_record(rng, 1e5)),
-                         ("repeat3", _repeat_record(rng, 1.6e5, 3))):
-        with store.ResultWriter(tmp_path / f"{name}.jsonl") as writer:
-            writer.write(record)
-        paths.append(str(tmp_path / f"{name}.jsonl"))
+    paths = _plain_and_repeated_files(tmp_path, 14)
     files = build_report(paths[1], tmp_path / "rep", against=paths[0])
     text = files.markdown.read_text()
     assert "0 perf regressions" in text
