@@ -201,13 +201,21 @@ def model_cases(ref: str) -> list[Case]:
     """A model's cases; says on stderr which config fields go unused and why ROPE cases are
     missing, if they are."""
     model = load_model(ref)
-    if model.unused:
-        print(f"opbench: --model {ref}: fields not used: {', '.join(model.unused)}",
-              file=sys.stderr)
+    warn_unused_fields(ref, model)
+    broken = models.rope_error(model)
+    if broken:  # the config is wrong: running the other ops would pass it untested
+        raise UsageError(f"--model {ref}: {broken}")
     why = models.rope_ready(model)
     if why:
         print(f"opbench: --model {ref}: no ROPE or KV_ROTATE cases: {why}", file=sys.stderr)
     return models_cases.model_cases(ref)
+
+
+def warn_unused_fields(ref: str, model) -> None:
+    """Config fields opbench does not read (a typo such as rope_scalling among them)."""
+    if model.unused:
+        print(f"opbench: --model {ref}: fields not used: {', '.join(model.unused)}",
+              file=sys.stderr)
 
 
 def select_cases(args, quick: bool = False) -> list[Case]:

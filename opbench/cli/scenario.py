@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from opbench.errors import UsageError
+from opbench.harness import models
 from opbench.harness.records import environment, new_run_id
 from opbench.harness.scenario.config import KV_DTYPES, ScenarioSpec
 from opbench.harness.scenario.matrix import matrix, run_specs, specs_for, sweep_prompt_lens
@@ -27,6 +28,7 @@ from .common import (
     refuse_unused,
     run_backend,
     shard_arg,
+    warn_unused_fields,
 )
 
 EPILOG = """examples:
@@ -106,6 +108,10 @@ def register(subparsers, common) -> None:
 def selected_specs(args) -> list[ScenarioSpec]:
     if args.layers < 1 or args.steps < 1:
         raise UsageError(f"--layers {args.layers} and --steps {args.steps} must be >= 1")
+    if args.sweep and (args.matrix or args.devices != 1):
+        raise UsageError("--sweep chooses the device counts and builds its own scenarios: drop "
+                         + ("--matrix" if args.matrix else f"--devices {args.devices}"))
+    warn_unused_model_fields(args.model)
     if args.matrix:
         try:
             specs = matrix(seed=args.seed, layers=args.layers, steps=args.steps)
@@ -124,12 +130,27 @@ def selected_specs(args) -> list[ScenarioSpec]:
         raise UsageError(str(exc)) from None
 
 
+def warn_unused_model_fields(ref: str) -> None:
+    """A config.json's fields the scenarios do not read, as `test --model` lists them (a typo
+    such as rope_scalling would otherwise run plain RoPE without a word)."""
+    if not ref.endswith(".json"):
+        return  # a built-in scenario model or a preset: every field is read
+    try:
+        model = models.load(ref)
+    except models.ModelError:
+        return  # the scenario's own check says what is wrong, once
+    warn_unused_fields(ref, model)
+
+
 def _sweep(args) -> list[ScenarioSpec]:
     axis, _, span = args.sweep.partition("=")
     low, _, high = span.partition("..")
     if axis != "devices" or not low.isdigit() or not high.isdigit() or not 1 <= int(low) <= int(
             high):
         raise UsageError(f"--sweep {args.sweep!r} must be devices=A..B with 1 <= A <= B")
+    if args.split not in ("none", *SEQUENCE_SPLITS):
+        raise UsageError(f"--sweep runs the sequence splits ({', '.join(SEQUENCE_SPLITS)}); "
+                         f"--split {args.split} has no sweep")
     splits = [args.split] if args.split in SEQUENCE_SPLITS else list(SEQUENCE_SPLITS)
     try:
         return _sweep_specs(args, splits, range(int(low), int(high) + 1))

@@ -100,6 +100,20 @@ def test_config_errors_exit_2_naming_the_field(tmp_path, capsys, change, message
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("change", [{"rope_parameters": {"rope_type": "default",
+                                                          "rope_theta": -1.0}},
+                                     {"rope_parameters": {"rope_type": "linear",
+                                                          "rope_theta": 1e4}}])
+def test_rope_parameters_that_cannot_be_used_fail_the_run_instead_of_dropping_rope(
+        tmp_path, capsys, change):
+    path = _write(tmp_path, {**LLAMA, **change})
+    assert main(["test", "--model", path, "-q"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith(f"opbench: error: --model {path}: ")
+    assert "must be > 0" in err[-1] or "is required" in err[-1]
+    assert not [line for line in err if "Traceback" in line or "passed" in line]
+
+
 def test_unknown_model_and_bad_json_exit_2(tmp_path, capsys):
     assert main(["test", "--model", "no-such-model"]) == 2
     assert "neither a preset" in capsys.readouterr().err

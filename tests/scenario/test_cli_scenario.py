@@ -48,6 +48,23 @@ def test_usage_errors_exit_2(capsys):
     assert main(["scenario", "--steps", "0"]) == 2
 
 
+def test_a_sweep_refuses_the_flags_it_would_ignore(capsys):
+    for extra, message in ((["--split", "head"], "--split head has no sweep"),
+                           (["--matrix"], "drop --matrix"), (["--devices", "3"], "drop --devices")):
+        assert main(["scenario", "--sweep", "devices=1..2", *extra]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_a_model_configs_unread_fields_are_named(tmp_path, capsys):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({
+        "model_type": "llama", "hidden_size": 256, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "num_hidden_layers": 2, "max_position_embeddings": 4096,
+        "rope_theta": 10000.0, "rope_scalling": {"rope_type": "linear", "factor": 2.0}}))
+    assert main(["scenario", "--model", str(path), "--layers", "2", "--steps", "1", "-q"]) == 0
+    assert "fields not used: rope_scalling" in capsys.readouterr().err
+
+
 def test_json_output_lists_the_records(capsys):
     assert main(["scenario", "--split", "ring", "--devices", "2", "--steps", "1",
                  "--output", "json"]) == 0

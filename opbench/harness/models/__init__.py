@@ -291,12 +291,21 @@ def _check_rope(model: Model) -> None:
 
 
 def rope_ready(model: Model) -> str | None:
-    """None when ROPE cases can be built, else why not (e.g. factor lists left out)."""
-    for kind in model.kinds:
-        if model.kinds[kind].rope is None:
-            return "no rotary embedding (ALiBi)"
+    """None when ROPE cases can be built, else why not: the model has no RoPE (ALiBi), or
+    its RoPE parameters cannot be used (``rope_error``)."""
+    if any(kind.rope is None for kind in model.kinds.values()):
+        return "no rotary embedding (ALiBi)"
+    return rope_error(model)
+
+
+def rope_error(model: Model) -> str | None:
+    """Why the RoPE parameters of a model that has RoPE cannot be used (a factor list left
+    out, rope_theta <= 0, ...); None when they can, or when it has no RoPE."""
+    for name, kind in model.kinds.items():
+        if kind.rope is None:
+            continue
         try:
-            model.ggml_rope(kind)
+            model.ggml_rope(name)
         except ValueError as exc:
             return str(exc)
     return None
