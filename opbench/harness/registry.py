@@ -136,7 +136,17 @@ def backend_label(ref: str | BackendRef, extra: dict | None = None) -> str:
     defaults = {option.name: option.default for option in parsed.cls.OPTIONS}
     changed = [f"{name}={shown_value(value)}" for name, value in sorted(values.items())
                if name not in defaults or value != defaults[name]]
-    return parsed.cls.name + (":" + ",".join(changed) if changed else "")
+    return _own_name(parsed) + (":" + ",".join(changed) if changed else "")
+
+
+def _own_name(parsed: BackendRef) -> str:
+    """The class's ``name``; but a plug-in that inherits it (``class Mine(CpuBackend)`` with
+    no ``name`` of its own) is called by its class's name: its records must not join the
+    built-in backend's history and baselines as if they were the built-in's."""
+    cls = parsed.cls
+    if parsed.target in registered() or "name" in vars(cls):
+        return cls.name
+    return cls.__name__
 
 
 def shown_value(value: Any) -> str:

@@ -156,10 +156,20 @@ def test_test_and_perf_call_one_configuration_by_one_name(tmp_path):
     assert names == {"test": {"cpu:jit=off"}, "perf": {"cpu:jit=off"}}
 
 
+def test_a_plug_in_that_inherits_its_name_is_called_by_its_class(tmp_path):
+    path = tmp_path / "mine.py"
+    path.write_text("from opbench.backends.cpu import CpuBackend\n"
+                    "class Mine(CpuBackend):\n    pass\n")
+    assert registry.backend_label(f"{path}:Mine") == "Mine"
+    assert registry.backend_label(f"{path}:Mine:jit=off") == "Mine:jit=off"
+    assert {registry.backend_label(name) for name in registry.registered_names()} == set(
+        registry.registered_names())  # the built-ins keep their names
+
+
 def test_two_backends_that_records_would_call_alike_are_refused(tmp_path, capsys):
     path = tmp_path / "alike.py"
     path.write_text("from opbench.backends.cpu import CpuBackend\n"
-                    "class SameName(CpuBackend):\n    pass\n")
+                    "class SameName(CpuBackend):\n    name = 'cpu'\n")
     assert main(["test", "--quick", "-o", "CPY", "-b", f"cpu,{path}:SameName"]) == 2
     err = capsys.readouterr().err
     assert "would both be called 'cpu'" in err and "Traceback" not in err

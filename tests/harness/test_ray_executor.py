@@ -173,3 +173,25 @@ def test_scenario_verb_takes_the_ray_executor(local_ray, ray_items, tmp_path):
     records = [json.loads(line) for line in results.read_text().splitlines()]
     assert [(r["params"]["split"], r["status"]) for r in records] == [("zigzag", "OK")]
     assert [spec.id for spec in ray_items] == [records[0]["case_id"]]
+
+
+class _NoCluster:
+    """A stand-in for the ray module whose init fails as Ray's does with nothing to join."""
+
+    @staticmethod
+    def is_initialized() -> bool:
+        return False
+
+    @staticmethod
+    def init(**kwargs):
+        raise ConnectionError("Could not find any running Ray instance.\nPlease specify ...")
+
+
+def test_a_ray_that_cannot_start_or_be_joined_is_one_usage_line():
+    from opbench.errors import UsageError
+    from opbench.harness.executors.ray import connect
+
+    with pytest.raises(UsageError) as caught:
+        connect(_NoCluster, "auto", 2)
+    assert str(caught.value) == ("--executor ray: cannot start or join Ray at auto: "
+                                 "ConnectionError: Could not find any running Ray instance.")

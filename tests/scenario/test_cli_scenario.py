@@ -37,6 +37,8 @@ def test_divergence_exits_1_naming_step_layer_device_and_metric(tmp_path, capsys
     assert record["status"] == "FAIL"
     assert record["scenario"]["divergence"]["layer"] == "3"
     assert record["scenario"]["divergence"]["device"] == 1
+    assert record["reason"] == record["errors"][0]  # csv, JUnit and reports read the reason
+    assert record["reason"].startswith("first divergence at step 0, layer 3, device 1")
 
 
 def test_usage_errors_exit_2(capsys):
@@ -102,6 +104,11 @@ def test_a_backend_that_raises_is_an_error_record_and_exit_1(tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 1
     assert "<testsuite" in out and "merge kernel missing" in out
+    code = main(["scenario", "-b", f"{module}:Broken", "--split", "ring", "--devices", "2",
+                 "--steps", "1", "--output", "json"])
+    (record,) = json.loads(capsys.readouterr().out)
+    assert record["status"] == "ERROR" and record["device"] == "2 device(s)"  # as an OK's
+    assert any("in attn_merge" in line for line in record["errors"][1:])  # where it raised
 
 
 #: aborts in the ring split only (attn_merge joins the partial attentions of sequence splits)

@@ -38,11 +38,18 @@ def connect(ray, address: str | None, jobs: int) -> bool:
     """Join ``address`` or start a local instance with ``jobs`` CPUs; True if we started it."""
     if ray.is_initialized():
         return False
-    if address is None:
-        ray.init(num_cpus=jobs, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
-    else:
-        ray.init(address=address, log_to_driver=False, configure_logging=False)
+    try:
+        if address is None:
+            ray.init(num_cpus=jobs, include_dashboard=False, log_to_driver=False,
+                     configure_logging=False)
+        else:
+            ray.init(address=address, log_to_driver=False, configure_logging=False)
+    except Exception as exc:  # no cluster there, a client package missing: one line, no trace
+        from opbench.errors import UsageError
+
+        where = "a new local instance" if address is None else address
+        raise UsageError(f"--executor ray: cannot start or join Ray at {where}: "
+                         f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}") from None
     return True
 
 

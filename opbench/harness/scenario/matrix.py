@@ -107,8 +107,11 @@ def unsupported(backend: Backend, spec: ScenarioSpec) -> str | None:
 
 
 def _record_fields(backend_name: str, spec: ScenarioSpec, run_id: str) -> dict:
+    """What every record of a scenario carries, whatever became of it: the device field
+    too, so an ERROR or CRASH record keys like its baseline's OK record (gate, history)."""
     return dict(kind="scenario", backend=backend_name, op="SCENARIO", case_id=spec.id,
-                run_id=run_id, params=spec.as_dict(), dtype=spec.kv_dtype)
+                run_id=run_id, params=spec.as_dict(), dtype=spec.kv_dtype,
+                device=f"{spec.devices} device(s)")
 
 
 def scenario_record(backend_ref: str, spec: ScenarioSpec, run_id: str, engine_cls=None,
@@ -183,7 +186,8 @@ def _run_record(backend, spec: ScenarioSpec, fields: dict, engine_cls, timed=Fal
         result = run_scenario(backend, spec, engine_cls)
     except Exception as exc:  # a crashing backend is a result, not a crash of the run
         summary = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-        return make_record(status="ERROR", reason=summary, errors=[summary],
+        where = traceback.format_exc(limit=-4).splitlines()[1:-1]  # the innermost frames
+        return make_record(status="ERROR", reason=summary, errors=[summary, *where],
                            scenario={**spec.as_dict(), "divergence": None}, **fields)
     if result.error:  # a near-tie: the run could not be judged
         return make_record(status="ERROR", reason=result.error, errors=[result.error],
@@ -194,9 +198,10 @@ def _run_record(backend, spec: ScenarioSpec, fields: dict, engine_cls, timed=Fal
                 "divergence": None if div is None else div.__dict__,
                 "step_ns": result.step_ns}
     perf = step_perf(result.step_ns) if timed and result.ok else None
+    errors = [div.describe()] if div else []
     return make_record(status="OK" if result.ok else "FAIL", metrics=result.worst, perf=perf,
-                       device=f"{spec.devices} device(s)",
-                       errors=[div.describe()] if div else [], scenario=scenario, **fields)
+                       reason=errors[0] if errors else None,  # csv, JUnit and reports read it
+                       errors=errors, scenario=scenario, **fields)
 
 
 class ScenarioWork:
