@@ -192,7 +192,7 @@ def cmd_scenario(args) -> int:
     if not specs:
         raise UsageError(f"no scenario in --shard {args.shard}")
     names = parse_backends(args.backend)  # unknown names: a usage error before anything runs
-    ranks = rank_options(args, names)
+    ranks = rank_options(args, names, specs)
     if ranks is not None and ranks.torchrun_rank not in (None, 0):
         return _run_silent_rank(specs, ranks)
     writer = open_writer(args.results, shard_arg(args))
@@ -228,8 +228,10 @@ class RankOptions:
     torchrun_rank: int | None  # this process's rank under torchrun, else None
 
 
-def rank_options(args, names: list[str]) -> RankOptions | None:
-    """--ranks and its options, checked; None without --ranks."""
+def rank_options(args, names: list[str], specs: list[ScenarioSpec]) -> RankOptions | None:
+    """--ranks and its options, checked against the scenarios (a fault or delay on a rank or
+    step none of them has would never happen: the run would pass having tested nothing of
+    it); None without --ranks."""
     extras = [opt for opt, value in (("--inject-fault", args.inject_fault),
                                      ("--delay-ranks", args.delay_ranks)) if value]
     if not args.ranks:
@@ -238,9 +240,9 @@ def rank_options(args, names: list[str]) -> RankOptions | None:
         return None
     if names != ["cpu"]:
         raise UsageError("--ranks runs the cpu backend's kernels in every rank: use -b cpu")
-    if args.jobs != 1 or args.executor != "local":
-        raise UsageError("--ranks: every scenario already runs one process per device; drop -j"
-                         " and --executor")
+    if args.jobs != 1 or args.executor != "local" or args.isolate:
+        raise UsageError("--ranks: every scenario already runs one process per device; drop -j,"
+                         " --executor and --isolate")
     try:
         import torch.distributed  # noqa: F401
     except ImportError:
@@ -255,10 +257,23 @@ def rank_options(args, names: list[str]) -> RankOptions | None:
         raise UsageError(str(exc) if "inject" in str(exc) else
                          f"--delay-ranks {args.delay_ranks!r} must be rank numbers, e.g. 1,3"
                          ) from None
+    _check_ranks_exist(args, fault, delay, specs)
     import os
 
     return RankOptions(check_timeout(args), fault, delay,
                        int(os.environ["RANK"]) if under_torchrun() else None)
+
+
+def _check_ranks_exist(args, fault, delay: set[int] | None, specs: list[ScenarioSpec]) -> None:
+    ranks = max(spec.devices for spec in specs)
+    if fault and (fault.rank >= ranks or fault.step > args.steps):
+        raise UsageError(f"--inject-fault {args.inject_fault}: the scenarios have ranks 0.."
+                         f"{ranks - 1} and steps 0..{args.steps}")
+    if delay and max(delay) >= ranks:
+        raise UsageError(f"--delay-ranks {args.delay_ranks}: the scenarios have ranks 0.."
+                         f"{ranks - 1}")
+    if delay and not any(spec.delay for spec in specs):
+        raise UsageError("--delay-ranks chooses whose streams --delay on delays: add --delay on")
 
 
 def _rank_records(specs, ranks: RankOptions, run_id: str):

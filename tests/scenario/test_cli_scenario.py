@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from opbench.cli.main import main
 
 ZOO = Path(__file__).resolve().parents[1] / "bugzoo" / "scenario_bugs.py"
@@ -154,3 +156,15 @@ def test_matrix_records_a_crashed_and_a_hung_scenario_and_goes_on(tmp_path, caps
     assert crashed["kind"] == "scenario" and crashed["backend"] == "crashy"
     assert "worker process died" in crashed["reason"]
     assert crashed["scenario"]["split"] == "ring"
+
+
+def test_rank_faults_and_delays_must_name_a_rank_and_step_the_scenarios_have(capsys):
+    pytest.importorskip("torch.distributed")
+    base = ["scenario", "--split", "layer", "--devices", "2", "--ranks", "--steps", "2"]
+    for extra, message in ((["--inject-fault", "raise:5:0"], "ranks 0..1 and steps 0..2"),
+                           (["--inject-fault", "exit:1:9"], "ranks 0..1 and steps 0..2"),
+                           (["--delay-ranks", "7", "--delay", "on"], "ranks 0..1"),
+                           (["--delay-ranks", "1"], "add --delay on"),
+                           (["--isolate"], "drop -j, --executor and --isolate")):
+        assert main([*base, *extra]) == 2
+        assert message in capsys.readouterr().err
