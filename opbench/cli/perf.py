@@ -285,7 +285,8 @@ def _run_backend(ref, cases, options, run_id, writer, show, watchdog: CaseWatchd
     if backend is None:
         show.header(f"Backend {backend_label(ref)}: skipped ({why})")
         return False
-    show.header(f"Backend {backend_label(ref)}:")
+    if not show.quiet:  # -q prints problems only: a header over nothing is noise
+        show.header(f"Backend {backend_label(ref)}:")
     env = perf_mode.backend_env(backend)
     failed = False
     try:

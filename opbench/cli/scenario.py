@@ -18,6 +18,7 @@ from .common import (
     add_executor_option,
     add_shard_option,
     check_timeout,
+    common_options,
     compile_pattern,
     executor_arg,
     isolated,
@@ -55,7 +56,7 @@ def register(subparsers, common) -> None:
     import argparse
 
     parser = subparsers.add_parser(
-        "scenario", parents=[common], epilog=EPILOG,
+        "scenario", parents=[common_options(unused=("-o",))], epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         help="decode loop through a small transformer over devices, caches and graphs, judged"
              " at every step against a float64 model")
