@@ -284,3 +284,42 @@ def test_report_from_the_database(run_files, tmp_path, capsys):
     assert "0 perf regressions, 1 improvements" in text  # CPY(a): 100 us -> 59.5 us
     assert "## History" in text and "c3aaaaa: x0.6" in text
     assert (out / "plots" / "history.png").exists()
+
+
+def _at(record: dict, when: str) -> dict:
+    return {**record, "time": when}
+
+
+def test_a_commit_keeps_one_place_when_its_runs_were_made_at_different_times(tmp_path, capsys):
+    """perf runs of aaaaaaa1 (2 Jan) and bbbbbbb2 (3 Jan), then a test run of bbbbbbb2 made on
+    1 Jan, imported last: bbbbbbb2 sits at its first run, before aaaaaaa1, in the header, the
+    columns and report --db alike (the header once sorted by one run, the columns by another,
+    and printed bbbbbbb's time under aaaaaaa)."""
+    rng = np.random.default_rng(7)
+    database = tmp_path / "h.sqlite"
+    imports = [("aaaaaaa1", "pa", "2026-01-02T00:00:00.000+00:00", 100e3),
+               ("bbbbbbb2", "pb", "2026-01-03T00:00:00.000+00:00", 400e3)]
+    for sha, run_id, when, level in imports:
+        path = _write(tmp_path / f"{run_id}.jsonl",
+                      [_at(_perf_record(rng, run_id, "CPY(a)", level), when)])
+        assert main(["db", "import", str(path), "--commit", sha, "--db", str(database)]) == 0
+    earlier = _write(tmp_path / "tb.jsonl",
+                     [_at(_test_record("tb", 1e-9), "2026-01-01T00:00:00.000+00:00")])
+    assert main(["db", "import", str(earlier), "--commit", "bbbbbbb2", "--db",
+                 str(database)]) == 0
+    conn = db.connect(database)
+    places = history.runs(conn).set_index("run_id")["position"]
+    assert places["tb"] == places["pb"] < places["pa"]
+    assert list(history.wide(history.series(conn)).columns) == ["bbbbbbb", "aaaaaaa"]
+    capsys.readouterr()
+    assert main(["history", "--db", str(database), "-o", "CPY"]) == 0
+    out = capsys.readouterr().out
+    assert "over 2 commit(s): bbbbbbb aaaaaaa" in out
+    first, second = map(float, re.search(r"CPY\(a\): ([\d.]+) µs ([\d.]+) µs", out).groups())
+    assert first > 300 and second < 150  # bbbbbbb's 400 µs under bbbbbbb
+    assert main(["report", "--db", str(database), "--out", str(tmp_path / "rep")]) == 0
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "commit aaaaaaa against bbbbbbb" in text
+    latest = history.summary(history.series(conn, kind="perf"), history.change_points(
+        history.series(conn, kind="perf")))["latest_ns"].iloc[0]
+    assert latest == pytest.approx(100e3, rel=0.1)

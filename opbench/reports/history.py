@@ -30,12 +30,22 @@ _ORDER = "COALESCE(r.commit_time, r.started, r.imported_at)"
 
 
 def runs(conn: sqlite3.Connection, since: str | None = None) -> pd.DataFrame:
-    """Every run, oldest first (by the commit's date when known, else the run's start)."""
+    """Every run, grouped by commit, commits oldest first: ``position`` is the commit's place.
+
+    A commit sits at its commit date when git knew it at import, else at its first run's start
+    (else its first import).  The first run, not each run: runs of one commit made at different
+    times (perf today, a scenario run made last week) must not split the commit across places
+    in history, and a commit measured again later must not become the latest."""
     frame = pd.read_sql_query(
         f"SELECT r.run_id, r.commit_sha AS 'commit', r.branch, r.commit_time, r.started,"
         f" r.finished, r.source, {_ORDER} AS ordered_at,"
         " (SELECT COUNT(*) FROM records x WHERE x.run_id = r.run_id) AS records"
         f" FROM runs r ORDER BY {_ORDER}, r.run_id", conn)
+    frame = frame.assign(commit_label=commit_label(frame))
+    first_seen = {label: i for i, label in enumerate(dict.fromkeys(frame["commit_label"]))}
+    frame = frame.assign(position=frame["commit_label"].map(first_seen))
+    frame = frame.assign(commit_at=frame.groupby("position")["ordered_at"].transform("min"))
+    frame = frame.sort_values("position", kind="stable").reset_index(drop=True)
     return _since(frame, since)
 
 
@@ -46,7 +56,7 @@ def _since(frame: pd.DataFrame, since: str | None) -> pd.DataFrame:
     by_commit = frame["commit"].fillna("").str.startswith(since)
     if by_commit.any():
         return frame.iloc[int(np.argmax(by_commit.to_numpy())):]
-    return frame[frame["ordered_at"].fillna("") >= since]
+    return frame[frame["commit_at"].fillna("") >= since]
 
 
 def commit_label(frame: pd.DataFrame) -> pd.Series:
@@ -92,7 +102,6 @@ def records(conn: sqlite3.Connection, *, since: str | None = None, kind: str | N
     order = runs(conn, since)
     if order.empty:
         return pd.DataFrame()
-    order = order.assign(position=range(len(order)), commit_label=commit_label(order))
     conn.create_function("opbench_timing", 1, _timing_label, deterministic=True)
     frame = pd.read_sql_query(
         "SELECT run_id, kind, backend, device, op, case_id, dtype, status, median_ns, error,"
@@ -219,7 +228,7 @@ def latest_and_previous(conn: sqlite3.Connection, since: str | None = None):
     order = runs(conn)
     if order.empty:
         return None, [], None, []
-    order = order.assign(label=commit_label(order))
+    order = order.rename(columns={"commit_label": "label"})
     labels = list(dict.fromkeys(order["label"]))
     latest = labels[-1]
     chosen = _since(order, since) if since else order
