@@ -323,3 +323,68 @@ def test_a_commit_keeps_one_place_when_its_runs_were_made_at_different_times(tmp
     latest = history.summary(history.series(conn, kind="perf"), history.change_points(
         history.series(conn, kind="perf")))["latest_ns"].iloc[0]
     assert latest == pytest.approx(100e3, rel=0.1)
+
+
+def _git(repo: Path, *args: str, date: str = "2026-01-01T00:00:00+00:00") -> str:
+    env = {**os.environ, "GIT_AUTHOR_DATE": date, "GIT_COMMITTER_DATE": date}
+    done = subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo,
+                          env=env, capture_output=True, text=True, check=True)
+    return done.stdout.strip()
+
+
+@pytest.fixture()
+def tagged_history(tmp_path, monkeypatch):
+    """A git repository of four commits (v0.9 on the first, v1.0 on the second), the last three
+    imported from inside it with CPY(a) at 100, 200 and 400 µs; the current folder is it."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _git(repo, "init", "-q")
+    shas = []
+    for day in range(1, 5):
+        date = f"2026-01-0{day}T12:00:00+00:00"
+        _git(repo, "commit", "-q", "--allow-empty", "-m", f"day {day}", date=date)
+        shas.append(_git(repo, "rev-parse", "HEAD"))
+    _git(repo, "tag", "v0.9", shas[0])
+    _git(repo, "tag", "v1.0", shas[1])
+    monkeypatch.chdir(repo)
+    rng = np.random.default_rng(11)
+    database = tmp_path / "h.sqlite"
+    for i, (sha, level) in enumerate(zip(shas[1:], [100e3, 200e3, 400e3])):
+        path = _write(tmp_path / f"r{i}.jsonl", [_perf_record(rng, f"run{i}", "CPY(a)", level)])
+        assert main(["db", "import", str(path), "--commit", sha, "--db", str(database)]) == 0
+    return database, [sha[:7] for sha in shas]
+
+
+def test_report_since_a_git_tag_compares_with_its_commit(tagged_history, tmp_path, capsys):
+    database, labels = tagged_history
+    out = tmp_path / "rep"
+    assert main(["report", "--db", str(database), "--out", str(out), "--since", "v1.0"]) == 0
+    assert f"commit {labels[3]} against {labels[1]}" in (out / "report.md").read_text()
+    assert main(["report", "--db", str(database), "--out", str(out), "--since",
+                 "2026-01-03"]) == 0  # the first commit dated on or after it
+    assert f"commit {labels[3]} against {labels[2]}" in (out / "report.md").read_text()
+    capsys.readouterr()
+    assert main(["history", "--db", str(database), "--since", "v1.0"]) == 0
+    assert f"over 3 commit(s): {' '.join(labels[1:])}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("since, message", [
+    ("v0.9", "--since v0.9 is commit {0}, which has no run in the database"),
+    ("nosuchref", "--since nosuchref: not a commit in the database, a git ref or an ISO date"),
+])
+def test_since_naming_nothing_usable_is_exit_2(tagged_history, tmp_path, capsys, since, message):
+    database, labels = tagged_history
+    for verb in (["report", "--out", str(tmp_path / "rep")], ["history"]):
+        capsys.readouterr()
+        assert main([*verb, "--db", str(database), "--since", since]) == 2
+        err = capsys.readouterr().err
+        assert message.format(labels[0]) in err and "Traceback" not in err
+
+
+def test_report_since_the_latest_says_why_nothing_was_compared(tagged_history, tmp_path):
+    database, labels = tagged_history
+    out = tmp_path / "rep"
+    assert main(["report", "--db", str(database), "--out", str(out), "--since", labels[3]]) == 0
+    text = (out / "report.md").read_text()
+    assert f"--since {labels[3]} names no commit before the latest ({labels[3]})" in text
+    assert "give --against" not in text
