@@ -388,3 +388,24 @@ def test_report_since_the_latest_says_why_nothing_was_compared(tagged_history, t
     text = (out / "report.md").read_text()
     assert f"--since {labels[3]} names no commit before the latest ({labels[3]})" in text
     assert "give --against" not in text
+
+
+def test_report_title_names_the_imported_and_the_recorded_commit(tmp_path):
+    """Runs that recorded git commit 1234567... imported with --commit aaaaaaa1: the title said
+    only "commit aaaaaaa" while the Environment section showed 1234567..."""
+    rng = np.random.default_rng(5)
+    database = tmp_path / "h.sqlite"
+    recorded = "1234567" + "f" * 33
+    record = _perf_record(rng, "run0", "CPY(a)", 100e3)
+    record = {**record, "env": {**record["env"], "git_commit": recorded}}
+    path = _write(tmp_path / "r.jsonl", [record])
+    assert main(["db", "import", str(path), "--commit", "aaaaaaa1", "--db", str(database)]) == 0
+    out = tmp_path / "rep"
+    assert main(["report", "--db", str(database), "--out", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    assert text.startswith("# opbench report: commit aaaaaaa (as imported; its runs recorded "
+                           "git commit 1234567)")
+    assert recorded in text  # the Environment section's commit
+    assert main(["db", "import", str(path), "--db", str(tmp_path / "plain.sqlite")]) == 0
+    assert main(["report", "--db", str(tmp_path / "plain.sqlite"), "--out", str(out)]) == 0
+    assert (out / "report.md").read_text().startswith("# opbench report: commit 1234567\n")

@@ -332,8 +332,20 @@ def write_db_report(conn: sqlite3.Connection, out_dir, *, since: str | None = No
     sources = [f"database runs {', '.join(latest_ids)}"]
     return render.write_report(store.records_frame(new), out_dir, sources=sources,
                                baseline=baseline, comparison=comparison, extra=extra,
-                               title=f"opbench report: commit {latest}",
+                               title=_db_report_title(latest, new),
                                not_compared=_not_compared(latest, since))
+
+
+def _db_report_title(latest: str | None, records: list[dict]) -> str:
+    """The commit the runs were imported as; when the runs recorded another git commit (an
+    import given --commit), that one too, as the Environment section shows it."""
+    recorded = dict.fromkeys(str((r.get("env") or {}).get("git_commit") or "") for r in records)
+    other = [sha[:7] for sha in recorded if sha and latest
+             and not (sha.startswith(latest) or latest.startswith(sha))]
+    if not other:
+        return f"opbench report: commit {latest}"
+    return (f"opbench report: commit {latest} (as imported; its runs recorded git commit "
+            f"{', '.join(other)})")
 
 
 def _not_compared(latest: str | None, since: str | None) -> str:
