@@ -284,3 +284,128 @@ def test_report_from_the_database(run_files, tmp_path, capsys):
     assert "0 perf regressions, 1 improvements" in text  # CPY(a): 100 us -> 59.5 us
     assert "## History" in text and "c3aaaaa: x0.6" in text
     assert (out / "plots" / "history.png").exists()
+
+
+def _at(record: dict, when: str) -> dict:
+    return {**record, "time": when}
+
+
+def test_a_commit_keeps_one_place_when_its_runs_were_made_at_different_times(tmp_path, capsys):
+    """perf runs of aaaaaaa1 (2 Jan) and bbbbbbb2 (3 Jan), then a test run of bbbbbbb2 made on
+    1 Jan, imported last: bbbbbbb2 sits at its first run, before aaaaaaa1, in the header, the
+    columns and report --db alike (the header once sorted by one run, the columns by another,
+    and printed bbbbbbb's time under aaaaaaa)."""
+    rng = np.random.default_rng(7)
+    database = tmp_path / "h.sqlite"
+    imports = [("aaaaaaa1", "pa", "2026-01-02T00:00:00.000+00:00", 100e3),
+               ("bbbbbbb2", "pb", "2026-01-03T00:00:00.000+00:00", 400e3)]
+    for sha, run_id, when, level in imports:
+        path = _write(tmp_path / f"{run_id}.jsonl",
+                      [_at(_perf_record(rng, run_id, "CPY(a)", level), when)])
+        assert main(["db", "import", str(path), "--commit", sha, "--db", str(database)]) == 0
+    earlier = _write(tmp_path / "tb.jsonl",
+                     [_at(_test_record("tb", 1e-9), "2026-01-01T00:00:00.000+00:00")])
+    assert main(["db", "import", str(earlier), "--commit", "bbbbbbb2", "--db",
+                 str(database)]) == 0
+    conn = db.connect(database)
+    places = history.runs(conn).set_index("run_id")["position"]
+    assert places["tb"] == places["pb"] < places["pa"]
+    assert list(history.wide(history.series(conn)).columns) == ["bbbbbbb", "aaaaaaa"]
+    capsys.readouterr()
+    assert main(["history", "--db", str(database), "-o", "CPY"]) == 0
+    out = capsys.readouterr().out
+    assert "over 2 commit(s): bbbbbbb aaaaaaa" in out
+    first, second = map(float, re.search(r"CPY\(a\): ([\d.]+) µs ([\d.]+) µs", out).groups())
+    assert first > 300 and second < 150  # bbbbbbb's 400 µs under bbbbbbb
+    assert main(["report", "--db", str(database), "--out", str(tmp_path / "rep")]) == 0
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "commit aaaaaaa against bbbbbbb" in text
+    latest = history.summary(history.series(conn, kind="perf"), history.change_points(
+        history.series(conn, kind="perf")))["latest_ns"].iloc[0]
+    assert latest == pytest.approx(100e3, rel=0.1)
+
+
+def _git(repo: Path, *args: str, date: str = "2026-01-01T00:00:00+00:00") -> str:
+    env = {**os.environ, "GIT_AUTHOR_DATE": date, "GIT_COMMITTER_DATE": date}
+    done = subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo,
+                          env=env, capture_output=True, text=True, check=True)
+    return done.stdout.strip()
+
+
+@pytest.fixture()
+def tagged_history(tmp_path, monkeypatch):
+    """A git repository of four commits (v0.9 on the first, v1.0 on the second), the last three
+    imported from inside it with CPY(a) at 100, 200 and 400 µs; the current folder is it."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _git(repo, "init", "-q")
+    shas = []
+    for day in range(1, 5):
+        date = f"2026-01-0{day}T12:00:00+00:00"
+        _git(repo, "commit", "-q", "--allow-empty", "-m", f"day {day}", date=date)
+        shas.append(_git(repo, "rev-parse", "HEAD"))
+    _git(repo, "tag", "v0.9", shas[0])
+    _git(repo, "tag", "v1.0", shas[1])
+    monkeypatch.chdir(repo)
+    rng = np.random.default_rng(11)
+    database = tmp_path / "h.sqlite"
+    for i, (sha, level) in enumerate(zip(shas[1:], [100e3, 200e3, 400e3])):
+        path = _write(tmp_path / f"r{i}.jsonl", [_perf_record(rng, f"run{i}", "CPY(a)", level)])
+        assert main(["db", "import", str(path), "--commit", sha, "--db", str(database)]) == 0
+    return database, [sha[:7] for sha in shas]
+
+
+def test_report_since_a_git_tag_compares_with_its_commit(tagged_history, tmp_path, capsys):
+    database, labels = tagged_history
+    out = tmp_path / "rep"
+    assert main(["report", "--db", str(database), "--out", str(out), "--since", "v1.0"]) == 0
+    assert f"commit {labels[3]} against {labels[1]}" in (out / "report.md").read_text()
+    assert main(["report", "--db", str(database), "--out", str(out), "--since",
+                 "2026-01-03"]) == 0  # the first commit dated on or after it
+    assert f"commit {labels[3]} against {labels[2]}" in (out / "report.md").read_text()
+    capsys.readouterr()
+    assert main(["history", "--db", str(database), "--since", "v1.0"]) == 0
+    assert f"over 3 commit(s): {' '.join(labels[1:])}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("since, message", [
+    ("v0.9", "--since v0.9 is commit {0}, which has no run in the database"),
+    ("nosuchref", "--since nosuchref: not a commit in the database, a git ref or an ISO date"),
+])
+def test_since_naming_nothing_usable_is_exit_2(tagged_history, tmp_path, capsys, since, message):
+    database, labels = tagged_history
+    for verb in (["report", "--out", str(tmp_path / "rep")], ["history"]):
+        capsys.readouterr()
+        assert main([*verb, "--db", str(database), "--since", since]) == 2
+        err = capsys.readouterr().err
+        assert message.format(labels[0]) in err and "Traceback" not in err
+
+
+def test_report_since_the_latest_says_why_nothing_was_compared(tagged_history, tmp_path):
+    database, labels = tagged_history
+    out = tmp_path / "rep"
+    assert main(["report", "--db", str(database), "--out", str(out), "--since", labels[3]]) == 0
+    text = (out / "report.md").read_text()
+    assert f"--since {labels[3]} names no commit before the latest ({labels[3]})" in text
+    assert "give --against" not in text
+
+
+def test_report_title_names_the_imported_and_the_recorded_commit(tmp_path):
+    """Runs that recorded git commit 1234567... imported with --commit aaaaaaa1: the title said
+    only "commit aaaaaaa" while the Environment section showed 1234567..."""
+    rng = np.random.default_rng(5)
+    database = tmp_path / "h.sqlite"
+    recorded = "1234567" + "f" * 33
+    record = _perf_record(rng, "run0", "CPY(a)", 100e3)
+    record = {**record, "env": {**record["env"], "git_commit": recorded}}
+    path = _write(tmp_path / "r.jsonl", [record])
+    assert main(["db", "import", str(path), "--commit", "aaaaaaa1", "--db", str(database)]) == 0
+    out = tmp_path / "rep"
+    assert main(["report", "--db", str(database), "--out", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    assert text.startswith("# opbench report: commit aaaaaaa (as imported; its runs recorded "
+                           "git commit 1234567)")
+    assert recorded in text  # the Environment section's commit
+    assert main(["db", "import", str(path), "--db", str(tmp_path / "plain.sqlite")]) == 0
+    assert main(["report", "--db", str(tmp_path / "plain.sqlite"), "--out", str(out)]) == 0
+    assert (out / "report.md").read_text().startswith("# opbench report: commit 1234567\n")

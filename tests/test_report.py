@@ -406,8 +406,27 @@ def test_cli_report_names_a_backend_only_one_side_has(tmp_path):
         writer.write(extra)
     out = tmp_path / "rep"
     assert main(["report", new, "--against", base, "--out", str(out)]) == 0
-    assert ("Some cases were not compared: BASE's backend(s) (none) not in NEW, NEW's torch not "
-            "in BASE.") in (out / "report.md").read_text()
+    text = (out / "report.md").read_text()
+    assert "Some cases were not compared: NEW's backend(s) torch not in BASE." in text
+    assert "(none)" not in text  # a side that lacks nothing is left out
+
+
+def test_cli_report_names_the_kind_of_records_a_backend_lacks(tmp_path):
+    """BASE has cpu perf and cpu scenario records, NEW cpu perf only: the note said "BASE's
+    backend(s) cpu not in NEW" although NEW has cpu."""
+    from opbench.cli.main import main
+
+    rng = np.random.default_rng(8)
+    base, new = _against_files(tmp_path, rng, "cpu", "cpu")
+    scenario = _record(rng, kind="scenario", backend="cpu", op="SCENARIO", status="OK",
+                       case_id="SCENARIO(split=layer)")
+    with store.ResultWriter(base) as writer:  # appends
+        writer.write(scenario)
+    out = tmp_path / "rep"
+    assert main(["report", new, "--against", base, "--out", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    assert "Some cases were not compared: BASE's backend(s) cpu (scenario) not in NEW." in text
+    assert "--base-backend" not in text  # renaming would not help: NEW has cpu
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -29,8 +29,8 @@ def register(subparsers, common) -> None:
     parser.add_argument("-p", "--pattern", default=None, help="regular expression on case ids")
     parser.add_argument("--kind", choices=["test", "perf", "scenario"], default=None,
                         help="only records of this kind (default: all)")
-    parser.add_argument("--since", default=None, metavar="COMMIT|DATE",
-                        help="start at this commit (sha prefix) or ISO date")
+    parser.add_argument("--since", default=None, metavar="COMMIT|REF|DATE",
+                        help="start at this commit (sha prefix), git ref (v1.0) or ISO date")
     parser.add_argument("--min-change", default="5%", metavar="PCT",
                         help="smallest step reported (default: %(default)s)")
     parser.add_argument("--steps", action="store_true", help="list only cases with a step")
@@ -58,7 +58,7 @@ def cmd_history(args) -> int:
         conn = connect(args.db, create=False)
         table = history.series(conn, **selection)
         conn.close()
-    except DatabaseError as exc:
+    except (DatabaseError, history.SinceError) as exc:
         raise UsageError(str(exc)) from None
     if table.empty:
         raise UsageError(f"no record in {args.db} matches the selection")

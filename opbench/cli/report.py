@@ -17,7 +17,8 @@ EPILOG = """examples:
   opbench report new.jsonl --against base.jsonl --base-backend cpu --new-backend mine
                                                        ... comparing two differently named backends
   opbench report --db opbench.sqlite                   latest commit against the previous one
-  opbench report --db opbench.sqlite --since 756216d   ... against 756216d, with the history"""
+  opbench report --db opbench.sqlite --since 756216d   ... against 756216d, with the history
+  opbench report --db opbench.sqlite --since v1.0      ... against the commit of tag v1.0"""
 
 
 def register(subparsers, common) -> None:
@@ -40,8 +41,10 @@ def register(subparsers, common) -> None:
     add_backend_pair_options(p, base="--against", new="RESULTS")
     p.add_argument("--db", default=None, metavar="PATH",
                    help="report the latest commit's runs of this history database instead")
-    p.add_argument("--since", default=None, metavar="COMMIT|DATE",
-                   help="with --db: compare against this commit and show the history since")
+    p.add_argument("--since", default=None, metavar="COMMIT|REF|DATE",
+                   help="with --db: compare against this commit (sha prefix in the database, "
+                        "git ref such as v1.0, or the first on or after an ISO date) and show "
+                        "the history since")
     p.set_defaults(func=run_report)
 
 

@@ -88,6 +88,8 @@ class GateResult:
     missing_backends: list[tuple[str, str]] = field(default_factory=list)  # (kind, backend)
     extra_backends: list[tuple[str, str]] = field(default_factory=list)  # NEW's, not in BASE
     missing_devices: list[tuple[str, str, str]] = field(default_factory=list)
+    #: backend names both sides have records of (of some kind): a gap of one of them is a kind
+    backends_on_both: list[str] = field(default_factory=list)
     broken: list[StatusChange] = field(default_factory=list)  # CRASH/TIMEOUT/ERROR in NEW
 
     @property
@@ -198,6 +200,7 @@ def _coverage_gaps(base: dict[CaseKey, dict], new: dict[CaseKey, dict], result) 
     new_devices = {(k.kind, k.backend, k.device) for k in new}
     result.missing_backends = sorted(base_backends - new_backends)
     result.extra_backends = sorted(new_backends - base_backends)
+    result.backends_on_both = sorted({b for _, b in base_backends} & {b for _, b in new_backends})
     result.missing_devices = sorted(
         d for d in {(k.kind, k.backend, k.device) for k in base} - new_devices
         if (d[0], d[1]) in new_backends

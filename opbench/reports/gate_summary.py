@@ -34,13 +34,20 @@ def _examples(items: list, limit: int = 3) -> str:
     return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
 
 
-def _backend_names(pairs: list[tuple[str, str]]) -> list[str]:
-    return list(dict.fromkeys(backend for _, backend in pairs))
+def _backend_names(pairs: list[tuple[str, str]], result: GateResult) -> list[str]:
+    """The backends of (kind, backend) pairs, with the kind where the other side has the
+    backend under another kind (NEW's cpu perf records do not stand in for BASE's cpu
+    scenario records): "cpu (scenario)", else just "cpu"."""
+    shared = set(result.backends_on_both)
+    return list(dict.fromkeys(f"{backend} ({kind})" if backend in shared else backend
+                              for kind, backend in pairs))
 
 
 def _pairing_hint(result: GateResult) -> str:
-    base_only = _backend_names(result.missing_backends)
-    new_only = _backend_names(result.extra_backends)
+    """--base-backend/--new-backend when each side has one backend the other lacks entirely."""
+    shared = set(result.backends_on_both)
+    base_only = list(dict.fromkeys(b for _, b in result.missing_backends if b not in shared))
+    new_only = list(dict.fromkeys(b for _, b in result.extra_backends if b not in shared))
     if len(base_only) == 1 and len(new_only) == 1:
         return (f"; to compare them with each other, give --base-backend {base_only[0]} "
                 f"--new-backend {new_only[0]}")
@@ -48,14 +55,17 @@ def _pairing_hint(result: GateResult) -> str:
 
 
 def backend_gap_note(result: GateResult) -> str:
-    """A plain sentence when BASE and NEW name their backends differently (so some or all of
-    their cases cannot be matched), naming the backends on each side; "" when they agree."""
-    base_only = _backend_names(result.missing_backends)
-    new_only = _backend_names(result.extra_backends)
+    """A plain sentence when BASE and NEW name their backends differently, or one lacks a kind
+    of records of a backend (so some or all of their cases cannot be matched), naming what
+    each side lacks (a side that lacks nothing is left out); "" when they agree."""
+    base_only = _backend_names(result.missing_backends, result)
+    new_only = _backend_names(result.extra_backends, result)
     if not (base_only or new_only):
         return ""
-    sides = (f"BASE's backend(s) {', '.join(base_only) or '(none)'} not in NEW, "
-             f"NEW's {', '.join(new_only) or '(none)'} not in BASE")
+    gaps = [(side, names, other) for side, names, other
+            in (("BASE", base_only, "NEW"), ("NEW", new_only, "BASE")) if names]
+    sides = ", ".join(f"{side}'s {'' if i else 'backend(s) '}{', '.join(names)} not in {other}"
+                      for i, (side, names, other) in enumerate(gaps))
     start = "Nothing was compared" if result.compared == 0 else "Some cases were not compared"
     return f"{start}: {sides}{_pairing_hint(result)}."
 

@@ -16,6 +16,7 @@ import json
 import math
 import re
 import sqlite3
+from datetime import datetime
 
 import numpy as np
 import pandas as pd
@@ -30,23 +31,91 @@ _ORDER = "COALESCE(r.commit_time, r.started, r.imported_at)"
 
 
 def runs(conn: sqlite3.Connection, since: str | None = None) -> pd.DataFrame:
-    """Every run, oldest first (by the commit's date when known, else the run's start)."""
+    """Every run, grouped by commit, commits oldest first: ``position`` is the commit's place.
+
+    A commit sits at its commit date when git knew it at import, else at its first run's start
+    (else its first import).  The first run, not each run: runs of one commit made at different
+    times (perf today, a scenario run made last week) must not split the commit across places
+    in history, and a commit measured again later must not become the latest."""
     frame = pd.read_sql_query(
         f"SELECT r.run_id, r.commit_sha AS 'commit', r.branch, r.commit_time, r.started,"
         f" r.finished, r.source, {_ORDER} AS ordered_at,"
         " (SELECT COUNT(*) FROM records x WHERE x.run_id = r.run_id) AS records"
         f" FROM runs r ORDER BY {_ORDER}, r.run_id", conn)
+    frame = frame.assign(commit_label=commit_label(frame))
+    first_seen = {label: i for i, label in enumerate(dict.fromkeys(frame["commit_label"]))}
+    frame = frame.assign(position=frame["commit_label"].map(first_seen))
+    frame = frame.assign(commit_at=frame.groupby("position")["ordered_at"].transform("min"))
+    frame = frame.sort_values("position", kind="stable").reset_index(drop=True)
     return _since(frame, since)
 
 
+class SinceError(ValueError):
+    """A ``--since`` value that names no commit of the database, git ref or date."""
+
+
 def _since(frame: pd.DataFrame, since: str | None) -> pd.DataFrame:
-    """Rows from the first run of commit ``since`` (a sha prefix) or from date ``since``."""
+    """Rows from the first commit that ``since`` names: a commit of the database (sha prefix
+    or label), a git ref of the current folder's repository (a tag such as v1.0), or an ISO
+    date (commits placed on or after it).  SinceError for anything else."""
     if not since or frame.empty:
         return frame
-    by_commit = frame["commit"].fillna("").str.startswith(since)
-    if by_commit.any():
-        return frame.iloc[int(np.argmax(by_commit.to_numpy())):]
-    return frame[frame["ordered_at"].fillna("") >= since]
+    position = _commit_position(frame, since)
+    if position is None:
+        position = _ref_position(frame, since)
+    if position is not None:
+        return frame[frame["position"] >= position]
+    return frame[_placed_at(frame) >= _date(since)]
+
+
+def _commit_position(frame: pd.DataFrame, sha: str) -> int | None:
+    """The place of the database's commit whose sha starts with ``sha`` (or is labelled it)."""
+    commits = frame["commit"].fillna("")
+    named = commits.str.startswith(sha.lower()) | (frame["commit_label"] == sha)
+    if not named.any():  # a sha recorded shorter than the one asked for (a full rev-parse)
+        named = commits.map(lambda c: len(c) >= 7 and sha.lower().startswith(c))
+    return int(frame.loc[named, "position"].min()) if named.any() else None
+
+
+def _ref_position(frame: pd.DataFrame, ref: str) -> int | None:
+    """The place of the commit git resolves ``ref`` to, None when git does not know it;
+    SinceError when git knows it but the database has no run of it."""
+    sha = resolve_git_ref(ref)
+    if sha is None:
+        return None
+    position = _commit_position(frame, sha)
+    if position is None:
+        raise SinceError(f"--since {ref} is commit {sha[:7]}, which has no run in the database")
+    return position
+
+
+def resolve_git_ref(ref: str) -> str | None:
+    """The full sha of ``ref`` in the current folder's git repository, or None."""
+    import subprocess
+
+    if ref.startswith("-"):  # never an option to git
+        return None
+    try:
+        done = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}"],
+                              capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (done.stdout.strip() or None) if done.returncode == 0 else None
+
+
+def _date(since: str) -> pd.Timestamp:
+    """``since`` as a UTC time (a date without a zone is UTC); SinceError when it is none."""
+    try:
+        moment = pd.Timestamp(datetime.fromisoformat(since))
+    except ValueError:
+        raise SinceError(f"--since {since}: not a commit in the database, a git ref or an ISO "
+                         "date (a sha prefix, a tag such as v1.0, or 2026-01-31)") from None
+    return moment.tz_localize("UTC") if moment.tzinfo is None else moment.tz_convert("UTC")
+
+
+def _placed_at(frame: pd.DataFrame) -> pd.Series:
+    """Each run's commit place as a UTC time (the commit date, else its first run)."""
+    return pd.to_datetime(frame["commit_at"], utc=True, format="ISO8601", errors="coerce")
 
 
 def commit_label(frame: pd.DataFrame) -> pd.Series:
@@ -92,7 +161,6 @@ def records(conn: sqlite3.Connection, *, since: str | None = None, kind: str | N
     order = runs(conn, since)
     if order.empty:
         return pd.DataFrame()
-    order = order.assign(position=range(len(order)), commit_label=commit_label(order))
     conn.create_function("opbench_timing", 1, _timing_label, deterministic=True)
     frame = pd.read_sql_query(
         "SELECT run_id, kind, backend, device, op, case_id, dtype, status, median_ns, error,"
@@ -219,13 +287,12 @@ def latest_and_previous(conn: sqlite3.Connection, since: str | None = None):
     order = runs(conn)
     if order.empty:
         return None, [], None, []
-    order = order.assign(label=commit_label(order))
-    labels = list(dict.fromkeys(order["label"]))
+    labels = list(dict.fromkeys(order["commit_label"]))
     latest = labels[-1]
     chosen = _since(order, since) if since else order
-    earlier = [lab for lab in dict.fromkeys(chosen["label"]) if lab != latest]
+    earlier = [lab for lab in dict.fromkeys(chosen["commit_label"]) if lab != latest]
     previous = (earlier[0] if since else earlier[-1]) if earlier else None
-    ids = lambda label: list(order.loc[order["label"] == label, "run_id"])  # noqa: E731
+    ids = lambda label: list(order.loc[order["commit_label"] == label, "run_id"])  # noqa: E731
     return latest, ids(latest), previous, ids(previous) if previous else []
 
 
@@ -265,7 +332,29 @@ def write_db_report(conn: sqlite3.Connection, out_dir, *, since: str | None = No
     sources = [f"database runs {', '.join(latest_ids)}"]
     return render.write_report(store.records_frame(new), out_dir, sources=sources,
                                baseline=baseline, comparison=comparison, extra=extra,
-                               title=f"opbench report: commit {latest}")
+                               title=_db_report_title(latest, new),
+                               not_compared=_not_compared(latest, since))
+
+
+def _db_report_title(latest: str | None, records: list[dict]) -> str:
+    """The commit the runs were imported as; when the runs recorded another git commit (an
+    import given --commit), that one too, as the Environment section shows it."""
+    recorded = dict.fromkeys(str((r.get("env") or {}).get("git_commit") or "") for r in records)
+    other = [sha[:7] for sha in recorded if sha and latest
+             and not (sha.startswith(latest) or latest.startswith(sha))]
+    if not other:
+        return f"opbench report: commit {latest}"
+    return (f"opbench report: commit {latest} (as imported; its runs recorded git commit "
+            f"{', '.join(other)})")
+
+
+def _not_compared(latest: str | None, since: str | None) -> str:
+    """Why the database gave nothing to compare the latest commit with."""
+    if latest is None:
+        return "the database holds no run"
+    if since:
+        return f"--since {since} names no commit before the latest ({latest}) in the database"
+    return f"the database holds no commit before {latest}"
 
 
 def _duration(value) -> str:

@@ -90,15 +90,19 @@ def _table(title: str, frame: pd.DataFrame, missing: str, *, classes=None, note=
     return Section(title, note=note, tables=[Table(frame, classes)], figures=list(figures))
 
 
-def headline(df: pd.DataFrame, sources: list[str], comparison: Comparison | None) -> Section:
+#: the headline's words when nothing was compared, for result files (--db says its own)
+NOT_COMPARED = "no earlier run to compare with (give --against BASE.jsonl, or --db)"
+
+
+def headline(df: pd.DataFrame, sources: list[str], comparison: Comparison | None,
+             not_compared: str = NOT_COMPARED) -> Section:
     counts = tables.outcome_counts(df)
     cases = sum(counts.values())
     parts = [f"{cases} cases: {counts['passed']} passed, {counts['failed']} failed, "
              f"{counts['xfail']} xfail, {counts['unsupported']} unsupported."
              if cases else "No test or scenario records."]
     if comparison is None:
-        parts.append("Regressions and improvements: no earlier run to compare with "
-                     "(give --against BASE.jsonl, or --db).")
+        parts.append(f"Regressions and improvements: {not_compared}.")
     else:
         from opbench.reports.gate_summary import backend_gap_note, method_lines
 
@@ -322,12 +326,14 @@ def write_report(
     df: pd.DataFrame, out_dir: str | Path, *, sources: list[str] | None = None,
     title: str = "opbench report", baseline: str | None = None,
     comparison: Comparison | None = None, extra: list[Section] | None = None,
+    not_compared: str = NOT_COMPARED,
 ) -> ReportFiles:
     """Write report.md, report.html and plots/*.png for the results DataFrame ``df``.
     ValueError when ``baseline`` names a backend without perf records."""
     out = Path(out_dir)
     df = tables.latest_per_case(df)
-    sections = [headline(df, sources or [], comparison), *body_sections(df, baseline),
+    sections = [headline(df, sources or [], comparison, not_compared),
+                *body_sections(df, baseline),
                 *(extra or [])]
     (out / PLOT_DIR).mkdir(parents=True, exist_ok=True)
     images = []
