@@ -395,18 +395,24 @@ def test_cli_report_against_differently_named_backends_says_nothing_was_compared
     assert "backend rv/slow.py:Slow against cpu" in text and "Nothing was compared" not in text
 
 
-def test_cli_report_names_a_backend_only_one_side_has(tmp_path):
+def _report_with_one_more_record(tmp_path, seed: int, side: str, record) -> str:
+    """The markdown of `report NEW --against BASE` (cpu records both), ``record`` appended to
+    the ``side`` ("base" or "new") file."""
     from opbench.cli.main import main
 
-    rng = np.random.default_rng(7)
-    base, new = _against_files(tmp_path, rng, "cpu", "cpu")
-    extra = _record(rng, kind="perf", backend="torch", op="CPY", status="OK", case_id="CPY(x)",
-                    perf=_perf(rng, 1e5, 1 << 20))
-    with store.ResultWriter(new) as writer:  # appends
-        writer.write(extra)
+    base, new = _against_files(tmp_path, np.random.default_rng(seed), "cpu", "cpu")
+    with store.ResultWriter(base if side == "base" else new) as writer:  # appends
+        writer.write(record)
     out = tmp_path / "rep"
     assert main(["report", new, "--against", base, "--out", str(out)]) == 0
-    text = (out / "report.md").read_text()
+    return (out / "report.md").read_text()
+
+
+def test_cli_report_names_a_backend_only_one_side_has(tmp_path):
+    rng = np.random.default_rng(7)
+    extra = _record(rng, kind="perf", backend="torch", op="CPY", status="OK", case_id="CPY(x)",
+                    perf=_perf(rng, 1e5, 1 << 20))
+    text = _report_with_one_more_record(tmp_path, 7, "new", extra)
     assert "Some cases were not compared: NEW's backend(s) torch not in BASE." in text
     assert "(none)" not in text  # a side that lacks nothing is left out
 
@@ -414,17 +420,9 @@ def test_cli_report_names_a_backend_only_one_side_has(tmp_path):
 def test_cli_report_names_the_kind_of_records_a_backend_lacks(tmp_path):
     """BASE has cpu perf and cpu scenario records, NEW cpu perf only: the note said "BASE's
     backend(s) cpu not in NEW" although NEW has cpu."""
-    from opbench.cli.main import main
-
-    rng = np.random.default_rng(8)
-    base, new = _against_files(tmp_path, rng, "cpu", "cpu")
-    scenario = _record(rng, kind="scenario", backend="cpu", op="SCENARIO", status="OK",
-                       case_id="SCENARIO(split=layer)")
-    with store.ResultWriter(base) as writer:  # appends
-        writer.write(scenario)
-    out = tmp_path / "rep"
-    assert main(["report", new, "--against", base, "--out", str(out)]) == 0
-    text = (out / "report.md").read_text()
+    scenario = _record(np.random.default_rng(8), kind="scenario", backend="cpu",
+                       op="SCENARIO", status="OK", case_id="SCENARIO(split=layer)")
+    text = _report_with_one_more_record(tmp_path, 8, "base", scenario)
     assert "Some cases were not compared: BASE's backend(s) cpu (scenario) not in NEW." in text
     assert "--base-backend" not in text  # renaming would not help: NEW has cpu
 
