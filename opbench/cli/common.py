@@ -199,7 +199,8 @@ def load_model(ref: str) -> Model:
 
 def model_cases(ref: str) -> list[Case]:
     """A model's cases; says on stderr which config fields go unused and why ROPE cases are
-    missing, if they are."""
+    missing where the model has no RoPE (ALiBi); RoPE parameters that cannot be used are a
+    usage error (running the other ops would pass the model untested)."""
     model = load_model(ref)
     warn_unused_fields(ref, model)
     broken = models.rope_error(model)
