@@ -24,6 +24,7 @@ from opbench.perf.watchdog import CaseWatchdog
 from . import output
 from .common import (
     add_shard_option,
+    check_timeout,
     common_options,
     compile_pattern,
     open_writer,
@@ -97,7 +98,7 @@ def register(subparsers, common) -> None:
                    "records written so far are kept, exit 124 (default: no limit; not with "
                    "--repeat or a REF@PATH side, whose cases run in other processes)")
     add_shard_option(p)
-    p.set_defaults(func=cmd_perf)
+    p.set_defaults(func=cmd_perf, default_timeout=None)
 
 
 # -- backend references ----------------------------------------------------------------------------
@@ -132,14 +133,11 @@ def select_perf_cases(args) -> list:
 def case_timeout(args, cross: bool) -> float | None:
     """--timeout in seconds (None: no limit): > 0, and only where this process times the
     cases (its watchdog cannot stop another process's hang)."""
-    if args.timeout is None:
-        return None
-    if not math.isfinite(args.timeout) or args.timeout <= 0:
-        raise UsageError(f"--timeout {args.timeout:g}: needs a number of seconds > 0")
-    if args.repeat > 1 or cross:
+    seconds = check_timeout(args)  # the parser's default_timeout is None: no limit
+    if seconds is not None and (args.repeat > 1 or cross):
         raise UsageError("--timeout stops cases timed in this process; with --repeat or a "
                          "REF@PATH side they run in other processes: drop it")
-    return args.timeout
+    return seconds
 
 
 def refuse_ab_only(args) -> None:
@@ -277,23 +275,24 @@ def _emit(record: dict, writer, show: output.ConsoleReporter, side: str = "") ->
 
 
 def _run_backend(ref, cases, options, run_id, writer, show, watchdog: CaseWatchdog) -> bool:
+    label = backend_label(ref)  # once: it parses the reference and its options
     try:
         backend, why = open_for_timing(ref)
     except BackendSetupError as exc:  # fails this backend; the next one still runs
-        show.header(f"Backend {backend_label(ref)}: FAIL ({exc})")
+        show.header(f"Backend {label}: FAIL ({exc})")
         return True
     if backend is None:
-        show.header(f"Backend {backend_label(ref)}: skipped ({why})")
+        show.header(f"Backend {label}: skipped ({why})")
         return False
     if not show.quiet:  # -q prints problems only: a header over nothing is noise
-        show.header(f"Backend {backend_label(ref)}:")
+        show.header(f"Backend {label}:")
     env = perf_mode.backend_env(backend)
     failed = False
     try:
         for case in cases:
-            with watchdog.case(backend_label(ref), case.id):
-                record = perf_mode.run_perf_case(backend, case, options, run_id,
-                                                 label=backend_label(ref), env=env)
+            with watchdog.case(label, case.id):
+                record = perf_mode.run_perf_case(backend, case, options, run_id, label=label,
+                                                 env=env)
             failed |= _emit(record, writer, show)
     finally:
         backend.close()
